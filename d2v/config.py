@@ -1,0 +1,73 @@
+"""Typed, validated configuration. Every config is a strict pydantic model: unknown keys and wrong types are
+rejected with an error that names the key and what was expected."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """A config failed validation; the message names each bad key."""
+
+
+def validate(model: type[StrictModel], data: dict, where: str = "params") -> StrictModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in (where, *e["loc"]))
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+class EMAConfig(StrictModel):
+    """τ ramps linearly from tau_start to tau_end over tau_steps updates, then stays (spec §1)."""
+
+    tau_start: float = Field(0.999, ge=0.0, le=1.0)
+    tau_end: float = Field(0.9999, ge=0.0, le=1.0)
+    tau_steps: int = Field(30_000, ge=0)  # 0 means τ = tau_end from the first update
+
+    @classmethod
+    def constant(cls, tau: float) -> "EMAConfig":
+        return cls(tau_start=tau, tau_end=tau, tau_steps=0)
+
+
+class LossConfig(StrictModel):
+    kind: Literal["l2", "smooth_l1"] = "l2"
+    beta: float = Field(0.0, ge=0.0)  # Smooth-L1 transition point
+    reduction: Literal["sum_over_dim", "mean"] = "sum_over_dim"  # sum over D per position, or mean over elements
+    scale: float | Literal["inv_sqrt_dim"] = "inv_sqrt_dim"
+
+    @model_validator(mode="after")
+    def _beta_for_smooth_l1(self):
+        if self.kind == "smooth_l1" and self.beta <= 0:
+            raise ValueError("loss.beta must be > 0 for smooth_l1")
+        return self
+
+
+class CollapseConfig(StrictModel):
+    """Stop the run when representations collapse (spec §1, §14)."""
+
+    min_target_var: float = Field(0.1, ge=0.0)
+    min_pred_var: float = Field(0.01, ge=0.0)
+    min_local_var: float = Field(0.0, ge=0.0)  # variance of the local encoder output (speech front-end collapse)
+    warmup_steps: int = Field(5000, ge=0)  # the guard is armed only after this many updates
+
+
+class ObjectiveConfig(StrictModel):
+    """data2vec 1.0 objective for one modality."""
+
+    top_k: int = Field(8, ge=1)
+    target_tap: Literal["ffn", "block"] = "ffn"  # FFN output before residual, or block output (v1 vision)
+    layer_norm_targets: Literal["instance", "layer", "none"] = "instance"  # per-layer norm before averaging
+    final_norm: Literal["layer", "instance", "none"] = "none"  # norm after averaging
+    head: Literal["linear", "mlp2"] = "linear"
+    loss: LossConfig = LossConfig()
+    ema: EMAConfig = EMAConfig()
+    collapse: CollapseConfig = CollapseConfig()

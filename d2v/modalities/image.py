@@ -1,0 +1,191 @@
+"""Image plug-in: the BEiT-style ViT used by data2vec vision, BEiT block masking, and presets (spec §2.2, §5.2)."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
+from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
+from d2v.nn import PreLNBlock, RelativePositionBias
+
+
+class ImageEncoderConfig(StrictModel):
+    img_size: int = Field(224, ge=1)
+    patch_size: int = Field(16, ge=1)
+    in_chans: int = Field(3, ge=1)
+    dim: int = Field(768, ge=1)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    ffn_dim: int = Field(3072, ge=1)
+    layer_scale_init: float | None = 1e-4  # BEiT LayerScale: 1e-4 (B), 1e-5 (L); None disables
+    rel_pos: Literal["shared", "per_layer", "none"] = "shared"
+    abs_pos: bool = False
+    pooling: Literal["final_ln", "mean_ln"] = "final_ln"  # pretrained layout | fine-tuned layout
+    eps: float = Field(1e-6, gt=0)
+    drop_path: float = Field(0.25, ge=0, lt=1)
+    attn_dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.img_size // self.patch_size
+        return (n, n)
+
+
+IMAGE_PRESETS = {
+    "base": ImageEncoderConfig(),
+    "large": ImageEncoderConfig(
+        dim=1024, depth=24, num_heads=16, ffn_dim=4096, layer_scale_init=1e-5, drop_path=0.2, attn_dropout=0.15
+    ),
+    # Fashion-MNIST 28x28 resized to 32x32, 4x4 patches -> 8x8 grid (embedded profile)
+    "embedded": ImageEncoderConfig(
+        img_size=32, patch_size=4, in_chans=1, dim=192, depth=6, num_heads=3, ffn_dim=768, layer_scale_init=0.1,
+        drop_path=0.1, attn_dropout=0.0,
+    ),
+    "tiny": ImageEncoderConfig(
+        img_size=32, patch_size=8, in_chans=1, dim=64, depth=4, num_heads=4, ffn_dim=128, layer_scale_init=0.1,
+        drop_path=0.0, attn_dropout=0.0,
+    ),
+}
+
+
+class ImageEncoder(Encoder):
+    num_extra_tokens = 1  # [CLS]
+
+    def __init__(self, cfg: ImageEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, grid = cfg.dim, cfg.grid
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, D)) if cfg.abs_pos else None
+        self.rel_pos_bias = RelativePositionBias(grid, cfg.num_heads) if cfg.rel_pos == "shared" else None
+        drop_rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            PreLNBlock(D, cfg.num_heads, cfg.ffn_dim, "qv", cfg.layer_scale_init, dp, cfg.dropout, cfg.attn_dropout,
+                       cfg.eps)
+            for dp in drop_rates
+        )
+        if cfg.rel_pos == "per_layer":
+            for block in self.blocks:
+                block.rel_pos_bias = RelativePositionBias(grid, cfg.num_heads)
+        self.norm = nn.LayerNorm(D, eps=cfg.eps) if cfg.pooling == "final_ln" else None
+        self.fc_norm = nn.LayerNorm(D, eps=cfg.eps) if cfg.pooling == "mean_ln" else None
+        self._init_weights()
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    @property
+    def num_patches(self) -> int:
+        return self.cfg.grid[0] * self.cfg.grid[1]
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.mask_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        for layer_id, block in enumerate(self.blocks, start=1):  # BEiT fix_init_weight
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * layer_id))
+
+    def embed(self, source: Tensor, padding_mask: Tensor | None = None) -> Embedded:
+        if source.ndim != 4 or source.shape[1] != self.cfg.in_chans or source.shape[-1] != self.cfg.img_size:
+            raise ValueError(
+                f"expected images (B, {self.cfg.in_chans}, {self.cfg.img_size}, {self.cfg.img_size}), "
+                f"got {tuple(source.shape)}"
+            )
+        return Embedded(self.patch_embed(source).flatten(2).transpose(1, 2))
+
+    def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
+        x = replace_masked(embedded.tokens, mask, self.mask_token)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        if self.rel_pos_bias is not None:
+            biases = [self.rel_pos_bias()] * len(self.blocks)
+        else:
+            biases = [b.rel_pos_bias() if hasattr(b, "rel_pos_bias") else None for b in self.blocks]
+        x, hidden, ffn = run_blocks(self.blocks, x, None, biases)
+        pooled = None
+        if self.norm is not None:
+            x = self.norm(x)
+        else:
+            pooled = self.fc_norm(x[:, 1:].mean(1))
+        return EncoderOutput(x, hidden, ffn, num_extra_tokens=1, pooled=pooled)
+
+
+class BlockMaskConfig(StrictModel):
+    """BEiT block masking (spec §5.2): 120 of 196 patches for ViT-B at 224 px."""
+
+    num_mask_patches: int = Field(120, ge=1)
+    min_patches: int = Field(16, ge=1)
+    max_patches: int | None = None  # None = the whole grid
+    min_aspect: float = Field(0.3, gt=0, le=1)
+
+
+def block_mask(
+    grid: tuple[int, int], cfg: BlockMaskConfig, rng: np.random.Generator, blocks: list | None = None
+) -> np.ndarray:
+    """One BEiT block mask (H, W) bool. If `blocks` is a list, accepted rectangles (top, left, h, w) are appended."""
+    height, width = grid
+    max_patches = cfg.max_patches or height * width
+    log_aspect = (math.log(cfg.min_aspect), math.log(1 / cfg.min_aspect))
+    mask = np.zeros(grid, dtype=bool)
+    count = 0
+    while count < cfg.num_mask_patches:
+        budget = min(cfg.num_mask_patches - count, max_patches)
+        delta = 0
+        for _ in range(10):
+            area = rng.uniform(cfg.min_patches, budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if w < width and h < height:
+                top, left = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+                new = h * w - mask[top : top + h, left : left + w].sum()
+                if 0 < new <= budget:
+                    mask[top : top + h, left : left + w] = True
+                    delta = int(new)
+                    if blocks is not None:
+                        blocks.append((int(top), int(left), h, w))
+                    break
+        if delta == 0:
+            break
+        count += delta
+    return mask
+
+
+def image_objective(steps_hint: int = 5000) -> ObjectiveConfig:
+    """data2vec_vision recipe (spec §15): block taps, per-layer LN + final LN, K=6, constant τ=0.9998, SmoothL1 β=2."""
+    return ObjectiveConfig(
+        top_k=6, target_tap="block", layer_norm_targets="layer", final_norm="layer", head="linear",
+        loss=LossConfig(kind="smooth_l1", beta=2.0, reduction="mean", scale=1.0),
+        ema=EMAConfig.constant(0.9998),
+        collapse=CollapseConfig(warmup_steps=steps_hint),
+    )
+
+
+class ImageModality(Modality):
+    name = "image"
+
+    def __init__(self, encoder: ImageEncoder, mask: BlockMaskConfig) -> None:
+        self.encoder, self.mask_cfg = encoder, mask
+
+    def make_views(self, batch: Batch, rng: np.random.Generator) -> Views:
+        images = batch.source
+        grid = self.encoder.cfg.grid
+        masks = np.stack([block_mask(grid, self.mask_cfg, rng).reshape(-1) for _ in range(images.shape[0])])
+        mask = torch.from_numpy(masks).to(images.device)
+        return Views(images, images, None, token_mask=mask, loss_mask=mask)

@@ -1,0 +1,224 @@
+"""Speech plug-in: wav2vec 2.0-style encoder used by data2vec audio, span masking, presets (spec §2.1, §5.1)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
+from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
+from d2v.nn import PostLNBlock
+
+BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
+
+
+class SpeechEncoderConfig(StrictModel):
+    conv_layers: tuple[tuple[int, int, int], ...] = BASE_CONV  # (channels, kernel, stride)
+    dim: int = Field(768, ge=1)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    ffn_dim: int = Field(3072, ge=1)
+    pos_conv_depth: int = Field(5, ge=1)
+    pos_conv_kernel: int = Field(19, ge=1)  # max(3, conv_pos 95 // depth 5)
+    pos_conv_groups: int = Field(16, ge=1)
+    eps: float = Field(1e-5, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
+    activation_dropout: float = Field(0.0, ge=0, lt=1)
+    layerdrop: float = Field(0.05, ge=0, lt=1)
+
+
+def _conv(channels: int) -> tuple[tuple[int, int, int], ...]:
+    return tuple((channels, k, s) for _, k, s in BASE_CONV)
+
+
+SPEECH_PRESETS = {
+    "base": SpeechEncoderConfig(),
+    "large": SpeechEncoderConfig(dim=1024, depth=24, num_heads=16, ffn_dim=4096),  # heads: wav2vec2 convention
+    "embedded": SpeechEncoderConfig(conv_layers=_conv(128), dim=256, depth=4, num_heads=4, ffn_dim=1024,
+                                    pos_conv_groups=16),
+    "tiny": SpeechEncoderConfig(conv_layers=_conv(32), dim=64, depth=2, num_heads=4, ffn_dim=128, pos_conv_depth=2,
+                                pos_conv_kernel=7, pos_conv_groups=4, layerdrop=0.0),
+}
+
+
+def frame_lengths(num_samples: Tensor, conv_layers=BASE_CONV) -> Tensor:
+    """Frames produced by the CNN for each input length: L <- floor((L - k) / s) + 1 per conv."""
+    lengths = num_samples
+    for _, kernel, stride in conv_layers:
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths
+
+
+def normalize_waveform(wav: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-utterance zero mean, unit variance over the whole waveform (task.normalize=true)."""
+    return F.layer_norm(wav.float(), wav.shape[-1:], eps=eps)
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, as fairseq's CNN does, so bf16/fp16 autocast cannot lose it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class ConvLayer(nn.Module):
+    """Conv1d (no bias) -> LayerNorm over channels -> GELU (extractor_mode=layer_norm)."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=False)
+        self.norm = Fp32LayerNorm(c_out, eps=1e-5)
+        nn.init.kaiming_normal_(self.conv.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2))
+
+
+class PositionalConv(nn.Module):
+    """Stack of grouped convs (k odd, 'same' padding) -> LN without affine -> GELU; the result is added to x."""
+
+    def __init__(self, dim: int, depth: int, kernel: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"pos_conv_kernel must be odd, got {kernel}")
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
+        h = x.transpose(1, 2)
+        for conv in self.convs:
+            h = F.gelu(F.layer_norm(conv(h).transpose(1, 2), h.shape[1:2], eps=self.eps).transpose(1, 2))
+        return h.transpose(1, 2)
+
+
+class SpeechEncoder(Encoder):
+    # CNN + projection are shared: the teacher reads the student's features; the positional conv is copied (spec §4)
+    teacher_shared_prefixes = ("feature_extractor.", "feature_norm.", "feature_proj.", "pos_conv.")
+    teacher_reuses_local_features = True
+
+    def __init__(self, cfg: SpeechEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        chans = [1] + [c for c, _, _ in cfg.conv_layers]
+        self.feature_extractor = nn.ModuleList(
+            ConvLayer(chans[i], c, k, s) for i, (c, k, s) in enumerate(cfg.conv_layers)
+        )
+        self.feature_norm = nn.LayerNorm(chans[-1], eps=cfg.eps)
+        self.feature_proj = nn.Linear(chans[-1], cfg.dim)
+        self.mask_emb = nn.Parameter(torch.rand(cfg.dim))  # U(0, 1), as fairseq
+        self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.dropout, cfg.attn_dropout,
+                        cfg.activation_dropout, cfg.eps)
+            for _ in range(cfg.depth)
+        )
+        _bert_init(self.blocks)
+        _bert_init([self.feature_proj])
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    def frame_padding_mask(self, padding_mask: Tensor | None, num_frames: int) -> Tensor | None:
+        if padding_mask is None:
+            return None
+        lengths = frame_lengths((~padding_mask).sum(-1), self.cfg.conv_layers)
+        return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]
+
+    def embed(self, source: Tensor, padding_mask: Tensor | None = None) -> Embedded:
+        if source.ndim != 2:
+            raise ValueError(f"expected waveforms (B, samples), got {tuple(source.shape)}")
+        min_len = self.receptive_field
+        if source.shape[1] < min_len:
+            raise ValueError(f"waveforms need at least {min_len} samples, got {source.shape[1]}")
+        x = source.unsqueeze(1)
+        for layer in self.feature_extractor:
+            x = layer(x)
+        x = self.feature_proj(self.feature_norm(x.transpose(1, 2)))
+        return Embedded(x, self.frame_padding_mask(padding_mask, x.shape[1]))
+
+    @property
+    def receptive_field(self) -> int:
+        field = 1
+        for _, kernel, stride in reversed(self.cfg.conv_layers):
+            field = (field - 1) * stride + kernel
+        return field
+
+    def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
+        x, pad = replace_masked(embedded.tokens, mask, self.mask_emb), embedded.padding_mask
+        if pad is not None:
+            x = x.masked_fill(pad.unsqueeze(-1), 0.0)  # padded frames are zero before the positional conv
+        x = self.dropout(self.norm(x + self.pos_conv(x)))
+        x, hidden, ffn = run_blocks(self.blocks, x, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+        return EncoderOutput(x, hidden, ffn, padding_mask=pad)
+
+
+def _bert_init(modules) -> None:
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+class SpanMaskConfig(StrictModel):
+    """wav2vec 2.0 span masking (spec §5.1): p·ℓ = 0.65, spans of 10 frames, equal counts across the batch."""
+
+    prob: float = Field(0.65, gt=0, lt=1)
+    length: int = Field(10, ge=1)
+    min_masks: int = Field(1, ge=0)
+    require_same_masks: bool = True
+
+
+def span_mask(valid_lengths: list[int], num_frames: int, cfg: SpanMaskConfig, rng: np.random.Generator) -> np.ndarray:
+    """(B, T) bool mask, fairseq `compute_mask_indices` (static lengths, no overlap constraint)."""
+    rows = []
+    for size in valid_lengths:
+        num = max(cfg.min_masks, int(cfg.prob * size / cfg.length + rng.random()))
+        span = cfg.length
+        if size - span <= num:  # too short for that many distinct starts
+            span = max(size - num - 1, 0)
+        starts = rng.choice(max(size - span, 1), size=min(num, max(size - span, 1)), replace=False)
+        idx = (starts[:, None] + np.arange(max(cfg.length, 1))[None, :]).reshape(-1)
+        rows.append(np.unique(idx[idx < size]))
+    mask = np.zeros((len(valid_lengths), num_frames), dtype=bool)
+    fewest = min(len(r) for r in rows)
+    for i, idx in enumerate(rows):
+        if cfg.require_same_masks and len(idx) > fewest:
+            idx = rng.choice(idx, fewest, replace=False)  # subsample frames: spans can develop holes
+        mask[i, idx] = True
+    return mask
+
+
+def speech_objective(steps_hint: int = 5000) -> ObjectiveConfig:
+    """fairseq base_librispeech (spec §3-§6): FFN taps, K=8, instance norm, τ 0.999→0.9999 over 30k, L2/√D."""
+    return ObjectiveConfig(
+        top_k=8, target_tap="ffn", layer_norm_targets="instance", final_norm="none", head="linear",
+        loss=LossConfig(kind="l2", reduction="sum_over_dim", scale="inv_sqrt_dim"),
+        ema=EMAConfig(tau_start=0.999, tau_end=0.9999, tau_steps=30_000),
+        collapse=CollapseConfig(warmup_steps=steps_hint, min_local_var=0.01),
+    )
+
+
+class SpeechModality(Modality):
+    name = "speech"
+
+    def __init__(self, encoder: SpeechEncoder, mask: SpanMaskConfig) -> None:
+        self.encoder, self.mask_cfg = encoder, mask
+
+    def make_views(self, batch: Batch, rng: np.random.Generator) -> Views:
+        wav, pad = batch.source, batch.padding_mask
+        conv = self.encoder.cfg.conv_layers
+        num_frames = int(frame_lengths(torch.tensor(wav.shape[1]), conv))
+        samples = torch.full((wav.shape[0],), wav.shape[1]) if pad is None else (~pad).sum(-1).cpu()
+        valid = frame_lengths(samples, conv).tolist()
+        mask = torch.from_numpy(span_mask(valid, num_frames, self.mask_cfg, rng)).to(wav.device)
+        return Views(wav, wav, pad, token_mask=mask, loss_mask=mask)

@@ -1,0 +1,177 @@
+"""Text plug-in: RoBERTa-style encoder used by data2vec text, dynamic token masking, presets (spec §2.3, §5.3)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
+from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, run_blocks
+from d2v.nn import PostLNBlock
+from d2v.modalities.speech import _bert_init
+
+
+class TextEncoderConfig(StrictModel):
+    vocab_size: int = Field(50265, ge=2)
+    dim: int = Field(768, ge=1)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    ffn_dim: int = Field(3072, ge=1)
+    max_positions: int = Field(512, ge=1)  # the table has max_positions + pad_idx + 1 rows
+    pad_idx: int = Field(1, ge=0)
+    eps: float = Field(1e-5, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    attn_dropout: float = Field(0.1, ge=0, lt=1)
+    activation_dropout: float = Field(0.0, ge=0, lt=1)
+    layerdrop: float = Field(0.0, ge=0, lt=1)
+
+
+TEXT_PRESETS = {
+    "base": TextEncoderConfig(),
+    "large": TextEncoderConfig(dim=1024, depth=24, num_heads=16, ffn_dim=4096),
+    "embedded": TextEncoderConfig(vocab_size=8000, dim=256, depth=4, num_heads=4, ffn_dim=1024, max_positions=128),
+    "tiny": TextEncoderConfig(vocab_size=64, dim=64, depth=3, num_heads=4, ffn_dim=128, max_positions=64,
+                              dropout=0.0, attn_dropout=0.0),
+}
+
+
+def make_positions(tokens: Tensor, pad_idx: int) -> Tensor:
+    """fairseq/RoBERTa positions: real tokens count from pad_idx + 1, pads get pad_idx."""
+    not_pad = tokens.ne(pad_idx).long()
+    return torch.cumsum(not_pad, dim=1) * not_pad + pad_idx
+
+
+class TextEncoder(Encoder):
+    # token embeddings, positions and the embedding LayerNorm are copied to the teacher every step (spec §4)
+    teacher_shared_prefixes = ("embed_tokens.", "embed_positions.", "embed_norm.")
+
+    def __init__(self, cfg: TextEncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_idx)
+        self.embed_positions = nn.Embedding(cfg.max_positions + cfg.pad_idx + 1, cfg.dim, padding_idx=cfg.pad_idx)
+        self.embed_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.dropout, cfg.attn_dropout,
+                        cfg.activation_dropout, cfg.eps)
+            for _ in range(cfg.depth)
+        )
+        _bert_init(self.blocks)
+        for emb in (self.embed_tokens, self.embed_positions):
+            nn.init.normal_(emb.weight, std=0.02)
+            emb.weight.data[cfg.pad_idx].zero_()
+
+    @property
+    def dim(self) -> int:
+        return self.cfg.dim
+
+    def embed(self, source: Tensor, padding_mask: Tensor | None = None) -> Embedded:
+        if source.ndim != 2 or source.dtype not in (torch.long, torch.int):
+            raise ValueError(f"expected token ids (B, T) of integer dtype, got {tuple(source.shape)} {source.dtype}")
+        if source.shape[1] > self.cfg.max_positions:
+            raise ValueError(f"sequence length {source.shape[1]} exceeds max_positions={self.cfg.max_positions}")
+        pad = source.eq(self.cfg.pad_idx) if padding_mask is None else padding_mask
+        x = self.embed_tokens(source) + self.embed_positions(make_positions(source, self.cfg.pad_idx))
+        return Embedded(self.dropout(self.embed_norm(x)), pad if pad.any() else None)
+
+    def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
+        if mask is not None:
+            raise ValueError("text is masked at the token level (TextModality.make_views), not with a mask embedding")
+        pad = embedded.padding_mask
+        x, hidden, ffn = run_blocks(self.blocks, embedded.tokens, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+        return EncoderOutput(x, hidden, ffn, padding_mask=pad)
+
+
+class Vocabulary(StrictModel):
+    """Ids of the special tokens; ids below `num_special` are never masked nor drawn as random replacements."""
+
+    size: int = Field(ge=5)
+    bos: int = 0
+    pad: int = 1
+    eos: int = 2
+    unk: int = 3
+    mask: int = -1  # -1 = the last id (RoBERTa's <mask> is 50264 of 50265)
+    num_special: int = 4
+
+    @model_validator(mode="after")
+    def _resolve_mask(self):
+        if self.mask < 0:
+            object.__setattr__(self, "mask", self.size - 1)
+        if not 0 <= self.mask < self.size:
+            raise ValueError(f"mask id {self.mask} outside vocabulary of size {self.size}")
+        return self
+
+    @property
+    def special_ids(self) -> list[int]:
+        return sorted({*range(self.num_special), self.bos, self.pad, self.eos, self.unk, self.mask})
+
+
+class TokenMaskConfig(StrictModel):
+    """Paper default (spec §15): 15 %, single tokens, 80/10/10; the released span variant is p=0.35, length 4, 0/0."""
+
+    prob: float = Field(0.15, gt=0, lt=1)
+    length: int = Field(1, ge=1)
+    leave_unmasked_prob: float = Field(0.1, ge=0, le=1)
+    random_token_prob: float = Field(0.1, ge=0, le=1)
+    loss_on: Literal["mask_token", "selected"] = "mask_token"  # released code: only <mask>-replaced positions
+
+    @model_validator(mode="after")
+    def _probs(self):
+        if self.leave_unmasked_prob + self.random_token_prob > 1:
+            raise ValueError("leave_unmasked_prob + random_token_prob must be <= 1")
+        return self
+
+
+def mask_tokens(
+    tokens: np.ndarray, vocab: Vocabulary, cfg: TokenMaskConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dynamic masking of one batch (B, T). Returns (corrupted tokens, selected, replaced-by-<mask>)."""
+    corrupted = tokens.copy()
+    selected = np.zeros(tokens.shape, dtype=bool)
+    candidates_all = ~np.isin(tokens, vocab.special_ids)
+    for i in range(tokens.shape[0]):
+        candidates = np.flatnonzero(candidates_all[i])
+        if len(candidates) == 0:
+            continue
+        num = max(1, int(cfg.prob * len(candidates) / cfg.length + rng.random()))
+        starts = rng.choice(len(candidates), size=min(num, len(candidates)), replace=False)
+        spans = (starts[:, None] + np.arange(cfg.length)[None, :]).reshape(-1)
+        selected[i, candidates[np.unique(spans[spans < len(candidates)])]] = True
+    u = rng.random(tokens.shape)
+    keep = selected & (u < cfg.leave_unmasked_prob)
+    rand = selected & ~keep & (u < cfg.leave_unmasked_prob + cfg.random_token_prob)
+    to_mask = selected & ~keep & ~rand
+    corrupted[to_mask] = vocab.mask
+    replacements = np.setdiff1d(np.arange(vocab.num_special, vocab.size), vocab.special_ids)
+    corrupted[rand] = rng.choice(replacements, size=int(rand.sum()))
+    return corrupted, selected, to_mask
+
+
+def text_objective(steps_hint: int = 5000) -> ObjectiveConfig:
+    """data2vec text (spec §3-§6, §15): FFN taps, K=10, per-layer LN, τ 0.999→0.9999 over 100k, SmoothL1 β=4 sum."""
+    return ObjectiveConfig(
+        top_k=10, target_tap="ffn", layer_norm_targets="layer", final_norm="none", head="mlp2",
+        loss=LossConfig(kind="smooth_l1", beta=4.0, reduction="sum_over_dim", scale=1.0),
+        ema=EMAConfig(tau_start=0.999, tau_end=0.9999, tau_steps=100_000),
+        collapse=CollapseConfig(warmup_steps=steps_hint),
+    )
+
+
+class TextModality(Modality):
+    name = "text"
+
+    def __init__(self, encoder: TextEncoder, vocab: Vocabulary, mask: TokenMaskConfig) -> None:
+        if vocab.size != encoder.cfg.vocab_size or vocab.pad != encoder.cfg.pad_idx:
+            raise ValueError(f"vocabulary {vocab} does not match encoder vocab_size/pad_idx")
+        self.encoder, self.vocab, self.mask_cfg = encoder, vocab, mask
+
+    def make_views(self, batch: Batch, rng: np.random.Generator) -> Views:
+        tokens = batch.source
+        corrupted, selected, masked = mask_tokens(tokens.cpu().numpy(), self.vocab, self.mask_cfg, rng)
+        loss_mask = masked if self.mask_cfg.loss_on == "mask_token" else selected
+        to = lambda a: torch.from_numpy(a).to(tokens.device)  # noqa: E731
+        return Views(to(corrupted), tokens, batch.padding_mask, token_mask=None, loss_mask=to(loss_mask))

@@ -1,0 +1,73 @@
+"""Small reusable layers: FFN, stochastic depth, relative position bias."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2. The fc2 output is what data2vec taps as the 'FFN output'."""
+
+    def __init__(self, dim: int, hidden: int, activation_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation_dropout(F.gelu(self.fc1(x))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample during training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * noise / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT relative position bias for a [CLS] + (h x w) patch sequence.
+
+    The table has (2h-1)(2w-1) + 3 rows: every 2-D offset plus cls->token, token->cls and cls->cls.
+    The index is a non-persistent buffer rebuilt from the grid, so checkpoints never need to carry it.
+    """
+
+    def __init__(self, grid: tuple[int, int], num_heads: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.num_distances = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
+        self.table = nn.Parameter(torch.zeros(self.num_distances, num_heads))
+        self.register_buffer("index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> Tensor:
+        n = self.index.shape[0]
+        bias = self.table[self.index.reshape(-1)].reshape(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()  # (H, N+1, N+1)
+
+
+def relative_position_index(grid: tuple[int, int]) -> Tensor:
+    h, w = grid
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # (2, hw)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (hw, hw, 2)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    rel[:, :, 0] *= 2 * w - 1
+    num_rel = (2 * h - 1) * (2 * w - 1)
+    index = torch.zeros(h * w + 1, h * w + 1, dtype=torch.long)
+    index[1:, 1:] = rel.sum(-1)
+    index[0, 0:] = num_rel
+    index[0:, 0] = num_rel + 1
+    index[0, 0] = num_rel + 2
+    return index
