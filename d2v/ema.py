@@ -1,0 +1,62 @@
+"""EMA teacher: fp32 shadow copy of the student, τ schedule, shared parameters copied instead of averaged."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from d2v.config import EMAConfig
+
+
+def ema_decay(cfg: EMAConfig, num_updates: int) -> float:
+    """fairseq `get_annealed_rate`: linear from tau_start to tau_end over tau_steps updates, then tau_end."""
+    if num_updates >= cfg.tau_steps:
+        return cfg.tau_end
+    return cfg.tau_end - (cfg.tau_end - cfg.tau_start) * (1 - num_updates / cfg.tau_steps)
+
+
+class EMATeacher(nn.Module):
+    """Holds the teacher. Its parameters are the fp32 shadow; they never require grad and stay in eval mode.
+
+    `shared_prefixes` name student parameters that the teacher copies each step (spec §4). Once τ reaches 1 the
+    averaged parameters freeze (as fairseq stops stepping); shared ones keep being copied, since they are shared.
+    """
+
+    def __init__(self, student: nn.Module, cfg: EMAConfig, shared_prefixes: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.shared_prefixes = shared_prefixes
+        self.model = copy.deepcopy(student).float().requires_grad_(False).eval()
+        self.register_buffer("tau", torch.tensor(cfg.tau_start if cfg.tau_steps > 0 else cfg.tau_end,
+                                                 dtype=torch.float64))
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        super().train(mode)
+        self.model.eval()  # the teacher always runs without dropout, drop-path or LayerDrop
+        return self
+
+    def is_shared(self, name: str) -> bool:
+        return name.startswith(self.shared_prefixes) if self.shared_prefixes else False
+
+    @torch.no_grad()
+    def step(self, student: nn.Module, num_updates: int) -> float:
+        """Update after optimizer step number `num_updates` (1-based count of updates done so far)."""
+        tau = ema_decay(self.cfg, num_updates)
+        self.tau.fill_(tau)
+        averaged_t, averaged_s = [], []
+        student_params = dict(student.named_parameters())
+        for name, p_t in self.model.named_parameters():
+            p_s = student_params[name].detach()
+            if self.is_shared(name):
+                p_t.copy_(p_s)
+            elif tau < 1.0:
+                averaged_t.append(p_t)
+                averaged_s.append(p_s.to(p_t.dtype))
+        if averaged_t:  # Δ ← τΔ + (1 − τ)θ
+            torch._foreach_mul_(averaged_t, tau)
+            torch._foreach_add_(averaged_t, averaged_s, alpha=1.0 - tau)
+        student_buffers = dict(student.named_buffers())
+        for name, b_t in self.model.named_buffers():
+            b_t.copy_(student_buffers[name])
+        return tau

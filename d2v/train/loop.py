@@ -1,0 +1,46 @@
+"""A compact pretraining loop: one optimizer step, then one EMA step, per update; collapse checked every step."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from d2v.data2vec import Data2Vec
+from d2v.modalities.base import Batch
+from d2v.train.optim import adamw, cosine_with_warmup
+
+
+def pretrain(
+    objective: Data2Vec,
+    batches: Iterator[Batch],
+    steps: int,
+    lr: float,
+    warmup: int,
+    weight_decay: float = 0.01,
+    clip_norm: float | None = None,
+    seed: int = 0,
+    progress=None,
+) -> list[dict[str, float]]:
+    """Run `steps` updates; returns one metrics dict per step. `progress(step, metrics)` is called after each."""
+    optimizer = adamw(objective.student_parameters(), lr, weight_decay)
+    schedule = LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
+    objective.train()
+    history = []
+    for step in range(1, steps + 1):
+        rng = np.random.default_rng([seed, step])  # masks are a function of (seed, step): reproducible, resumable
+        out = objective(next(batches), rng)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(objective.student_parameters(), clip_norm)
+        optimizer.step()
+        schedule.step()
+        metrics = {**out.metrics, "step": step, "lr": optimizer.param_groups[0]["lr"]}
+        metrics["tau"] = objective.ema_step(step)
+        objective.check_collapse(step, metrics)
+        history.append(metrics)
+        if progress is not None:
+            progress(step, metrics)
+    return history
