@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+
+from d2v.cli import main
+from d2v.config import ConfigError, ObjectiveConfig, validate
+from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
+from d2v.modalities.speech import frame_lengths
+
+
+def test_demo_writes_summary_atomically(tmp_path):
+    assert main(["demo", "--modality", "text", "--preset", "tiny", "--steps", "12", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "text" / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["inputs"] == "synthetic"
+    assert len(json.loads((tmp_path / "text" / "history.json").read_text())) == 12
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_unknown_preset_is_a_clear_error(capsys):
+    assert main(["demo", "--modality", "image", "--preset", "huge", "--steps", "1"]) == 2
+    assert "unknown image preset 'huge'" in capsys.readouterr().err
+
+
+def test_invalid_params_name_the_key():
+    with pytest.raises(ConfigError, match=r"objective\.loss\.beta") as err:
+        validate(ObjectiveConfig, {"loss": {"kind": "smooth_l1", "beta": -1}}, where="objective")
+    with pytest.raises(ConfigError, match=r"objective\.top_k.*greater than or equal to 1"):
+        validate(ObjectiveConfig, {"top_k": 0}, where="objective")
+    with pytest.raises(ConfigError, match=r"objective\.targets"):
+        validate(ObjectiveConfig, {"targets": 3}, where="objective")
+
+
+def test_presets_match_the_papers():
+    assert sum(p.numel() for p in SpeechEncoder(SPEECH_PRESETS["base"]).parameters()) == 93_164_288  # = HF audio base
+    # = HF text base (124,645,632) minus the pooler (590,592) and token-type row (768) we do not carry
+    assert sum(p.numel() for p in TextEncoder(TEXT_PRESETS["base"]).parameters()) == 124_054_272
+    large = IMAGE_PRESETS["large"]
+    assert (large.dim, large.depth, large.num_heads, large.layer_scale_init) == (1024, 24, 16, 1e-5)
+    assert IMAGE_PRESETS["base"].layer_scale_init == 1e-4 and IMAGE_PRESETS["base"].rel_pos == "shared"
+
+
+def test_frame_length_formula():
+    # 1 s at 16 kHz -> 49 frames; 320-sample hop, 400-sample receptive field
+    assert frame_lengths(torch.tensor([16_000, 24_000, 400, 720])).tolist() == [49, 74, 1, 2]
+    enc = SpeechEncoder(SPEECH_PRESETS["tiny"])
+    assert enc.receptive_field == 400
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        enc(torch.zeros(1, 399))
+
+
+def test_bad_input_shapes_are_clear_errors():
+    with pytest.raises(ValueError, match=r"expected images \(B, 1, 32, 32\)"):
+        ImageEncoder(IMAGE_PRESETS["tiny"])(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="exceeds max_positions"):
+        TextEncoder(TEXT_PRESETS["tiny"])(torch.ones(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer dtype"):
+        TextEncoder(TEXT_PRESETS["tiny"])(torch.ones(1, 5))
+
+
+def test_every_encoder_returns_both_taps_per_layer():
+    for enc, x in ((ImageEncoder(IMAGE_PRESETS["tiny"]), torch.randn(2, 1, 32, 32)),
+                   (SpeechEncoder(SPEECH_PRESETS["tiny"]), torch.randn(2, 8000)),
+                   (TextEncoder(TEXT_PRESETS["tiny"]), torch.randint(4, 60, (2, 10)))):
+        out = enc.eval()(x)
+        depth = len(enc.blocks)
+        assert len(out.hidden_states) == depth + 1 and len(out.ffn_outputs) == depth
+        assert all(f.shape == out.hidden_states[0].shape for f in out.ffn_outputs)
