@@ -1,0 +1,1 @@
+"""Data sources, manifests, shards and loaders."""
