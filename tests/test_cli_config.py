@@ -66,3 +66,22 @@ def test_every_encoder_returns_both_taps_per_layer():
         depth = len(enc.blocks)
         assert len(out.hidden_states) == depth + 1 and len(out.ffn_outputs) == depth
         assert all(f.shape == out.hidden_states[0].shape for f in out.ffn_outputs)
+
+
+def test_pre_or_post_ln_is_a_config_choice():
+    from d2v.nn import PostLNBlock, PreLNBlock
+
+    img = IMAGE_PRESETS["tiny"].model_copy(update={"norm_first": False, "layer_scale_init": None})
+    speech = SPEECH_PRESETS["tiny"].model_copy(update={"norm_first": True})
+    text = TEXT_PRESETS["tiny"].model_copy(update={"norm_first": True})
+    for enc, x, block in ((ImageEncoder(img), torch.randn(1, 1, 32, 32), PostLNBlock),
+                          (SpeechEncoder(speech), torch.randn(1, 4000), PreLNBlock),
+                          (TextEncoder(text), torch.randint(4, 60, (1, 7)), PreLNBlock)):
+        assert all(isinstance(b, block) for b in enc.blocks)
+        out = enc.eval()(x)
+        assert torch.isfinite(out.x).all()
+    # a pre-LN stack ends with a LayerNorm: every output token is normalised (unit weight, zero bias at init)
+    out = TextEncoder(text).eval()(torch.randint(4, 60, (1, 7)))
+    assert torch.allclose(out.x.mean(-1), torch.zeros(1, 7), atol=1e-5)
+    with pytest.raises(ValueError, match="only implemented for pre-LN"):
+        ImageEncoder(IMAGE_PRESETS["tiny"].model_copy(update={"norm_first": False}))

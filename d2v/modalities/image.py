@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
 from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
-from d2v.nn import PreLNBlock, RelativePositionBias
+from d2v.nn import RelativePositionBias, make_block
 
 
 class ImageEncoderConfig(StrictModel):
@@ -23,6 +23,7 @@ class ImageEncoderConfig(StrictModel):
     depth: int = Field(12, ge=1)
     num_heads: int = Field(12, ge=1)
     ffn_dim: int = Field(3072, ge=1)
+    norm_first: bool = True  # pre-LN blocks (BEiT); False = post-LN
     layer_scale_init: float | None = 1e-4  # BEiT LayerScale: 1e-4 (B), 1e-5 (L); None disables
     rel_pos: Literal["shared", "per_layer", "none"] = "shared"
     abs_pos: bool = False
@@ -72,8 +73,8 @@ class ImageEncoder(Encoder):
         self.rel_pos_bias = RelativePositionBias(grid, cfg.num_heads) if cfg.rel_pos == "shared" else None
         drop_rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
-            PreLNBlock(D, cfg.num_heads, cfg.ffn_dim, "qv", cfg.layer_scale_init, dp, cfg.dropout, cfg.attn_dropout,
-                       cfg.eps)
+            make_block(cfg.norm_first, D, cfg.num_heads, cfg.ffn_dim, "qv", cfg.eps, cfg.dropout, cfg.attn_dropout,
+                       layer_scale_init=cfg.layer_scale_init, drop_path=dp)
             for dp in drop_rates
         )
         if cfg.rel_pos == "per_layer":

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
 from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
-from d2v.nn import PostLNBlock
+from d2v.nn import make_block
 
 BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
 
@@ -20,6 +20,7 @@ class SpeechEncoderConfig(StrictModel):
     depth: int = Field(12, ge=1)
     num_heads: int = Field(12, ge=1)
     ffn_dim: int = Field(3072, ge=1)
+    norm_first: bool = False  # post-LN (data2vec audio); True = pre-LN with the encoder LN after the blocks
     pos_conv_depth: int = Field(5, ge=1)
     pos_conv_kernel: int = Field(19, ge=1)  # max(3, conv_pos 95 // depth 5)
     pos_conv_groups: int = Field(16, ge=1)
@@ -115,8 +116,8 @@ class SpeechEncoder(Encoder):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.dropout, cfg.attn_dropout,
-                        cfg.activation_dropout, cfg.eps)
+            make_block(cfg.norm_first, cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.eps, cfg.dropout,
+                       cfg.attn_dropout, cfg.activation_dropout)
             for _ in range(cfg.depth)
         )
         _bert_init(self.blocks)
@@ -155,8 +156,11 @@ class SpeechEncoder(Encoder):
         x, pad = replace_masked(embedded.tokens, mask, self.mask_emb), embedded.padding_mask
         if pad is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)  # padded frames are zero before the positional conv
-        x = self.dropout(self.norm(x + self.pos_conv(x)))
+        x = x + self.pos_conv(x)
+        x = self.dropout(x if self.cfg.norm_first else self.norm(x))
         x, hidden, ffn = run_blocks(self.blocks, x, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+        if self.cfg.norm_first:  # wav2vec2 "stable layer norm": the encoder LN closes the pre-LN stack
+            x = self.norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)
 
 

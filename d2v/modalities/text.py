@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
 from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, run_blocks
-from d2v.nn import PostLNBlock
+from d2v.nn import make_block
 from d2v.modalities.speech import _bert_init
 
 
@@ -20,6 +20,7 @@ class TextEncoderConfig(StrictModel):
     depth: int = Field(12, ge=1)
     num_heads: int = Field(12, ge=1)
     ffn_dim: int = Field(3072, ge=1)
+    norm_first: bool = False  # post-LN (RoBERTa); True = pre-LN with a final LayerNorm (fairseq normalize_before)
     max_positions: int = Field(512, ge=1)  # the table has max_positions + pad_idx + 1 rows
     pad_idx: int = Field(1, ge=0)
     eps: float = Field(1e-5, gt=0)
@@ -56,10 +57,11 @@ class TextEncoder(Encoder):
         self.embed_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            PostLNBlock(cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.dropout, cfg.attn_dropout,
-                        cfg.activation_dropout, cfg.eps)
+            make_block(cfg.norm_first, cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.eps, cfg.dropout,
+                       cfg.attn_dropout, cfg.activation_dropout)
             for _ in range(cfg.depth)
         )
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.norm_first else None
         _bert_init(self.blocks)
         for emb in (self.embed_tokens, self.embed_positions):
             nn.init.normal_(emb.weight, std=0.02)
@@ -83,6 +85,8 @@ class TextEncoder(Encoder):
             raise ValueError("text is masked at the token level (TextModality.make_views), not with a mask embedding")
         pad = embedded.padding_mask
         x, hidden, ffn = run_blocks(self.blocks, embedded.tokens, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)
 
 

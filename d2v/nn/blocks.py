@@ -22,12 +22,13 @@ class PreLNBlock(nn.Module):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         eps: float = 1e-6,
+        activation_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, ffn_dim)
+        self.mlp = Mlp(dim, ffn_dim, activation_dropout)
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
         if layer_scale_init is None:
@@ -71,3 +72,25 @@ class PostLNBlock(nn.Module):
         ffn = self.mlp(x)
         x = self.norm2(x + self.dropout(ffn))
         return x, ffn
+
+
+def make_block(
+    norm_first: bool,
+    dim: int,
+    num_heads: int,
+    ffn_dim: int,
+    qkv_bias: QKVBias,
+    eps: float,
+    dropout: float = 0.0,
+    attn_dropout: float = 0.0,
+    activation_dropout: float = 0.0,
+    layer_scale_init: float | None = None,
+    drop_path: float = 0.0,
+) -> nn.Module:
+    """Pre-LN (with optional LayerScale / drop-path) or post-LN block, chosen by config."""
+    if norm_first:
+        return PreLNBlock(dim, num_heads, ffn_dim, qkv_bias, layer_scale_init, drop_path, dropout, attn_dropout, eps,
+                          activation_dropout)
+    if layer_scale_init is not None or drop_path > 0:
+        raise ValueError("LayerScale and drop-path are only implemented for pre-LN blocks (norm_first=True)")
+    return PostLNBlock(dim, num_heads, ffn_dim, qkv_bias, dropout, attn_dropout, activation_dropout, eps)
