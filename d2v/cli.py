@@ -12,7 +12,7 @@ from tqdm import tqdm
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError, Data2Vec
 from d2v.io import atomic_write_json
-from d2v.modalities.registry import MODALITIES, build_modality
+from d2v.modalities.registry import ENCODERS, MODALITIES, build_modality
 from d2v.train.loop import pretrain
 
 # steps, lr, batch size and input kwargs of the short demo pretraining per modality
@@ -31,30 +31,27 @@ def demo(args: argparse.Namespace) -> int:
         run = DEMO[name]
         steps = args.steps or run["steps"]
         modality, cfg = build_modality(name, args.preset)
-        depth = len(modality.encoder.blocks)
-        cfg = cfg.model_copy(update={"top_k": min(cfg.top_k, depth),
-                                     "collapse": cfg.collapse.model_copy(update={"warmup_steps": 3 * steps // 4})})
+        cfg = cfg.model_copy(update={"collapse": cfg.collapse.model_copy(update={"warmup_steps": 3 * steps // 4})})
         objective = Data2Vec(modality, cfg)
         kw = dict(run["kw"])
         if name == "text":
             kw["vocab_size"] = modality.encoder.cfg.vocab_size
         batches = synthetic.batches(name, np.random.default_rng(args.seed), run["batch"], **kw)
-        bar = tqdm(total=steps, desc=f"pretrain {name}", unit="step", file=sys.stderr)
-
-        def progress(step, m):
-            bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tau=f"{m['tau']:.5f}",
-                            target_var=f"{m['target_var']:.3f}", pred_var=f"{m['pred_var']:.3f}")
-
         start = time.perf_counter()
-        try:
-            history = pretrain(objective, batches, steps, run["lr"], warmup=max(1, steps // 10), seed=args.seed,
-                               progress=progress)
-        except CollapseError as err:
-            bar.close()
-            print(f"error: {name}: {err}", file=sys.stderr)
-            return 2
-        bar.close()
+        with tqdm(total=steps, desc=f"pretrain {name}", unit="step", file=sys.stderr) as bar:
+
+            def progress(step, m):
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tau=f"{m['tau']:.5f}",
+                                target_var=f"{m['target_var']:.3f}", pred_var=f"{m['pred_var']:.3f}")
+
+            try:
+                history = pretrain(objective, batches, steps, run["lr"], warmup=max(1, steps // 10),
+                                   seed=args.seed, progress=progress)
+            except CollapseError as err:
+                bar.close()
+                print(f"error: {name}: {err}", file=sys.stderr)
+                return 2
         elapsed = time.perf_counter() - start
         first = float(np.mean([m["loss"] for m in history[:10]]))
         last = float(np.mean([m["loss"] for m in history[-10:]]))
@@ -70,11 +67,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def presets(args: argparse.Namespace) -> int:
-    from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS
-    from d2v.modalities import ImageEncoder, SpeechEncoder, TextEncoder
-
-    for name, table, cls in (("image", IMAGE_PRESETS, ImageEncoder), ("speech", SPEECH_PRESETS, SpeechEncoder),
-                             ("text", TEXT_PRESETS, TextEncoder)):
+    for name, (table, cls) in ENCODERS.items():
         for preset, cfg in table.items():
             n = sum(p.numel() for p in cls(cfg).parameters())
             print(f"{name:6s} {preset:9s} {n / 1e6:8.2f}M  D={cfg.dim} L={cfg.depth} H={cfg.num_heads}")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from d2v.config import CollapseConfig, LossConfig, ObjectiveConfig
 from d2v.ema import EMATeacher
 from d2v.modalities.base import Batch, EncoderOutput, Modality
+from d2v.nn import bert_init
 
 # ---------------------------------------------------------------- targets
 
@@ -84,10 +85,7 @@ class RegressionHead(nn.Module):
             self.net = nn.Linear(dim, dim)
         else:
             self.net = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        bert_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -153,10 +151,8 @@ class Data2Vec(nn.Module):
         views = self.modality.make_views(batch, rng)  # a fresh mask every time the batch is used
         s_emb = self.student.embed(views.student_source, views.padding_mask)
         s_out = self.student.encode(s_emb, views.token_mask)
-        if self.student.teacher_reuses_local_features:
-            t_emb = s_emb.detach()  # shared CNN + projection: the teacher reads the student's unmasked features
-        else:
-            t_emb = None
+        # shared CNN + projection (speech): the teacher reads the student's unmasked features
+        t_emb = s_emb.detach() if self.student.teacher_reuses_local_features else None
         targets = self.teacher_targets(views.teacher_source, views.padding_mask, t_emb)
 
         x = s_out.x[:, s_out.num_extra_tokens:]

@@ -37,7 +37,7 @@ class EMATeacher(nn.Module):
         return self
 
     def is_shared(self, name: str) -> bool:
-        return name.startswith(self.shared_prefixes) if self.shared_prefixes else False
+        return name.startswith(self.shared_prefixes)  # False for an empty tuple
 
     @torch.no_grad()
     def step(self, student: nn.Module, num_updates: int) -> float:

@@ -7,11 +7,10 @@ from d2v.modalities.registry import build_modality
 
 
 def make_objective(name: str, **overrides) -> Data2Vec:
-    """A tiny-preset data2vec objective with top_k clipped to the depth and the guard disarmed unless asked."""
+    """A tiny-preset data2vec objective (K capped at its depth by the registry), guard disarmed unless asked."""
     torch.manual_seed(0)
     modality, cfg = build_modality(name, "tiny")
-    update = {"top_k": min(cfg.top_k, len(modality.encoder.blocks)),
-              "collapse": cfg.collapse.model_copy(update={"warmup_steps": 10**9})}
+    update = {"collapse": cfg.collapse.model_copy(update={"warmup_steps": 10**9})}
     update.update(overrides)
     return Data2Vec(modality, cfg.model_copy(update=update))
 

@@ -85,3 +85,10 @@ def test_pre_or_post_ln_is_a_config_choice():
     assert torch.allclose(out.x.mean(-1), torch.zeros(1, 7), atol=1e-5)
     with pytest.raises(ValueError, match="only implemented for pre-LN"):
         ImageEncoder(IMAGE_PRESETS["tiny"].model_copy(update={"norm_first": False}))
+
+
+def test_registry_caps_top_k_at_the_preset_depth():
+    from d2v.modalities.registry import build_modality
+
+    assert build_modality("speech", "base")[1].top_k == 8  # the paper's K where the depth allows it
+    assert build_modality("text", "tiny")[1].top_k == 3  # recipe K=10, tiny text has 3 blocks

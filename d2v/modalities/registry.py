@@ -8,6 +8,8 @@ from d2v.modalities.speech import SPEECH_PRESETS, SpanMaskConfig, SpeechEncoder,
 from d2v.modalities.text import TEXT_PRESETS, TextEncoder, TextModality, TokenMaskConfig, Vocabulary, text_objective
 
 MODALITIES = ("image", "speech", "text")
+ENCODERS = {"image": (IMAGE_PRESETS, ImageEncoder), "speech": (SPEECH_PRESETS, SpeechEncoder),
+            "text": (TEXT_PRESETS, TextEncoder)}
 
 
 def block_mask_for_grid(grid: tuple[int, int]) -> BlockMaskConfig:
@@ -19,21 +21,25 @@ def block_mask_for_grid(grid: tuple[int, int]) -> BlockMaskConfig:
 
 
 def build_modality(name: str, preset: str = "base") -> tuple[Modality, ObjectiveConfig]:
-    """Encoder + masking + the recipe's objective for `name` in {image, speech, text}."""
+    """Encoder + masking + the recipe's objective for `name` in {image, speech, text}.
+
+    Masking and the number of averaged layers K are the paper's, scaled to the preset: K is capped at the depth.
+    """
+    encoder = build_encoder(name, preset)
     if name == "image":
-        encoder = ImageEncoder(_preset(IMAGE_PRESETS, name, preset))
-        return ImageModality(encoder, block_mask_for_grid(encoder.cfg.grid)), image_objective()
-    if name == "speech":
-        return SpeechModality(SpeechEncoder(_preset(SPEECH_PRESETS, name, preset)), SpanMaskConfig()), \
-            speech_objective()
-    if name == "text":
-        cfg = _preset(TEXT_PRESETS, name, preset)
-        vocab = Vocabulary(size=cfg.vocab_size, pad=cfg.pad_idx)
-        return TextModality(TextEncoder(cfg), vocab, TokenMaskConfig()), text_objective()
-    raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
+        modality, objective = ImageModality(encoder, block_mask_for_grid(encoder.cfg.grid)), image_objective()
+    elif name == "speech":
+        modality, objective = SpeechModality(encoder, SpanMaskConfig()), speech_objective()
+    else:
+        vocab = Vocabulary(size=encoder.cfg.vocab_size, pad=encoder.cfg.pad_idx)
+        modality, objective = TextModality(encoder, vocab, TokenMaskConfig()), text_objective()
+    return modality, objective.model_copy(update={"top_k": min(objective.top_k, encoder.cfg.depth)})
 
 
-def _preset(table: dict, modality: str, preset: str):
+def build_encoder(name: str, preset: str):
+    if name not in ENCODERS:
+        raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
+    table, encoder_cls = ENCODERS[name]
     if preset not in table:
-        raise ValueError(f"unknown {modality} preset {preset!r}; expected one of {sorted(table)}")
-    return table[preset]
+        raise ValueError(f"unknown {name} preset {preset!r}; expected one of {sorted(table)}")
+    return encoder_cls(table[preset])

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
 from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
-from d2v.nn import make_block
+from d2v.nn import bert_init, make_block
 
 BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
 
@@ -120,8 +120,7 @@ class SpeechEncoder(Encoder):
                        cfg.attn_dropout, cfg.activation_dropout)
             for _ in range(cfg.depth)
         )
-        _bert_init(self.blocks)
-        _bert_init([self.feature_proj])
+        bert_init(self.blocks, self.feature_proj)
 
     @property
     def dim(self) -> int:
@@ -162,15 +161,6 @@ class SpeechEncoder(Encoder):
         if self.cfg.norm_first:  # wav2vec2 "stable layer norm": the encoder LN closes the pre-LN stack
             x = self.norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)
-
-
-def _bert_init(modules) -> None:
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
 
 
 class SpanMaskConfig(StrictModel):

@@ -10,8 +10,7 @@ from torch import Tensor, nn
 
 from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
 from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, run_blocks
-from d2v.nn import make_block
-from d2v.modalities.speech import _bert_init
+from d2v.nn import bert_init, make_block
 
 
 class TextEncoderConfig(StrictModel):
@@ -62,7 +61,7 @@ class TextEncoder(Encoder):
             for _ in range(cfg.depth)
         )
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.norm_first else None
-        _bert_init(self.blocks)
+        bert_init(self.blocks)
         for emb in (self.embed_tokens, self.embed_positions):
             nn.init.normal_(emb.weight, std=0.02)
             emb.weight.data[cfg.pad_idx].zero_()

@@ -6,6 +6,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def bert_init(*modules: nn.Module) -> None:
+    """BERT-style init: every Linear gets N(0, 0.02) weights and zero bias."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2. The fc2 output is what data2vec taps as the 'FFN output'."""
 

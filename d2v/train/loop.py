@@ -24,7 +24,8 @@ def pretrain(
     progress=None,
 ) -> list[dict[str, float]]:
     """Run `steps` updates; returns one metrics dict per step. `progress(step, metrics)` is called after each."""
-    optimizer = adamw(objective.student_parameters(), lr, weight_decay)
+    params = objective.student_parameters()
+    optimizer = adamw(params, lr, weight_decay)
     schedule = LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps, warmup))
     objective.train()
     history = []
@@ -34,7 +35,7 @@ def pretrain(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if clip_norm:
-            torch.nn.utils.clip_grad_norm_(objective.student_parameters(), clip_norm)
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
         schedule.step()
         metrics = {**out.metrics, "step": step, "lr": optimizer.param_groups[0]["lr"]}
