@@ -41,19 +41,20 @@ class Artifact:
     sha256: str | None = None
     md5: str | None = None
     size: int | None = None
+    unpinned: bool = False  # the publisher gives no digest: content is checked by the source instead
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
-        if not (self.sha256 or self.md5):
-            raise ValueError(f"artifact {self.name!r}: pin a sha256 or md5")
+        if not (self.sha256 or self.md5 or self.unpinned):
+            raise ValueError(f"artifact {self.name!r}: pin a sha256 or md5 (or mark it unpinned)")
 
     @property
     def algorithm(self) -> str:
-        return "sha256" if self.sha256 else "md5"
+        return "md5" if self.md5 and not self.sha256 else "sha256"
 
     @property
-    def digest(self) -> str:
-        return (self.sha256 or self.md5).lower()
+    def digest(self) -> str | None:
+        return (self.sha256 or self.md5 or "").lower() or None
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
@@ -67,10 +68,14 @@ def bytes_sha256(data: bytes) -> str:
 
 def cache_path(artifact: Artifact, cache_dir: str | Path) -> Path:
     """Content-addressed location: two artifacts with the same digest share one file."""
+    if artifact.digest is None:
+        return Path(cache_dir) / "unpinned" / artifact.name
     return Path(cache_dir) / artifact.algorithm / artifact.digest[:2] / artifact.digest / artifact.name
 
 
 def verify(path: Path, artifact: Artifact, source: str) -> None:
+    if artifact.digest is None:
+        return
     got = file_digest(path, artifact.algorithm)
     if got != artifact.digest:
         raise ChecksumError(f"{artifact.name}: {artifact.algorithm} mismatch for {source}: "

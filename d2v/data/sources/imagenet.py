@@ -1,0 +1,119 @@
+"""ImageNet-1K (ILSVRC 2012), paper scale: from the official tar files, or from an extracted tree you point to.
+
+ImageNet cannot be downloaded without an account, so `prepare` takes the three official archives from a folder
+(`ILSVRC2012_img_train.tar`, `ILSVRC2012_img_val.tar`, `ILSVRC2012_devkit_t12.tar.gz`, md5-checked against the
+published digests) or an ImageFolder tree `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`. Class indices follow the
+sorted WordNet ids (the torchvision/timm convention). Every image header is opened; unreadable files are skipped,
+named and counted.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from PIL import Image
+
+from d2v.data.download import Artifact, bytes_sha256, verify
+from d2v.data.manifest import Skipped, make_manifest, write_manifest
+from d2v.data.sources.base import Context, log, register
+
+MD5 = {"ILSVRC2012_img_train.tar": "1d675b47d978889d74fa0da5fadfb00e",
+       "ILSVRC2012_img_val.tar": "29b22e2961454d5413ddabcf34fc5622",
+       "ILSVRC2012_devkit_t12.tar.gz": "fa75699e90414af021442c21a62c3abf"}
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def read_devkit(devkit: Path) -> tuple[dict[int, str], list[str]]:
+    """ILSVRC2012_ID → wnid for the 1000 leaf classes, and the validation ground-truth IDs in file order."""
+    from scipy.io import loadmat
+
+    with tarfile.open(devkit) as tar:
+        meta = tar.extractfile("ILSVRC2012_devkit_t12/data/meta.mat").read()
+        truth = tar.extractfile("ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").read()
+    synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+    id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    return id_to_wnid, [int(x) for x in truth.decode().split()]
+
+
+def unpack_official(archives: Path, tree: Path) -> Path:
+    """Official tars → `tree/{train,val}/<wnid>/*.JPEG` (atomically: a temp folder renamed at the end)."""
+    tmp = tree.with_name(f".{tree.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        id_to_wnid, val_ids = read_devkit(archives / "ILSVRC2012_devkit_t12.tar.gz")
+        with tarfile.open(archives / "ILSVRC2012_img_train.tar") as outer:
+            for member in outer:  # one inner tar per class: n01440764.tar
+                wnid = Path(member.name).stem
+                with tarfile.open(fileobj=outer.extractfile(member)) as inner:
+                    inner.extractall(tmp / "train" / wnid, filter="data")
+        with tarfile.open(archives / "ILSVRC2012_img_val.tar") as val:
+            names = sorted(m.name for m in val.getmembers() if m.isfile())
+            if len(names) != len(val_ids):
+                raise ValueError(f"{archives}: {len(names)} validation images but {len(val_ids)} ground-truth labels")
+            for name, ilsvrc_id in zip(names, val_ids):
+                target = tmp / "val" / id_to_wnid[ilsvrc_id] / Path(name).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(val.extractfile(name).read())
+        os.replace(tmp, tree)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tree
+
+
+def index_tree(tree: Path, out_dir: Path, skipped: Skipped, verify_images: bool = True) -> tuple[list[dict], list[str]]:
+    wnids = sorted(p.name for p in (tree / "train").iterdir() if p.is_dir())
+    label = {w: i for i, w in enumerate(wnids)}
+    rows = []
+    for split in ("train", "val"):
+        for path in sorted((tree / split).rglob("*")):
+            if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            rel = os.path.relpath(path, out_dir)
+            wnid = path.parent.name
+            if wnid not in label:
+                skipped.add(rel, f"class folder {wnid!r} not among the training classes", log)
+                continue
+            data = path.read_bytes()
+            if verify_images:
+                try:
+                    with Image.open(io.BytesIO(data)) as im:
+                        im.verify()
+                except Exception as err:
+                    skipped.add(rel, f"unreadable image: {err}", log)
+                    continue
+            rows.append(dict(id=f"{split}/{path.stem}", path=rel, split=split, bytes=len(data), label=label[wnid],
+                             text=wnid, sha256=bytes_sha256(data)))
+    return rows, wnids
+
+
+@register("imagenet", "image", "paper", "ImageNet-1K from the official tars or an extracted train/val tree")
+def prepare(ctx: Context, archives: str | Path | None = None, tree: str | Path | None = None,
+            md5: Mapping[str, str] = MD5, verify_images: bool = True) -> Path:
+    """Give `archives` (folder with the three official files) or `tree` (extracted ImageFolder layout)."""
+    if (archives is None) == (tree is None):
+        raise ValueError("imagenet: give exactly one of archives=<folder with the official tars> or tree=<folder>")
+    out = ctx.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if archives is not None:
+        archives = Path(archives)
+        for name, digest in md5.items():  # checksum the user's copies in place (the train tar is 138 GB)
+            if not (archives / name).is_file():
+                raise FileNotFoundError(f"imagenet: {archives / name} missing; expected the official {name}")
+            verify(archives / name, Artifact(name, (str(archives / name),), md5=digest), str(archives / name))
+        tree = out / "tree"
+        if not tree.exists():
+            unpack_official(archives, tree)
+    tree = Path(tree)
+    for split in ("train", "val"):
+        if not (tree / split).is_dir():
+            raise FileNotFoundError(f"imagenet: {tree / split} missing; expected {tree}/{{train,val}}/<wnid>/*.JPEG")
+    skipped = Skipped()
+    rows, wnids = index_tree(tree, out, skipped, verify_images)
+    write_manifest(out, make_manifest(rows), source="imagenet", classes=wnids, tree=str(tree),
+                   skipped=skipped.as_json(), licence="ImageNet terms of access (non-commercial research)")
+    return out
