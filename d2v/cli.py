@@ -74,6 +74,87 @@ def presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(pairs: list[str]) -> dict:
+    """`key=value` pairs → kwargs; values are parsed as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def prepare(args: argparse.Namespace) -> int:
+    import inspect
+    import logging
+    from pathlib import Path
+
+    from d2v.data.sources import SOURCES, Context
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.source not in SOURCES:
+        raise ValueError(f"unknown source {args.source!r}; expected one of {sorted(SOURCES)}")
+    source = SOURCES[args.source]
+    kwargs = _options(args.set)
+    accepted = set(inspect.signature(source.prepare).parameters) - {"ctx"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"{args.source}: unknown option(s) {unknown}; it accepts {sorted(accepted)}")
+    if "cfg" in kwargs:
+        from d2v.config import validate
+        from d2v.data.sources.mini_librispeech import MiniLibriSpeechConfig
+
+        kwargs["cfg"] = validate(MiniLibriSpeechConfig, kwargs["cfg"], f"{args.source}.cfg")
+    out = Path(args.out or Path(args.root) / "raw" / args.source)
+    start = time.perf_counter()
+    source.prepare(Context(Path(args.cache), out), **kwargs)
+    print(f"{args.source}: prepared in {time.perf_counter() - start:.1f}s -> {out}")
+    return 0
+
+
+def tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from d2v.data.manifest import read_manifest
+    from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, build_letter_vocab, corpus_lines, \
+        train_sentencepiece
+
+    if args.corpus:
+        cfg = SentencePieceConfig(vocab_size=args.vocab_size, model_type=args.model_type,
+                                  num_threads=args.num_threads)
+        path = train_sentencepiece(corpus_lines(args.corpus), Path(args.out) / "spm.model", cfg)
+        print(f"sentencepiece ({cfg.vocab_size} ids incl. <mask>) -> {path}")
+    if args.letters:
+        transcripts = read_manifest(args.letters, args.letters_split)["text"]
+        path = LetterTokenizer(build_letter_vocab(transcripts)).save(Path(args.out) / "letters.json")
+        print(f"letter vocabulary -> {path}")
+    if not (args.corpus or args.letters):
+        raise ValueError("give --corpus (SentencePiece) and/or --letters (CTC letter vocabulary)")
+    return 0
+
+
+def shard(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from d2v.data.shards import ShardConfig, write_shards
+    from d2v.data.tokenizer import TextTokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    source = Path(args.root) / "raw" / args.dataset
+    name = args.split + (f"-{args.subset}" if args.subset else "")
+    out = Path(args.out or Path(args.root) / "shards" / args.dataset / name)
+    cfg = ShardConfig(max_bytes=int(args.max_mb * (1 << 20)), max_count=args.max_count)
+    tok = TextTokenizer(args.tokenizer) if args.tokenizer else None
+    index = write_shards(source, args.split, out, cfg, tokenizer=tok, subset=args.subset, limit=args.limit)
+    print(f"{args.dataset}/{name}: {index['count']} samples, {len(index['shards'])} shards, "
+          f"{index['bytes'] / 1e6:.1f} MB, {index['skipped']['count']} skipped -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec for images, speech and text")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,10 +167,38 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo)
     p = sub.add_parser("presets", help="list encoder presets and parameter counts")
     p.set_defaults(func=presets)
+    p = sub.add_parser("prepare", help="download/verify a corpus and write its manifest (data/raw/SOURCE)")
+    p.add_argument("source")
+    p.add_argument("--root", default="data")
+    p.add_argument("--cache", default="data/cache", help="content-addressed download cache")
+    p.add_argument("--out", default=None, help="output folder (default ROOT/raw/SOURCE)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="source option, e.g. --set archives=/data/imagenet or --set 'splits=[dev-clean]'")
+    p.set_defaults(func=prepare)
+    p = sub.add_parser("tokenizer", help="train SentencePiece on a text corpus and/or build a CTC letter vocabulary")
+    p.add_argument("--corpus", help="prepared text corpus folder (its 'pretrain' split is used)")
+    p.add_argument("--letters", help="prepared speech source whose transcripts define the letter vocabulary")
+    p.add_argument("--letters-split", default="train_1h")
+    p.add_argument("--out", default="data/tokenizer")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
+    p.add_argument("--num-threads", type=int, default=2)
+    p.set_defaults(func=tokenizer)
+    p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")
+    p.add_argument("dataset")
+    p.add_argument("--split", required=True)
+    p.add_argument("--subset", default=None, help="keep rows tagged with this subset (e.g. 10min)")
+    p.add_argument("--root", default="data")
+    p.add_argument("--out", default=None, help="output folder (default ROOT/shards/DATASET/SPLIT[-SUBSET])")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (required for a text corpus)")
+    p.add_argument("--max-mb", type=float, default=64.0)
+    p.add_argument("--max-count", type=int, default=10_000)
+    p.add_argument("--limit", type=int, default=None, help="first N rows only (smoke runs)")
+    p.set_defaults(func=shard)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,291 @@
+"""Shard readers per modality: WebDataset pipelines that are rank- and worker-aware, with an infinite resampled
+mode for pretraining and a single ordered pass for evaluation.
+
+- image: decoded with PIL, augmented with torchvision.transforms.v2 (the spec's pretraining / fine-tuning / eval
+  transforms, scaled to the resolution) → (C,H,W) float tensors and class ids;
+- speech: decoded with soundfile, normalised per utterance, randomly cropped to `max_samples`; pretraining batches
+  crop every item to the shortest at a random offset (no padding), fine-tuning batches pad and carry CTC labels;
+- text: corpus chunks packed into blocks of `block_tokens` (each starting with <s>); task examples tokenized as
+  RoBERTa pairs and padded with <pad>.
+A corrupt sample is skipped with a warning naming its key and shard (WebDataset's warn-and-continue handler).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+from PIL import Image
+from pydantic import Field
+
+from d2v.config import StrictModel
+from d2v.data.shards import shard_paths
+from d2v.modalities.base import Batch
+
+log = logging.getLogger("d2v.data")
+
+Mode = Literal["pretrain", "finetune", "eval"]
+
+
+def _warn(exn: Exception) -> bool:
+    log.warning("skipping a sample: %r", exn)
+    return True  # keep going
+
+
+def worker_rng(seed: int) -> np.random.Generator:
+    """Distinct, reproducible stream per (seed, rank, dataloader worker)."""
+    from webdataset.utils import pytorch_worker_info
+
+    rank, _, worker, _ = pytorch_worker_info()
+    return np.random.default_rng([seed, rank, worker])
+
+
+def shard_source(shard_dir: str | Path, resampled: bool, seed: int) -> list:
+    """Shard list stages: resampled (infinite, seeded per rank/worker) or split across ranks, then workers."""
+    import webdataset as wds
+
+    urls = shard_paths(shard_dir)
+    if resampled:
+        return [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    return [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+
+
+def _shuffle(buffer: int, seed: int) -> Callable[[Iterator], Iterator]:
+    def stage(src: Iterator) -> Iterator:
+        rng = random.Random(int(worker_rng(seed).integers(2 ** 63)))
+        pool = []
+        for sample in src:
+            pool.append(sample)
+            if len(pool) >= buffer:
+                yield pool.pop(rng.randrange(len(pool)))
+        rng.shuffle(pool)
+        yield from pool
+    return stage
+
+
+def pipeline(shard_dir, stages: list, *, resampled: bool, shuffle: int, seed: int):
+    import webdataset as wds
+
+    head = shard_source(shard_dir, resampled, seed) + [wds.tarfile_to_samples(handler=_warn)]
+    if shuffle > 1:
+        head.append(_shuffle(shuffle, seed))
+    return wds.DataPipeline(*head, *stages)
+
+
+def _map(fn: Callable) -> Callable[[Iterator], Iterator]:
+    """Apply `fn` per sample; a sample whose decoding fails is skipped with a warning naming it."""
+    def stage(src: Iterator) -> Iterator:
+        for sample in src:
+            try:
+                out = fn(sample)
+            except Exception as err:
+                log.warning("skipping %s from %s: %r", sample.get("__key__"), sample.get("__url__"), err)
+                continue
+            if out is not None:
+                yield out
+    return stage
+
+
+def _batched(size: int, collate: Callable, partial: bool) -> Callable[[Iterator], Iterator]:
+    def stage(src: Iterator) -> Iterator:
+        batch = []
+        for item in src:
+            batch.append(item)
+            if len(batch) == size:
+                yield collate(batch)
+                batch = []
+        if batch and partial:
+            yield collate(batch)
+    return stage
+
+
+# --------------------------------------------------------------------------------------------------------- images
+
+class ImageAugConfig(StrictModel):
+    """Spec §5.2 / §9.1 transforms, scaled: sizes come from the encoder, statistics from the dataset."""
+
+    size: int = Field(224, ge=8)
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    min_scale: float = Field(0.08, gt=0, le=1)  # RandomResizedCrop lower bound (v1 pretraining 0.08, v2 0.2)
+    color_jitter: float = Field(0.4, ge=0)  # pretraining only (BEiT transforms)
+    hflip: float = Field(0.5, ge=0, le=1)
+    randaugment_magnitude: int = Field(9, ge=0)  # fine-tuning: RandAugment(2, m); 0 disables
+    random_erasing: float = Field(0.25, ge=0, le=1)  # fine-tuning
+    crop_pct: float = Field(0.875, gt=0, le=1)  # eval: resize to size/crop_pct, centre-crop size
+
+
+def image_transform(cfg: ImageAugConfig, mode: Mode):
+    from torchvision.transforms import v2
+
+    bicubic = v2.InterpolationMode.BICUBIC
+    first = [v2.ToImage()] + ([v2.Grayscale(num_output_channels=3)] if cfg.channels == 3 else
+                              [v2.Grayscale(num_output_channels=1)])
+    if cfg.channels == 1 and len(cfg.mean) != 1 or cfg.channels == 3 and len(cfg.mean) != 3:
+        raise ValueError(f"image mean/std need {cfg.channels} values, got {cfg.mean}")
+    last = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
+    if mode == "eval":
+        middle = [v2.Resize(int(round(cfg.size / cfg.crop_pct)), interpolation=bicubic, antialias=True),
+                  v2.CenterCrop(cfg.size)]
+    else:
+        middle = [v2.RandomResizedCrop(cfg.size, scale=(cfg.min_scale, 1.0), interpolation=bicubic, antialias=True),
+                  v2.RandomHorizontalFlip(cfg.hflip)]
+        if mode == "pretrain" and cfg.color_jitter > 0:
+            middle = [v2.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)] + middle
+        if mode == "finetune" and cfg.randaugment_magnitude > 0:
+            middle.append(v2.RandAugment(num_ops=2, magnitude=cfg.randaugment_magnitude))
+        if mode == "finetune" and cfg.random_erasing > 0:
+            last.append(v2.RandomErasing(cfg.random_erasing))
+    return v2.Compose(first + middle + last)
+
+
+def _decode_image(sample: dict, transform) -> tuple[torch.Tensor, int]:
+    key = next(k for k in ("png", "jpg", "jpeg", "webp") if k in sample)
+    with Image.open(io.BytesIO(sample[key])) as im:
+        image = transform(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+    return image, int(sample["cls"]) if "cls" in sample else -1
+
+
+def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def image_loader(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *, resampled: bool | None = None,
+                 shuffle: int = 2000, seed: int = 0, partial: bool | None = None):
+    transform = image_transform(cfg, mode)
+    resampled = mode == "pretrain" if resampled is None else resampled
+    partial = mode == "eval" if partial is None else partial
+    return pipeline(shard_dir, [_map(lambda s: _decode_image(s, transform)),
+                                _batched(batch_size, collate_images, partial)],
+                    resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------------- speech
+
+class AudioConfig(StrictModel):
+    sample_rate: int = 16_000
+    max_samples: int = Field(320_000, ge=400)  # 20 s crop (spec §2.1)
+    min_samples: int = Field(32_000, ge=0)  # shorter utterances are skipped (2 s in the Base recipe)
+    normalize: bool = True  # zero mean, unit variance over the whole waveform
+
+
+def _decode_audio(sample: dict, cfg: AudioConfig, crop: bool, rng_holder: list, seed: int):
+    key = next(k for k in ("flac", "wav") if k in sample)
+    wave, rate = sf.read(io.BytesIO(sample[key]), dtype="float32")
+    if rate != cfg.sample_rate:
+        raise ValueError(f"{rate} Hz, expected {cfg.sample_rate}")
+    if wave.ndim != 1:
+        wave = wave.mean(axis=1)
+    if len(wave) < cfg.min_samples:
+        return None
+    if crop and len(wave) > cfg.max_samples:
+        if not rng_holder:
+            rng_holder.append(worker_rng(seed))
+        start = int(rng_holder[0].integers(len(wave) - cfg.max_samples + 1))
+        wave = wave[start:start + cfg.max_samples]
+    if cfg.normalize:
+        wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-5)  # F.layer_norm over the waveform, as fairseq
+    text = sample.get("txt", b"")
+    return torch.from_numpy(np.ascontiguousarray(wave)), text.decode() if isinstance(text, bytes) else text
+
+
+def crop_to_shortest(items: list, rng: np.random.Generator) -> Batch:
+    """Pretraining batches have no padding: each item is cut to the shortest at a random offset (spec §2.1)."""
+    n = min(len(w) for w, _ in items)
+    crops = []
+    for w, _ in items:
+        start = int(rng.integers(len(w) - n + 1))
+        crops.append(w[start:start + n])
+    return Batch(source=torch.stack(crops), padding_mask=None)
+
+
+def pad_waveforms(items: list, letters=None) -> dict:
+    """Fine-tuning / eval batches: zero-padded waveforms, a padding mask (True = pad) and CTC targets."""
+    lengths = torch.tensor([len(w) for w, _ in items])
+    source = torch.zeros(len(items), int(lengths.max()))
+    for i, (w, _) in enumerate(items):
+        source[i, :len(w)] = w
+    mask = torch.arange(source.shape[1])[None, :] >= lengths[:, None]
+    out = {"batch": Batch(source=source, padding_mask=mask if mask.any() else None), "text": [t for _, t in items]}
+    if letters is not None:
+        targets = [torch.from_numpy(letters.encode(t)) for _, t in items]
+        out["targets"] = torch.cat(targets)
+        out["target_lengths"] = torch.tensor([len(t) for t in targets])
+    return out
+
+
+def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, letters=None,
+                  resampled: bool | None = None, shuffle: int = 500, seed: int = 0, partial: bool | None = None):
+    resampled = mode == "pretrain" if resampled is None else resampled
+    partial = mode == "eval" if partial is None else partial
+    holder: list = []
+    decode = _map(lambda s: _decode_audio(s, cfg, mode != "eval", holder, seed))
+    if mode == "pretrain":
+        collate = lambda items: crop_to_shortest(items, holder[0] if holder else worker_rng(seed))  # noqa: E731
+    else:
+        collate = lambda items: pad_waveforms(items, letters)  # noqa: E731
+    return pipeline(shard_dir, [decode, _batched(batch_size, collate, partial)], resampled=resampled,
+                    shuffle=0 if mode == "eval" else shuffle, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------------------- text
+
+def pack_blocks(block_tokens: int, bos: int) -> Callable[[Iterator], Iterator]:
+    """Concatenate token chunks into a stream and cut it into blocks of `block_tokens` ids, each led by <s>."""
+    def stage(src: Iterator) -> Iterator:
+        buffer = np.zeros(0, dtype=np.int64)
+        for sample in src:
+            ids = sample["ids.npy"]
+            if isinstance(ids, bytes):
+                ids = np.load(io.BytesIO(ids))
+            buffer = np.concatenate([buffer, ids.astype(np.int64)])
+            while len(buffer) >= block_tokens - 1:
+                yield torch.from_numpy(np.concatenate([[bos], buffer[:block_tokens - 1]]))
+                buffer = buffer[block_tokens - 1:]
+    return stage
+
+
+def text_pretrain_loader(shard_dir, block_tokens: int, batch_size: int, *, bos: int = 0, resampled: bool = True,
+                         shuffle: int = 1000, seed: int = 0):
+    collate = lambda blocks: Batch(source=torch.stack(blocks), padding_mask=None)  # noqa: E731
+    return pipeline(shard_dir, [pack_blocks(block_tokens, bos), _batched(batch_size, collate, False)],
+                    resampled=resampled, shuffle=shuffle, seed=seed)
+
+
+def _task_example(sample: dict, tokenizer, max_tokens: int) -> tuple[torch.Tensor, float]:
+    record = json.loads(sample["json"])
+    ids = tokenizer.encode(record["text"], record.get("text_b"), max_tokens=max_tokens)
+    return torch.from_numpy(ids.astype(np.int64)), record["label"]
+
+
+def pad_tokens(items: list, pad: int) -> dict:
+    lengths = torch.tensor([len(x) for x, _ in items])
+    tokens = torch.full((len(items), int(lengths.max())), pad, dtype=torch.long)
+    for i, (x, _) in enumerate(items):
+        tokens[i, :len(x)] = x
+    mask = tokens == pad
+    return {"batch": Batch(source=tokens, padding_mask=mask if mask.any() else None),
+            "labels": torch.tensor([y for _, y in items], dtype=torch.float32)}
+
+
+def text_task_loader(shard_dir, tokenizer, batch_size: int, max_tokens: int, mode: Mode, *, shuffle: int = 2000,
+                     seed: int = 0, resampled: bool = False):
+    return pipeline(shard_dir, [_map(lambda s: _task_example(s, tokenizer, max_tokens)),
+                                _batched(batch_size, lambda items: pad_tokens(items, tokenizer.pad), True)],
+                    resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
+
+
+def web_loader(dataset, num_workers: int = 0):
+    """A DataLoader over an already-batched pipeline (batching happens inside each worker)."""
+    import webdataset as wds
+
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)

@@ -1,0 +1,180 @@
+"""Manifest → WebDataset shards (`shard-%06d.tar`) + `index.json` with per-shard counts, bytes and sha256.
+
+Samples are written in manifest order with a fixed tar mtime, so the same manifest gives byte-identical shards.
+Each split is built in a temp folder that is renamed into place. Before a file goes into a shard it is checked:
+missing, changed since `prepare` (sha256 differs from the manifest) or undecodable files are skipped, named in a
+warning and counted in `index.json`.
+
+What a sample holds, per kind:
+- image: `<ext>` the encoded image bytes as prepared (png/jpeg), `cls` the class index;
+- speech: `flac` (or `wav`) bytes, `txt` the transcript, `json` {duration, speaker};
+- text corpus: `ids.npy` a chunk of at most `chunk_tokens` token ids (paragraphs tokenized, each ending in </s>);
+- text task: `json` {text, text_b, label}.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import soundfile as sf
+from PIL import Image
+from pydantic import Field
+
+from d2v.config import StrictModel
+from d2v.data.download import file_digest
+from d2v.data.manifest import META, Skipped, read_manifest
+from d2v.data.sources.base import staged
+from d2v.io import atomic_write_json
+
+log = logging.getLogger("d2v.shard")
+INDEX = "index.json"
+KINDS = ("image", "speech", "text_corpus", "text_task")
+
+
+class ShardConfig(StrictModel):
+    max_bytes: int = Field(64 << 20, ge=1 << 10)
+    max_count: int = Field(10_000, ge=1)
+    chunk_tokens: int = Field(512, ge=8)  # text corpus: tokens per stored sample (packing happens when reading)
+
+
+class ShardError(ValueError):
+    """Shards or their index are missing, corrupt or inconsistent."""
+
+
+def infer_kind(source_dir: Path) -> str:
+    from d2v.data.sources import SOURCES
+
+    meta = json.loads((source_dir / META).read_text())
+    source = meta["source"].split("/")[0]
+    if source not in SOURCES:
+        raise ShardError(f"{source_dir / META}: unknown source {meta['source']!r}")
+    modality = SOURCES[source].modality
+    if modality == "text":
+        return "text_task" if "task" in meta or source == "glue" else "text_corpus"
+    return modality
+
+
+def _check_file(path: Path, row, kind: str) -> str | None:
+    """Why a manifest file cannot go into a shard, or None when it is fine."""
+    if not path.is_file():
+        return "missing"
+    if isinstance(row.sha256, str) and row.sha256 and file_digest(path) != row.sha256:
+        return "sha256 differs from the manifest (file changed or corrupt since prepare)"
+    try:
+        if kind == "image":
+            with Image.open(path) as im:
+                im.verify()
+        elif kind == "speech":
+            if sf.info(path).frames == 0:
+                return "no audio frames"
+    except Exception as err:
+        return f"undecodable: {err}"
+    return None
+
+
+def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, tokenizer, skipped: Skipped
+             ) -> Iterator[dict]:
+    for row in df.itertuples(index=False):
+        if kind == "text_task":
+            label = None if pd.isna(row.label) else float(row.label)
+            text_b = None if pd.isna(row.text_b) else row.text_b
+            yield {"__key__": row.id, "json": {"text": row.text, "text_b": text_b, "label": label}}
+            continue
+        path = source_dir / row.path
+        problem = _check_file(path, row, kind)
+        if problem:
+            skipped.add(row.path, problem, log)
+            continue
+        data = path.read_bytes()
+        if kind == "image":
+            sample = {"__key__": row.id, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"): data}
+            if not pd.isna(row.label):
+                sample["cls"] = int(row.label)
+            yield sample
+        elif kind == "speech":
+            yield {"__key__": row.id, path.suffix.lower().lstrip("."): data, "txt": "" if pd.isna(row.text) else
+                   row.text, "json": {"duration": float(row.duration), "speaker": getattr(row, "speaker", "")}}
+        else:  # text corpus: tokenize paragraph by paragraph, emit fixed-size chunks
+            ids = []  # documents end every paragraph with </s>; the reader adds <s> to each packed block
+            for line in data.decode("utf-8").splitlines():
+                if line.strip():
+                    ids += [*tokenizer.sp.encode(line.strip()), tokenizer.eos]
+            dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+            for k in range(math.ceil(len(ids) / cfg.chunk_tokens)):
+                chunk = np.asarray(ids[k * cfg.chunk_tokens:(k + 1) * cfg.chunk_tokens], dtype=dtype)
+                yield {"__key__": f"{row.id}-{k:05d}", "ids.npy": chunk}
+
+
+def shard_summary(path: Path) -> dict:
+    with tarfile.open(path) as tar:
+        keys = {m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()}
+    return {"name": path.name, "count": len(keys), "bytes": path.stat().st_size, "sha256": file_digest(path)}
+
+
+def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: ShardConfig | None = None,
+                 tokenizer=None, subset: str | None = None, limit: int | None = None) -> dict:
+    """Shard one split of a prepared source; `subset` keeps rows tagged with it (e.g. '10min'); returns the index."""
+    import webdataset as wds
+
+    cfg = cfg or ShardConfig()
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    kind = infer_kind(source_dir)
+    if kind == "text_corpus" and tokenizer is None:
+        raise ShardError(f"{source_dir}: a text corpus is stored as token ids; pass the SentencePiece tokenizer")
+    df = read_manifest(source_dir, split)
+    if subset:
+        if "subsets" not in df:
+            raise ShardError(f"{source_dir}: manifest has no 'subsets' column; cannot select subset {subset!r}")
+        df = df[df["subsets"].fillna("").str.split("|").map(lambda tags: subset in tags)].reset_index(drop=True)
+    if limit is not None:
+        df = df.iloc[:limit]
+    skipped = Skipped()
+    with staged(out_dir) as tmp:
+        with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=cfg.max_count, maxsize=cfg.max_bytes,
+                             verbose=0, mtime=0.0) as sink:
+            for sample in _samples(source_dir, df, kind, cfg, tokenizer, skipped):
+                sink.write(sample)
+        shards = [shard_summary(p) for p in sorted(tmp.glob("shard-*.tar"))]
+        index = {"source": str(source_dir), "split": split, "subset": subset, "kind": kind,
+                 "manifest_sha256": file_digest(source_dir / "manifest.csv"), "rows": len(df),
+                 "count": sum(s["count"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+                 "shards": shards, "skipped": skipped.as_json(), "config": cfg.model_dump()}
+        if kind in ("image", "text_task"):
+            labels = df["label"].dropna()
+            index["num_classes"] = int(labels.max()) + 1 if len(labels) and kind == "image" else None
+        if kind == "speech":
+            index["hours"] = round(float(df["duration"].sum()) / 3600, 4)
+        atomic_write_json(tmp / INDEX, index)
+    log.info("%s/%s: %d samples in %d shards (%d skipped)", source_dir.name, split, index["count"], len(shards),
+             skipped.as_json()["count"])
+    return index
+
+
+def read_index(shard_dir: str | Path, verify: bool = False) -> dict:
+    """Load `index.json`; every listed shard must exist with the recorded size (and sha256 when `verify`)."""
+    shard_dir = Path(shard_dir)
+    path = shard_dir / INDEX
+    if not path.is_file():
+        raise ShardError(f"{path}: shard index missing (run `d2v shard` first)")
+    index = json.loads(path.read_text())
+    for shard in index["shards"]:
+        f = shard_dir / shard["name"]
+        if not f.is_file():
+            raise ShardError(f"{f}: listed in {path} but missing")
+        if f.stat().st_size != shard["bytes"]:
+            raise ShardError(f"{f}: {f.stat().st_size} bytes, index says {shard['bytes']} (truncated or replaced)")
+        if verify and file_digest(f) != shard["sha256"]:
+            raise ShardError(f"{f}: sha256 differs from {path}")
+    return index
+
+
+def shard_paths(shard_dir: str | Path, verify: bool = False) -> list[str]:
+    shard_dir = Path(shard_dir)
+    return [str(shard_dir / s["name"]) for s in read_index(shard_dir, verify)["shards"]]
+
