@@ -29,6 +29,8 @@ def _ar_members(data: bytes, path: Path) -> Iterator[tuple[str, bytes]]:
             raise ArchiveError(f"{path}: member {name!r} truncated ({size} bytes declared)")
         yield name, data[start:start + size]
         pos = start + size + (size & 1)  # members are 2-byte aligned
+    if pos < len(data) - 1:
+        raise ArchiveError(f"{path}: truncated member header at byte {pos}")
 
 
 def deb_data_tar(path: str | Path) -> tarfile.TarFile:

