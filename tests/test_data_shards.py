@@ -1,0 +1,205 @@
+"""Shards, readers and tokenizers on small prepared sources built in the test."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from fixtures import flac_bytes
+from PIL import Image
+
+from d2v.data.loaders import AudioConfig, ImageAugConfig, crop_to_shortest, image_loader, pack_blocks, \
+    pad_waveforms, speech_loader, text_pretrain_loader, text_task_loader
+from d2v.data.manifest import make_manifest, write_manifest
+from d2v.data.shards import ShardConfig, ShardError, read_index, write_shards
+from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, TextTokenizer, build_letter_vocab, \
+    train_sentencepiece
+
+
+def _image_source(root, n=30, broken=(), missing=(), changed=()):
+    rows = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((28, 28), i * 8, dtype=np.uint8)).save(buf, "PNG")
+        data = buf.getvalue()
+        rel = f"train/{i % 3}/img_{i:03d}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\x89PNG broken" if i in broken else data + (b"x" if i in changed else b""))
+        if i in missing:
+            (root / rel).unlink()
+        import hashlib
+        rows.append(dict(id=f"img_{i:03d}", path=rel, split="train", bytes=len(data), label=i % 3,
+                         sha256=hashlib.sha256(b"\x89PNG broken" if i in broken else data).hexdigest()))
+    write_manifest(root, make_manifest(rows), source="fashion_mnist")
+    return root
+
+
+def test_image_shards_are_deterministic_indexed_and_skip_bad_files(tmp_path, caplog):
+    src = _image_source(tmp_path / "src", broken=(3,), missing=(5,), changed=(7,))
+    cfg = ShardConfig(max_count=8)
+    a = write_shards(src, "train", tmp_path / "a", cfg)
+    b = write_shards(src, "train", tmp_path / "b", cfg)
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]  # byte-identical
+    assert a["count"] == 27 and [s["count"] for s in a["shards"]] == [8, 8, 8, 3]
+    reasons = {f["path"].split("/")[-1]: f["reason"].split(":")[0].split(" (")[0] for f in a["skipped"]["files"]}
+    assert reasons == {"img_003.png": "undecodable", "img_005.png": "missing",
+                       "img_007.png": "sha256 differs from the manifest"}
+    assert "img_005.png" in caplog.text
+    assert read_index(tmp_path / "a", verify=True)["count"] == 27
+    with open(tmp_path / "a" / "shard-000001.tar", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ShardError, match="shard-000001.tar: 1000 bytes, index says"):
+        read_index(tmp_path / "a")
+
+
+def test_image_reader_eval_pass_is_complete_and_ordered(tmp_path):
+    src = _image_source(tmp_path / "src", n=20)
+    write_shards(src, "train", tmp_path / "s", ShardConfig(max_count=6))
+    cfg = ImageAugConfig(size=32, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0)
+    batches = list(image_loader(tmp_path / "s", cfg, "eval", batch_size=8))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.shape == (20, 1, 32, 32) and y.tolist() == [i % 3 for i in range(20)]
+    expected = (np.arange(20) * 8 / 255 - 0.5) / 0.5  # constant images keep their value through resize
+    np.testing.assert_allclose(x.mean(dim=(1, 2, 3)).numpy(), expected, atol=1e-3)
+    pre = next(iter(image_loader(tmp_path / "s", cfg.model_copy(update={"channels": 3, "mean": (0.5,) * 3,
+                                                                         "std": (0.5,) * 3}), "pretrain", 4)))
+    assert pre[0].shape == (4, 3, 32, 32)
+
+
+def test_ranks_read_disjoint_shards_covering_everything(tmp_path, monkeypatch):
+    src = _image_source(tmp_path / "src", n=24)
+    write_shards(src, "train", tmp_path / "s", ShardConfig(max_count=6))
+    cfg = ImageAugConfig(size=28, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0)
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        values = torch.cat([b[0].mean(dim=(1, 2, 3)) for b in image_loader(tmp_path / "s", cfg, "eval", 4)])
+        seen.append(set(np.round((values.numpy() * 0.5 + 0.5) * 255 / 8).astype(int).tolist()))
+    assert not (seen[0] & seen[1]) and seen[0] | seen[1] == set(range(24)) and len(seen[0]) == 12
+
+
+def test_resampled_mode_is_infinite_and_seeded(tmp_path):
+    src = _image_source(tmp_path / "src", n=10)
+    write_shards(src, "train", tmp_path / "s", ShardConfig(max_count=5))
+    cfg = ImageAugConfig(size=28, channels=1, mean=(0.5,), std=(0.5,))
+
+    def labels(seed):
+        torch.manual_seed(0)
+        it = iter(image_loader(tmp_path / "s", cfg, "pretrain", 5, seed=seed, shuffle=4))
+        return [next(it)[1].tolist() for _ in range(6)]  # 30 samples from 10: it must wrap around
+    assert labels(1) == labels(1)
+
+
+def _speech_source(root):
+    rows = []
+    for i, seconds in enumerate((1.0, 2.5, 0.3, 1.7)):
+        rel = f"s/{i}.flac"
+        (root / "s").mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(flac_bytes(seconds, freq=200 + 50 * i))
+        rows.append(dict(id=f"u{i}", path=rel, split="train", duration=seconds, text=f"WORD {'AB'[i % 2]}'S"))
+    write_manifest(root, make_manifest(rows), source="mini_librispeech")
+    return root
+
+
+def test_speech_reader_normalises_crops_and_pads(tmp_path):
+    write_shards(_speech_source(tmp_path / "src"), "train", tmp_path / "s")
+    cfg = AudioConfig(min_samples=8000, max_samples=24000)
+    letters = LetterTokenizer(build_letter_vocab(["WORD A'S", "WORD B'S"]))
+    fine = list(speech_loader(tmp_path / "s", cfg, "eval", 8, letters=letters))[0]
+    lengths = (~fine["batch"].padding_mask).sum(1).tolist()
+    assert lengths == [16000, 40000, 27200]  # 0.3 s is below min_samples: skipped; eval does not crop
+    wave = fine["batch"].source[0, :16000]
+    assert abs(wave.mean().item()) < 1e-3 and wave.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert letters.decode(fine["targets"][:fine["target_lengths"][0]].tolist()) == "WORD A'S"
+    pre = next(iter(speech_loader(tmp_path / "s", cfg, "pretrain", 3, shuffle=0)))
+    assert pre.source.shape == (3, 16000) and pre.padding_mask is None  # cropped to the shortest
+
+
+def test_crop_and_pad_collation():
+    items = [(torch.arange(10.0), "A"), (torch.arange(4.0), "B")]
+    batch = crop_to_shortest(items, np.random.default_rng(0))
+    assert batch.source.shape == (2, 4) and torch.equal(batch.source[1], torch.arange(4.0))
+    assert (batch.source[0][1:] - batch.source[0][:-1] == 1).all()  # a contiguous crop
+    padded = pad_waveforms(items)["batch"]
+    assert padded.padding_mask.tolist()[1] == [False] * 4 + [True] * 6 and padded.source[1, 4:].abs().sum() == 0
+
+
+def test_corrupt_audio_in_a_shard_is_skipped_with_a_warning(tmp_path, caplog):
+    import webdataset as wds
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "shard-000000.tar")) as sink:
+        sink.write({"__key__": "good", "flac": flac_bytes(1.0), "txt": "A"})
+        sink.write({"__key__": "bad", "flac": b"not audio", "txt": "B"})
+    (tmp_path / "s" / "index.json").write_text(json.dumps({"shards": [
+        {"name": "shard-000000.tar", "bytes": os.path.getsize(tmp_path / "s" / "shard-000000.tar")}]}))
+    out = list(speech_loader(tmp_path / "s", AudioConfig(min_samples=0), "eval", 4))
+    assert out[0]["text"] == ["A"] and "skipping bad" in caplog.text
+
+
+def test_text_packing_and_tasks(tmp_path):
+    chunks = [{"ids.npy": np.arange(10, 15)}, {"ids.npy": np.arange(20, 27)}, {"ids.npy": np.arange(30, 33)}]
+    blocks = list(pack_blocks(5, bos=0)(iter(chunks)))
+    assert [b.tolist() for b in blocks] == [[0, 10, 11, 12, 13], [0, 14, 20, 21, 22], [0, 23, 24, 25, 26]]
+    corpus = tmp_path / "corpus"
+    (corpus / "d").mkdir(parents=True)
+    lines = [f"Paragraph {i} talks about the weather and the garden, and then about tea." for i in range(300)]
+    (corpus / "d" / "a.txt").write_text("\n\n".join(lines))
+    write_manifest(corpus, make_manifest([dict(id="a", path="d/a.txt", split="pretrain")]), source="text_corpus")
+    spm_cfg = SentencePieceConfig(vocab_size=60, num_threads=1, seed_sentencepiece_size=10_000)
+    model = train_sentencepiece(lines, tmp_path / "tok" / "spm.model", spm_cfg)
+    again = train_sentencepiece(lines, tmp_path / "tok2" / "spm.model", spm_cfg)
+    assert model.read_bytes() == again.read_bytes()  # deterministic for pinned num_threads
+    tok = TextTokenizer(model)
+    assert tok.vocab_size == 60 and tok.mask == 59 and tok.decode(tok.encode(lines[0])) == lines[0]
+    assert tok.encode("tea", "garden").tolist()[-1] == tok.eos and tok.encode("a " * 50, max_tokens=8).size == 8
+    index = write_shards(corpus, "pretrain", tmp_path / "ts", ShardConfig(chunk_tokens=64), tokenizer=tok)
+    stored = sum(len(tok.sp.encode(line)) + 1 for line in lines)
+    assert index["count"] == -(-stored // 64)
+    batch = next(iter(text_pretrain_loader(tmp_path / "ts", 32, 4, resampled=False, shuffle=0)))
+    assert batch.source.shape == (4, 32) and (batch.source[:, 0] == tok.bos).all()
+    task = tmp_path / "task"
+    task.mkdir()
+    rows = [dict(id=f"t{i}", split="train", label=float(i % 2), text="tea " * (i + 1), text_b="garden")
+            for i in range(3)]
+    write_manifest(task, make_manifest(rows), source="rt_polarity", task="single_sentence_classification")
+    write_shards(task, "train", tmp_path / "tt")
+    out = next(iter(text_task_loader(tmp_path / "tt", tok, 8, 64, "eval")))
+    assert out["labels"].tolist() == [0.0, 1.0, 0.0]
+    assert out["batch"].padding_mask[0].sum() > 0 and not out["batch"].padding_mask[2].any()
+
+
+def test_text_corpus_needs_a_tokenizer(tmp_path):
+    write_manifest(tmp_path, make_manifest([dict(id="a", path="a.txt", split="pretrain")]), source="text_corpus")
+    with pytest.raises(ShardError, match="pass the SentencePiece tokenizer"):
+        write_shards(tmp_path, "pretrain", tmp_path / "out")
+
+
+def test_letter_vocabulary_round_trip_and_unknown_characters():
+    letters = LetterTokenizer(build_letter_vocab(["AAB C", "B'"]))
+    assert letters.symbols == ["<blank>", "|", "A", "B", "'", "C"]
+    assert letters.decode(letters.encode("AB C'")) == "AB C'"
+    with pytest.raises(ValueError, match="character 'Z'"):
+        letters.encode("Z")
+
+
+def test_audio_fixture_is_real_flac():
+    x, rate = sf.read(io.BytesIO(flac_bytes(0.5)))
+    assert rate == 16000 and len(x) == 8000
+
+
+def test_cli_shard_and_prepare_errors(tmp_path, capsys):
+    from d2v.cli import main
+
+    _image_source(tmp_path / "raw" / "imgs", n=9)
+    assert main(["shard", "imgs", "--split", "train", "--root", str(tmp_path), "--max-count", "4"]) == 0
+    assert read_index(tmp_path / "shards" / "imgs" / "train")["count"] == 9
+    assert main(["shard", "imgs", "--split", "dev", "--root", str(tmp_path)]) == 2
+    assert "no rows with split 'dev'" in capsys.readouterr().err
+    assert main(["prepare", "lee_sts", "--set", "dev_docs=x=1", "--set", "colour=red"]) == 2
+    assert "lee_sts: unknown option(s) ['colour']" in capsys.readouterr().err
+    assert main(["prepare", "imagenet", "--root", str(tmp_path)]) == 2
+    assert "give exactly one of archives=" in capsys.readouterr().err
