@@ -1,7 +1,8 @@
 """Read throughput of WebDataset shards vs the raw prepared files, per modality, with 1 and 2 loader workers.
 
-Both paths do the same per-sample work (read bytes + decode: PNG → tensor, FLAC → normalised waveform, token ids
-packed into blocks), so the difference is the storage layout: a few large sequential tar files vs many small files
+Both paths do the same per-sample work with the same functions (decode + transform, collate into the same
+batches); text differs by design: raw = tokenize documents on the fly, shards = stored token ids. The difference is
+the storage layout: a few large sequential tar files vs many small files
 opened one by one. Needs the embedded data (`d2v prepare` + `d2v shard`, as `make run` does).
 
     python bench/shard_throughput.py [--root data] [--seconds 8] [--out results/bench/shard_throughput.json]
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import platform
 import time
 from pathlib import Path
@@ -18,11 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from d2v.data.loaders import AudioConfig, ImageAugConfig, _decode_audio, _decode_image, image_loader, \
-    image_transform, pack_blocks, speech_loader, text_pretrain_loader, web_loader
+from d2v.data.loaders import AudioConfig, ImageAugConfig, _decode_audio, _decode_image, collate_images, \
+    image_loader, image_transform, pack_blocks, pad_waveforms, speech_loader, text_pretrain_loader, web_loader
 from d2v.data.manifest import read_manifest
 from d2v.data.tokenizer import TextTokenizer
 from d2v.io import atomic_write_json
+from d2v.modalities.base import Batch
 
 BATCH = {"image": 64, "speech": 8, "text": 32}
 
@@ -33,7 +36,9 @@ class RawFiles(IterableDataset):
 
     def __init__(self, folder: Path, split: str, kind: str, batch: int, tokenizer: Path):
         self.folder, self.kind, self.batch, self.tokenizer = folder, kind, batch, tokenizer
-        self.paths = list(read_manifest(folder, split)["path"])
+        paths = list(read_manifest(folder, split)["path"])
+        order = np.random.default_rng(0).permutation(len(paths))  # training reads in shuffled order
+        self.paths = [paths[i] for i in order]
 
     def items(self, paths):
         if self.kind == "image":
@@ -57,20 +62,36 @@ class RawFiles(IterableDataset):
         for item in self.items(itertools.cycle(paths)):
             batch.append(item)
             if len(batch) == self.batch:
-                yield batch
+                yield COLLATE[self.kind](batch)
                 batch = []
 
 
+COLLATE = {"image": collate_images, "speech": pad_waveforms,
+           "text": lambda blocks: Batch(source=torch.stack(blocks), padding_mask=None)}
+
+
 def samples_in(batch, kind: str) -> int:
-    """Shard batches are collated (tensors / Batch / dict); raw batches are lists of samples."""
-    if isinstance(batch, list):
-        return len(batch)
+    """Both paths yield the same collated batches: [images, labels], a padded-speech dict, or a token Batch."""
     if kind == "image":
         return len(batch[0])
     return (batch["batch"] if isinstance(batch, dict) else batch).source.shape[0]
 
 
-def measure(loader, kind: str, seconds: float, warmup: int = 3) -> float:
+def drop_page_cache() -> bool:
+    """Cold-cache runs need root (Linux); returns False where that is not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure(loader, kind: str, seconds: float, cold: bool = False, warmup: int = 3) -> float:
+    if cold:
+        warmup = 1  # the first batch pays for worker start-up only; everything after comes from disk
+        if not drop_page_cache():
+            return float("nan")
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -102,21 +123,22 @@ def main() -> None:
     parser.add_argument("--root", default="data")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", default="results/bench/shard_throughput.json")
+    parser.add_argument("--modalities", default="image,speech,text")
     args = parser.parse_args()
     root = Path(args.root)
     torch.set_num_threads(1)
     results = []
-    for kind in ("image", "speech", "text"):
+    for kind, cache, workers in itertools.product(args.modalities.split(","), ("warm", "cold"), (1, 2)):
         source, split = RAW[kind]
-        for workers in (1, 2):
-            shards = measure(web_loader(shard_dataset(kind, root), workers), kind, args.seconds)
-            raw_ds = RawFiles(root / "raw" / source, split, kind, BATCH[kind], root / "tokenizer/spm.model")
-            raw = measure(DataLoader(raw_ds, batch_size=None, num_workers=workers, collate_fn=lambda b: b,
-                                     persistent_workers=True, prefetch_factor=4), kind, args.seconds)
-            row = {"modality": kind, "workers": workers, "shards_samples_per_s": round(shards, 1),
-                   "raw_files_samples_per_s": round(raw, 1), "speedup": round(shards / raw, 2)}
-            print(row, flush=True)
-            results.append(row)
+        cold = cache == "cold"
+        shards = measure(web_loader(shard_dataset(kind, root), workers), kind, args.seconds, cold)
+        raw_ds = RawFiles(root / "raw" / source, split, kind, BATCH[kind], root / "tokenizer/spm.model")
+        raw = measure(DataLoader(raw_ds, batch_size=None, num_workers=workers, persistent_workers=True,
+                                 prefetch_factor=4), kind, args.seconds, cold)
+        row = {"modality": kind, "page_cache": cache, "workers": workers, "shards_samples_per_s": round(shards, 1),
+               "raw_files_samples_per_s": round(raw, 1), "speedup": round(shards / raw, 2)}
+        print(row, flush=True)
+        results.append(row)
     atomic_write_json(args.out, {"benchmark": "shard_throughput", "machine": platform.processor() or
                                  platform.machine(), "cpus": torch.get_num_threads(), "seconds": args.seconds,
                                  "note": "equal per-sample work on both paths; text: raw = tokenize documents on "
