@@ -252,6 +252,9 @@ def test_mini_librispeech_is_deterministic_with_disjoint_books_and_speakers(tmp_
         outs.append(read_manifest(tmp_path / run))
     a, b = outs
     assert list(a["sha256"]) == list(b["sha256"])  # byte-identical audio for the same seed and engine
+    stamp = (tmp_path / "a" / "manifest.csv").stat().st_mtime_ns
+    mini_librispeech.prepare(Context(tmp_path / "cache", tmp_path / "a"), cfg)  # same recipe: nothing to redo
+    assert (tmp_path / "a" / "manifest.csv").stat().st_mtime_ns == stamp
     assert a.groupby("split").size().to_dict() == {"dev_clean": 2, "dev_other": 2, "pretrain": 6, "test_clean": 2,
                                                    "test_other": 2, "train_1h": 4}
     group = a["split"].str.split("_").str[0].replace({"pretrain": "train"})
@@ -288,3 +291,35 @@ def test_tar_fixture_is_a_real_gzip_tar():
     data = tar_bytes({"a/b.txt": b"x"})
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getnames() == ["a/b.txt"]
+
+
+def test_fashion_mnist_falls_back_to_upstream_when_no_debian_mirror_answers(tmp_path, monkeypatch):
+    import hashlib
+    payload = {k: idx_bytes(np.zeros((2, 28, 28)) if "images" in k else np.array([1, 2])) for k in fashion_mnist.FILES}
+    with FileServer({f"/up/{k}.gz": gz(v) for k, v in payload.items()}) as server:
+        monkeypatch.setattr(fashion_mnist, "DEB", Artifact("fm.deb", (server.url("/missing.deb"),), sha256="0" * 64))
+        monkeypatch.setattr(fashion_mnist, "UPSTREAM", server.url("/up/"))
+        monkeypatch.setattr(fashion_mnist, "FILES", {k: ("", hashlib.md5(gz(v)).hexdigest(), sha256(v))
+                                                     for k, v in payload.items()})
+        fashion_mnist.prepare(Context(tmp_path / "cache", tmp_path / "fm"))
+    assert read_manifest(tmp_path / "fm")["label"].tolist() == [1.0, 2.0, 1.0, 2.0]
+
+
+def test_user_text_files_accept_txt_and_wiki_dumps_and_skip_bad_files(tmp_path):
+    import bz2
+    from d2v.data.sources import user_text
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "book.txt").write_text("First paragraph.\n\nSecond paragraph.")
+    (tmp_path / "in" / "bad.txt").write_bytes(b"\xff\xfe not utf-8 \xff")
+    page = ("<page><title>{t}</title><ns>{ns}</ns>{r}<revision><text>'''{t}''' is a [[topic|subject]]."
+            "</text></revision></page>")
+    xml = ("<mediawiki xmlns=\"http://www.mediawiki.org/xml/export-0.10/\">" + page.format(t="Albedo", ns=0, r="")
+           + page.format(t="Talk:Albedo", ns=1, r="") + page.format(t="AfghanistanHistory", ns=0,
+                                                                      r="<redirect title=\"x\"/>") + "</mediawiki>")
+    (tmp_path / "in" / "wiki.xml.bz2").write_bytes(bz2.compress(xml.encode()))
+    user_text.prepare(Context(tmp_path / "cache", tmp_path / "out"), paths=[str(tmp_path / "in" / "*")])
+    df = read_manifest(tmp_path / "out")
+    texts = [(tmp_path / "out" / p).read_text() for p in df["path"]]
+    assert texts == ["First paragraph.\n\nSecond paragraph.\n", "Albedo is a subject.\n"]
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert meta["skipped"]["count"] == 1 and meta["skipped"]["files"][0]["path"].endswith("bad.txt")
