@@ -44,7 +44,7 @@ class MiniLibriSpeechConfig(StrictModel):
 
     pretrain: int = Field(1400, ge=0)
     train_1h: int = Field(800, ge=0)
-    train_10min: int = Field(160, ge=0)  # the first N of train_1h form the 10-minute subset
+    train_10min: int = Field(136, ge=0)  # the first N of train_1h form the ~10-minute subset
     dev: int = Field(100, ge=0)  # per condition (dev_clean, dev_other)
     test: int = Field(100, ge=0)  # per condition (test_clean, test_other)
     min_words: int = Field(6, ge=1)
