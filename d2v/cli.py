@@ -155,6 +155,50 @@ def shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nested(pairs: list[str]) -> dict:
+    """`a.b=value` pairs → {'a': {'b': value}} (values parsed as YAML)."""
+    out: dict = {}
+    for key, value in _options_raw(pairs):
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _options_raw(pairs: list[str]):
+    import yaml
+
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not all(part.isidentifier() for part in key.split(".")):
+            raise ValueError(f"--set expects key=value (dotted keys allowed), got {pair!r}")
+        yield key, yaml.safe_load(value)
+
+
+def pretrain_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from d2v.train.config import merge, pretrain_config
+    from d2v.train.pretrain import pretrain_main
+
+    overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    cfg = pretrain_config(args.modality, merge(overrides or {}, _nested(args.set)))
+    out = Path(args.out or f"runs/embedded/pretrain/{args.modality}")
+    try:
+        summary = pretrain_main(cfg, out, tokenizer=args.tokenizer, progress=not args.quiet)
+    except CollapseError as err:
+        print(f"error: {args.modality}: {err}", file=sys.stderr)
+        return 3
+    last = summary.get("last", {})
+    print(f"{args.modality}: {summary['step']} steps, loss {summary.get('first', {}).get('loss', float('nan')):.3f}"
+          f" -> {last.get('loss', float('nan')):.3f}, {last.get('samples_per_s', 0):.1f} samples/s -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec for images, speech and text")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
     p.add_argument("--num-threads", type=int, default=2)
     p.set_defaults(func=tokenizer)
+    p = sub.add_parser("pretrain", help="data2vec pretraining from shards (resumes from its last checkpoint)")
+    p.add_argument("modality", choices=MODALITIES)
+    p.add_argument("--config", default=None, help="YAML with overrides of the embedded defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override, dotted keys: --set steps=100 --set optim.lr=1e-3 --set data.batch_size=8")
+    p.add_argument("--out", default=None, help="run folder (default runs/embedded/pretrain/MODALITY)")
+    p.add_argument("--tokenizer", default=None, help="text: SentencePiece model, checked against the encoder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=pretrain_cmd)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")
     p.add_argument("dataset")
     p.add_argument("--split", required=True)

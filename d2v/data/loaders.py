@@ -283,9 +283,11 @@ def text_task_loader(shard_dir, tokenizer, batch_size: int, max_tokens: int, mod
                     resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
 
 
-def web_loader(dataset, num_workers: int = 0):
-    """A DataLoader over an already-batched pipeline (batching happens inside each worker)."""
-    import webdataset as wds
+def web_loader(dataset, num_workers: int = 0, seed: int | None = None):
+    """A DataLoader over an already-batched pipeline (batching happens inside each worker). With `seed`, worker
+    RNGs (augmentation draws) come from a fixed generator, so the stream is reproducible with workers too."""
+    from torch.utils.data import DataLoader
 
-    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      prefetch_factor=4 if num_workers else None, generator=generator)

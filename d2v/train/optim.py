@@ -1,7 +1,9 @@
-"""AdamW with decoupled weight decay (none on 1-D parameters) and a cosine-with-warm-up schedule."""
+"""AdamW with decoupled weight decay (none on 1-D parameters), layer-wise LR decay, and the two LR schedules the
+recipes use: cosine with linear warm-up (vision, text) and fairseq's tri-stage (speech fine-tuning)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -11,7 +13,22 @@ def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.9
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases, norms, LayerScale, mask embeddings
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def layer_decay_groups(named: Iterable[tuple[str, nn.Parameter]], layer_of: Callable[[str], int], num_layers: int,
+                       decay: float, weight_decay: float) -> list[dict]:
+    """BEiT layer-wise LR decay: layer i (0 = embeddings, num_layers + 1 = head) gets lr · decay^(num_layers+1-i).
+    Each group carries `lr_scale`, which the schedule multiplies in."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        layer, no_decay = layer_of(name), p.ndim < 2
+        g = groups.setdefault((layer, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                  "lr_scale": decay ** (num_layers + 1 - layer)})
+        g["params"].append(p)
+    return list(groups.values())
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int, final_scale: float = 0.0) -> float:
@@ -20,3 +37,36 @@ def cosine_with_warmup(step: int, total: int, warmup: int, final_scale: float = 
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return final_scale + (1 - final_scale) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def tri_stage(step: int, total: int, phases: tuple[float, float, float] = (0.1, 0.4, 0.5),
+              init_scale: float = 0.01, final_scale: float = 0.05) -> float:
+    """fairseq `tri_stage`: linear warm-up from init_scale, hold at 1, exponential decay to final_scale; the phase
+    fractions of `total` are the wav2vec 2.0 fine-tuning defaults."""
+    warm, hold = int(phases[0] * total), int(phases[1] * total)
+    decay = max(1, total - warm - hold)
+    if step < warm:
+        return init_scale + (1 - init_scale) * step / max(1, warm)
+    if step < warm + hold:
+        return 1.0
+    progress = min(1.0, (step - warm - hold) / decay)
+    return math.exp(math.log(final_scale) * progress)
+
+
+def schedule_fn(kind: str, total: int, warmup: int, final_scale: float = 0.0,
+                phases: tuple[float, float, float] = (0.1, 0.4, 0.5)) -> Callable[[int], float]:
+    if kind == "cosine":
+        return lambda s: cosine_with_warmup(s, total, warmup, final_scale)
+    if kind == "tri_stage":
+        return lambda s: tri_stage(s, total, phases, final_scale=max(final_scale, 1e-6))
+    if kind == "constant":
+        return lambda s: min(1.0, (s + 1) / max(1, warmup))
+    raise ValueError(f"unknown schedule {kind!r}; expected cosine | tri_stage | constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) -> float:
+    """Apply base_lr · multiplier · group lr_scale to every group; returns the unscaled LR."""
+    lr = base_lr * multiplier
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr

@@ -1,0 +1,35 @@
+"""Batch streams for pretraining from shards, positioned at any batch index (for exact resume)."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+
+from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_pretrain_loader, \
+    web_loader
+from d2v.modalities.base import Batch
+from d2v.train.config import DataConfig
+
+
+def pretrain_stream(modality: str, data: DataConfig, seed: int) -> Callable[[int], Iterator[Batch]]:
+    """`stream(k)` → an infinite iterator of Batches starting at batch k of the seeded stream.
+
+    The stream is a pure function of (shards, seed, rank, worker count): shard sampling and shuffling are seeded per
+    rank/worker, augmentation draws come from DataLoader workers seeded by a fixed generator (or, with no workers,
+    from the main process RNG, which the checkpoint restores). Fast-forwarding replays k batches.
+    """
+    def stream(start: int) -> Iterator[Batch]:
+        if modality == "image":
+            ds = image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=seed,
+                              shuffle=data.shuffle)
+            wrap = lambda b: Batch(source=b[0], padding_mask=None)  # noqa: E731
+        elif modality == "speech":
+            ds = speech_loader(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size, seed=seed,
+                               shuffle=data.shuffle)
+            wrap = lambda b: b  # noqa: E731
+        else:
+            ds = text_pretrain_loader(data.shards, data.block_tokens, data.batch_size, seed=seed,
+                                      shuffle=data.shuffle)
+            wrap = lambda b: b  # noqa: E731
+        it = map(wrap, web_loader(ds, data.num_workers, seed=seed))
+        return itertools.islice(it, start, None)
+    return stream

@@ -1,0 +1,76 @@
+"""Checkpoints: everything needed to continue a run bit-for-bit, written atomically, the last k kept.
+
+A checkpoint holds the model state (student, head, teacher, τ), optimizer, step, the RNG states of torch, numpy
+and Python, and the data position (batches consumed). Resuming restores all of them; the data stream is a pure
+function of the seed, so it is fast-forwarded to the recorded position.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: str | Path, step: int, payload: dict, keep: int = 3) -> Path:
+    """Write `step-XXXXXXXX.pt` via a temp file + rename, point `last.pt` at it, drop all but the newest `keep`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:08d}.pt"
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save({**payload, "step": step, "rng": rng_state()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    link = folder / "last.pt"
+    tmp_link = folder / f".last.{os.getpid()}"
+    tmp_link.unlink(missing_ok=True)
+    tmp_link.symlink_to(path.name)
+    os.replace(tmp_link, link)
+    for old in checkpoints(folder)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if PATTERN.match(p.name))
+
+
+def latest(folder: str | Path) -> Path | None:
+    found = checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"{path}: unreadable checkpoint ({err}); delete it to resume from the previous one") from err

@@ -1,0 +1,83 @@
+"""Typed run configurations for the training stages, with per-modality defaults for the embedded profile."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from d2v.config import EMAConfig, StrictModel, validate
+from d2v.data.loaders import AudioConfig, ImageAugConfig
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    clip_norm: float | None = Field(None, gt=0)
+    schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    final_lr_scale: float = Field(0.0, ge=0, le=1)
+    tri_stage_phases: tuple[float, float, float] = (0.1, 0.4, 0.5)
+
+
+class DataConfig(StrictModel):
+    shards: str  # folder with index.json
+    batch_size: int = Field(ge=1)  # per rank and per micro-batch
+    num_workers: int = Field(0, ge=0)
+    shuffle: int = Field(1000, ge=0)  # sample shuffle buffer
+    image: ImageAugConfig | None = None
+    audio: AudioConfig | None = None
+    block_tokens: int = Field(128, ge=8)  # text: tokens per packed block
+
+
+class CheckpointConfig(StrictModel):
+    every: int = Field(500, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class PretrainConfig(StrictModel):
+    modality: Literal["image", "speech", "text"]
+    preset: str = "embedded"
+    steps: int = Field(ge=1)
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step (effective batch = batch·accum·ranks)
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+    optim: OptimConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    ema: EMAConfig | None = None  # None: the modality recipe's τ schedule
+    collapse_warmup: float = Field(0.75, ge=0, le=1)  # the guard arms after this fraction of the steps
+    log_every: int = Field(10, ge=1)
+
+
+FASHION_MNIST = dict(size=32, channels=1, mean=(0.286,), std=(0.353,), crop_pct=1.0, min_scale=0.35)
+
+EMBEDDED_PRETRAIN: dict[str, dict] = {
+    "image": dict(modality="image", steps=1500, optim=dict(lr=1.5e-3, weight_decay=0.05, clip_norm=3.0,
+                                                           warmup_steps=150, betas=(0.9, 0.999)),
+                  data=dict(shards="data/shards/fashion_mnist/train", batch_size=64, image=FASHION_MNIST),
+                  ema=dict(tau_start=0.998, tau_end=0.9998, tau_steps=1500)),
+    "speech": dict(modality="speech", steps=600, optim=dict(lr=5e-4, warmup_steps=60, clip_norm=5.0),
+                   data=dict(shards="data/shards/mini_librispeech/pretrain", batch_size=8,
+                             audio=dict(max_samples=64_000, min_samples=16_000)),
+                   ema=dict(tau_start=0.995, tau_end=0.9995, tau_steps=600)),
+    "text": dict(modality="text", steps=1200, optim=dict(lr=1e-3, warmup_steps=120, clip_norm=1.0),
+                 data=dict(shards="data/shards/text_corpus/pretrain", batch_size=32, block_tokens=128),
+                 ema=dict(tau_start=0.998, tau_end=0.9998, tau_steps=1200)),
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def pretrain_config(modality: str, overrides: dict | None = None) -> PretrainConfig:
+    if modality not in EMBEDDED_PRETRAIN:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(EMBEDDED_PRETRAIN)}")
+    return validate(PretrainConfig, merge(EMBEDDED_PRETRAIN[modality], overrides or {}), f"pretrain.{modality}")

@@ -1,0 +1,65 @@
+"""Training metrics: a CSV (one row per logged step, appended, so a resumed run continues the same file), a JSON
+summary, and PNG curves drawn with matplotlib."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and resume_step > 0:  # drop rows logged after the checkpoint we resume from
+            old = pd.read_csv(self.path)
+            old[old["step"] <= resume_step].to_csv(self.path, index=False)
+        elif self.path.exists():
+            self.path.unlink()
+        self.fields: list[str] | None = None
+        if self.path.exists():
+            with open(self.path) as f:
+                self.fields = next(csv.reader(f), None)
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists() or self.fields is None
+        if new:
+            self.fields = list(row)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+            f.flush()
+
+    def frame(self) -> pd.DataFrame:
+        return pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
+
+
+def plot_curves(df: pd.DataFrame, out: str | Path, columns: list[str], title: str) -> Path | None:
+    """One small panel per metric against step; written atomically (temp file + rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [c for c in columns if c in df and df[c].notna().any()]
+    if df.empty or not columns:
+        return None
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 2.6), squeeze=False)
+    for ax, col in zip(axes[0], columns):
+        ax.plot(df["step"], df[col], lw=1)
+        ax.set_title(col, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if col in ("loss", "lr") and (df[col] > 0).all():
+            ax.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

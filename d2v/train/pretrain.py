@@ -1,0 +1,218 @@
+"""data2vec pretraining: accumulation, clipping, schedule, EMA after every optimizer step, DDP, mixed precision,
+checkpoint/resume, metrics and the collapse guard. Modality-agnostic: batches come from a factory.
+
+Reproducibility contract: the masks of micro-batch m of step s on rank r come from `default_rng([seed, s, g])`
+with g = r·accum + m, torch's RNG (dropout, drop-path, LayerDrop) is re-seeded from the same key, and `batches(k)`
+must return the stream positioned at batch k. A run killed after step s and
+resumed from its checkpoint therefore repeats exactly what the uninterrupted run does (bit-identical on CPU), and
+2 ranks × 1 micro-batch see exactly what 1 rank × 2 micro-batches sees.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from d2v.data2vec import CollapseError, Data2Vec
+from d2v.io import atomic_write_json
+from d2v.modalities.base import Batch
+from d2v.train import checkpoint
+from d2v.train.config import PretrainConfig
+from d2v.train.distributed import World, mean_over_ranks
+from d2v.train.logging import MetricsLog, plot_curves
+from d2v.train.optim import adamw, schedule_fn, set_lr
+
+CURVES = ["loss", "target_var", "pred_var", "lr", "tau"]
+
+
+def autocast(world: World, precision: str):
+    """bf16 (or fp16) autocast on CUDA; fp32 on CPU, where low precision buys nothing on 2 cores."""
+    if precision == "auto":
+        precision = "bf16" if world.device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext(), None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return torch.autocast(world.device.type, dtype=dtype), scaler
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    mask = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
+    return Batch(source=batch.source.to(device, non_blocking=True), padding_mask=mask)
+
+
+def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
+                 out_dir: str | Path, world: World = World(), progress: bool = True,
+                 stop_after: int | None = None) -> dict:
+    """Train to `cfg.steps` (resuming from `out_dir/checkpoints` if any). `stop_after` ends early (tests)."""
+    out_dir = Path(out_dir)
+    objective.to(world.device)
+    collapse = objective.cfg.collapse.model_copy(update={"warmup_steps": int(cfg.collapse_warmup * cfg.steps)})
+    objective.cfg = objective.cfg.model_copy(update={"collapse": collapse})
+    params = objective.student_parameters()
+    optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
+                        cfg.optim.tri_stage_phases)
+    step, consumed = 0, 0
+    ckpt_dir = out_dir / "checkpoints"
+    last = checkpoint.latest(ckpt_dir)
+    resume_state = None
+    if last is not None:
+        resume_state = checkpoint.load(last)
+        objective.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step, consumed = resume_state["step"], resume_state["batches"]
+    model = objective
+    if world.distributed:
+        find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
+        model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                    find_unused_parameters=find_unused)
+    forward = torch.compile(model) if cfg.compile else model
+    amp, scaler = autocast(world, cfg.precision)
+    stream = batches(consumed)
+    if resume_state is not None:
+        checkpoint.set_rng_state(resume_state["rng"])  # after the fast-forward, which may have drawn numbers
+        if world.is_main:
+            print(f"resumed from {last} at step {step}", file=sys.stderr)
+    log = MetricsLog(out_dir / "metrics.csv", resume_step=step) if world.is_main else None
+    objective.train()
+    bar = _progress_bar(cfg, step, world, progress)
+    start, seen, throughput = time.perf_counter(), 0, 0.0
+    while step < cfg.steps and (stop_after is None or step < stop_after):
+        step += 1
+        lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
+        sums: dict[str, float] = {}
+        for micro in range(cfg.accum_steps):
+            batch = to_device(next(stream), world.device)
+            consumed += 1
+            seen += batch.source.shape[0]
+            key = [cfg.seed, step, world.rank * cfg.accum_steps + micro]
+            rng = np.random.default_rng(key)  # masks
+            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))  # dropout, drop-path, LayerDrop
+            sync = micro == cfg.accum_steps - 1 or not world.distributed
+            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+                out = forward(batch, rng)
+            loss = out.loss / cfg.accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.accum_steps
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf")).item()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tau = objective.ema_step(step)
+        metrics = {**sums, "lr": lr, "tau": tau, "grad_norm": grad_norm}
+        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+            metrics = mean_over_ranks(metrics, world)
+            elapsed = time.perf_counter() - start
+            metrics["samples_per_s"] = throughput = seen * world.size / max(elapsed, 1e-9)
+            if log is not None:
+                log.write({"step": step, **metrics})
+            try:
+                objective.check_collapse(step, metrics)
+            except CollapseError:
+                _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, collapsed=True)
+                raise
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
+                            tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
+                            samples_per_s=f"{throughput:.0f}")
+        if step % cfg.checkpoint.every == 0 and step < cfg.steps and world.is_main:
+            _save(objective, optimizer, step, consumed, ckpt_dir, cfg)
+    if bar is not None:
+        bar.close()
+    return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world)
+
+
+def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
+    if not (progress and world.is_main):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.modality}", unit="step", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig) -> Path:
+    return checkpoint.save(folder, step, {"model": objective.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "batches": consumed, "config": cfg.model_dump(mode="json")},
+                           keep=cfg.checkpoint.keep)
+
+
+def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, collapsed=False) -> dict:
+    summary = {"modality": cfg.modality, "preset": cfg.preset, "step": step, "steps": cfg.steps,
+               "collapsed": collapsed}
+    if world.is_main:
+        if step >= cfg.steps or collapsed:
+            _save(objective, optimizer, step, consumed, ckpt_dir, cfg)
+        if step >= cfg.steps:
+            encoder = {"encoder": objective.student.state_dict(), "teacher": objective.teacher.state_dict(),
+                       "modality": cfg.modality, "preset": cfg.preset, "encoder_config":
+                       objective.student.cfg.model_dump(mode="json"), "steps": step}
+            tmp = out_dir / ".final.pt.tmp"
+            torch.save(encoder, tmp)
+            tmp.replace(out_dir / "final.pt")
+        df = log.frame()
+        if not df.empty:
+            summary["first"] = {k: float(df[k].iloc[0]) for k in ("loss", "target_var", "pred_var") if k in df}
+            summary["last"] = {k: float(df[k].iloc[-1]) for k in ("loss", "target_var", "pred_var",
+                                                                  "samples_per_s") if k in df}
+            plot_curves(df, out_dir / "curves.png", CURVES, f"data2vec pretraining: {cfg.modality}")
+        atomic_write_json(out_dir / "summary.json", summary)
+        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return summary
+
+
+def build_objective(cfg: PretrainConfig) -> Data2Vec:
+    from d2v.modalities.registry import build_modality
+
+    torch.manual_seed(cfg.seed)
+    modality, objective_cfg = build_modality(cfg.modality, cfg.preset)
+    if cfg.ema is not None:
+        objective_cfg = objective_cfg.model_copy(update={"ema": cfg.ema})
+    encoder_cfg = modality.encoder.cfg
+    if cfg.modality == "image" and cfg.data.image is not None:
+        if (cfg.data.image.channels, cfg.data.image.size) != (encoder_cfg.in_chans, encoder_cfg.img_size):
+            raise ValueError(f"pretrain.data.image: channels/size {cfg.data.image.channels}/{cfg.data.image.size} "
+                             f"do not match the {cfg.preset} encoder ({encoder_cfg.in_chans}/{encoder_cfg.img_size})")
+    return Data2Vec(modality, objective_cfg)
+
+
+def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: str | Path | None) -> None:
+    """The text encoder's vocabulary must be the tokenizer's (pieces + <mask>)."""
+    if cfg.modality != "text" or tokenizer is None:
+        return
+    from d2v.data.tokenizer import TextTokenizer
+
+    size = TextTokenizer(tokenizer).vocab_size
+    if size != objective.student.cfg.vocab_size:
+        raise ValueError(f"{tokenizer}: {size} ids (incl. <mask>) but the {cfg.preset} text encoder has "
+                         f"vocab_size={objective.student.cfg.vocab_size}")
+
+
+def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
+                  progress: bool = True) -> dict:
+    from d2v.train.batches import pretrain_stream
+    from d2v.train.distributed import init, shutdown
+
+    world = init(cfg.device)
+    try:
+        objective = build_objective(cfg)
+        check_text_vocabulary(cfg, objective, tokenizer)
+        stream = pretrain_stream(cfg.modality, cfg.data, cfg.seed)
+        return run_pretrain(cfg, objective, stream, out_dir, world, progress=progress)
+    finally:
+        shutdown()

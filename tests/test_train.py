@@ -1,0 +1,142 @@
+"""Training engine: exact resume, DDP over gloo vs gradient accumulation, schedules, checkpoint hygiene."""
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d2v.config import EMAConfig
+from d2v.data import synthetic
+from d2v.data2vec import CollapseError
+from d2v.train import checkpoint
+from d2v.train.config import PretrainConfig, pretrain_config
+from d2v.train.optim import cosine_with_warmup, tri_stage
+from d2v.train.pretrain import build_objective, run_pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(modality="speech", **kw) -> PretrainConfig:
+    base = dict(modality=modality, preset="tiny", steps=6, seed=3, log_every=1, collapse_warmup=1.0,
+                optim=dict(lr=1e-3, warmup_steps=2, clip_norm=1.0),
+                data=dict(shards="unused", batch_size=2),
+                ema=dict(tau_start=0.9, tau_end=0.99, tau_steps=6), checkpoint=dict(every=3, keep=2))
+    base.update(kw)
+    return PretrainConfig.model_validate(base)
+
+
+def synthetic_stream(modality: str, seed: int = 0, rank: int = 0, world: int = 1, batch: int = 2):
+    """Batch k of the global stream, split across ranks: rank r reads batches r, r+world, ..."""
+    kw = {"image": dict(size=32), "speech": dict(seconds=0.5), "text": dict(length=24, vocab_size=64)}[modality]
+
+    def stream(start: int):
+        def gen():
+            for k in itertools.count(start * world + rank, world):
+                yield next(synthetic.batches(modality, np.random.default_rng([seed, k]), batch, **kw))
+        return gen()
+    return stream
+
+
+def params_of(objective):
+    return {k: v.clone() for k, v in objective.state_dict().items()}
+
+
+@pytest.mark.parametrize("modality", ["speech", "text", "image"])
+def test_kill_and_resume_is_bit_identical(tmp_path, modality):
+    cfg = tiny_cfg(modality)
+    straight = build_objective(cfg)
+    run_pretrain(cfg, straight, synthetic_stream(modality), tmp_path / "a", progress=False)
+    first = build_objective(cfg)
+    run_pretrain(cfg, first, synthetic_stream(modality), tmp_path / "b", progress=False, stop_after=4)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000003.pt"]
+    del first  # "killed" after step 4: step 4 is lost, the checkpoint of step 3 remains
+    resumed = build_objective(cfg.model_copy(update={"seed": cfg.seed}))
+    with torch.no_grad():  # a fresh process would start from different weights; resume must overwrite them all
+        for p in resumed.parameters():
+            p.add_(1.0)
+    run_pretrain(cfg, resumed, synthetic_stream(modality), tmp_path / "b", progress=False)
+    a, b = params_of(straight), params_of(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    import pandas as pd
+    log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert list(log_b["step"]) == list(range(1, 7))  # rows after the checkpoint were replaced, not duplicated
+    np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
+    assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
+
+
+def test_checkpoints_keep_the_newest_k_and_last_points_at_the_newest(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint.save(tmp_path, step, {"x": step}, keep=2)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
+    assert checkpoint.load(tmp_path / "last.pt")["x"] == 4
+    (tmp_path / "step-00000005.pt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError, match="step-00000005.pt: unreadable checkpoint"):
+        checkpoint.load(checkpoint.latest(tmp_path))
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import tiny_cfg, synthetic_stream
+from d2v.train.distributed import init, shutdown
+from d2v.train.pretrain import build_objective, run_pretrain
+world = init("cpu")
+cfg = tiny_cfg("speech", steps=4)
+objective = build_objective(cfg)
+run_pretrain(cfg, objective, synthetic_stream("speech", rank=world.rank, world=world.size), {out!r}, world,
+             progress=False)
+if world.is_main:
+    torch.save(objective.state_dict(), {out!r} + "/state.pt")
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_matches_one_process_with_accumulation(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=ROOT, timeout=300)
+    cfg = tiny_cfg("speech", steps=4, accum_steps=2)
+    single = build_objective(cfg)
+    run_pretrain(cfg, single, synthetic_stream("speech"), tmp_path / "single", progress=False)
+    ddp = torch.load(tmp_path / "ddp" / "state.pt")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_collapse_guard_stops_the_run_and_keeps_a_checkpoint(tmp_path):
+    cfg = tiny_cfg("text", collapse_warmup=0.0)
+    objective = build_objective(cfg)
+    objective.cfg = objective.cfg.model_copy(update={"collapse": objective.cfg.collapse.model_copy(
+        update={"min_target_var": 1e9})})
+    with pytest.raises(CollapseError, match="target_var"):
+        run_pretrain(cfg, objective, synthetic_stream("text"), tmp_path, progress=False)
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-00000001.pt"
+
+
+def test_schedules():
+    assert cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_with_warmup(10, 100, 10) == pytest.approx(1.0)
+    assert cosine_with_warmup(100, 100, 10) == pytest.approx(0.0)
+    assert tri_stage(0, 100) == pytest.approx(0.01)
+    assert tri_stage(10, 100) == pytest.approx(1.0) and tri_stage(49, 100) == pytest.approx(1.0)
+    assert tri_stage(100, 100) == pytest.approx(0.05)
+    assert tri_stage(75, 100) == pytest.approx(0.05 ** 0.5)  # exponential decay: geometric midpoint
+
+
+def test_embedded_defaults_validate_and_errors_name_the_key():
+    cfg = pretrain_config("speech", {"optim": {"lr": 1e-4}})
+    assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 8
+    with pytest.raises(ValueError, match=r"pretrain.image.optim.lr: Input should be greater than 0"):
+        pretrain_config("image", {"optim": {"lr": -1}})
+    with pytest.raises(ValueError, match=r"pretrain.text.stepz: Extra inputs are not permitted"):
+        pretrain_config("text", {"stepz": 3})
+    assert EMAConfig.constant(0.5).tau_steps == 0
