@@ -1,0 +1,104 @@
+"""Benchmark metrics, implemented here (numpy only) and checked in tests against jiwer, scikit-learn and scipy:
+top-1 accuracy, WER, Matthews correlation, F1, Pearson and Spearman; plus greedy CTC decoding."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def accuracy(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    _same_length(pred, gold)
+    return float((pred == gold).mean())
+
+
+def f1_binary(pred, gold, positive: int = 1) -> float:
+    pred, gold = np.asarray(pred) == positive, np.asarray(gold) == positive
+    tp, fp, fn = np.sum(pred & gold), np.sum(pred & ~gold), np.sum(~pred & gold)
+    return float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn else 0.0
+
+
+def matthews_corrcoef(pred, gold) -> float:
+    """Multi-class MCC (Gorodkin's R_K), as GLUE reports for CoLA; 0 when undefined."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    _same_length(pred, gold)
+    labels = np.union1d(pred, gold)
+    index = {c: i for i, c in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.float64)
+    np.add.at(cm, ([index[g] for g in gold], [index[p] for p in pred]), 1)
+    t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
+    denom = np.sqrt(s * s - p @ p) * np.sqrt(s * s - t @ t)
+    return float((c * s - t @ p) / denom) if denom else 0.0
+
+
+def pearson(x, y) -> float:
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    _same_length(x, y)
+    x, y = x - x.mean(), y - y.mean()
+    denom = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denom) if denom else 0.0
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), as scipy.stats.rankdata."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    sorted_x = x[order]
+    starts = np.r_[0, np.flatnonzero(sorted_x[1:] != sorted_x[:-1]) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return ranks
+
+
+def spearman(x, y) -> float:
+    return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
+
+
+def edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance between two token sequences (one row of the DP table at a time)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus word error rate: total word edits / total reference words (LibriSpeech convention)."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    edits = sum(edit_distance(h.split(), r.split()) for h, r in zip(hypotheses, references))
+    words = sum(len(r.split()) for r in references)
+    if words == 0:
+        raise ValueError("references contain no words")
+    return edits / words
+
+
+def ctc_greedy(logits: np.ndarray, lengths: Sequence[int] | None = None, blank: int = 0) -> list[list[int]]:
+    """Best path per utterance: argmax per frame, merge repeats, drop blanks. logits: (B, T, V)."""
+    best = np.asarray(logits).argmax(-1)
+    out = []
+    for i, path in enumerate(best):
+        path = path[: lengths[i]] if lengths is not None else path
+        merged = path[np.r_[True, path[1:] != path[:-1]]] if len(path) else path
+        out.append([int(t) for t in merged if t != blank])
+    return out
+
+
+def _same_length(a: np.ndarray, b: np.ndarray) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} predictions for {len(b)} labels")
+    if len(a) == 0:
+        raise ValueError("no examples to score")
+
+
+TASK_METRICS = {
+    "accuracy": lambda p, g: accuracy(p, g),
+    "f1": lambda p, g: f1_binary(p, g),
+    "mcc": lambda p, g: matthews_corrcoef(p, g),
+    "pearson": lambda p, g: pearson(p, g),
+    "spearman": lambda p, g: spearman(p, g),
+}

@@ -1,0 +1,58 @@
+"""Metrics against the reference libraries, and greedy CTC decoding on hand-made logits."""
+import jiwer
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn import metrics as skm
+
+from d2v.eval.metrics import accuracy, ctc_greedy, f1_binary, matthews_corrcoef, pearson, spearman, wer
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classification_metrics_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 2, 200)
+    pred = np.where(rng.random(200) < 0.7, gold, 1 - gold)
+    assert accuracy(pred, gold) == pytest.approx(skm.accuracy_score(gold, pred))
+    assert f1_binary(pred, gold) == pytest.approx(skm.f1_score(gold, pred))
+    assert matthews_corrcoef(pred, gold) == pytest.approx(skm.matthews_corrcoef(gold, pred))
+    gold3, pred3 = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    assert matthews_corrcoef(pred3, gold3) == pytest.approx(skm.matthews_corrcoef(gold3, pred3))
+
+
+def test_degenerate_cases_match_sklearn():
+    assert matthews_corrcoef([1, 1, 1], [1, 1, 1]) == skm.matthews_corrcoef([1, 1, 1], [1, 1, 1]) == 0.0
+    assert f1_binary([0, 0], [0, 0]) == 0.0
+    with pytest.raises(ValueError, match="3 predictions for 2 labels"):
+        accuracy([1, 2, 3], [1, 2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_correlations_match_scipy_including_ties(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=100)
+    y = 0.5 * x + rng.normal(size=100)
+    y_ties = np.round(y)  # many ties: average ranks matter
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic)
+    assert spearman(x, y_ties) == pytest.approx(stats.spearmanr(x, y_ties).statistic)
+
+
+def test_wer_matches_jiwer():
+    refs = ["THE CAT SAT ON THE MAT", "HELLO WORLD", "A B C D"]
+    hyps = ["THE CAT SAT ON MAT", "HELLO WORD THERE", "A X C D E"]
+    assert wer(hyps, refs) == pytest.approx(jiwer.wer(refs, hyps))
+    rng = np.random.default_rng(0)
+    words = np.array("A B C D E F G".split())
+    refs = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(50)]
+    hyps = [" ".join(rng.choice(words, rng.integers(0, 12))) for _ in range(50)]
+    assert wer(hyps, refs) == pytest.approx(jiwer.wer(refs, hyps))
+
+
+def test_ctc_greedy_merges_repeats_then_drops_blanks():
+    # frames:  a a _ a b b _ _ b  -> "a a b b" (a blank separates the repeated a's and b's)
+    path = [1, 1, 0, 1, 2, 2, 0, 0, 2]
+    logits = np.full((1, len(path), 3), -5.0)
+    logits[0, np.arange(len(path)), path] = 5.0
+    assert ctc_greedy(logits) == [[1, 1, 2, 2]]
+    assert ctc_greedy(logits, lengths=[4]) == [[1, 1]]  # frames past the length are padding
+    assert ctc_greedy(np.zeros((1, 3, 3))) == [[]]  # all-blank argmax
