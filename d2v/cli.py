@@ -199,6 +199,34 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def finetune_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from d2v.train.config import merge
+    from d2v.train.finetune import finetune_config, run_finetune
+
+    overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    cli = {"init": args.init, "mode": args.mode, "seed": args.seed}
+    if args.pretrained:
+        cli["pretrained"] = args.pretrained
+    cfg = finetune_config(args.task, merge(merge(overrides or {}, cli), _nested(args.set)))
+    out = Path(args.out or f"runs/embedded/finetune/{args.task}-{cfg.init}-{cfg.mode}-s{cfg.seed}")
+    summary = run_finetune(cfg, out, progress=not args.quiet)
+    print(f"{args.task}: {summary['steps']} steps in {summary['seconds']}s, best dev {summary['best_dev']} -> {out}")
+    return 0
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    from d2v.train.finetune import evaluate
+
+    for r in evaluate(args.run, args.split, args.out, args.checkpoint):
+        values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
+        print(f"{r['task']}/{r['split']} ({r['init']}, {r['mode']}): {values}  n={r['n']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="d2v", description="data2vec for images, speech and text")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +265,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None, help="text: SentencePiece model, checked against the encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=pretrain_cmd)
+    p = sub.add_parser("finetune", help="fine-tune (or linear-probe) a downstream task, from data2vec or scratch")
+    p.add_argument("task")
+    p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained")
+    p.add_argument("--mode", choices=("full", "probe"), default="full")
+    p.add_argument("--pretrained", default=None, help="final.pt of a pretraining run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="YAML with overrides of the embedded defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=finetune_cmd)
+    p = sub.add_parser("evaluate", help="score a fine-tuned run on its test splits; one JSON per split")
+    p.add_argument("run", help="fine-tuning run folder")
+    p.add_argument("--split", default=None)
+    p.add_argument("--checkpoint", default="best.pt")
+    p.add_argument("--out", default=None, help="folder for the JSON results (default RUN/eval)")
+    p.set_defaults(func=evaluate_cmd)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")
     p.add_argument("dataset")
     p.add_argument("--split", required=True)

@@ -177,14 +177,17 @@ class AudioConfig(StrictModel):
     normalize: bool = True  # zero mean, unit variance over the whole waveform
 
 
-def _decode_audio(sample: dict, cfg: AudioConfig, crop: bool, rng_holder: list, seed: int):
+def _decode_audio(sample: dict, cfg: AudioConfig, crop: bool, rng_holder: list, seed: int,
+                  keep_long: bool = True):
+    """Waveform (+ transcript). Pretraining crops long utterances; labeled training drops them instead (a crop would
+    cut the audio away from its transcript); evaluation keeps everything."""
     key = next(k for k in ("flac", "wav") if k in sample)
     wave, rate = sf.read(io.BytesIO(sample[key]), dtype="float32")
     if rate != cfg.sample_rate:
         raise ValueError(f"{rate} Hz, expected {cfg.sample_rate}")
     if wave.ndim != 1:
         wave = wave.mean(axis=1)
-    if len(wave) < cfg.min_samples:
+    if len(wave) < cfg.min_samples or (not keep_long and len(wave) > cfg.max_samples):
         return None
     if crop and len(wave) > cfg.max_samples:
         if not rng_holder:
@@ -227,7 +230,7 @@ def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, l
     resampled = mode == "pretrain" if resampled is None else resampled
     partial = mode == "eval" if partial is None else partial
     holder: list = []
-    decode = _map(lambda s: _decode_audio(s, cfg, mode != "eval", holder, seed))
+    decode = _map(lambda s: _decode_audio(s, cfg, mode == "pretrain", holder, seed, keep_long=mode != "finetune"))
     if mode == "pretrain":
         collate = lambda items: crop_to_shortest(items, holder[0] if holder else worker_rng(seed))  # noqa: E731
     else:

@@ -1,0 +1,350 @@
+"""Fine-tuning and evaluation for every downstream task: from a data2vec checkpoint, from scratch (the baseline), or
+as a linear probe on frozen features. Tasks are table rows; the loop is shared.
+
+Run folder: `config.json`, `metrics.csv` (train loss and dev metric), `final.pt`, `best.pt` (best dev metric
+when the task has a dev split), `curves.png`. `evaluate` writes one JSON per (task, split): metric values, number
+of examples, seed, git commit and a digest of the run configuration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from d2v.config import StrictModel, validate
+from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
+from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
+from d2v.eval.metrics import TASK_METRICS, ctc_greedy, wer
+from d2v.io import atomic_write_json
+from d2v.modalities.base import Batch
+from d2v.modalities.heads import CTCMaskConfig, CTCModel, ImageClassifier, TextClassifier, ctc_loss
+from d2v.modalities.registry import build_encoder
+from d2v.train.config import FASHION_MNIST, OptimConfig, merge
+from d2v.train.logging import MetricsLog, plot_curves
+from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
+
+
+@dataclass(frozen=True)
+class Task:
+    modality: str
+    kind: Literal["classification", "regression", "ctc"]
+    dataset: str  # folder under data/shards
+    train: str
+    dev: str | None
+    tests: tuple[str, ...]
+    metrics: tuple[str, ...]  # the first is the headline (higher is better, except wer)
+    num_outputs: int = 0
+    stands_in_for: str = ""
+
+
+TASKS: dict[str, Task] = {
+    "fashion_mnist": Task("image", "classification", "fashion_mnist", "train_6k", None, ("test",), ("accuracy",),
+                          10, "ImageNet-1K top-1"),
+    "speech_10min": Task("speech", "ctc", "mini_librispeech", "train_1h-10min", "dev_clean",
+                         ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer",), 0,
+                         "Libri-light 10 min → LibriSpeech WER"),
+    "speech_1h": Task("speech", "ctc", "mini_librispeech", "train_1h", "dev_clean",
+                      ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer",), 0,
+                      "Libri-light 1 h → LibriSpeech WER"),
+    "rt_polarity": Task("text", "classification", "rt_polarity", "train", "dev", ("test",), ("accuracy",), 2,
+                        "SST-2"),
+    "bible_para": Task("text", "classification", "bible_para", "train", "dev", ("test",), ("accuracy", "f1"), 2,
+                       "MRPC"),
+    "lee_sts": Task("text", "regression", "lee_sts", "train", "dev", ("test",), ("pearson", "spearman"), 1,
+                    "STS-B"),
+}
+
+
+class FinetuneConfig(StrictModel):
+    task: str
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    mode: Literal["full", "probe"] = "full"
+    pretrained: str | None = None  # final.pt of a pretraining run
+    preset: str = "embedded"
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    seed: int = 0
+    optim: OptimConfig
+    layer_decay: float = Field(1.0, gt=0, le=1)  # image: BEiT layer-wise LR decay
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0)  # image: MixUp alpha (0 = off)
+    cutmix: float = Field(0.0, ge=0)  # image: CutMix alpha (0 = off)
+    freeze_encoder_steps: int = Field(0, ge=0)  # CTC: only the output layer trains at first
+    ctc_masks: CTCMaskConfig = CTCMaskConfig()
+    max_tokens: int = Field(128, ge=8)
+    image: ImageAugConfig | None = None
+    audio: AudioConfig | None = None
+    eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    data_root: str = "data"
+    tokenizer: str = "data/tokenizer/spm.model"
+    letters: str = "data/tokenizer/letters.json"
+    num_workers: int = Field(0, ge=0)
+
+
+EMBEDDED_FINETUNE: dict[str, dict] = {
+    "fashion_mnist": dict(steps=600, batch_size=64, optim=dict(lr=1e-3, weight_decay=0.05, warmup_steps=60,
+                                                               betas=(0.9, 0.999)),
+                          layer_decay=0.75, label_smoothing=0.1, image=dict(FASHION_MNIST, randaugment_magnitude=5,
+                                                                            random_erasing=0.1)),
+    "speech_10min": dict(steps=500, batch_size=8, optim=dict(lr=5e-4, schedule="tri_stage", betas=(0.9, 0.98),
+                                                             weight_decay=0.0), freeze_encoder_steps=100,
+                         audio=dict(max_samples=240_000, min_samples=0), eval_every=100),
+    "speech_1h": dict(steps=800, batch_size=8, optim=dict(lr=5e-4, schedule="tri_stage", weight_decay=0.0),
+                      freeze_encoder_steps=100, audio=dict(max_samples=240_000, min_samples=0), eval_every=200),
+    "rt_polarity": dict(steps=600, batch_size=32, optim=dict(lr=1e-4, warmup_steps=36, weight_decay=0.1),
+                        eval_every=200),
+    "bible_para": dict(steps=600, batch_size=32, optim=dict(lr=1e-4, warmup_steps=36, weight_decay=0.1),
+                       eval_every=200),
+    "lee_sts": dict(steps=300, batch_size=16, optim=dict(lr=1e-4, warmup_steps=18, weight_decay=0.1), eval_every=100),
+}
+
+
+def finetune_config(task: str, overrides: dict | None = None) -> FinetuneConfig:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    return validate(FinetuneConfig, merge({"task": task, **EMBEDDED_FINETUNE[task]}, overrides or {}),
+                    f"finetune.{task}")
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
+    task = TASKS[cfg.task]
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder(task.modality, cfg.preset)
+    if cfg.init == "pretrained":
+        if not cfg.pretrained or not Path(cfg.pretrained).is_file():
+            raise FileNotFoundError(f"finetune.{cfg.task}.pretrained: {cfg.pretrained!r} is not a pretraining "
+                                    "final.pt (run `d2v pretrain` first, or use init=scratch)")
+        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=False)
+        if state.get("modality") != task.modality or state.get("preset") != cfg.preset:
+            raise ValueError(f"{cfg.pretrained}: a {state.get('modality')}/{state.get('preset')} encoder, task "
+                             f"{cfg.task} needs {task.modality}/{cfg.preset}")
+        encoder.load_state_dict(state["encoder"])
+    probe = cfg.mode == "probe"
+    if task.kind == "ctc":
+        model = CTCModel(encoder, len(LetterTokenizer.load(cfg.letters).symbols), cfg.ctc_masks, linear_probe=probe)
+    elif task.modality == "image":
+        model = ImageClassifier(encoder, task.num_outputs, linear_probe=probe)
+    else:
+        model = TextClassifier(encoder, task.num_outputs, linear_probe=probe)
+    if probe:
+        encoder.requires_grad_(False)
+    return model
+
+
+def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
+    task = TASKS[cfg.task]
+    if task.modality == "image" and cfg.layer_decay < 1.0 and cfg.mode == "full":
+        depth = model.encoder.cfg.depth
+
+        def layer_of(name: str) -> int:
+            if name.startswith("encoder.blocks."):
+                return int(name.split(".")[2]) + 1
+            return 0 if name.startswith("encoder.") else depth + 1
+        return layer_decay_groups(model.named_parameters(), layer_of, depth, cfg.layer_decay, cfg.optim.weight_decay)
+    return adamw([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
+                 cfg.optim.betas, cfg.optim.eps).param_groups
+
+
+# -------------------------------------------------------------------------------------------------------- data
+
+def loader(cfg: FinetuneConfig, split: str, train: bool):
+    task = TASKS[cfg.task]
+    shards = Path(cfg.data_root) / "shards" / task.dataset / split
+    mode = "finetune" if train else "eval"
+    if task.modality == "image":
+        ds = image_loader(shards, cfg.image or ImageAugConfig(), mode, cfg.batch_size, resampled=train,
+                          seed=cfg.seed, partial=not train)
+    elif task.modality == "speech":
+        ds = speech_loader(shards, cfg.audio or AudioConfig(), mode, cfg.batch_size, resampled=train,
+                           letters=LetterTokenizer.load(cfg.letters), seed=cfg.seed, partial=not train)
+    else:
+        ds = text_task_loader(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens, mode,
+                              seed=cfg.seed, resampled=train)
+    return web_loader(ds, cfg.num_workers if train else 0, seed=cfg.seed)
+
+
+def as_inputs(item, modality: str) -> dict:
+    if modality == "image":
+        return {"batch": Batch(source=item[0]), "labels": item[1]}
+    return item
+
+
+def mix(cfg: FinetuneConfig, num_classes: int):
+    """MixUp / CutMix (torchvision v2), one of them per batch, or None."""
+    from torchvision.transforms import v2
+
+    choices = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
+              ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
+    return v2.RandomChoice(choices) if choices else None
+
+
+# -------------------------------------------------------------------------------------------------------- loop
+
+def train_loss(model, inputs: dict, task: Task, cfg: FinetuneConfig, mixer, rng) -> torch.Tensor:
+    if task.kind == "ctc":
+        logits, lengths = model(inputs["batch"], rng)
+        return ctc_loss(logits, lengths, inputs["targets"], inputs["target_lengths"])
+    batch, labels = inputs["batch"], inputs["labels"]
+    if task.kind == "regression":
+        return F.mse_loss(model(batch).squeeze(-1), labels.float())
+    labels = labels.long()
+    if mixer is not None:
+        source, labels = mixer(batch.source, labels)  # soft labels
+        batch = Batch(source=source)
+    return F.cross_entropy(model(batch), labels, label_smoothing=cfg.label_smoothing)
+
+
+@torch.no_grad()
+def predict(model, cfg: FinetuneConfig, split: str) -> tuple[list, list]:
+    """(predictions, references) over a whole split, in shard order."""
+    task = TASKS[cfg.task]
+    model.eval()
+    preds, refs = [], []
+    letters = LetterTokenizer.load(cfg.letters) if task.kind == "ctc" else None
+    for item in loader(cfg, split, train=False):
+        inputs = as_inputs(item, task.modality)
+        if task.kind == "ctc":
+            logits, lengths = model(inputs["batch"])
+            preds += [letters.decode(ids) for ids in ctc_greedy(logits.float().numpy(), lengths.tolist())]
+            refs += inputs["text"]
+        elif task.kind == "regression":
+            preds += model(inputs["batch"]).squeeze(-1).tolist()
+            refs += inputs["labels"].tolist()
+        else:
+            preds += model(inputs["batch"]).argmax(-1).tolist()
+            refs += inputs["labels"].long().tolist()
+    model.train()
+    return preds, refs
+
+
+def score(task: Task, preds: list, refs: list) -> dict[str, float]:
+    if task.kind == "ctc":
+        return {"wer": wer(preds, refs)}
+    return {m: TASK_METRICS[m](preds, refs) for m in task.metrics}
+
+
+def headline(task: Task, metrics: dict[str, float]) -> float:
+    """Higher is better."""
+    value = metrics[task.metrics[0]]
+    return -value if task.metrics[0] == "wer" else value
+
+
+def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True) -> dict:
+    task = TASKS[cfg.task]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  eps=cfg.optim.eps)
+    lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
+                        cfg.optim.tri_stage_phases)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    encoder_params = {id(p) for p in model.encoder.parameters()}
+    mixer = mix(cfg, task.num_outputs) if task.modality == "image" else None
+    log = MetricsLog(out_dir / "metrics.csv")
+    stream = iter(loader(cfg, task.train, train=True))
+    model.train()
+    if cfg.mode == "probe":
+        model.encoder.eval()
+    best, best_metrics = -float("inf"), None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
+        rng = np.random.default_rng([cfg.seed, step])
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
+        loss = train_loss(model, as_inputs(next(stream), task.modality), task, cfg, mixer, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if step <= cfg.freeze_encoder_steps:  # output layer only at first (fairseq freeze_finetune_updates)
+            for p in trainable:
+                if id(p) in encoder_params:
+                    p.grad = None
+        if cfg.optim.clip_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
+        optimizer.step()
+        row = {"step": step, "loss": loss.item(), "lr": lr}
+        if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            dev = score(task, *predict(model, cfg, task.dev))
+            row.update({f"dev_{k}": v for k, v in dev.items()})
+            if headline(task, dev) > best:
+                best, best_metrics = headline(task, dev), dev
+                _save(model, cfg, out_dir / "best.pt", step)
+        log.write(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+    if bar is not None:
+        bar.close()
+    _save(model, cfg, out_dir / "final.pt", cfg.steps)
+    if best_metrics is None:
+        _save(model, cfg, out_dir / "best.pt", cfg.steps)  # no dev split: the final model is the one we keep
+    df = log.frame()
+    plot_curves(df, out_dir / "curves.png", ["loss", "lr"] + [c for c in df.columns if c.startswith("dev_")],
+                f"fine-tuning {cfg.task} ({cfg.init}, {cfg.mode})")
+    summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
+               "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics}
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step}, tmp)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_digest(cfg: FinetuneConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
+             checkpoint_name: str = "best.pt") -> list[dict]:
+    """Score a fine-tuning run on its test splits (or `split`); one JSON per split."""
+    run_dir = Path(run_dir)
+    path = run_dir / checkpoint_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = FinetuneConfig.model_validate(state["config"])
+    task = TASKS[cfg.task]
+    model = build_model(cfg.model_copy(update={"init": "scratch"}))
+    model.load_state_dict(state["model"])
+    results = []
+    for s in ([split] if split else task.tests):
+        preds, refs = predict(model, cfg, s)
+        result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
+                  "mode": cfg.mode, "metrics": score(task, preds, refs), "n": len(refs), "seed": cfg.seed,
+                  "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),
+                  "steps": state["step"]}
+        target = Path(out or run_dir / "eval") / f"{cfg.task}-{s}.json"
+        atomic_write_json(target, result)
+        results.append(result)
+    return results
