@@ -1,0 +1,112 @@
+"""Fine-tuning on tiny shards built here: it learns, probes leave the encoder alone, CTC freezing works, pretrained
+weights load, and evaluation writes the promised JSON."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from fixtures import flac_bytes
+from PIL import Image
+
+from d2v.data.manifest import make_manifest, write_manifest
+from d2v.data.shards import write_shards
+from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
+from d2v.modalities.registry import build_encoder
+from d2v.train import finetune as ft
+
+
+def _image_shards(root, n=64):
+    rows = []
+    for i in range(n):
+        label = i % 2
+        pixels = np.random.default_rng(i).integers(0, 60, (28, 28)) + (160 if label else 0)
+        buf = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
+        rel = f"{i}.png"
+        (root / "raw").mkdir(parents=True, exist_ok=True)
+        (root / "raw" / rel).write_bytes(buf.getvalue())
+        rows.append(dict(id=f"im{i}", path=rel, split="train" if i < 48 else "test", label=label))
+    write_manifest(root / "raw", make_manifest(rows), source="fashion_mnist")
+    for split in ("train", "test"):
+        write_shards(root / "raw", split, root / "shards" / "toy" / split)
+
+
+@pytest.fixture
+def toy_image_task(tmp_path, monkeypatch):
+    _image_shards(tmp_path)
+    monkeypatch.setitem(ft.TASKS, "toy_image", ft.Task("image", "classification", "toy", "train", None, ("test",),
+                                                       ("accuracy",), 2, "ImageNet"))
+    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0, min_scale=0.8, randaugment_magnitude=0,
+                 random_erasing=0.0, color_jitter=0.0)
+    return ft.FinetuneConfig(task="toy_image", init="scratch", preset="tiny", steps=40, batch_size=16,
+                             optim=dict(lr=2e-3, warmup_steps=4), image=image, data_root=str(tmp_path),
+                             layer_decay=0.75)
+
+
+def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path):
+    ft.run_finetune(toy_image_task, tmp_path / "run", progress=False)
+    (result,) = ft.evaluate(tmp_path / "run")
+    assert result["metrics"]["accuracy"] >= 0.9 and result["n"] == 16
+    saved = json.loads((tmp_path / "run" / "eval" / "toy_image-test.json").read_text())
+    assert {"metrics", "n", "seed", "commit", "params_digest", "split", "task"} <= saved.keys()
+    assert len(saved["commit"]) == 40 and saved["params_digest"] == ft.config_digest(toy_image_task)
+
+
+def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):
+    cfg = toy_image_task.model_copy(update={"mode": "probe", "steps": 5})
+    before = ft.build_model(cfg).encoder.state_dict()
+    ft.run_finetune(cfg, tmp_path / "probe", progress=False)
+    after = torch.load(tmp_path / "probe" / "final.pt", weights_only=False)["model"]
+    for k, v in before.items():
+        assert torch.equal(after[f"encoder.{k}"], v), k
+    assert not torch.equal(after["head.weight"], ft.build_model(cfg).head.weight)
+
+
+def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_path):
+    encoder = build_encoder("image", "tiny")
+    torch.save({"encoder": encoder.state_dict(), "modality": "image", "preset": "tiny"}, tmp_path / "final.pt")
+    cfg = toy_image_task.model_copy(update={"init": "pretrained", "pretrained": str(tmp_path / "final.pt")})
+    model = ft.build_model(cfg)
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v)
+    torch.save({"encoder": {}, "modality": "speech", "preset": "tiny"}, tmp_path / "speech.pt")
+    with pytest.raises(ValueError, match="speech/tiny encoder, task toy_image needs image/tiny"):
+        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "speech.pt")}))
+    with pytest.raises(FileNotFoundError, match="is not a pretraining final.pt"):
+        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
+
+
+def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeypatch):
+    texts = ["AB A", "B AB", "A A B", "BA"]
+    rows = []
+    (tmp_path / "raw").mkdir()
+    for i, text in enumerate(texts * 2):
+        (tmp_path / "raw" / f"{i}.flac").write_bytes(flac_bytes(0.6 + 0.1 * (i % 3), freq=150 + 40 * i))
+        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.7, text=text))
+    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train")
+    LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
+    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("speech", "ctc", "toy", "train", None, ("train",), ("wer",)))
+    cfg = ft.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
+                            optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
+                            audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))
+    before = ft.build_model(cfg).state_dict()
+    ft.run_finetune(cfg.model_copy(update={"steps": 2}), tmp_path / "frozen", progress=False)
+    after = torch.load(tmp_path / "frozen" / "final.pt", weights_only=False)["model"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}  # only the output layer during the frozen phase
+    ft.run_finetune(cfg, tmp_path / "thawed", progress=False)
+    after = torch.load(tmp_path / "thawed" / "final.pt", weights_only=False)["model"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("encoder.blocks") for k in changed)
+    assert not any(k.startswith("encoder.feature_extractor") for k in changed)  # the CNN stays frozen
+    (result,) = ft.evaluate(tmp_path / "thawed")
+    assert result["n"] == 8 and result["metrics"]["wer"] >= 0
+
+
+def test_unknown_task_and_bad_options_are_named():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        ft.finetune_config("nope")
+    with pytest.raises(ValueError, match="finetune.lee_sts.layer_decay: Input should be less than or equal to 1"):
+        ft.finetune_config("lee_sts", {"layer_decay": 2})
