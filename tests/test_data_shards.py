@@ -156,6 +156,8 @@ def test_text_packing_and_tasks(tmp_path):
     tok = TextTokenizer(model)
     assert tok.vocab_size == 60 and tok.mask == 59 and tok.decode(tok.encode(lines[0])) == lines[0]
     assert tok.encode("tea", "garden").tolist()[-1] == tok.eos and tok.encode("a " * 50, max_tokens=8).size == 8
+    pair = tok.encode(" ".join(lines[:20]), "tea garden", max_tokens=24).tolist()  # longest-first truncation
+    assert len(pair) == 24 and tok.decode(pair[pair.index(tok.eos) + 2:]) == "tea garden"
     index = write_shards(corpus, "pretrain", tmp_path / "ts", ShardConfig(chunk_tokens=64), tokenizer=tok)
     stored = sum(len(tok.sp.encode(line)) + 1 for line in lines)
     assert index["count"] == -(-stored // 64)

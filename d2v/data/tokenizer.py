@@ -76,12 +76,23 @@ class TextTokenizer:
         self.vocab_size = self.mask + 1
 
     def encode(self, text: str, text_b: str | None = None, max_tokens: int | None = None) -> np.ndarray:
-        """`<s> a </s>` or, for a pair, RoBERTa's `<s> a </s></s> b </s>`, truncated to `max_tokens`."""
-        ids = [self.bos, *self.sp.encode(text), self.eos]
-        if text_b is not None:
-            ids += [self.eos, *self.sp.encode(text_b), self.eos]
-        if max_tokens is not None and len(ids) > max_tokens:
-            ids = ids[:max_tokens - 1] + [self.eos]
+        """`<s> a </s>` or, for a pair, RoBERTa's `<s> a </s></s> b </s>`, at most `max_tokens` ids. Pairs are
+        truncated longest-first, so both segments keep a share (a long first text never crowds out the second)."""
+        a = self.sp.encode(text)
+        b = None if text_b is None else self.sp.encode(text_b)
+        if max_tokens is not None:
+            budget = max_tokens - (2 if b is None else 4)
+            if budget < (1 if b is None else 2):
+                raise ValueError(f"max_tokens={max_tokens} leaves no room for text")
+            if b is None:
+                a = a[:budget]
+            else:
+                while len(a) + len(b) > budget:
+                    if len(a) >= len(b):
+                        a = a[:-1]
+                    else:
+                        b = b[:-1]
+        ids = [self.bos, *a, self.eos] + ([] if b is None else [self.eos, *b, self.eos])
         return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:
