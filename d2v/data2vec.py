@@ -94,12 +94,14 @@ class RegressionHead(nn.Module):
 # ---------------------------------------------------------------- collapse monitor
 
 
-def representation_std(x: Tensor) -> Tensor:
-    """Mean over channels of the per-channel std of x (N, D), pooled over all ranks (fairseq `compute_var`)."""
+def representation_std(x: Tensor, all_ranks: bool = True) -> Tensor:
+    """Mean over channels of the per-channel std of x (N, D), pooled over all ranks (fairseq `compute_var`) unless
+    `all_ranks` is False (the training loop averages the per-rank values at log steps instead: no collective
+    communication, no host sync per step)."""
     x = x.detach().float().reshape(-1, x.shape[-1])
     n = torch.tensor(float(x.shape[0]), device=x.device)
     s, sq = x.sum(0), (x * x).sum(0)
-    if dist.is_available() and dist.is_initialized():
+    if all_ranks and dist.is_available() and dist.is_initialized():
         for t in (n, s, sq):
             dist.all_reduce(t)
     var = (sq - s * s / n) / (n - 1).clamp_min(1)
@@ -129,7 +131,12 @@ def check_collapse(cfg: CollapseConfig, step: int, metrics: dict[str, float]) ->
 @dataclass
 class StepOutput:
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached 0-dim tensors, still on the device
+
+    def scalars(self) -> dict[str, float]:
+        """Metrics as Python floats, with a single device-to-host copy."""
+        keys = list(self.metrics)
+        return dict(zip(keys, torch.stack([self.metrics[k].float() for k in keys]).tolist()))
 
 
 class Data2Vec(nn.Module):
@@ -159,15 +166,14 @@ class Data2Vec(nn.Module):
         pred = self.head(x[views.loss_mask])
         y = targets[views.loss_mask]
         loss = regression_loss(pred, y, self.cfg.loss)
-        metrics = {
-            "loss": loss.item(),
-            "target_var": representation_std(y).item(),
-            "pred_var": representation_std(pred).item(),
-            "masked_frac": views.loss_mask.float().mean().item(),
-            "tau": float(self.ema.tau),
-        }
         valid = s_emb.tokens if s_emb.padding_mask is None else s_emb.tokens[~s_emb.padding_mask]
-        metrics["local_var"] = representation_std(valid).item()
+        metrics = {  # tensors: nothing here waits for the device
+            "loss": loss.detach(),
+            "target_var": representation_std(y, all_ranks=False),
+            "pred_var": representation_std(pred, all_ranks=False),
+            "masked_frac": views.loss_mask.float().mean(),
+            "local_var": representation_std(valid, all_ranks=False),
+        }
         return StepOutput(loss, metrics)
 
     @torch.no_grad()

@@ -38,7 +38,7 @@ def pretrain(
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
         schedule.step()
-        metrics = {**out.metrics, "step": step, "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {**out.scalars(), "step": step, "lr": optimizer.param_groups[0]["lr"]}
         metrics["tau"] = objective.ema_step(step)
         objective.check_collapse(step, metrics)
         history.append(metrics)

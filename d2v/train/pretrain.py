@@ -84,11 +84,11 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
-    start, seen, throughput = time.perf_counter(), 0, 0.0
+    start, seen = time.perf_counter(), 0
     while step < cfg.steps and (stop_after is None or step < stop_after):
         step += 1
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(cfg.accum_steps):
             batch = to_device(next(stream), world.device)
             consumed += 1
@@ -102,10 +102,10 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             loss = out.loss / cfg.accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
             for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / cfg.accum_steps
+                sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
         if scaler:
             scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf")).item()
+        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -113,13 +113,18 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tau = objective.ema_step(step)
-        metrics = {**sums, "lr": lr, "tau": tau, "grad_norm": grad_norm}
-        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-            metrics = mean_over_ranks(metrics, world)
+        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # the only host sync of a step
+            keys = list(sums)
+            metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
+            metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
             elapsed = time.perf_counter() - start
             metrics["samples_per_s"] = throughput = seen * world.size / max(elapsed, 1e-9)
             if log is not None:
                 log.write({"step": step, **metrics})
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
+                                tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
+                                samples_per_s=f"{throughput:.0f}")
             try:
                 objective.check_collapse(step, metrics)
             except CollapseError:
@@ -127,9 +132,6 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 raise
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
-                            tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
-                            samples_per_s=f"{throughput:.0f}")
         if step % cfg.checkpoint.every == 0 and step < cfg.steps and world.is_main:
             _save(objective, optimizer, step, consumed, ckpt_dir, cfg)
     if bar is not None:
