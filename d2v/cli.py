@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -87,6 +88,20 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
+def _profile(args: argparse.Namespace):
+    """The named profile of params.yaml (validated as a whole), or None when the command runs without one."""
+    if getattr(args, "profile", None) is None:
+        return None
+    from d2v.pipeline.params import load_params
+
+    return load_params(args.params, args.profile).active
+
+
+def _add_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=None, help="take every setting from this profile of the params file")
+    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+
+
 def prepare(args: argparse.Namespace) -> int:
     import inspect
     import logging
@@ -99,6 +114,12 @@ def prepare(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown source {args.source!r}; expected one of {sorted(SOURCES)}")
     source = SOURCES[args.source]
     kwargs = _options(args.set)
+    profile = _profile(args)
+    if profile is not None:
+        if args.source not in profile.sources:
+            raise ValueError(f"{args.source}: not a source of profile {args.profile!r} (see {args.params})")
+        kwargs = {**(profile.sources[args.source] or {}), **kwargs}
+        args.root, args.cache, args.out = profile.data_root, profile.cache, str(profile.raw / args.source)
     accepted = set(inspect.signature(source.prepare).parameters) - {"ctx"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
@@ -122,6 +143,13 @@ def tokenizer(args: argparse.Namespace) -> int:
     from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, build_letter_vocab, corpus_lines, \
         train_sentencepiece
 
+    profile = _profile(args)
+    if profile is not None:
+        tok = profile.tokenizer
+        args.corpus = tok.corpus and str(profile.raw / tok.corpus)
+        args.letters = tok.letters and str(profile.raw / tok.letters)
+        args.letters_split, args.vocab_size, args.num_threads = tok.letters_split, tok.vocab_size, tok.num_threads
+        args.out = str(profile.spm_model.parent)
     if args.corpus:
         cfg = SentencePieceConfig(vocab_size=args.vocab_size, model_type=args.model_type,
                                   num_threads=args.num_threads)
@@ -144,6 +172,14 @@ def shard(args: argparse.Namespace) -> int:
     from d2v.data.tokenizer import TextTokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    profile = _profile(args)
+    if profile is not None:  # --split names the shard set; the profile says how it is cut
+        key = f"{args.dataset}/{args.split}"
+        spec = profile.shard_spec(key)
+        args.root, args.out = profile.data_root, str(profile.shard_dir(key))
+        args.split, args.subset, args.limit = spec.split, spec.subset, spec.limit
+        if args.dataset == profile.tokenizer.corpus:
+            args.tokenizer = str(profile.spm_model)
     source = Path(args.root) / "raw" / args.dataset
     name = args.split + (f"-{args.subset}" if args.subset else "")
     out = Path(args.out or Path(args.root) / "shards" / args.dataset / name)
@@ -186,10 +222,21 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     from d2v.train.pretrain import pretrain_main
 
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-    cfg = pretrain_config(args.modality, merge(overrides or {}, _nested(args.set)))
-    out = Path(args.out or f"runs/embedded/pretrain/{args.modality}")
+    profile = _profile(args)
+    if profile is not None:
+        if args.modality not in profile.pretrain:
+            raise ValueError(f"pretrain.{args.modality}: not in profile {args.profile!r} (see {args.params})")
+        base = profile.pretrain_config(args.modality).model_dump(mode="json")
+        cfg = pretrain_config(args.modality, merge(merge(base, overrides or {}), _nested(args.set)))
+        out = Path(args.out or profile.pretrain_dir(args.modality))
+        if args.modality == "text":
+            args.tokenizer = args.tokenizer or str(profile.spm_model)
+    else:
+        cfg = pretrain_config(args.modality, merge(overrides or {}, _nested(args.set)))
+        out = Path(args.out or f"runs/embedded/pretrain/{args.modality}")
     try:
-        summary = pretrain_main(cfg, out, tokenizer=args.tokenizer, progress=not args.quiet)
+        summary = pretrain_main(cfg, out, tokenizer=args.tokenizer, progress=not args.quiet,
+                                restart_on_change=args.restart_on_change or profile is not None)
     except CollapseError as err:
         print(f"error: {args.modality}: {err}", file=sys.stderr)
         return 3
@@ -211,8 +258,16 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     cli = {"init": args.init, "mode": args.mode, "seed": args.seed}
     if args.pretrained:
         cli["pretrained"] = args.pretrained
-    cfg = finetune_config(args.task, merge(merge(overrides or {}, cli), _nested(args.set)))
-    out = Path(args.out or f"runs/embedded/finetune/{args.task}-{cfg.init}-{cfg.mode}-s{cfg.seed}")
+    profile = _profile(args)
+    if profile is not None:
+        if args.task not in profile.finetune:
+            raise ValueError(f"finetune.{args.task}: not in profile {args.profile!r} (see {args.params})")
+        base = profile.finetune_config(args.task, args.init, args.seed).model_dump(mode="json")
+        cfg = finetune_config(args.task, merge(merge(merge(base, overrides or {}), cli), _nested(args.set)))
+        out = Path(args.out or profile.finetune_dir(args.task, cfg.init, cfg.seed))
+    else:
+        cfg = finetune_config(args.task, merge(merge(overrides or {}, cli), _nested(args.set)))
+        out = Path(args.out or f"runs/embedded/finetune/{args.task}-{cfg.init}-{cfg.mode}-s{cfg.seed}")
     summary = run_finetune(cfg, out, progress=not args.quiet)
     print(f"{args.task}: {summary['steps']} steps in {summary['seconds']}s, best dev {summary['best_dev']} -> {out}")
     return 0
@@ -225,6 +280,49 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
         values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
         print(f"{r['task']}/{r['split']} ({r['init']}, {r['mode']}): {values}  n={r['n']}")
     return 0
+
+
+def report_cmd(args: argparse.Namespace) -> int:
+    from d2v.pipeline.params import load_params
+    from d2v.pipeline.report import compare, write_report
+
+    params = load_params(args.params, args.profile)
+    if args.compare:
+        print(compare(params.active, args.compare, args.against))
+        return 0
+    table = write_report(params.active, params.profile)
+    print(table)
+    return 0
+
+
+def pipeline_cmd(args: argparse.Namespace) -> int:
+    import yaml
+
+    from d2v.io import atomic_write_text
+    from d2v.pipeline.params import load_params
+    from d2v.pipeline.stages import StageTable, dvc_yaml
+
+    params = load_params(args.params, args.profile)
+    raw = yaml.safe_load(open(args.params))
+    table = StageTable(params, params.profile, args.params, raw)
+    if args.action == "stages":
+        for s in table:
+            print(f"{s.name:48s} {s.cmd}")
+        return 0
+    text = DVC_HEADER + yaml.safe_dump(dvc_yaml(table), sort_keys=False, width=120)
+    if args.action == "dvc":
+        atomic_write_text(args.out, text)
+        print(f"{len(table.stages)} stages ({params.profile}) -> {args.out}")
+        return 0
+    current = open(args.out).read() if os.path.exists(args.out) else ""
+    if current != text:
+        print(f"{args.out} is out of date with the stage table; run `d2v pipeline dvc`", file=sys.stderr)
+        return 1
+    print(f"{args.out} matches the stage table ({len(table.stages)} stages)")
+    return 0
+
+
+DVC_HEADER = "# Generated by `d2v pipeline dvc` from d2v/pipeline/stages.py; do not edit by hand.\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="source option, e.g. --set archives=/data/imagenet or --set 'splits=[dev-clean]'")
     p.set_defaults(func=prepare)
+    _add_profile(p)
     p = sub.add_parser("tokenizer", help="train SentencePiece on a text corpus and/or build a CTC letter vocabulary")
     p.add_argument("--corpus", help="prepared text corpus folder (its 'pretrain' split is used)")
     p.add_argument("--letters", help="prepared speech source whose transcripts define the letter vocabulary")
@@ -256,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
     p.add_argument("--num-threads", type=int, default=2)
     p.set_defaults(func=tokenizer)
+    _add_profile(p)
     p = sub.add_parser("pretrain", help="data2vec pretraining from shards (resumes from its last checkpoint)")
     p.add_argument("modality", choices=MODALITIES)
     p.add_argument("--config", default=None, help="YAML with overrides of the embedded defaults")
@@ -264,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run folder (default runs/embedded/pretrain/MODALITY)")
     p.add_argument("--tokenizer", default=None, help="text: SentencePiece model, checked against the encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--restart-on-change", action="store_true",
+                   help="discard checkpoints written under a different config instead of stopping (on with --profile)")
     p.set_defaults(func=pretrain_cmd)
+    _add_profile(p)
     p = sub.add_parser("finetune", help="fine-tune (or linear-probe) a downstream task, from data2vec or scratch")
     p.add_argument("task")
     p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained")
@@ -276,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=finetune_cmd)
+    _add_profile(p)
     p = sub.add_parser("evaluate", help="score a fine-tuned run on its test splits; one JSON per split")
     p.add_argument("run", help="fine-tuning run folder")
     p.add_argument("--split", default=None)
@@ -293,6 +397,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-count", type=int, default=10_000)
     p.add_argument("--limit", type=int, default=None, help="first N rows only (smoke runs)")
     p.set_defaults(func=shard)
+    _add_profile(p)
+
+    p = sub.add_parser("report", help="results/**/*.json → summary.md/.csv and plots; or --compare REV")
+    p.add_argument("--compare", metavar="REV", default=None, help="print metric deltas of REV → the work tree")
+    p.add_argument("--against", metavar="REV", default=None, help="compare REV with this revision instead")
+    _add_profile(p)
+    p.set_defaults(func=report_cmd)
+
+    p = sub.add_parser("pipeline", help="the stage table: list it, write dvc.yaml from it, or check dvc.yaml")
+    p.add_argument("action", choices=("stages", "dvc", "check"))
+    p.add_argument("--out", default="dvc.yaml")
+    _add_profile(p)
+    p.set_defaults(func=pipeline_cmd)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

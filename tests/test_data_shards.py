@@ -181,11 +181,15 @@ def test_text_corpus_needs_a_tokenizer(tmp_path):
 
 
 def test_letter_vocabulary_round_trip_and_unknown_characters():
-    letters = LetterTokenizer(build_letter_vocab(["AAB C", "B'"]))
+    letters = LetterTokenizer(build_letter_vocab(["AAB C", "B'"], alphabet=""))
     assert letters.symbols == ["<blank>", "|", "A", "B", "'", "C"]
     assert letters.decode(letters.encode("AB C'")) == "AB C'"
     with pytest.raises(ValueError, match="character 'Z'"):
         letters.encode("Z")
+    full = build_letter_vocab(["AAB C", "B'"])  # the LibriSpeech alphabet is always there, unseen letters last
+    assert full[:6] == ["<blank>", "|", "A", "B", "'", "C"] and len(full) == 2 + 27 and full[-1] == "Z"
+    with pytest.raises(ValueError, match="character 'é'"):
+        LetterTokenizer(full).encode("CAFé")
 
 
 def test_audio_fixture_is_real_flac():

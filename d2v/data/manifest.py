@@ -75,8 +75,10 @@ def read_manifest(folder_or_file: str | Path, split: str | None = None) -> pd.Da
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing columns {missing}; expected at least {list(COLUMNS)}")
-    if split is not None:
-        if split not in set(df["split"]):
-            raise ManifestError(f"{path}: no rows with split {split!r}; splits are {sorted(set(df['split']))}")
-        df = df[df["split"] == split].reset_index(drop=True)
+    if split is not None:  # 'a+b' is the union of splits a and b (e.g. LibriSpeech's 960 h)
+        wanted = split.split("+")
+        missing = [s for s in wanted if s not in set(df["split"])]
+        if missing:
+            raise ManifestError(f"{path}: no rows with split {missing[0]!r}; splits are {sorted(set(df['split']))}")
+        df = df[df["split"].isin(wanted)].reset_index(drop=True)
     return df

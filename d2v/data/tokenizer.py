@@ -99,9 +99,15 @@ class TextTokenizer:
         return self.sp.decode([int(i) for i in ids if i > self.unk and i != self.mask])
 
 
-def build_letter_vocab(transcripts: Iterable[str]) -> list[str]:
-    """CTC symbols: blank, word separator '|', then characters by descending count (ties alphabetical), as fairseq."""
+LIBRISPEECH_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
+
+
+def build_letter_vocab(transcripts: Iterable[str], alphabet: str = LIBRISPEECH_ALPHABET) -> list[str]:
+    """CTC symbols: blank, word separator '|', then characters by descending count (ties alphabetical), as fairseq.
+    Every character of `alphabet` is kept even when the transcripts lack it (a 10-minute set may have no 'Q'),
+    so test transcripts never hit an unknown letter."""
     counts = Counter(c for t in transcripts for c in t.replace(" ", WORD_SEP) if c != WORD_SEP)
+    counts.update({c: 0 for c in alphabet if c not in counts})
     return [BLANK, WORD_SEP] + sorted(counts, key=lambda c: (-counts[c], c))
 
 

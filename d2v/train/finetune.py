@@ -62,6 +62,12 @@ TASKS: dict[str, Task] = {
                        "MRPC"),
     "lee_sts": Task("text", "regression", "lee_sts", "train", "dev", ("test",), ("pearson", "spearman"), 1,
                     "STS-B"),
+    # paper scale (GPU clusters): the real benchmarks
+    "imagenet": Task("image", "classification", "imagenet", "train", None, ("val",), ("accuracy",), 1000,
+                     "ImageNet-1K top-1"),
+    **{f"librispeech_{n}": Task("speech", "ctc", "librispeech", f"librilight_10h-{n}" if n != "10h" else
+                                "librilight_10h", "dev-other", ("dev-clean", "dev-other", "test-clean", "test-other"),
+                                ("wer",), 0, f"Libri-light {n} → LibriSpeech WER") for n in ("10min", "1h", "10h")},
 }
 
 
@@ -112,7 +118,7 @@ EMBEDDED_FINETUNE: dict[str, dict] = {
 def finetune_config(task: str, overrides: dict | None = None) -> FinetuneConfig:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-    return validate(FinetuneConfig, merge({"task": task, **EMBEDDED_FINETUNE[task]}, overrides or {}),
+    return validate(FinetuneConfig, merge({"task": task, **EMBEDDED_FINETUNE.get(task, {})}, overrides or {}),
                     f"finetune.{task}")
 
 

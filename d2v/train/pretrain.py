@@ -10,7 +10,7 @@ resumed from its checkpoint therefore repeats exactly what the uninterrupted run
 from __future__ import annotations
 
 import contextlib
-import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,10 +48,28 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(source=batch.source.to(device, non_blocking=True), padding_mask=mask)
 
 
+# Settings that do not change what is computed: a checkpoint written under other values still resumes.
+RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile")
+
+
+def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None = None) -> list[str]:
+    """What differs between a checkpoint and the run about to resume from it: top-level config keys, and 'data'
+    when the shards it was trained on changed (their index.json lists every shard's sha256)."""
+    now, before = cfg.model_dump(mode="json"), saved.get("config", {})
+    changed = sorted(k for k in now.keys() | before.keys() if k not in RESUMABLE_ACROSS and before.get(k) != now.get(k))
+    if data_digest is not None and saved.get("data_digest") not in (None, data_digest):
+        changed.append("data")
+    return changed
+
+
 def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
                  out_dir: str | Path, world: World = World(), progress: bool = True,
-                 stop_after: int | None = None) -> dict:
-    """Train to `cfg.steps` (resuming from `out_dir/checkpoints` if any). `stop_after` ends early (tests)."""
+                 stop_after: int | None = None, restart_on_change: bool = False, data_digest: str | None = None) -> dict:
+    """Train to `cfg.steps` (resuming from `out_dir/checkpoints` if any). `stop_after` ends early (tests).
+
+    A checkpoint written under a different config or data is never resumed silently: it is an error, or with
+    `restart_on_change` (pipeline stages) the old checkpoints are discarded. Pipeline stages also start afresh
+    over a finished run: Snakemake or DVC rerun a stage only when asked to or when its inputs changed."""
     out_dir = Path(out_dir)
     objective.to(world.device)
     collapse = objective.cfg.collapse.model_copy(update={"warmup_steps": int(cfg.collapse_warmup * cfg.steps)})
@@ -66,6 +84,18 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     resume_state = None
     if last is not None:
         resume_state = checkpoint.load(last)
+        changed = stale_checkpoint(resume_state, cfg, data_digest)
+        if changed and not restart_on_change:
+            raise ValueError(f"{last}: written under a different config or data ({', '.join(changed)} changed); "
+                             f"use another --out, delete {ckpt_dir}, or pass --restart-on-change")
+        if restart_on_change and resume_state["step"] >= cfg.steps:
+            changed.append("finished run")
+        if changed:
+            if world.is_main:
+                print(f"{ckpt_dir}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)
+                shutil.rmtree(ckpt_dir)
+            last, resume_state = None, None
+    if resume_state is not None:
         objective.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         step, consumed = resume_state["step"], resume_state["batches"]
@@ -128,15 +158,16 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             try:
                 objective.check_collapse(step, metrics)
             except CollapseError:
-                _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, collapsed=True)
+                _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
+                        collapsed=True)
                 raise
         if bar is not None:
             bar.update(1)
         if step % cfg.checkpoint.every == 0 and step < cfg.steps and world.is_main:
-            _save(objective, optimizer, step, consumed, ckpt_dir, cfg)
+            _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)
     if bar is not None:
         bar.close()
-    return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world)
+    return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest)
 
 
 def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
@@ -148,18 +179,20 @@ def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
                 dynamic_ncols=True)
 
 
-def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig) -> Path:
+def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig,
+          data_digest: str | None) -> Path:
     return checkpoint.save(folder, step, {"model": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "batches": consumed, "config": cfg.model_dump(mode="json")},
-                           keep=cfg.checkpoint.keep)
+                                          "batches": consumed, "config": cfg.model_dump(mode="json"),
+                                          "data_digest": data_digest}, keep=cfg.checkpoint.keep)
 
 
-def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, collapsed=False) -> dict:
+def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
+            collapsed=False) -> dict:
     summary = {"modality": cfg.modality, "preset": cfg.preset, "step": step, "steps": cfg.steps,
                "collapsed": collapsed}
     if world.is_main:
         if step >= cfg.steps or collapsed:
-            _save(objective, optimizer, step, consumed, ckpt_dir, cfg)
+            _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)
         if step >= cfg.steps:
             encoder = {"encoder": objective.student.state_dict(), "teacher": objective.teacher.state_dict(),
                        "modality": cfg.modality, "preset": cfg.preset, "encoder_config":
@@ -174,8 +207,17 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
                                                                   "samples_per_s") if k in df}
             plot_curves(df, out_dir / "curves.png", CURVES, f"data2vec pretraining: {cfg.modality}")
         atomic_write_json(out_dir / "summary.json", summary)
-        (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
     return summary
+
+
+def shards_digest(shards: str | Path) -> str | None:
+    """sha256 of a shard set's index.json, which lists every shard's sha256: the identity of the training data."""
+    from d2v.data.download import file_digest
+    from d2v.data.shards import INDEX
+
+    path = Path(shards) / INDEX
+    return file_digest(path) if path.is_file() else None
 
 
 def build_objective(cfg: PretrainConfig) -> Data2Vec:
@@ -206,7 +248,7 @@ def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: s
 
 
 def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, restart_on_change: bool = False) -> dict:
     from d2v.train.batches import pretrain_stream
     from d2v.train.distributed import init, shutdown
 
@@ -215,6 +257,7 @@ def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Pat
         objective = build_objective(cfg)
         check_text_vocabulary(cfg, objective, tokenizer)
         stream = pretrain_stream(cfg.modality, cfg.data, cfg.seed)
-        return run_pretrain(cfg, objective, stream, out_dir, world, progress=progress)
+        return run_pretrain(cfg, objective, stream, out_dir, world, progress=progress,
+                            restart_on_change=restart_on_change, data_digest=shards_digest(cfg.data.shards))
     finally:
         shutdown()

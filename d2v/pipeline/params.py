@@ -1,0 +1,231 @@
+"""`params.yaml`: named profiles (embedded, smoke, paper) and the active one, validated before any work.
+
+Each profile names the corpora to prepare, how to shard them, the tokenizer, and per-stage overrides of the typed
+training configs. Loading validates the whole file, including every training config a stage will build, so a bad
+value fails at `snakemake`/`dvc repro` parse time with its full key, e.g. `profiles.smoke.pretrain.image.optim.lr`.
+"""
+from __future__ import annotations
+
+import inspect
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, model_validator
+
+from d2v.config import ConfigError, StrictModel, validate
+from d2v.data.sources import SOURCES
+from d2v.train.config import PretrainConfig, merge, pretrain_config
+from d2v.train.finetune import TASKS, FinetuneConfig, finetune_config
+
+PARAMS_FILE = "params.yaml"
+MODALITIES = ("image", "speech", "text")
+STAGE_KINDS = ("prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate", "report")
+
+
+class Resources(StrictModel):
+    """What one job of a stage kind needs; Snakemake schedules and SLURM allocates from these."""
+
+    threads: int = Field(1, ge=1)
+    mem_mb: int = Field(4000, ge=100)
+    runtime: int = Field(30, ge=1)  # minutes
+    gpus: int = Field(0, ge=0)
+
+    def snakemake(self) -> dict:
+        """Snakemake's standard resource names (threads are a directive of their own)."""
+        return {"mem_mb": self.mem_mb, "runtime": self.runtime, "gpu": self.gpus}
+
+
+class ShardSpec(StrictModel):
+    """How a shard set `DATASET/NAME` is cut from a prepared split (default: split NAME, or SPLIT-SUBSET)."""
+
+    split: str
+    subset: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+
+class TokenizerSpec(StrictModel):
+    corpus: str | None = None  # prepared text source whose 'pretrain' split trains SentencePiece
+    letters: str | None = None  # prepared speech source whose transcripts define the CTC letters
+    letters_split: str = "train_1h"
+    vocab_size: int = Field(8000, ge=16)
+    num_threads: int = Field(2, ge=1)
+
+
+class Profile(StrictModel):
+    description: str = ""
+    data_root: str = "data"
+    cache: str = "data/cache"  # content-addressed downloads, shared by all profiles
+    runs: str
+    results: str
+    summary: str  # path prefix of summary.md / summary.csv
+    seeds: list[int] = Field([0], min_length=1)
+    inits: list[Literal["pretrained", "scratch"]] = Field(["pretrained", "scratch"], min_length=1)
+    shard_limit: int | None = Field(None, ge=1)  # cap on every shard set (smoke runs)
+    sources: dict[str, dict] = {}  # source → options of `d2v prepare SOURCE`
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    shards: dict[str, ShardSpec] = {}  # 'DATASET/NAME' → spec, for names that are not a plain split
+    pretrain: dict[Literal["image", "speech", "text"], dict] = {}  # overrides of the typed pretraining config
+    finetune: dict[str, dict] = {}  # task → overrides of the typed fine-tuning config
+    resources: dict[str, Resources] = {}
+
+    @model_validator(mode="after")
+    def _known_names(self):
+        for name, options in self.sources.items():
+            if name not in SOURCES:
+                raise ValueError(f"sources.{name}: unknown source; expected one of {sorted(SOURCES)}")
+            accepted = set(inspect.signature(SOURCES[name].prepare).parameters) - {"ctx"}
+            unknown = sorted(set(options or {}) - accepted)
+            if unknown:
+                raise ValueError(f"sources.{name}: unknown option(s) {unknown}; it accepts {sorted(accepted)}")
+        for task in self.finetune:
+            if task not in TASKS:
+                raise ValueError(f"finetune.{task}: unknown task; expected one of {sorted(TASKS)}")
+        for kind in self.resources:
+            if kind not in STAGE_KINDS:
+                raise ValueError(f"resources.{kind}: unknown stage kind; expected one of {list(STAGE_KINDS)}")
+        for key in self.shards:
+            if key.count("/") != 1:
+                raise ValueError(f"shards.{key}: expected DATASET/NAME")
+        return self
+
+    # ---------------------------------------------------------------------------------------------- paths
+    @property
+    def raw(self) -> Path:
+        return Path(self.data_root) / "raw"
+
+    def shard_dir(self, key: str) -> Path:
+        return Path(self.data_root) / "shards" / key
+
+    @property
+    def spm_model(self) -> Path:
+        return Path(self.data_root) / "tokenizer" / "spm.model"
+
+    @property
+    def letters(self) -> Path:
+        return Path(self.data_root) / "tokenizer" / "letters.json"
+
+    def pretrain_dir(self, modality: str) -> Path:
+        return Path(self.runs) / "pretrain" / modality
+
+    def finetune_dir(self, task: str, init: str, seed: int) -> Path:
+        return Path(self.runs) / "finetune" / task / f"{init}-s{seed}"
+
+    def eval_dir(self, task: str, init: str, seed: int) -> Path:
+        return Path(self.results) / task / f"{init}-s{seed}"
+
+    # ---------------------------------------------------------------------------------------------- stages
+    def resources_for(self, kind: str) -> Resources:
+        return self.resources.get(kind, Resources())
+
+    def shard_spec(self, key: str) -> ShardSpec:
+        if key in self.shards:
+            spec = self.shards[key]
+        else:
+            split, _, subset = key.split("/", 1)[1].partition("-")
+            spec = ShardSpec(split=split, subset=subset or None)
+        if self.shard_limit is not None:
+            spec = spec.model_copy(update={"limit": min(spec.limit or self.shard_limit, self.shard_limit)})
+        return spec
+
+    def pretrain_config(self, modality: str) -> PretrainConfig:
+        """The profile's overrides on the recipe defaults; `data.shards` is DATASET/SPLIT under the data root."""
+        overrides = dict(self.pretrain[modality])
+        key = overrides.get("data", {}).get("shards")
+        if key is None:
+            raise ConfigError(f"pretrain.{modality}.data.shards: missing (expected DATASET/SPLIT)")
+        overrides = merge(overrides, {"data": {"shards": str(self.shard_dir(key))}})
+        return pretrain_config(modality, overrides)
+
+    def pretrain_corpus(self, modality: str) -> str:
+        return self.pretrain[modality]["data"]["shards"]
+
+    def finetune_config(self, task: str, init: str = "pretrained", seed: int = 0) -> FinetuneConfig:
+        modality = TASKS[task].modality
+        fixed = {"init": init, "seed": seed, "data_root": self.data_root, "tokenizer": str(self.spm_model),
+                 "letters": str(self.letters)}
+        if init == "pretrained":
+            fixed["pretrained"] = str(self.pretrain_dir(modality) / "final.pt")
+        return finetune_config(task, merge(self.finetune[task], fixed))
+
+    def task_shards(self, task: str) -> list[str]:
+        spec = TASKS[task]
+        splits = [spec.train, *([spec.dev] if spec.dev else []), *spec.tests]
+        return [f"{spec.dataset}/{s}" for s in dict.fromkeys(splits)]
+
+    @cached_property
+    def shard_keys(self) -> list[str]:
+        keys = [self.pretrain_corpus(m) for m in self.pretrain]
+        for task in self.finetune:
+            keys += self.task_shards(task)
+        return list(dict.fromkeys(keys))
+
+
+class Params(StrictModel):
+    profile: str
+    profiles: dict[str, Profile]
+
+    @model_validator(mode="after")
+    def _active_profile_exists(self):
+        if self.profile not in self.profiles:
+            raise ValueError(f"profile: {self.profile!r} is not one of {sorted(self.profiles)}")
+        return self
+
+    @property
+    def active(self) -> Profile:
+        return self.profiles[self.profile]
+
+
+def check_profile(name: str, profile: Profile) -> None:
+    """Build every config a stage will build, and check the stage graph is closed (inputs have producers)."""
+    where = f"profiles.{name}"
+    for modality in profile.pretrain:
+        _checked(lambda: profile.pretrain_config(modality), f"{where}.pretrain.{modality}")
+    for task in profile.finetune:
+        modality = TASKS[task].modality
+        if "pretrained" in profile.inits and modality not in profile.pretrain:
+            raise ConfigError(f"{where}.finetune.{task}: init 'pretrained' needs {where}.pretrain.{modality}")
+        for init in profile.inits:
+            _checked(lambda: profile.finetune_config(task, init, profile.seeds[0]), f"{where}.finetune.{task}")
+    for key in profile.shard_keys:
+        dataset = key.split("/")[0]
+        if dataset not in profile.sources:
+            raise ConfigError(f"{where}.sources: shard set {key} needs source {dataset!r}, which is not prepared")
+    needs_spm = "text" in profile.pretrain or any(TASKS[t].modality == "text" for t in profile.finetune)
+    needs_letters = any(TASKS[t].kind == "ctc" for t in profile.finetune)
+    for needed, field in ((needs_spm, "corpus"), (needs_letters, "letters")):
+        source = getattr(profile.tokenizer, field)
+        if needed and source is None:
+            raise ConfigError(f"{where}.tokenizer.{field}: required by the profile's text/speech stages")
+        if source is not None and source not in profile.sources:
+            raise ConfigError(f"{where}.tokenizer.{field}: source {source!r} is not in {where}.sources")
+
+
+def _checked(build, where: str):
+    try:
+        return build()
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("invalid configuration:", f"invalid configuration in {where}:")) from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def parse_params(data: dict, where: str = "params") -> Params:
+    params = validate(Params, data, where)
+    for name, profile in params.profiles.items():
+        check_profile(name, profile)
+    return params
+
+
+def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> Params:
+    """Read and validate params.yaml; `profile` overrides the active one (e.g. `--config profile=smoke`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no params file (expected a YAML with 'profile' and 'profiles')")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'profile' and 'profiles', got {type(data).__name__}")
+    if profile is not None:
+        data = {**data, "profile": profile}
+    return parse_params(data, str(path))

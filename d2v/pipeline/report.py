@@ -1,0 +1,195 @@
+"""`d2v report`: the evaluation JSONs of a profile → `summary.md` + `summary.csv` (pretrained vs scratch, seed
+spread, Δ, the paper's number for the task each one stands in for) and training-curve plots; `--compare REV`
+prints the metric deltas between two commits' summaries."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from d2v.io import atomic_write_text
+from d2v.pipeline.params import Profile
+from d2v.train.finetune import TASKS, git_commit
+
+LOWER_IS_BETTER = {"wer"}
+
+# What the paper reports for the benchmark each embedded task stands in for (data2vec 1.0, Base): ImageNet-1K
+# top-1 [P1 Tab.1]; LibriSpeech WER with a 4-gram LM [P1 Tab.6]; GLUE dev [P1 Tab.4]. Different data and scale:
+# a compass, not a target.
+PAPER = {
+    ("fashion_mnist", "test", "accuracy"): 0.842,
+    **{("speech_10min", s, "wer"): v for s, v in zip(("dev_clean", "dev_other", "test_clean", "test_other"),
+                                                     (0.073, 0.116, 0.079, 0.123))},
+    **{("speech_1h", s, "wer"): v for s, v in zip(("dev_clean", "dev_other", "test_clean", "test_other"),
+                                                  (0.040, 0.085, 0.046, 0.091))},
+    ("rt_polarity", "test", "accuracy"): 0.918,
+    ("bible_para", "test", "accuracy"): 0.902,  # MRPC: the paper reports the mean of accuracy and F1
+    ("lee_sts", "test", "pearson"): 0.872,  # STS-B: mean of Pearson and Spearman
+}
+
+COLUMNS = ["task", "stands_in_for", "split", "metric", "pretrained", "pretrained_std", "scratch", "scratch_std",
+           "delta", "pretrained_better", "seeds", "paper", "commit"]
+
+
+def collect(results_dir: str | Path) -> pd.DataFrame:
+    """One row per (task, split, init, seed, metric) from `RESULTS/TASK/INIT-sSEED/TASK-SPLIT.json`."""
+    rows = []
+    for path in sorted(Path(results_dir).glob("*/*/*.json")):
+        try:
+            r = json.loads(path.read_text())
+            rows += [dict(task=r["task"], split=r["split"], init=r["init"], seed=r["seed"], metric=k, value=v,
+                          commit=r.get("commit", "unknown")) for k, v in r["metrics"].items()]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not an evaluation result ({err})") from None
+    return pd.DataFrame(rows, columns=["task", "split", "init", "seed", "metric", "value", "commit"])
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    out = []
+    for (task, split, metric), g in results.groupby(["task", "split", "metric"], sort=False):
+        row = dict(task=task, stands_in_for=TASKS[task].stands_in_for if task in TASKS else "", split=split,
+                   metric=metric, paper=PAPER.get((task, split, metric), np.nan),
+                   commit=",".join(sorted(set(g["commit"].str[:10]))))
+        for init in ("pretrained", "scratch"):
+            v = g.loc[g["init"] == init, "value"]
+            row[init], row[f"{init}_std"] = (v.mean(), v.std(ddof=0)) if len(v) else (np.nan, np.nan)
+        row["seeds"] = int(g["seed"].nunique())
+        row["delta"] = row["pretrained"] - row["scratch"]
+        better = -row["delta"] if metric in LOWER_IS_BETTER else row["delta"]
+        row["pretrained_better"] = bool(better > 0) if not np.isnan(better) else None
+        out.append(row)
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame) -> str:
+    def fmt(x):
+        return "—" if pd.isna(x) else f"{x:.4f}"
+
+    lines = [f"# d2v results — profile `{profile_name}`", "",
+             "Pretrained = data2vec encoder fine-tuned; scratch = the same model from a random initialisation. "
+             "Mean ± std over seeds on the test splits; Δ = pretrained − scratch (lower WER is better). "
+             "Embedded tasks are stand-ins, named after the benchmark they mirror; the paper column is that "
+             "benchmark's published data2vec Base number (different data and scale).", "",
+             "| task (stands in for) | split | metric | pretrained | scratch | Δ | seeds | paper |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        mark = "" if r.pretrained_better is None else (" ✓" if r.pretrained_better else " ✗")
+        lines.append(f"| {r.task} ({r.stands_in_for}) | {r.split} | {r.metric} | {fmt(r.pretrained)} ± "
+                     f"{fmt(r.pretrained_std)} | {fmt(r.scratch)} ± {fmt(r.scratch_std)} | {fmt(r.delta)}{mark} | "
+                     f"{r.seeds} | {fmt(r.paper)} |")
+    if not pretrain.empty:
+        lines += ["", "## Pretraining", "", "| modality | steps | loss first → last | target_var | pred_var | "
+                  "samples/s |", "|---|---|---|---|---|---|"]
+        for r in pretrain.itertuples():
+            lines.append(f"| {r.modality} | {r.steps} | {r.loss_first:.3f} → {r.loss_last:.3f} | "
+                         f"{r.target_var:.3f} | {r.pred_var:.3f} | {r.samples_per_s:.1f} |")
+    lines += ["", f"Commit: `{git_commit()[:10]}`.", ""]
+    return "\n".join(lines)
+
+
+def pretrain_table(profile: Profile) -> pd.DataFrame:
+    rows = []
+    for modality in profile.pretrain:
+        path = profile.pretrain_dir(modality) / "metrics.csv"
+        if path.is_file():
+            df = pd.read_csv(path)
+            rows.append(dict(modality=modality, steps=int(df["step"].iloc[-1]), loss_first=df["loss"].iloc[0],
+                             loss_last=df["loss"].iloc[-1], target_var=df["target_var"].iloc[-1],
+                             pred_var=df["pred_var"].iloc[-1], samples_per_s=df["samples_per_s"].iloc[-1]))
+    return pd.DataFrame(rows)
+
+
+def plot_pretraining(profile: Profile, out: Path) -> None:
+    curves = {m: pd.read_csv(profile.pretrain_dir(m) / "metrics.csv") for m in profile.pretrain
+              if (profile.pretrain_dir(m) / "metrics.csv").is_file()}
+    _panels(out, "data2vec pretraining", [(f"{m}: {col}", [(df["step"], df[col], m)]) for m, df in curves.items()
+                                          for col in ("loss", "target_var") if col in df])
+
+
+def plot_finetuning(profile: Profile, out: Path) -> None:
+    panels = []
+    for task in profile.finetune:
+        lines = []
+        for init in profile.inits:
+            path = profile.finetune_dir(task, init, profile.seeds[0]) / "metrics.csv"
+            if path.is_file():
+                df = pd.read_csv(path)
+                lines.append((df["step"], df["loss"].rolling(10, min_periods=1).mean(), init))
+        panels.append((f"{task}: train loss (seed {profile.seeds[0]})", lines))
+    _panels(out, "fine-tuning: pretrained vs scratch", panels)
+
+
+def _panels(out: Path, title: str, panels: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, max(1, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, lines) in zip(axes.flat, panels):
+        for x, y, label in lines:
+            ax.plot(x, y, lw=1, label=label)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(lines) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=72)
+    plt.close(fig)
+    from d2v.io import atomic_write_bytes
+
+    atomic_write_bytes(out, buf.getvalue())
+
+
+def write_report(profile: Profile, profile_name: str) -> str:
+    results = collect(profile.results)
+    if results.empty:
+        raise FileNotFoundError(f"{profile.results}: no evaluation JSONs (run the evaluate stages first)")
+    summary = summarize(results)
+    atomic_write_text(profile.summary + ".csv", summary.to_csv(index=False, float_format="%.6g"))
+    text = markdown(summary, profile_name, pretrain_table(profile))
+    atomic_write_text(profile.summary + ".md", text)
+    plots = Path(profile.results) / "plots"
+    plot_pretraining(profile, plots / "pretrain.png")
+    plot_finetuning(profile, plots / "finetune.png")
+    return text
+
+
+# --------------------------------------------------------------------------------------------------- compare
+
+def summary_at(path: str, rev: str | None) -> pd.DataFrame:
+    """A summary CSV from git revision `rev`, or from the work tree when `rev` is None."""
+    if rev is None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no summary in the work tree (run `d2v report`)")
+        return pd.read_csv(path)
+    show = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if show.returncode != 0:
+        raise FileNotFoundError(f"{rev}:{path}: not in git ({show.stderr.strip()})")
+    return pd.read_csv(io.StringIO(show.stdout))
+
+
+def compare_frames(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    keys = ["task", "split", "metric"]
+    both = old[keys + ["pretrained", "scratch"]].merge(new[keys + ["pretrained", "scratch"]], on=keys, how="outer",
+                                                       suffixes=("_old", "_new"))
+    for init in ("pretrained", "scratch"):
+        both[f"{init}_change"] = both[f"{init}_new"] - both[f"{init}_old"]
+    return both
+
+
+def compare(profile: Profile, rev: str, against: str | None = None) -> str:
+    path = profile.summary + ".csv"
+    table = compare_frames(summary_at(path, rev), summary_at(path, against))
+    head = f"{path}: {rev} → {against or 'work tree'}"
+    return head + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:+.4f}" if abs(x) < 1 else f"{x:.4f}")

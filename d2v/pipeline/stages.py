@@ -1,0 +1,186 @@
+"""The stage graph, in one place. Snakemake (`workflow/rules/*.smk`) defines one rule per stage from this table and
+`d2v pipeline dvc` writes `dvc.yaml` from it, so both front doors run the same commands on the same files.
+
+    prepare SOURCE → tokenizer → shard DATASET/NAME → pretrain MODALITY → finetune TASK × init × seed
+    → evaluate (one JSON per test split) → report
+
+Outputs are files the stage writes atomically: a prepared folder is named by its `manifest.csv`, a shard set by
+its `index.json` (both list the sha256 of every file they cover), a run by its checkpoint and logs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from d2v.pipeline.params import Params, Profile, Resources
+from d2v.train.finetune import TASKS
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # a valid Python identifier (Snakemake rule name) and DVC stage name
+    kind: str
+    cmd: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    params: tuple[str, ...] = ()  # dotted keys of params.yaml the command reads
+    metrics: tuple[str, ...] = ()  # outputs that are metrics (JSON)
+    plots: tuple[str, ...] = ()  # outputs that are plots (PNG)
+    resources: Resources = field(default_factory=Resources)
+    log: str = ""  # Snakemake's log file for the job
+
+
+def identifier(*parts: str) -> str:
+    return re.sub(r"\W", "_", "_".join(parts))
+
+
+class StageTable:
+    """Every stage of one profile, in dependency order."""
+
+    def __init__(self, params: Params, profile: str | None = None, params_file: str = "params.yaml",
+                 raw: dict | None = None):
+        self.name = profile or params.profile
+        self.profile: Profile = params.profiles[self.name]
+        self.params_file = params_file
+        self.raw = raw  # the YAML as written: DVC may only track keys that exist in it
+        self.stages: list[Stage] = []
+        self._build()
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    def of_kind(self, kind: str) -> list[Stage]:
+        return [s for s in self.stages if s.kind == kind]
+
+    def targets(self) -> list[str]:
+        """What `snakemake`'s default target asks for: the report and everything it summarises."""
+        return [o for s in self.of_kind("report") for o in s.outs]
+
+    def settings(self, stage: Stage) -> str:
+        """The values of the params a stage reads, as JSON: Snakemake reruns a job when its params change."""
+        values = {}
+        for key in stage.params:
+            node = self.raw
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            values[key] = node
+        return json.dumps(values, sort_keys=True)
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _d2v(self, *args: str, launcher: tuple[str, ...] = ("d2v",)) -> str:
+        extra = () if self.params_file == "params.yaml" else ("--params", self.params_file)
+        return " ".join((*launcher, *args, "--profile", self.name, *extra))
+
+    def _launcher(self, kind: str) -> tuple[str, ...]:
+        """Pretraining on several GPUs of one node runs under torchrun (DDP); everything else is one process."""
+        gpus = self.profile.resources_for(kind).gpus
+        if kind == "pretrain" and gpus > 1:
+            return ("torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "d2v.cli")
+        return ("d2v",)
+
+    def _keys(self, *keys: str) -> tuple[str, ...]:
+        """`profiles.NAME.KEY` for each key present in the written params (defaults have nothing to track)."""
+        out = []
+        for key in keys:
+            node, present = self.raw, self.raw is not None
+            for part in ("profiles", self.name, *key.split(".")):
+                if not (present and isinstance(node, dict) and part in node):
+                    present = False
+                    break
+                node = node[part]
+            if present or self.raw is None:
+                out.append(f"profiles.{self.name}.{key}")
+        return tuple(out)
+
+    def _add(self, kind: str, name: str, cmd: str, deps, outs, params=(), metrics=(), plots=()) -> None:
+        stage = identifier(kind, *name.split("/")) if name else kind
+        self.stages.append(Stage(stage, kind, cmd, tuple(map(str, deps)), tuple(map(str, outs)), self._keys(*params),
+                                 tuple(map(str, metrics)), tuple(map(str, plots)), self.profile.resources_for(kind),
+                                 f"logs/{self.name}/{stage}.log"))
+
+    def _manifest(self, source: str) -> Path:
+        return self.profile.raw / source / "manifest.csv"
+
+    # ------------------------------------------------------------------------------------------- graph
+    def _build(self) -> None:
+        p = self.profile
+        for source in p.sources:
+            self._add("prepare", source, self._d2v("prepare", source), [],
+                      [self._manifest(source), self._manifest(source).with_suffix(".json")], [f"sources.{source}"])
+        tok = p.tokenizer
+        tok_outs = ([p.spm_model] if tok.corpus else []) + ([p.letters] if tok.letters else [])
+        if tok_outs:
+            deps = [self._manifest(s) for s in (tok.corpus, tok.letters) if s]
+            self._add("tokenizer", "", self._d2v("tokenizer"), deps, tok_outs, ["tokenizer"])
+        for key in p.shard_keys:
+            dataset, name = key.split("/")
+            deps = [self._manifest(dataset)]
+            if dataset == tok.corpus:
+                deps.append(p.spm_model)  # the pretraining corpus is stored as token ids
+            params = ["shard_limit"] + ([f"shards.{key}"] if key in p.shards else [])
+            self._add("shard", key, self._d2v("shard", dataset, "--split", name), deps,
+                      [p.shard_dir(key) / "index.json"], params)
+        for modality in p.pretrain:
+            run = p.pretrain_dir(modality)
+            deps = [p.shard_dir(p.pretrain_corpus(modality)) / "index.json"]
+            if modality == "text":
+                deps.append(p.spm_model)
+            self._add("pretrain", modality, self._d2v("pretrain", modality, "--quiet", launcher=self._launcher("pretrain")), deps,
+                      [run / "final.pt", run / "metrics.csv", run / "summary.json", run / "curves.png"],
+                      [f"pretrain.{modality}"], plots=[run / "curves.png"])
+        for task, init, seed in self.finetune_runs():
+            self._finetune(task, init, seed)
+        self._report()
+
+    def finetune_runs(self) -> list[tuple[str, str, int]]:
+        p = self.profile
+        return [(t, i, s) for t in p.finetune for i in p.inits for s in p.seeds]
+
+    def _finetune(self, task: str, init: str, seed: int) -> None:
+        p, spec = self.profile, TASKS[task]
+        run, name = p.finetune_dir(task, init, seed), f"{task}/{init}/s{seed}"
+        deps = [p.shard_dir(k) / "index.json" for k in p.task_shards(task)]
+        deps += [p.spm_model] if spec.modality == "text" else [p.letters] if spec.kind == "ctc" else []
+        if init == "pretrained":
+            deps.append(p.pretrain_dir(spec.modality) / "final.pt")
+        self._add("finetune", name,
+                  self._d2v("finetune", task, "--init", init, "--seed", str(seed), "--quiet"), deps,
+                  [run / "best.pt", run / "metrics.csv", run / "summary.json"], [f"finetune.{task}"])
+        evals = self.eval_files(task, init, seed)
+        self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}",
+                  [run / "best.pt"] + deps[:len(p.task_shards(task))], evals, metrics=evals)
+
+    def eval_files(self, task: str, init: str, seed: int) -> list[Path]:
+        return [self.profile.eval_dir(task, init, seed) / f"{task}-{split}.json" for split in TASKS[task].tests]
+
+    def _report(self) -> None:
+        p = self.profile
+        evals = [f for run in self.finetune_runs() for f in self.eval_files(*run)]
+        logs = [p.pretrain_dir(m) / "metrics.csv" for m in p.pretrain]
+        logs += [p.finetune_dir(*run) / "metrics.csv" for run in self.finetune_runs()]
+        plots = [Path(p.results) / "plots" / f"{kind}.png" for kind in ("pretrain", "finetune")]
+        outs = [Path(p.summary + ".md"), Path(p.summary + ".csv"), *plots]
+        self._add("report", "", self._d2v("report"), evals + logs, outs, plots=plots)
+
+
+def dvc_yaml(table: StageTable) -> dict:
+    """`dvc.yaml` for one profile. Outputs are not cached: there is no remote, the data folders are large and
+    rebuilt from their manifests, and the results are committed to git."""
+    stages = {}
+    for s in table:
+        entry: dict = {"cmd": s.cmd}
+        if s.deps:
+            entry["deps"] = list(dict.fromkeys(s.deps))
+        if s.params:
+            entry["params"] = list(s.params)
+        plain = [o for o in s.outs if o not in s.metrics and o not in s.plots]
+        if plain:
+            entry["outs"] = [{o: {"cache": False}} for o in plain]
+        if s.metrics:
+            entry["metrics"] = [{m: {"cache": False}} for m in s.metrics]
+        if s.plots:
+            entry["plots"] = [{pl: {"cache": False}} for pl in s.plots]
+        stages[s.name] = entry
+    return {"stages": stages}

@@ -1,0 +1,24 @@
+# Stages of data preparation: download and verify corpora, train the tokenizer, write WebDataset shards.
+
+
+for stage in [s for kind in ("prepare", "tokenizer", "shard",) for s in STAGES.of_kind(kind)]:
+
+    rule:
+        name:
+            stage.name
+        input:
+            stage.deps,
+        output:
+            stage.outs,
+        log:
+            stage.log,
+        params:
+            cmd=stage.cmd,
+            settings=STAGES.settings(stage),
+        threads: stage.resources.threads
+        resources:
+            **stage.resources.snakemake(),
+        conda:
+            "../envs/d2v.yaml"
+        shell:
+            "{params.cmd} > {log} 2>&1"

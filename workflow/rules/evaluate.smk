@@ -1,0 +1,24 @@
+# Stages of evaluation: one JSON per test split, then the summary tables and plots.
+
+
+for stage in [s for kind in ("evaluate", "report",) for s in STAGES.of_kind(kind)]:
+
+    rule:
+        name:
+            stage.name
+        input:
+            stage.deps,
+        output:
+            stage.outs,
+        log:
+            stage.log,
+        params:
+            cmd=stage.cmd,
+            settings=STAGES.settings(stage),
+        threads: stage.resources.threads
+        resources:
+            **stage.resources.snakemake(),
+        conda:
+            "../envs/d2v.yaml"
+        shell:
+            "{params.cmd} > {log} 2>&1"
