@@ -1,11 +1,16 @@
-# Two entry points: `make run` (short embedded pretraining of all three modalities) and `make test`.
-# Both create .venv from the pinned lock file when it is missing.
+# Two entry points: `make run` (the whole embedded benchmark through Snakemake: prepare → tokenizer → shard →
+# pretrain → finetune → evaluate → report) and `make test`. Both create .venv from the pinned lock file when it
+# is missing. `make repro` runs the same stage graph through DVC; `make smoke` the CI-sized profile.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv run test clean
+BIN    := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: venv run repro smoke test clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,10 +22,16 @@ $(STAMP): pyproject.toml requirements.lock
 venv: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/d2v demo --modality all --out runs/demo
+	snakemake --profile workflow/profiles/local
+
+repro: $(STAMP)
+	dvc repro
+
+smoke: $(STAMP)
+	snakemake --profile workflow/profiles/local --config profile=smoke
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs logs benchmarks .snakemake .pytest_cache

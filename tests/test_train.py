@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -140,3 +141,29 @@ def test_embedded_defaults_validate_and_errors_name_the_key():
     with pytest.raises(ValueError, match=r"pretrain.text.stepz: Extra inputs are not permitted"):
         pretrain_config("text", {"stepz": 3})
     assert EMAConfig.constant(0.5).tau_steps == 0
+
+
+def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_path, capsys):
+    cfg = tiny_cfg("text")
+    run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False, stop_after=4,
+                 data_digest="aaa")
+    changed = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 5e-4})})
+    with pytest.raises(ValueError, match=r"step-00000003.pt: written under a different config or data \(optim"):
+        run_pretrain(changed, build_objective(changed), synthetic_stream("text"), tmp_path, progress=False,
+                     data_digest="aaa")
+    with pytest.raises(ValueError, match=r"\(data changed\)"):
+        run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False, data_digest="bbb")
+    # only the logging cadence differs: resumes at step 3
+    resumable = cfg.model_copy(update={"log_every": 2})
+    run_pretrain(resumable, build_objective(resumable), synthetic_stream("text"), tmp_path, progress=False,
+                 data_digest="aaa", stop_after=5)
+    assert "resumed from" in capsys.readouterr().err
+    # pipeline mode: stale checkpoints are discarded and the run starts from step 0; so is a finished run
+    summary = run_pretrain(changed, build_objective(changed), synthetic_stream("text"), tmp_path, progress=False,
+                           data_digest="aaa", restart_on_change=True)
+    assert "discarded (optim); starting afresh" in capsys.readouterr().err and summary["step"] == 6
+    rows = pd.read_csv(tmp_path / "metrics.csv")
+    assert rows["step"].tolist() == list(range(1, 7))
+    run_pretrain(changed, build_objective(changed), synthetic_stream("text"), tmp_path, progress=False,
+                 data_digest="aaa", restart_on_change=True)
+    assert "discarded (finished run)" in capsys.readouterr().err

@@ -180,6 +180,11 @@ class Params(StrictModel):
 def check_profile(name: str, profile: Profile) -> None:
     """Build every config a stage will build, and check the stage graph is closed (inputs have producers)."""
     where = f"profiles.{name}"
+    for source, options in profile.sources.items():
+        if "cfg" in (options or {}):  # the synthesized corpus takes a typed recipe
+            from d2v.data.sources.mini_librispeech import MiniLibriSpeechConfig
+
+            validate(MiniLibriSpeechConfig, options["cfg"], f"{where}.sources.{source}.cfg")
     for modality in profile.pretrain:
         _checked(lambda: profile.pretrain_config(modality), f"{where}.pretrain.{modality}")
     for task in profile.finetune:

@@ -65,7 +65,19 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame) -> str:
+def stage_times(bench_dir: str | Path) -> pd.DataFrame:
+    """Wall time per stage from Snakemake's `benchmark:` files (absent when the graph ran under DVC)."""
+    files = sorted(Path(bench_dir).glob("*.tsv"))
+    rows = [dict(stage=p.stem, seconds=float(pd.read_csv(p, sep="\t")["s"].iloc[0])) for p in files]
+    times = pd.DataFrame(rows, columns=["stage", "seconds"])
+    if files:
+        newest = max(p.stat().st_mtime for p in files)
+        times.attrs["when"] = pd.Timestamp(newest, unit="s").strftime("%Y-%m-%d %H:%M UTC")
+    return times
+
+
+def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame,
+             times: pd.DataFrame | None = None) -> str:
     def fmt(x):
         return "—" if pd.isna(x) else f"{x:.4f}"
 
@@ -87,6 +99,15 @@ def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame) -
         for r in pretrain.itertuples():
             lines.append(f"| {r.modality} | {r.steps} | {r.loss_first:.3f} → {r.loss_last:.3f} | "
                          f"{r.target_var:.3f} | {r.pred_var:.3f} | {r.samples_per_s:.1f} |")
+    if times is not None and not times.empty:
+        kinds = times.assign(kind=times["stage"].str.split("_").str[0]).groupby("kind", sort=False)["seconds"]
+        lines += ["", "## Stage times (seconds)", "",
+                  f"From the Snakemake `benchmark:` files of the last Snakemake run ({times.attrs.get('when', '?')}); "
+                  "jobs of one thread run two at a time on 2 cores, so the sum exceeds the wall time.", "",
+                  "| stage | jobs | seconds |", "|---|---|---|"]
+        lines += [f"| {k} | {n} | {t:.0f} |" for k, n, t in zip(kinds.sum().index, kinds.count(), kinds.sum())]
+        lines.append(f"| **all** | {len(times)} | {times['seconds'].sum():.0f} |")
+        lines += ["", "Per job: " + ", ".join(f"{r.stage} {r.seconds:.0f}" for r in times.itertuples()) + "."]
     lines += ["", f"Commit: `{git_commit()[:10]}`.", ""]
     return "\n".join(lines)
 
@@ -157,7 +178,7 @@ def write_report(profile: Profile, profile_name: str) -> str:
         raise FileNotFoundError(f"{profile.results}: no evaluation JSONs (run the evaluate stages first)")
     summary = summarize(results)
     atomic_write_text(profile.summary + ".csv", summary.to_csv(index=False, float_format="%.6g"))
-    text = markdown(summary, profile_name, pretrain_table(profile))
+    text = markdown(summary, profile_name, pretrain_table(profile), stage_times(Path("benchmarks") / profile_name))
     atomic_write_text(profile.summary + ".md", text)
     plots = Path(profile.results) / "plots"
     plot_pretraining(profile, plots / "pretrain.png")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from d2v.pipeline.params import Params, Profile, Resources
@@ -30,6 +30,7 @@ class Stage:
     plots: tuple[str, ...] = ()  # outputs that are plots (PNG)
     resources: Resources = field(default_factory=Resources)
     log: str = ""  # Snakemake's log file for the job
+    priority: int = 0  # Snakemake starts higher first: the pretraining chains are the critical path
 
 
 def identifier(*parts: str) -> str:
@@ -133,6 +134,23 @@ class StageTable:
         for task, init, seed in self.finetune_runs():
             self._finetune(task, init, seed)
         self._report()
+        self._prioritise()
+
+    def _prioritise(self) -> None:
+        """Pretraining and everything upstream of it first (2), then the runs that wait for it (1); scratch
+        baselines (0) fill the free cores meanwhile."""
+        producer = {o: s for s in self.stages for o in s.outs}
+        upstream, todo = set(), [s for s in self.stages if s.kind == "pretrain"]
+        while todo:
+            stage = todo.pop()
+            if stage.name not in upstream:
+                upstream.add(stage.name)
+                todo += [producer[d] for d in stage.deps if d in producer]
+        pretrained = {o for s in self.of_kind("pretrain") for o in s.outs}
+        after = {s.name for s in self.stages if s.kind == "finetune" and pretrained & set(s.deps)}
+        after |= {s.name for s in self.of_kind("evaluate") if s.name.replace("evaluate_", "finetune_", 1) in after}
+        self.stages = [replace(s, priority=2 if s.name in upstream else 1 if s.name in after else 0)
+                       for s in self.stages]
 
     def finetune_runs(self) -> list[tuple[str, str, int]]:
         p = self.profile

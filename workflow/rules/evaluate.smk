@@ -12,10 +12,13 @@ for stage in [s for kind in ("evaluate", "report",) for s in STAGES.of_kind(kind
             stage.outs,
         log:
             stage.log,
+        benchmark:
+            stage.log.replace("logs/", "benchmarks/", 1).removesuffix(".log") + ".tsv"
         params:
             cmd=stage.cmd,
             settings=STAGES.settings(stage),
         threads: stage.resources.threads
+        priority: stage.priority
         resources:
             **stage.resources.snakemake(),
         conda:

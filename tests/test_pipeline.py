@@ -1,0 +1,262 @@
+"""The pipeline layer: params validation, one stage table behind Snakemake and DVC, conda env ↔ lock file, the
+report and its cross-commit comparison, stale-checkpoint handling, and the smoke profile end to end."""
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from d2v.config import ConfigError
+from d2v.pipeline.params import load_params, parse_params
+from d2v.pipeline.report import collect, compare, summarize, write_report
+from d2v.pipeline.stages import StageTable, dvc_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def run(cmd: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ params
+
+def test_every_profile_validates_and_builds_a_closed_graph():
+    params = load_params(ROOT / "params.yaml")
+    assert params.profile == "embedded" and set(params.profiles) == {"embedded", "smoke", "paper"}
+    for name in params.profiles:
+        table = StageTable(params, name, raw=RAW)
+        produced = {o for s in table for o in s.outs}
+        needed = {d for s in table for d in s.deps}
+        assert needed <= produced, f"{name}: inputs nobody produces: {sorted(needed - produced)[:5]}"
+        assert len({s.name for s in table}) == len(table.stages)
+    embedded = StageTable(params, "embedded", raw=RAW)
+    assert {s.kind for s in embedded} == {"prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate",
+                                          "report"}
+    assert len(embedded.of_kind("finetune")) == 2 * len(params.profiles["embedded"].finetune)  # + scratch
+
+
+def _broken(path: list, value):
+    data = copy.deepcopy(RAW)
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value,expected", [
+    (["profile"], "nope", "profile: 'nope' is not one of"),
+    (["profiles", "smoke", "seeds"], "zero", "profiles.smoke.seeds"),
+    (["profiles", "smoke", "pretrain", "image", "optim"], {"lr": -1.0}, "profiles.smoke.pretrain.image"),
+    (["profiles", "smoke", "pretrain", "image", "optim"], {"lr": -1.0}, "optim.lr: Input should be greater than 0"),
+    (["profiles", "embedded", "finetune", "lee_sts", "steps"], "many", "finetune.lee_sts"),
+    (["profiles", "embedded", "sources", "imagenet_typo"], {}, "sources.imagenet_typo: unknown source"),
+    (["profiles", "embedded", "sources", "fashion_mnist"], {"limt": 5}, "unknown option(s) ['limt']"),
+    (["profiles", "embedded", "finetune", "no_such_task"], {}, "finetune.no_such_task: unknown task"),
+    (["profiles", "embedded", "resources", "pretrain", "threads"], 0, "resources.pretrain.threads"),
+    (["profiles", "smoke", "sources", "mini_librispeech", "cfg", "dev"], -1, "sources.mini_librispeech.cfg.dev"),
+    (["profiles", "embedded", "pretrain", "image", "data"], {"batch_size": 8}, "data.shards: missing"),
+])
+def test_bad_params_are_rejected_naming_the_key(path, value, expected):
+    with pytest.raises(ConfigError) as err:
+        parse_params(_broken(path, value))
+    assert expected in str(err.value)
+
+
+def test_pretrained_init_needs_the_modality_pretrained():
+    data = copy.deepcopy(RAW)
+    del data["profiles"]["smoke"]["pretrain"]["speech"]
+    with pytest.raises(ConfigError, match=r"profiles.smoke.finetune.speech_10min: init 'pretrained' needs"):
+        parse_params(data)
+    data["profiles"]["smoke"]["inits"] = ["scratch"]  # a scratch-only profile needs no pretraining
+    parse_params(data)
+
+
+def test_invalid_params_stop_snakemake_and_the_cli_before_any_work(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(_broken(["profiles", "embedded", "pretrain", "text", "steps"], -5)))
+    out = run([str(BIN / "d2v"), "pipeline", "stages", "--params", str(bad)], check=False)
+    assert out.returncode == 2 and "profiles.embedded.pretrain.text" in out.stderr and "steps" in out.stderr
+    shutil.copy(ROOT / "Snakefile", tmp_path)
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "1"], cwd=tmp_path, check=False)
+    assert out.returncode != 0 and "profiles.embedded.pretrain.text" in out.stdout + out.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+
+
+# ------------------------------------------------------------------------------------------ one stage graph
+
+def snakemake_jobs(profile: str) -> dict[str, tuple[set, set, str]]:
+    """rule → (inputs, outputs, command) from a forced dry run: what Snakemake would actually execute."""
+    out = run([str(BIN / "snakemake"), "-n", "-p", "-F", "--cores", "1", "--config", f"profile={profile}"]).stdout
+    jobs = {}
+    for block in re.split(r"\n(?=rule \w+:)", out):
+        head = re.match(r"rule (\w+):", block)
+        if not head or head.group(1) == "all":
+            continue
+        field = {k: v for k, v in re.findall(r"^    (input|output): (.*)$", block, re.M)}
+        cmd = re.search(r"^Shell command: (.*) > logs/\S+ 2>&1$", block, re.M)
+        jobs[head.group(1)] = (set(field.get("input", "").split(", ")) - {""}, set(field["output"].split(", ")),
+                               cmd.group(1) if cmd else None)
+    return jobs
+
+
+def dvc_stages(spec: dict) -> dict[str, tuple[set, set, str]]:
+    def paths(entries):
+        return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+    return {name: (set(s.get("deps", [])), paths(s.get("outs", []) + s.get("metrics", []) + s.get("plots", [])),
+                   s["cmd"]) for name, s in spec["stages"].items()}
+
+
+def test_committed_dvc_yaml_is_the_generated_one():
+    out = run([str(BIN / "d2v"), "pipeline", "check"], check=False)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper"])
+def test_snakemake_and_dvc_run_the_same_stages(profile):
+    if profile == "embedded":
+        spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())  # the committed file itself
+    else:
+        spec = dvc_yaml(StageTable(load_params(ROOT / "params.yaml", profile), raw=RAW))
+    assert snakemake_jobs(profile) == dvc_stages(spec)
+
+
+def test_dvc_sees_the_pipeline_without_network_or_remote():
+    out = run([str(BIN / "dvc"), "dag", "--md"])
+    assert "prepare_fashion_mnist" in out.stdout and "report" in out.stdout
+    assert "analytics = false" in (ROOT / ".dvc" / "config").read_text()
+
+
+def test_snakemake_lint_is_clean():
+    out = run([str(BIN / "snakemake"), "--lint"])
+    assert "Congratulations, your workflow is in a good condition" in out.stdout + out.stderr
+
+
+def test_conda_env_pins_exactly_the_lock_file():
+    env = yaml.safe_load((ROOT / "workflow" / "envs" / "d2v.yaml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    lock = [line.strip() for line in (ROOT / "requirements.lock").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert sorted(p for p in pip if "==" in p) == sorted(lock)
+    assert "-e ../.." in pip
+    for name in ("snakemake", "dvc", "torch", "snakemake-executor-plugin-slurm"):
+        assert any(line.startswith(name + "==") for line in lock), name
+
+
+def test_slurm_and_local_profiles_parse():
+    slurm = yaml.safe_load((ROOT / "workflow/profiles/slurm/config.yaml").read_text())
+    local = yaml.safe_load((ROOT / "workflow/profiles/local/config.yaml").read_text())
+    assert slurm["executor"] == "slurm" and local["cores"] == "all"
+    paper = StageTable(load_params(ROOT / "params.yaml", "paper"), raw=RAW)
+    image = next(s for s in paper if s.name == "pretrain_image")
+    assert image.resources.gpus == 8 and image.cmd.startswith("torchrun --standalone --nproc_per_node=8 -m d2v.cli")
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def _result(root: Path, task: str, init: str, seed: int, split: str, **metrics):
+    path = root / task / f"{init}-s{seed}" / f"{task}-{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"task": task, "split": split, "init": init, "seed": seed, "metrics": metrics,
+                                "commit": "abc"}))
+
+
+def test_summary_means_spreads_and_direction(tmp_path):
+    for seed, (p, s) in enumerate([(0.80, 0.70), (0.84, 0.72)]):
+        _result(tmp_path, "fashion_mnist", "pretrained", seed, "test", accuracy=p)
+        _result(tmp_path, "fashion_mnist", "scratch", seed, "test", accuracy=s)
+        _result(tmp_path, "speech_1h", "pretrained", seed, "dev_clean", wer=0.5 + seed * 0.1)
+        _result(tmp_path, "speech_1h", "scratch", seed, "dev_clean", wer=0.4)
+    summary = summarize(collect(tmp_path)).set_index(["task", "split", "metric"])
+    fm = summary.loc[("fashion_mnist", "test", "accuracy")]
+    assert fm.pretrained == pytest.approx(0.82) and fm.pretrained_std == pytest.approx(0.02)
+    assert fm.delta == pytest.approx(0.11) and fm.pretrained_better and fm.seeds == 2 and fm.paper == 0.842
+    sp = summary.loc[("speech_1h", "dev_clean", "wer")]
+    assert sp.delta == pytest.approx(0.15) and not sp.pretrained_better  # higher WER is worse
+
+
+def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    profile = load_params(ROOT / "params.yaml").profiles["smoke"].model_copy(
+        update={"results": "res", "summary": "res/summary", "runs": "runs"})
+    _result(tmp_path / "res", "rt_polarity", "pretrained", 0, "test", accuracy=0.70)
+    _result(tmp_path / "res", "rt_polarity", "scratch", 0, "test", accuracy=0.65)
+    text = write_report(profile, "smoke")
+    assert "| rt_polarity (SST-2) | test | accuracy | 0.7000" in text
+    assert (tmp_path / "res/summary.csv").is_file() and (tmp_path / "res/plots/finetune.png").stat().st_size > 0
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:1] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "res/summary.csv"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    _result(tmp_path / "res", "rt_polarity", "pretrained", 0, "test", accuracy=0.75)
+    write_report(profile, "smoke")
+    diff = compare(profile, "HEAD")
+    assert "+0.0500" in diff and "res/summary.csv: HEAD → work tree" in diff
+    with pytest.raises(FileNotFoundError, match="not in git"):
+        compare(profile, "no-such-rev")
+
+
+def test_report_rejects_a_foreign_json(tmp_path):
+    (tmp_path / "t" / "r").mkdir(parents=True)
+    (tmp_path / "t" / "r" / "x.json").write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match="x.json: not an evaluation result"):
+        collect(tmp_path)
+
+
+# -------------------------------------------------------------------------------------------- end to end
+
+def _copy_of_repo(dest: Path) -> Path:
+    files = run(["git", "ls-files", "-co", "--exclude-standard"]).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    cache = ROOT / "data" / "cache"  # downloads are shared with the checkout (content-addressed, verified)
+    cache.mkdir(parents=True, exist_ok=True)
+    (dest / "data").mkdir(exist_ok=True)
+    (dest / "data" / "cache").symlink_to(cache)
+    return dest
+
+
+@pytest.mark.slow
+def test_smoke_profile_end_to_end_through_snakemake_and_dvc(tmp_path):
+    repo = _copy_of_repo(tmp_path / "repo")
+    run([str(BIN / "snakemake"), "--profile", "workflow/profiles/local", "--cores", "2", "--config", "profile=smoke"],
+        cwd=repo, timeout=900)
+    summary = pd.read_csv(repo / "results/smoke/summary.csv")
+    params = load_params(repo / "params.yaml", "smoke").active
+    assert set(summary["task"]) == set(params.finetune)
+    assert summary[["pretrained", "scratch"]].notna().all().all()
+    result = json.loads((repo / "results/smoke/rt_polarity/pretrained-s0/rt_polarity-test.json").read_text())
+    assert result["n"] == 48 and result["init"] == "pretrained" and len(result["params_digest"]) == 16
+    assert (repo / "runs/smoke/pretrain/text/final.pt").is_file()
+    again = run([str(BIN / "snakemake"), "-n", "--cores", "2", "--config", "profile=smoke"], cwd=repo)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    # the same graph through DVC: generated for the smoke profile, planned without network or remote
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(git + ["init", "-q"], cwd=repo)
+    run([str(BIN / "d2v"), "pipeline", "dvc", "--profile", "smoke"], cwd=repo)
+    run(git + ["add", "-A"], cwd=repo)
+    run(git + ["commit", "-qm", "smoke"], cwd=repo)
+    dry = run([str(BIN / "dvc"), "repro", "--dry"], cwd=repo)
+    assert "Running stage 'prepare_fashion_mnist'" in dry.stdout and "Running stage 'report'" in dry.stdout
+    metrics = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=repo).stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert "results/smoke/rt_polarity/pretrained-s0/rt_polarity-test.json" in files
