@@ -213,4 +213,5 @@ def compare(profile: Profile, rev: str, against: str | None = None) -> str:
     path = profile.summary + ".csv"
     table = compare_frames(summary_at(path, rev), summary_at(path, against))
     head = f"{path}: {rev} → {against or 'work tree'}"
-    return head + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:+.4f}" if abs(x) < 1 else f"{x:.4f}")
+    signed = {c: (lambda x: f"{x:+.4f}") for c in table.columns if c.endswith("_change")}
+    return head + "\n" + table.to_string(index=False, float_format=lambda x: f"{x:.4f}", formatters=signed)
