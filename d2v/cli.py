@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError, Data2Vec
+from d2v.data2vec2 import Data2Vec2
 from d2v.io import atomic_write_json
-from d2v.modalities.registry import ENCODERS, MODALITIES, build_modality
+from d2v.modalities.registry import ENCODERS, MODALITIES, OBJECTIVES, build_encoder, build_modality
 from d2v.train.loop import pretrain
 
 # steps, lr, batch size and input kwargs of the short demo pretraining per modality
@@ -31,9 +32,9 @@ def demo(args: argparse.Namespace) -> int:
     for name in names:
         run = DEMO[name]
         steps = args.steps or run["steps"]
-        modality, cfg = build_modality(name, args.preset)
+        modality, cfg = build_modality(name, args.preset, args.objective)
         cfg = cfg.model_copy(update={"collapse": cfg.collapse.model_copy(update={"warmup_steps": 3 * steps // 4})})
-        objective = Data2Vec(modality, cfg)
+        objective = (Data2Vec2 if args.objective == "v2" else Data2Vec)(modality, cfg)
         kw = dict(run["kw"])
         if name == "text":
             kw["vocab_size"] = modality.encoder.cfg.vocab_size
@@ -56,7 +57,7 @@ def demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         first = float(np.mean([m["loss"] for m in history[:10]]))
         last = float(np.mean([m["loss"] for m in history[-10:]]))
-        summary = {"modality": name, "preset": args.preset, "steps": steps, "seconds": round(elapsed, 2),
+        summary = {"modality": name, "preset": args.preset, "objective": args.objective, "steps": steps, "seconds": round(elapsed, 2),
                    "loss_first10": first, "loss_last10": last, "final": history[-1],
                    "params": sum(p.numel() for p in objective.student.parameters()), "inputs": "synthetic"}
         atomic_write_json(f"{args.out}/{name}/summary.json", summary)
@@ -68,10 +69,12 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def presets(args: argparse.Namespace) -> int:
-    for name, (table, cls) in ENCODERS.items():
+    for name, (table, _) in ENCODERS.items():
         for preset, cfg in table.items():
-            n = sum(p.numel() for p in cls(cfg).parameters())
-            print(f"{name:6s} {preset:9s} {n / 1e6:8.2f}M  D={cfg.dim} L={cfg.depth} H={cfg.num_heads}")
+            for objective in OBJECTIVES:
+                n = sum(p.numel() for p in build_encoder(name, preset, objective).parameters())
+                print(f"{name:6s} {preset:9s} {objective}  {n / 1e6:8.2f}M  D={cfg.dim} L={cfg.depth} "
+                      f"H={cfg.num_heads}")
     return 0
 
 
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="short data2vec pretraining on structured synthetic inputs")
     p.add_argument("--modality", choices=(*MODALITIES, "all"), default="all")
     p.add_argument("--preset", default="embedded", help="encoder size preset (tiny | embedded | base | large)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="v1", help="data2vec 1.0 or 2.0")
     p.add_argument("--steps", type=int, default=None, help="override the number of updates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")

@@ -60,8 +60,50 @@ class CollapseConfig(StrictModel):
     warmup_steps: int = Field(5000, ge=0)  # the guard is armed only after this many updates
 
 
+class V2MaskConfig(StrictModel):
+    """data2vec 2.0 masks (spec §8.3): each clone hides exactly ⌊T·prob⌋ tokens, drawn as blocks of `length`
+    (2-D for images, 1-D for speech; length 1 = random masking for text); `inverse` draws the visible region."""
+
+    prob: float = Field(gt=0, lt=1)
+    length: int = Field(1, ge=1)
+    adjust: float = Field(0.0, ge=0, lt=1)  # extra block centres so overlaps still reach the target count
+    inverse: bool = False
+
+
+class DecoderConfig(StrictModel):
+    """data2vec 2.0 conv decoder (spec §8.2): `layers` × [conv(k, groups) -> LN without affine -> GELU]."""
+
+    dim: int = Field(ge=1)
+    kernel: int = Field(ge=1)
+    groups: int = Field(1, ge=1)
+    layers: int = Field(ge=1)
+    residual: bool = True
+    projection_layers: Literal[1, 2] = 1
+    input_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.kernel % 2 == 0:
+            raise ValueError(f"decoder.kernel must be odd ('same' padding), got {self.kernel}")
+        if self.dim % self.groups:
+            raise ValueError(f"decoder.dim={self.dim} must be divisible by decoder.groups={self.groups}")
+        return self
+
+
+class V2Config(StrictModel):
+    """What data2vec 2.0 adds to the objective (spec §8): clones, masks that drop tokens, the conv decoder."""
+
+    clones: int = Field(ge=1)  # M masked views per sample sharing one teacher pass
+    mask: V2MaskConfig
+    decoder: DecoderConfig
+    mask_noise_std: float = Field(0.01, ge=0)  # decoder placeholders at masked slots
+    cls_loss: float = Field(0.0, ge=0)  # image: [CLS] regresses the patch-mean target
+    teacher_shared_prefixes: tuple[str, ...] = ()  # copied, not averaged (EMA scope per modality)
+    teacher_reads_student_features: bool = False  # speech, text: the teacher starts from the student's local output
+
+
 class ObjectiveConfig(StrictModel):
-    """data2vec 1.0 objective for one modality."""
+    """The data2vec objective for one modality: 1.0, or 2.0 when `v2` is set."""
 
     top_k: int = Field(8, ge=1)
     target_tap: Literal["ffn", "block"] = "ffn"  # FFN output before residual, or block output (v1 vision)
@@ -71,3 +113,4 @@ class ObjectiveConfig(StrictModel):
     loss: LossConfig = LossConfig()
     ema: EMAConfig = EMAConfig()
     collapse: CollapseConfig = CollapseConfig()
+    v2: V2Config | None = None

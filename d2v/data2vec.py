@@ -144,8 +144,14 @@ class Data2Vec(nn.Module):
         super().__init__()
         self.modality, self.cfg = modality, cfg
         self.student = modality.encoder
-        self.head = RegressionHead(self.student.dim, cfg.head)
-        self.ema = EMATeacher(self.student, cfg.ema, self.student.teacher_shared_prefixes)
+        self.head = self.build_head()
+        self.ema = EMATeacher(self.student, cfg.ema, self.teacher_shared_prefixes())
+
+    def build_head(self) -> nn.Module:
+        return RegressionHead(self.student.dim, self.cfg.head)
+
+    def teacher_shared_prefixes(self) -> tuple[str, ...]:
+        return self.student.teacher_shared_prefixes
 
     @property
     def teacher(self) -> nn.Module:

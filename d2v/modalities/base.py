@@ -3,6 +3,7 @@
 An encoder is split in two steps so the objective can share work between student and teacher:
   embed(source)          -> Embedded: the local encoder (patches / CNN frames / token embeddings)
   encode(embedded, mask) -> EncoderOutput: mask-embedding replacement, positions, extra tokens, Transformer
+  encode_visible(embedded, mask) -> EncoderOutput over the unmasked tokens only (data2vec 2.0 student)
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from d2v.config import V2MaskConfig
 
 
 @dataclass
@@ -69,6 +72,16 @@ class Encoder(nn.Module, ABC):
     @abstractmethod
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput: ...
 
+    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+        """data2vec 2.0: positions on the full sequence, then only the visible tokens (mask False) are encoded.
+        Every row of `mask` hides the same number of tokens, so the visible set is a dense tensor."""
+        raise NotImplementedError(f"{type(self).__name__} has no data2vec 2.0 path")
+
+    @property
+    def token_grid(self) -> tuple[int, int] | None:
+        """The 2-D layout of the token sequence (image patches), or None for a 1-D sequence."""
+        return None
+
     def forward(self, source: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None):
         return self.encode(self.embed(source, padding_mask), mask)
 
@@ -81,6 +94,10 @@ class Modality(ABC):
 
     @abstractmethod
     def make_views(self, batch: Batch, rng: np.random.Generator) -> Views: ...
+
+    def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
+        """data2vec 2.0: `clones` masks per sample, (B·clones, T) bool, True = masked, sample-major order."""
+        raise NotImplementedError(f"the {self.name} plug-in has no data2vec 2.0 masking")
 
 
 def run_blocks(
@@ -100,6 +117,27 @@ def run_blocks(
             ffn_outputs.append(ffn)
         hidden_states.append(x)
     return x, hidden_states, ffn_outputs
+
+
+def visible_indices(mask: Tensor) -> Tensor:
+    """(B, T) mask with the same number of masked tokens per row -> (B, T_visible) ascending visible positions."""
+    counts = (~mask).sum(1)
+    if mask.shape[0] and bool((counts != counts[0]).any()):
+        raise ValueError(f"data2vec 2.0 masks must hide the same number of tokens in every row, got visible counts "
+                         f"{sorted(set(counts.tolist()))}")
+    num_visible = int(counts[0]) if mask.shape[0] else 0
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, T, D), index (B, K) -> (B, K, D)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def require_unpadded(embedded: Embedded) -> None:
+    if embedded.padding_mask is not None and bool(embedded.padding_mask.any()):
+        raise ValueError("data2vec 2.0 pretraining needs unpadded batches (speech: crop each batch to its shortest "
+                         "utterance; text: packed blocks)")
 
 
 def replace_masked(tokens: Tensor, mask: Tensor | None, mask_embedding: Tensor) -> Tensor:

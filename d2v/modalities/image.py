@@ -10,9 +10,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
-from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
+from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
+                        V2MaskConfig)
+from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
+                                 replace_masked, run_blocks, visible_indices)
+from d2v.modalities.masks_v2 import block_masks
 from d2v.nn import RelativePositionBias, make_block
+from d2v.nn.layers import sincos_2d
 
 
 class ImageEncoderConfig(StrictModel):
@@ -26,8 +30,10 @@ class ImageEncoderConfig(StrictModel):
     norm_first: bool = True  # pre-LN blocks (BEiT); False = post-LN
     layer_scale_init: float | None = 1e-4  # BEiT LayerScale: 1e-4 (B), 1e-5 (L); None disables
     rel_pos: Literal["shared", "per_layer", "none"] = "shared"
-    abs_pos: bool = False
-    pooling: Literal["final_ln", "mean_ln"] = "final_ln"  # pretrained layout | fine-tuned layout
+    abs_pos: bool = False  # learned absolute positions
+    sincos_pos: bool = False  # fixed 2-D sin-cos positions on the patches (data2vec 2.0)
+    input_norm: bool = False  # LayerNorm on [CLS] + patches before the blocks (data2vec 2.0 prenet LN)
+    pooling: Literal["final_ln", "mean_ln", "none"] = "final_ln"  # pretrained | fine-tuned layout | no final LN
     eps: float = Field(1e-6, gt=0)
     drop_path: float = Field(0.25, ge=0, lt=1)
     attn_dropout: float = Field(0.05, ge=0, lt=1)
@@ -59,6 +65,14 @@ IMAGE_PRESETS = {
 }
 
 
+def v2_encoder(cfg: ImageEncoderConfig) -> ImageEncoderConfig:
+    """The data2vec 2.0 image encoder of the same size (spec §8.2, §8.4): post-LN blocks, fixed sin-cos positions,
+    input LayerNorm, no relative position bias, LayerScale, final LN or dropout; norm eps 1e-6."""
+    return cfg.model_copy(update=dict(norm_first=False, layer_scale_init=None, rel_pos="none", abs_pos=False,
+                                      sincos_pos=True, input_norm=True, pooling="none", drop_path=0.0,
+                                      attn_dropout=0.0, dropout=0.0, eps=1e-6))
+
+
 class ImageEncoder(Encoder):
     num_extra_tokens = 1  # [CLS]
 
@@ -70,6 +84,11 @@ class ImageEncoder(Encoder):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, D)) if cfg.abs_pos else None
+        if cfg.sincos_pos:  # fixed: rebuilt from the grid, never trained nor saved
+            self.register_buffer("sincos", sincos_2d(D, grid).unsqueeze(0), persistent=False)
+        else:
+            self.sincos = None
+        self.input_norm = nn.LayerNorm(D, eps=cfg.eps) if cfg.input_norm else None
         self.rel_pos_bias = RelativePositionBias(grid, cfg.num_heads) if cfg.rel_pos == "shared" else None
         drop_rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -87,6 +106,10 @@ class ImageEncoder(Encoder):
     @property
     def dim(self) -> int:
         return self.cfg.dim
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        return self.cfg.grid
 
     @property
     def num_patches(self) -> int:
@@ -114,19 +137,41 @@ class ImageEncoder(Encoder):
         return Embedded(self.patch_embed(source).flatten(2).transpose(1, 2))
 
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
-        x = replace_masked(embedded.tokens, mask, self.mask_token)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.add_patch_positions(replace_masked(embedded.tokens, mask, self.mask_token))
+        return self._transformer(x, self.block_biases())
+
+    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+        if self.rel_pos_bias is not None or self.cfg.rel_pos != "none":
+            raise ValueError("data2vec 2.0 drops masked patches, which needs an image encoder without relative "
+                             "position bias (rel_pos='none'); use the v2 architecture (objective v2)")
+        x = gather_tokens(self.add_patch_positions(embedded.tokens), visible_indices(mask))
+        return self._transformer(x, [None] * len(self.blocks))
+
+    def add_patch_positions(self, patches: Tensor) -> Tensor:
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            patches = patches + self.pos_embed[:, 1:]
+        if self.sincos is not None:
+            patches = patches + self.sincos.to(patches.dtype)
+        return patches
+
+    def block_biases(self) -> list[Tensor | None]:
         if self.rel_pos_bias is not None:
-            biases = [self.rel_pos_bias()] * len(self.blocks)
-        else:
-            biases = [b.rel_pos_bias() if hasattr(b, "rel_pos_bias") else None for b in self.blocks]
+            return [self.rel_pos_bias()] * len(self.blocks)
+        return [b.rel_pos_bias() if hasattr(b, "rel_pos_bias") else None for b in self.blocks]
+
+    def _transformer(self, patches: Tensor, biases: list[Tensor | None]) -> EncoderOutput:
+        """[CLS] (+ its position) in front of the patches, optional input LN, the blocks, then the pooling norm."""
+        cls = self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+        if self.pos_embed is not None:
+            cls = cls + self.pos_embed[:, :1]
+        x = torch.cat([cls, patches], dim=1)
+        if self.input_norm is not None:
+            x = self.input_norm(x)
         x, hidden, ffn = run_blocks(self.blocks, x, None, biases)
         pooled = None
         if self.norm is not None:
             x = self.norm(x)
-        else:
+        elif self.fc_norm is not None:
             pooled = self.fc_norm(x[:, 1:].mean(1))
         return EncoderOutput(x, hidden, ffn, num_extra_tokens=1, pooled=pooled)
 
@@ -182,6 +227,20 @@ def image_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
+def image_objective_v2(dim: int, steps_hint: int = 5000) -> ObjectiveConfig:
+    """data2vec 2.0 base_images_only_task (spec §8.5): FFN taps of all main blocks, IN per layer -> average -> LN,
+    L2/√D, 16 inverse-block clones keeping 20 %, 6-layer 2-D decoder (k 3, 16 groups), [CLS] loss 0.01, τ 0.9998 ->
+    0.99999 over 100k, own EMA patch embedding, guard off (the released image configs disable it)."""
+    return ObjectiveConfig(
+        top_k=10, target_tap="ffn", layer_norm_targets="instance", final_norm="layer",
+        loss=LossConfig(kind="l2", reduction="sum_over_dim", scale="inv_sqrt_dim"),
+        ema=EMAConfig(tau_start=0.9998, tau_end=0.99999, tau_steps=100_000),
+        collapse=CollapseConfig(min_target_var=0.0, min_pred_var=0.0, warmup_steps=steps_hint),
+        v2=V2Config(clones=16, mask=V2MaskConfig(prob=0.8, length=3, adjust=0.07, inverse=True), cls_loss=0.01,
+                    decoder=DecoderConfig(dim=dim, kernel=3, groups=16 if dim % 16 == 0 else 1, layers=6)),
+    )
+
+
 class ImageModality(Modality):
     name = "image"
 
@@ -194,3 +253,7 @@ class ImageModality(Modality):
         masks = np.stack([block_mask(grid, self.mask_cfg, rng).reshape(-1) for _ in range(images.shape[0])])
         mask = torch.from_numpy(masks).to(images.device)
         return Views(images, images, None, token_mask=mask, loss_mask=mask)
+
+    def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
+        masks = block_masks(batch.source.shape[0] * clones, self.encoder.cfg.grid, cfg, rng)
+        return torch.from_numpy(masks).to(batch.source.device)

@@ -1,15 +1,24 @@
 """Build a modality plug-in and its objective defaults from a preset name."""
 from __future__ import annotations
 
+from typing import Literal
+
 from d2v.config import ObjectiveConfig
+from d2v.modalities import image, speech, text
 from d2v.modalities.base import Modality
 from d2v.modalities.image import IMAGE_PRESETS, BlockMaskConfig, ImageEncoder, ImageModality, image_objective
 from d2v.modalities.speech import SPEECH_PRESETS, SpanMaskConfig, SpeechEncoder, SpeechModality, speech_objective
 from d2v.modalities.text import TEXT_PRESETS, TextEncoder, TextModality, TokenMaskConfig, Vocabulary, text_objective
 
 MODALITIES = ("image", "speech", "text")
+OBJECTIVES = ("v1", "v2")
+Objective = Literal["v1", "v2"]
 ENCODERS = {"image": (IMAGE_PRESETS, ImageEncoder), "speech": (SPEECH_PRESETS, SpeechEncoder),
             "text": (TEXT_PRESETS, TextEncoder)}
+# data2vec 2.0 keeps each preset's size and changes the architecture where the v2 recipe does
+V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text": lambda cfg: cfg}
+V2_RECIPES = {"image": image.image_objective_v2, "speech": speech.speech_objective_v2,
+              "text": text.text_objective_v2}
 
 
 def block_mask_for_grid(grid: tuple[int, int]) -> BlockMaskConfig:
@@ -20,26 +29,54 @@ def block_mask_for_grid(grid: tuple[int, int]) -> BlockMaskConfig:
     return BlockMaskConfig(num_mask_patches=max(1, round(n * 120 / 196)), min_patches=max(1, round(n * 16 / 196)))
 
 
-def build_modality(name: str, preset: str = "base") -> tuple[Modality, ObjectiveConfig]:
+def v2_top_k(name: str, recipe_k: int, depth: int) -> int:
+    """Image v2 averages the main blocks, not the prenet (2 of 12 for B); the other recipes cap K at the depth."""
+    if name == "image":
+        return {12: 10, 24: 18}.get(depth, max(1, round(depth * 10 / 12)))
+    return min(recipe_k, depth)
+
+
+def build_modality(name: str, preset: str = "base", objective: Objective = "v1") -> tuple[Modality, ObjectiveConfig]:
     """Encoder + masking + the recipe's objective for `name` in {image, speech, text}.
 
     Masking and the number of averaged layers K are the paper's, scaled to the preset: K is capped at the depth.
+    With objective v2 the encoder is the preset's size in the v2 architecture, and the recipe is data2vec 2.0's.
     """
-    encoder = build_encoder(name, preset)
+    encoder = build_encoder(name, preset, objective)
+    modality = _modality(name, encoder)
+    if objective == "v2":
+        recipe = V2_RECIPES[name](encoder.dim)
+        return modality, recipe.model_copy(update={"top_k": v2_top_k(name, recipe.top_k, encoder.cfg.depth)})
+    recipe = {"image": image_objective, "speech": speech_objective, "text": text_objective}[name]()
+    return modality, recipe.model_copy(update={"top_k": min(recipe.top_k, encoder.cfg.depth)})
+
+
+def _modality(name: str, encoder) -> Modality:
+    """The plug-in with the v1 masking scaled to the encoder (v2 masks come from the objective's config)."""
     if name == "image":
-        modality, objective = ImageModality(encoder, block_mask_for_grid(encoder.cfg.grid)), image_objective()
-    elif name == "speech":
-        modality, objective = SpeechModality(encoder, SpanMaskConfig()), speech_objective()
-    else:
-        vocab = Vocabulary(size=encoder.cfg.vocab_size, pad=encoder.cfg.pad_idx)
-        modality, objective = TextModality(encoder, vocab, TokenMaskConfig()), text_objective()
-    return modality, objective.model_copy(update={"top_k": min(objective.top_k, encoder.cfg.depth)})
+        return ImageModality(encoder, block_mask_for_grid(encoder.cfg.grid))
+    if name == "speech":
+        return SpeechModality(encoder, SpanMaskConfig())
+    vocab = Vocabulary(size=encoder.cfg.vocab_size, pad=encoder.cfg.pad_idx)
+    return TextModality(encoder, vocab, TokenMaskConfig())
 
 
-def build_encoder(name: str, preset: str):
+def build_encoder(name: str, preset: str, objective: Objective = "v1"):
     if name not in ENCODERS:
         raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     table, encoder_cls = ENCODERS[name]
     if preset not in table:
         raise ValueError(f"unknown {name} preset {preset!r}; expected one of {sorted(table)}")
-    return encoder_cls(table[preset])
+    cfg = table[preset]
+    return encoder_cls(V2_ARCHITECTURE[name](cfg) if objective == "v2" else cfg)
+
+
+def build_objective(name: str, preset: str, objective: Objective = "v1"):
+    """The objective module (Data2Vec or Data2Vec2) with the recipe for this modality and preset."""
+    from d2v.data2vec import Data2Vec
+    from d2v.data2vec2 import Data2Vec2
+
+    modality, cfg = build_modality(name, preset, objective)
+    return (Data2Vec2 if objective == "v2" else Data2Vec)(modality, cfg)

@@ -7,9 +7,13 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
-from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, replace_masked, run_blocks
+from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
+                        V2MaskConfig)
+from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
+                                 replace_masked, require_unpadded, run_blocks, visible_indices)
+from d2v.modalities.masks_v2 import block_masks
 from d2v.nn import bert_init, make_block
+from d2v.nn.layers import alibi_bias, alibi_slopes
 
 BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
 
@@ -29,6 +33,7 @@ class SpeechEncoderConfig(StrictModel):
     attn_dropout: float = Field(0.1, ge=0, lt=1)
     activation_dropout: float = Field(0.0, ge=0, lt=1)
     layerdrop: float = Field(0.05, ge=0, lt=1)
+    alibi: bool = False  # data2vec 2.0: symmetric ALiBi attention bias with a learned per-head scale
 
 
 def _conv(channels: int) -> tuple[tuple[int, int, int], ...]:
@@ -43,6 +48,12 @@ SPEECH_PRESETS = {
     "tiny": SpeechEncoderConfig(conv_layers=_conv(32), dim=64, depth=2, num_heads=4, ffn_dim=128, pos_conv_depth=2,
                                 pos_conv_kernel=7, pos_conv_groups=4, layerdrop=0.0),
 }
+
+
+def v2_encoder(cfg: SpeechEncoderConfig) -> SpeechEncoderConfig:
+    """The data2vec 2.0 audio encoder of the same size (spec §8.4): v1's CNN, conv positions and post-LN blocks,
+    plus ALiBi with a learned per-head scale."""
+    return cfg.model_copy(update={"alibi": True})
 
 
 def frame_lengths(num_samples: Tensor, conv_layers=BASE_CONV) -> Tensor:
@@ -115,6 +126,9 @@ class SpeechEncoder(Encoder):
         self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        if cfg.alibi:  # the slopes are fixed; the per-head scale is learned (init 1, clamped >= 0, no weight decay)
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)
+            self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads))
         self.blocks = nn.ModuleList(
             make_block(cfg.norm_first, cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.eps, cfg.dropout,
                        cfg.attn_dropout, cfg.activation_dropout)
@@ -155,9 +169,23 @@ class SpeechEncoder(Encoder):
         x, pad = replace_masked(embedded.tokens, mask, self.mask_emb), embedded.padding_mask
         if pad is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)  # padded frames are zero before the positional conv
-        x = x + self.pos_conv(x)
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        return self._transformer(x + self.pos_conv(x), pad, positions)
+
+    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+        """Masked frames are zeroed before the positional conv (spec §8.4), then dropped."""
+        require_unpadded(embedded)
+        x = embedded.tokens.masked_fill(mask.unsqueeze(-1), 0.0)
+        keep = visible_indices(mask)
+        return self._transformer(gather_tokens(x + self.pos_conv(x), keep), None, keep)
+
+    def _transformer(self, x: Tensor, pad: Tensor | None, positions: Tensor) -> EncoderOutput:
+        """LN + dropout, the blocks (ALiBi distances in original frame units), and the closing LN of pre-LN stacks."""
         x = self.dropout(x if self.cfg.norm_first else self.norm(x))
-        x, hidden, ffn = run_blocks(self.blocks, x, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+        bias = None
+        if self.cfg.alibi:
+            bias = alibi_bias(self.alibi_slopes * self.alibi_scale.clamp_min(0), positions).to(x.dtype)
+        x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop)
         if self.cfg.norm_first:  # wav2vec2 "stable layer norm": the encoder LN closes the pre-LN stack
             x = self.norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)
@@ -202,6 +230,24 @@ def speech_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
+def speech_objective_v2(dim: int, steps_hint: int = 5000) -> ObjectiveConfig:
+    """data2vec 2.0 base_audio_only_task (spec §8.5): FFN taps, K=8, IN per layer -> average, L2/√D, 8 clones of
+    1-D block masks (50 %, blocks of 5), 4-layer 1-D decoder (half width, k 7, 16 groups, input dropout 0.1),
+    τ 0.999 -> 0.99999 over 75k; EMA over everything but the CNN front-end and the decoder."""
+    decoder_dim = dim // 2
+    return ObjectiveConfig(
+        top_k=8, target_tap="ffn", layer_norm_targets="instance", final_norm="none",
+        loss=LossConfig(kind="l2", reduction="sum_over_dim", scale="inv_sqrt_dim"),
+        ema=EMAConfig(tau_start=0.999, tau_end=0.99999, tau_steps=75_000),
+        collapse=CollapseConfig(warmup_steps=steps_hint, min_local_var=0.01),
+        v2=V2Config(clones=8, mask=V2MaskConfig(prob=0.5, length=5, adjust=0.05),
+                    decoder=DecoderConfig(dim=decoder_dim, kernel=7, groups=16 if decoder_dim % 16 == 0 else 1,
+                                          layers=4, input_dropout=0.1),
+                    teacher_shared_prefixes=("feature_extractor.", "feature_norm.", "feature_proj."),
+                    teacher_reads_student_features=True),
+    )
+
+
 class SpeechModality(Modality):
     name = "speech"
 
@@ -216,3 +262,9 @@ class SpeechModality(Modality):
         valid = frame_lengths(samples, conv).tolist()
         mask = torch.from_numpy(span_mask(valid, num_frames, self.mask_cfg, rng)).to(wav.device)
         return Views(wav, wav, pad, token_mask=mask, loss_mask=mask)
+
+    def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
+        """Drawn on the cropped batch (spec §15), so every row hides exactly ⌊T·prob⌋ frames."""
+        num_frames = int(frame_lengths(torch.tensor(batch.source.shape[1]), self.encoder.cfg.conv_layers))
+        masks = block_masks(batch.source.shape[0] * clones, (num_frames,), cfg, rng)
+        return torch.from_numpy(masks).to(batch.source.device)

@@ -8,8 +8,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from d2v.config import CollapseConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel
-from d2v.modalities.base import Batch, Embedded, Encoder, EncoderOutput, Modality, Views, run_blocks
+from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
+                        V2MaskConfig)
+from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
+                                 require_unpadded, run_blocks, visible_indices)
+from d2v.modalities.masks_v2 import block_masks, random_masks
 from d2v.nn import bert_init, make_block
 
 
@@ -82,8 +85,15 @@ class TextEncoder(Encoder):
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
         if mask is not None:
             raise ValueError("text is masked at the token level (TextModality.make_views), not with a mask embedding")
-        pad = embedded.padding_mask
-        x, hidden, ffn = run_blocks(self.blocks, embedded.tokens, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+        return self._transformer(embedded.tokens, embedded.padding_mask)
+
+    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+        """The embeddings already carry their positions: dropping tokens is a gather (no <mask> token in v2)."""
+        require_unpadded(embedded)
+        return self._transformer(gather_tokens(embedded.tokens, visible_indices(mask)), None)
+
+    def _transformer(self, x: Tensor, pad: Tensor | None) -> EncoderOutput:
+        x, hidden, ffn = run_blocks(self.blocks, x, pad, [None] * len(self.blocks), self.cfg.layerdrop)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)
@@ -164,6 +174,23 @@ def text_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
+def text_objective_v2(dim: int, steps_hint: int = 5000) -> ObjectiveConfig:
+    """data2vec 2.0 base_text_only_task (spec §8.5): FFN taps of all blocks, IN per layer -> average, L2 with scale
+    1, 8 clones keeping 52 % of the tokens at random, 5-layer 1-D decoder (k 9, no groups, no residual, 2-layer
+    projection, input dropout 0.1), τ 0.9999 -> 0.99999 over 100k; EMA over the blocks only, the teacher reads the
+    student's embeddings."""
+    return ObjectiveConfig(
+        top_k=12, target_tap="ffn", layer_norm_targets="instance", final_norm="none",
+        loss=LossConfig(kind="l2", reduction="sum_over_dim", scale=1.0),
+        ema=EMAConfig(tau_start=0.9999, tau_end=0.99999, tau_steps=100_000),
+        collapse=CollapseConfig(warmup_steps=steps_hint),
+        v2=V2Config(clones=8, mask=V2MaskConfig(prob=0.48),
+                    decoder=DecoderConfig(dim=dim, kernel=9, groups=1, layers=5, residual=False, projection_layers=2,
+                                          input_dropout=0.1),
+                    teacher_shared_prefixes=TextEncoder.teacher_shared_prefixes, teacher_reads_student_features=True),
+    )
+
+
 class TextModality(Modality):
     name = "text"
 
@@ -178,3 +205,11 @@ class TextModality(Modality):
         loss_mask = masked if self.mask_cfg.loss_on == "mask_token" else selected
         to = lambda a: torch.from_numpy(a).to(tokens.device)  # noqa: E731
         return Views(to(corrupted), tokens, batch.padding_mask, token_mask=None, loss_mask=to(loss_mask))
+
+    def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
+        rows, length = batch.source.shape[0] * clones, batch.source.shape[1]
+        if cfg.length == 1:
+            masks = random_masks(rows, length, cfg.prob, rng)
+        else:
+            masks = block_masks(rows, (length,), cfg, rng)
+        return torch.from_numpy(masks).to(batch.source.device)

@@ -1,6 +1,8 @@
 """Small reusable layers: FFN, stochastic depth, relative position bias."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,3 +83,34 @@ def relative_position_index(grid: tuple[int, int]) -> Tensor:
     index[0:, 0] = num_rel + 1
     index[0, 0] = num_rel + 2
     return index
+
+
+def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (MAE / data2vec 2.0 images): (h·w, dim), half the channels encode the
+    row, half the column, each as [sin(pos·ω), cos(pos·ω)] with ω_k = 10000^(-k/(dim/4))."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1).double() * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi head slopes (Press et al.): a geometric series from 2^(-8/n) for a power-of-two n; otherwise the
+    slopes of the nearest lower power of two plus every other slope of the next one."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+    lower = 2 ** math.floor(math.log2(num_heads))
+    slopes = power_of_two(lower) + power_of_two(2 * lower)[0::2][: num_heads - lower]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(slopes: Tensor, positions: Tensor) -> Tensor:
+    """Symmetric ALiBi bias −|p_i − p_j|·slope_h for token positions (B, T) in original units -> (B, H, T, T)."""
+    distance = (positions[:, None, :, None] - positions[:, None, None, :]).abs().to(slopes.dtype)
+    return -distance * slopes[None, :, None, None]

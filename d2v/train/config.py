@@ -39,6 +39,8 @@ class CheckpointConfig(StrictModel):
 class PretrainConfig(StrictModel):
     modality: Literal["image", "speech", "text"]
     preset: str = "embedded"
+    objective: Literal["v1", "v2"] = "v1"  # data2vec 1.0, or 2.0 (the preset's size in the v2 architecture)
+    clones: int | None = Field(None, ge=1)  # v2: masked clones per sample (None = the recipe's M)
     steps: int = Field(ge=1)
     accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step (effective batch = batch·accum·ranks)
     seed: int = 0
@@ -70,6 +72,19 @@ EMBEDDED_PRETRAIN: dict[str, dict] = {
 }
 
 
+# data2vec 2.0 at the embedded sizes: M clones amortise one teacher pass, so fewer samples per batch; the v2
+# recipes' LR and τ (spec §8.5) compressed to a few hundred CPU steps.
+EMBEDDED_PRETRAIN_V2: dict[str, dict] = {
+    "image": dict(clones=8, steps=600, optim=dict(lr=2e-3, weight_decay=0.05, clip_norm=4.0, warmup_steps=60,
+                                                  betas=(0.9, 0.95), eps=1e-8),
+                  data=dict(batch_size=32), ema=dict(tau_start=0.998, tau_end=0.9999, tau_steps=600)),
+    "speech": dict(clones=4, steps=300, optim=dict(lr=7.5e-4, warmup_steps=30, clip_norm=None, eps=1e-6),
+                   data=dict(batch_size=4), ema=dict(tau_start=0.995, tau_end=0.9999, tau_steps=300)),
+    "text": dict(clones=4, steps=600, optim=dict(lr=1e-3, warmup_steps=60, clip_norm=1.0),
+                 data=dict(batch_size=16), ema=dict(tau_start=0.998, tau_end=0.9999, tau_steps=600)),
+}
+
+
 def merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
@@ -78,6 +93,11 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def pretrain_config(modality: str, overrides: dict | None = None) -> PretrainConfig:
+    """The embedded recipe for `modality` (v1, or v2 when the overrides say `objective: v2`) under `overrides`."""
     if modality not in EMBEDDED_PRETRAIN:
         raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(EMBEDDED_PRETRAIN)}")
-    return validate(PretrainConfig, merge(EMBEDDED_PRETRAIN[modality], overrides or {}), f"pretrain.{modality}")
+    overrides = overrides or {}
+    base = EMBEDDED_PRETRAIN[modality]
+    if overrides.get("objective") == "v2":
+        base = merge(base, EMBEDDED_PRETRAIN_V2[modality])
+    return validate(PretrainConfig, merge(base, overrides), f"pretrain.{modality}")

@@ -77,6 +77,7 @@ class FinetuneConfig(StrictModel):
     mode: Literal["full", "probe"] = "full"
     pretrained: str | None = None  # final.pt of a pretraining run
     preset: str = "embedded"
+    objective: Literal["v1", "v2"] = "v1"  # the encoder architecture: data2vec 1.0's or 2.0's at the preset size
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     seed: int = 0
@@ -127,15 +128,16 @@ def finetune_config(task: str, overrides: dict | None = None) -> FinetuneConfig:
 def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     task = TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
-    encoder = build_encoder(task.modality, cfg.preset)
+    encoder = build_encoder(task.modality, cfg.preset, cfg.objective)
     if cfg.init == "pretrained":
         if not cfg.pretrained or not Path(cfg.pretrained).is_file():
             raise FileNotFoundError(f"finetune.{cfg.task}.pretrained: {cfg.pretrained!r} is not a pretraining "
                                     "final.pt (run `d2v pretrain` first, or use init=scratch)")
         state = torch.load(cfg.pretrained, map_location="cpu", weights_only=False)
-        if state.get("modality") != task.modality or state.get("preset") != cfg.preset:
-            raise ValueError(f"{cfg.pretrained}: a {state.get('modality')}/{state.get('preset')} encoder, task "
-                             f"{cfg.task} needs {task.modality}/{cfg.preset}")
+        saved = (state.get("modality"), state.get("preset"), state.get("objective", "v1"))
+        if saved != (task.modality, cfg.preset, cfg.objective):
+            raise ValueError(f"{cfg.pretrained}: a {'/'.join(map(str, saved))} encoder, task {cfg.task} needs "
+                             f"{task.modality}/{cfg.preset}/{cfg.objective} (modality/preset/objective)")
         encoder.load_state_dict(state["encoder"])
     probe = cfg.mode == "probe"
     if task.kind == "ctc":

@@ -188,14 +188,14 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
 
 def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
             collapsed=False) -> dict:
-    summary = {"modality": cfg.modality, "preset": cfg.preset, "step": step, "steps": cfg.steps,
+    summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step, "steps": cfg.steps,
                "collapsed": collapsed}
     if world.is_main:
         if step >= cfg.steps or collapsed:
             _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)
         if step >= cfg.steps:
             encoder = {"encoder": objective.student.state_dict(), "teacher": objective.teacher.state_dict(),
-                       "modality": cfg.modality, "preset": cfg.preset, "encoder_config":
+                       "modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "encoder_config":
                        objective.student.cfg.model_dump(mode="json"), "steps": step}
             tmp = out_dir / ".final.pt.tmp"
             torch.save(encoder, tmp)
@@ -221,18 +221,24 @@ def shards_digest(shards: str | Path) -> str | None:
 
 
 def build_objective(cfg: PretrainConfig) -> Data2Vec:
+    from d2v.data2vec2 import Data2Vec2
     from d2v.modalities.registry import build_modality
 
     torch.manual_seed(cfg.seed)
-    modality, objective_cfg = build_modality(cfg.modality, cfg.preset)
+    modality, objective_cfg = build_modality(cfg.modality, cfg.preset, cfg.objective)
     if cfg.ema is not None:
         objective_cfg = objective_cfg.model_copy(update={"ema": cfg.ema})
+    if cfg.clones is not None:
+        if objective_cfg.v2 is None:
+            raise ValueError(f"pretrain.{cfg.modality}.clones: only data2vec 2.0 has clones (set objective: v2)")
+        objective_cfg = objective_cfg.model_copy(update={"v2": objective_cfg.v2.model_copy(
+            update={"clones": cfg.clones})})
     encoder_cfg = modality.encoder.cfg
     if cfg.modality == "image" and cfg.data.image is not None:
         if (cfg.data.image.channels, cfg.data.image.size) != (encoder_cfg.in_chans, encoder_cfg.img_size):
             raise ValueError(f"pretrain.data.image: channels/size {cfg.data.image.channels}/{cfg.data.image.size} "
                              f"do not match the {cfg.preset} encoder ({encoder_cfg.in_chans}/{encoder_cfg.img_size})")
-    return Data2Vec(modality, objective_cfg)
+    return (Data2Vec2 if cfg.objective == "v2" else Data2Vec)(modality, objective_cfg)
 
 
 def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: str | Path | None) -> None:
