@@ -46,9 +46,10 @@ def params_of(objective):
     return {k: v.clone() for k, v in objective.state_dict().items()}
 
 
-@pytest.mark.parametrize("modality", ["speech", "text", "image"])
-def test_kill_and_resume_is_bit_identical(tmp_path, modality):
-    cfg = tiny_cfg(modality)
+@pytest.mark.parametrize("modality, objective", [("speech", "v1"), ("text", "v1"), ("image", "v1"),
+                                                 ("speech", "v2"), ("text", "v2"), ("image", "v2")])
+def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
+    cfg = tiny_cfg(modality, objective=objective)
     straight = build_objective(cfg)
     run_pretrain(cfg, straight, synthetic_stream(modality), tmp_path / "a", progress=False)
     first = build_objective(cfg)

@@ -62,6 +62,7 @@ class Profile(StrictModel):
     summary: str  # path prefix of summary.md / summary.csv
     seeds: list[int] = Field([0], min_length=1)
     inits: list[Literal["pretrained", "scratch"]] = Field(["pretrained", "scratch"], min_length=1)
+    objective: Literal["v1", "v2"] = "v1"  # data2vec 1.0 or 2.0 for every modality (pretrain.M.objective overrides)
     shard_limit: int | None = Field(None, ge=1)  # cap on every shard set (smoke runs)
     sources: dict[str, dict] = {}  # source → options of `d2v prepare SOURCE`
     tokenizer: TokenizerSpec = TokenizerSpec()
@@ -131,12 +132,15 @@ class Profile(StrictModel):
 
     def pretrain_config(self, modality: str) -> PretrainConfig:
         """The profile's overrides on the recipe defaults; `data.shards` is DATASET/SPLIT under the data root."""
-        overrides = dict(self.pretrain[modality])
+        overrides = {"objective": self.objective, **self.pretrain[modality]}
         key = overrides.get("data", {}).get("shards")
         if key is None:
             raise ConfigError(f"pretrain.{modality}.data.shards: missing (expected DATASET/SPLIT)")
         overrides = merge(overrides, {"data": {"shards": str(self.shard_dir(key))}})
         return pretrain_config(modality, overrides)
+
+    def objective_of(self, modality: str) -> str:
+        return self.pretrain.get(modality, {}).get("objective", self.objective)
 
     def pretrain_corpus(self, modality: str) -> str:
         return self.pretrain[modality]["data"]["shards"]
@@ -144,7 +148,7 @@ class Profile(StrictModel):
     def finetune_config(self, task: str, init: str = "pretrained", seed: int = 0) -> FinetuneConfig:
         modality = TASKS[task].modality
         fixed = {"init": init, "seed": seed, "data_root": self.data_root, "tokenizer": str(self.spm_model),
-                 "letters": str(self.letters)}
+                 "letters": str(self.letters), "objective": self.objective_of(modality)}
         if init == "pretrained":
             fixed["pretrained"] = str(self.pretrain_dir(modality) / "final.pt")
         return finetune_config(task, merge(self.finetune[task], fixed))

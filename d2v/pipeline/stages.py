@@ -130,7 +130,7 @@ class StageTable:
                 deps.append(p.spm_model)
             self._add("pretrain", modality, self._d2v("pretrain", modality, "--quiet", launcher=self._launcher("pretrain")), deps,
                       [run / "final.pt", run / "metrics.csv", run / "summary.json", run / "curves.png"],
-                      [f"pretrain.{modality}"], plots=[run / "curves.png"])
+                      ["objective", f"pretrain.{modality}"], plots=[run / "curves.png"])
         for task, init, seed in self.finetune_runs():
             self._finetune(task, init, seed)
         self._report()
@@ -165,7 +165,7 @@ class StageTable:
             deps.append(p.pretrain_dir(spec.modality) / "final.pt")
         self._add("finetune", name,
                   self._d2v("finetune", task, "--init", init, "--seed", str(seed), "--quiet"), deps,
-                  [run / "best.pt", run / "metrics.csv", run / "summary.json"], [f"finetune.{task}"])
+                  [run / "best.pt", run / "metrics.csv", run / "summary.json"], ["objective", f"pretrain.{spec.modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)
         self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}",
                   [run / "best.pt"] + deps[:len(p.task_shards(task))], evals, metrics=evals)

@@ -1,0 +1,149 @@
+"""data2vec 2.0 vs 1.0 at equal model size.
+
+throughput: training updates (forward, backward, AdamW, EMA) per modality on batches of the embedded shapes, v1 and
+    v2 with the same samples per batch; reports samples/s, and for v2 also masked views/s (samples × clones).
+time-to-accuracy: pretrain v2 on the real embedded image corpus for several step budgets (each with its full
+    schedule), fine-tune Fashion-MNIST from each over seeds, and find the first budget whose mean top-1 reaches
+    the v1 reference (a pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's.
+
+    python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
+    python bench/v2_vs_v1.py time-to-accuracy [--budgets 150,300] [--seeds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from d2v.data import synthetic
+from d2v.io import atomic_write_json
+from d2v.modalities.registry import build_objective
+from d2v.train.optim import adamw
+
+OUT = Path("results/bench/v2_vs_v1.json")
+SHAPES = {  # synthetic inputs of the embedded pretraining shapes (throughput does not depend on content)
+    "image": dict(size=32),
+    "speech": dict(seconds=4.0),
+    "text": dict(length=128),
+}
+BATCH = {"embedded": {"image": 32, "speech": 4, "text": 16}, "base": {"image": 4, "speech": 1, "text": 2}}
+CLONES = {"embedded": {"image": 8, "speech": 4, "text": 4}, "base": {"image": 16, "speech": 8, "text": 8}}
+
+
+def update_seconds(name: str, preset: str, objective: str, batch_size: int, steps: int, clones: int | None) -> float:
+    torch.manual_seed(0)
+    obj = build_objective(name, preset, objective)
+    if clones is not None:
+        obj.cfg = obj.cfg.model_copy(update={"v2": obj.cfg.v2.model_copy(update={"clones": clones})})
+    if name == "image":
+        kw = dict(SHAPES[name], size=obj.student.cfg.img_size)
+    elif name == "text":
+        kw = dict(SHAPES[name], vocab_size=obj.student.cfg.vocab_size,
+                  length=min(SHAPES[name]["length"], obj.student.cfg.max_positions))
+    else:
+        kw = SHAPES[name]
+    batches = synthetic.batches(name, np.random.default_rng(0), batch_size, **kw)
+    if name == "image" and obj.student.cfg.in_chans != 1:  # base presets take RGB
+        batches = (type(b)(b.source.expand(-1, obj.student.cfg.in_chans, -1, -1).contiguous()) for b in batches)
+    params = obj.student_parameters()
+    optimizer = adamw(params, 1e-4, 0.01)
+    obj.train()
+    times = []
+    for step in range(1, steps + 2):  # the first update warms up allocators and is not timed
+        batch = next(batches)
+        start = time.perf_counter()
+        out = obj(batch, np.random.default_rng(step))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        obj.ema_step(step)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def throughput(args) -> dict:
+    rows = {}
+    for preset in args.presets.split(","):
+        for name in ("image", "speech", "text"):
+            batch, clones = BATCH[preset][name], CLONES[preset][name]
+            v1 = update_seconds(name, preset, "v1", batch, args.steps, None)
+            v2 = update_seconds(name, preset, "v2", batch, args.steps, clones)
+            rows[f"{name}/{preset}"] = {
+                "batch": batch, "clones": clones, "v1_samples_per_s": batch / v1, "v2_samples_per_s": batch / v2,
+                "v2_views_per_s": batch * clones / v2, "samples_ratio": v1 / v2, "views_ratio": clones * v1 / v2,
+                "v1_update_s": v1, "v2_update_s": v2}
+            print(f"{name:6s} {preset:8s} v1 {batch / v1:8.1f} samples/s   v2 {batch / v2:8.1f} samples/s "
+                  f"({batch * clones / v2:8.1f} views/s)   v2/v1 samples {v1 / v2:.2f}x  views {clones * v1 / v2:.2f}x",
+                  flush=True)
+    return {"threads": torch.get_num_threads(), "steps_timed": args.steps, "rows": rows}
+
+
+def time_to_accuracy(args) -> dict:
+    from d2v.train.config import pretrain_config
+    from d2v.train.finetune import evaluate, finetune_config, run_finetune
+    from d2v.train.pretrain import pretrain_main
+
+    reference = json.loads(Path(args.reference).read_text())
+    v1_row = reference["tasks"]["fashion_mnist"]
+    v1_seconds = args.v1_seconds or reference["pretrain"]["image"]["steps"] * 64 / \
+        reference["pretrain"]["image"]["last"]["samples_per_s"]
+    target = v1_row["pretrained"]["mean"]
+    report = {"task": "fashion_mnist", "v1": {"top1_mean": target, "top1_spread": v1_row["pretrained"]["spread"],
+                                             "scratch_mean": v1_row["scratch"]["mean"],
+                                             "pretrain_steps": reference["pretrain"]["image"]["steps"],
+                                             "pretrain_seconds": v1_seconds}, "v2": {}}
+    for budget in map(int, args.budgets.split(",")):
+        run = Path(args.runs) / f"image-v2-{budget}"
+        cfg = pretrain_config("image", {"objective": "v2", "steps": budget,
+                                        "optim": {"warmup_steps": max(1, budget // 10)},
+                                        "ema": {"tau_start": 0.998, "tau_end": 0.9999, "tau_steps": budget}})
+        start = time.perf_counter()
+        summary = pretrain_main(cfg, run, progress=False)
+        seconds = time.perf_counter() - start
+        if summary.get("step", 0) < budget or seconds < 30:  # resumed a finished run: use its logged time
+            seconds = json.loads((run / "timing.json").read_text())["seconds"]
+        atomic_write_json(run / "timing.json", {"seconds": seconds})
+        values = []
+        for seed in range(args.seeds):
+            ft = finetune_config("fashion_mnist", {"init": "pretrained", "seed": seed, "objective": "v2",
+                                                   "pretrained": str(run / "final.pt"), "steps": args.finetune_steps})
+            out = Path(args.runs) / "finetune" / f"fashion_mnist-v2-{budget}-s{seed}"
+            run_finetune(ft, out, progress=False)
+            values.append(evaluate(out)[-1]["metrics"]["top1"])
+            print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} top-1 {values[-1]:.4f}", flush=True)
+        report["v2"][str(budget)] = {"pretrain_seconds": seconds, "top1": values, "top1_mean": float(np.mean(values)),
+                                     "reaches_v1": bool(np.mean(values) >= target),
+                                     "speedup_vs_v1": v1_seconds / seconds}
+        atomic_write_json(OUT.with_name("v2_time_to_accuracy.json"), {**report, "machine": platform.machine()})
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("throughput")
+    p.add_argument("--presets", default="embedded")
+    p.add_argument("--steps", type=int, default=8)
+    p = sub.add_parser("time-to-accuracy")
+    p.add_argument("--budgets", default="150,300")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--reference", default="results/embedded/pretrain_vs_scratch.json")
+    p.add_argument("--v1-seconds", type=float, default=None, help="v1 pretraining time (default: from the log)")
+    p.add_argument("--runs", default="runs/bench")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.what == "throughput":
+        result = {"benchmark": "v2_vs_v1_throughput", "machine": platform.machine(), **throughput(args)}
+        atomic_write_json(OUT, result)
+    else:
+        time_to_accuracy(args)
+
+
+if __name__ == "__main__":
+    main()
