@@ -105,12 +105,7 @@ def time_to_accuracy(args) -> dict:
         cfg = pretrain_config("image", {"objective": "v2", "steps": budget,
                                         "optim": {"warmup_steps": max(1, budget // 10)},
                                         "ema": {"tau_start": 0.998, "tau_end": 0.9999, "tau_steps": budget}})
-        start = time.perf_counter()
-        summary = pretrain_main(cfg, run, progress=False)
-        seconds = time.perf_counter() - start
-        if summary.get("step", 0) < budget or seconds < 30:  # resumed a finished run: use its logged time
-            seconds = json.loads((run / "timing.json").read_text())["seconds"]
-        atomic_write_json(run / "timing.json", {"seconds": seconds})
+        seconds = pretrain_seconds(cfg, run, pretrain_main)
         values = []
         for seed in range(args.seeds):
             ft = finetune_config("fashion_mnist", {"init": "pretrained", "seed": seed, "objective": "v2",
@@ -125,12 +120,28 @@ def time_to_accuracy(args) -> dict:
     return report
 
 
+def same_config(run: Path, cfg) -> bool:
+    config = run / "config.json"
+    return config.is_file() and json.loads(config.read_text()) == cfg.model_dump(mode="json")
+
+
+def pretrain_seconds(cfg, run: Path, pretrain_main) -> float:
+    """Wall time of a pretraining run; a finished run under the same config is reused with its recorded time."""
+    timing = run / "timing.json"
+    if timing.is_file() and (run / "final.pt").is_file() and same_config(run, cfg):
+        return json.loads(timing.read_text())["seconds"]
+    start = time.perf_counter()
+    pretrain_main(cfg, run, progress=False)
+    seconds = time.perf_counter() - start
+    atomic_write_json(timing, {"seconds": seconds})
+    return seconds
+
+
 def finetuned_accuracy(cfg, out: Path, run_finetune, evaluate) -> float:
     """Test top-1 of a fine-tune; an evaluation under the same config is reused (fine-tuning is deterministic, and
     the pretraining run it starts from refuses to resume under another config). Delete `out` to force a rerun."""
     result = out / "eval" / "fashion_mnist-test.json"
-    config = out / "config.json"
-    if result.is_file() and config.is_file() and json.loads(config.read_text()) == cfg.model_dump(mode="json"):
+    if result.is_file() and same_config(out, cfg):
         return json.loads(result.read_text())["metrics"]["accuracy"]
     run_finetune(cfg, out, progress=False)
     return evaluate(out)[-1]["metrics"]["accuracy"]

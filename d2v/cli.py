@@ -11,10 +11,9 @@ import torch
 from tqdm import tqdm
 
 from d2v.data import synthetic
-from d2v.data2vec import CollapseError, Data2Vec
-from d2v.data2vec2 import Data2Vec2
+from d2v.data2vec import CollapseError
 from d2v.io import atomic_write_json
-from d2v.modalities.registry import ENCODERS, MODALITIES, OBJECTIVES, build_encoder, build_modality
+from d2v.modalities.registry import ENCODERS, MODALITIES, OBJECTIVES, build_encoder, build_modality, make_objective
 from d2v.train.loop import pretrain
 
 # steps, lr, batch size and input kwargs of the short demo pretraining per modality
@@ -34,7 +33,7 @@ def demo(args: argparse.Namespace) -> int:
         steps = args.steps or run["steps"]
         modality, cfg = build_modality(name, args.preset, args.objective)
         cfg = cfg.model_copy(update={"collapse": cfg.collapse.model_copy(update={"warmup_steps": 3 * steps // 4})})
-        objective = (Data2Vec2 if args.objective == "v2" else Data2Vec)(modality, cfg)
+        objective = make_objective(modality, cfg)
         kw = dict(run["kw"])
         if name == "text":
             kw["vocab_size"] = modality.encoder.cfg.vocab_size

@@ -11,6 +11,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Objective = Literal["v1", "v2"]  # data2vec 1.0 or 2.0
+
+
 class ConfigError(ValueError):
     """A config failed validation; the message names each bad key."""
 

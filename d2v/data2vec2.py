@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from d2v.config import ObjectiveConfig
 from d2v.data2vec import Data2Vec, StepOutput, regression_loss, representation_std
-from d2v.modalities.base import Batch, Embedded, EncoderOutput, Modality, visible_indices
+from d2v.modalities.base import Batch, Embedded, EncoderOutput, Modality
 from d2v.nn.decoder import ConvDecoder
 
 
@@ -63,7 +63,7 @@ class Data2Vec2(Data2Vec):
         visible = F.dropout(out.x[:, out.num_extra_tokens:], self.cfg.v2.decoder.input_dropout, self.training)
         full = torch.randn(*masks.shape, visible.shape[-1], device=visible.device, dtype=visible.dtype)
         full = full * self.cfg.v2.mask_noise_std
-        index = visible_indices(masks).unsqueeze(-1).expand(-1, -1, visible.shape[-1])
+        index = out.positions.unsqueeze(-1).expand(-1, -1, visible.shape[-1])
         return self.decoder(full.scatter(1, index, visible))
 
     def cls_loss(self, cls_pred: Tensor, cls_target: Tensor) -> Tensor:

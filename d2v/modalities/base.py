@@ -34,6 +34,7 @@ class EncoderOutput:
     num_extra_tokens: int = 0  # leading tokens that are not sequence positions ([CLS])
     padding_mask: Tensor | None = None  # (B, N - num_extra_tokens)
     pooled: Tensor | None = None  # (B, D) where the layout defines a pooled output
+    positions: Tensor | None = None  # (B, N - num_extra_tokens) original positions of the tokens (encode_visible)
 
 
 @dataclass
@@ -74,7 +75,8 @@ class Encoder(nn.Module, ABC):
 
     def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
         """data2vec 2.0: positions on the full sequence, then only the visible tokens (mask False) are encoded.
-        Every row of `mask` hides the same number of tokens, so the visible set is a dense tensor."""
+        Every row of `mask` hides the same number of tokens, so the visible set is a dense tensor; the output's
+        `positions` say where each encoded token sits in the full sequence."""
         raise NotImplementedError(f"{type(self).__name__} has no data2vec 2.0 path")
 
     @property

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -144,8 +145,9 @@ class ImageEncoder(Encoder):
         if self.rel_pos_bias is not None or self.cfg.rel_pos != "none":
             raise ValueError("data2vec 2.0 drops masked patches, which needs an image encoder without relative "
                              "position bias (rel_pos='none'); use the v2 architecture (objective v2)")
-        x = gather_tokens(self.add_patch_positions(embedded.tokens), visible_indices(mask))
-        return self._transformer(x, [None] * len(self.blocks))
+        keep = visible_indices(mask)
+        x = gather_tokens(self.add_patch_positions(embedded.tokens), keep)
+        return replace(self._transformer(x, [None] * len(self.blocks)), positions=keep)
 
     def add_patch_positions(self, patches: Tensor) -> Tensor:
         if self.pos_embed is not None:

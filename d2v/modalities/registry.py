@@ -1,9 +1,9 @@
 """Build a modality plug-in and its objective defaults from a preset name."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
-from d2v.config import ObjectiveConfig
+from d2v.config import Objective, ObjectiveConfig
 from d2v.modalities import image, speech, text
 from d2v.modalities.base import Modality
 from d2v.modalities.image import IMAGE_PRESETS, BlockMaskConfig, ImageEncoder, ImageModality, image_objective
@@ -11,12 +11,12 @@ from d2v.modalities.speech import SPEECH_PRESETS, SpanMaskConfig, SpeechEncoder,
 from d2v.modalities.text import TEXT_PRESETS, TextEncoder, TextModality, TokenMaskConfig, Vocabulary, text_objective
 
 MODALITIES = ("image", "speech", "text")
-OBJECTIVES = ("v1", "v2")
-Objective = Literal["v1", "v2"]
+OBJECTIVES = get_args(Objective)
 ENCODERS = {"image": (IMAGE_PRESETS, ImageEncoder), "speech": (SPEECH_PRESETS, SpeechEncoder),
             "text": (TEXT_PRESETS, TextEncoder)}
 # data2vec 2.0 keeps each preset's size and changes the architecture where the v2 recipe does
 V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text": lambda cfg: cfg}
+V1_RECIPES = {"image": image_objective, "speech": speech_objective, "text": text_objective}
 V2_RECIPES = {"image": image.image_objective_v2, "speech": speech.speech_objective_v2,
               "text": text.text_objective_v2}
 
@@ -47,7 +47,7 @@ def build_modality(name: str, preset: str = "base", objective: Objective = "v1")
     if objective == "v2":
         recipe = V2_RECIPES[name](encoder.dim)
         return modality, recipe.model_copy(update={"top_k": v2_top_k(name, recipe.top_k, encoder.cfg.depth)})
-    recipe = {"image": image_objective, "speech": speech_objective, "text": text_objective}[name]()
+    recipe = V1_RECIPES[name]()
     return modality, recipe.model_copy(update={"top_k": min(recipe.top_k, encoder.cfg.depth)})
 
 
@@ -75,8 +75,12 @@ def build_encoder(name: str, preset: str, objective: Objective = "v1"):
 
 def build_objective(name: str, preset: str, objective: Objective = "v1"):
     """The objective module (Data2Vec or Data2Vec2) with the recipe for this modality and preset."""
+    return make_objective(*build_modality(name, preset, objective))
+
+
+def make_objective(modality: Modality, cfg: ObjectiveConfig):
+    """Data2Vec2 when the config has a `v2` section, else Data2Vec."""
     from d2v.data2vec import Data2Vec
     from d2v.data2vec2 import Data2Vec2
 
-    modality, cfg = build_modality(name, preset, objective)
-    return (Data2Vec2 if objective == "v2" else Data2Vec)(modality, cfg)
+    return (Data2Vec2 if cfg.v2 is not None else Data2Vec)(modality, cfg)

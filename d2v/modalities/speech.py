@@ -1,6 +1,8 @@
 """Speech plug-in: wav2vec 2.0-style encoder used by data2vec audio, span masking, presets (spec §2.1, §5.1)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -177,7 +179,7 @@ class SpeechEncoder(Encoder):
         require_unpadded(embedded)
         x = embedded.tokens.masked_fill(mask.unsqueeze(-1), 0.0)
         keep = visible_indices(mask)
-        return self._transformer(gather_tokens(x + self.pos_conv(x), keep), None, keep)
+        return replace(self._transformer(gather_tokens(x + self.pos_conv(x), keep), None, keep), positions=keep)
 
     def _transformer(self, x: Tensor, pad: Tensor | None, positions: Tensor) -> EncoderOutput:
         """LN + dropout, the blocks (ALiBi distances in original frame units), and the closing LN of pre-LN stacks."""
@@ -254,10 +256,14 @@ class SpeechModality(Modality):
     def __init__(self, encoder: SpeechEncoder, mask: SpanMaskConfig) -> None:
         self.encoder, self.mask_cfg = encoder, mask
 
+    def num_frames(self, wav: Tensor) -> int:
+        """CNN frames of a (B, samples) batch."""
+        return int(frame_lengths(torch.tensor(wav.shape[1]), self.encoder.cfg.conv_layers))
+
     def make_views(self, batch: Batch, rng: np.random.Generator) -> Views:
         wav, pad = batch.source, batch.padding_mask
         conv = self.encoder.cfg.conv_layers
-        num_frames = int(frame_lengths(torch.tensor(wav.shape[1]), conv))
+        num_frames = self.num_frames(wav)
         samples = torch.full((wav.shape[0],), wav.shape[1]) if pad is None else (~pad).sum(-1).cpu()
         valid = frame_lengths(samples, conv).tolist()
         mask = torch.from_numpy(span_mask(valid, num_frames, self.mask_cfg, rng)).to(wav.device)
@@ -265,6 +271,5 @@ class SpeechModality(Modality):
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
         """Drawn on the cropped batch (spec §15), so every row hides exactly ⌊T·prob⌋ frames."""
-        num_frames = int(frame_lengths(torch.tensor(batch.source.shape[1]), self.encoder.cfg.conv_layers))
-        masks = block_masks(batch.source.shape[0] * clones, (num_frames,), cfg, rng)
+        masks = block_masks(batch.source.shape[0] * clones, (self.num_frames(batch.source),), cfg, rng)
         return torch.from_numpy(masks).to(batch.source.device)

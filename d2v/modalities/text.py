@@ -1,6 +1,7 @@
 """Text plug-in: RoBERTa-style encoder used by data2vec text, dynamic token masking, presets (spec §2.3, §5.3)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -90,7 +91,8 @@ class TextEncoder(Encoder):
     def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
         """The embeddings already carry their positions: dropping tokens is a gather (no <mask> token in v2)."""
         require_unpadded(embedded)
-        return self._transformer(gather_tokens(embedded.tokens, visible_indices(mask)), None)
+        keep = visible_indices(mask)
+        return replace(self._transformer(gather_tokens(embedded.tokens, keep), None), positions=keep)
 
     def _transformer(self, x: Tensor, pad: Tensor | None) -> EncoderOutput:
         x, hidden, ffn = run_blocks(self.blocks, x, pad, [None] * len(self.blocks), self.cfg.layerdrop)

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from d2v.config import ConfigError, StrictModel, validate
+from d2v.config import ConfigError, Objective, StrictModel, validate
 from d2v.data.sources import SOURCES
 from d2v.train.config import PretrainConfig, merge, pretrain_config
 from d2v.train.finetune import TASKS, FinetuneConfig, finetune_config
@@ -62,7 +62,7 @@ class Profile(StrictModel):
     summary: str  # path prefix of summary.md / summary.csv
     seeds: list[int] = Field([0], min_length=1)
     inits: list[Literal["pretrained", "scratch"]] = Field(["pretrained", "scratch"], min_length=1)
-    objective: Literal["v1", "v2"] = "v1"  # data2vec 1.0 or 2.0 for every modality (pretrain.M.objective overrides)
+    objective: Objective = "v1"  # data2vec 1.0 or 2.0 for every modality (pretrain.M.objective overrides)
     shard_limit: int | None = Field(None, ge=1)  # cap on every shard set (smoke runs)
     sources: dict[str, dict] = {}  # source → options of `d2v prepare SOURCE`
     tokenizer: TokenizerSpec = TokenizerSpec()

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from d2v.config import EMAConfig, StrictModel, validate
+from d2v.config import EMAConfig, Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig
 
 
@@ -39,7 +39,7 @@ class CheckpointConfig(StrictModel):
 class PretrainConfig(StrictModel):
     modality: Literal["image", "speech", "text"]
     preset: str = "embedded"
-    objective: Literal["v1", "v2"] = "v1"  # data2vec 1.0, or 2.0 (the preset's size in the v2 architecture)
+    objective: Objective = "v1"  # data2vec 1.0, or 2.0 (the preset's size in the v2 architecture)
     clones: int | None = Field(None, ge=1)  # v2: masked clones per sample (None = the recipe's M)
     steps: int = Field(ge=1)
     accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step (effective batch = batch·accum·ranks)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from d2v.config import StrictModel, validate
+from d2v.config import Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.metrics import TASK_METRICS, ctc_greedy, wer
@@ -77,7 +77,7 @@ class FinetuneConfig(StrictModel):
     mode: Literal["full", "probe"] = "full"
     pretrained: str | None = None  # final.pt of a pretraining run
     preset: str = "embedded"
-    objective: Literal["v1", "v2"] = "v1"  # the encoder architecture: data2vec 1.0's or 2.0's at the preset size
+    objective: Objective = "v1"  # the encoder architecture: data2vec 1.0's or 2.0's at the preset size
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     seed: int = 0

@@ -221,8 +221,7 @@ def shards_digest(shards: str | Path) -> str | None:
 
 
 def build_objective(cfg: PretrainConfig) -> Data2Vec:
-    from d2v.data2vec2 import Data2Vec2
-    from d2v.modalities.registry import build_modality
+    from d2v.modalities.registry import build_modality, make_objective
 
     torch.manual_seed(cfg.seed)
     modality, objective_cfg = build_modality(cfg.modality, cfg.preset, cfg.objective)
@@ -238,7 +237,7 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
         if (cfg.data.image.channels, cfg.data.image.size) != (encoder_cfg.in_chans, encoder_cfg.img_size):
             raise ValueError(f"pretrain.data.image: channels/size {cfg.data.image.channels}/{cfg.data.image.size} "
                              f"do not match the {cfg.preset} encoder ({encoder_cfg.in_chans}/{encoder_cfg.img_size})")
-    return (Data2Vec2 if cfg.objective == "v2" else Data2Vec)(modality, objective_cfg)
+    return make_objective(modality, objective_cfg)
 
 
 def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: str | Path | None) -> None:
