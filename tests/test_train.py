@@ -15,6 +15,7 @@ from d2v.data import synthetic
 from d2v.data2vec import CollapseError
 from d2v.train import checkpoint
 from d2v.train.config import PretrainConfig, pretrain_config
+from d2v.train.logging import MetricsLog
 from d2v.train.optim import cosine_with_warmup, tri_stage
 from d2v.train.pretrain import build_objective, run_pretrain
 
@@ -168,3 +169,14 @@ def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_
     run_pretrain(changed, build_objective(changed), synthetic_stream("text"), tmp_path, progress=False,
                  data_digest="aaa", restart_on_change=True)
     assert "discarded (finished run)" in capsys.readouterr().err
+
+
+def test_metrics_log_widens_its_header_when_a_column_appears_later(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.csv")
+    log.write({"step": 1, "loss": 0.9})
+    log.write({"step": 2, "loss": 0.8, "dev_accuracy": 0.6})  # the first evaluation
+    log.write({"step": 3, "loss": 0.7})
+    df = log.frame()
+    assert list(df.columns) == ["step", "loss", "dev_accuracy"] and df["step"].tolist() == [1, 2, 3]
+    assert df["dev_accuracy"].iloc[1] == 0.6 and df["dev_accuracy"].isna().tolist() == [True, False, True]
+    assert df["loss"].tolist() == [0.9, 0.8, 0.7]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from d2v.io import atomic_write_text
+
 
 class MetricsLog:
     def __init__(self, path: str | Path, resume_step: int = 0):
@@ -26,6 +28,9 @@ class MetricsLog:
         new = not self.path.exists() or self.fields is None
         if new:
             self.fields = list(row)
+        elif not set(row) <= set(self.fields):  # a column appears later (dev metrics): widen the file once
+            self.fields += [k for k in row if k not in self.fields]
+            atomic_write_text(self.path, self.frame().reindex(columns=self.fields).to_csv(index=False))
         with open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
