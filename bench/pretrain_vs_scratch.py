@@ -2,29 +2,30 @@
 task from the pretrained encoder and from scratch over several seeds, and compare on the test splits.
 
 A task counts as a win when the pretrained mean beats the scratch mean by more than the seed spread (max - min)
-of either side. Results are rewritten after every run, so a partial run still leaves a table.
+of either side. Rows of the tasks run are merged into the output file (other tasks' rows are kept) and rewritten
+after every fine-tune, so a partial run still leaves a table. Finished runs under the same config are reused.
 
-    python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--seeds 3]
-        [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
+    python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
+        [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from runs import headline_metric, pretrain_seconds
 
 from d2v.io import atomic_write_json
 from d2v.train.config import pretrain_config
-from d2v.train.finetune import TASKS, evaluate, finetune_config, run_finetune
-from d2v.train.pretrain import pretrain_main
+from d2v.train.finetune import EMBEDDED_FINETUNE, TASKS, finetune_config
 
 
-def parse_map(text: str) -> dict[str, int]:
-    return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+def parse_map(text: str, cast=int) -> dict:
+    return {k: cast(v) for k, v in (item.split("=") for item in text.split(",") if item)}
 
 
 def summarize(task: str, runs: dict[str, list[float]]) -> dict:
@@ -42,11 +43,25 @@ def summarize(task: str, runs: dict[str, list[float]]) -> dict:
     return out
 
 
+def pretrain(modality: str, objective: str, steps: int | None, runs: Path) -> tuple[Path, dict]:
+    overrides: dict = {"objective": objective}
+    if steps:
+        overrides["steps"] = steps
+        overrides["ema"] = pretrain_config(modality, overrides).ema.model_copy(update={"tau_steps": steps}).model_dump()
+    cfg = pretrain_config(modality, overrides)
+    run = runs / "pretrain" / (modality if objective == "v1" else f"{modality}-{objective}")
+    seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
+    summary = json.loads((run / "summary.json").read_text())
+    return run, {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run),
+                 **{k: summary.get(k) for k in ("first", "last")}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modalities", default="text,image,speech")
-    parser.add_argument("--tasks", default=None, help="default: every task of the chosen modalities")
+    parser.add_argument("--tasks", default=None, help="default: the embedded tasks of the chosen modalities")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--objective", default="", help="per modality, e.g. text=v2 (default v1)")
     parser.add_argument("--pretrain-steps", default="")
     parser.add_argument("--finetune-steps", default="")
     parser.add_argument("--runs", default="runs/bench")
@@ -54,42 +69,36 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     modalities = args.modalities.split(",")
-    pre_steps, ft_steps = parse_map(args.pretrain_steps), parse_map(args.finetune_steps)
-    tasks = args.tasks.split(",") if args.tasks else [t for t, spec in TASKS.items() if spec.modality in modalities]
-    runs = Path(args.runs)
-    report = {"benchmark": "pretrain_vs_scratch", "machine": platform.machine(), "seeds": args.seeds,
-              "pretrain": {}, "tasks": {}}
+    objectives, pre_steps = parse_map(args.objective, str), parse_map(args.pretrain_steps)
+    ft_steps = parse_map(args.finetune_steps)
+    tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
+    runs, out = Path(args.runs), Path(args.out)
+    report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
+                                                                "tasks": {}}
+    report.update(machine=platform.machine(), seeds=args.seeds)
+    checkpoints = {}
     for modality in modalities:
-        overrides = {"steps": pre_steps[modality]} if modality in pre_steps else {}
-        if overrides:
-            overrides["ema"] = pretrain_config(modality).ema.model_copy(
-                update={"tau_steps": pre_steps[modality]}).model_dump()
-        cfg = pretrain_config(modality, overrides)
-        start = time.perf_counter()
-        summary = pretrain_main(cfg, runs / "pretrain" / modality,
-                                tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
-        report["pretrain"][modality] = {"steps": cfg.steps, "seconds": round(time.perf_counter() - start, 1),
-                                        **{k: summary.get(k) for k in ("first", "last")}}
-        atomic_write_json(args.out, report)
+        objective = objectives.get(modality, "v1")
+        checkpoints[modality], report["pretrain"][modality] = pretrain(modality, objective, pre_steps.get(modality),
+                                                                       runs)
+        atomic_write_json(out, report)
     for task in tasks:
+        modality = TASKS[task].modality
+        objective = report["pretrain"][modality]["objective"]
         values: dict[str, list[float]] = {}
         for init in ("pretrained", "scratch"):
             for seed in range(args.seeds):
-                overrides = {"init": init, "seed": seed,
-                             "pretrained": str(runs / "pretrain" / TASKS[task].modality / "final.pt")}
+                overrides = {"init": init, "seed": seed, "objective": objective,
+                             "pretrained": str(checkpoints[modality] / "final.pt")}
                 if task in ft_steps:
                     overrides["steps"] = ft_steps[task]
                 cfg = finetune_config(task, overrides)
-                out = runs / "finetune" / f"{task}-{init}-s{seed}"
-                run_finetune(cfg, out, progress=False)
-                results = evaluate(out)
-                value = results[-1]["metrics"][TASKS[task].metrics[0]] if TASKS[task].kind != "ctc" else \
-                    float(np.mean([r["metrics"]["wer"] for r in results if r["split"].startswith("test")]))
-                values.setdefault(init, []).append(value)
-                report["tasks"][task] = summarize(task, values)
-                report["tasks"][task]["finetune_steps"] = cfg.steps
-                atomic_write_json(args.out, report)
-                print(f"{task} {init} seed {seed}: {value:.4f}", flush=True)
+                tag = init if objective == "v1" else f"{init}-{objective}"
+                values.setdefault(init, []).append(headline_metric(cfg, runs / "finetune" / f"{task}-{tag}-s{seed}"))
+                report["tasks"][task] = {**summarize(task, values), "objective": objective,
+                                         "finetune_steps": cfg.steps}
+                atomic_write_json(out, report)
+                print(f"{task} {init} seed {seed}: {values[init][-1]:.4f}", flush=True)
         print(task, report["tasks"][task], flush=True)
 
 

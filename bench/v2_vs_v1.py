@@ -87,9 +87,10 @@ def throughput(args) -> dict:
 
 
 def time_to_accuracy(args) -> dict:
+    from runs import headline_metric, pretrain_seconds
+
     from d2v.train.config import pretrain_config
-    from d2v.train.finetune import evaluate, finetune_config, run_finetune
-    from d2v.train.pretrain import pretrain_main
+    from d2v.train.finetune import finetune_config
 
     reference = json.loads(Path(args.reference).read_text())
     v1_row = reference["tasks"]["fashion_mnist"]
@@ -105,46 +106,19 @@ def time_to_accuracy(args) -> dict:
         cfg = pretrain_config("image", {"objective": "v2", "steps": budget,
                                         "optim": {"warmup_steps": max(1, budget // 10)},
                                         "ema": {"tau_start": 0.998, "tau_end": 0.9999, "tau_steps": budget}})
-        seconds = pretrain_seconds(cfg, run, pretrain_main)
+        seconds = pretrain_seconds(cfg, run)
         values = []
         for seed in range(args.seeds):
             ft = finetune_config("fashion_mnist", {"init": "pretrained", "seed": seed, "objective": "v2",
                                                    "pretrained": str(run / "final.pt"), "steps": args.finetune_steps})
             out = Path(args.runs) / "finetune" / f"fashion_mnist-v2-{budget}-s{seed}"
-            values.append(finetuned_accuracy(ft, out, run_finetune, evaluate))
+            values.append(headline_metric(ft, out))
             print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} top-1 {values[-1]:.4f}", flush=True)
         report["v2"][str(budget)] = {"pretrain_seconds": seconds, "top1": values, "top1_mean": float(np.mean(values)),
                                      "reaches_v1": bool(np.mean(values) >= target),
                                      "speedup_vs_v1": v1_seconds / seconds}
         atomic_write_json(OUT.with_name("v2_time_to_accuracy.json"), {**report, "machine": platform.machine()})
     return report
-
-
-def same_config(run: Path, cfg) -> bool:
-    config = run / "config.json"
-    return config.is_file() and json.loads(config.read_text()) == cfg.model_dump(mode="json")
-
-
-def pretrain_seconds(cfg, run: Path, pretrain_main) -> float:
-    """Wall time of a pretraining run; a finished run under the same config is reused with its recorded time."""
-    timing = run / "timing.json"
-    if timing.is_file() and (run / "final.pt").is_file() and same_config(run, cfg):
-        return json.loads(timing.read_text())["seconds"]
-    start = time.perf_counter()
-    pretrain_main(cfg, run, progress=False)
-    seconds = time.perf_counter() - start
-    atomic_write_json(timing, {"seconds": seconds})
-    return seconds
-
-
-def finetuned_accuracy(cfg, out: Path, run_finetune, evaluate) -> float:
-    """Test top-1 of a fine-tune; an evaluation under the same config is reused (fine-tuning is deterministic, and
-    the pretraining run it starts from refuses to resume under another config). Delete `out` to force a rerun."""
-    result = out / "eval" / "fashion_mnist-test.json"
-    if result.is_file() and same_config(out, cfg):
-        return json.loads(result.read_text())["metrics"]["accuracy"]
-    run_finetune(cfg, out, progress=False)
-    return evaluate(out)[-1]["metrics"]["accuracy"]
 
 
 def main() -> None:
