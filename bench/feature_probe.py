@@ -72,14 +72,15 @@ def main() -> None:
     cfg = finetune_config(args.task, {"batch_size": 64, "data_root": args.data_root,
                                       "tokenizer": f"{args.data_root}/tokenizer/spm.model"})
     state = torch.load(args.pretrained, map_location="cpu", weights_only=False)
+    objective = state.get("objective", "v1")
     report = {"benchmark": "feature_probe", "task": args.task, "pretrained": args.pretrained,
-              "pretrain_steps": state.get("steps"), "objective": state.get("objective", "v1"),
+              "pretrain_steps": state.get("steps"), "objective": objective,
               "machine": platform.machine(), "probe": "logistic regression "
               "on standardised mean-pooled features (sklearn, C=1)", "encoders": {}}
     start = time.perf_counter()
     for name in ("random", "student", "teacher"):
         torch.manual_seed(0)
-        encoder = build_encoder(task.modality, state["preset"], state.get("objective", "v1"))
+        encoder = build_encoder(task.modality, state["preset"], objective)
         if name != "random":
             encoder.load_state_dict(state["encoder" if name == "student" else "teacher"], strict=False)
         train_f, train_y, train_tok = layer_features(encoder, cfg, task.train, args.train)

@@ -45,9 +45,8 @@ def summarize(task: str, runs: dict[str, list[float]]) -> dict:
 
 def pretrain(modality: str, objective: str, steps: int | None, runs: Path) -> tuple[Path, dict]:
     overrides: dict = {"objective": objective}
-    if steps:
-        overrides["steps"] = steps
-        overrides["ema"] = pretrain_config(modality, overrides).ema.model_copy(update={"tau_steps": steps}).model_dump()
+    if steps:  # the τ ramp ends with the run
+        overrides.update(steps=steps, ema={"tau_steps": steps})
     cfg = pretrain_config(modality, overrides)
     run = runs / "pretrain" / (modality if objective == "v1" else f"{modality}-{objective}")
     seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)

@@ -107,6 +107,8 @@ def time_to_accuracy(args) -> dict:
                                         "optim": {"warmup_steps": max(1, budget // 10)},
                                         "ema": {"tau_start": 0.998, "tau_end": 0.9999, "tau_steps": budget}})
         seconds = pretrain_seconds(cfg, run)
+        if seconds is None:
+            raise SystemExit(f"{run}: a finished run without timing.json; delete the folder to rerun and time it")
         values = []
         for seed in range(args.seeds):
             ft = finetune_config("fashion_mnist", {"init": "pretrained", "seed": seed, "objective": "v2",
