@@ -31,7 +31,7 @@ def layer_features(encoder, cfg, split: str, limit: int) -> tuple[list[np.ndarra
     encoder.eval()
     chunks, labels, tokens = [], [], []
     for item in loader(cfg, split, train=False):
-        inputs = as_inputs(item, TASKS[cfg.task].modality)
+        inputs = as_inputs(item, TASKS[cfg.task].modality, torch.device("cpu"))
         batch = inputs["batch"]
         out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
         keep = torch.ones(out.x.shape[:2], dtype=torch.bool)
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--pretrained", required=True)
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--data-root", default="data")
+    parser.add_argument("--encoders", default="random,student,teacher")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -78,11 +79,15 @@ def main() -> None:
               "machine": platform.machine(), "probe": "logistic regression "
               "on standardised mean-pooled features (sklearn, C=1)", "encoders": {}}
     start = time.perf_counter()
-    for name in ("random", "student", "teacher"):
+    for name in args.encoders.split(","):
+        key = {"student": "encoder", "teacher": "teacher"}.get(name)
+        if key and key not in state:
+            print(f"{args.pretrained} holds no {name} ({key!r}); skipped")
+            continue
         torch.manual_seed(0)
         encoder = build_encoder(task.modality, state["preset"], objective)
         if name != "random":
-            encoder.load_state_dict(state["encoder" if name == "student" else "teacher"], strict=False)
+            encoder.load_state_dict(state[key], strict=False)
         train_f, train_y, train_tok = layer_features(encoder, cfg, task.train, args.train)
         dev_f, dev_y, dev_tok = layer_features(encoder, cfg, task.dev, 10 ** 9)
         report["encoders"][name] = [round(probe(a, train_y, b, dev_y), 4) for a, b in zip(train_f, dev_f)]

@@ -7,6 +7,10 @@ after every fine-tune, so a partial run still leaves a table. Finished runs unde
 
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
+        [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
+
+`--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values);
+`--tag` names a separate family of run folders, e.g. for runs made on a GPU at a larger scale.
 """
 from __future__ import annotations
 
@@ -17,15 +21,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from runs import headline_metric, pretrain_seconds
 
 from d2v.io import atomic_write_json
-from d2v.train.config import pretrain_config
+from d2v.train.config import merge, pretrain_config
 from d2v.train.finetune import EMBEDDED_FINETUNE, TASKS, finetune_config
 
 
 def parse_map(text: str, cast=int) -> dict:
     return {k: cast(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+
+
+def parse_sets(items: list[str]) -> dict[str, dict]:
+    """["text.data.batch_size=256", ...] -> {"text": {"data": {"batch_size": 256}}}"""
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        path = key.split(".")
+        if not sep or len(path) < 2:
+            raise SystemExit(f"--set/--ft-set {item!r}: expected NAME.FIELD[.FIELD]=VALUE")
+        node = out.setdefault(path[0], {})
+        for part in path[1:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value)
+    return out
 
 
 def summarize(task: str, runs: dict[str, list[float]]) -> dict:
@@ -43,15 +63,15 @@ def summarize(task: str, runs: dict[str, list[float]]) -> dict:
     return out
 
 
-def pretrain(modality: str, objective: str, steps: int | None, runs: Path) -> tuple[Path, dict]:
+def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs: Path) -> tuple[Path, dict]:
     overrides: dict = {"objective": objective}
     if steps:  # the τ ramp ends with the run
         overrides.update(steps=steps, ema={"tau_steps": steps})
-    cfg = pretrain_config(modality, overrides)
+    cfg = pretrain_config(modality, merge(overrides, sets))
     run = runs / "pretrain" / (modality if objective == "v1" else f"{modality}-{objective}")
     seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
     summary = json.loads((run / "summary.json").read_text())
-    return run, {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run),
+    return run, {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run), "overrides": sets,
                  **{k: summary.get(k) for k in ("first", "last")}}
 
 
@@ -63,25 +83,31 @@ def main() -> None:
     parser.add_argument("--objective", default="", help="per modality, e.g. text=v2 (default v1)")
     parser.add_argument("--pretrain-steps", default="")
     parser.add_argument("--finetune-steps", default="")
+    parser.add_argument("--set", action="append", default=[], help="pretraining override, MODALITY.FIELD=VALUE")
+    parser.add_argument("--ft-set", action="append", default=[], help="fine-tuning override, TASK.FIELD=VALUE")
+    parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(2)
     modalities = args.modalities.split(",")
     objectives, pre_steps = parse_map(args.objective, str), parse_map(args.pretrain_steps)
     ft_steps = parse_map(args.finetune_steps)
     tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
-    runs, out = Path(args.runs), Path(args.out)
+    pre_sets, ft_sets = parse_sets(args.set), parse_sets(args.ft_set)
+    runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
                                                                 "tasks": {}}
-    report.update(machine=platform.machine(), seeds=args.seeds)
+    report.update(machine=platform.machine(), seeds=args.seeds,
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     checkpoints = {}
     for modality in modalities:
         objective = objectives.get(modality, "v1")
         checkpoints[modality], report["pretrain"][modality] = pretrain(modality, objective, pre_steps.get(modality),
-                                                                       runs)
+                                                                       pre_sets.get(modality, {}), runs)
         atomic_write_json(out, report)
-    for task in tasks:
+    for task in tasks if args.seeds else []:  # --seeds 0: pretrain only
         modality = TASKS[task].modality
         objective = report["pretrain"][modality]["objective"]
         values: dict[str, list[float]] = {}
@@ -91,11 +117,11 @@ def main() -> None:
                              "pretrained": str(checkpoints[modality] / "final.pt")}
                 if task in ft_steps:
                     overrides["steps"] = ft_steps[task]
-                cfg = finetune_config(task, overrides)
+                cfg = finetune_config(task, merge(overrides, ft_sets.get(task, {})))
                 tag = init if objective == "v1" else f"{init}-{objective}"
                 values.setdefault(init, []).append(headline_metric(cfg, runs / "finetune" / f"{task}-{tag}-s{seed}"))
                 report["tasks"][task] = {**summarize(task, values), "objective": objective,
-                                         "finetune_steps": cfg.steps}
+                                         "finetune_steps": cfg.steps, "overrides": ft_sets.get(task, {})}
                 atomic_write_json(out, report)
                 print(f"{task} {init} seed {seed}: {values[init][-1]:.4f}", flush=True)
         print(task, report["tasks"][task], flush=True)

@@ -15,8 +15,14 @@ from d2v.train.pretrain import pretrain_main
 
 
 def same_config(run: Path, cfg) -> bool:
+    """The run's config.json, with fields added since it was written at their defaults, equals `cfg`."""
     config = run / "config.json"
-    return config.is_file() and json.loads(config.read_text()) == cfg.model_dump(mode="json")
+    if not config.is_file():
+        return False
+    try:
+        return type(cfg).model_validate(json.loads(config.read_text())) == cfg
+    except ValueError:  # written by an incompatible version
+        return False
 
 
 def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | None:

@@ -1,12 +1,16 @@
 """data2vec 2.0 vs 1.0 at equal model size.
 
 throughput: training updates (forward, backward, AdamW, EMA) per modality on batches of the embedded shapes, v1 and
-    v2 with the same samples per batch; reports samples/s, and for v2 also masked views/s (samples × clones).
+    v2 with the same samples per batch; reports samples/s, and for v2 also masked views/s (samples × clones). On a
+    GPU (`--device cuda`, bf16 autocast, optionally `--compile`) it also counts the FLOPs of one update
+    (torch.utils.flop_counter: matrix products, convolutions and attention) and reports achieved TFLOP/s and MFU
+    against the chip's dense bf16 peak.
 time-to-accuracy: pretrain v2 on the real embedded image corpus for several step budgets (each with its full
     schedule), fine-tune Fashion-MNIST from each over seeds, and find the first budget whose mean top-1 reaches
     the v1 reference (a pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's.
 
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
+        [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
     python bench/v2_vs_v1.py time-to-accuracy [--budgets 150,300] [--seeds 3]
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from d2v.data import synthetic
 from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_objective
 from d2v.train.optim import adamw
+from d2v.train.pretrain import autocast, to_device
 
 OUT = Path("results/bench/v2_vs_v1.json")
 SHAPES = {  # synthetic inputs of the embedded pretraining shapes (throughput does not depend on content)
@@ -33,13 +38,30 @@ SHAPES = {  # synthetic inputs of the embedded pretraining shapes (throughput do
 }
 BATCH = {"embedded": {"image": 32, "speech": 4, "text": 16}, "base": {"image": 4, "speech": 1, "text": 2}}
 CLONES = {"embedded": {"image": 8, "speech": 4, "text": 4}, "base": {"image": 16, "speech": 8, "text": 8}}
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, from the vendors' data sheets
 
 
-def update_seconds(name: str, preset: str, objective: str, batch_size: int, steps: int, clones: int | None) -> float:
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def update_seconds(name: str, preset: str, objective: str, batch_size: int, steps: int, clones: int | None,
+                   device: torch.device = torch.device("cpu"), precision: str = "fp32",
+                   compile: bool = False) -> tuple[float, float | None]:
+    """Median seconds of one training update, and (on CUDA) the FLOPs of one forward + backward."""
     torch.manual_seed(0)
     obj = build_objective(name, preset, objective)
     if clones is not None:
         obj.cfg = obj.cfg.model_copy(update={"v2": obj.cfg.v2.model_copy(update={"clones": clones})})
+    obj.to(device)
     if name == "image":
         kw = dict(SHAPES[name], size=obj.student.cfg.img_size)
     elif name == "text":
@@ -52,38 +74,64 @@ def update_seconds(name: str, preset: str, objective: str, batch_size: int, step
         batches = (type(b)(b.source.expand(-1, obj.student.cfg.in_chans, -1, -1).contiguous()) for b in batches)
     params = obj.student_parameters()
     optimizer = adamw(params, 1e-4, 0.01)
+    amp, _ = autocast(device, precision)
+    forward = torch.compile(obj) if compile else obj
     obj.train()
     times = []
-    for step in range(1, steps + 2):  # the first update warms up allocators and is not timed
-        batch = next(batches)
+    warmup = 3 if compile else 1  # compilation (and allocator warm-up) is not timed
+    for step in range(1, steps + warmup + 1):
+        batch = to_device(next(batches), device)
+        synchronize(device)
         start = time.perf_counter()
-        out = obj(batch, np.random.default_rng(step))
+        with amp:
+            out = forward(batch, np.random.default_rng(step))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         obj.ema_step(step)
+        synchronize(device)
         times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+    flops = None
+    if device.type == "cuda":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter, amp:
+            obj(batch, np.random.default_rng(0)).loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        flops = float(counter.get_total_flops())
+    return float(np.median(times[warmup:])), flops
 
 
 def throughput(args) -> dict:
+    device = torch.device(args.device)
+    peak = peak_tflops(device)
+    batches = {tuple(k.split(".")): int(v) for k, v in (i.split("=") for i in args.batch.split(",") if i)}
     rows = {}
     for preset in args.presets.split(","):
         for name in ("image", "speech", "text"):
-            batch, clones = BATCH[preset][name], CLONES[preset][name]
-            v1 = update_seconds(name, preset, "v1", batch, args.steps, None)
-            v2 = update_seconds(name, preset, "v2", batch, args.steps, clones)
-            single = update_seconds(name, preset, "v2", batch, args.steps, 1)  # the visible-only saving alone
-            rows[f"{name}/{preset}"] = {
-                "batch": batch, "clones": clones, "v1_samples_per_s": batch / v1, "v2_samples_per_s": batch / v2,
-                "v2_views_per_s": batch * clones / v2, "samples_ratio": v1 / v2, "views_ratio": clones * v1 / v2,
-                "v2_one_clone_samples_per_s": batch / single, "one_clone_ratio": v1 / single,
-                "v1_update_s": v1, "v2_update_s": v2, "v2_one_clone_update_s": single}
+            batch, clones = batches.get((preset, name), BATCH[preset][name]), CLONES[preset][name]
+            run = dict(device=device, precision=args.precision, compile=args.compile)
+            (v1, v1_flops), (v2, v2_flops) = (update_seconds(name, preset, "v1", batch, args.steps, None, **run),
+                                              update_seconds(name, preset, "v2", batch, args.steps, clones, **run))
+            single, _ = update_seconds(name, preset, "v2", batch, args.steps, 1, **run)  # visible-only saving alone
+            row = {"batch": batch, "clones": clones, "v1_samples_per_s": batch / v1, "v2_samples_per_s": batch / v2,
+                   "v2_views_per_s": batch * clones / v2, "samples_ratio": v1 / v2, "views_ratio": clones * v1 / v2,
+                   "v2_one_clone_samples_per_s": batch / single, "one_clone_ratio": v1 / single,
+                   "v1_update_s": v1, "v2_update_s": v2, "v2_one_clone_update_s": single}
+            for tag, seconds, flops in (("v1", v1, v1_flops), ("v2", v2, v2_flops)):
+                if flops is not None:
+                    row[f"{tag}_tflops_per_update"] = flops / 1e12
+                    row[f"{tag}_achieved_tflops"] = flops / seconds / 1e12
+                    row[f"{tag}_mfu"] = flops / seconds / 1e12 / peak if peak else None
+            rows[f"{name}/{preset}"] = row
+            mfu = "".join(f"   {t} MFU {row[f'{t}_mfu']:.1%}" for t in ("v1", "v2") if row.get(f"{t}_mfu") is not None)
             print(f"{name:6s} {preset:8s} v1 {batch / v1:8.1f} samples/s   v2 {batch / v2:8.1f} samples/s "
                   f"({batch * clones / v2:8.1f} views/s)   v2/v1 samples {v1 / v2:.2f}x  views {clones * v1 / v2:.2f}x  "
-                  f"one clone {v1 / single:.2f}x",
-                  flush=True)
-    return {"threads": torch.get_num_threads(), "steps_timed": args.steps, "rows": rows}
+                  f"one clone {v1 / single:.2f}x{mfu}", flush=True)
+    return {"threads": torch.get_num_threads(), "steps_timed": args.steps, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "precision": args.precision, "compile": args.compile, "torch": torch.__version__,
+            "peak_bf16_tflops": peak, "rows": rows}
 
 
 def time_to_accuracy(args) -> dict:
@@ -129,6 +177,11 @@ def main() -> None:
     p = sub.add_parser("throughput")
     p.add_argument("--presets", default="embedded")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--batch", default="", help="per preset and modality, e.g. base.image=64,base.text=32")
+    p.add_argument("--out", default=str(OUT))
     p = sub.add_parser("time-to-accuracy")
     p.add_argument("--budgets", default="150,300")
     p.add_argument("--seeds", type=int, default=3)
@@ -137,10 +190,11 @@ def main() -> None:
     p.add_argument("--v1-seconds", type=float, default=None, help="v1 pretraining time (default: from the log)")
     p.add_argument("--runs", default="runs/bench")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if getattr(args, "device", "cpu") == "cpu":
+        torch.set_num_threads(2)
     if args.what == "throughput":
         result = {"benchmark": "v2_vs_v1_throughput", "machine": platform.machine(), **throughput(args)}
-        atomic_write_json(OUT, result)
+        atomic_write_json(Path(args.out), result)
     else:
         time_to_accuracy(args)
 

@@ -7,6 +7,7 @@ of examples, seed, git commit and a digest of the run configuration.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -32,6 +33,7 @@ from d2v.modalities.registry import build_encoder
 from d2v.train.config import FASHION_MNIST, OptimConfig, merge
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
+from d2v.train.pretrain import autocast
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class FinetuneConfig(StrictModel):
     tokenizer: str = "data/tokenizer/spm.model"
     letters: str = "data/tokenizer/letters.json"
     num_workers: int = Field(0, ge=0)
+    device: str = "auto"  # auto: the GPU when there is one
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
 
 EMBEDDED_FINETUNE: dict[str, dict] = {
@@ -183,10 +187,25 @@ def loader(cfg: FinetuneConfig, split: str, train: bool):
     return web_loader(ds, cfg.num_workers if train else 0, seed=cfg.seed)
 
 
-def as_inputs(item, modality: str) -> dict:
-    if modality == "image":
-        return {"batch": Batch(source=item[0]), "labels": item[1]}
-    return item
+def as_inputs(item, modality: str, device: torch.device) -> dict:
+    """A loader item as a dict of model inputs on `device` (transcripts stay on the host)."""
+    inputs = {"batch": Batch(source=item[0]), "labels": item[1]} if modality == "image" else dict(item)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            inputs[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, Batch):
+            mask = value.padding_mask
+            inputs[key] = Batch(source=value.source.to(device, non_blocking=True),
+                                padding_mask=None if mask is None else mask.to(device, non_blocking=True))
+    return inputs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"finetune.device: {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
 
 
 def mix(cfg: FinetuneConfig, num_classes: int):
@@ -215,23 +234,26 @@ def train_loss(model, inputs: dict, task: Task, cfg: FinetuneConfig, mixer, rng)
 
 
 @torch.no_grad()
-def predict(model, cfg: FinetuneConfig, split: str) -> tuple[list, list]:
-    """(predictions, references) over a whole split, in shard order."""
+def predict(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list, list]:
+    """(predictions, references) over a whole split, in shard order, on the model's device."""
     task = TASKS[cfg.task]
+    device = next(model.parameters()).device
     model.eval()
     preds, refs = [], []
     letters = LetterTokenizer.load(cfg.letters) if task.kind == "ctc" else None
     for item in loader(cfg, split, train=False):
-        inputs = as_inputs(item, task.modality)
+        inputs = as_inputs(item, task.modality, device)
+        with amp or contextlib.nullcontext():
+            out = model(inputs["batch"])
         if task.kind == "ctc":
-            logits, lengths = model(inputs["batch"])
-            preds += [letters.decode(ids) for ids in ctc_greedy(logits.float().numpy(), lengths.tolist())]
+            logits, lengths = out
+            preds += [letters.decode(ids) for ids in ctc_greedy(logits.float().cpu().numpy(), lengths.tolist())]
             refs += inputs["text"]
         elif task.kind == "regression":
-            preds += model(inputs["batch"]).squeeze(-1).tolist()
+            preds += out.float().squeeze(-1).tolist()
             refs += inputs["labels"].tolist()
         else:
-            preds += model(inputs["batch"]).argmax(-1).tolist()
+            preds += out.argmax(-1).tolist()
             refs += inputs["labels"].long().tolist()
     model.train()
     return preds, refs
@@ -254,7 +276,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
-    model = build_model(cfg)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg).to(device)
+    amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
@@ -278,7 +302,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
         rng = np.random.default_rng([cfg.seed, step])
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
-        loss = train_loss(model, as_inputs(next(stream), task.modality), task, cfg, mixer, rng)
+        with amp:
+            loss = train_loss(model, as_inputs(next(stream), task.modality, device), task, cfg, mixer, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if step <= cfg.freeze_encoder_steps:  # output layer only at first (fairseq freeze_finetune_updates)
@@ -290,7 +315,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         optimizer.step()
         row = {"step": step, "loss": loss.item(), "lr": lr}
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            dev = score(task, *predict(model, cfg, task.dev))
+            dev = score(task, *predict(model, cfg, task.dev, amp))
             row.update({f"dev_{k}": v for k, v in dev.items()})
             if headline(task, dev) > best:
                 best, best_metrics = headline(task, dev), dev
@@ -345,9 +370,12 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     task = TASKS[cfg.task]
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])
+    device = resolve_device(cfg.device)
+    model.to(device)
+    amp, _ = autocast(device, cfg.precision)
     results = []
     for s in ([split] if split else task.tests):
-        preds, refs = predict(model, cfg, s)
+        preds, refs = predict(model, cfg, s, amp)
         result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
                   "mode": cfg.mode, "metrics": score(task, preds, refs), "n": len(refs), "seed": cfg.seed,
                   "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),

@@ -32,15 +32,15 @@ from d2v.train.optim import adamw, schedule_fn, set_lr
 CURVES = ["loss", "target_var", "pred_var", "lr", "tau"]
 
 
-def autocast(world: World, precision: str):
+def autocast(device: torch.device, precision: str):
     """bf16 (or fp16) autocast on CUDA; fp32 on CPU, where low precision buys nothing on 2 cores."""
     if precision == "auto":
-        precision = "bf16" if world.device.type == "cuda" else "fp32"
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    return torch.autocast(world.device.type, dtype=dtype), scaler
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -105,7 +105,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
                     find_unused_parameters=find_unused)
     forward = torch.compile(model) if cfg.compile else model
-    amp, scaler = autocast(world, cfg.precision)
+    amp, scaler = autocast(world.device, cfg.precision)
     stream = batches(consumed)
     if resume_state is not None:
         checkpoint.set_rng_state(resume_state["rng"])  # after the fast-forward, which may have drawn numbers
