@@ -2,6 +2,8 @@
 student, the pretrained EMA teacher), mean-pooled over tokens/frames/patches, scored by a logistic-regression probe
 (scikit-learn) on a labeled task; plus a bag-of-pieces probe on the same token ids as a no-learning reference for
 text. A diagnostic for issue 4: it separates "pretraining learned nothing useful" from "fine-tuning cannot use it".
+For text it also splits each layer's token-level variance into the share explained by the position alone and by the
+token id alone (a drift towards position is what the embedded text runs show; see `variance_shares`).
 
     python bench/feature_probe.py --task rt_polarity --pretrained runs/bench/pretrain/text/final.pt
         [--train 4000] [--out results/bench/feature_probe_rt_polarity.json]
@@ -51,6 +53,38 @@ def layer_features(encoder, cfg, split: str, limit: int) -> tuple[list[np.ndarra
     return feats, np.array(labels[:n]), tokens[:n]
 
 
+@torch.no_grad()
+def variance_shares(encoder, cfg, split: str, limit: int = 512) -> list[dict[str, float]]:
+    """Per layer (embeddings first): the fraction of the variance of the unpadded token states that the mean state
+    at each position explains, and the fraction that the mean state of each token id explains. A random encoder
+    sits near the same shares at every layer; a layer whose position share grows while its token share shrinks has
+    drifted towards encoding where a token is rather than what it is. Ids seen once explain their own variance, so
+    the token share is inflated in absolute terms: compare encoders, not numbers."""
+    encoder.eval()
+    states, positions, ids, seen = None, [], [], 0
+    for item in loader(cfg, split, train=False):
+        batch = as_inputs(item, TASKS[cfg.task].modality, torch.device("cpu"))["batch"]
+        out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
+        keep = ~batch.padding_mask if batch.padding_mask is not None else torch.ones_like(batch.source, dtype=bool)
+        layers = [h[:, out.num_extra_tokens:][keep].double().numpy() for h in out.hidden_states]
+        states = layers if states is None else [np.concatenate(pair) for pair in zip(states, layers)]
+        positions.append(torch.arange(batch.source.shape[1]).expand_as(batch.source)[keep].numpy())
+        ids.append(batch.source[keep].numpy())
+        seen += batch.source.shape[0]
+        if seen >= limit:
+            break
+    positions, ids = np.concatenate(positions), np.concatenate(ids)
+
+    def explained(h: np.ndarray, groups: np.ndarray) -> float:
+        _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+        means = np.zeros((len(counts), h.shape[1]))
+        np.add.at(means, inverse, h)
+        means /= counts[:, None]
+        return float(means[inverse].var(0).sum() / h.var(0).sum())
+
+    return [{"position": round(explained(h, positions), 4), "token": round(explained(h, ids), 4)} for h in states]
+
+
 def probe(train_x, train_y, test_x, test_y) -> float:
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
     clf.fit(train_x, train_y)
@@ -92,6 +126,10 @@ def main() -> None:
         dev_f, dev_y, dev_tok = layer_features(encoder, cfg, task.dev, 10 ** 9)
         report["encoders"][name] = [round(probe(a, train_y, b, dev_y), 4) for a, b in zip(train_f, dev_f)]
         print(f"{name:8s} dev accuracy per layer (embeddings first): {report['encoders'][name]}", flush=True)
+        if task.modality == "text":
+            report.setdefault("variance_shares", {})[name] = variance_shares(encoder, cfg, task.dev)
+            print(f"{name:8s} variance shares (position, token): "
+                  f"{[(v['position'], v['token']) for v in report['variance_shares'][name]]}", flush=True)
     if train_tok:
         bag = make_pipeline(CountVectorizer(analyzer=lambda ids: ids, binary=True),
                             LogisticRegression(C=1.0, max_iter=2000))

@@ -113,8 +113,9 @@ def main() -> None:
         values: dict[str, list[float]] = {}
         for init in ("pretrained", "scratch"):
             for seed in range(args.seeds):
-                overrides = {"init": init, "seed": seed, "objective": objective,
-                             "pretrained": str(checkpoints[modality] / "final.pt")}
+                overrides = {"init": init, "seed": seed, "objective": objective}
+                if init == "pretrained":  # scratch runs name no checkpoint, so they are shared across pretrainings
+                    overrides["pretrained"] = str(checkpoints[modality] / "final.pt")
                 if task in ft_steps:
                     overrides["steps"] = ft_steps[task]
                 cfg = finetune_config(task, merge(overrides, ft_sets.get(task, {})))

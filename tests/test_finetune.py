@@ -110,3 +110,28 @@ def test_unknown_task_and_bad_options_are_named():
         ft.finetune_config("nope")
     with pytest.raises(ValueError, match="finetune.lee_sts.layer_decay: Input should be less than or equal to 1"):
         ft.finetune_config("lee_sts", {"layer_decay": 2})
+
+
+def test_inputs_move_to_the_device_and_transcripts_stay_on_the_host():
+    item = {"batch": ft.Batch(source=torch.zeros(2, 8), padding_mask=torch.zeros(2, 8, dtype=torch.bool)),
+            "targets": torch.ones(2, 3, dtype=torch.long), "target_lengths": torch.tensor([3, 2]),
+            "text": ["A B", "C"]}
+    inputs = ft.as_inputs(item, "speech", torch.device("meta"))
+    assert inputs["batch"].source.is_meta and inputs["batch"].padding_mask.is_meta
+    assert inputs["targets"].is_meta and inputs["target_lengths"].is_meta and inputs["text"] == ["A B", "C"]
+    image = ft.as_inputs((torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])), "image", torch.device("meta"))
+    assert image["batch"].source.is_meta and image["batch"].padding_mask is None and image["labels"].is_meta
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+    assert ft.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="finetune.device: 'cuda' asked for, but torch sees no CUDA device"):
+        ft.resolve_device("cuda")
+
+
+def test_bf16_autocast_fine_tuning_learns_and_evaluates(toy_image_task, tmp_path):
+    cfg = toy_image_task.model_copy(update={"precision": "bf16"})
+    ft.run_finetune(cfg, tmp_path / "bf16", progress=False)
+    (result,) = ft.evaluate(tmp_path / "bf16")
+    assert result["metrics"]["accuracy"] >= 0.9

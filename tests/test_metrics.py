@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from d2v.eval.metrics import accuracy, ctc_greedy, f1_binary, matthews_corrcoef, pearson, spearman, wer
+from d2v.eval.metrics import TASK_METRICS, accuracy, ctc_greedy, f1_binary, matthews_corrcoef, pearson, spearman, wer
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -35,6 +35,18 @@ def test_correlations_match_scipy_including_ties(seed):
     y_ties = np.round(y)  # many ties: average ranks matter
     assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic)
     assert spearman(x, y_ties) == pytest.approx(stats.spearmanr(x, y_ties).statistic)
+
+
+def test_glue_combined_scores_are_the_means_of_the_reference_values():
+    rng = np.random.default_rng(7)
+    gold = rng.integers(0, 2, 300)
+    pred = np.where(rng.random(300) < 0.8, gold, 1 - gold)
+    expected = (skm.accuracy_score(gold, pred) + skm.f1_score(gold, pred)) / 2  # MRPC, QQP
+    assert TASK_METRICS["acc_and_f1"](pred, gold) == pytest.approx(expected)
+    x = rng.normal(size=200)
+    y = np.round(x + rng.normal(size=200), 1)
+    expected = (stats.pearsonr(x, y).statistic + stats.spearmanr(x, y).statistic) / 2  # STS-B
+    assert TASK_METRICS["pearson_and_spearman"](x, y) == pytest.approx(expected)
 
 
 def test_wer_matches_jiwer():

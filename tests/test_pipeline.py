@@ -169,6 +169,24 @@ def test_slurm_and_local_profiles_parse():
     assert image.resources.gpus == 8 and image.cmd.startswith("torchrun --standalone --nproc_per_node=8 -m d2v.cli")
 
 
+def test_paper_profile_fine_tunes_every_glue_task_on_its_own_shards():
+    paper = {s.name: s for s in StageTable(load_params(ROOT / "params.yaml", "paper"), raw=RAW)}
+    glue = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+    prepared = set(paper["prepare_glue"].outs)
+    assert {f"data/paper/raw/glue/{t}/manifest.csv" for t in glue} <= prepared  # one manifest per task
+    mnli = paper["finetune_glue_mnli_pretrained_s0"]
+    assert set(mnli.deps) >= {"data/paper/shards/glue/mnli/train/index.json",
+                              "data/paper/shards/glue/mnli/dev_matched/index.json", "runs/paper/pretrain/text/final.pt"}
+    shard = paper["shard_glue_mnli_dev_mismatched"]
+    assert shard.cmd.startswith("d2v shard glue/mnli --split dev_mismatched")
+    assert shard.deps == ("data/paper/raw/glue/mnli/manifest.csv",)
+    evaluated = {o for s in paper.values() if s.kind == "evaluate" for o in s.outs}
+    assert {f"results/paper/glue_{t}/scratch-s0/glue_{t}-dev.json" for t in glue if t != "mnli"} <= evaluated
+    cfg = load_params(ROOT / "params.yaml", "paper").active.finetune_config("glue_rte")
+    assert (cfg.optim.lr, cfg.batch_size, cfg.steps, cfg.optim.schedule, cfg.max_tokens) == (2e-5, 16, 2036, "linear",
+                                                                                             512)
+
+
 # --------------------------------------------------------------------------------------------------- report
 
 def _result(root: Path, task: str, init: str, seed: int, split: str, **metrics):

@@ -16,7 +16,7 @@ from d2v.data2vec import CollapseError
 from d2v.train import checkpoint
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.logging import MetricsLog
-from d2v.train.optim import cosine_with_warmup, tri_stage
+from d2v.train.optim import cosine_with_warmup, linear_with_warmup, tri_stage
 from d2v.train.pretrain import build_objective, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +133,9 @@ def test_schedules():
     assert tri_stage(10, 100) == pytest.approx(1.0) and tri_stage(49, 100) == pytest.approx(1.0)
     assert tri_stage(100, 100) == pytest.approx(0.05)
     assert tri_stage(75, 100) == pytest.approx(0.05 ** 0.5)  # exponential decay: geometric midpoint
+    # fairseq polynomial_decay (power 1) as in RoBERTa's GLUE configs: 6 % warm-up, then a straight line to 0
+    assert linear_with_warmup(5, 100, 6) == pytest.approx(1.0) and linear_with_warmup(53, 100, 6) == pytest.approx(0.5)
+    assert linear_with_warmup(100, 100, 6) == pytest.approx(0.0)
 
 
 def test_embedded_defaults_validate_and_errors_name_the_key():

@@ -101,4 +101,7 @@ TASK_METRICS = {
     "mcc": lambda p, g: matthews_corrcoef(p, g),
     "pearson": lambda p, g: pearson(p, g),
     "spearman": lambda p, g: spearman(p, g),
+    # GLUE's combined scores (spec §9.3): MRPC and QQP report the mean of accuracy and F1, STS-B of the correlations
+    "acc_and_f1": lambda p, g: (accuracy(p, g) + f1_binary(p, g)) / 2,
+    "pearson_and_spearman": lambda p, g: (pearson(p, g) + spearman(p, g)) / 2,
 }

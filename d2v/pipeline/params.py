@@ -87,8 +87,8 @@ class Profile(StrictModel):
             if kind not in STAGE_KINDS:
                 raise ValueError(f"resources.{kind}: unknown stage kind; expected one of {list(STAGE_KINDS)}")
         for key in self.shards:
-            if key.count("/") != 1:
-                raise ValueError(f"shards.{key}: expected DATASET/NAME")
+            if key.count("/") not in (1, 2):
+                raise ValueError(f"shards.{key}: expected DATASET/NAME (DATASET may be SOURCE/PART, e.g. glue/cola)")
         return self
 
     # ---------------------------------------------------------------------------------------------- paths
@@ -124,7 +124,7 @@ class Profile(StrictModel):
         if key in self.shards:
             spec = self.shards[key]
         else:
-            split, _, subset = key.split("/", 1)[1].partition("-")
+            split, _, subset = key.rsplit("/", 1)[1].partition("-")
             spec = ShardSpec(split=split, subset=subset or None)
         if self.shard_limit is not None:
             spec = spec.model_copy(update={"limit": min(spec.limit or self.shard_limit, self.shard_limit)})

@@ -29,6 +29,12 @@ PAPER = {
     ("rt_polarity", "test", "accuracy"): 0.918,
     ("bible_para", "test", "accuracy"): 0.902,  # MRPC: the paper reports the mean of accuracy and F1
     ("lee_sts", "test", "pearson"): 0.872,  # STS-B: mean of Pearson and Spearman
+    # GLUE dev, data2vec with BERT masking [P1 Tab.4]
+    ("glue_mnli", "dev_matched", "accuracy"): 0.832, ("glue_mnli", "dev_mismatched", "accuracy"): 0.830,
+    ("glue_qnli", "dev", "accuracy"): 0.909, ("glue_rte", "dev", "accuracy"): 0.670,
+    ("glue_mrpc", "dev", "acc_and_f1"): 0.902, ("glue_qqp", "dev", "acc_and_f1"): 0.891,
+    ("glue_stsb", "dev", "pearson_and_spearman"): 0.872, ("glue_cola", "dev", "mcc"): 0.622,
+    ("glue_sst2", "dev", "accuracy"): 0.918,
 }
 
 COLUMNS = ["task", "stands_in_for", "split", "metric", "pretrained", "pretrained_std", "scratch", "scratch_std",

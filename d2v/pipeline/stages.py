@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from d2v.data.sources import SOURCES
 from d2v.pipeline.params import Params, Profile, Resources
 from d2v.train.finetune import TASKS
 
@@ -107,16 +108,18 @@ class StageTable:
     # ------------------------------------------------------------------------------------------- graph
     def _build(self) -> None:
         p = self.profile
-        for source in p.sources:
+        for source, options in p.sources.items():
+            datasets = SOURCES[source].datasets
+            manifests = [self._manifest(d) for d in (datasets(options or {}) if datasets else [source])]
             self._add("prepare", source, self._d2v("prepare", source), [],
-                      [self._manifest(source), self._manifest(source).with_suffix(".json")], [f"sources.{source}"])
+                      [f for m in manifests for f in (m, m.with_suffix(".json"))], [f"sources.{source}"])
         tok = p.tokenizer
         tok_outs = ([p.spm_model] if tok.corpus else []) + ([p.letters] if tok.letters else [])
         if tok_outs:
             deps = [self._manifest(s) for s in (tok.corpus, tok.letters) if s]
             self._add("tokenizer", "", self._d2v("tokenizer"), deps, tok_outs, ["tokenizer"])
         for key in p.shard_keys:
-            dataset, name = key.split("/")
+            dataset, name = key.rsplit("/", 1)  # DATASET may be nested (glue/cola)
             deps = [self._manifest(dataset)]
             if dataset == tok.corpus:
                 deps.append(p.spm_model)  # the pretraining corpus is stored as token ids

@@ -15,7 +15,7 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     clip_norm: float | None = Field(None, gt=0)
-    schedule: Literal["cosine", "tri_stage", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "tri_stage", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     final_lr_scale: float = Field(0.0, ge=0, le=1)
     tri_stage_phases: tuple[float, float, float] = (0.1, 0.4, 0.5)

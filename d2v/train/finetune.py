@@ -70,6 +70,19 @@ TASKS: dict[str, Task] = {
     **{f"librispeech_{n}": Task("speech", "ctc", "librispeech", f"librilight_10h-{n}" if n != "10h" else
                                 "librilight_10h", "dev-other", ("dev-clean", "dev-other", "test-clean", "test-other"),
                                 ("wer",), 0, f"Libri-light {n} → LibriSpeech WER") for n in ("10min", "1h", "10h")},
+    # GLUE dev sets, as the paper reports them [P1 Tab.4] (test labels are not public): the best checkpoint is
+    # chosen on dev, as fairseq does; headline metrics per spec §9.3
+    **{f"glue_{name}": Task("text", kind, f"glue/{name}", "train", dev, tests, metrics, outputs, f"GLUE {title}")
+       for name, (kind, outputs, metrics, dev, tests, title) in {
+           "cola": ("classification", 2, ("mcc", "accuracy"), "dev", ("dev",), "CoLA"),
+           "sst2": ("classification", 2, ("accuracy",), "dev", ("dev",), "SST-2"),
+           "mrpc": ("classification", 2, ("acc_and_f1", "accuracy", "f1"), "dev", ("dev",), "MRPC"),
+           "qqp": ("classification", 2, ("acc_and_f1", "accuracy", "f1"), "dev", ("dev",), "QQP"),
+           "stsb": ("regression", 1, ("pearson_and_spearman", "pearson", "spearman"), "dev", ("dev",), "STS-B"),
+           "mnli": ("classification", 3, ("accuracy",), "dev_matched", ("dev_matched", "dev_mismatched"), "MNLI"),
+           "qnli": ("classification", 2, ("accuracy",), "dev", ("dev",), "QNLI"),
+           "rte": ("classification", 2, ("accuracy",), "dev", ("dev",), "RTE"),
+       }.items()},
 }
 
 

@@ -39,6 +39,14 @@ def cosine_with_warmup(step: int, total: int, warmup: int, final_scale: float = 
     return final_scale + (1 - final_scale) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def linear_with_warmup(step: int, total: int, warmup: int, final_scale: float = 0.0) -> float:
+    """fairseq `polynomial_decay` with power 1 (RoBERTa/GLUE fine-tuning): linear warm-up, then linear decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_scale + (1 - final_scale) * (1 - progress)
+
+
 def tri_stage(step: int, total: int, phases: tuple[float, float, float] = (0.1, 0.4, 0.5),
               init_scale: float = 0.01, final_scale: float = 0.05) -> float:
     """fairseq `tri_stage`: linear warm-up from init_scale, hold at 1, exponential decay to final_scale; the phase
@@ -57,11 +65,13 @@ def schedule_fn(kind: str, total: int, warmup: int, final_scale: float = 0.0,
                 phases: tuple[float, float, float] = (0.1, 0.4, 0.5)) -> Callable[[int], float]:
     if kind == "cosine":
         return lambda s: cosine_with_warmup(s, total, warmup, final_scale)
+    if kind == "linear":
+        return lambda s: linear_with_warmup(s, total, warmup, final_scale)
     if kind == "tri_stage":
         return lambda s: tri_stage(s, total, phases, final_scale=max(final_scale, 1e-6))
     if kind == "constant":
         return lambda s: min(1.0, (s + 1) / max(1, warmup))
-    raise ValueError(f"unknown schedule {kind!r}; expected cosine | tri_stage | constant")
+    raise ValueError(f"unknown schedule {kind!r}; expected cosine | linear | tri_stage | constant")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, multiplier: float) -> float:

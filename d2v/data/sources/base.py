@@ -85,13 +85,16 @@ class Source:
     scale: str  # "embedded" (runs here from registry packages) or "paper" (needs the real corpus)
     prepare: Callable[..., Path]
     description: str
+    # sub-datasets with a manifest each (GLUE: one per task), given the prepare options; None: one manifest
+    datasets: Callable[[dict], list[str]] | None = None
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register(name: str, modality: str, scale: str, description: str):
+def register(name: str, modality: str, scale: str, description: str,
+             datasets: Callable[[dict], list[str]] | None = None):
     def wrap(fn):
-        SOURCES[name] = Source(name, modality, scale, fn, description)
+        SOURCES[name] = Source(name, modality, scale, fn, description, datasets)
         return fn
     return wrap

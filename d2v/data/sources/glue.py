@@ -124,7 +124,8 @@ def _mrpc_frames(ctx: Context, arts: Mapping[str, Artifact], task: Task, skipped
     return frames
 
 
-@register("glue", "text", "paper", "GLUE CoLA, SST-2, MRPC, QQP, STS-B, MNLI-m/mm, QNLI, RTE (released TSVs)")
+@register("glue", "text", "paper", "GLUE CoLA, SST-2, MRPC, QQP, STS-B, MNLI-m/mm, QNLI, RTE (released TSVs)",
+          datasets=lambda options: [f"glue/{t}" for t in options.get("tasks", TASKS)])
 def prepare(ctx: Context, tasks: Iterable[str] = tuple(TASKS), artifacts: Mapping[str, Artifact] | None = None,
             check_sizes: bool = True) -> Path:
     tasks = list(tasks)
