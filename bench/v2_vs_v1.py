@@ -126,7 +126,8 @@ def throughput(args) -> dict:
             rows[f"{name}/{preset}"] = row
             mfu = "".join(f"   {t} MFU {row[f'{t}_mfu']:.1%}" for t in ("v1", "v2") if row.get(f"{t}_mfu") is not None)
             print(f"{name:6s} {preset:8s} v1 {batch / v1:8.1f} samples/s   v2 {batch / v2:8.1f} samples/s "
-                  f"({batch * clones / v2:8.1f} views/s)   v2/v1 samples {v1 / v2:.2f}x  views {clones * v1 / v2:.2f}x  "
+                  f"({batch * clones / v2:8.1f} views/s)   v2/v1 samples {v1 / v2:.2f}x  "
+                  f"views {clones * v1 / v2:.2f}x  "
                   f"one clone {v1 / single:.2f}x{mfu}", flush=True)
     return {"threads": torch.get_num_threads(), "steps_timed": args.steps, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

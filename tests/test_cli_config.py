@@ -23,7 +23,7 @@ def test_unknown_preset_is_a_clear_error(capsys):
 
 
 def test_invalid_params_name_the_key():
-    with pytest.raises(ConfigError, match=r"objective\.loss\.beta") as err:
+    with pytest.raises(ConfigError, match=r"objective\.loss\.beta"):
         validate(ObjectiveConfig, {"loss": {"kind": "smooth_l1", "beta": -1}}, where="objective")
     with pytest.raises(ConfigError, match=r"objective\.top_k.*greater than or equal to 1"):
         validate(ObjectiveConfig, {"top_k": 0}, where="objective")

@@ -1,7 +1,6 @@
 """Mask statistics against the spec numbers (§5.1-§5.3)."""
 import numpy as np
 import pytest
-import torch
 
 from d2v.modalities.image import BlockMaskConfig, block_mask
 from d2v.modalities.speech import SpanMaskConfig, span_mask

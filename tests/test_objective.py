@@ -1,5 +1,4 @@
 """The data2vec 1.0 objective: EMA, targets, losses, teacher isolation, collapse guard (spec §1, §3-§6)."""
-import math
 
 import numpy as np
 import pytest

@@ -131,7 +131,8 @@ class StageTable:
             deps = [p.shard_dir(p.pretrain_corpus(modality)) / "index.json"]
             if modality == "text":
                 deps.append(p.spm_model)
-            self._add("pretrain", modality, self._d2v("pretrain", modality, "--quiet", launcher=self._launcher("pretrain")), deps,
+            cmd = self._d2v("pretrain", modality, "--quiet", launcher=self._launcher("pretrain"))
+            self._add("pretrain", modality, cmd, deps,
                       [run / "final.pt", run / "metrics.csv", run / "summary.json", run / "curves.png"],
                       ["objective", f"pretrain.{modality}"], plots=[run / "curves.png"])
         for task, init, seed in self.finetune_runs():
@@ -168,7 +169,8 @@ class StageTable:
             deps.append(p.pretrain_dir(spec.modality) / "final.pt")
         self._add("finetune", name,
                   self._d2v("finetune", task, "--init", init, "--seed", str(seed), "--quiet"), deps,
-                  [run / "best.pt", run / "metrics.csv", run / "summary.json"], ["objective", f"pretrain.{spec.modality}.objective", f"finetune.{task}"])
+                  [run / "best.pt", run / "metrics.csv", run / "summary.json"],
+                  ["objective", f"pretrain.{spec.modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)
         self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}",
                   [run / "best.pt"] + deps[:len(p.task_shards(task))], evals, metrics=evals)
