@@ -138,6 +138,20 @@ def test_schedules():
     assert linear_with_warmup(100, 100, 6) == pytest.approx(0.0)
 
 
+def test_target_layers_and_text_masking_can_be_overridden_per_run():
+    span = {"prob": 0.35, "length": 4, "leave_unmasked_prob": 0.0, "random_token_prob": 0.0}
+    text = build_objective(pretrain_config("text", {"top_k": 2, "text_mask": span}))
+    assert text.cfg.top_k == 2 and text.modality.mask_cfg.length == 4  # the released span variant
+    rng = np.random.default_rng(0)
+    views = text.modality.make_views(synthetic.batches("text", rng, 4, length=64, vocab_size=8000).__next__(), rng)
+    assert 0.2 < views.loss_mask.float().mean() < 0.5  # 35 % of the tokens in spans of 4, minus overlaps
+    assert build_objective(pretrain_config("text")).cfg.top_k == 4  # the recipe's 10, capped at the depth
+    with pytest.raises(ValueError, match="pretrain.text.top_k: 5 layers asked for, the embedded encoder has 4"):
+        build_objective(pretrain_config("text", {"top_k": 5}))
+    with pytest.raises(ValueError, match="pretrain.image.text_mask: only data2vec 1.0 text"):
+        build_objective(pretrain_config("image", {"text_mask": span}))
+
+
 def test_embedded_defaults_validate_and_errors_name_the_key():
     cfg = pretrain_config("speech", {"optim": {"lr": 1e-4}})
     assert cfg.optim.lr == 1e-4 and cfg.data.batch_size == 8

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from d2v.config import EMAConfig, Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig
+from d2v.modalities.text import TokenMaskConfig
 
 
 class OptimConfig(StrictModel):
@@ -51,6 +52,8 @@ class PretrainConfig(StrictModel):
     data: DataConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     ema: EMAConfig | None = None  # None: the modality recipe's τ schedule
+    top_k: int | None = Field(None, ge=1)  # teacher layers averaged into targets (None: the recipe's K ≤ depth)
+    text_mask: TokenMaskConfig | None = None  # text v1 masking (None: the paper's 15 %, 80/10/10)
     collapse_warmup: float = Field(0.75, ge=0, le=1)  # the guard arms after this fraction of the steps
     log_every: int = Field(10, ge=1)
 

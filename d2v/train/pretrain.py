@@ -233,6 +233,16 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
         objective_cfg = objective_cfg.model_copy(update={"v2": objective_cfg.v2.model_copy(
             update={"clones": cfg.clones})})
     encoder_cfg = modality.encoder.cfg
+    if cfg.top_k is not None:
+        if cfg.top_k > encoder_cfg.depth:
+            raise ValueError(f"pretrain.{cfg.modality}.top_k: {cfg.top_k} layers asked for, the {cfg.preset} encoder "
+                             f"has {encoder_cfg.depth}")
+        objective_cfg = objective_cfg.model_copy(update={"top_k": cfg.top_k})
+    if cfg.text_mask is not None:
+        if cfg.modality != "text" or objective_cfg.v2 is not None:
+            raise ValueError(f"pretrain.{cfg.modality}.text_mask: only data2vec 1.0 text masks tokens this way "
+                             "(v2 masks come from its recipe)")
+        modality.mask_cfg = cfg.text_mask
     if cfg.modality == "image" and cfg.data.image is not None:
         if (cfg.data.image.channels, cfg.data.image.size) != (encoder_cfg.in_chans, encoder_cfg.img_size):
             raise ValueError(f"pretrain.data.image: channels/size {cfg.data.image.channels}/{cfg.data.image.size} "
