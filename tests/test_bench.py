@@ -1,0 +1,38 @@
+"""The benchmark scripts' own logic: command-line overrides and run reuse (the runs themselves are benchmarks)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
+from runs import same_config  # noqa: E402
+
+from d2v.train.finetune import finetune_config  # noqa: E402
+
+
+def test_overrides_nest_by_dotted_key_and_parse_yaml_values():
+    sets = parse_sets(["text.data.batch_size=256", "text.top_k=2", "text.optim.betas=[0.9, 0.95]", "image.seed=1"])
+    assert sets == {"text": {"data": {"batch_size": 256}, "top_k": 2, "optim": {"betas": [0.9, 0.95]}},
+                    "image": {"seed": 1}}
+    with pytest.raises(SystemExit, match="expected NAME.FIELD"):
+        parse_sets(["text=1"])
+
+
+def test_a_run_written_before_a_field_existed_is_still_reused(tmp_path):
+    cfg = finetune_config("rt_polarity", {"init": "scratch"})
+    old = cfg.model_dump(mode="json")
+    del old["device"], old["precision"]  # fields added later, at their defaults
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert same_config(tmp_path, cfg)
+    assert not same_config(tmp_path, cfg.model_copy(update={"seed": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({**old, "removed_field": 1}))
+    assert not same_config(tmp_path, cfg)  # written by an incompatible version: rerun
+
+
+def test_a_win_needs_a_gain_beyond_the_seed_spread():
+    close = summarize("rt_polarity", {"pretrained": [0.72, 0.74], "scratch": [0.70, 0.73]})
+    assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
+    clear = summarize("speech_10min", {"pretrained": [0.30, 0.32], "scratch": [0.50, 0.52]})  # WER: lower wins
+    assert clear["gain"] == pytest.approx(0.20) and clear["wins"]
