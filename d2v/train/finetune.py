@@ -30,6 +30,7 @@ from d2v.io import atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCMaskConfig, CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.registry import build_encoder
+from d2v.nn.compile import compile_regions
 from d2v.train.config import FASHION_MNIST, OptimConfig, merge
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
@@ -113,6 +114,7 @@ class FinetuneConfig(StrictModel):
     num_workers: int = Field(0, ge=0)
     device: str = "auto"  # auto: the GPU when there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
 
 
 EMBEDDED_FINETUNE: dict[str, dict] = {
@@ -291,6 +293,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
     device = resolve_device(cfg.device)
     model = build_model(cfg).to(device)
+    if cfg.compile:
+        compile_regions(model.encoder)
     amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)

@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from d2v.data2vec import CollapseError, Data2Vec
 from d2v.io import atomic_write_json
 from d2v.modalities.base import Batch
+from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, mean_over_ranks
@@ -99,12 +100,13 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         objective.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         step, consumed = resume_state["step"], resume_state["batches"]
+    if cfg.compile:
+        compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
     model = objective
     if world.distributed:
         find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
         model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
                     find_unused_parameters=find_unused)
-    forward = torch.compile(model) if cfg.compile else model
     amp, scaler = autocast(world.device, cfg.precision)
     stream = batches(consumed)
     if resume_state is not None:
@@ -128,7 +130,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))  # dropout, drop-path, LayerDrop
             sync = micro == cfg.accum_steps - 1 or not world.distributed
             with (contextlib.nullcontext() if sync else model.no_sync()), amp:
-                out = forward(batch, rng)
+                out = model(batch, rng)
             loss = out.loss / cfg.accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
             for k, v in out.metrics.items():
@@ -238,6 +240,8 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
             raise ValueError(f"pretrain.{cfg.modality}.top_k: {cfg.top_k} layers asked for, the {cfg.preset} encoder "
                              f"has {encoder_cfg.depth}")
         objective_cfg = objective_cfg.model_copy(update={"top_k": cfg.top_k})
+    if cfg.center_targets is not None:
+        objective_cfg = objective_cfg.model_copy(update={"center_targets": cfg.center_targets})
     if cfg.text_mask is not None:
         if cfg.modality != "text" or objective_cfg.v2 is not None:
             raise ValueError(f"pretrain.{cfg.modality}.text_mask: only data2vec 1.0 text masks tokens this way "
