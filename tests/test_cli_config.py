@@ -1,12 +1,16 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
 
 from d2v.cli import main
 from d2v.config import ConfigError, ObjectiveConfig, validate
+from d2v.io import atomic_write_json
 from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
 from d2v.modalities.speech import frame_lengths
+from d2v.train import checkpoint
 
 
 def test_demo_writes_summary_atomically(tmp_path):
@@ -15,6 +19,18 @@ def test_demo_writes_summary_atomically(tmp_path):
     assert summary["steps"] == 12 and summary["inputs"] == "synthetic"
     assert len(json.loads((tmp_path / "text" / "history.json").read_text())) == 12
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o027)
+    try:
+        json_path = atomic_write_json(tmp_path / "r.json", {"a": 1})
+        ckpt = checkpoint.save(tmp_path / "ckpt", 1, {"x": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(json_path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o640
+    assert json.loads(json_path.read_text()) == {"a": 1}
 
 
 def test_unknown_preset_is_a_clear_error(capsys):

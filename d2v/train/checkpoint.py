@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2v.io import new_file_mode
+
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
 
@@ -39,6 +41,7 @@ def save(folder: str | Path, step: int, payload: dict, keep: int = 3) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
     fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=folder)
+    os.fchmod(fd, new_file_mode())
     os.close(fd)
     try:
         torch.save({**payload, "step": step, "rng": rng_state()}, tmp)
