@@ -278,7 +278,7 @@ def finetune_cmd(args: argparse.Namespace) -> int:
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from d2v.train.finetune import evaluate
 
-    for r in evaluate(args.run, args.split, args.out, args.checkpoint):
+    for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra)):
         values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
         print(f"{r['task']}/{r['split']} ({r['init']}, {r['mode']}): {values}  n={r['n']}")
     return 0
@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="fine-tuning run folder")
     p.add_argument("--split", default=None)
     p.add_argument("--checkpoint", default="best.pt")
+    p.add_argument("--extra", action="append", default=[], metavar="DATASET/SPLIT",
+                   help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
     p.add_argument("--out", default=None, help="folder for the JSON results (default RUN/eval)")
     p.set_defaults(func=evaluate_cmd)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")

@@ -86,8 +86,10 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
         rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.7, text=text))
     write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train")
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # another dataset
     LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
-    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("speech", "ctc", "toy", "train", None, ("train",), ("wer",)))
+    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("speech", "ctc", "toy", "train", None, ("train",), ("wer",),
+                                                     extra_tests=("human/test",)))
     cfg = ft.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
                             optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
                             audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))
@@ -101,8 +103,12 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("encoder.blocks") for k in changed)
     assert not any(k.startswith("encoder.feature_extractor") for k in changed)  # the CNN stays frozen
-    (result,) = ft.evaluate(tmp_path / "thawed")
+    result, human = ft.evaluate(tmp_path / "thawed", extra=("human/test",))
     assert result["n"] == 8 and result["metrics"]["wer"] >= 0
+    assert (human["split"], human["n"]) == ("human/test", 3)  # read from the other dataset's shards
+    assert (tmp_path / "thawed" / "eval" / "toy_ctc-human-test.json").is_file()
+    with pytest.raises(ValueError, match=r"toy_ctc: no extra test set \['other/test'\]; it has \['human/test'\]"):
+        ft.evaluate(tmp_path / "thawed", extra=("other/test",))
 
 
 def test_unknown_task_and_bad_options_are_named():

@@ -187,6 +187,18 @@ def test_paper_profile_fine_tunes_every_glue_task_on_its_own_shards():
                                                                                              512)
 
 
+def test_speech_runs_are_also_scored_on_real_speech_where_the_profile_prepares_it():
+    embedded = {s.name: s for s in StageTable(load_params(ROOT / "params.yaml", "embedded"), raw=RAW)}
+    evaluate = embedded["evaluate_speech_1h_scratch_s0"]
+    assert "--extra real_speech/test_asterisk" in evaluate.cmd
+    assert "data/shards/real_speech/test_asterisk/index.json" in evaluate.deps
+    assert "results/embedded/speech_1h/scratch-s0/speech_1h-real_speech-test_asterisk.json" in evaluate.metrics
+    assert not any("real_speech" in d for d in embedded["finetune_speech_1h_scratch_s0"].deps)  # eval only
+    assert embedded["shard_real_speech_test_cards"].cmd.startswith("d2v shard real_speech --split test_cards")
+    smoke = {s.name: s for s in StageTable(load_params(ROOT / "params.yaml", "smoke"), raw=RAW)}
+    assert not any("real_speech" in s.cmd for s in smoke.values())  # CI's profile does not download it
+
+
 # --------------------------------------------------------------------------------------------------- report
 
 def _result(root: Path, task: str, init: str, seed: int, split: str, **metrics):

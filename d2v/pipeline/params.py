@@ -158,11 +158,15 @@ class Profile(StrictModel):
         splits = [spec.train, *([spec.dev] if spec.dev else []), *spec.tests]
         return [f"{spec.dataset}/{s}" for s in dict.fromkeys(splits)]
 
+    def extra_tests(self, task: str) -> list[str]:
+        """The task's extra test sets whose source this profile prepares (real speech in the embedded profile)."""
+        return [key for key in TASKS[task].extra_tests if key.rsplit("/", 1)[0] in self.sources]
+
     @cached_property
     def shard_keys(self) -> list[str]:
         keys = [self.pretrain_corpus(m) for m in self.pretrain]
         for task in self.finetune:
-            keys += self.task_shards(task)
+            keys += self.task_shards(task) + self.extra_tests(task)
         return list(dict.fromkeys(keys))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from d2v.data.sources import SOURCES
 from d2v.pipeline.params import Params, Profile, Resources
-from d2v.train.finetune import TASKS
+from d2v.train.finetune import TASKS, eval_file_name
 
 
 @dataclass(frozen=True)
@@ -172,11 +172,14 @@ class StageTable:
                   [run / "best.pt", run / "metrics.csv", run / "summary.json"],
                   ["objective", f"pretrain.{spec.modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)
-        self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}",
-                  [run / "best.pt"] + deps[:len(p.task_shards(task))], evals, metrics=evals)
+        extra = "".join(f" --extra {key}" for key in p.extra_tests(task))
+        shards = deps[:len(p.task_shards(task))] + [p.shard_dir(k) / "index.json" for k in p.extra_tests(task)]
+        self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}",
+                  [run / "best.pt"] + shards, evals, metrics=evals)
 
     def eval_files(self, task: str, init: str, seed: int) -> list[Path]:
-        return [self.profile.eval_dir(task, init, seed) / f"{task}-{split}.json" for split in TASKS[task].tests]
+        splits = [*TASKS[task].tests, *self.profile.extra_tests(task)]
+        return [self.profile.eval_dir(task, init, seed) / eval_file_name(task, split) for split in splits]
 
     def _report(self) -> None:
         p = self.profile

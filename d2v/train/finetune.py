@@ -48,17 +48,25 @@ class Task:
     metrics: tuple[str, ...]  # the first is the headline (higher is better, except wer)
     num_outputs: int = 0
     stands_in_for: str = ""
+    # shard keys (DATASET/SPLIT) of other datasets, scored as separate test sets when the profile prepares them
+    extra_tests: tuple[str, ...] = ()
 
+    def shard_key(self, split: str) -> str:
+        """Where a split's shards live under `data_root/shards`: the task's dataset, or an extra test's own."""
+        return split if split in self.extra_tests else f"{self.dataset}/{split}"
+
+
+REAL_SPEECH_TESTS = ("real_speech/test_asterisk", "real_speech/test_librivox", "real_speech/test_cards")
 
 TASKS: dict[str, Task] = {
     "fashion_mnist": Task("image", "classification", "fashion_mnist", "train_6k", None, ("test",), ("accuracy",),
                           10, "ImageNet-1K top-1"),
     "speech_10min": Task("speech", "ctc", "mini_librispeech", "train_1h-10min", "dev_clean",
                          ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer",), 0,
-                         "Libri-light 10 min → LibriSpeech WER"),
+                         "Libri-light 10 min → LibriSpeech WER", REAL_SPEECH_TESTS),
     "speech_1h": Task("speech", "ctc", "mini_librispeech", "train_1h", "dev_clean",
                       ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer",), 0,
-                      "Libri-light 1 h → LibriSpeech WER"),
+                      "Libri-light 1 h → LibriSpeech WER", REAL_SPEECH_TESTS),
     "rt_polarity": Task("text", "classification", "rt_polarity", "train", "dev", ("test",), ("accuracy",), 2,
                         "SST-2"),
     "bible_para": Task("text", "classification", "bible_para", "train", "dev", ("test",), ("accuracy", "f1"), 2,
@@ -188,7 +196,7 @@ def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
 
 def loader(cfg: FinetuneConfig, split: str, train: bool):
     task = TASKS[cfg.task]
-    shards = Path(cfg.data_root) / "shards" / task.dataset / split
+    shards = Path(cfg.data_root) / "shards" / task.shard_key(split)
     mode = "finetune" if train else "eval"
     if task.modality == "image":
         ds = image_loader(shards, cfg.image or ImageAugConfig(), mode, cfg.batch_size, resampled=train,
@@ -375,9 +383,14 @@ def config_digest(cfg: FinetuneConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def eval_file_name(task: str, split: str) -> str:
+    return f"{task}-{split.replace('/', '-')}.json"
+
+
 def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
-             checkpoint_name: str = "best.pt") -> list[dict]:
-    """Score a fine-tuning run on its test splits (or `split`); one JSON per split."""
+             checkpoint_name: str = "best.pt", extra: tuple[str, ...] = ()) -> list[dict]:
+    """Score a fine-tuning run on its test splits (or `split`), then on the `extra` test sets (of the task's
+    `extra_tests`); one JSON per split."""
     run_dir = Path(run_dir)
     path = run_dir / checkpoint_name
     if not path.is_file():
@@ -391,13 +404,16 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     model.to(device)
     amp, _ = autocast(device, cfg.precision)
     results = []
-    for s in ([split] if split else task.tests):
+    unknown = sorted(set(extra) - set(task.extra_tests))
+    if unknown:
+        raise ValueError(f"{cfg.task}: no extra test set {unknown}; it has {list(task.extra_tests) or 'none'}")
+    for s in [*([split] if split else task.tests), *extra]:
         preds, refs = predict(model, cfg, s, amp)
         result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
                   "mode": cfg.mode, "metrics": score(task, preds, refs), "n": len(refs), "seed": cfg.seed,
                   "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),
                   "steps": state["step"]}
-        target = Path(out or run_dir / "eval") / f"{cfg.task}-{s}.json"
+        target = Path(out or run_dir / "eval") / eval_file_name(cfg.task, s)
         atomic_write_json(target, result)
         results.append(result)
     return results
