@@ -112,6 +112,9 @@ class ObjectiveConfig(StrictModel):
     target_tap: Literal["ffn", "block"] = "ffn"  # FFN output before residual, or block output (v1 vision)
     layer_norm_targets: Literal["instance", "layer", "none"] = "instance"  # per-layer norm before averaging
     final_norm: Literal["layer", "instance", "none"] = "none"  # norm after averaging
+    # experimental, not in the papers: subtract each position's batch-mean target, the part of the targets that
+    # position alone predicts (see README, "Text: what the student learns")
+    center_targets: Literal["none", "position"] = "none"
     head: Literal["linear", "mlp2"] = "linear"
     loss: LossConfig = LossConfig()
     ema: EMAConfig = EMAConfig()

@@ -51,6 +51,15 @@ def build_targets(taps: list[Tensor], top_k: int, layer_norm: str, final_norm: s
     return normalize(sum(layers) / len(layers), final_norm, padding_mask)
 
 
+def center_per_position(y: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """Subtract, at each position, the mean target over the batch's valid rows. y: (B, T, D)."""
+    if padding_mask is None:
+        return y - y.mean(0, keepdim=True)
+    valid = (~padding_mask).unsqueeze(-1).to(y.dtype)
+    mean = (y * valid).sum(0, keepdim=True) / valid.sum(0, keepdim=True).clamp_min(1)
+    return (y - mean) * valid
+
+
 def teacher_taps(out: EncoderOutput, tap: str) -> list[Tensor]:
     """Per-layer taps without extra tokens: FFN outputs before the residual, or block outputs."""
     taps = out.ffn_outputs if tap == "ffn" else out.hidden_states[1:]
@@ -190,8 +199,9 @@ class Data2Vec(nn.Module):
         if embedded is None:
             embedded = teacher.embed(source, padding_mask)
         out = teacher.encode(embedded, None)
-        return build_targets(teacher_taps(out, self.cfg.target_tap), self.cfg.top_k, self.cfg.layer_norm_targets,
-                             self.cfg.final_norm, out.padding_mask)
+        y = build_targets(teacher_taps(out, self.cfg.target_tap), self.cfg.top_k, self.cfg.layer_norm_targets,
+                          self.cfg.final_norm, out.padding_mask)
+        return center_per_position(y, out.padding_mask) if self.cfg.center_targets == "position" else y
 
     def ema_step(self, num_updates: int) -> float:
         """Call after each optimizer step."""

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from conftest import make_objective, synthetic_batch
 from d2v.config import CollapseConfig, EMAConfig, LossConfig
-from d2v.data2vec import (CollapseError, build_targets, check_collapse, instance_norm_over_time, regression_loss,
-                          representation_std)
+from d2v.data2vec import (CollapseError, build_targets, center_per_position, check_collapse, instance_norm_over_time,
+                          regression_loss, representation_std)
 from d2v.ema import ema_decay
 
 # ---------------------------------------------------------------- EMA
@@ -117,6 +117,27 @@ def test_speech_targets_equal_direct_computation_from_teacher_ffn_taps():
         direct = sum(F.instance_norm(f.transpose(1, 2)).transpose(1, 2) for f in out.ffn_outputs[-2:]) / 2
         got = obj.teacher_targets(batch.source, None)
     assert torch.allclose(got, direct, atol=1e-5)
+
+
+def test_position_centred_targets_remove_what_position_alone_predicts():
+    """The experimental `center_targets: position`: a per-position offset shared by every row disappears; what
+    differs between rows stays; padded slots neither count nor keep a value."""
+    offset, content = torch.randn(1, 6, 4), torch.randn(3, 6, 4)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[2, 4:] = True
+    y = center_per_position(offset + content, pad)
+    valid = content.clone()
+    valid[2, 4:] = float("nan")
+    expected = content - valid.nanmean(0, keepdim=True)
+    assert torch.allclose(y[~pad], expected[~pad], atol=1e-6)
+    assert (y[pad] == 0).all()
+    assert torch.allclose(center_per_position(offset + content), content - content.mean(0, keepdim=True), atol=1e-6)
+
+    obj = make_objective("text")
+    batch = synthetic_batch("text", obj)
+    plain = obj.teacher_targets(batch.source, None)
+    obj.cfg = obj.cfg.model_copy(update={"center_targets": "position"})
+    assert torch.allclose(obj.teacher_targets(batch.source, None), plain - plain.mean(0, keepdim=True), atol=1e-6)
 
 
 # ---------------------------------------------------------------- loss

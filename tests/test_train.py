@@ -142,6 +142,8 @@ def test_target_layers_and_text_masking_can_be_overridden_per_run():
     span = {"prob": 0.35, "length": 4, "leave_unmasked_prob": 0.0, "random_token_prob": 0.0}
     text = build_objective(pretrain_config("text", {"top_k": 2, "text_mask": span}))
     assert text.cfg.top_k == 2 and text.modality.mask_cfg.length == 4  # the released span variant
+    assert build_objective(pretrain_config("text", {"center_targets": "position"})).cfg.center_targets == "position"
+    assert build_objective(pretrain_config("text")).cfg.center_targets == "none"  # the papers' targets by default
     rng = np.random.default_rng(0)
     views = text.modality.make_views(synthetic.batches("text", rng, 4, length=64, vocab_size=8000).__next__(), rng)
     assert 0.2 < views.loss_mask.float().mean() < 0.5  # 35 % of the tokens in spans of 4, minus overlaps
