@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import synthetic_batch
 from d2v.config import DecoderConfig, EMAConfig, V2MaskConfig
 from d2v.data2vec2 import Data2Vec2
-from d2v.modalities.base import Embedded, visible_indices
+from d2v.modalities.base import Embedded, dense_indices, gather_tokens, visible_indices
 from d2v.modalities.masks_v2 import block_masks, random_masks
 from d2v.modalities.registry import build_modality
 from d2v.nn.decoder import ConvDecoder
@@ -76,6 +76,18 @@ def test_unequal_mask_counts_are_rejected():
     mask = torch.tensor([[True, False, False], [True, True, False]])
     with pytest.raises(ValueError, match="same number"):
         visible_indices(mask)
+
+
+def test_host_side_positions_gather_exactly_what_boolean_indexing_selects():
+    """The objective gathers the masked slots by positions computed on the host; the order (row-major, ascending)
+    must be boolean indexing's, or predictions and targets would pair up wrongly."""
+    mask = torch.from_numpy(random_masks(5, 12, 0.6, np.random.default_rng(1)))
+    visible, hidden = dense_indices(mask)
+    assert visible.shape == (5, 4) and hidden.shape == (5, 8)  # keeps ⌊12 · 0.4⌋
+    assert (visible.diff(dim=1) > 0).all() and (hidden.diff(dim=1) > 0).all()
+    assert not mask.gather(1, visible).any() and mask.gather(1, hidden).all()
+    x = torch.randn(5, 12, 3)
+    assert torch.equal(gather_tokens(x, hidden).flatten(0, 1), x[mask])
 
 
 # ---------------------------------------------------------------- decoder

@@ -73,10 +73,11 @@ class Encoder(nn.Module, ABC):
     @abstractmethod
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput: ...
 
-    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+    def encode_visible(self, embedded: Embedded, mask: Tensor, keep: Tensor | None = None) -> EncoderOutput:
         """data2vec 2.0: positions on the full sequence, then only the visible tokens (mask False) are encoded.
         Every row of `mask` hides the same number of tokens, so the visible set is a dense tensor; the output's
-        `positions` say where each encoded token sits in the full sequence."""
+        `positions` say where each encoded token sits in the full sequence. `keep`, the visible positions when the
+        caller computed them on the host, spares a device sync."""
         raise NotImplementedError(f"{type(self).__name__} has no data2vec 2.0 path")
 
     @property
@@ -98,7 +99,7 @@ class Modality(ABC):
     def make_views(self, batch: Batch, rng: np.random.Generator) -> Views: ...
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
-        """data2vec 2.0: `clones` masks per sample, (B·clones, T) bool, True = masked, sample-major order."""
+        """data2vec 2.0: `clones` masks per sample, (B·clones, T) bool on the host, True = masked, sample-major."""
         raise NotImplementedError(f"the {self.name} plug-in has no data2vec 2.0 masking")
 
 
@@ -121,14 +122,21 @@ def run_blocks(
     return x, hidden_states, ffn_outputs
 
 
-def visible_indices(mask: Tensor) -> Tensor:
-    """(B, T) mask with the same number of masked tokens per row -> (B, T_visible) ascending visible positions."""
+def dense_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, T) mask with the same number of masked tokens per row -> ascending (visible, masked) positions,
+    (B, T_visible) and (B, T_masked). Call it on the host copy: the count check and the split read values."""
     counts = (~mask).sum(1)
     if mask.shape[0] and bool((counts != counts[0]).any()):
         raise ValueError(f"data2vec 2.0 masks must hide the same number of tokens in every row, got visible counts "
                          f"{sorted(set(counts.tolist()))}")
     num_visible = int(counts[0]) if mask.shape[0] else 0
-    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    return order[:, :num_visible], order[:, num_visible:]
+
+
+def visible_indices(mask: Tensor) -> Tensor:
+    """(B, T) mask with the same number of masked tokens per row -> (B, T_visible) ascending visible positions."""
+    return dense_indices(mask)[0]
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

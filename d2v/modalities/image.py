@@ -140,11 +140,11 @@ class ImageEncoder(Encoder):
         x = self.add_patch_positions(replace_masked(embedded.tokens, mask, self.mask_token))
         return self._transformer(x, self.block_biases())
 
-    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+    def encode_visible(self, embedded: Embedded, mask: Tensor, keep: Tensor | None = None) -> EncoderOutput:
         if self.rel_pos_bias is not None or self.cfg.rel_pos != "none":
             raise ValueError("data2vec 2.0 drops masked patches, which needs an image encoder without relative "
                              "position bias (rel_pos='none'); use the v2 architecture (objective v2)")
-        keep = visible_indices(mask)
+        keep = visible_indices(mask) if keep is None else keep
         x = gather_tokens(self.add_patch_positions(embedded.tokens), keep)
         return replace(self._transformer(x, [None] * len(self.blocks)), positions=keep)
 
@@ -257,4 +257,4 @@ class ImageModality(Modality):
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
         masks = block_masks(batch.source.shape[0] * clones, self.encoder.cfg.grid, cfg, rng)
-        return torch.from_numpy(masks).to(batch.source.device)
+        return torch.from_numpy(masks)

@@ -100,7 +100,8 @@ class PositionalConv(nn.Module):
         super().__init__()
         if kernel % 2 == 0:
             raise ValueError(f"pos_conv_kernel must be odd, got {kernel}")
-        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups) for _ in range(depth))
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+                                   for _ in range(depth))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
@@ -174,11 +175,11 @@ class SpeechEncoder(Encoder):
         positions = torch.arange(x.shape[1], device=x.device)[None]
         return self._transformer(x + self.pos_conv(x), pad, positions)
 
-    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+    def encode_visible(self, embedded: Embedded, mask: Tensor, keep: Tensor | None = None) -> EncoderOutput:
         """Masked frames are zeroed before the positional conv (spec §8.4), then dropped."""
         require_unpadded(embedded)
         x = embedded.tokens.masked_fill(mask.unsqueeze(-1), 0.0)
-        keep = visible_indices(mask)
+        keep = visible_indices(mask) if keep is None else keep
         return replace(self._transformer(gather_tokens(x + self.pos_conv(x), keep), None, keep), positions=keep)
 
     def _transformer(self, x: Tensor, pad: Tensor | None, positions: Tensor) -> EncoderOutput:
@@ -272,4 +273,4 @@ class SpeechModality(Modality):
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
         """Drawn on the cropped batch (spec §15), so every row hides exactly ⌊T·prob⌋ frames."""
         masks = block_masks(batch.source.shape[0] * clones, (self.num_frames(batch.source),), cfg, rng)
-        return torch.from_numpy(masks).to(batch.source.device)
+        return torch.from_numpy(masks)

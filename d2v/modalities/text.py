@@ -88,10 +88,10 @@ class TextEncoder(Encoder):
             raise ValueError("text is masked at the token level (TextModality.make_views), not with a mask embedding")
         return self._transformer(embedded.tokens, embedded.padding_mask)
 
-    def encode_visible(self, embedded: Embedded, mask: Tensor) -> EncoderOutput:
+    def encode_visible(self, embedded: Embedded, mask: Tensor, keep: Tensor | None = None) -> EncoderOutput:
         """The embeddings already carry their positions: dropping tokens is a gather (no <mask> token in v2)."""
         require_unpadded(embedded)
-        keep = visible_indices(mask)
+        keep = visible_indices(mask) if keep is None else keep
         return replace(self._transformer(gather_tokens(embedded.tokens, keep), None), positions=keep)
 
     def _transformer(self, x: Tensor, pad: Tensor | None) -> EncoderOutput:
@@ -214,4 +214,4 @@ class TextModality(Modality):
             masks = random_masks(rows, length, cfg.prob, rng)
         else:
             masks = block_masks(rows, (length,), cfg, rng)
-        return torch.from_numpy(masks).to(batch.source.device)
+        return torch.from_numpy(masks)
