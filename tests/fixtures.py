@@ -113,6 +113,17 @@ def flac_bytes(seconds: float, freq: float = 220.0, rate: int = 16_000) -> bytes
     return buf.getvalue()
 
 
+def tone_speech(text: str, rate: int = 16_000, seconds_per_symbol: float = 0.12) -> bytes:
+    """FLAC of a 'spoken' string over A/B/C: one tone per letter, silence for a space (a learnable toy for CTC)."""
+    freqs = {"A": 300.0, "B": 700.0, "C": 1500.0, " ": 0.0}
+    t = np.arange(int(seconds_per_symbol * rate)) / rate
+    gap = np.zeros(int(0.03 * rate))
+    x = np.concatenate([np.concatenate([0.3 * np.sin(2 * np.pi * freqs[c] * t), gap]) for c in text])
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
 def librispeech_tar(split: str, utterances: dict[str, tuple[float, str]], corrupt: tuple[str, ...] = (),
                     untranscribed: tuple[str, ...] = ()) -> bytes:
     """LibriSpeech layout: LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac + <spk>-<chapter>.trans.txt"""
