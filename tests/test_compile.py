@@ -10,6 +10,7 @@ from conftest import synthetic_batch
 from d2v.modalities.registry import build_encoder, build_objective
 from d2v.nn.compile import compile_regions
 from d2v.train.pretrain import build_objective as objective_for
+from d2v.train import finetune as ft
 from d2v.train.pretrain import run_pretrain
 from test_train import synthetic_stream, tiny_cfg
 
@@ -50,6 +51,16 @@ def test_blocks_compile_whole_and_match_eager(name, objective):
             assert torch.equal(grads_e[key], grads_c[key]), key
     # identical blocks share one graph: a training-mode block, an eval-mode (teacher) block, and the decoder
     assert 1 <= counter.frame_count <= 2 + (objective == "v2") < regions
+
+
+def test_fine_tuning_with_compile_runs_the_encoder_blocks_compiled(toy_image_task, tmp_path, monkeypatch):
+    counter = CompileCounter()
+    monkeypatch.setattr(ft, "compile_regions", lambda model: compile_regions(model, backend=counter))
+    cfg = toy_image_task.model_copy(update={"compile": True, "steps": 3})
+    assert ft.run_finetune(cfg, tmp_path / "run", progress=False)["steps"] == 3
+    assert counter.frame_count >= 1  # the blocks ran through Dynamo
+    state = torch.load(tmp_path / "run" / "best.pt", weights_only=False)["model"]
+    assert not any("_orig_mod" in key for key in state)
 
 
 def test_a_module_without_blocks_is_refused():

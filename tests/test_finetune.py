@@ -1,47 +1,17 @@
-"""Fine-tuning on tiny shards built here: it learns, probes leave the encoder alone, CTC freezing works, pretrained
-weights load, and evaluation writes the promised JSON."""
-import io
+"""Fine-tuning on tiny shards (built here, and by conftest.toy_image_task): it learns, probes leave the encoder
+alone, CTC freezing works and CTC learns to transcribe, pretrained weights load, and evaluation writes the promised
+JSON."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from fixtures import flac_bytes, tone_speech
-from PIL import Image
 
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import write_shards
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.modalities.registry import build_encoder
 from d2v.train import finetune as ft
-
-
-def _image_shards(root, n=64):
-    rows = []
-    for i in range(n):
-        label = i % 2
-        pixels = np.random.default_rng(i).integers(0, 60, (28, 28)) + (160 if label else 0)
-        buf = io.BytesIO()
-        Image.fromarray(pixels.astype(np.uint8)).save(buf, "PNG")
-        rel = f"{i}.png"
-        (root / "raw").mkdir(parents=True, exist_ok=True)
-        (root / "raw" / rel).write_bytes(buf.getvalue())
-        rows.append(dict(id=f"im{i}", path=rel, split="train" if i < 48 else "test", label=label))
-    write_manifest(root / "raw", make_manifest(rows), source="fashion_mnist")
-    for split in ("train", "test"):
-        write_shards(root / "raw", split, root / "shards" / "toy" / split)
-
-
-@pytest.fixture
-def toy_image_task(tmp_path, monkeypatch):
-    _image_shards(tmp_path)
-    monkeypatch.setitem(ft.TASKS, "toy_image", ft.Task("image", "classification", "toy", "train", None, ("test",),
-                                                       ("accuracy",), 2, "ImageNet"))
-    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0, min_scale=0.8, randaugment_magnitude=0,
-                 random_erasing=0.0, color_jitter=0.0)
-    return ft.FinetuneConfig(task="toy_image", init="scratch", preset="tiny", steps=40, batch_size=16,
-                             optim=dict(lr=2e-3, warmup_steps=4), image=image, data_root=str(tmp_path),
-                             layer_decay=0.75)
 
 
 def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path):
