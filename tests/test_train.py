@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from d2v.config import EMAConfig
+from d2v.config import ConfigError, EMAConfig
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError
 from d2v.train import checkpoint
 from d2v.train.config import PretrainConfig, pretrain_config
+from d2v.train.finetune import finetune_config
 from d2v.train.logging import MetricsLog
-from d2v.train.optim import cosine_with_warmup, linear_with_warmup, tri_stage
+from d2v.train.optim import cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
 from d2v.train.pretrain import build_objective, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,6 +134,12 @@ def test_schedules():
     assert tri_stage(10, 100) == pytest.approx(1.0) and tri_stage(49, 100) == pytest.approx(1.0)
     assert tri_stage(100, 100) == pytest.approx(0.05)
     assert tri_stage(75, 100) == pytest.approx(0.05 ** 0.5)  # exponential decay: geometric midpoint
+    ctc = finetune_config("speech_1h")  # the recipe ends at 0.05 of the peak LR (spec §9.2), not near 0
+    assert schedule_fn("tri_stage", ctc.steps, 0, ctc.optim.final_lr_scale)(ctc.steps) == pytest.approx(0.05)
+    with pytest.raises(ConfigError, match=r"finetune.speech_1h.optim.final_lr_scale: tri_stage decays exponentially"):
+        finetune_config("speech_1h", {"optim": {"final_lr_scale": 0.0}})
+    with pytest.raises(ConfigError, match=r"pretrain.speech.optim.final_lr_scale"):
+        pretrain_config("speech", {"optim": {"schedule": "tri_stage"}})
     # fairseq polynomial_decay (power 1) as in RoBERTa's GLUE configs: 6 % warm-up, then a straight line to 0
     assert linear_with_warmup(5, 100, 6) == pytest.approx(1.0) and linear_with_warmup(53, 100, 6) == pytest.approx(0.5)
     assert linear_with_warmup(100, 100, 6) == pytest.approx(0.0)

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from d2v.config import EMAConfig, Objective, StrictModel, validate
+from d2v.config import ConfigError, EMAConfig, Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig
 from d2v.modalities.text import TokenMaskConfig
 
@@ -20,6 +20,15 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(0, ge=0)
     final_lr_scale: float = Field(0.0, ge=0, le=1)
     tri_stage_phases: tuple[float, float, float] = (0.1, 0.4, 0.5)
+
+
+def check_decay_floor(optim: OptimConfig, where: str) -> OptimConfig:
+    """A tri-stage decay is exponential and cannot reach 0: a recipe must name its floor. (Checked where recipes
+    and overrides are combined, not on a saved run's config, so older runs still load.)"""
+    if optim.schedule == "tri_stage" and optim.final_lr_scale == 0:
+        raise ConfigError(f"{where}.optim.final_lr_scale: tri_stage decays exponentially and cannot reach 0; set it "
+                          f"above 0 (fairseq: 0.05 for CTC fine-tuning, 0.01 for speech pretraining)")
+    return optim
 
 
 class DataConfig(StrictModel):
@@ -104,4 +113,6 @@ def pretrain_config(modality: str, overrides: dict | None = None) -> PretrainCon
     base = EMBEDDED_PRETRAIN[modality]
     if overrides.get("objective") == "v2":
         base = merge(base, EMBEDDED_PRETRAIN_V2[modality])
-    return validate(PretrainConfig, merge(base, overrides), f"pretrain.{modality}")
+    cfg = validate(PretrainConfig, merge(base, overrides), f"pretrain.{modality}")
+    check_decay_floor(cfg.optim, f"pretrain.{modality}")
+    return cfg
