@@ -24,6 +24,7 @@ import torch
 import yaml
 from runs import headline_metric, pretrain_seconds
 
+from d2v.eval.metrics import LOWER_IS_BETTER
 from d2v.io import atomic_write_json
 from d2v.train.config import merge, pretrain_config
 from d2v.train.finetune import EMBEDDED_FINETUNE, TASKS, finetune_config
@@ -50,7 +51,7 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 
 def summarize(task: str, runs: dict[str, list[float]]) -> dict:
     metric = TASKS[task].metrics[0]
-    lower_better = metric == "wer"
+    lower_better = metric in LOWER_IS_BETTER
     out = {"metric": metric, "stands_in_for": TASKS[task].stands_in_for}
     for init, values in runs.items():
         out[init] = {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values)),

@@ -5,7 +5,8 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from d2v.eval.metrics import TASK_METRICS, accuracy, ctc_greedy, f1_binary, matthews_corrcoef, pearson, spearman, wer
+from d2v.eval.metrics import (TASK_METRICS, accuracy, cer, ctc_greedy, f1_binary, matthews_corrcoef, pearson, spearman,
+                              wer)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -58,6 +59,21 @@ def test_wer_matches_jiwer():
     refs = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(50)]
     hyps = [" ".join(rng.choice(words, rng.integers(0, 12))) for _ in range(50)]
     assert wer(hyps, refs) == pytest.approx(jiwer.wer(refs, hyps))
+
+
+def test_cer_matches_jiwer_and_separates_what_wer_cannot():
+    refs = ["THE CAT SAT", "HELLO  WORLD", "A B"]
+    hyps = ["THE CAT SAD", "HELO WORLD", ""]
+    assert cer(hyps, refs) == pytest.approx(jiwer.cer(refs, hyps))
+    rng = np.random.default_rng(1)
+    refs = ["".join(rng.choice(list("AB C"), rng.integers(1, 20))) for _ in range(40)]
+    hyps = ["".join(rng.choice(list("AB C"), rng.integers(0, 20))) for _ in range(40)]
+    assert cer(hyps, refs) == pytest.approx(jiwer.cer(refs, hyps))
+    # both hypotheses get every word wrong, but the second has learned to spell most of it
+    assert wer(["XX"], ["CAT"]) == wer(["CT"], ["CAT"]) == 1.0
+    assert cer(["CT"], ["CAT"]) < cer(["XX"], ["CAT"])
+    with pytest.raises(ValueError, match="2 hypotheses for 1 references"):
+        cer(["A", "B"], ["A"])
 
 
 def test_ctc_greedy_merges_repeats_then_drops_blanks():

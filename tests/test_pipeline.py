@@ -213,13 +213,14 @@ def test_summary_means_spreads_and_direction(tmp_path):
         _result(tmp_path, "fashion_mnist", "pretrained", seed, "test", accuracy=p)
         _result(tmp_path, "fashion_mnist", "scratch", seed, "test", accuracy=s)
         _result(tmp_path, "speech_1h", "pretrained", seed, "dev_clean", wer=0.5 + seed * 0.1)
-        _result(tmp_path, "speech_1h", "scratch", seed, "dev_clean", wer=0.4)
+        _result(tmp_path, "speech_1h", "scratch", seed, "dev_clean", wer=0.4, cer=0.3)
     summary = summarize(collect(tmp_path)).set_index(["task", "split", "metric"])
     fm = summary.loc[("fashion_mnist", "test", "accuracy")]
     assert fm.pretrained == pytest.approx(0.82) and fm.pretrained_std == pytest.approx(0.02)
     assert fm.delta == pytest.approx(0.11) and fm.pretrained_better and fm.seeds == 2 and fm.paper == 0.842
     sp = summary.loc[("speech_1h", "dev_clean", "wer")]
     assert sp.delta == pytest.approx(0.15) and not sp.pretrained_better  # higher WER is worse
+    assert summary.loc[("speech_1h", "dev_clean", "cer")].scratch == pytest.approx(0.3)
 
 
 def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):

@@ -77,6 +77,18 @@ def wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return edits / words
 
 
+def cer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus character error rate, inner spaces included, ends stripped (jiwer's convention). It moves before WER does while a CTC model
+    is still learning to spell, so it separates two runs that both sit at WER 1."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    hypotheses, references = [h.strip() for h in hypotheses], [r.strip() for r in references]
+    chars = sum(len(r) for r in references)
+    if chars == 0:
+        raise ValueError("references contain no characters")
+    return sum(edit_distance(h, r) for h, r in zip(hypotheses, references)) / chars
+
+
 def ctc_greedy(logits: np.ndarray, lengths: Sequence[int] | None = None, blank: int = 0) -> list[list[int]]:
     """Best path per utterance: argmax per frame, merge repeats, drop blanks. logits: (B, T, V)."""
     best = np.asarray(logits).argmax(-1)
@@ -94,6 +106,8 @@ def _same_length(a: np.ndarray, b: np.ndarray) -> None:
     if len(a) == 0:
         raise ValueError("no examples to score")
 
+
+LOWER_IS_BETTER = frozenset({"wer", "cer"})  # error rates; every other metric is better when higher
 
 TASK_METRICS = {
     "accuracy": lambda p, g: accuracy(p, g),

@@ -25,7 +25,7 @@ from pydantic import Field
 from d2v.config import Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
-from d2v.eval.metrics import TASK_METRICS, ctc_greedy, wer
+from d2v.eval.metrics import LOWER_IS_BETTER, TASK_METRICS, cer, ctc_greedy, wer
 from d2v.io import atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCMaskConfig, CTCModel, ImageClassifier, TextClassifier, ctc_loss
@@ -62,10 +62,10 @@ TASKS: dict[str, Task] = {
     "fashion_mnist": Task("image", "classification", "fashion_mnist", "train_6k", None, ("test",), ("accuracy",),
                           10, "ImageNet-1K top-1"),
     "speech_10min": Task("speech", "ctc", "mini_librispeech", "train_1h-10min", "dev_clean",
-                         ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer",), 0,
+                         ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer", "cer"), 0,
                          "Libri-light 10 min → LibriSpeech WER", REAL_SPEECH_TESTS),
     "speech_1h": Task("speech", "ctc", "mini_librispeech", "train_1h", "dev_clean",
-                      ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer",), 0,
+                      ("dev_clean", "dev_other", "test_clean", "test_other"), ("wer", "cer"), 0,
                       "Libri-light 1 h → LibriSpeech WER", REAL_SPEECH_TESTS),
     "rt_polarity": Task("text", "classification", "rt_polarity", "train", "dev", ("test",), ("accuracy",), 2,
                         "SST-2"),
@@ -78,7 +78,7 @@ TASKS: dict[str, Task] = {
                      "ImageNet-1K top-1"),
     **{f"librispeech_{n}": Task("speech", "ctc", "librispeech", f"librilight_10h-{n}" if n != "10h" else
                                 "librilight_10h", "dev-other", ("dev-clean", "dev-other", "test-clean", "test-other"),
-                                ("wer",), 0, f"Libri-light {n} → LibriSpeech WER") for n in ("10min", "1h", "10h")},
+                                ("wer", "cer"), 0, f"Libri-light {n} → LibriSpeech WER") for n in ("10min", "1h", "10h")},
     # GLUE dev sets, as the paper reports them [P1 Tab.4] (test labels are not public): the best checkpoint is
     # chosen on dev, as fairseq does; headline metrics per spec §9.3
     **{f"glue_{name}": Task("text", kind, f"glue/{name}", "train", dev, tests, metrics, outputs, f"GLUE {title}")
@@ -289,14 +289,14 @@ def predict(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list, lis
 
 def score(task: Task, preds: list, refs: list) -> dict[str, float]:
     if task.kind == "ctc":
-        return {"wer": wer(preds, refs)}
+        return {"wer": wer(preds, refs), "cer": cer(preds, refs)}
     return {m: TASK_METRICS[m](preds, refs) for m in task.metrics}
 
 
 def headline(task: Task, metrics: dict[str, float]) -> float:
     """Higher is better."""
     value = metrics[task.metrics[0]]
-    return -value if task.metrics[0] == "wer" else value
+    return -value if task.metrics[0] in LOWER_IS_BETTER else value
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True) -> dict:
