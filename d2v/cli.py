@@ -56,7 +56,8 @@ def demo(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - start
         first = float(np.mean([m["loss"] for m in history[:10]]))
         last = float(np.mean([m["loss"] for m in history[-10:]]))
-        summary = {"modality": name, "preset": args.preset, "objective": args.objective, "steps": steps, "seconds": round(elapsed, 2),
+        summary = {"modality": name, "preset": args.preset, "objective": args.objective, "steps": steps,
+                   "seconds": round(elapsed, 2),
                    "loss_first10": first, "loss_last10": last, "final": history[-1],
                    "params": sum(p.numel() for p in objective.student.parameters()), "inputs": "synthetic"}
         atomic_write_json(f"{args.out}/{name}/summary.json", summary)

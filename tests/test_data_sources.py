@@ -248,7 +248,8 @@ def test_mini_librispeech_is_deterministic_with_disjoint_books_and_speakers(tmp_
     cfg = mini_librispeech.MiniLibriSpeechConfig(pretrain=6, train_1h=4, train_10min=2, dev=2, test=2, block=5)
     outs = []
     for run, workers in (("a", 1), ("b", 2)):
-        mini_librispeech.prepare(Context(tmp_path / "cache", tmp_path / run), cfg.model_copy(update={"workers": workers}))
+        ctx = Context(tmp_path / "cache", tmp_path / run)
+        mini_librispeech.prepare(ctx, cfg.model_copy(update={"workers": workers}))
         outs.append(read_manifest(tmp_path / run))
     a, b = outs
     assert list(a["sha256"]) == list(b["sha256"])  # byte-identical audio for the same seed and engine

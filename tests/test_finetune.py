@@ -100,7 +100,8 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch):
                             audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))
     ft.run_finetune(cfg, tmp_path / "run", progress=False)
     (result,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt")
-    assert result["n"] == 4 and result["metrics"]["wer"] <= 0.25 and result["metrics"]["cer"] <= 0.25  # 0 from ~120 steps
+    # WER and CER reach 0 from about 120 steps, seeds 0-2
+    assert result["n"] == 4 and result["metrics"]["wer"] <= 0.25 and result["metrics"]["cer"] <= 0.25
 
 
 def test_unknown_task_and_bad_options_are_named():

