@@ -79,6 +79,9 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     assert (tmp_path / "thawed" / "eval" / "toy_ctc-human-test.json").is_file()
     with pytest.raises(ValueError, match=r"toy_ctc: no extra test set \['other/test'\]; it has \['human/test'\]"):
         ft.evaluate(tmp_path / "thawed", extra=("other/test",))
+    ft.run_finetune(cfg.model_copy(update={"train_cnn": True}), tmp_path / "cnn", progress=False)
+    after = torch.load(tmp_path / "cnn" / "final.pt", weights_only=False)["model"]
+    assert any(k.startswith("encoder.feature_extractor") and not torch.equal(before[k], v) for k, v in after.items())
 
 
 @pytest.mark.slow

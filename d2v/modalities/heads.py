@@ -69,13 +69,12 @@ class CTCMaskConfig(StrictModel):
 
 class CTCModel(nn.Module):
     def __init__(self, encoder: nn.Module, vocab_size: int, masks: CTCMaskConfig = CTCMaskConfig(),
-                 dropout: float = 0.0, linear_probe: bool = False):
+                 dropout: float = 0.0, linear_probe: bool = False, freeze_cnn: bool = True):
         super().__init__()
         self.encoder, self.masks, self.linear_probe = encoder, masks, linear_probe
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.dim, vocab_size)
-        for p in encoder.feature_extractor.parameters():  # frozen CNN (spec §9.2)
-            p.requires_grad_(False)
+        encoder.feature_extractor.requires_grad_(not freeze_cnn)  # frozen after pretraining (spec §9.2)
 
     def forward(self, batch: Batch, rng: np.random.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(B, T, V) logits and (B,) valid frame counts."""

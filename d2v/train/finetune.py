@@ -112,6 +112,9 @@ class FinetuneConfig(StrictModel):
     mixup: float = Field(0.0, ge=0)  # image: MixUp alpha (0 = off)
     cutmix: float = Field(0.0, ge=0)  # image: CutMix alpha (0 = off)
     freeze_encoder_steps: int = Field(0, ge=0)  # CTC: only the output layer trains at first
+    # CTC: the waveform CNN stays frozen (spec §9.2); training it too is the fairer from-scratch baseline, since a
+    # frozen *random* CNN handicaps scratch runs
+    train_cnn: bool = False
     ctc_masks: CTCMaskConfig = CTCMaskConfig()
     max_tokens: int = Field(128, ge=8)
     image: ImageAugConfig | None = None
@@ -174,7 +177,8 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
         encoder.load_state_dict(state["encoder"])
     probe = cfg.mode == "probe"
     if task.kind == "ctc":
-        model = CTCModel(encoder, len(LetterTokenizer.load(cfg.letters).symbols), cfg.ctc_masks, linear_probe=probe)
+        model = CTCModel(encoder, len(LetterTokenizer.load(cfg.letters).symbols), cfg.ctc_masks, linear_probe=probe,
+                         freeze_cnn=not cfg.train_cnn)
     elif task.modality == "image":
         model = ImageClassifier(encoder, task.num_outputs, linear_probe=probe)
     else:
