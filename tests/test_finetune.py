@@ -58,7 +58,7 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train")
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # another dataset
     LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
-    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("speech", "ctc", "toy", "train", None, ("train",), ("wer",),
+    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("speech", "ctc", "toy", "train", None, ("train",), ("wer", "cer"),
                                                      extra_tests=("human/test",)))
     cfg = ft.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
                             optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
@@ -97,7 +97,7 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch):
     write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "tones" / "train")
     LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
-    monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer",)))
+    monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
     cfg = ft.FinetuneConfig(task="tones", init="scratch", preset="tiny", steps=160, batch_size=4,
                             optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
                             audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))

@@ -110,6 +110,8 @@ def _same_length(a: np.ndarray, b: np.ndarray) -> None:
 LOWER_IS_BETTER = frozenset({"wer", "cer"})  # error rates; every other metric is better when higher
 
 TASK_METRICS = {
+    "wer": wer,  # transcripts: (hypotheses, references)
+    "cer": cer,
     "accuracy": lambda p, g: accuracy(p, g),
     "f1": lambda p, g: f1_binary(p, g),
     "mcc": lambda p, g: matthews_corrcoef(p, g),

@@ -22,13 +22,12 @@ class OptimConfig(StrictModel):
     tri_stage_phases: tuple[float, float, float] = (0.1, 0.4, 0.5)
 
 
-def check_decay_floor(optim: OptimConfig, where: str) -> OptimConfig:
+def check_decay_floor(optim: OptimConfig, where: str) -> None:
     """A tri-stage decay is exponential and cannot reach 0: a recipe must name its floor. (Checked where recipes
     and overrides are combined, not on a saved run's config, so older runs still load.)"""
     if optim.schedule == "tri_stage" and optim.final_lr_scale == 0:
         raise ConfigError(f"{where}.optim.final_lr_scale: tri_stage decays exponentially and cannot reach 0; set it "
                           f"above 0 (fairseq: 0.05 for CTC fine-tuning, 0.01 for speech pretraining)")
-    return optim
 
 
 class DataConfig(StrictModel):

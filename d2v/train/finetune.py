@@ -25,7 +25,7 @@ from pydantic import Field
 from d2v.config import Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
-from d2v.eval.metrics import LOWER_IS_BETTER, TASK_METRICS, cer, ctc_greedy, wer
+from d2v.eval.metrics import LOWER_IS_BETTER, TASK_METRICS, ctc_greedy
 from d2v.io import atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCMaskConfig, CTCModel, ImageClassifier, TextClassifier, ctc_loss
@@ -293,8 +293,6 @@ def predict(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list, lis
 
 
 def score(task: Task, preds: list, refs: list) -> dict[str, float]:
-    if task.kind == "ctc":
-        return {"wer": wer(preds, refs), "cer": cer(preds, refs)}
     return {m: TASK_METRICS[m](preds, refs) for m in task.metrics}
 
 
