@@ -1,12 +1,20 @@
 """Where is the downstream signal? Frozen features of every layer of an encoder (random init, the pretrained
-student, the pretrained EMA teacher), mean-pooled over tokens/frames/patches, scored by a logistic-regression probe
-(scikit-learn) on a labeled task; plus a bag-of-pieces probe on the same token ids as a no-learning reference for
-text. A diagnostic for issue 4: it separates "pretraining learned nothing useful" from "fine-tuning cannot use it".
-For text it also splits each layer's token-level variance into the share explained by the position alone and by the
-token id alone (a drift towards position is what the embedded text runs show; see `variance_shares`).
+student, the pretrained EMA teacher), scored by a linear probe on a labeled task. A diagnostic for issue 4: it
+separates "pretraining learned nothing useful" from "fine-tuning cannot use it".
+
+- Classification: features mean-pooled over tokens/patches, a logistic-regression probe (scikit-learn); for text
+  also a bag-of-pieces probe on the same token ids as a no-learning reference, and each layer's token-level variance
+  split into the share explained by the position alone and by the token id alone (a drift towards position is what
+  the embedded text runs show; see `variance_shares`).
+- Speech recognition (CTC tasks): the frame features of every layer are cached once and a linear CTC head per layer
+  is trained on them (Adam, features standardised), then decoded greedily on the dev split: CER and WER. Frozen
+  features make this far cheaper than fine-tuning, so a CPU can ask whether pretraining put letters within a
+  linear read-out of the frames.
 
     python bench/feature_probe.py --task rt_polarity --pretrained runs/bench/pretrain/text/final.pt
         [--train 4000] [--out results/bench/feature_probe_rt_polarity.json]
+    python bench/feature_probe.py --task speech_1h --pretrained runs/bench/pretrain/speech/final.pt
+        [--train 800] [--ctc-epochs 60]
 """
 from __future__ import annotations
 
@@ -22,7 +30,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from d2v.data.tokenizer import LetterTokenizer
+from d2v.eval.metrics import cer, ctc_greedy, wer
 from d2v.io import atomic_write_json
+from d2v.modalities.heads import ctc_loss
 from d2v.modalities.registry import build_encoder
 from d2v.train.finetune import TASKS, as_inputs, finetune_config, loader
 
@@ -85,43 +96,98 @@ def variance_shares(encoder, cfg, split: str, limit: int = 512) -> list[dict[str
     return [{"position": round(explained(h, positions), 4), "token": round(explained(h, ids), 4)} for h in states]
 
 
+@torch.no_grad()
+def frame_features(encoder, cfg, split: str, limit: int) -> tuple[list[list[torch.Tensor]], list[torch.Tensor],
+                                                                   list[str]]:
+    """Per layer (embeddings first), each utterance's unpadded frame states (float16, to halve the cache), with
+    its letter targets and transcript."""
+    encoder.eval()
+    layers, targets, texts = None, [], []
+    for item in loader(cfg, split, train=False):
+        inputs = as_inputs(item, "speech", torch.device("cpu"))
+        batch = inputs["batch"]
+        out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
+        T = out.x.shape[1]
+        lengths = (~out.padding_mask).sum(-1).tolist() if out.padding_mask is not None else [T] * len(out.x)
+        states = [[h[i, :n].half() for i, n in enumerate(lengths)] for h in out.hidden_states]
+        layers = states if layers is None else [a + b for a, b in zip(layers, states)]
+        targets += list(inputs["targets"].split(inputs["target_lengths"].tolist()))
+        texts += inputs["text"]
+        if len(texts) >= limit:
+            break
+    n = min(limit, len(texts))
+    return [layer[:n] for layer in layers], targets[:n], texts[:n]
+
+
+def padded(frames: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standardised frames of a few utterances as one zero-padded (B, T, D) float tensor, and their lengths."""
+    lengths = torch.tensor([len(f) for f in frames])
+    x = torch.nn.utils.rnn.pad_sequence([(f.float() - mean) / std for f in frames], batch_first=True)
+    return x, lengths
+
+
+def ctc_probe(train: list[torch.Tensor], targets: list[torch.Tensor], dev: list[torch.Tensor], dev_texts: list[str],
+              letters: LetterTokenizer, epochs: int, lr: float, batch_size: int = 16, seed: int = 0) -> dict:
+    """A linear CTC head trained on frozen frame features: dev CER/WER of its greedy decoding, its dev CTC loss (per
+    letter; finer than CER while decoding is still poor) and the last epoch's mean training loss (near the letters'
+    entropy means it never left the blank plateau)."""
+    torch.manual_seed(seed)
+    stacked = torch.cat(train).float()
+    mean, std = stacked.mean(0), stacked.std(0).clamp_min(1e-5)
+    head = torch.nn.Linear(stacked.shape[1], len(letters.symbols))
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    order = np.random.default_rng(seed)
+    for _ in range(epochs):
+        losses = []
+        for idx in np.array_split(order.permutation(len(train)), max(1, len(train) // batch_size)):
+            x, lengths = padded([train[i] for i in idx], mean, std)
+            tgt = [targets[i] for i in idx]
+            loss = ctc_loss(head(x), lengths, torch.cat(tgt), torch.tensor([len(t) for t in tgt]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    with torch.no_grad():
+        hyps, dev_losses = [], []
+        for start in range(0, len(dev), 64):
+            x, lengths = padded(dev[start:start + 64], mean, std)
+            logits = head(x)
+            hyps += [letters.decode(ids) for ids in ctc_greedy(logits.numpy(), lengths.tolist())]
+            tgt = [torch.from_numpy(letters.encode(t)) for t in dev_texts[start:start + 64]]
+            dev_losses.append(ctc_loss(logits, lengths, torch.cat(tgt), torch.tensor([len(t) for t in tgt])).item()
+                              * len(tgt))
+    return {"cer": round(cer(hyps, dev_texts), 4), "wer": round(wer(hyps, dev_texts), 4),
+            "dev_loss": round(sum(dev_losses) / len(dev), 4), "train_loss": round(float(np.mean(losses)), 4),
+            "example": hyps[0]}
+
+
 def probe(train_x, train_y, test_x, test_y) -> float:
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
     clf.fit(train_x, train_y)
     return float(clf.score(test_x, test_y))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--task", default="rt_polarity")
-    parser.add_argument("--pretrained", required=True)
-    parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--data-root", default="data")
-    parser.add_argument("--encoders", default="random,student,teacher")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    task = TASKS[args.task]
-    if task.kind != "classification" or task.dev is None:
-        raise SystemExit(f"{args.task}: the probe needs a classification task with a dev split")
-    cfg = finetune_config(args.task, {"batch_size": 64, "data_root": args.data_root,
-                                      "tokenizer": f"{args.data_root}/tokenizer/spm.model"})
-    state = torch.load(args.pretrained, map_location="cpu", weights_only=False)
+def load_encoders(task, state: dict, names: list[str]):
+    """(name, encoder) for each requested encoder that the checkpoint holds: a seeded random init, the student, the
+    teacher."""
     objective = state.get("objective", "v1")
-    report = {"benchmark": "feature_probe", "task": args.task, "pretrained": args.pretrained,
-              "pretrain_steps": state.get("steps"), "objective": objective,
-              "machine": platform.machine(), "probe": "logistic regression "
-              "on standardised mean-pooled features (sklearn, C=1)", "encoders": {}}
-    start = time.perf_counter()
-    for name in args.encoders.split(","):
+    for name in names:
         key = {"student": "encoder", "teacher": "teacher"}.get(name)
         if key and key not in state:
-            print(f"{args.pretrained} holds no {name} ({key!r}); skipped")
+            print(f"the checkpoint holds no {name} ({key!r}); skipped")
             continue
         torch.manual_seed(0)
         encoder = build_encoder(task.modality, state["preset"], objective)
         if name != "random":
             encoder.load_state_dict(state[key], strict=False)
+        yield name, encoder
+
+
+def classification_probes(args, task, state: dict, report: dict) -> None:
+    cfg = finetune_config(args.task, {"batch_size": 64, "data_root": args.data_root,
+                                      "tokenizer": f"{args.data_root}/tokenizer/spm.model"})
+    report["probe"] = "logistic regression on standardised mean-pooled features (sklearn, C=1)"
+    for name, encoder in load_encoders(task, state, args.encoders.split(",")):
         train_f, train_y, train_tok = layer_features(encoder, cfg, task.train, args.train)
         dev_f, dev_y, dev_tok = layer_features(encoder, cfg, task.dev, 10 ** 9)
         report["encoders"][name] = [round(probe(a, train_y, b, dev_y), 4) for a, b in zip(train_f, dev_f)]
@@ -138,6 +204,47 @@ def main() -> None:
         print(f"bag of pieces: {report['bag_of_pieces']}")
     report["majority"] = round(float(max(np.mean(dev_y == c) for c in np.unique(dev_y))), 4)
     report["n_train"], report["n_dev"] = int(len(train_y)), int(len(dev_y))
+
+
+def ctc_probes(args, task, state: dict, report: dict) -> None:
+    cfg = finetune_config(args.task, {"batch_size": 8, "data_root": args.data_root})
+    letters = LetterTokenizer.load(cfg.letters)
+    report["probe"] = (f"linear CTC head per layer on standardised frozen frame features, Adam lr {args.ctc_lr}, "
+                       f"{args.ctc_epochs} epochs, batch 16, greedy decoding")
+    for name, encoder in load_encoders(task, state, args.encoders.split(",")):
+        train_f, targets, _ = frame_features(encoder, cfg, task.train, args.train)
+        dev_f, _, dev_texts = frame_features(encoder, cfg, task.dev, 10 ** 9)
+        layers = range(len(train_f)) if args.layers is None else [int(i) for i in args.layers.split(",")]
+        report["encoders"][name] = {i: ctc_probe(train_f[i], targets, dev_f[i], dev_texts, letters, args.ctc_epochs,
+                                                 args.ctc_lr) for i in layers}
+        print(f"{name:8s} dev CER / CTC loss by layer (0: embeddings): "
+              f"{ {i: (r['cer'], r['dev_loss']) for i, r in report['encoders'][name].items()} }", flush=True)
+    report["n_train"], report["n_dev"] = len(targets), len(dev_texts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="rt_polarity")
+    parser.add_argument("--pretrained", required=True)
+    parser.add_argument("--train", type=int, default=4000, help="at most this many training examples")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--encoders", default="random,student,teacher")
+    parser.add_argument("--ctc-epochs", type=int, default=60)
+    parser.add_argument("--ctc-lr", type=float, default=2e-3)
+    parser.add_argument("--layers", default=None, help="CTC: probe only these layers, e.g. 0,4 (0: embeddings)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    task = TASKS[args.task]
+    if task.dev is None or task.kind not in ("classification", "ctc"):
+        raise SystemExit(f"{args.task}: the probe needs a classification or CTC task with a dev split")
+    state = torch.load(args.pretrained, map_location="cpu", weights_only=False)
+    report = {"benchmark": "feature_probe", "task": args.task, "pretrained": args.pretrained,
+              "pretrain_steps": state.get("steps"), "objective": state.get("objective", "v1"),
+              "machine": platform.machine(), "encoders": {}}
+    start = time.perf_counter()
+    (ctc_probes if task.kind == "ctc" else classification_probes)(args, task, state, report)
     report["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out or f"results/bench/feature_probe_{args.task}.json")
     atomic_write_json(out, report)

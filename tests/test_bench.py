@@ -3,12 +3,16 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from feature_probe import ctc_probe  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
 from runs import same_config  # noqa: E402
 
+from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.train.finetune import finetune_config  # noqa: E402
 
 
@@ -36,3 +40,23 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
     assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
     clear = summarize("speech_10min", {"pretrained": [0.30, 0.32], "scratch": [0.50, 0.52]})  # WER: lower wins
     assert clear["gain"] == pytest.approx(0.20) and clear["wins"]
+
+
+def spoken(text: str, letters: LetterTokenizer, dim: int, rng, frames_per_letter: int = 3):
+    """Frames that hold each letter's one-hot code (plus noise) for a few frames, with a silent frame after each."""
+    ids = letters.encode(text)
+    codes = np.eye(dim)[np.repeat(np.stack([ids, np.zeros_like(ids)], 1), [frames_per_letter, 1], axis=1).ravel()]
+    return torch.tensor(codes + 0.1 * rng.standard_normal(codes.shape), dtype=torch.half), torch.tensor(ids)
+
+
+def test_ctc_probe_reads_letters_that_frames_encode_linearly_and_not_from_noise():
+    letters = LetterTokenizer([BLANK, WORD_SEP, "a", "b", "c", "d"])
+    rng = np.random.default_rng(0)
+    texts = [" ".join("".join(rng.choice(list("abcd  "), 12)).split()) or "a" for _ in range(80)]
+    pairs = [spoken(t, letters, 8, rng) for t in texts]
+    frames, targets = [f for f, _ in pairs], [t for _, t in pairs]
+    clear = ctc_probe(frames[:64], targets[:64], frames[64:], texts[64:], letters, epochs=20, lr=2e-2)
+    assert clear["cer"] < 0.05, clear
+    noise = [torch.randn_like(f.float()).half() for f in frames]
+    blind = ctc_probe(noise[:64], targets[:64], noise[64:], texts[64:], letters, epochs=20, lr=2e-2)
+    assert blind["cer"] > 0.5 and blind["dev_loss"] > 5 * clear["dev_loss"], blind
