@@ -109,8 +109,9 @@ def frame_features(encoder, cfg, split: str, limit: int) -> tuple[list[list[torc
         out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
         T = out.x.shape[1]
         lengths = (~out.padding_mask).sum(-1).tolist() if out.padding_mask is not None else [T] * len(out.x)
-        states = [[h[i, :n].half() for i, n in enumerate(lengths)] for h in out.hidden_states]
-        layers = states if layers is None else [a + b for a, b in zip(layers, states)]
+        layers = layers or [[] for _ in out.hidden_states]
+        for layer, h in zip(layers, out.hidden_states):
+            layer += [h[i, :n].half() for i, n in enumerate(lengths)]
         targets += list(inputs["targets"].split(inputs["target_lengths"].tolist()))
         texts += inputs["text"]
         if len(texts) >= limit:
@@ -119,45 +120,46 @@ def frame_features(encoder, cfg, split: str, limit: int) -> tuple[list[list[torc
     return [layer[:n] for layer in layers], targets[:n], texts[:n]
 
 
-def padded(frames: list[torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardised frames of a few utterances as one zero-padded (B, T, D) float tensor, and their lengths."""
+def padded_loss(head: torch.nn.Module, frames: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CTC loss (mean per letter) of a head over a few utterances, zero-padded into one (B, T, D) batch; with the
+    logits and frame counts for decoding."""
     lengths = torch.tensor([len(f) for f in frames])
-    x = torch.nn.utils.rnn.pad_sequence([(f.float() - mean) / std for f in frames], batch_first=True)
-    return x, lengths
+    logits = head(torch.nn.utils.rnn.pad_sequence(frames, batch_first=True))
+    loss = ctc_loss(logits, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets]))
+    return loss, logits, lengths
 
 
-def ctc_probe(train: list[torch.Tensor], targets: list[torch.Tensor], dev: list[torch.Tensor], dev_texts: list[str],
-              letters: LetterTokenizer, epochs: int, lr: float, batch_size: int = 16, seed: int = 0) -> dict:
+def ctc_probe(train: list[torch.Tensor], targets: list[torch.Tensor], dev: list[torch.Tensor],
+              dev_targets: list[torch.Tensor], dev_texts: list[str], letters: LetterTokenizer, epochs: int, lr: float,
+              batch_size: int = 16, seed: int = 0) -> dict:
     """A linear CTC head trained on frozen frame features: dev CER/WER of its greedy decoding, its dev CTC loss (per
     letter; finer than CER while decoding is still poor) and the last epoch's mean training loss (near the letters'
     entropy means it never left the blank plateau)."""
     torch.manual_seed(seed)
     stacked = torch.cat(train).float()
     mean, std = stacked.mean(0), stacked.std(0).clamp_min(1e-5)
+    train, dev = ([(f.float() - mean) / std for f in frames] for frames in (train, dev))  # standardised once
     head = torch.nn.Linear(stacked.shape[1], len(letters.symbols))
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     order = np.random.default_rng(seed)
     for _ in range(epochs):
         losses = []
         for idx in np.array_split(order.permutation(len(train)), max(1, len(train) // batch_size)):
-            x, lengths = padded([train[i] for i in idx], mean, std)
-            tgt = [targets[i] for i in idx]
-            loss = ctc_loss(head(x), lengths, torch.cat(tgt), torch.tensor([len(t) for t in tgt]))
+            loss, _, _ = padded_loss(head, [train[i] for i in idx], [targets[i] for i in idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
     with torch.no_grad():
-        hyps, dev_losses = [], []
+        hyps, dev_loss = [], 0.0
         for start in range(0, len(dev), 64):
-            x, lengths = padded(dev[start:start + 64], mean, std)
-            logits = head(x)
+            chunk = slice(start, start + 64)
+            loss, logits, lengths = padded_loss(head, dev[chunk], dev_targets[chunk])
             hyps += [letters.decode(ids) for ids in ctc_greedy(logits.numpy(), lengths.tolist())]
-            tgt = [torch.from_numpy(letters.encode(t)) for t in dev_texts[start:start + 64]]
-            dev_losses.append(ctc_loss(logits, lengths, torch.cat(tgt), torch.tensor([len(t) for t in tgt])).item()
-                              * len(tgt))
+            dev_loss += loss.item() * len(lengths)
     return {"cer": round(cer(hyps, dev_texts), 4), "wer": round(wer(hyps, dev_texts), 4),
-            "dev_loss": round(sum(dev_losses) / len(dev), 4), "train_loss": round(float(np.mean(losses)), 4),
+            "dev_loss": round(dev_loss / len(dev), 4), "train_loss": round(float(np.mean(losses)), 4),
             "example": hyps[0]}
 
 
@@ -213,10 +215,10 @@ def ctc_probes(args, task, state: dict, report: dict) -> None:
                        f"{args.ctc_epochs} epochs, batch 16, greedy decoding")
     for name, encoder in load_encoders(task, state, args.encoders.split(",")):
         train_f, targets, _ = frame_features(encoder, cfg, task.train, args.train)
-        dev_f, _, dev_texts = frame_features(encoder, cfg, task.dev, 10 ** 9)
+        dev_f, dev_targets, dev_texts = frame_features(encoder, cfg, task.dev, 10 ** 9)
         layers = range(len(train_f)) if args.layers is None else [int(i) for i in args.layers.split(",")]
-        report["encoders"][name] = {i: ctc_probe(train_f[i], targets, dev_f[i], dev_texts, letters, args.ctc_epochs,
-                                                 args.ctc_lr) for i in layers}
+        report["encoders"][name] = {i: ctc_probe(train_f[i], targets, dev_f[i], dev_targets, dev_texts, letters,
+                                                 args.ctc_epochs, args.ctc_lr) for i in layers}
         print(f"{name:8s} dev CER / CTC loss by layer (0: embeddings): "
               f"{ {i: (r['cer'], r['dev_loss']) for i, r in report['encoders'][name].items()} }", flush=True)
     report["n_train"], report["n_dev"] = len(targets), len(dev_texts)

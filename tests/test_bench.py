@@ -55,8 +55,8 @@ def test_ctc_probe_reads_letters_that_frames_encode_linearly_and_not_from_noise(
     texts = [" ".join("".join(rng.choice(list("abcd  "), 12)).split()) or "a" for _ in range(80)]
     pairs = [spoken(t, letters, 8, rng) for t in texts]
     frames, targets = [f for f, _ in pairs], [t for _, t in pairs]
-    clear = ctc_probe(frames[:64], targets[:64], frames[64:], texts[64:], letters, epochs=20, lr=2e-2)
+    clear = ctc_probe(frames[:64], targets[:64], frames[64:], targets[64:], texts[64:], letters, epochs=20, lr=2e-2)
     assert clear["cer"] < 0.05, clear
     noise = [torch.randn_like(f.float()).half() for f in frames]
-    blind = ctc_probe(noise[:64], targets[:64], noise[64:], texts[64:], letters, epochs=20, lr=2e-2)
+    blind = ctc_probe(noise[:64], targets[:64], noise[64:], targets[64:], texts[64:], letters, epochs=20, lr=2e-2)
     assert blind["cer"] > 0.5 and blind["dev_loss"] > 5 * clear["dev_loss"], blind
