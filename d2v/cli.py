@@ -73,7 +73,7 @@ def presets(args: argparse.Namespace) -> int:
         for preset, cfg in table.items():
             for objective in OBJECTIVES:
                 n = sum(p.numel() for p in build_encoder(name, preset, objective).parameters())
-                print(f"{name:6s} {preset:9s} {objective}  {n / 1e6:8.2f}M  D={cfg.dim} L={cfg.depth} "
+                print(f"{name:6s} {preset:14s} {objective}  {n / 1e6:8.2f}M  D={cfg.dim} L={cfg.depth} "
                       f"H={cfg.num_heads}")
     return 0
 

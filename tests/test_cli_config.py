@@ -65,6 +65,24 @@ def test_frame_length_formula():
         enc(torch.zeros(1, 399))
 
 
+def test_fbank_front_end_counts_its_frames_and_ignores_padding():
+    enc = SpeechEncoder(SPEECH_PRESETS["tiny-fbank"]).eval()
+    lengths = [400, 719, 720, 16_000, 24_000]
+    # 25 ms windows every 10 ms, then stride 2: 50 frames/s, the CNN's rate (1 s -> 49 frames for both)
+    assert enc.frame_lengths(torch.tensor(lengths)).tolist() == [1, 1, 2, 49, 74]
+    wav = torch.randn(len(lengths), max(lengths))
+    pad = torch.arange(wav.shape[1])[None] >= torch.tensor(lengths)[:, None]
+    batched = enc.embed(wav, pad)
+    assert (~batched.padding_mask).sum(-1).tolist() == [1, 1, 2, 49, 74]
+    for i, n in enumerate(lengths):  # uncentred windows and per-utterance CMVN: padding changes no valid frame
+        alone = enc.embed(wav[i:i + 1, :n]).tokens[0]
+        assert alone.shape[0] == enc.frame_lengths(torch.tensor(n)) and torch.allclose(batched.tokens[i, :len(alone)],
+                                                                                      alone, atol=1e-5)
+    assert enc.receptive_field == 400
+    with pytest.raises(ValueError, match="at least 400 samples"):
+        enc(torch.zeros(1, 399))
+
+
 def test_bad_input_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected images \(B, 1, 32, 32\)"):
         ImageEncoder(IMAGE_PRESETS["tiny"])(torch.zeros(2, 3, 32, 32))

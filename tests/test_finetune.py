@@ -85,7 +85,8 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-fbank"])
+def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, preset):
     """Shards -> loader -> CTC loss -> greedy decoding -> WER: a scratch model learns to transcribe tone 'speech'
     (it memorises four utterances; any misaligned length, label or decoding step would keep it at WER 1)."""
     texts = ["AB C", "CA", "B CB", "AC B"]
@@ -98,7 +99,7 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch):
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "tones" / "train")
     LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
     monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
-    cfg = ft.FinetuneConfig(task="tones", init="scratch", preset="tiny", steps=160, batch_size=4,
+    cfg = ft.FinetuneConfig(task="tones", init="scratch", preset=preset, steps=160, batch_size=4,
                             optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
                             audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))
     ft.run_finetune(cfg, tmp_path / "run", progress=False)

@@ -1,7 +1,13 @@
-"""Speech plug-in: wav2vec 2.0-style encoder used by data2vec audio, span masking, presets (spec §2.1, §5.1)."""
+"""Speech plug-in: wav2vec 2.0-style encoder used by data2vec audio, span masking, presets (spec §2.1, §5.1).
+
+The papers' front end is a CNN on raw waveforms. A log-mel front end (`frontend="fbank"`, not in the papers) is
+an option for small budgets: a randomly initialised or briefly trained waveform CNN gives frames that a CTC head
+cannot read in hundreds of CPU updates, while filterbanks are informative from the first step
+(`bench/ctc_reference.py`)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,8 +26,24 @@ from d2v.nn.layers import alibi_bias, alibi_slopes
 BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
 
 
+class FbankConfig(StrictModel):
+    """Log-mel front end: 25 ms windows every 10 ms, then a conv of `stride` 2 → 50 frames/s, the CNN's rate."""
+
+    n_mels: int = Field(80, ge=1)
+    channels: int = Field(256, ge=1)
+    kernel: int = Field(11, ge=1)
+    stride: int = Field(2, ge=1)
+    sample_rate: int = 16_000
+    n_fft: int = 400
+    hop: int = 160
+
+
 class SpeechEncoderConfig(StrictModel):
-    conv_layers: tuple[tuple[int, int, int], ...] = BASE_CONV  # (channels, kernel, stride)
+    # waveform: wav2vec 2.0's CNN on raw audio (the papers'); fbank: log-mel filterbanks and one strided conv, a
+    # front end a CPU can learn from in minutes where a random or briefly trained CNN cannot (README, speech)
+    frontend: Literal["waveform", "fbank"] = "waveform"
+    conv_layers: tuple[tuple[int, int, int], ...] = BASE_CONV  # waveform: (channels, kernel, stride)
+    fbank: FbankConfig = FbankConfig()
     dim: int = Field(768, ge=1)
     depth: int = Field(12, ge=1)
     num_heads: int = Field(12, ge=1)
@@ -47,8 +69,13 @@ SPEECH_PRESETS = {
     "large": SpeechEncoderConfig(dim=1024, depth=24, num_heads=16, ffn_dim=4096),  # heads: wav2vec2 convention
     "embedded": SpeechEncoderConfig(conv_layers=_conv(128), dim=256, depth=4, num_heads=4, ffn_dim=1024,
                                     pos_conv_groups=16),
+    "embedded-fbank": SpeechEncoderConfig(frontend="fbank", dim=256, depth=4, num_heads=4, ffn_dim=1024,
+                                          pos_conv_groups=16),
     "tiny": SpeechEncoderConfig(conv_layers=_conv(32), dim=64, depth=2, num_heads=4, ffn_dim=128, pos_conv_depth=2,
                                 pos_conv_kernel=7, pos_conv_groups=4, layerdrop=0.0),
+    "tiny-fbank": SpeechEncoderConfig(frontend="fbank", fbank=FbankConfig(n_mels=40, channels=32), dim=64, depth=2,
+                                      num_heads=4, ffn_dim=128, pos_conv_depth=2, pos_conv_kernel=7, pos_conv_groups=4,
+                                      layerdrop=0.0),
 }
 
 
@@ -83,14 +110,86 @@ class Fp32LayerNorm(nn.LayerNorm):
 class ConvLayer(nn.Module):
     """Conv1d (no bias) -> LayerNorm over channels -> GELU (extractor_mode=layer_norm)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int = 0) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=False)
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, padding=padding, bias=False)
         self.norm = Fp32LayerNorm(c_out, eps=1e-5)
         nn.init.kaiming_normal_(self.conv.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2))
+
+
+class WaveformCNN(nn.ModuleList):
+    """wav2vec 2.0's feature extractor: (B, samples) → (B, C, frames). A ModuleList, so checkpoints keep
+    fairseq/HF-style keys (feature_extractor.0.conv.weight)."""
+
+    def __init__(self, conv_layers: tuple[tuple[int, int, int], ...]) -> None:
+        chans = [1] + [c for c, _, _ in conv_layers]
+        super().__init__(ConvLayer(chans[i], c, k, s) for i, (c, k, s) in enumerate(conv_layers))
+        self.conv_layers = conv_layers
+
+    @property
+    def channels(self) -> int:
+        return self.conv_layers[-1][0]
+
+    @property
+    def min_samples(self) -> int:
+        """The receptive field: shorter inputs give no frame."""
+        field = 1
+        for _, kernel, stride in reversed(self.conv_layers):
+            field = (field - 1) * stride + kernel
+        return field
+
+    def num_frames(self, num_samples: Tensor) -> Tensor:
+        return frame_lengths(num_samples, self.conv_layers)
+
+    def forward(self, wav: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        x = wav.unsqueeze(1)
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+class FbankFrontEnd(nn.Module):
+    """Log-mel filterbanks (torchaudio), each utterance standardised per mel bin over its own valid frames (CMVN),
+    → conv (stride 2) → LayerNorm over channels → GELU: (B, C, frames) at 50 frames/s. Padded frames are zero."""
+
+    def __init__(self, cfg: FbankConfig) -> None:
+        super().__init__()
+        import torchaudio
+
+        self.cfg = cfg
+        self.mel = torchaudio.transforms.MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop,
+                                                        n_mels=cfg.n_mels, center=False)
+        self.conv = ConvLayer(cfg.n_mels, cfg.channels, cfg.kernel, cfg.stride, padding=cfg.kernel // 2)
+
+    @property
+    def channels(self) -> int:
+        return self.cfg.channels
+
+    @property
+    def min_samples(self) -> int:
+        return self.cfg.n_fft
+
+    def mel_frames(self, num_samples: Tensor) -> Tensor:
+        # uncentred windows see no sample past an utterance's end, so zero padding changes no valid frame
+        return torch.div(num_samples - self.cfg.n_fft, self.cfg.hop, rounding_mode="floor") + 1
+
+    def num_frames(self, num_samples: Tensor) -> Tensor:
+        return torch.div(self.mel_frames(num_samples) - 1, self.cfg.stride, rounding_mode="floor") + 1
+
+    def forward(self, wav: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        samples = torch.full(wav.shape[:1], wav.shape[1], device=wav.device) if padding_mask is None else \
+            (~padding_mask).sum(-1)
+        x = (self.mel(wav.float()) + 1e-6).log()  # (B, M, F)
+        valid = (torch.arange(x.shape[-1], device=x.device)[None] < self.mel_frames(samples)[:, None]).unsqueeze(1)
+        count = valid.sum(-1, keepdim=True)
+        mean = (x * valid).sum(-1, keepdim=True) / count
+        std = ((((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count + 1e-5).sqrt()
+        x = self.conv(((x - mean) / std * valid).to(wav.dtype))
+        keep = torch.arange(x.shape[-1], device=x.device)[None] < self.num_frames(samples)[:, None]
+        return x * keep.unsqueeze(1)
 
 
 class PositionalConv(nn.Module):
@@ -119,12 +218,9 @@ class SpeechEncoder(Encoder):
     def __init__(self, cfg: SpeechEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        chans = [1] + [c for c, _, _ in cfg.conv_layers]
-        self.feature_extractor = nn.ModuleList(
-            ConvLayer(chans[i], c, k, s) for i, (c, k, s) in enumerate(cfg.conv_layers)
-        )
-        self.feature_norm = nn.LayerNorm(chans[-1], eps=cfg.eps)
-        self.feature_proj = nn.Linear(chans[-1], cfg.dim)
+        self.feature_extractor = FbankFrontEnd(cfg.fbank) if cfg.frontend == "fbank" else WaveformCNN(cfg.conv_layers)
+        self.feature_norm = nn.LayerNorm(self.feature_extractor.channels, eps=cfg.eps)
+        self.feature_proj = nn.Linear(self.feature_extractor.channels, cfg.dim)
         self.mask_emb = nn.Parameter(torch.rand(cfg.dim))  # U(0, 1), as fairseq
         self.pos_conv = PositionalConv(cfg.dim, cfg.pos_conv_depth, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps)
@@ -143,10 +239,14 @@ class SpeechEncoder(Encoder):
     def dim(self) -> int:
         return self.cfg.dim
 
+    def frame_lengths(self, num_samples: Tensor) -> Tensor:
+        """Frames the front end makes of inputs of these lengths."""
+        return self.feature_extractor.num_frames(num_samples)
+
     def frame_padding_mask(self, padding_mask: Tensor | None, num_frames: int) -> Tensor | None:
         if padding_mask is None:
             return None
-        lengths = frame_lengths((~padding_mask).sum(-1), self.cfg.conv_layers)
+        lengths = self.frame_lengths((~padding_mask).sum(-1))
         return torch.arange(num_frames, device=padding_mask.device)[None, :] >= lengths[:, None]
 
     def embed(self, source: Tensor, padding_mask: Tensor | None = None) -> Embedded:
@@ -155,18 +255,13 @@ class SpeechEncoder(Encoder):
         min_len = self.receptive_field
         if source.shape[1] < min_len:
             raise ValueError(f"waveforms need at least {min_len} samples, got {source.shape[1]}")
-        x = source.unsqueeze(1)
-        for layer in self.feature_extractor:
-            x = layer(x)
+        x = self.feature_extractor(source, padding_mask)
         x = self.feature_proj(self.feature_norm(x.transpose(1, 2)))
         return Embedded(x, self.frame_padding_mask(padding_mask, x.shape[1]))
 
     @property
     def receptive_field(self) -> int:
-        field = 1
-        for _, kernel, stride in reversed(self.cfg.conv_layers):
-            field = (field - 1) * stride + kernel
-        return field
+        return self.feature_extractor.min_samples
 
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
         x, pad = replace_masked(embedded.tokens, mask, self.mask_emb), embedded.padding_mask
@@ -259,14 +354,13 @@ class SpeechModality(Modality):
 
     def num_frames(self, wav: Tensor) -> int:
         """CNN frames of a (B, samples) batch."""
-        return int(frame_lengths(torch.tensor(wav.shape[1]), self.encoder.cfg.conv_layers))
+        return int(self.encoder.frame_lengths(torch.tensor(wav.shape[1])))
 
     def make_views(self, batch: Batch, rng: np.random.Generator) -> Views:
         wav, pad = batch.source, batch.padding_mask
-        conv = self.encoder.cfg.conv_layers
         num_frames = self.num_frames(wav)
         samples = torch.full((wav.shape[0],), wav.shape[1]) if pad is None else (~pad).sum(-1).cpu()
-        valid = frame_lengths(samples, conv).tolist()
+        valid = self.encoder.frame_lengths(samples).tolist()
         mask = torch.from_numpy(span_mask(valid, num_frames, self.mask_cfg, rng)).to(wav.device)
         return Views(wav, wav, pad, token_mask=mask, loss_mask=mask)
 
