@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from runs import headline_metric, pretrain_seconds
+from runs import mean_test_metrics, pretrain_seconds
 
 from d2v.eval.metrics import LOWER_IS_BETTER
 from d2v.io import atomic_write_json
@@ -112,6 +112,7 @@ def main() -> None:
         modality = TASKS[task].modality
         objective = report["pretrain"][modality]["objective"]
         values: dict[str, list[float]] = {}
+        every: dict[str, list[dict]] = {}  # all test metrics per seed (CTC: CER moves before WER does)
         for init in ("pretrained", "scratch"):
             for seed in range(args.seeds):
                 overrides = {"init": init, "seed": seed, "objective": objective}
@@ -121,9 +122,11 @@ def main() -> None:
                     overrides["steps"] = ft_steps[task]
                 cfg = finetune_config(task, merge(overrides, ft_sets.get(task, {})))
                 tag = init if objective == "v1" else f"{init}-{objective}"
-                values.setdefault(init, []).append(headline_metric(cfg, runs / "finetune" / f"{task}-{tag}-s{seed}"))
+                every.setdefault(init, []).append(mean_test_metrics(cfg, runs / "finetune" / f"{task}-{tag}-s{seed}"))
+                values.setdefault(init, []).append(every[init][-1][TASKS[task].metrics[0]])
                 report["tasks"][task] = {**summarize(task, values), "objective": objective,
-                                         "finetune_steps": cfg.steps, "overrides": ft_sets.get(task, {})}
+                                         "finetune_steps": cfg.steps, "overrides": ft_sets.get(task, {}),
+                                         "test_metrics": every}
                 atomic_write_json(out, report)
                 print(f"{task} {init} seed {seed}: {values[init][-1]:.4f}", flush=True)
         print(task, report["tasks"][task], flush=True)

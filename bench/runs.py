@@ -38,9 +38,9 @@ def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | No
     return seconds
 
 
-def headline_metric(cfg, out: Path) -> float:
-    """The task's headline test metric of a fine-tune (mean WER over the test splits for CTC); an evaluation under
-    the same config is reused."""
+def mean_test_metrics(cfg, out: Path) -> dict[str, float]:
+    """Every metric of a fine-tune's test evaluations, averaged over its test splits (for CTC tasks the test_*
+    splits, not dev); an evaluation under the same config is reused, otherwise the task is fine-tuned first."""
     task = TASKS[cfg.task]
     results = [out / "eval" / f"{cfg.task}-{split}.json" for split in task.tests]
     if all(r.is_file() for r in results) and same_config(out, cfg):
@@ -49,5 +49,12 @@ def headline_metric(cfg, out: Path) -> float:
         run_finetune(cfg, out, progress=False)
         results = evaluate(out)
     if task.kind == "ctc":
-        return float(np.mean([r["metrics"]["wer"] for r in results if r["split"].startswith("test")]))
-    return results[-1]["metrics"][task.metrics[0]]
+        results = [r for r in results if r["split"].startswith("test")]
+    else:
+        results = results[-1:]
+    return {m: float(np.mean([r["metrics"][m] for r in results])) for m in task.metrics}
+
+
+def headline_metric(cfg, out: Path) -> float:
+    """The task's headline test metric of a fine-tune (mean WER over the test splits for CTC)."""
+    return mean_test_metrics(cfg, out)[TASKS[cfg.task].metrics[0]]

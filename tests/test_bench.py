@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from feature_probe import ctc_probe  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
-from runs import same_config  # noqa: E402
+from runs import mean_test_metrics, same_config  # noqa: E402
 
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.train.finetune import finetune_config  # noqa: E402
@@ -40,6 +40,17 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
     assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
     clear = summarize("speech_10min", {"pretrained": [0.30, 0.32], "scratch": [0.50, 0.52]})  # WER: lower wins
     assert clear["gain"] == pytest.approx(0.20) and clear["wins"]
+
+
+def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(tmp_path):
+    cfg = finetune_config("speech_1h", {"init": "scratch"})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    (tmp_path / "eval").mkdir()
+    for split, wer, cer in [("dev_clean", 0.1, 0.05), ("dev_other", 0.1, 0.05), ("test_clean", 0.6, 0.2),
+                            ("test_other", 0.8, 0.4)]:
+        (tmp_path / "eval" / f"speech_1h-{split}.json").write_text(
+            json.dumps({"split": split, "metrics": {"wer": wer, "cer": cer}}))
+    assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.7, "cer": 0.3})  # no fine-tuning was run
 
 
 def spoken(text: str, letters: LetterTokenizer, dim: int, rng, frames_per_letter: int = 3):
