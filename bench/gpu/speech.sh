@@ -17,7 +17,7 @@ $PY -m pip install -q --no-index --find-links .whl pydantic webdataset soundfile
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 d2v() { $PY -m d2v.cli "$@"; }
 
-d2v prepare mini_librispeech --root "$ROOT" --cache data/cache --set pretrain="$N_PRETRAIN" --set workers="$WORKERS"
+d2v prepare mini_librispeech --root "$ROOT" --cache data/cache --set "cfg={pretrain: $N_PRETRAIN, workers: $WORKERS}"
 for split in pretrain train_1h dev_clean dev_other test_clean test_other; do
   d2v shard mini_librispeech --split "$split" --root "$ROOT"
 done
