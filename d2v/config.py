@@ -60,6 +60,8 @@ class CollapseConfig(StrictModel):
     min_target_var: float = Field(0.1, ge=0.0)
     min_pred_var: float = Field(0.01, ge=0.0)
     min_local_var: float = Field(0.0, ge=0.0)  # variance of the local encoder output (speech front-end collapse)
+    # effective rank of the targets (logged at log steps): a collapse onto a few dimensions keeps every variance up
+    min_target_rank: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(5000, ge=0)  # the guard is armed only after this many updates
 
 

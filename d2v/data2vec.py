@@ -117,6 +117,19 @@ def representation_std(x: Tensor, all_ranks: bool = True) -> Tensor:
     return torch.sqrt(var.clamp_min(0) + 1e-6).mean()
 
 
+def effective_rank(x: Tensor) -> Tensor:
+    """Effective rank of the rows of x (N, D) (Roy & Vetterli 2007): exp of the entropy of the normalised eigenvalues
+    of their covariance; 1 when they vary along one direction, D when isotropic. Per-channel normalisation (speech's
+    instance-normed targets) keeps every channel's std near 1 however few directions the channels span, so
+    `representation_std` cannot see a collapse onto a few dimensions; this can. One D x D eigendecomposition: the
+    loop computes it at log steps only."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    x = x - x.mean(0)
+    eig = torch.linalg.eigvalsh((x.T @ x).double()).clamp_min(0)
+    p = eig / eig.sum().clamp_min(1e-300)
+    return torch.exp(-(p * p.clamp_min(1e-300).log()).sum()).float()
+
+
 class CollapseError(RuntimeError):
     pass
 
@@ -125,7 +138,8 @@ def check_collapse(cfg: CollapseConfig, step: int, metrics: dict[str, float]) ->
     """Raise once armed (step >= warmup_steps) if any monitored variance falls below its minimum."""
     if step < cfg.warmup_steps:
         return
-    limits = {"target_var": cfg.min_target_var, "pred_var": cfg.min_pred_var, "local_var": cfg.min_local_var}
+    limits = {"target_var": cfg.min_target_var, "pred_var": cfg.min_pred_var, "local_var": cfg.min_local_var,
+              "target_rank": cfg.min_target_rank}
     for signal, minimum in limits.items():
         if signal in metrics and metrics[signal] < minimum:
             raise CollapseError(
@@ -141,6 +155,12 @@ def check_collapse(cfg: CollapseConfig, step: int, metrics: dict[str, float]) ->
 class StepOutput:
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)  # detached 0-dim tensors, still on the device
+    # detached (N, D) representations (targets, predictions, local features) for diagnostics too costly for every step
+    probes: dict[str, Tensor] = field(default_factory=dict)
+
+    def ranks(self) -> dict[str, Tensor]:
+        """`{name}_rank`: the effective rank of each probe."""
+        return {f"{name}_rank": effective_rank(x) for name, x in self.probes.items()}
 
     def scalars(self) -> dict[str, float]:
         """Metrics as Python floats, with a single device-to-host copy."""
@@ -189,7 +209,7 @@ class Data2Vec(nn.Module):
             "masked_frac": views.loss_mask.float().mean(),
             "local_var": representation_std(valid, all_ranks=False),
         }
-        return StepOutput(loss, metrics)
+        return StepOutput(loss, metrics, probes={"target": y, "pred": pred.detach(), "local": valid.detach()})
 
     @torch.no_grad()
     def teacher_targets(self, source: Tensor, padding_mask: Tensor | None, embedded=None) -> Tensor:

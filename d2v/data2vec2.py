@@ -59,7 +59,8 @@ class Data2Vec2(Data2Vec):
             "masked_frac": masks.float().mean(),
             "local_var": representation_std(s_emb.tokens, all_ranks=False),
         })
-        return StepOutput(loss, metrics)
+        probes = {"target": target, "pred": pred.detach(), "local": s_emb.tokens.detach()}
+        return StepOutput(loss, metrics, probes)
 
     def decode(self, out: EncoderOutput, masks: Tensor) -> Tensor:
         """Visible outputs back in place, N(0, σ²) noise in the masked slots, no positions added -> decoder."""

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from conftest import make_objective, synthetic_batch
 from d2v.config import CollapseConfig, EMAConfig, LossConfig
-from d2v.data2vec import (CollapseError, build_targets, center_per_position, check_collapse, instance_norm_over_time,
-                          regression_loss, representation_std)
+from d2v.data2vec import (CollapseError, build_targets, center_per_position, check_collapse, effective_rank,
+                          instance_norm_over_time, regression_loss, representation_std)
 from d2v.ema import ema_decay
 
 # ---------------------------------------------------------------- EMA
@@ -226,6 +226,21 @@ def test_collapse_guard_names_the_signal_after_warmup():
         check_collapse(cfg, 5000, {"target_var": 0.01, "pred_var": 0.5})
     with pytest.raises(CollapseError, match="local_var"):
         check_collapse(cfg, 5000, {"target_var": 0.5, "pred_var": 0.5, "local_var": 0.01})
+
+
+def test_effective_rank_sees_a_collapse_that_per_channel_variance_misses():
+    g = torch.Generator().manual_seed(0)
+    assert effective_rank(torch.randn(20_000, 16, generator=g)) == pytest.approx(16, abs=0.1)  # isotropic
+    axes = torch.cat([torch.eye(16)[:3], -torch.eye(16)[:3]])  # +-e_0, +-e_1, +-e_2: three equal directions
+    assert effective_rank(axes.repeat(10, 1)) == pytest.approx(3.0, abs=1e-4)
+    # 16 channels that all follow one signal, then normalised per channel over time like speech targets
+    signal = torch.randn(1, 400, 1, generator=g)
+    y = instance_norm_over_time(signal + 0.01 * torch.randn(1, 400, 16, generator=g))[0]
+    assert representation_std(y, all_ranks=False) == pytest.approx(1.0, abs=0.01)  # the variance guard sees no harm
+    assert effective_rank(y) < 1.1
+    cfg = CollapseConfig(min_target_var=0.1, min_target_rank=2.0, warmup_steps=0)
+    with pytest.raises(CollapseError, match="target_rank=1.0"):
+        check_collapse(cfg, 1, {"target_var": 1.0, "pred_var": 1.0, "target_rank": float(effective_rank(y))})
 
 
 def test_collapsed_teacher_stops_training():

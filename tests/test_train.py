@@ -116,14 +116,39 @@ def test_two_process_gloo_ddp_matches_one_process_with_accumulation(tmp_path):
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_collapse_guard_stops_the_run_and_keeps_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("signal", ["target_var", "target_rank"])
+def test_collapse_guard_stops_the_run_and_keeps_a_checkpoint(tmp_path, signal):
     cfg = tiny_cfg("text", collapse_warmup=0.0)
     objective = build_objective(cfg)
     objective.cfg = objective.cfg.model_copy(update={"collapse": objective.cfg.collapse.model_copy(
-        update={"min_target_var": 1e9})})
-    with pytest.raises(CollapseError, match="target_var"):
+        update={"min_target_var": 0.0, "min_pred_var": 0.0, f"min_{signal}": 1e9})})
+    with pytest.raises(CollapseError, match=signal):
         run_pretrain(cfg, objective, synthetic_stream("text"), tmp_path, progress=False)
     assert checkpoint.latest(tmp_path / "checkpoints").name == "step-00000001.pt"
+    logged = pd.read_csv(tmp_path / "metrics.csv").iloc[0]  # effective ranks are logged at log steps
+    dim = objective.student.dim
+    for probe in ("target", "pred", "local"):
+        assert 1.0 <= logged[f"{probe}_rank"] <= dim
+
+
+def test_front_end_gradient_scale_and_freeze():
+    """local_grad_mult scales only the gradient reaching the speech front end (fairseq feature_grad_mult); 0 freezes
+    it and takes it out of the optimizer, so weight decay cannot move it either."""
+    batch = next(synthetic_stream("speech")(0))
+    grads = {}
+    for mult in (1.0, 0.25):
+        objective = build_objective(tiny_cfg(local_grad_mult=mult))
+        objective(batch, np.random.default_rng(0)).loss.backward()
+        grads[mult] = {n: p.grad.clone() for n, p in objective.student.named_parameters() if p.grad is not None}
+    for name, grad in grads[1.0].items():
+        scale = 0.25 if name.startswith("feature_extractor.") else 1.0
+        torch.testing.assert_close(grads[0.25][name], grad * scale, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(n.startswith("feature_extractor.") for n in grads[1.0])
+    frozen = build_objective(tiny_cfg(local_grad_mult=0.0))
+    front_end = set(map(id, frozen.student.feature_extractor.parameters()))
+    assert front_end and not front_end & set(map(id, frozen.student_parameters()))
+    with pytest.raises(ValueError, match="pretrain.text.local_grad_mult: only the speech front end"):
+        build_objective(tiny_cfg("text", local_grad_mult=0.5))
 
 
 def test_schedules():

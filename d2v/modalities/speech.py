@@ -21,7 +21,7 @@ from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modali
                                  replace_masked, require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks
 from d2v.nn import bert_init, make_block
-from d2v.nn.layers import alibi_bias, alibi_slopes
+from d2v.nn.layers import alibi_bias, alibi_slopes, scale_grad
 
 BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
 
@@ -234,10 +234,19 @@ class SpeechEncoder(Encoder):
             for _ in range(cfg.depth)
         )
         bert_init(self.blocks, self.feature_proj)
+        self.local_grad_mult = 1.0
 
     @property
     def dim(self) -> int:
         return self.cfg.dim
+
+    def scale_front_end_grad(self, mult: float) -> None:
+        """Scale the gradient reaching the front end (fairseq's `feature_grad_mult`); 0 freezes it, so weight decay
+        cannot shrink it either."""
+        if not 0.0 <= mult <= 1.0:
+            raise ValueError(f"local_grad_mult: expected a value in [0, 1], got {mult}")
+        self.local_grad_mult = mult
+        self.feature_extractor.requires_grad_(mult > 0)
 
     def frame_lengths(self, num_samples: Tensor) -> Tensor:
         """Frames the front end makes of inputs of these lengths."""
@@ -255,7 +264,7 @@ class SpeechEncoder(Encoder):
         min_len = self.receptive_field
         if source.shape[1] < min_len:
             raise ValueError(f"waveforms need at least {min_len} samples, got {source.shape[1]}")
-        x = self.feature_extractor(source, padding_mask)
+        x = scale_grad(self.feature_extractor(source, padding_mask), self.local_grad_mult)
         x = self.feature_proj(self.feature_norm(x.transpose(1, 2)))
         return Embedded(x, self.frame_padding_mask(padding_mask, x.shape[1]))
 

@@ -18,6 +18,11 @@ def bert_init(*modules: nn.Module) -> None:
                     nn.init.zeros_(m.bias)
 
 
+def scale_grad(x: Tensor, mult: float) -> Tensor:
+    """x in the forward pass; `mult` times its gradient in the backward pass (fairseq's GradMultiply)."""
+    return x if mult == 1.0 else x * mult + x.detach() * (1.0 - mult)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2. The fc2 output is what data2vec taps as the 'FFN output'."""
 

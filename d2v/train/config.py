@@ -63,6 +63,8 @@ class PretrainConfig(StrictModel):
     top_k: int | None = Field(None, ge=1)  # teacher layers averaged into targets (None: the recipe's K ≤ depth)
     text_mask: TokenMaskConfig | None = None  # text v1 masking (None: the paper's 15 %, 80/10/10)
     center_targets: Literal["none", "position"] | None = None  # experimental (ObjectiveConfig); None: "none"
+    # speech: gradient scale on the front end (fairseq feature_grad_mult; 0 freezes it); None: 1
+    local_grad_mult: float | None = Field(None, ge=0, le=1)
     collapse_warmup: float = Field(0.75, ge=0, le=1)  # the guard arms after this fraction of the steps
     log_every: int = Field(10, ge=1)
 

@@ -30,7 +30,7 @@ from d2v.train.distributed import World, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, schedule_fn, set_lr
 
-CURVES = ["loss", "target_var", "pred_var", "lr", "tau"]
+CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
 
 
 def autocast(device: torch.device, precision: str):
@@ -147,6 +147,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         optimizer.zero_grad(set_to_none=True)
         tau = objective.ema_step(step)
         if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # the only host sync of a step
+            sums.update(out.ranks())  # of the last micro-batch
             keys = list(sums)
             metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
             metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
@@ -157,6 +158,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
                                 tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
+                                rank=f"{metrics['target_rank']:.1f}",
                                 samples_per_s=f"{throughput:.0f}")
             try:
                 objective.check_collapse(step, metrics)
@@ -205,9 +207,9 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
             tmp.replace(out_dir / "final.pt")
         df = log.frame()
         if not df.empty:
-            summary["first"] = {k: float(df[k].iloc[0]) for k in ("loss", "target_var", "pred_var") if k in df}
-            summary["last"] = {k: float(df[k].iloc[-1]) for k in ("loss", "target_var", "pred_var",
-                                                                  "samples_per_s") if k in df}
+            shown = ("loss", "target_var", "pred_var", "target_rank", "local_rank")
+            summary["first"] = {k: float(df[k].iloc[0]) for k in shown if k in df}
+            summary["last"] = {k: float(df[k].iloc[-1]) for k in (*shown, "samples_per_s") if k in df}
             plot_curves(df, out_dir / "curves.png", CURVES, f"data2vec pretraining: {cfg.modality}")
         atomic_write_json(out_dir / "summary.json", summary)
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
@@ -243,6 +245,10 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
         objective_cfg = objective_cfg.model_copy(update={"top_k": cfg.top_k})
     if cfg.center_targets is not None:
         objective_cfg = objective_cfg.model_copy(update={"center_targets": cfg.center_targets})
+    if cfg.local_grad_mult is not None:
+        if cfg.modality != "speech":
+            raise ValueError(f"pretrain.{cfg.modality}.local_grad_mult: only the speech front end has one")
+        modality.encoder.scale_front_end_grad(cfg.local_grad_mult)
     if cfg.text_mask is not None:
         if cfg.modality != "text" or objective_cfg.v2 is not None:
             raise ValueError(f"pretrain.{cfg.modality}.text_mask: only data2vec 1.0 text masks tokens this way "
