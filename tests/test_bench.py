@@ -11,9 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from feature_probe import ctc_probe  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
 from runs import mean_test_metrics, same_config  # noqa: E402
+from speech_collapse import arms  # noqa: E402
 
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
+from d2v.train.config import merge, pretrain_config  # noqa: E402
 from d2v.train.finetune import finetune_config  # noqa: E402
+from d2v.train.pretrain import build_objective  # noqa: E402
 
 
 def test_overrides_nest_by_dotted_key_and_parse_yaml_values():
@@ -33,6 +36,18 @@ def test_a_run_written_before_a_field_existed_is_still_reused(tmp_path):
     assert not same_config(tmp_path, cfg.model_copy(update={"seed": 1}))
     (tmp_path / "config.json").write_text(json.dumps({**old, "removed_field": 1}))
     assert not same_config(tmp_path, cfg)  # written by an incompatible version: rerun
+
+
+def test_every_collapse_arm_changes_what_it_names():
+    """Each arm of bench/speech_collapse.py is a valid override of the speech recipe, and it reaches the objective."""
+    built = {name: build_objective(pretrain_config("speech", merge({"preset": "tiny-fbank", "steps": 300}, overrides)))
+             for name, overrides in arms(300).items()}
+    trained = {name: {n for n, p in obj.student.named_parameters() if p.requires_grad} for name, obj in built.items()}
+    assert any(n.startswith("feature_proj.") for n in trained["recipe"])
+    local = ("feature_extractor.", "feature_norm.", "feature_proj.")
+    assert not any(n.startswith(local) for n in trained["frozen_local"])
+    assert built["front_end_grad_0.1"].student.local_grad_mult == 0.1
+    assert built["tau_0.999"].cfg.ema.tau_start == 0.999 and built["recipe"].cfg.ema.tau_start < 0.999
 
 
 def test_a_win_needs_a_gain_beyond_the_seed_spread():

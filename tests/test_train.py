@@ -147,6 +147,11 @@ def test_front_end_gradient_scale_and_freeze():
     frozen = build_objective(tiny_cfg(local_grad_mult=0.0))
     front_end = set(map(id, frozen.student.feature_extractor.parameters()))
     assert front_end and not front_end & set(map(id, frozen.student_parameters()))
+    local = build_objective(tiny_cfg(freeze_local_encoder=True))
+    trained = set(map(id, local.student_parameters()))
+    for module in (local.student.feature_extractor, local.student.feature_norm, local.student.feature_proj):
+        assert not set(map(id, module.parameters())) & trained
+    assert set(map(id, local.student.blocks.parameters())) <= trained
     with pytest.raises(ValueError, match="pretrain.text.local_grad_mult: only the speech front end"):
         build_objective(tiny_cfg("text", local_grad_mult=0.5))
 

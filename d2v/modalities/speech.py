@@ -248,6 +248,13 @@ class SpeechEncoder(Encoder):
         self.local_grad_mult = mult
         self.feature_extractor.requires_grad_(mult > 0)
 
+    def freeze_local_encoder(self) -> None:
+        """Keep the front end, its LayerNorm and the projection at their initialisation: a fixed random projection
+        of the log-mels (or CNN features), whose rank pretraining then cannot collapse (README, speech)."""
+        self.scale_front_end_grad(0.0)
+        for module in (self.feature_norm, self.feature_proj):
+            module.requires_grad_(False)
+
     def frame_lengths(self, num_samples: Tensor) -> Tensor:
         """Frames the front end makes of inputs of these lengths."""
         return self.feature_extractor.num_frames(num_samples)
