@@ -8,10 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from collapse import arms  # noqa: E402
 from feature_probe import ctc_probe  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
 from runs import mean_test_metrics, same_config  # noqa: E402
-from speech_collapse import arms  # noqa: E402
 
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.train.config import merge, pretrain_config  # noqa: E402
@@ -39,15 +39,20 @@ def test_a_run_written_before_a_field_existed_is_still_reused(tmp_path):
 
 
 def test_every_collapse_arm_changes_what_it_names():
-    """Each arm of bench/speech_collapse.py is a valid override of the speech recipe, and it reaches the objective."""
-    built = {name: build_objective(pretrain_config("speech", merge({"preset": "tiny-fbank", "steps": 300}, overrides)))
-             for name, overrides in arms(300).items()}
-    trained = {name: {n for n, p in obj.student.named_parameters() if p.requires_grad} for name, obj in built.items()}
-    assert any(n.startswith("feature_proj.") for n in trained["recipe"])
-    local = ("feature_extractor.", "feature_norm.", "feature_proj.")
-    assert not any(n.startswith(local) for n in trained["frozen_local"])
-    assert built["front_end_grad_0.1"].student.local_grad_mult == 0.1
-    assert built["tau_0.999"].cfg.ema.tau_start == 0.999 and built["recipe"].cfg.ema.tau_start < 0.999
+    """Each arm of bench/collapse.py is a valid override of the modality's recipe, and it reaches the objective."""
+    local = {"speech": ("feature_extractor.", "feature_norm.", "feature_proj."),
+             "text": ("embed_tokens.", "embed_positions.", "embed_norm.")}
+    for modality, preset in (("text", "tiny"), ("speech", "tiny-fbank")):
+        built = {name: build_objective(pretrain_config(modality, merge({"preset": preset, "steps": 300}, overrides)))
+                 for name, overrides in arms(modality, 300).items()}
+        trained = {name: {n for n, p in obj.student.named_parameters() if p.requires_grad}
+                   for name, obj in built.items()}
+        assert any(n.startswith(local[modality]) for n in trained["recipe"])
+        for frozen in ("frozen_local", "frozen_local_tau_0.999"):
+            assert not any(n.startswith(local[modality]) for n in trained[frozen]) and trained[frozen]
+        assert built["tau_0.999"].cfg.ema.tau_start == 0.999 and built["recipe"].cfg.ema.tau_start < 0.999
+        assert pretrain_config(modality, arms(modality, 300)["lr_2e-4"]).optim.lr == 2e-4
+    assert built["front_end_grad_0.1"].student.local_grad_mult == 0.1 and "front_end_grad_0.1" not in arms("text", 1)
 
 
 def test_a_win_needs_a_gain_beyond_the_seed_spread():

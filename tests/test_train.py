@@ -156,6 +156,26 @@ def test_front_end_gradient_scale_and_freeze():
         build_objective(tiny_cfg("text", local_grad_mult=0.5))
 
 
+
+def test_frozen_text_embeddings_stay_put_while_the_blocks_train(tmp_path):
+    """freeze_local_encoder on text: embeddings and their LayerNorm leave the optimizer and end pretraining where
+    they started (teacher and student alike); the blocks move. Image has no such switch and says which key."""
+    cfg = tiny_cfg("text", freeze_local_encoder=True)
+    objective = build_objective(cfg)
+    student = objective.student
+    local = ("embed_tokens.", "embed_positions.", "embed_norm.")
+    start = {n: p.detach().clone() for n, p in student.named_parameters()}
+    assert not {n for n, p in student.named_parameters() if n.startswith(local) and p.requires_grad}
+    run_pretrain(cfg, objective, synthetic_stream("text"), tmp_path, progress=False)
+    teacher = dict(objective.ema.model.named_parameters())
+    for name, param in student.named_parameters():
+        if name.startswith(local):
+            torch.testing.assert_close(param, start[name], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(teacher[name], start[name], rtol=0, atol=0, msg=name)
+    assert all(not torch.equal(p, start[f"blocks.{n}"]) for n, p in student.blocks.named_parameters())
+    with pytest.raises(ValueError, match="pretrain.image.freeze_local_encoder: ImageEncoder has no switch"):
+        build_objective(tiny_cfg("image", freeze_local_encoder=True))
+
 def test_schedules():
     assert cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
     assert cosine_with_warmup(10, 100, 10) == pytest.approx(1.0)

@@ -80,6 +80,11 @@ class Encoder(nn.Module, ABC):
         caller computed them on the host, spares a device sync."""
         raise NotImplementedError(f"{type(self).__name__} has no data2vec 2.0 path")
 
+    def freeze_local_encoder(self) -> None:
+        """Keep the local encoder (input -> token features) at its initialisation; not in the papers. The teacher
+        shares it, so a trainable one can collapse the targets onto a few directions (README, collapse)."""
+        raise NotImplementedError(f"{type(self).__name__} has no switch to freeze its local encoder")
+
     @property
     def token_grid(self) -> tuple[int, int] | None:
         """The 2-D layout of the token sequence (image patches), or None for a 1-D sequence."""

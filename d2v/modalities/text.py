@@ -83,6 +83,12 @@ class TextEncoder(Encoder):
         x = self.embed_tokens(source) + self.embed_positions(make_positions(source, self.cfg.pad_idx))
         return Embedded(self.dropout(self.embed_norm(x)), pad if pad.any() else None)
 
+    def freeze_local_encoder(self) -> None:
+        """Token and position embeddings and their LayerNorm stay random (like MoCo v3's frozen patch projection):
+        near-orthogonal rows keep every piece distinguishable to the teacher."""
+        for module in (self.embed_tokens, self.embed_positions, self.embed_norm):
+            module.requires_grad_(False)
+
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
         if mask is not None:
             raise ValueError("text is masked at the token level (TextModality.make_views), not with a mask embedding")

@@ -65,7 +65,8 @@ class PretrainConfig(StrictModel):
     center_targets: Literal["none", "position"] | None = None  # experimental (ObjectiveConfig); None: "none"
     # speech: gradient scale on the front end (fairseq feature_grad_mult; 0 freezes it); None: 1
     local_grad_mult: float | None = Field(None, ge=0, le=1)
-    # speech: the front end, its LayerNorm and projection stay at their initialisation (not in the papers)
+    # speech, text: the local encoder (front end + projection; embeddings) stays at its initialisation (not in
+    # the papers)
     freeze_local_encoder: bool = False
     collapse_warmup: float = Field(0.75, ge=0, le=1)  # the guard arms after this fraction of the steps
     log_every: int = Field(10, ge=1)

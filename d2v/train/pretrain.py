@@ -250,9 +250,10 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
             raise ValueError(f"pretrain.{cfg.modality}.local_grad_mult: only the speech front end has one")
         modality.encoder.scale_front_end_grad(cfg.local_grad_mult)
     if cfg.freeze_local_encoder:
-        if cfg.modality != "speech":
-            raise ValueError(f"pretrain.{cfg.modality}.freeze_local_encoder: only speech has this switch")
-        modality.encoder.freeze_local_encoder()
+        try:
+            modality.encoder.freeze_local_encoder()
+        except NotImplementedError as err:
+            raise ValueError(f"pretrain.{cfg.modality}.freeze_local_encoder: {err}") from None
     if cfg.text_mask is not None:
         if cfg.modality != "text" or objective_cfg.v2 is not None:
             raise ValueError(f"pretrain.{cfg.modality}.text_mask: only data2vec 1.0 text masks tokens this way "
