@@ -33,7 +33,7 @@ TOKENIZER = {"text": "data/tokenizer/spm.model"}
 
 
 def arms(modality: str, steps: int) -> dict[str, dict]:
-    """Overrides of the embedded recipe, one knob each, then the two knobs that helped together."""
+    """Overrides of the embedded recipe, one knob each, the two knobs that helped together, and data2vec 2.0."""
     slow_teacher = {"ema": {"tau_start": 0.999, "tau_end": 0.9999, "tau_steps": steps}}
     table = {
         "recipe": {},
@@ -41,6 +41,8 @@ def arms(modality: str, steps: int) -> dict[str, dict]:
         "tau_0.999": slow_teacher,
         "frozen_local": {"freeze_local_encoder": True},
         "frozen_local_tau_0.999": {"freeze_local_encoder": True, **slow_teacher},
+        "v2": {"objective": "v2"},  # data2vec 2.0's embedded recipe (its own LR, batch, clones and τ)
+        "v2_frozen_local": {"objective": "v2", "freeze_local_encoder": True},
     }
     if modality == "speech":
         table["front_end_grad_0.1"] = {"local_grad_mult": 0.1}  # wav2vec 2.0's feature_grad_mult
@@ -112,7 +114,7 @@ def main() -> None:
         cfg = pretrain_config(args.modality, merge({"preset": preset, "steps": args.steps}, table[name]))
         run = runs / name
         seconds = pretrain_seconds(cfg, run, tokenizer=TOKENIZER.get(args.modality))
-        encoder = build_encoder(args.modality, preset)
+        encoder = build_encoder(args.modality, preset, cfg.objective)
         encoder.load_state_dict(torch.load(run / "final.pt", map_location="cpu", weights_only=False)["encoder"])
         result["arms"][name] = {"overrides": table[name], "seconds": seconds, "last_logged": logged(run),
                                 "student_layers": layer_ranks(encoder, args.modality, preset)}

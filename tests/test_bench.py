@@ -48,10 +48,11 @@ def test_every_collapse_arm_changes_what_it_names():
         trained = {name: {n for n, p in obj.student.named_parameters() if p.requires_grad}
                    for name, obj in built.items()}
         assert any(n.startswith(local[modality]) for n in trained["recipe"])
-        for frozen in ("frozen_local", "frozen_local_tau_0.999"):
+        for frozen in ("frozen_local", "frozen_local_tau_0.999", "v2_frozen_local"):
             assert not any(n.startswith(local[modality]) for n in trained[frozen]) and trained[frozen]
         assert built["tau_0.999"].cfg.ema.tau_start == 0.999 and built["recipe"].cfg.ema.tau_start < 0.999
         assert pretrain_config(modality, arms(modality, 300)["lr_2e-4"]).optim.lr == 2e-4
+        assert type(built["v2_frozen_local"]).__name__ == "Data2Vec2" and type(built["recipe"]).__name__ == "Data2Vec"
     assert built["front_end_grad_0.1"].student.local_grad_mult == 0.1 and "front_end_grad_0.1" not in arms("text", 1)
 
 
