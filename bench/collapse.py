@@ -14,6 +14,7 @@ config are reused.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def logged(run: Path, last: int = 5) -> dict[str, float]:
     return {c: round(float(df[c].mean()), 3) for c in cols}
 
 
+def earlier_arms(out: str, args, preset: str) -> dict:
+    """Arms of an earlier result for the same modality, preset and steps: a run of some arms adds to the table."""
+    path = Path(out)
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text())
+    same = [earlier.get(k) for k in ("modality", "preset", "steps")] == [args.modality, preset, args.steps]
+    return earlier.get("arms", {}) if same else {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modality", choices=sorted(PROBE_TASK))
@@ -109,7 +120,7 @@ def main() -> None:
     random = build_encoder(args.modality, preset)
     result = {"benchmark": "collapse", "modality": args.modality, "preset": preset, "dim": random.dim,
               "steps": args.steps, "machine": platform.machine(),
-              "random_encoder": layer_ranks(random, args.modality, preset), "arms": {}}
+              "random_encoder": layer_ranks(random, args.modality, preset), "arms": earlier_arms(out, args, preset)}
     for name in chosen:
         cfg = pretrain_config(args.modality, merge({"preset": preset, "steps": args.steps}, table[name]))
         run = runs / name

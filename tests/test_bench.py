@@ -2,13 +2,14 @@
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from collapse import arms  # noqa: E402
+from collapse import arms, earlier_arms  # noqa: E402
 from feature_probe import ctc_probe  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
 from runs import mean_test_metrics, same_config  # noqa: E402
@@ -55,6 +56,15 @@ def test_every_collapse_arm_changes_what_it_names():
         assert type(built["v2_frozen_local"]).__name__ == "Data2Vec2" and type(built["recipe"]).__name__ == "Data2Vec"
     assert built["front_end_grad_0.1"].student.local_grad_mult == 0.1 and "front_end_grad_0.1" not in arms("text", 1)
 
+
+
+def test_a_collapse_run_of_some_arms_adds_to_the_table_of_the_same_setting(tmp_path):
+    out = tmp_path / "collapse.json"
+    assert earlier_arms(str(out), SimpleNamespace(modality="text", steps=300), "embedded") == {}
+    out.write_text(json.dumps({"modality": "text", "preset": "embedded", "steps": 300, "arms": {"recipe": {"x": 1}}}))
+    assert earlier_arms(str(out), SimpleNamespace(modality="text", steps=300), "embedded") == {"recipe": {"x": 1}}
+    assert earlier_arms(str(out), SimpleNamespace(modality="text", steps=800), "embedded") == {}
+    assert earlier_arms(str(out), SimpleNamespace(modality="speech", steps=300), "embedded") == {}
 
 def test_a_win_needs_a_gain_beyond_the_seed_spread():
     close = summarize("rt_polarity", {"pretrained": [0.72, 0.74], "scratch": [0.70, 0.73]})
