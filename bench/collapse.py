@@ -26,7 +26,7 @@ from d2v.data2vec import effective_rank
 from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_encoder
 from d2v.train.config import merge, pretrain_config
-from d2v.train.finetune import as_inputs, finetune_config, loader
+from d2v.train.finetune import TASKS, as_inputs, finetune_config, loader
 
 PROBE_TASK = {"speech": "speech_1h", "text": "rt_polarity"}
 DEFAULT_PRESET = {"speech": "embedded-fbank", "text": "embedded"}
@@ -57,8 +57,7 @@ def probe_batches(modality: str, preset: str, batches: int):
     if modality == "speech":
         overrides["audio"] = {"max_samples": 80_000}
     cfg = finetune_config(task, overrides)
-    dev = "dev_clean" if modality == "speech" else "dev"
-    for k, item in enumerate(loader(cfg, dev, train=False)):
+    for k, item in enumerate(loader(cfg, TASKS[task].dev, train=False)):
         if k == batches:
             return
         yield as_inputs(item, modality, torch.device("cpu"))["batch"]
@@ -89,13 +88,13 @@ def logged(run: Path, last: int = 5) -> dict[str, float]:
     return {c: round(float(df[c].mean()), 3) for c in cols}
 
 
-def earlier_arms(out: str, args, preset: str) -> dict:
+def earlier_arms(out: str, modality: str, preset: str, steps: int) -> dict:
     """Arms of an earlier result for the same modality, preset and steps: a run of some arms adds to the table."""
     path = Path(out)
     if not path.is_file():
         return {}
     earlier = json.loads(path.read_text())
-    same = [earlier.get(k) for k in ("modality", "preset", "steps")] == [args.modality, preset, args.steps]
+    same = [earlier.get(k) for k in ("modality", "preset", "steps")] == [modality, preset, steps]
     return earlier.get("arms", {}) if same else {}
 
 
@@ -120,7 +119,8 @@ def main() -> None:
     random = build_encoder(args.modality, preset)
     result = {"benchmark": "collapse", "modality": args.modality, "preset": preset, "dim": random.dim,
               "steps": args.steps, "machine": platform.machine(),
-              "random_encoder": layer_ranks(random, args.modality, preset), "arms": earlier_arms(out, args, preset)}
+              "random_encoder": layer_ranks(random, args.modality, preset),
+              "arms": earlier_arms(out, args.modality, preset, args.steps)}
     for name in chosen:
         cfg = pretrain_config(args.modality, merge({"preset": preset, "steps": args.steps}, table[name]))
         run = runs / name

@@ -156,7 +156,6 @@ def test_front_end_gradient_scale_and_freeze():
         build_objective(tiny_cfg("text", local_grad_mult=0.5))
 
 
-
 def test_frozen_text_embeddings_stay_put_while_the_blocks_train(tmp_path):
     """freeze_local_encoder on text: embeddings and their LayerNorm leave the optimizer and end pretraining where
     they started (teacher and student alike); the blocks move. Image has no such switch and says which key."""
@@ -175,6 +174,7 @@ def test_frozen_text_embeddings_stay_put_while_the_blocks_train(tmp_path):
     assert all(not torch.equal(p, start[f"blocks.{n}"]) for n, p in student.blocks.named_parameters())
     with pytest.raises(ValueError, match="pretrain.image.freeze_local_encoder: ImageEncoder has no switch"):
         build_objective(tiny_cfg("image", freeze_local_encoder=True))
+
 
 def test_schedules():
     assert cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
