@@ -31,9 +31,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from d2v.data.tokenizer import LetterTokenizer
-from d2v.eval.metrics import cer, ctc_greedy, wer
+from d2v.eval.linear_ctc import fit_linear_ctc
+from d2v.eval.metrics import cer, wer
 from d2v.io import atomic_write_json
-from d2v.modalities.heads import ctc_loss
 from d2v.modalities.registry import build_encoder
 from d2v.train.finetune import TASKS, as_inputs, finetune_config, loader
 
@@ -120,46 +120,17 @@ def frame_features(encoder, cfg, split: str, limit: int) -> tuple[list[list[torc
     return [layer[:n] for layer in layers], targets[:n], texts[:n]
 
 
-def padded_loss(head: torch.nn.Module, frames: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CTC loss (mean per letter) of a head over a few utterances, zero-padded into one (B, T, D) batch; with the
-    logits and frame counts for decoding."""
-    lengths = torch.tensor([len(f) for f in frames])
-    logits = head(torch.nn.utils.rnn.pad_sequence(frames, batch_first=True))
-    loss = ctc_loss(logits, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets]))
-    return loss, logits, lengths
-
-
 def ctc_probe(train: list[torch.Tensor], targets: list[torch.Tensor], dev: list[torch.Tensor],
               dev_targets: list[torch.Tensor], dev_texts: list[str], letters: LetterTokenizer, epochs: int, lr: float,
               batch_size: int = 16, seed: int = 0) -> dict:
     """A linear CTC head trained on frozen frame features: dev CER/WER of its greedy decoding, its dev CTC loss (per
     letter; finer than CER while decoding is still poor) and the last epoch's mean training loss (near the letters'
     entropy means it never left the blank plateau)."""
-    torch.manual_seed(seed)
-    stacked = torch.cat(train).float()
-    mean, std = stacked.mean(0), stacked.std(0).clamp_min(1e-5)
-    train, dev = ([(f.float() - mean) / std for f in frames] for frames in (train, dev))  # standardised once
-    head = torch.nn.Linear(stacked.shape[1], len(letters.symbols))
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    order = np.random.default_rng(seed)
-    for _ in range(epochs):
-        losses = []
-        for idx in np.array_split(order.permutation(len(train)), max(1, len(train) // batch_size)):
-            loss, _, _ = padded_loss(head, [train[i] for i in idx], [targets[i] for i in idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    with torch.no_grad():
-        hyps, dev_loss = [], 0.0
-        for start in range(0, len(dev), 64):
-            chunk = slice(start, start + 64)
-            loss, logits, lengths = padded_loss(head, dev[chunk], dev_targets[chunk])
-            hyps += [letters.decode(ids) for ids in ctc_greedy(logits.numpy(), lengths.tolist())]
-            dev_loss += loss.item() * len(lengths)
+    head, train_loss, _ = fit_linear_ctc(train, targets, len(letters.symbols), epochs=epochs, lr=lr,
+                                         batch_size=batch_size, seed=seed)
+    hyps = head.transcribe(dev, letters)
     return {"cer": round(cer(hyps, dev_texts), 4), "wer": round(wer(hyps, dev_texts), 4),
-            "dev_loss": round(dev_loss / len(dev), 4), "train_loss": round(float(np.mean(losses)), 4),
+            "dev_loss": round(head.mean_loss(dev, dev_targets), 4), "train_loss": round(train_loss, 4),
             "example": hyps[0]}
 
 

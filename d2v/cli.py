@@ -285,6 +285,29 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def baseline_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from d2v.eval.baselines import RAW, baseline_config, run_baseline
+    from d2v.train.config import merge
+
+    profile = _profile(args)
+    if profile is not None:
+        if args.task not in profile.baselines:
+            raise ValueError(f"baselines.{args.task}: not in profile {args.profile!r} (see {args.params})")
+        cfg = baseline_config(args.task, merge(profile.baseline_config(args.task).model_dump(mode="json"),
+                                               _nested(args.set)))
+        out = Path(args.out or profile.eval_dir(args.task, RAW, cfg.seed))
+    else:
+        cfg = baseline_config(args.task, _nested(args.set))
+        out = Path(args.out or f"results/baselines/{args.task}")
+    for r in run_baseline(cfg, out, tuple(args.extra)):
+        values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
+        print(f"{r['task']}/{r['split']} (raw features: {r['baseline']}): {values}  n={r['n']}")
+    print(f"-> {out}")
+    return 0
+
+
 def report_cmd(args: argparse.Namespace) -> int:
     from d2v.pipeline.params import load_params
     from d2v.pipeline.report import compare, write_report
@@ -392,6 +415,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
     p.add_argument("--out", default=None, help="folder for the JSON results (default RUN/eval)")
     p.set_defaults(func=evaluate_cmd)
+    p = sub.add_parser("baseline", help="fit a task's raw-feature baseline (no encoder) and score its test splits")
+    p.add_argument("task")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. ctc_epochs=30")
+    p.add_argument("--extra", action="append", default=[], metavar="DATASET/SPLIT",
+                   help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
+    p.add_argument("--out", default=None, help="folder for the JSON results (default: the profile's RESULTS/TASK/raw-sSEED)")
+    p.set_defaults(func=baseline_cmd)
+    _add_profile(p)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")
     p.add_argument("dataset")
     p.add_argument("--split", required=True)

@@ -44,8 +44,12 @@ def test_every_profile_validates_and_builds_a_closed_graph():
         assert len({s.name for s in table}) == len(table.stages)
     embedded = StageTable(params, "embedded", raw=RAW)
     assert {s.kind for s in embedded} == {"prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate",
-                                          "report"}
+                                          "baseline", "report"}
     assert len(embedded.of_kind("finetune")) == 2 * len(params.profiles["embedded"].finetune)  # + scratch
+    baselines = {s.outs[0].split("/")[2]: s for s in embedded.of_kind("baseline")}
+    assert set(baselines) == set(params.profiles["embedded"].finetune)  # one raw-feature baseline per task
+    assert set(baselines["speech_1h"].outs) <= set(embedded.of_kind("report")[0].deps)
+    assert "--extra real_speech/test_cards" in baselines["speech_1h"].cmd
 
 
 def _broken(path: list, value):
@@ -69,6 +73,9 @@ def _broken(path: list, value):
     (["profiles", "embedded", "resources", "pretrain", "threads"], 0, "resources.pretrain.threads"),
     (["profiles", "smoke", "sources", "mini_librispeech", "cfg", "dev"], -1, "sources.mini_librispeech.cfg.dev"),
     (["profiles", "embedded", "pretrain", "image", "data"], {"batch_size": 8}, "data.shards: missing"),
+    (["profiles", "embedded", "baselines", "glue_cola"], {}, "baselines.glue_cola: not a fine-tuning task"),
+    (["profiles", "embedded", "baselines", "rt_polarity"], {"strengths": []}, "baselines.rt_polarity.strengths"),
+    (["profiles", "embedded", "baselines", "speech_1h"], {"ctc_epoch": 3}, "baselines.speech_1h.ctc_epoch"),
 ])
 def test_bad_params_are_rejected_naming_the_key(path, value, expected):
     with pytest.raises(ConfigError) as err:
@@ -221,6 +228,13 @@ def test_summary_means_spreads_and_direction(tmp_path):
     sp = summary.loc[("speech_1h", "dev_clean", "wer")]
     assert sp.delta == pytest.approx(0.15) and not sp.pretrained_better  # higher WER is worse
     assert summary.loc[("speech_1h", "dev_clean", "cer")].scratch == pytest.approx(0.3)
+    assert pd.isna(fm.raw) and fm.pretrained_beats_raw is None  # no baseline run yet
+    _result(tmp_path, "fashion_mnist", "raw", 0, "test", accuracy=0.83)
+    _result(tmp_path, "speech_1h", "raw", 0, "dev_clean", wer=0.6)
+    summary = summarize(collect(tmp_path)).set_index(["task", "split", "metric"])
+    fm, sp = summary.loc[("fashion_mnist", "test", "accuracy")], summary.loc[("speech_1h", "dev_clean", "wer")]
+    assert fm.raw == 0.83 and not fm.pretrained_beats_raw and fm.seeds == 2  # the baseline is not a seed
+    assert sp.raw == 0.6 and sp.pretrained_beats_raw and sp.pretrained == pytest.approx(0.55)  # WER 0.55 < 0.6
 
 
 def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):
@@ -229,8 +243,10 @@ def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):
         update={"results": "res", "summary": "res/summary", "runs": "runs"})
     _result(tmp_path / "res", "rt_polarity", "pretrained", 0, "test", accuracy=0.70)
     _result(tmp_path / "res", "rt_polarity", "scratch", 0, "test", accuracy=0.65)
+    _result(tmp_path / "res", "rt_polarity", "raw", 0, "test", accuracy=0.73)
     text = write_report(profile, "smoke")
-    assert "| rt_polarity (SST-2) | test | accuracy | 0.7000" in text
+    assert "| rt_polarity (SST-2) | test | accuracy | 0.7000 ± 0.0000 | 0.6500 ± 0.0000 | 0.0500 ✓ | 1 | 0.7300 ✗ |" \
+        in text
     assert (tmp_path / "res/summary.csv").is_file() and (tmp_path / "res/plots/finetune.png").stat().st_size > 0
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git[:1] + ["init", "-q"], check=True)
@@ -291,10 +307,12 @@ def test_smoke_profile_end_to_end_through_snakemake_and_dvc(tmp_path):
     summary = pd.read_csv(repo / "results/smoke/summary.csv")
     params = load_params(repo / "params.yaml", "smoke").active
     assert set(summary["task"]) == set(params.finetune)
-    assert summary[["pretrained", "scratch"]].notna().all().all()
+    assert summary[["pretrained", "scratch", "raw"]].notna().all().all()
     result = json.loads((repo / "results/smoke/rt_polarity/pretrained-s0/rt_polarity-test.json").read_text())
     assert result["n"] == 48 and result["init"] == "pretrained" and len(result["params_digest"]) == 16
     assert (repo / "runs/smoke/pretrain/text/final.pt").is_file()
+    raw = json.loads((repo / "results/smoke/bible_para/raw-s0/bible_para-test.json").read_text())
+    assert raw["init"] == "raw" and raw["n"] == 48 and set(raw["metrics"]) == {"accuracy", "f1"}
     again = run([str(BIN / "snakemake"), "-n", "--cores", "2", "--config", "profile=smoke"], cwd=repo)
     assert "Nothing to be done" in again.stdout + again.stderr
     # the same graph through DVC: generated for the smoke profile, planned without network or remote

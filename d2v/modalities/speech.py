@@ -179,7 +179,9 @@ class FbankFrontEnd(nn.Module):
     def num_frames(self, num_samples: Tensor) -> Tensor:
         return torch.div(self.mel_frames(num_samples) - 1, self.cfg.stride, rounding_mode="floor") + 1
 
-    def forward(self, wav: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    def log_mel(self, wav: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, M, F) log-mels with CMVN over each utterance's valid frames (padded frames zero), and the samples
+        per utterance."""
         samples = torch.full(wav.shape[:1], wav.shape[1], device=wav.device) if padding_mask is None else \
             (~padding_mask).sum(-1)
         x = (self.mel(wav.float()) + 1e-6).log()  # (B, M, F)
@@ -187,7 +189,11 @@ class FbankFrontEnd(nn.Module):
         count = valid.sum(-1, keepdim=True)
         mean = (x * valid).sum(-1, keepdim=True) / count
         std = ((((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count + 1e-5).sqrt()
-        x = self.conv(((x - mean) / std * valid).to(wav.dtype))
+        return (x - mean) / std * valid, samples
+
+    def forward(self, wav: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        x, samples = self.log_mel(wav, padding_mask)
+        x = self.conv(x.to(wav.dtype))
         keep = torch.arange(x.shape[-1], device=x.device)[None] < self.num_frames(samples)[:, None]
         return x * keep.unsqueeze(1)
 

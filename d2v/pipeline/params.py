@@ -16,12 +16,13 @@ from pydantic import Field, model_validator
 
 from d2v.config import ConfigError, Objective, StrictModel, validate
 from d2v.data.sources import SOURCES
+from d2v.eval.baselines import BaselineConfig, baseline_config
 from d2v.train.config import PretrainConfig, merge, pretrain_config
 from d2v.train.finetune import TASKS, FinetuneConfig, finetune_config
 
 PARAMS_FILE = "params.yaml"
 MODALITIES = ("image", "speech", "text")
-STAGE_KINDS = ("prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate", "report")
+STAGE_KINDS = ("prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate", "baseline", "report")
 
 
 class Resources(StrictModel):
@@ -69,6 +70,8 @@ class Profile(StrictModel):
     shards: dict[str, ShardSpec] = {}  # 'DATASET/NAME' → spec, for names that are not a plain split
     pretrain: dict[Literal["image", "speech", "text"], dict] = {}  # overrides of the typed pretraining config
     finetune: dict[str, dict] = {}  # task → overrides of the typed fine-tuning config
+    # fine-tuning task → overrides of its raw-feature baseline ({}: the defaults), scored beside pretrained and scratch
+    baselines: dict[str, dict] = {}
     resources: dict[str, Resources] = {}
 
     @model_validator(mode="after")
@@ -83,6 +86,10 @@ class Profile(StrictModel):
         for task in self.finetune:
             if task not in TASKS:
                 raise ValueError(f"finetune.{task}: unknown task; expected one of {sorted(TASKS)}")
+        for task in self.baselines:
+            if task not in self.finetune:
+                raise ValueError(f"baselines.{task}: not a fine-tuning task of this profile; a baseline is scored "
+                                 f"beside one of {sorted(self.finetune)}")
         for kind in self.resources:
             if kind not in STAGE_KINDS:
                 raise ValueError(f"resources.{kind}: unknown stage kind; expected one of {list(STAGE_KINDS)}")
@@ -153,6 +160,11 @@ class Profile(StrictModel):
             fixed["pretrained"] = str(self.pretrain_dir(modality) / "final.pt")
         return finetune_config(task, merge(self.finetune[task], fixed))
 
+    def baseline_config(self, task: str) -> BaselineConfig:
+        fixed = {"data_root": self.data_root, "tokenizer": str(self.spm_model), "letters": str(self.letters),
+                 "seed": self.seeds[0]}
+        return baseline_config(task, merge(self.baselines[task], fixed))
+
     def task_shards(self, task: str) -> list[str]:
         spec = TASKS[task]
         splits = [spec.train, *([spec.dev] if spec.dev else []), *spec.tests]
@@ -201,6 +213,8 @@ def check_profile(name: str, profile: Profile) -> None:
             raise ConfigError(f"{where}.finetune.{task}: init 'pretrained' needs {where}.pretrain.{modality}")
         for init in profile.inits:
             _checked(lambda: profile.finetune_config(task, init, profile.seeds[0]), f"{where}.finetune.{task}")
+    for task in profile.baselines:
+        _checked(lambda: profile.baseline_config(task), f"{where}.baselines.{task}")
     for key in profile.shard_keys:
         dataset = key.split("/")[0]
         if dataset not in profile.sources:

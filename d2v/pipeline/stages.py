@@ -3,6 +3,7 @@
 
     prepare SOURCE → tokenizer → shard DATASET/NAME → pretrain MODALITY → finetune TASK × init × seed
     → evaluate (one JSON per test split) → report
+                                           shard → baseline TASK (raw features, one JSON per test split) → report
 
 Outputs are files the stage writes atomically: a prepared folder is named by its `manifest.csv`, a shard set by
 its `index.json` (both list the sha256 of every file they cover), a run by its checkpoint and logs.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from d2v.data.sources import SOURCES
+from d2v.eval.baselines import RAW
 from d2v.pipeline.params import Params, Profile, Resources
 from d2v.train.finetune import TASKS, eval_file_name
 
@@ -137,6 +139,8 @@ class StageTable:
                       ["objective", f"pretrain.{modality}"], plots=[run / "curves.png"])
         for task, init, seed in self.finetune_runs():
             self._finetune(task, init, seed)
+        for task in p.baselines:
+            self._baseline(task)
         self._report()
         self._prioritise()
 
@@ -160,22 +164,37 @@ class StageTable:
         p = self.profile
         return [(t, i, s) for t in p.finetune for i in p.inits for s in p.seeds]
 
-    def _finetune(self, task: str, init: str, seed: int) -> None:
+    def _task_inputs(self, task: str) -> list[Path]:
+        """The shard indices of a task's splits, then the tokenizer or letter vocabulary it reads them with."""
         p, spec = self.profile, TASKS[task]
-        run, name = p.finetune_dir(task, init, seed), f"{task}/{init}/s{seed}"
         deps = [p.shard_dir(k) / "index.json" for k in p.task_shards(task)]
-        deps += [p.spm_model] if spec.modality == "text" else [p.letters] if spec.kind == "ctc" else []
+        return deps + ([p.spm_model] if spec.modality == "text" else [p.letters] if spec.kind == "ctc" else [])
+
+    def _extra_tests(self, task: str) -> tuple[str, list[Path]]:
+        """The `--extra` flags of a task's extra test sets, and their shard indices."""
+        keys = self.profile.extra_tests(task)
+        return "".join(f" --extra {key}" for key in keys), [self.profile.shard_dir(k) / "index.json" for k in keys]
+
+    def _finetune(self, task: str, init: str, seed: int) -> None:
+        p, modality = self.profile, TASKS[task].modality
+        run, name = p.finetune_dir(task, init, seed), f"{task}/{init}/s{seed}"
+        deps = self._task_inputs(task)
         if init == "pretrained":
-            deps.append(p.pretrain_dir(spec.modality) / "final.pt")
+            deps.append(p.pretrain_dir(modality) / "final.pt")
         self._add("finetune", name,
                   self._d2v("finetune", task, "--init", init, "--seed", str(seed), "--quiet"), deps,
                   [run / "best.pt", run / "metrics.csv", run / "summary.json"],
-                  ["objective", f"pretrain.{spec.modality}.objective", f"finetune.{task}"])
+                  ["objective", f"pretrain.{modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)
-        extra = "".join(f" --extra {key}" for key in p.extra_tests(task))
-        shards = deps[:len(p.task_shards(task))] + [p.shard_dir(k) / "index.json" for k in p.extra_tests(task)]
+        extra, extra_shards = self._extra_tests(task)
         self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}",
-                  [run / "best.pt"] + shards, evals, metrics=evals)
+                  [run / "best.pt"] + deps[:len(p.task_shards(task))] + extra_shards, evals, metrics=evals)
+
+    def _baseline(self, task: str) -> None:
+        evals = self.eval_files(task, RAW, self.profile.seeds[0])
+        extra, extra_shards = self._extra_tests(task)
+        self._add("baseline", task, self._d2v("baseline", task, "--out", str(evals[0].parent)) + extra,
+                  self._task_inputs(task) + extra_shards, evals, [f"baselines.{task}"], metrics=evals)
 
     def eval_files(self, task: str, init: str, seed: int) -> list[Path]:
         splits = [*TASKS[task].tests, *self.profile.extra_tests(task)]
@@ -184,6 +203,7 @@ class StageTable:
     def _report(self) -> None:
         p = self.profile
         evals = [f for run in self.finetune_runs() for f in self.eval_files(*run)]
+        evals += [f for s in self.of_kind("baseline") for f in s.outs]
         logs = [p.pretrain_dir(m) / "metrics.csv" for m in p.pretrain]
         logs += [p.finetune_dir(*run) / "metrics.csv" for run in self.finetune_runs()]
         plots = [Path(p.results) / "plots" / f"{kind}.png" for kind in ("pretrain", "finetune")]

@@ -387,7 +387,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def config_digest(cfg: FinetuneConfig) -> str:
+def config_digest(cfg: StrictModel) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 

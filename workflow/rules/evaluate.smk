@@ -1,7 +1,8 @@
-# Stages of evaluation: one JSON per test split, then the summary tables and plots.
+# Stages of evaluation: one JSON per test split (of each fine-tuned model and of each raw-feature baseline), then the
+# summary tables and plots.
 
 
-for stage in [s for kind in ("evaluate", "report",) for s in STAGES.of_kind(kind)]:
+for stage in [s for kind in ("evaluate", "baseline", "report") for s in STAGES.of_kind(kind)]:
 
     rule:
         name:
