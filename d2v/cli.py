@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. ctc_epochs=30")
     p.add_argument("--extra", action="append", default=[], metavar="DATASET/SPLIT",
                    help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
-    p.add_argument("--out", default=None, help="folder for the JSON results (default: the profile's RESULTS/TASK/raw-sSEED)")
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON results (default: the profile's RESULTS/TASK/raw-sSEED)")
     p.set_defaults(func=baseline_cmd)
     _add_profile(p)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")
