@@ -80,6 +80,10 @@ class Encoder(nn.Module, ABC):
         caller computed them on the host, spares a device sync."""
         raise NotImplementedError(f"{type(self).__name__} has no data2vec 2.0 path")
 
+    def scale_front_end_grad(self, mult: float) -> None:
+        """Scale the gradient reaching a feature-extracting front end (fairseq's `feature_grad_mult`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no front end whose gradient can be scaled")
+
     def freeze_local_encoder(self) -> None:
         """Keep the local encoder (input -> token features) at its initialisation; not in the papers. The teacher
         shares it, so a trainable one can collapse the targets onto a few directions (README, collapse)."""

@@ -225,6 +225,14 @@ def shards_digest(shards: str | Path) -> str | None:
     return file_digest(path) if path.is_file() else None
 
 
+def _encoder_switch(cfg: PretrainConfig, key: str, apply) -> None:
+    """Turn on an encoder-specific switch; an encoder without it is a config error naming the key."""
+    try:
+        apply()
+    except NotImplementedError as err:
+        raise ValueError(f"pretrain.{cfg.modality}.{key}: {err}") from None
+
+
 def build_objective(cfg: PretrainConfig) -> Data2Vec:
     from d2v.modalities.registry import build_modality, make_objective
 
@@ -246,14 +254,9 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
     if cfg.center_targets is not None:
         objective_cfg = objective_cfg.model_copy(update={"center_targets": cfg.center_targets})
     if cfg.local_grad_mult is not None:
-        if cfg.modality != "speech":
-            raise ValueError(f"pretrain.{cfg.modality}.local_grad_mult: only the speech front end has one")
-        modality.encoder.scale_front_end_grad(cfg.local_grad_mult)
+        _encoder_switch(cfg, "local_grad_mult", lambda: modality.encoder.scale_front_end_grad(cfg.local_grad_mult))
     if cfg.freeze_local_encoder:
-        try:
-            modality.encoder.freeze_local_encoder()
-        except NotImplementedError as err:
-            raise ValueError(f"pretrain.{cfg.modality}.freeze_local_encoder: {err}") from None
+        _encoder_switch(cfg, "freeze_local_encoder", modality.encoder.freeze_local_encoder)
     if cfg.text_mask is not None:
         if cfg.modality != "text" or objective_cfg.v2 is not None:
             raise ValueError(f"pretrain.{cfg.modality}.text_mask: only data2vec 1.0 text masks tokens this way "
