@@ -124,6 +124,24 @@ def tone_speech(text: str, rate: int = 16_000, seconds_per_symbol: float = 0.12)
     return buf.getvalue()
 
 
+def tone_task_shards(root, texts: list[str]):
+    """A CTC task of tone speech under `root`: FLACs, manifest, shards `tones/train` and a letter vocabulary;
+    returns the vocabulary's path."""
+    from d2v.data.manifest import make_manifest, write_manifest
+    from d2v.data.shards import write_shards
+    from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
+
+    (root / "raw").mkdir()
+    rows = []
+    for i, text in enumerate(texts):
+        (root / "raw" / f"{i}.flac").write_bytes(tone_speech(text))
+        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.6, text=text))
+    write_manifest(root / "raw", make_manifest(rows), source="mini_librispeech")
+    write_shards(root / "raw", "train", root / "shards" / "tones" / "train")
+    LetterTokenizer(build_letter_vocab(texts)).save(root / "letters.json")
+    return root / "letters.json"
+
+
 def librispeech_tar(split: str, utterances: dict[str, tuple[float, str]], corrupt: tuple[str, ...] = (),
                     untranscribed: tuple[str, ...] = ()) -> bytes:
     """LibriSpeech layout: LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac + <spk>-<chapter>.trans.txt"""

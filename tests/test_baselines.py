@@ -5,12 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures import tone_speech
+from fixtures import tone_task_shards
 
 import d2v.train.finetune as ft
-from d2v.data.manifest import make_manifest, write_manifest
-from d2v.data.shards import write_shards
-from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.eval.baselines import (BaselineConfig, baseline_config, bags, cosine, fit_selected, pair_features,
                                 run_baseline, stack_frames)
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
@@ -91,14 +88,7 @@ def test_a_linear_ctc_head_on_log_mels_transcribes_tone_speech(tmp_path, monkeyp
     """Each letter is a tone, so letters are linear in the log-mels: the baseline must transcribe nearly all of
     them; a misaligned frame rate, target or decoding step would leave it at CER ~1."""
     texts = ["AB C", "CA", "B CB", "AC B", "CAB", "BA C"]
-    rows = []
-    (tmp_path / "raw").mkdir()
-    for i, text in enumerate(texts):
-        (tmp_path / "raw" / f"{i}.flac").write_bytes(tone_speech(text))
-        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.6, text=text))
-    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
-    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "tones" / "train")
-    LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
+    tone_task_shards(tmp_path, texts)
     monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
     monkeypatch.setitem(ft.EMBEDDED_FINETUNE, "tones", {"steps": 1, "batch_size": 4, "optim": {"lr": 1e-3},
                                                         "audio": {"min_samples": 0}})

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from fixtures import flac_bytes, tone_speech
+from fixtures import flac_bytes, tone_task_shards
 
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import write_shards
@@ -90,14 +90,7 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
     """Shards -> loader -> CTC loss -> greedy decoding -> WER: a scratch model learns to transcribe tone 'speech'
     (it memorises four utterances; any misaligned length, label or decoding step would keep it at WER 1)."""
     texts = ["AB C", "CA", "B CB", "AC B"]
-    rows = []
-    (tmp_path / "raw").mkdir()
-    for i, text in enumerate(texts):
-        (tmp_path / "raw" / f"{i}.flac").write_bytes(tone_speech(text))
-        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.6, text=text))
-    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
-    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "tones" / "train")
-    LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
+    tone_task_shards(tmp_path, texts)
     monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
     cfg = ft.FinetuneConfig(task="tones", init="scratch", preset=preset, steps=160, batch_size=4,
                             optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
