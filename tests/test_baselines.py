@@ -88,11 +88,11 @@ def test_a_linear_ctc_head_on_log_mels_transcribes_tone_speech(tmp_path, monkeyp
     """Each letter is a tone, so letters are linear in the log-mels: the baseline must transcribe nearly all of
     them; a misaligned frame rate, target or decoding step would leave it at CER ~1."""
     texts = ["AB C", "CA", "B CB", "AC B", "CAB", "BA C"]
-    tone_task_shards(tmp_path, texts)
+    letters = tone_task_shards(tmp_path, texts)
     monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
     monkeypatch.setitem(ft.EMBEDDED_FINETUNE, "tones", {"steps": 1, "batch_size": 4, "optim": {"lr": 1e-3},
                                                         "audio": {"min_samples": 0}})
-    cfg = BaselineConfig(task="tones", data_root=str(tmp_path), letters=str(tmp_path / "letters.json"),
+    cfg = BaselineConfig(task="tones", data_root=str(tmp_path), letters=str(letters),
                          ctc_epochs=60, ctc_lr=2e-2, ctc_batch_size=2)
     (result,) = run_baseline(cfg, tmp_path / "out")
     assert result["n"] == 6 and result["metrics"]["cer"] < 0.2, result

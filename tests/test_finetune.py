@@ -90,11 +90,11 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
     """Shards -> loader -> CTC loss -> greedy decoding -> WER: a scratch model learns to transcribe tone 'speech'
     (it memorises four utterances; any misaligned length, label or decoding step would keep it at WER 1)."""
     texts = ["AB C", "CA", "B CB", "AC B"]
-    tone_task_shards(tmp_path, texts)
+    letters = tone_task_shards(tmp_path, texts)
     monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
     cfg = ft.FinetuneConfig(task="tones", init="scratch", preset=preset, steps=160, batch_size=4,
                             optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
-                            audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))
+                            audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(letters))
     ft.run_finetune(cfg, tmp_path / "run", progress=False)
     (result,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt")
     # WER and CER reach 0 from about 120 steps, seeds 0-2
