@@ -180,7 +180,7 @@ def shard(args: argparse.Namespace) -> int:
         key = f"{args.dataset}/{args.split}"
         spec = profile.shard_spec(key)
         args.root, args.out = profile.data_root, str(profile.shard_dir(key))
-        args.split, args.subset, args.limit = spec.split, spec.subset, spec.limit
+        args.split, args.subset, args.limit, args.sample_seed = spec.split, spec.subset, spec.limit, spec.sample_seed
         if args.dataset == profile.tokenizer.corpus:
             args.tokenizer = str(profile.spm_model)
     source = Path(args.root) / "raw" / args.dataset
@@ -188,7 +188,8 @@ def shard(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.root) / "shards" / args.dataset / name)
     cfg = ShardConfig(max_bytes=int(args.max_mb * (1 << 20)), max_count=args.max_count)
     tok = TextTokenizer(args.tokenizer) if args.tokenizer else None
-    index = write_shards(source, args.split, out, cfg, tokenizer=tok, subset=args.subset, limit=args.limit)
+    index = write_shards(source, args.split, out, cfg, tokenizer=tok, subset=args.subset, limit=args.limit,
+                          sample_seed=args.sample_seed)
     print(f"{args.dataset}/{name}: {index['count']} samples, {len(index['shards'])} shards, "
           f"{index['bytes'] / 1e6:.1f} MB, {index['skipped']['count']} skipped -> {out}")
     return 0
@@ -434,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-mb", type=float, default=64.0)
     p.add_argument("--max-count", type=int, default=10_000)
     p.add_argument("--limit", type=int, default=None, help="first N rows only (smoke runs)")
+    p.add_argument("--sample-seed", type=int, default=None, help="with --limit: a seeded random N rows instead")
     p.set_defaults(func=shard)
     _add_profile(p)
 

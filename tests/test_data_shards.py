@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import webdataset
 from fixtures import flac_bytes
 from PIL import Image
 
@@ -52,6 +53,27 @@ def test_image_shards_are_deterministic_indexed_and_skip_bad_files(tmp_path, cap
         f.truncate(1000)
     with pytest.raises(ShardError, match="shard-000001.tar: 1000 bytes, index says"):
         read_index(tmp_path / "a")
+
+
+def _shard_ids(index_dir) -> list[str]:
+    return [b["__key__"] for b in webdataset.WebDataset(sorted(str(p) for p in index_dir.glob("*.tar")),
+                                                         shardshuffle=False)]
+
+
+def test_limit_keeps_the_first_rows_or_a_seeded_sample_in_manifest_order(tmp_path):
+    src = _image_source(tmp_path / "src", n=30)
+    first = write_shards(src, "train", tmp_path / "first", limit=6)
+    assert _shard_ids(tmp_path / "first") == [f"img_{i:03d}" for i in range(6)]
+    assert (first["rows"], first["limit"], first["sample_seed"]) == (6, 6, None)
+    drawn = [write_shards(src, "train", tmp_path / f"s{seed}-{k}", limit=6, sample_seed=seed) and
+             _shard_ids(tmp_path / f"s{seed}-{k}") for seed, k in ((0, 0), (0, 1), (1, 0))]
+    assert drawn[0] == drawn[1] and drawn[0] != drawn[2]  # the seed decides the sample
+    assert drawn[0] == sorted(drawn[0]) and len(set(drawn[0])) == 6  # distinct rows, manifest order
+    assert drawn[0] != _shard_ids(tmp_path / "first")
+    assert write_shards(src, "train", tmp_path / "all", limit=99, sample_seed=0)["count"] == 30
+    with pytest.raises(ShardError, match="train: sample_seed=3 needs a limit"):
+        write_shards(src, "train", tmp_path / "x", sample_seed=3)
+    assert not (tmp_path / "x").exists()
 
 
 def test_image_reader_eval_pass_is_complete_and_ordered(tmp_path):

@@ -118,8 +118,11 @@ def shard_summary(path: Path) -> dict:
 
 
 def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: ShardConfig | None = None,
-                 tokenizer=None, subset: str | None = None, limit: int | None = None) -> dict:
-    """Shard one split of a prepared source; `subset` keeps rows tagged with it (e.g. '10min'); returns the index."""
+                 tokenizer=None, subset: str | None = None, limit: int | None = None,
+                 sample_seed: int | None = None) -> dict:
+    """Shard one split of a prepared source; `subset` keeps rows tagged with it (e.g. '10min'); `limit` keeps the
+    first N rows, or with `sample_seed` a seeded random N (in manifest order: a manifest sorted by name would
+    otherwise give its first letters only); returns the index."""
     import webdataset as wds
 
     cfg = cfg or ShardConfig()
@@ -132,8 +135,12 @@ def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: S
         if "subsets" not in df:
             raise ShardError(f"{source_dir}: manifest has no 'subsets' column; cannot select subset {subset!r}")
         df = df[df["subsets"].fillna("").str.split("|").map(lambda tags: subset in tags)].reset_index(drop=True)
+    if sample_seed is not None and limit is None:
+        raise ShardError(f"{source_dir}/{split}: sample_seed={sample_seed} needs a limit (how many rows to draw)")
     if limit is not None:
-        df = df.iloc[:limit]
+        rows = min(limit, len(df))
+        df = df.iloc[:rows] if sample_seed is None else \
+            df.sample(n=rows, random_state=sample_seed).sort_index().reset_index(drop=True)
     skipped = Skipped()
     with staged(out_dir) as tmp:
         with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=cfg.max_count, maxsize=cfg.max_bytes,
@@ -143,6 +150,7 @@ def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: S
         shards = [shard_summary(p) for p in sorted(tmp.glob("shard-*.tar"))]
         index = {"source": str(source_dir), "split": split, "subset": subset, "kind": kind,
                  "manifest_sha256": file_digest(source_dir / "manifest.csv"), "rows": len(df),
+                 "limit": limit, "sample_seed": sample_seed,
                  "count": sum(s["count"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
                  "shards": shards, "skipped": skipped.as_json(), "config": cfg.model_dump()}
         if kind in ("image", "text_task"):

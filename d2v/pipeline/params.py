@@ -44,6 +44,13 @@ class ShardSpec(StrictModel):
     split: str
     subset: str | None = None
     limit: int | None = Field(None, ge=1)
+    sample_seed: int | None = Field(None, ge=0)  # with limit: a seeded random sample instead of the first rows
+
+    @model_validator(mode="after")
+    def _sample_needs_limit(self):
+        if self.sample_seed is not None and self.limit is None:
+            raise ValueError("sample_seed needs a limit (how many rows to draw)")
+        return self
 
 
 class TokenizerSpec(StrictModel):
