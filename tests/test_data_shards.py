@@ -55,21 +55,24 @@ def test_image_shards_are_deterministic_indexed_and_skip_bad_files(tmp_path, cap
         read_index(tmp_path / "a")
 
 
-def _shard_ids(index_dir) -> list[str]:
-    return [b["__key__"] for b in webdataset.WebDataset(sorted(str(p) for p in index_dir.glob("*.tar")),
+def _shard_ids(shard_dir) -> list[str]:
+    return [b["__key__"] for b in webdataset.WebDataset(sorted(str(p) for p in shard_dir.glob("*.tar")),
                                                          shardshuffle=False)]
 
 
 def test_limit_keeps_the_first_rows_or_a_seeded_sample_in_manifest_order(tmp_path):
     src = _image_source(tmp_path / "src", n=30)
-    first = write_shards(src, "train", tmp_path / "first", limit=6)
-    assert _shard_ids(tmp_path / "first") == [f"img_{i:03d}" for i in range(6)]
-    assert (first["rows"], first["limit"], first["sample_seed"]) == (6, 6, None)
-    drawn = [write_shards(src, "train", tmp_path / f"s{seed}-{k}", limit=6, sample_seed=seed) and
-             _shard_ids(tmp_path / f"s{seed}-{k}") for seed, k in ((0, 0), (0, 1), (1, 0))]
-    assert drawn[0] == drawn[1] and drawn[0] != drawn[2]  # the seed decides the sample
-    assert drawn[0] == sorted(drawn[0]) and len(set(drawn[0])) == 6  # distinct rows, manifest order
-    assert drawn[0] != _shard_ids(tmp_path / "first")
+
+    def keys(name: str, **cut) -> list[str]:
+        index = write_shards(src, "train", tmp_path / name, **cut)
+        assert (index["rows"], index["limit"], index["sample_seed"]) == (6, 6, cut.get("sample_seed"))
+        return _shard_ids(tmp_path / name)
+
+    first = keys("first", limit=6)
+    assert first == [f"img_{i:03d}" for i in range(6)]
+    drawn, again, other = (keys(f"s{seed}-{k}", limit=6, sample_seed=seed) for seed, k in ((0, 0), (0, 1), (1, 0)))
+    assert drawn == again and drawn != other  # the seed decides the sample
+    assert drawn == sorted(drawn) and len(set(drawn)) == 6 and drawn != first  # distinct rows, manifest order
     assert write_shards(src, "train", tmp_path / "all", limit=99, sample_seed=0)["count"] == 30
     with pytest.raises(ShardError, match="train: sample_seed=3 needs a limit"):
         write_shards(src, "train", tmp_path / "x", sample_seed=3)

@@ -77,7 +77,7 @@ def _broken(path: list, value):
     (["profiles", "embedded", "baselines", "rt_polarity"], {"strengths": []}, "baselines.rt_polarity.strengths"),
     (["profiles", "embedded", "baselines", "speech_1h"], {"ctc_epoch": 3}, "baselines.speech_1h.ctc_epoch"),
     (["profiles", "embedded", "shards", "real_speech/test_asterisk"], {"split": "test_asterisk", "sample_seed": 0},
-     "shards.real_speech/test_asterisk"),
+     "shards.real_speech/test_asterisk: Value error, sample_seed needs a limit"),
 ])
 def test_bad_params_are_rejected_naming_the_key(path, value, expected):
     with pytest.raises(ConfigError) as err:
