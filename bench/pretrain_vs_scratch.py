@@ -8,9 +8,11 @@ after every fine-tune, so a partial run still leaves a table. Finished runs unde
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
+        [--pretrained text=runs/mlm/text/final.pt]
 
 `--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values);
-`--tag` names a separate family of run folders, e.g. for runs made on a GPU at a larger scale.
+`--tag` names a separate family of run folders, e.g. for runs made on a GPU at a larger scale. `--pretrained`
+fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of pretraining that modality.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ def summarize(task: str, runs: dict[str, list[float]]) -> dict:
 
 
 def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs: Path) -> tuple[Path, dict]:
+    """Pretrain `modality` (a finished run under the same config is reused): its final checkpoint and a summary."""
     overrides: dict = {"objective": objective}
     if steps:  # the τ ramp ends with the run
         overrides.update(steps=steps, ema={"tau_steps": steps})
@@ -72,8 +75,17 @@ def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs:
     run = runs / "pretrain" / (modality if objective == "v1" else f"{modality}-{objective}")
     seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
     summary = json.loads((run / "summary.json").read_text())
-    return run, {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run), "overrides": sets,
-                 **{k: summary.get(k) for k in ("first", "last")}}
+    return run / "final.pt", {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run),
+                              "overrides": sets, **{k: summary.get(k) for k in ("first", "last")}}
+
+
+def given_checkpoint(path: str) -> tuple[Path, dict]:
+    """A checkpoint named on the command line, and what it records about its pretraining."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--pretrained {path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return Path(path), {"objective": state.get("objective", "v1"), "steps": state.get("steps"),
+                        "pretraining": state.get("pretraining", "data2vec"), "checkpoint": path}
 
 
 def main() -> None:
@@ -86,6 +98,8 @@ def main() -> None:
     parser.add_argument("--finetune-steps", default="")
     parser.add_argument("--set", action="append", default=[], help="pretraining override, MODALITY.FIELD=VALUE")
     parser.add_argument("--ft-set", action="append", default=[], help="fine-tuning override, TASK.FIELD=VALUE")
+    parser.add_argument("--pretrained", default="", help="per modality, a checkpoint to fine-tune instead of "
+                        "pretraining, e.g. text=runs/mlm/text/final.pt")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
@@ -94,6 +108,7 @@ def main() -> None:
         torch.set_num_threads(2)
     modalities = args.modalities.split(",")
     objectives, pre_steps = parse_map(args.objective, str), parse_map(args.pretrain_steps)
+    given = parse_map(args.pretrained, str)
     ft_steps = parse_map(args.finetune_steps)
     tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
     pre_sets, ft_sets = parse_sets(args.set), parse_sets(args.ft_set)
@@ -104,24 +119,29 @@ def main() -> None:
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     checkpoints = {}
     for modality in modalities:
-        objective = objectives.get(modality, "v1")
-        checkpoints[modality], report["pretrain"][modality] = pretrain(modality, objective, pre_steps.get(modality),
-                                                                       pre_sets.get(modality, {}), runs)
+        if modality in given:
+            checkpoints[modality], report["pretrain"][modality] = given_checkpoint(given[modality])
+        else:
+            checkpoints[modality], report["pretrain"][modality] = pretrain(
+                modality, objectives.get(modality, "v1"), pre_steps.get(modality), pre_sets.get(modality, {}), runs)
         atomic_write_json(out, report)
     for task in tasks if args.seeds else []:  # --seeds 0: pretrain only
         modality = TASKS[task].modality
         objective = report["pretrain"][modality]["objective"]
+        kind = report["pretrain"][modality].get("pretraining", "data2vec")
         values: dict[str, list[float]] = {}
         every: dict[str, list[dict]] = {}  # all test metrics per seed (CTC: CER moves before WER does)
         for init in ("pretrained", "scratch"):
             for seed in range(args.seeds):
                 overrides = {"init": init, "seed": seed, "objective": objective}
                 if init == "pretrained":  # scratch runs name no checkpoint, so they are shared across pretrainings
-                    overrides["pretrained"] = str(checkpoints[modality] / "final.pt")
+                    overrides["pretrained"] = str(checkpoints[modality])
                 if task in ft_steps:
                     overrides["steps"] = ft_steps[task]
                 cfg = finetune_config(task, merge(overrides, ft_sets.get(task, {})))
                 tag = init if objective == "v1" else f"{init}-{objective}"
+                if init == "pretrained" and kind != "data2vec":
+                    tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
                 every.setdefault(init, []).append(mean_test_metrics(cfg, runs / "finetune" / f"{task}-{tag}-s{seed}"))
                 values.setdefault(init, []).append(every[init][-1][TASKS[task].metrics[0]])
                 report["tasks"][task] = {**summarize(task, values), "objective": objective,

@@ -10,12 +10,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from collapse import arms, earlier_arms  # noqa: E402
 from feature_probe import ctc_probe  # noqa: E402
+from mlm_reference import LMHead, train_mlm  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
 from runs import mean_test_metrics, same_config  # noqa: E402
 
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.train.config import merge, pretrain_config  # noqa: E402
-from d2v.train.finetune import finetune_config  # noqa: E402
+from d2v.modalities.base import Batch  # noqa: E402
+from d2v.train.finetune import build_model, finetune_config  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
 
 
@@ -105,3 +107,35 @@ def test_ctc_probe_reads_letters_that_frames_encode_linearly_and_not_from_noise(
     noise = [torch.randn_like(f.float()).half() for f in frames]
     blind = ctc_probe(noise[:64], targets[:64], noise[64:], targets[64:], texts[64:], letters, epochs=20, lr=2e-2)
     assert blind["cer"] > 0.5 and blind["dev_loss"] > 5 * clear["dev_loss"], blind
+
+
+def one_piece_blocks(batch: int = 8, length: int = 32):
+    """Blocks of <s> then one random piece (4..59) repeated: a masked piece is any of its unmasked neighbours, which
+    only the context tells (every piece is equally frequent)."""
+    rng = np.random.default_rng(0)
+    while True:
+        ids = np.repeat(rng.integers(4, 60, (batch, 1)), length - 1, axis=1)
+        yield Batch(source=torch.from_numpy(np.concatenate([np.zeros((batch, 1), int), ids], 1)), padding_mask=None)
+
+
+def test_the_lm_head_reads_logits_through_the_token_embeddings():
+    embed = torch.nn.Embedding(10, 8)
+    head = LMHead(embed)
+    x = torch.randn(3, 8)
+    logits = head(x)
+    assert logits.shape == (3, 10)
+    assert torch.allclose(logits, head.norm(torch.nn.functional.gelu(head.dense(x))) @ embed.weight.T + head.bias)
+    logits.sum().backward()
+    assert embed.weight.grad is not None and embed.weight.grad.abs().sum() > 0
+
+
+def test_mlm_reference_learns_a_predictable_corpus_and_writes_a_checkpoint_fine_tuning_loads(tmp_path):
+    cfg = pretrain_config("text", {"preset": "tiny", "steps": 80, "optim": {"lr": 3e-3, "warmup_steps": 8}})
+    result = train_mlm(cfg, one_piece_blocks(), tmp_path, log_every=20)
+    assert result["first"]["loss"] > 3.5  # ln(64) = 4.16 at random init
+    assert result["last"]["loss"] < 3.0 and result["last"]["masked_accuracy"] > 0.5, result["last"]  # chance: 1/56
+    state = torch.load(tmp_path / "final.pt", weights_only=False)
+    assert state["pretraining"] == "mlm" and state["steps"] == 80
+    model = build_model(finetune_config("rt_polarity", {"preset": "tiny", "init": "pretrained",
+                                                         "pretrained": str(tmp_path / "final.pt")}))
+    assert torch.equal(model.encoder.embed_tokens.weight, state["encoder"]["embed_tokens.weight"])
