@@ -8,7 +8,7 @@ the corpus and budget are.
 `final.pt` has the layout of `d2v pretrain`'s (student = teacher = the MLM encoder), so `feature_probe.py` and
 fine-tuning (`pretrain_vs_scratch.py --pretrained text=RUN/final.pt`) read it unchanged.
 
-    python bench/mlm_reference.py [--steps 1200] [--runs runs/mlm/text]
+    python bench/mlm_reference.py [--steps 1200] [--lr 1e-3] [--runs runs/mlm/text]
         [--out results/bench/mlm_reference_text.json]
 """
 from __future__ import annotations
@@ -99,12 +99,18 @@ def train_mlm(cfg, batches: Iterator[Batch], out: Path, log_every: int = 50) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=None, help="default: the embedded text recipe's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the embedded text recipe's")
     parser.add_argument("--runs", default="runs/mlm/text")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/bench/mlm_reference_text.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = pretrain_config("text", {"steps": args.steps} if args.steps else {})
+    overrides: dict = {}
+    if args.steps:
+        overrides["steps"] = args.steps
+    if args.lr:
+        overrides["optim"] = {"lr": args.lr}
+    cfg = pretrain_config("text", overrides)
     result = train_mlm(cfg, pretrain_stream("text", cfg.data, cfg.seed)(0), Path(args.runs))
     report = {"benchmark": "mlm_reference", "machine": platform.machine(), "threads": args.threads,
               "recipe": cfg.model_dump(mode="json"), "run": args.runs, **result}
