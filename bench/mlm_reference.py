@@ -72,8 +72,8 @@ def train_mlm(cfg, batches: Iterator[Batch], out: Path, log_every: int = 50) -> 
         key = [cfg.seed, step, 0]  # the masks data2vec draws at this step (one rank, one micro-batch)
         views = modality.make_views(batch, np.random.default_rng(key))
         torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
-        out_ = encoder.encode(encoder.embed(views.student_source, views.padding_mask), None)
-        logits = head(out_.x[views.loss_mask])
+        encoded = encoder.encode(encoder.embed(views.student_source, views.padding_mask), None)
+        logits = head(encoded.x[views.loss_mask])
         targets = views.teacher_source[views.loss_mask]
         loss = F.cross_entropy(logits, targets)
         loss.backward()
