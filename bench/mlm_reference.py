@@ -19,8 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +30,9 @@ from d2v.modalities.text import TokenMaskConfig
 from d2v.nn import bert_init
 from d2v.train.batches import pretrain_stream
 from d2v.train.config import pretrain_config
+from d2v.train.logging import MetricsLog
 from d2v.train.optim import adamw, schedule_fn, set_lr
+from d2v.train.pretrain import save_encoder, step_rng
 
 
 class LMHead(nn.Module):
@@ -62,16 +62,14 @@ def train_mlm(cfg, batches: Iterator[Batch], out: Path, log_every: int = 50) -> 
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
                         cfg.optim.tri_stage_phases)
-    rows, seen = [], 0
+    rows, seen, log = [], 0, MetricsLog(out / "metrics.csv")
     encoder.train()
     head.train()
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
         batch = next(batches)
-        key = [cfg.seed, step, 0]  # the masks data2vec draws at this step (one rank, one micro-batch)
-        views = modality.make_views(batch, np.random.default_rng(key))
-        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        views = modality.make_views(batch, step_rng(cfg.seed, step, 0))  # data2vec's masks at this step
         encoded = encoder.encode(encoder.embed(views.student_source, views.padding_mask), None)
         logits = head(encoded.x[views.loss_mask])
         targets = views.teacher_source[views.loss_mask]
@@ -85,14 +83,9 @@ def train_mlm(cfg, batches: Iterator[Batch], out: Path, log_every: int = 50) -> 
             accuracy = (logits.argmax(-1) == targets).float().mean().item()
             rows.append({"step": step, "loss": loss.item(), "masked_accuracy": accuracy, "lr": lr,
                          "grad_norm": grad_norm.item(), "samples_per_s": seen / (time.perf_counter() - start)})
+            log.write(rows[-1])
             print(f"step {step}: loss {loss.item():.3f}, masked accuracy {accuracy:.3f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out / "metrics.csv", index=False)
-    state = encoder.state_dict()
-    final = {"encoder": state, "teacher": state, "modality": "text", "preset": cfg.preset, "objective": "v1",
-             "encoder_config": encoder.cfg.model_dump(mode="json"), "steps": cfg.steps, "pretraining": "mlm"}
-    torch.save(final, out / ".final.pt.tmp")
-    (out / ".final.pt.tmp").replace(out / "final.pt")
+    save_encoder(out, cfg, encoder, encoder, cfg.steps, pretraining="mlm")
     return {"seconds": round(time.perf_counter() - start, 1), "first": rows[0], "last": rows[-1]}
 
 

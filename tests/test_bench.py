@@ -15,8 +15,8 @@ from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
 from runs import mean_test_metrics, same_config  # noqa: E402
 
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
-from d2v.train.config import merge, pretrain_config  # noqa: E402
 from d2v.modalities.base import Batch  # noqa: E402
+from d2v.train.config import merge, pretrain_config  # noqa: E402
 from d2v.train.finetune import build_model, finetune_config  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
 

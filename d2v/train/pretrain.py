@@ -63,6 +63,25 @@ def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None =
     return changed
 
 
+def step_rng(seed: int, step: int, group: int) -> np.random.Generator:
+    """The generator for the masks of micro-batch `group` (rank · accum + micro) of `step`; torch's RNG (dropout,
+    drop-path, LayerDrop) is re-seeded from the same key."""
+    key = [seed, step, group]
+    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    return np.random.default_rng(key)
+
+
+def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int, **extra) -> Path:
+    """`final.pt`, written atomically: what fine-tuning and the probes load (student and teacher weights, the
+    modality/preset/objective they must match, the encoder config and the steps trained)."""
+    state = {"encoder": student.state_dict(), "teacher": teacher.state_dict(), "modality": cfg.modality,
+             "preset": cfg.preset, "objective": cfg.objective, "encoder_config": student.cfg.model_dump(mode="json"),
+             "steps": step, **extra}
+    tmp = out_dir / ".final.pt.tmp"
+    torch.save(state, tmp)
+    return tmp.replace(out_dir / "final.pt")
+
+
 def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
                  out_dir: str | Path, world: World = World(), progress: bool = True,
                  stop_after: int | None = None, restart_on_change: bool = False,
@@ -126,9 +145,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             batch = to_device(next(stream), world.device)
             consumed += 1
             seen += batch.source.shape[0]
-            key = [cfg.seed, step, world.rank * cfg.accum_steps + micro]
-            rng = np.random.default_rng(key)  # masks
-            torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))  # dropout, drop-path, LayerDrop
+            rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
             sync = micro == cfg.accum_steps - 1 or not world.distributed
             with (contextlib.nullcontext() if sync else model.no_sync()), amp:
                 out = model(batch, rng)
@@ -199,12 +216,7 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
         if step >= cfg.steps or collapsed:
             _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)
         if step >= cfg.steps:
-            encoder = {"encoder": objective.student.state_dict(), "teacher": objective.teacher.state_dict(),
-                       "modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "encoder_config":
-                       objective.student.cfg.model_dump(mode="json"), "steps": step}
-            tmp = out_dir / ".final.pt.tmp"
-            torch.save(encoder, tmp)
-            tmp.replace(out_dir / "final.pt")
+            save_encoder(out_dir, cfg, objective.student, objective.teacher, step)
         df = log.frame()
         if not df.empty:
             shown = ("loss", "target_var", "pred_var", "target_rank", "local_rank")
