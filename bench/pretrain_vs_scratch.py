@@ -8,11 +8,13 @@ after every fine-tune, so a partial run still leaves a table. Finished runs unde
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
-        [--pretrained text=runs/mlm/text/final.pt]
+        [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5]
 
 `--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values);
 `--tag` names a separate family of run folders, e.g. for runs made on a GPU at a larger scale. `--pretrained`
-fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of pretraining that modality.
+fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of pretraining that modality. `--folds` scores a
+task by K-fold cross-validation (lee_sts: by document, each fold 30 train / 10 dev / 10 test documents): each seed's
+value is the mean over the folds, fold k's runs are named `...-sSEED-fK`.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from runs import mean_test_metrics, pretrain_seconds
+from runs import cv_test_metrics, pretrain_seconds
 
 from d2v.eval.metrics import LOWER_IS_BETTER
 from d2v.io import atomic_write_json
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--ft-set", action="append", default=[], help="fine-tuning override, TASK.FIELD=VALUE")
     parser.add_argument("--pretrained", default="", help="per modality, a checkpoint to fine-tune instead of "
                         "pretraining, e.g. text=runs/mlm/text/final.pt")
+    parser.add_argument("--folds", default="", help="per task, K-fold cross-validation by document, e.g. "
+                        "lee_sts=5: each seed scores the mean over the folds")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
@@ -109,7 +113,7 @@ def main() -> None:
     modalities = args.modalities.split(",")
     objectives, pre_steps = parse_map(args.objective, str), parse_map(args.pretrain_steps)
     given = parse_map(args.pretrained, str)
-    ft_steps = parse_map(args.finetune_steps)
+    ft_steps, folds = parse_map(args.finetune_steps), parse_map(args.folds)
     tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
     pre_sets, ft_sets = parse_sets(args.set), parse_sets(args.ft_set)
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
@@ -142,10 +146,12 @@ def main() -> None:
                 tag = init if objective == "v1" else f"{init}-{objective}"
                 if init == "pretrained" and kind != "data2vec":
                     tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
-                every.setdefault(init, []).append(mean_test_metrics(cfg, runs / "finetune" / f"{task}-{tag}-s{seed}"))
+                run = runs / "finetune" / f"{task}-{tag}-s{seed}"
+                every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task)))
                 values.setdefault(init, []).append(every[init][-1][TASKS[task].metrics[0]])
                 report["tasks"][task] = {**summarize(task, values), "objective": objective,
                                          "finetune_steps": cfg.steps, "overrides": ft_sets.get(task, {}),
+                                         "folds": folds.get(task),
                                          "test_metrics": every}
                 atomic_write_json(out, report)
                 print(f"{task} {init} seed {seed}: {values[init][-1]:.4f}", flush=True)

@@ -3,12 +3,15 @@ is not run again (both are deterministic, and a pretraining run refuses to resum
 the run folder to force a rerun."""
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from d2v.data.shards import write_shards
+from d2v.data.sources import SOURCES, Context
 from d2v.io import atomic_write_json
 from d2v.train.finetune import TASKS, evaluate, run_finetune
 from d2v.train.pretrain import pretrain_main
@@ -58,3 +61,31 @@ def mean_test_metrics(cfg, out: Path) -> dict[str, float]:
 def headline_metric(cfg, out: Path) -> float:
     """The task's headline test metric of a fine-tune (mean WER over the test splits for CTC)."""
     return mean_test_metrics(cfg, out)[TASKS[cfg.task].metrics[0]]
+
+
+def cv_data_root(task: str, folds: int, fold: int, root: str | Path = "data/folds",
+                 cache: str | Path = "data/cache") -> Path:
+    """A data root holding fold `fold` of a `folds`-fold cross-validation of a task's source (lee_sts: by
+    document), prepared and sharded on first use."""
+    spec = TASKS[task]
+    source = SOURCES[spec.dataset]
+    if "fold" not in inspect.signature(source.prepare).parameters:
+        raise ValueError(f"{task}: its source {spec.dataset!r} has no cross-validation folds")
+    data = Path(root) / f"{spec.dataset}-{fold}of{folds}"
+    splits = [spec.train, spec.dev, *spec.tests]
+    if not all((data / "shards" / spec.dataset / s / "index.json").is_file() for s in splits):
+        raw = data / "raw" / spec.dataset
+        source.prepare(Context(Path(cache), raw), folds=folds, fold=fold)
+        for split in splits:
+            write_shards(raw, split, data / "shards" / spec.dataset / split)
+    return data
+
+
+def cv_test_metrics(cfg, out: Path, folds: int | None) -> dict:
+    """`mean_test_metrics`, or with `folds` their mean over the folds of a cross-validation, fold k fine-tuned in
+    OUT-fK on its own data root; the folds' own metrics are kept under "folds"."""
+    if not folds:
+        return mean_test_metrics(cfg, out)
+    per_fold = [mean_test_metrics(cfg.model_copy(update={"data_root": str(cv_data_root(cfg.task, folds, k))}),
+                                  out.with_name(f"{out.name}-f{k}")) for k in range(folds)]
+    return {m: float(np.mean([f[m] for f in per_fold])) for m in per_fold[0]} | {"folds": per_fold}

@@ -1,4 +1,5 @@
 """The benchmark scripts' own logic: command-line overrides and run reuse (the runs themselves are benchmarks)."""
+import io
 import json
 import sys
 from pathlib import Path
@@ -9,11 +10,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from collapse import arms, earlier_arms  # noqa: E402
-from feature_probe import ctc_probe  # noqa: E402
+from feature_probe import cosine_agreement, ctc_probe  # noqa: E402
 from mlm_reference import LMHead, train_mlm  # noqa: E402
 from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
-from runs import mean_test_metrics, same_config  # noqa: E402
+import runs  # noqa: E402
+from runs import cv_test_metrics, mean_test_metrics, same_config  # noqa: E402
 
+from d2v.data.shards import read_index  # noqa: E402
+from d2v.data.sources import Context  # noqa: E402
+from d2v.data.sources.text import LEE, LEE_SIM  # noqa: E402
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.modalities.base import Batch  # noqa: E402
 from d2v.train.config import merge, pretrain_config  # noqa: E402
@@ -87,6 +92,48 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
         (tmp_path / "eval" / f"speech_1h-{split}.json").write_text(
             json.dumps({"split": split, "metrics": {"wer": wer, "cer": cer}}))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.7, "cer": 0.3})  # no fine-tuning was run
+
+
+def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the_folds(tmp_path, monkeypatch):
+    docs = "\n".join(f"document {i} is about topic {i % 3}" for i in range(9)).encode("latin-1")
+    buf = io.StringIO()
+    np.savetxt(buf, np.triu(np.random.default_rng(0).random((9, 9)), 1))
+    members = {LEE.path: docs, LEE_SIM.path: buf.getvalue().encode()}
+
+    class Served(Context):  # the Lee files without the gensim wheel
+        def read(self, member):
+            return members[member.path]
+
+    monkeypatch.setattr(runs, "Context", Served)
+    monkeypatch.chdir(tmp_path)
+    cfg = finetune_config("lee_sts", {"init": "scratch"})
+    out, tested = tmp_path / "lee_sts-scratch-s0", []
+    for fold, pearson in enumerate([0.1, 0.2, 0.6]):
+        root = runs.cv_data_root("lee_sts", 3, fold)
+        assert root == Path("data/folds") / f"lee_sts-{fold}of3"
+        assert [read_index(root / "shards" / "lee_sts" / s)["count"] for s in ("train", "dev", "test")] == [3, 3, 3]
+        tested += json.loads((root / "raw" / "lee_sts" / "manifest.json").read_text())["documents"]["test"]
+        run = tmp_path / f"lee_sts-scratch-s0-f{fold}"  # a finished fine-tune of this fold: reused, not rerun
+        (run / "eval").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json") | {"data_root": str(root)}))
+        (run / "eval" / "lee_sts-test.json").write_text(json.dumps({"split": "test", "metrics": {
+            "pearson": pearson, "spearman": pearson / 2}}))
+    assert sorted(tested) == list(range(9))
+    metrics = cv_test_metrics(cfg, out, 3)
+    assert (metrics["pearson"], metrics["spearman"]) == pytest.approx((0.3, 0.15))
+    assert [f["pearson"] for f in metrics["folds"]] == [0.1, 0.2, 0.6]
+    assert not out.exists()  # the unfolded run is never made
+
+
+def test_zero_shot_similarity_pairs_each_cosine_with_its_own_rating():
+    rng = np.random.default_rng(0)
+    topic = rng.integers(0, 4, 40)
+    features = np.eye(4)[topic] + 0.3 + 0.05 * rng.standard_normal((40, 4))  # a shared offset, as in transformers
+    same_topic = np.triu((topic[:, None] == topic[None]).astype(float), 1)
+    scores = cosine_agreement(features, same_topic)
+    assert scores["pearson"] > 0.9 and scores["centred_pearson"] > 0.9 and scores["spearman"] > 0.7  # ties: 0/1
+    shuffled = cosine_agreement(features, same_topic[rng.permutation(40)][:, rng.permutation(40)])
+    assert abs(shuffled["pearson"]) < 0.2
 
 
 def spoken(text: str, letters: LetterTokenizer, dim: int, rng, frames_per_letter: int = 3):

@@ -230,7 +230,7 @@ def test_cli_shard_and_prepare_errors(tmp_path, capsys):
     assert read_index(tmp_path / "shards" / "imgs" / "train")["count"] == 9
     assert main(["shard", "imgs", "--split", "dev", "--root", str(tmp_path)]) == 2
     assert "no rows with split 'dev'" in capsys.readouterr().err
-    assert main(["prepare", "lee_sts", "--set", "dev_docs=x=1", "--set", "colour=red"]) == 2
+    assert main(["prepare", "lee_sts", "--set", "fold=x=1", "--set", "colour=red"]) == 2
     assert "lee_sts: unknown option(s) ['colour']" in capsys.readouterr().err
     assert main(["prepare", "imagenet", "--root", str(tmp_path)]) == 2
     assert "give exactly one of archives=" in capsys.readouterr().err

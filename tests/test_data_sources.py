@@ -214,21 +214,36 @@ class FixtureContext(Context):
         return self.members[member.path]
 
 
-def test_lee_sts_splits_by_document(tmp_path):
+def test_lee_sts_cross_validates_by_document(tmp_path):
     docs = "\n".join(f"document number {i} about topic {i % 3}" for i in range(6)).encode("latin-1")
     sim = np.triu(np.arange(36).reshape(6, 6) / 35.0)
     buf = io.StringIO()
     np.savetxt(buf, sim, delimiter="\t")
-    ctx = FixtureContext(tmp_path, {text.LEE.path: docs, text.LEE_SIM.path: buf.getvalue().encode()})
-    text.prepare_lee(ctx, dev_docs=2, test_docs=2)
-    df = read_manifest(ctx.out_dir)
-    docs_of = {s: {int(x) for i in df[df["split"] == s]["id"] for x in i.split("-")[1:]} for s in ("train", "dev",
-                                                                                                    "test")}
-    assert all(not (docs_of[a] & docs_of[b]) for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")))
-    assert len(df) == 1 + 1 + 1  # C(2,2) pairs per split of 2 documents
-    row = df.iloc[0]
-    i, j = map(int, row["id"].split("-")[1:])
-    assert row["label"] == pytest.approx(sim[i, j])
+    members = {text.LEE.path: docs, text.LEE_SIM.path: buf.getvalue().encode()}
+    tested, devs = [], []
+    for fold in range(3):
+        ctx = FixtureContext(tmp_path / str(fold), members)
+        text.prepare_lee(ctx, folds=3, fold=fold)
+        df = read_manifest(ctx.out_dir)
+        docs_of = {s: {int(x) for i in df[df["split"] == s]["id"] for x in i.split("-")[1:]}
+                   for s in ("train", "dev", "test")}
+        assert all(not (docs_of[a] & docs_of[b]) for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")))
+        assert len(df) == 1 + 1 + 1  # C(2,2) pairs per split of 2 documents
+        meta = json.loads((ctx.out_dir / "manifest.json").read_text())
+        assert (meta["fold"], meta["folds"], meta["dropped_cross_split_pairs"]) == (fold, 3, 15 - 3)
+        assert set(meta["documents"]["test"]) == docs_of["test"]
+        for _, row in df.iterrows():
+            i, j = map(int, row["id"].split("-")[1:])
+            assert row["label"] == pytest.approx(sim[i, j])
+        tested.append(docs_of["test"])
+        devs.append(docs_of["dev"])
+    assert sorted(d for t in tested for d in t) == list(range(6))  # every document is tested exactly once
+    assert devs[1:] + devs[:1] == tested  # fold k tests the group that fold k + 1 selects on
+    for bad, message in (({"folds": 3, "fold": 3}, "lee_sts.fold: expected 0 to 2, got 3"),
+                         ({"folds": 2}, "lee_sts.folds: expected 3 to 6")):
+        with pytest.raises(ValueError, match=message):
+            text.prepare_lee(FixtureContext(tmp_path / "bad", members), **bad)
+    assert not (tmp_path / "bad" / "out").exists()
 
 
 def test_rt_polarity_deduplicates_and_drops_conflicts(tmp_path):

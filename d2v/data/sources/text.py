@@ -5,7 +5,8 @@ The stand-ins are named for what they are, never as the GLUE task they replace:
 - `bible_para` (stand-in for MRPC): KJV ↔ World English Bible verse pairs, positives = the same verse, negatives =
   the WEB verse nearest by TF-IDF to the KJV one (hard negatives), 50/50;
 - `lee_sts` (stand-in for STS-B): Lee et al. (2005) news-document pairs with mean human similarity in [0, 1],
-  split by document so no document is shared between train, dev and test.
+  split by document so no document is shared between train, dev and test (one fold of a K-fold cross-validation by
+  document: `fold`, `folds`).
 Downstream texts never enter the pretraining corpus.
 """
 from __future__ import annotations
@@ -170,26 +171,48 @@ def prepare_bible(ctx: Context, seed: int = 0) -> Path:
                        stands_in_for="MRPC", metric=["accuracy", "f1"], negatives="nearest WEB verse by TF-IDF")
 
 
-@register("lee_sts", "text", "embedded", "Lee news-document similarity, split by document (stand-in for STS-B)")
-def prepare_lee(ctx: Context, dev_docs: int = 10, test_docs: int = 10, seed: int = 0) -> Path:
+def lee_documents(ctx: Context) -> tuple[list[str], np.ndarray]:
+    """The 50 Lee news documents (whitespace normalised) and their 50 × 50 upper-triangular mean human ratings."""
     docs = [" ".join(line.split()) for line in ctx.read(LEE).decode("latin-1").splitlines() if line.strip()]
     sim = np.loadtxt(io.StringIO(ctx.read(LEE_SIM).decode()))
     if sim.shape != (len(docs), len(docs)):
         raise ValueError(f"lee_sts: similarity matrix {sim.shape} does not match {len(docs)} documents")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    doc_split = np.full(len(docs), "train", dtype=object)
-    doc_split[order[:dev_docs]] = "dev"
-    doc_split[order[dev_docs:dev_docs + test_docs]] = "test"
+    return docs, sim
+
+
+def document_folds(n: int, folds: int, fold: int, seed: int) -> np.ndarray:
+    """Each document's split in fold `fold` of a K-fold cross-validation by document: the documents, shuffled by
+    `seed`, are cut into `folds` groups; group `fold` selects the model (dev), group `fold + 1` (mod `folds`) is the
+    test set and the rest train. Over the folds every document is tested exactly once."""
+    if not 3 <= folds <= n:
+        raise ValueError(f"lee_sts.folds: expected 3 to {n} (train, dev and test each need a group), got {folds}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"lee_sts.fold: expected 0 to {folds - 1}, got {fold}")
+    groups = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    split = np.full(n, "train", dtype=object)
+    split[groups[fold]] = "dev"
+    split[groups[(fold + 1) % folds]] = "test"
+    return split
+
+
+@register("lee_sts", "text", "embedded", "Lee news-document similarity, split by document (stand-in for STS-B)")
+def prepare_lee(ctx: Context, folds: int = 5, fold: int = 0, seed: int = 0) -> Path:
+    """One fold of a cross-validation by document (`document_folds`; fold 0 of 5 is the default split). Only pairs
+    within a split are kept: a pair across splits would leak a document."""
+    docs, sim = lee_documents(ctx)
+    doc_split = document_folds(len(docs), folds, fold, seed)
     rows, crossing = [], 0
     for i in range(len(docs)):
         for j in range(i + 1, len(docs)):
             if doc_split[i] != doc_split[j]:
-                crossing += 1  # a pair across splits would leak a document: dropped
+                crossing += 1
                 continue
             rows.append(_text_row(f"lee-{i:02d}-{j:02d}", doc_split[i], docs[i], float(sim[i, j]), docs[j]))
     return _write_task(ctx, "lee_sts", rows, LEE, LEE_SIM, task="sentence_pair_regression", num_labels=1,
                        stands_in_for="STS-B", metric=["pearson", "spearman"], label_range=[0, 1],
-                       dropped_cross_split_pairs=crossing)
+                       dropped_cross_split_pairs=crossing, folds=folds, fold=fold, seed=seed,
+                       documents={s: [i for i in range(len(docs)) if doc_split[i] == s] for s in ("train", "dev",
+                                                                                                  "test")})
 
 
 def _write_task(ctx: Context, name: str, rows: list[dict], *members: Member, **meta) -> Path:
