@@ -7,7 +7,7 @@ import torch
 
 from d2v.cli import main
 from d2v.config import ConfigError, ObjectiveConfig, validate
-from d2v.io import atomic_write_json
+from d2v.io import atomic_torch_save, atomic_write_json
 from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
 from d2v.modalities.speech import frame_lengths
 from d2v.train import checkpoint
@@ -31,6 +31,14 @@ def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert stat.S_IMODE(json_path.stat().st_mode) == 0o640
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o640
     assert json.loads(json_path.read_text()) == {"a": 1}
+
+
+def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_file(tmp_path):
+    path = atomic_torch_save(tmp_path / "final.pt", {"step": 1, "w": torch.ones(3)})
+    with pytest.raises(Exception, match="lambda"):  # the tensor is written, then pickling the lambda fails
+        atomic_torch_save(path, {"step": 2, "w": torch.zeros(3), "hook": lambda: 0})
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]  # no temp file left behind
 
 
 def test_unknown_preset_is_a_clear_error(capsys):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from d2v.io import new_file_mode
+from d2v.io import atomic_torch_save
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -40,15 +39,7 @@ def save(folder: str | Path, step: int, payload: dict, keep: int = 3) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=folder)
-    os.fchmod(fd, new_file_mode())
-    os.close(fd)
-    try:
-        torch.save({**payload, "step": step, "rng": rng_state()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(path, {**payload, "step": step, "rng": rng_state()})
     link = folder / "last.pt"
     tmp_link = folder / f".last.{os.getpid()}"
     tmp_link.unlink(missing_ok=True)

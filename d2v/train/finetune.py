@@ -26,7 +26,7 @@ from d2v.config import Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.metrics import LOWER_IS_BETTER, TASK_METRICS, ctc_greedy
-from d2v.io import atomic_write_json
+from d2v.io import atomic_torch_save, atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCMaskConfig, CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.registry import build_encoder
@@ -372,9 +372,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
 
 
 def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step}, tmp)
-    tmp.replace(path)
+    atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step})
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate

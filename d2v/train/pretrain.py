@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d2v.data2vec import CollapseError, Data2Vec
-from d2v.io import atomic_write_json
+from d2v.io import atomic_torch_save, atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint
@@ -77,9 +77,7 @@ def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int
     state = {"encoder": student.state_dict(), "teacher": teacher.state_dict(), "modality": cfg.modality,
              "preset": cfg.preset, "objective": cfg.objective, "encoder_config": student.cfg.model_dump(mode="json"),
              "steps": step, **extra}
-    tmp = out_dir / ".final.pt.tmp"
-    torch.save(state, tmp)
-    return tmp.replace(out_dir / "final.pt")
+    return atomic_torch_save(out_dir / "final.pt", state)
 
 
 def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
