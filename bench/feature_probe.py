@@ -225,7 +225,8 @@ def zero_shot_similarity(args, task, state: dict, report: dict) -> None:
     """lee_sts without any training: the cosine of two documents' mean-pooled features, per layer, against the mean
     human rating, over all 1,225 pairs of the 50 documents (the fine-tuning splits score 45). Each document is cut to
     the encoder's context, as fine-tuning cuts it; TF-IDF cosines of the same pieces, of the whole documents' pieces
-    and of their words (the reference's 0.445 Pearson) are the no-learning references."""
+    and of their words (the reference's 0.445 Pearson), and the cosine of raw piece counts, are the no-learning
+    references."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     docs, ratings = lee_documents(Context(Path(args.data_root) / "cache", Path(args.data_root) / "raw" / "lee_sts"))
@@ -246,6 +247,9 @@ def zero_shot_similarity(args, task, state: dict, report: dict) -> None:
     texts = {"tfidf_pieces": [x[1:-1].tolist() for x, _ in ids], "tfidf_pieces_whole": tokenizer.sp.encode(docs)}
     report["references"] = {name: agreement(TfidfVectorizer(analyzer=lambda s: s).fit_transform(seqs).toarray())
                             for name, seqs in texts.items()}
+    # what a random encoder's mean pool roughly is: a random projection of the piece counts, with no IDF
+    report["references"]["counts_pieces"] = agreement(
+        CountVectorizer(analyzer=lambda s: s).fit_transform(texts["tfidf_pieces"]).toarray().astype(float))
     report["references"]["tfidf_words_whole"] = agreement(TfidfVectorizer().fit_transform(docs).toarray())
     report["n_documents"], report["n_pairs"] = len(docs), len(docs) * (len(docs) - 1) // 2
     report["pieces_per_document"] = {"kept": float(np.mean([len(x) for x, _ in ids])),
