@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from runs import cv_test_metrics, pretrain_seconds
+from runs import cv_baseline, cv_test_metrics, pretrain_seconds
 
 from d2v.eval.metrics import LOWER_IS_BETTER
 from d2v.io import atomic_write_json
@@ -155,6 +155,9 @@ def main() -> None:
                                          "test_metrics": every}
                 atomic_write_json(out, report)
                 print(f"{task} {init} seed {seed}: {values[init][-1]:.4f}", flush=True)
+        if task in folds:  # the same folds' no-learning reference
+            report["tasks"][task]["raw_baseline"] = cv_baseline(task, folds[task])
+            atomic_write_json(out, report)
         print(task, report["tasks"][task], flush=True)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from d2v.data.shards import write_shards
 from d2v.data.sources import SOURCES, Context
+from d2v.eval.baselines import BaselineConfig, run_baseline
 from d2v.io import atomic_write_json
 from d2v.train.finetune import TASKS, evaluate, run_finetune
 from d2v.train.pretrain import pretrain_main
@@ -88,4 +89,19 @@ def cv_test_metrics(cfg, out: Path, folds: int | None) -> dict:
         return mean_test_metrics(cfg, out)
     per_fold = [mean_test_metrics(cfg.model_copy(update={"data_root": str(cv_data_root(cfg.task, folds, k))}),
                                   out.with_name(f"{out.name}-f{k}")) for k in range(folds)]
+    return fold_mean(per_fold)
+
+
+def cv_baseline(task: str, folds: int) -> dict:
+    """The task's raw-feature baseline (`d2v baseline`) on every fold: the mean test metrics over the folds, and
+    each fold's under "folds"."""
+    per_fold = []
+    for fold in range(folds):
+        root = cv_data_root(task, folds, fold)
+        per_fold.append(run_baseline(BaselineConfig(task=task, data_root=str(root)), root / "baseline")[-1]["metrics"])
+    return fold_mean(per_fold)
+
+
+def fold_mean(per_fold: list[dict[str, float]]) -> dict:
+    """Each metric's mean over the folds, with the folds' own metrics under "folds"."""
     return {m: float(np.mean([f[m] for f in per_fold])) for m in per_fold[0]} | {"folds": per_fold}
