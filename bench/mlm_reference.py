@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -63,6 +64,7 @@ def train_mlm(cfg, batches: Iterator[Batch], out: Path, log_every: int = 50) -> 
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
                         cfg.optim.tri_stage_phases)
     rows, seen, log = [], 0, MetricsLog(out / "metrics.csv")
+    window = np.zeros(3)  # loss sum, right predictions, masked pieces since the last row
     encoder.train()
     head.train()
     start = time.perf_counter()
@@ -79,12 +81,15 @@ def train_mlm(cfg, batches: Iterator[Batch], out: Path, log_every: int = 50) -> 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seen += batch.source.shape[0]
-        if step % log_every == 0 or step in (1, cfg.steps):
-            accuracy = (logits.argmax(-1) == targets).float().mean().item()
-            rows.append({"step": step, "loss": loss.item(), "masked_accuracy": accuracy, "lr": lr,
+        window += np.array([loss.item() * len(targets), (logits.argmax(-1) == targets).sum().item(), len(targets)])
+        if step % log_every == 0 or step in (1, cfg.steps):  # means over the pieces since the last row
+            loss_sum, correct, pieces = window
+            rows.append({"step": step, "loss": loss_sum / pieces, "masked_accuracy": correct / pieces, "lr": lr,
                          "grad_norm": grad_norm.item(), "samples_per_s": seen / (time.perf_counter() - start)})
             log.write(rows[-1])
-            print(f"step {step}: loss {loss.item():.3f}, masked accuracy {accuracy:.3f}", flush=True)
+            print(f"step {step}: loss {rows[-1]['loss']:.3f}, masked accuracy {rows[-1]['masked_accuracy']:.3f}",
+                  flush=True)
+            window[:] = 0
     save_encoder(out, cfg, encoder, encoder, cfg.steps, pretraining="mlm")
     return {"seconds": round(time.perf_counter() - start, 1), "first": rows[0], "last": rows[-1]}
 

@@ -181,6 +181,8 @@ def test_mlm_reference_learns_a_predictable_corpus_and_writes_a_checkpoint_fine_
     result = train_mlm(cfg, one_piece_blocks(), tmp_path, log_every=20)
     assert result["first"]["loss"] > 3.5  # ln(64) = 4.16 at random init
     assert result["last"]["loss"] < 3.0 and result["last"]["masked_accuracy"] > 0.5, result["last"]  # chance: 1/56
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 20, 40, 60, 80]  # each a mean since the previous row
     state = torch.load(tmp_path / "final.pt", weights_only=False)
     assert state["pretraining"] == "mlm" and state["steps"] == 80
     model = build_model(finetune_config("rt_polarity", {"preset": "tiny", "init": "pretrained",
