@@ -236,11 +236,14 @@ def zero_shot_similarity(args, task, state: dict, report: dict) -> None:
 
     tokenizer = TextTokenizer(f"{args.data_root}/tokenizer/spm.model")
     report["probe"] = "zero-shot: cosine of mean-pooled features (embeddings first) vs mean human rating"
-    for name, encoder in load_encoders(task, state, args.encoders.split(",")):
+    encoders = list(load_encoders(task, state, args.encoders.split(",")))
+    if not encoders:
+        raise SystemExit(f"{args.pretrained}: none of the encoders {args.encoders!r} to score")
+    ids = [(torch.as_tensor(tokenizer.encode(d, max_tokens=encoders[0][1].cfg.max_positions)), 0.0) for d in docs]
+    batch = pad_tokens(ids, tokenizer.pad)["batch"]
+    for name, encoder in encoders:
         encoder.eval()
-        ids = [(torch.as_tensor(tokenizer.encode(d, max_tokens=encoder.cfg.max_positions)), 0.0) for d in docs]
-        with torch.no_grad():
-            layers = pooled_layers(encoder, pad_tokens(ids, tokenizer.pad)["batch"])
+        layers = pooled_layers(encoder, batch)
         report["encoders"][name] = [agreement(f) for f in layers]
         print(f"{name:8s} Pearson per layer (embeddings first), raw / centred: "
               f"{[(r['pearson'], r['centred_pearson']) for r in report['encoders'][name]]}", flush=True)
@@ -272,7 +275,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]
-    if task.dev is None or task.kind not in ("classification", "ctc") and args.task != "lee_sts":
+    if args.task != "lee_sts" and (task.dev is None or task.kind not in ("classification", "ctc")):
         raise SystemExit(f"{args.task}: the probe needs a classification or CTC task with a dev split, or lee_sts")
     state = torch.load(args.pretrained, map_location="cpu", weights_only=False)
     report = {"benchmark": "feature_probe", "task": args.task, "pretrained": args.pretrained,
