@@ -131,3 +131,21 @@ def test_bf16_autocast_fine_tuning_learns_and_evaluates(toy_image_task, tmp_path
     ft.run_finetune(cfg, tmp_path / "bf16", progress=False)
     (result,) = ft.evaluate(tmp_path / "bf16")
     assert result["metrics"]["accuracy"] >= 0.9
+
+
+def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined_score(toy_image_task, tmp_path,
+                                                                                         monkeypatch):
+    # dev checks every 2 steps; WER stays at 1.0 (as at small CTC budgets) while CER falls, then rises
+    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("image", "classification", "toy", "train", "test", ("test",),
+                                                     ("wer", "cer"), 2, "LibriSpeech"))
+    scripted = iter([{"wer": float("nan"), "cer": 0.2}, {"wer": 1.0, "cer": 0.95}, {"wer": 1.0, "cer": 0.8},
+                     {"wer": 1.0, "cer": 0.9}])
+    monkeypatch.setattr(ft, "predict", lambda *a, **k: ([], []))
+    monkeypatch.setattr(ft, "score", lambda task, preds, refs: next(scripted))
+    cfg = toy_image_task.model_copy(update={"task": "toy_ctc", "steps": 8, "eval_every": 2})
+    summary = ft.run_finetune(cfg, tmp_path / "run", progress=False)
+    assert summary["best_dev"] == {"wer": 1.0, "cer": 0.8}
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 6
+    speech = ft.TASKS["speech_1h"]
+    assert ft.selection_key(speech, {"wer": 0.9, "cer": 0.9}) > ft.selection_key(speech, {"wer": 1.0, "cer": 0.1})
+    assert ft.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -296,10 +297,16 @@ def score(task: Task, preds: list, refs: list) -> dict[str, float]:
     return {m: TASK_METRICS[m](preds, refs) for m in task.metrics}
 
 
+def selection_key(task: Task, metrics: dict[str, float]) -> tuple[float, ...]:
+    """Higher is better: the headline metric, ties broken by the task's next ones (CTC: WER, then CER, since at
+    small budgets WER stays at 1.0 while CER already falls). An undefined metric (NaN) ranks below every value."""
+    signed = (-metrics[m] if m in LOWER_IS_BETTER else metrics[m] for m in task.metrics)
+    return tuple(-math.inf if math.isnan(v) else v for v in signed)
+
+
 def headline(task: Task, metrics: dict[str, float]) -> float:
     """Higher is better."""
-    value = metrics[task.metrics[0]]
-    return -value if task.metrics[0] in LOWER_IS_BETTER else value
+    return selection_key(task, metrics)[0]
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True) -> dict:
@@ -324,7 +331,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
-    best, best_metrics = -float("inf"), None
+    best, best_metrics = None, None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -350,8 +357,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             dev = score(task, *predict(model, cfg, task.dev, amp))
             row.update({f"dev_{k}": v for k, v in dev.items()})
-            if headline(task, dev) > best:
-                best, best_metrics = headline(task, dev), dev
+            if best is None or selection_key(task, dev) > best:
+                best, best_metrics = selection_key(task, dev), dev
                 _save(model, cfg, out_dir / "best.pt", step)
         log.write(row)
         if bar is not None:
