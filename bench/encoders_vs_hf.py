@@ -1,7 +1,7 @@
 """Encoder forward+backward time, d2v vs Hugging Face Data2Vec* at the same (base) config, same weights.
 
 Writes results/bench/encoders_vs_hf.json. Not a test: numbers depend on the machine.
-Usage: python bench/encoders_vs_hf.py [--repeats 3] [--threads N]
+Usage: python bench/encoders_vs_hf.py [--repeats 8]
 """
 from __future__ import annotations
 
@@ -35,19 +35,22 @@ CASES = {
 }
 
 
-def fwd_bwd_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def paired_seconds(run_a, run_b, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each run, timed in alternating order (ABBA...), so that drift in the machine's speed (other
+    load, frequency) falls on both alike instead of on whichever ran second."""
+    run_a(), run_b()  # warm-up
+    times: dict = {run_a: [], run_b: []}
+    for i in range(repeats):
+        for run in ((run_a, run_b) if i % 2 == 0 else (run_b, run_a)):
+            start = time.perf_counter()
+            run()
+            times[run].append(time.perf_counter() - start)
+    return times[run_a], times[run_b]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--out", default="results/bench/encoders_vs_hf.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -63,12 +66,17 @@ def main() -> None:
         def run_ours():
             ours(x).x.sum().backward()
 
-        t_hf, t_ours = fwd_bwd_seconds(run_hf, args.repeats), fwd_bwd_seconds(run_ours, args.repeats)
+        hf_times, our_times = paired_seconds(run_hf, run_ours, args.repeats)
+        t_hf, t_ours = statistics.median(hf_times), statistics.median(our_times)
         results[name] = {"input": list(x.shape), "hf_s": round(t_hf, 4), "d2v_s": round(t_ours, 4),
-                         "speedup": round(t_hf / t_ours, 3)}
-        print(f"{name:6s} input {tuple(x.shape)}: HF {t_hf:.3f}s  d2v {t_ours:.3f}s  speed-up x{t_hf / t_ours:.2f}")
+                         "speedup": round(t_hf / t_ours, 3), "hf_min_s": round(min(hf_times), 4),
+                         "d2v_min_s": round(min(our_times), 4), "speedup_of_min": round(min(hf_times) /
+                                                                                     min(our_times), 3)}
+        print(f"{name:6s} input {tuple(x.shape)}: HF {t_hf:.3f}s  d2v {t_ours:.3f}s  speed-up x{t_hf / t_ours:.2f} "
+              f"(of the fastest runs x{min(hf_times) / min(our_times):.2f})")
     atomic_write_json(args.out, {
-        "benchmark": "encoder forward+backward, base config, dropout 0, fp32, train mode, median of repeats",
+        "benchmark": "encoder forward+backward, base config, dropout 0, fp32, train mode, median of repeats "
+                     "timed in alternating order", "repeats": args.repeats,
         "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__, "machine": platform.machine(), "results": results,
     })
