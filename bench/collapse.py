@@ -69,15 +69,20 @@ def layer_ranks(encoder, modality: str, preset: str, batches: int = 4) -> dict[s
     valid positions of the probe batches."""
     encoder.eval()
     taps: dict[str, list[torch.Tensor]] = {}
+    front_end: list[torch.Tensor] = []  # speech: the front end's output, caught as embed runs it
+    hook = (encoder.feature_extractor.register_forward_hook(lambda module, args, out: front_end.append(out))
+            if modality == "speech" else None)
     for batch in probe_batches(modality, preset, batches):
         emb = encoder.embed(batch.source, batch.padding_mask)
         out = encoder.encode(emb, None)
         keep = torch.ones(emb.tokens.shape[:2], dtype=torch.bool) if emb.padding_mask is None else ~emb.padding_mask
         named = {"local": emb.tokens, **{f"block_{i}": h for i, h in enumerate(out.hidden_states[1:], 1)}}
-        if modality == "speech":
-            named["front_end"] = encoder.feature_extractor(batch.source, batch.padding_mask).transpose(1, 2)
+        if front_end:
+            named["front_end"] = front_end.pop().transpose(1, 2)
         for name, h in named.items():
             taps.setdefault(name, []).append(h[keep])
+    if hook is not None:
+        hook.remove()
     return {name: round(float(effective_rank(torch.cat(rows))), 2) for name, rows in taps.items()}
 
 
