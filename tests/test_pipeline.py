@@ -78,6 +78,8 @@ def _broken(path: list, value):
     (["profiles", "embedded", "baselines", "speech_1h"], {"ctc_epoch": 3}, "baselines.speech_1h.ctc_epoch"),
     (["profiles", "embedded", "shards", "real_speech/test_asterisk"], {"split": "test_asterisk", "sample_seed": 0},
      "shards.real_speech/test_asterisk: Value error, sample_seed needs a limit"),
+    (["profiles", "embedded", "finetune", "speech_1h", "preset"], "embedded",
+     "profiles.embedded.finetune.speech_1h: preset 'embedded', but pretrain.speech builds 'embedded-fbank'"),
 ])
 def test_bad_params_are_rejected_naming_the_key(path, value, expected):
     with pytest.raises(ConfigError) as err:
@@ -328,3 +330,13 @@ def test_smoke_profile_end_to_end_through_snakemake_and_dvc(tmp_path):
     metrics = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=repo).stdout)
     files = next(iter(metrics.values()))["data"]
     assert "results/smoke/rt_polarity/pretrained-s0/rt_polarity-test.json" in files
+
+
+def test_fine_tuning_takes_the_pretraining_encoders_preset_when_it_names_none():
+    data = copy.deepcopy(RAW)
+    del data["profiles"]["embedded"]["finetune"]["speech_1h"]["preset"]
+    profile = parse_params(data).profiles["embedded"]
+    assert profile.pretrain_config("speech").preset == "embedded-fbank"
+    for init in ("pretrained", "scratch"):  # the scratch baseline is the same model, randomly initialised
+        assert profile.finetune_config("speech_1h", init).preset == "embedded-fbank"
+    assert profile.finetune_config("fashion_mnist", "scratch").preset == profile.pretrain_config("image").preset

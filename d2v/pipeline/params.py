@@ -163,9 +163,20 @@ class Profile(StrictModel):
         modality = TASKS[task].modality
         fixed = {"init": init, "seed": seed, "data_root": self.data_root, "tokenizer": str(self.spm_model),
                  "letters": str(self.letters), "objective": self.objective_of(modality)}
+        if modality in self.pretrain:  # pretrained and scratch runs are the pretraining encoder's architecture
+            fixed["preset"] = self._pretrain_preset(task, modality)
         if init == "pretrained":
             fixed["pretrained"] = str(self.pretrain_dir(modality) / "final.pt")
         return finetune_config(task, merge(self.finetune[task], fixed))
+
+    def _pretrain_preset(self, task: str, modality: str) -> str:
+        """The pretraining encoder's preset, which the task's own `preset` (optional) must repeat: a mismatch would
+        otherwise surface only when fine-tuning loads the pretrained encoder, after pretraining has run."""
+        preset, own = self.pretrain_config(modality).preset, self.finetune[task].get("preset")
+        if own is not None and own != preset:
+            raise ValueError(f"preset {own!r}, but pretrain.{modality} builds {preset!r}; fine-tuning uses the "
+                             f"pretrained encoder's preset (drop the key or repeat it)")
+        return preset
 
     def baseline_config(self, task: str) -> BaselineConfig:
         fixed = {"data_root": self.data_root, "tokenizer": str(self.spm_model), "letters": str(self.letters),
