@@ -10,11 +10,13 @@ after every fine-tune, so a partial run still leaves a table. Finished runs unde
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
         [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5]
 
-`--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values);
-`--tag` names a separate family of run folders, e.g. for runs made on a GPU at a larger scale. `--pretrained`
-fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of pretraining that modality. `--folds` scores a
-task by K-fold cross-validation (lee_sts: by document, each fold 30 train / 10 dev / 10 test documents): each seed's
-value is the mean over the folds, fold k's runs are named `...-sSEED-fK`.
+`--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values).
+Fine-tuning, pretrained and scratch, uses the preset of the modality's pretrained encoder (`--set
+speech.preset=embedded-fbank` is enough). `--tag` names a separate family of run folders, e.g. for runs made on a
+GPU at a larger scale. `--pretrained` fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of
+pretraining that modality. `--folds` scores a task by K-fold cross-validation (lee_sts: by document, each fold 30
+train / 10 dev / 10 test documents): each seed's value is the mean over the folds, fold k's runs are named
+`...-sSEED-fK`.
 """
 from __future__ import annotations
 
@@ -87,7 +89,23 @@ def given_checkpoint(path: str) -> tuple[Path, dict]:
         raise SystemExit(f"--pretrained {path}: no such checkpoint")
     state = torch.load(path, map_location="cpu", weights_only=False)
     return Path(path), {"objective": state.get("objective", "v1"), "steps": state.get("steps"),
-                        "pretraining": state.get("pretraining", "data2vec"), "checkpoint": path}
+                        "preset": state.get("preset"), "pretraining": state.get("pretraining", "data2vec"),
+                        "checkpoint": path}
+
+
+def encoder_presets(modalities: list[str], tasks: list[str], pre_sets: dict, ft_sets: dict,
+                    given: dict) -> dict[str, str]:
+    """Each modality's pretrained encoder preset (the given checkpoint's, or the pretraining config's), which its
+    tasks fine-tune, pretrained and scratch alike. A task's different `--ft-set TASK.preset` stops the run before
+    any pretraining, instead of when the pretrained checkpoint fails to load."""
+    presets = {m: given_checkpoint(given[m])[1]["preset"] if m in given else
+               pretrain_config(m, pre_sets.get(m, {})).preset for m in modalities}
+    for task in tasks:
+        modality, own = TASKS[task].modality, ft_sets.get(task, {}).get("preset")
+        if own is not None and presets.get(modality) not in (None, own):
+            raise SystemExit(f"--ft-set {task}.preset={own}: the {modality} encoder is pretrained as "
+                             f"{presets[modality]!r} (set it with --set {modality}.preset, or drop the --ft-set)")
+    return presets
 
 
 def main() -> None:
@@ -121,6 +139,7 @@ def main() -> None:
                                                                 "tasks": {}}
     report.update(machine=platform.machine(), seeds=args.seeds,
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    presets = encoder_presets(modalities, tasks, pre_sets, ft_sets, given)
     checkpoints = {}
     for modality in modalities:
         if modality in given:
@@ -138,6 +157,8 @@ def main() -> None:
         for init in ("pretrained", "scratch"):
             for seed in range(args.seeds):
                 overrides = {"init": init, "seed": seed, "objective": objective}
+                if presets.get(modality):
+                    overrides["preset"] = presets[modality]
                 if init == "pretrained":  # scratch runs name no checkpoint, so they are shared across pretrainings
                     overrides["pretrained"] = str(checkpoints[modality])
                 if task in ft_steps:

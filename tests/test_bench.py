@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from collapse import arms, earlier_arms  # noqa: E402
 from feature_probe import cosine_agreement, ctc_probe  # noqa: E402
 from mlm_reference import LMHead, train_mlm  # noqa: E402
-from pretrain_vs_scratch import parse_sets, summarize  # noqa: E402
+import pretrain_vs_scratch  # noqa: E402
+from pretrain_vs_scratch import encoder_presets, parse_sets, summarize  # noqa: E402
 import runs  # noqa: E402
 from runs import cv_test_metrics, mean_test_metrics, same_config  # noqa: E402
 
@@ -188,3 +189,18 @@ def test_mlm_reference_learns_a_predictable_corpus_and_writes_a_checkpoint_fine_
     model = build_model(finetune_config("rt_polarity", {"preset": "tiny", "init": "pretrained",
                                                          "pretrained": str(tmp_path / "final.pt")}))
     assert torch.equal(model.encoder.embed_tokens.weight, state["encoder"]["embed_tokens.weight"])
+
+
+def test_tasks_fine_tune_the_pretrained_encoders_preset_and_a_different_one_stops_before_pretraining(tmp_path,
+                                                                                                     monkeypatch):
+    sets = parse_sets(["speech.preset=embedded-fbank"])
+    assert encoder_presets(["speech", "text"], ["speech_1h", "lee_sts"], sets, {}, {}) == \
+        {"speech": "embedded-fbank", "text": "embedded"}
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: pytest.fail("pretrained despite the mismatch"))
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "speech", "--tasks", "speech_1h",
+                                      "--set", "speech.preset=embedded-fbank", "--ft-set", "speech_1h.preset=embedded",
+                                      "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit, match="speech_1h.preset=embedded: the speech encoder is pretrained as "
+                                         "'embedded-fbank'"):
+        pretrain_vs_scratch.main()
+    assert not (tmp_path / "out.json").exists()
