@@ -30,7 +30,7 @@ import torch
 import yaml
 from runs import cv_baseline, cv_test_metrics, pretrain_seconds
 
-from d2v.eval.metrics import LOWER_IS_BETTER
+from d2v.eval.metrics import oriented
 from d2v.io import atomic_write_json
 from d2v.train.config import merge, pretrain_config
 from d2v.train.finetune import EMBEDDED_FINETUNE, TASKS, finetune_config
@@ -57,14 +57,13 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
 
 def summarize(task: str, runs: dict[str, list[float]]) -> dict:
     metric = TASKS[task].metrics[0]
-    lower_better = metric in LOWER_IS_BETTER
     out = {"metric": metric, "stands_in_for": TASKS[task].stands_in_for}
     for init, values in runs.items():
         out[init] = {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values)),
                      "spread": float(np.max(values) - np.min(values))}
     if {"pretrained", "scratch"} <= runs.keys():
         delta = out["pretrained"]["mean"] - out["scratch"]["mean"]
-        gain = -delta if lower_better else delta
+        gain = oriented(metric, delta)
         margin = max(out["pretrained"]["spread"], out["scratch"]["spread"])
         out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin))
     return out
@@ -94,12 +93,13 @@ def given_checkpoint(path: str) -> tuple[Path, dict]:
 
 
 def encoder_presets(modalities: list[str], tasks: list[str], pre_sets: dict, ft_sets: dict,
-                    given: dict) -> dict[str, str]:
-    """Each modality's pretrained encoder preset (the given checkpoint's, or the pretraining config's), which its
-    tasks fine-tune, pretrained and scratch alike. A task's different `--ft-set TASK.preset` stops the run before
-    any pretraining, instead of when the pretrained checkpoint fails to load."""
-    presets = {m: given_checkpoint(given[m])[1]["preset"] if m in given else
-               pretrain_config(m, pre_sets.get(m, {})).preset for m in modalities}
+                    given: dict[str, tuple[Path, dict]]) -> dict[str, str]:
+    """Each modality's pretrained encoder preset (the given checkpoint's, as `given_checkpoint` read it, or the
+    pretraining config's), which its tasks fine-tune, pretrained and scratch alike. A task's different
+    `--ft-set TASK.preset` stops the run before any pretraining, instead of when the pretrained checkpoint fails to
+    load."""
+    presets = {m: given[m][1]["preset"] if m in given else pretrain_config(m, pre_sets.get(m, {})).preset
+               for m in modalities}
     for task in tasks:
         modality, own = TASKS[task].modality, ft_sets.get(task, {}).get("preset")
         if own is not None and presets.get(modality) not in (None, own):
@@ -130,7 +130,7 @@ def main() -> None:
         torch.set_num_threads(2)
     modalities = args.modalities.split(",")
     objectives, pre_steps = parse_map(args.objective, str), parse_map(args.pretrain_steps)
-    given = parse_map(args.pretrained, str)
+    given = {m: given_checkpoint(path) for m, path in parse_map(args.pretrained, str).items()}  # read once
     ft_steps, folds = parse_map(args.finetune_steps), parse_map(args.folds)
     tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
     pre_sets, ft_sets = parse_sets(args.set), parse_sets(args.ft_set)
@@ -143,7 +143,7 @@ def main() -> None:
     checkpoints = {}
     for modality in modalities:
         if modality in given:
-            checkpoints[modality], report["pretrain"][modality] = given_checkpoint(given[modality])
+            checkpoints[modality], report["pretrain"][modality] = given[modality]
         else:
             checkpoints[modality], report["pretrain"][modality] = pretrain(
                 modality, objectives.get(modality, "v1"), pre_steps.get(modality), pre_sets.get(modality, {}), runs)

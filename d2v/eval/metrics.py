@@ -109,6 +109,11 @@ def _same_length(a: np.ndarray, b: np.ndarray) -> None:
 
 LOWER_IS_BETTER = frozenset({"wer", "cer"})  # error rates; every other metric is better when higher
 
+
+def oriented(metric: str, value: float) -> float:
+    """`value` with its sign turned so that higher is better (error rates negated)."""
+    return -value if metric in LOWER_IS_BETTER else value
+
 TASK_METRICS = {
     "wer": wer,  # transcripts: (hypotheses, references)
     "cer": cer,

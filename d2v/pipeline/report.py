@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from d2v.eval.baselines import RAW
-from d2v.eval.metrics import LOWER_IS_BETTER
+from d2v.eval.metrics import oriented
 from d2v.io import atomic_write_text
 from d2v.pipeline.params import Profile
 from d2v.train.finetune import TASKS, git_commit
@@ -77,7 +77,7 @@ def _better(difference: float, metric: str) -> bool | None:
     """Whether a difference (first − second) favours the first; None when either is missing."""
     if np.isnan(difference):
         return None
-    return bool((-difference if metric in LOWER_IS_BETTER else difference) > 0)
+    return bool(oriented(metric, difference) > 0)
 
 
 def stage_times(bench_dir: str | Path) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from pydantic import Field
 from d2v.config import Objective, StrictModel, validate
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
-from d2v.eval.metrics import LOWER_IS_BETTER, TASK_METRICS, ctc_greedy
+from d2v.eval.metrics import TASK_METRICS, ctc_greedy, oriented
 from d2v.io import atomic_torch_save, atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCMaskConfig, CTCModel, ImageClassifier, TextClassifier, ctc_loss
@@ -300,13 +300,13 @@ def score(task: Task, preds: list, refs: list) -> dict[str, float]:
 def selection_key(task: Task, metrics: dict[str, float]) -> tuple[float, ...]:
     """Higher is better: the headline metric, ties broken by the task's next ones (CTC: WER, then CER, since at
     small budgets WER stays at 1.0 while CER already falls). An undefined metric (NaN) ranks below every value."""
-    signed = (-metrics[m] if m in LOWER_IS_BETTER else metrics[m] for m in task.metrics)
+    signed = (oriented(m, metrics[m]) for m in task.metrics)
     return tuple(-math.inf if math.isnan(v) else v for v in signed)
 
 
 def headline(task: Task, metrics: dict[str, float]) -> float:
     """Higher is better."""
-    return selection_key(task, metrics)[0]
+    return oriented(task.metrics[0], metrics[task.metrics[0]])
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True) -> dict:
@@ -357,8 +357,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             dev = score(task, *predict(model, cfg, task.dev, amp))
             row.update({f"dev_{k}": v for k, v in dev.items()})
-            if best is None or selection_key(task, dev) > best:
-                best, best_metrics = selection_key(task, dev), dev
+            key = selection_key(task, dev)
+            if best is None or key > best:
+                best, best_metrics = key, dev
                 _save(model, cfg, out_dir / "best.pt", step)
         log.write(row)
         if bar is not None:
