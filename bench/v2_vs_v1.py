@@ -11,7 +11,8 @@ time-to-accuracy: pretrain v2 on the real embedded image corpus for several step
 
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
         [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
-    python bench/v2_vs_v1.py time-to-accuracy [--budgets 150,300] [--seeds 3]
+    python bench/v2_vs_v1.py time-to-accuracy [--budgets 150,300] [--seeds 3] [--finetune-steps 150]
+        [--reference results/embedded/pretrain_vs_scratch.json] [--out results/bench/v2_time_to_accuracy.json]
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def time_to_accuracy(args) -> dict:
     from runs import headline_metric, pretrain_seconds
 
     from d2v.train.config import pretrain_config
-    from d2v.train.finetune import finetune_config
+    from d2v.train.tasks import finetune_config
 
     reference = json.loads(Path(args.reference).read_text())
     v1_row = reference["tasks"]["fashion_mnist"]
@@ -174,7 +175,7 @@ def time_to_accuracy(args) -> dict:
         report["v2"][str(budget)] = {"pretrain_seconds": seconds, "top1": values, "top1_mean": float(np.mean(values)),
                                      "reaches_v1": bool(np.mean(values) >= target),
                                      "speedup_vs_v1": v1_seconds / seconds}
-        atomic_write_json(OUT.with_name("v2_time_to_accuracy.json"), {**report, "machine": platform.machine()})
+        atomic_write_json(Path(args.out), {**report, "machine": platform.machine()})
     return report
 
 
@@ -196,6 +197,7 @@ def main() -> None:
     p.add_argument("--reference", default="results/embedded/pretrain_vs_scratch.json")
     p.add_argument("--v1-seconds", type=float, default=None, help="v1 pretraining time (default: from the log)")
     p.add_argument("--runs", default="runs/bench")
+    p.add_argument("--out", default=str(OUT.with_name("v2_time_to_accuracy.json")))
     args = parser.parse_args()
     if getattr(args, "device", "cpu") == "cpu":
         torch.set_num_threads(2)
