@@ -33,7 +33,7 @@ from runs import cv_baseline, cv_test_metrics, pretrain_seconds
 from d2v.eval.metrics import oriented
 from d2v.io import atomic_write_json
 from d2v.train.config import merge, pretrain_config
-from d2v.train.finetune import EMBEDDED_FINETUNE, TASKS, finetune_config
+from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
 
 
 def parse_map(text: str, cast=int) -> dict:

@@ -5,16 +5,12 @@ import argparse
 import os
 import sys
 import time
+from typing import get_args
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from d2v.config import MODALITIES, Objective
 
-from d2v.data import synthetic
-from d2v.data2vec import CollapseError
-from d2v.io import atomic_write_json
-from d2v.modalities.registry import ENCODERS, MODALITIES, OBJECTIVES, build_encoder, build_modality, make_objective
-from d2v.train.loop import pretrain
+# Commands import what they need when they run: the data stages (prepare, shard, tokenizer, report) never pay for
+# torch's import, which is most of a short job's start-up.
 
 # steps, lr, batch size and input kwargs of the short demo pretraining per modality
 DEMO = {
@@ -26,6 +22,16 @@ DEMO = {
 
 def demo(args: argparse.Namespace) -> int:
     """Short data2vec pretraining of each modality on structured synthetic inputs (real corpora: `d2v prepare`)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from d2v.data import synthetic
+    from d2v.data2vec import CollapseError
+    from d2v.io import atomic_write_json
+    from d2v.modalities.registry import build_modality, make_objective
+    from d2v.train.loop import pretrain
+
     names = MODALITIES if args.modality == "all" else (args.modality,)
     torch.manual_seed(args.seed)
     for name in names:
@@ -69,6 +75,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def presets(args: argparse.Namespace) -> int:
+    from d2v.modalities.registry import ENCODERS, OBJECTIVES, build_encoder
+
     for name, (table, _) in ENCODERS.items():
         for preset, cfg in table.items():
             for objective in OBJECTIVES:
@@ -222,6 +230,7 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
 
     import yaml
 
+    from d2v.data2vec import CollapseError
     from d2v.train.config import merge, pretrain_config
     from d2v.train.pretrain import pretrain_main
 
@@ -256,7 +265,8 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     import yaml
 
     from d2v.train.config import merge
-    from d2v.train.finetune import finetune_config, run_finetune
+    from d2v.train.finetune import run_finetune
+    from d2v.train.tasks import finetune_config
 
     overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     cli = {"init": args.init, "mode": args.mode, "seed": args.seed}
@@ -289,8 +299,9 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 def baseline_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from d2v.eval.baselines import RAW, baseline_config, run_baseline
+    from d2v.eval.baselines import run_baseline
     from d2v.train.config import merge
+    from d2v.train.tasks import RAW, baseline_config
 
     profile = _profile(args)
     if profile is not None:
@@ -358,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="short data2vec pretraining on structured synthetic inputs")
     p.add_argument("--modality", choices=(*MODALITIES, "all"), default="all")
     p.add_argument("--preset", default="embedded", help="encoder size preset (tiny | embedded | base | large)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="v1", help="data2vec 1.0 or 2.0")
+    p.add_argument("--objective", choices=get_args(Objective), default="v1", help="data2vec 1.0 or 2.0")
     p.add_argument("--steps", type=int, default=None, help="override the number of updates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo")

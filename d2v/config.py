@@ -1,7 +1,12 @@
 """Typed, validated configuration. Every config is a strict pydantic model: unknown keys and wrong types are
-rejected with an error that names the key and what was expected."""
+rejected with an error that names the key and what was expected.
+
+This module imports no torch: `params.yaml` is validated (by Snakemake, DVC and the data stages) from these types
+and the task table (`d2v.train.tasks`) without paying for torch's import."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -12,6 +17,7 @@ class StrictModel(BaseModel):
 
 
 Objective = Literal["v1", "v2"]  # data2vec 1.0 or 2.0
+MODALITIES = ("image", "speech", "text")
 
 
 class ConfigError(ValueError):
@@ -27,6 +33,11 @@ def validate(model: type[StrictModel], data: dict, where: str = "params") -> Str
             key = ".".join(str(p) for p in (where, *e["loc"]))
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def config_digest(cfg: StrictModel) -> str:
+    """A short digest of a resolved config, recorded beside each result."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class EMAConfig(StrictModel):
@@ -122,3 +133,54 @@ class ObjectiveConfig(StrictModel):
     ema: EMAConfig = EMAConfig()
     collapse: CollapseConfig = CollapseConfig()
     v2: V2Config | None = None
+
+
+# ------------------------------------------------------------------------------------ data and task settings
+# Settings of the loaders (d2v.data.loaders), the text masks (d2v.modalities.text) and the CTC head
+# (d2v.modalities.heads), kept here so that the training configs that embed them import no torch.
+
+class ImageAugConfig(StrictModel):
+    """Spec §5.2 / §9.1 transforms, scaled: sizes come from the encoder, statistics from the dataset."""
+
+    size: int = Field(224, ge=8)
+    channels: Literal[1, 3] = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    min_scale: float = Field(0.08, gt=0, le=1)  # RandomResizedCrop lower bound (v1 pretraining 0.08, v2 0.2)
+    color_jitter: float = Field(0.4, ge=0)  # pretraining only (BEiT transforms)
+    hflip: float = Field(0.5, ge=0, le=1)
+    randaugment_magnitude: int = Field(9, ge=0)  # fine-tuning: RandAugment(2, m); 0 disables
+    random_erasing: float = Field(0.25, ge=0, le=1)  # fine-tuning
+    crop_pct: float = Field(0.875, gt=0, le=1)  # eval: resize to size/crop_pct, centre-crop size
+
+
+class AudioConfig(StrictModel):
+    sample_rate: int = 16_000
+    max_samples: int = Field(320_000, ge=400)  # 20 s crop (spec §2.1)
+    min_samples: int = Field(32_000, ge=0)  # shorter utterances are skipped (2 s in the Base recipe)
+    normalize: bool = True  # zero mean, unit variance over the whole waveform
+
+
+class TokenMaskConfig(StrictModel):
+    """Paper default (spec §15): 15 %, single tokens, 80/10/10; the released span variant is p=0.35, length 4, 0/0."""
+
+    prob: float = Field(0.15, gt=0, lt=1)
+    length: int = Field(1, ge=1)
+    leave_unmasked_prob: float = Field(0.1, ge=0, le=1)
+    random_token_prob: float = Field(0.1, ge=0, le=1)
+    loss_on: Literal["mask_token", "selected"] = "mask_token"  # released code: only <mask>-replaced positions
+
+    @model_validator(mode="after")
+    def _probs(self):
+        if self.leave_unmasked_prob + self.random_token_prob > 1:
+            raise ValueError("leave_unmasked_prob + random_token_prob must be <= 1")
+        return self
+
+
+class CTCMaskConfig(StrictModel):
+    """Fine-tuning masks (wav2vec 2.0 §4: time spans with the mask embedding, channel spans zeroed)."""
+
+    time_prob: float = Field(0.3, ge=0, lt=1)
+    time_length: int = Field(10, ge=1)
+    channel_prob: float = Field(0.1, ge=0, lt=1)
+    channel_length: int = Field(16, ge=1)

@@ -1,8 +1,10 @@
-"""Atomic file output: write to a temp file in the same folder, then rename, so no reader sees a partial file."""
+"""Atomic file output: write to a temp file in the same folder, then rename, so no reader sees a partial file; and
+the commit a result was made at."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,3 +55,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def git_commit() -> str:
+    """The commit of the d2v checkout, recorded in every result JSON ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

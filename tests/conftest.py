@@ -9,7 +9,7 @@ from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import write_shards
 from d2v.data2vec import Data2Vec
 from d2v.modalities.registry import build_modality
-from d2v.train import finetune as ft
+from d2v.train import tasks
 
 
 def make_objective(name: str, **overrides) -> Data2Vec:
@@ -56,10 +56,10 @@ def _image_shards(root, n=64):
 @pytest.fixture
 def toy_image_task(tmp_path, monkeypatch):
     _image_shards(tmp_path)
-    monkeypatch.setitem(ft.TASKS, "toy_image", ft.Task("image", "classification", "toy", "train", None, ("test",),
-                                                       ("accuracy",), 2, "ImageNet"))
+    monkeypatch.setitem(tasks.TASKS, "toy_image", tasks.Task("image", "classification", "toy", "train", None,
+                                                             ("test",), ("accuracy",), 2, "ImageNet"))
     image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0, min_scale=0.8, randaugment_magnitude=0,
                  random_erasing=0.0, color_jitter=0.0)
-    return ft.FinetuneConfig(task="toy_image", init="scratch", preset="tiny", steps=40, batch_size=16,
-                             optim=dict(lr=2e-3, warmup_steps=4), image=image, data_root=str(tmp_path),
-                             layer_decay=0.75)
+    return tasks.FinetuneConfig(task="toy_image", init="scratch", preset="tiny", steps=40, batch_size=16,
+                                optim=dict(lr=2e-3, warmup_steps=4), image=image, data_root=str(tmp_path),
+                                layer_decay=0.75)

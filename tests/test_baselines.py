@@ -7,10 +7,10 @@ import pytest
 import torch
 from fixtures import tone_task_shards
 
-import d2v.train.finetune as ft
-from d2v.eval.baselines import (BaselineConfig, baseline_config, bags, cosine, fit_selected, pair_features,
-                                run_baseline, stack_frames)
+from d2v.eval.baselines import bags, cosine, fit_selected, pair_features, run_baseline, stack_frames
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
+from d2v.train import tasks
+from d2v.train.tasks import BaselineConfig, baseline_config
 
 
 def test_a_pair_is_the_pieces_both_texts_have_and_the_pieces_only_one_has():
@@ -48,7 +48,7 @@ class Recorder:
 
 
 def test_the_strength_is_chosen_on_dev_or_on_a_holdout_then_refit_on_all_of_train():
-    task = ft.TASKS["rt_polarity"]
+    task = tasks.TASKS["rt_polarity"]
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 3))
     y = (x[:, 0] > 0).astype(int)
@@ -73,7 +73,7 @@ def test_stacked_log_mels_run_at_the_encoders_frame_rate_with_zero_context_past_
 
 
 def test_image_baseline_writes_one_raw_result_per_test_split(toy_image_task, tmp_path, monkeypatch):
-    monkeypatch.setitem(ft.EMBEDDED_FINETUNE, "toy_image", toy_image_task.model_dump(exclude={"task", "data_root"}))
+    monkeypatch.setitem(tasks.EMBEDDED_FINETUNE, "toy_image", toy_image_task.model_dump(exclude={"task", "data_root"}))
     cfg = baseline_config("toy_image", {"data_root": toy_image_task.data_root, "strengths": [0.1, 1.0]})
     (result,) = run_baseline(cfg, tmp_path / "raw")
     assert result["init"] == "raw" and result["n"] == 16 and result["metrics"]["accuracy"] == 1.0  # bright vs dark
@@ -89,8 +89,9 @@ def test_a_linear_ctc_head_on_log_mels_transcribes_tone_speech(tmp_path, monkeyp
     them; a misaligned frame rate, target or decoding step would leave it at CER ~1."""
     texts = ["AB C", "CA", "B CB", "AC B", "CAB", "BA C"]
     letters = tone_task_shards(tmp_path, texts)
-    monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
-    monkeypatch.setitem(ft.EMBEDDED_FINETUNE, "tones", {"steps": 1, "batch_size": 4, "optim": {"lr": 1e-3},
+    monkeypatch.setitem(tasks.TASKS, "tones",
+                        tasks.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
+    monkeypatch.setitem(tasks.EMBEDDED_FINETUNE, "tones", {"steps": 1, "batch_size": 4, "optim": {"lr": 1e-3},
                                                         "audio": {"min_samples": 0}})
     cfg = BaselineConfig(task="tones", data_root=str(tmp_path), letters=str(letters),
                          ctc_epochs=60, ctc_lr=2e-2, ctc_batch_size=2)

@@ -23,8 +23,9 @@ from d2v.data.sources.text import LEE, LEE_SIM  # noqa: E402
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.modalities.base import Batch  # noqa: E402
 from d2v.train.config import merge, pretrain_config  # noqa: E402
-from d2v.train.finetune import build_model, finetune_config  # noqa: E402
+from d2v.train.finetune import build_model  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
+from d2v.train.tasks import finetune_config  # noqa: E402
 
 
 def test_overrides_nest_by_dotted_key_and_parse_yaml_values():

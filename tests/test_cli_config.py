@@ -1,6 +1,8 @@
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,6 +41,18 @@ def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_file(tmp_path):
         atomic_torch_save(path, {"step": 2, "w": torch.zeros(3), "hook": lambda: 0})
     assert torch.load(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]  # no temp file left behind
+
+
+def test_params_the_stage_graph_and_the_data_stages_import_no_torch():
+    """31 of the embedded pipeline's jobs (prepare, shard, tokenizer, report) and every Snakemake/DVC parse load the
+    params and the stage table; torch's import would be most of their start-up."""
+    code = ("import sys\n"
+            "from d2v.cli import main\n"
+            "assert main(['pipeline', 'stages', '--profile', 'smoke']) == 0\n"
+            "import d2v.data.shards, d2v.data.sources, d2v.data.tokenizer, d2v.pipeline.report\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchaudio', 'torchvision')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "smoke" in run.stdout and run.stdout.splitlines()[-1] == "[]"
 
 
 def test_unknown_preset_is_a_clear_error(capsys):

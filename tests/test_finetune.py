@@ -11,7 +11,9 @@ from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import write_shards
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.modalities.registry import build_encoder
+from d2v.config import config_digest
 from d2v.train import finetune as ft
+from d2v.train import tasks
 
 
 def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path):
@@ -20,7 +22,7 @@ def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path
     assert result["metrics"]["accuracy"] >= 0.9 and result["n"] == 16
     saved = json.loads((tmp_path / "run" / "eval" / "toy_image-test.json").read_text())
     assert {"metrics", "n", "seed", "commit", "params_digest", "split", "task"} <= saved.keys()
-    assert len(saved["commit"]) == 40 and saved["params_digest"] == ft.config_digest(toy_image_task)
+    assert len(saved["commit"]) == 40 and saved["params_digest"] == config_digest(toy_image_task)
 
 
 def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):
@@ -58,11 +60,12 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train")
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # another dataset
     LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
-    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("speech", "ctc", "toy", "train", None, ("train",), ("wer", "cer"),
-                                                     extra_tests=("human/test",)))
-    cfg = ft.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
-                            optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
-                            audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(tmp_path / "letters.json"))
+    monkeypatch.setitem(tasks.TASKS, "toy_ctc", tasks.Task("speech", "ctc", "toy", "train", None, ("train",),
+                                                           ("wer", "cer"), extra_tests=("human/test",)))
+    cfg = tasks.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
+                               optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
+                               audio=dict(min_samples=0), data_root=str(tmp_path),
+                               letters=str(tmp_path / "letters.json"))
     before = ft.build_model(cfg).state_dict()
     ft.run_finetune(cfg.model_copy(update={"steps": 2}), tmp_path / "frozen", progress=False)
     after = torch.load(tmp_path / "frozen" / "final.pt", weights_only=False)["model"]
@@ -91,10 +94,11 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
     (it memorises four utterances; any misaligned length, label or decoding step would keep it at WER 1)."""
     texts = ["AB C", "CA", "B CB", "AC B"]
     letters = tone_task_shards(tmp_path, texts)
-    monkeypatch.setitem(ft.TASKS, "tones", ft.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
-    cfg = ft.FinetuneConfig(task="tones", init="scratch", preset=preset, steps=160, batch_size=4,
-                            optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
-                            audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(letters))
+    monkeypatch.setitem(tasks.TASKS, "tones",
+                        tasks.Task("speech", "ctc", "tones", "train", None, ("train",), ("wer", "cer")))
+    cfg = tasks.FinetuneConfig(task="tones", init="scratch", preset=preset, steps=160, batch_size=4,
+                               optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
+                               audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(letters))
     ft.run_finetune(cfg, tmp_path / "run", progress=False)
     (result,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt")
     # WER and CER reach 0 from about 120 steps, seeds 0-2
@@ -103,9 +107,9 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
 
 def test_unknown_task_and_bad_options_are_named():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
-        ft.finetune_config("nope")
+        tasks.finetune_config("nope")
     with pytest.raises(ValueError, match="finetune.lee_sts.layer_decay: Input should be less than or equal to 1"):
-        ft.finetune_config("lee_sts", {"layer_decay": 2})
+        tasks.finetune_config("lee_sts", {"layer_decay": 2})
 
 
 def test_inputs_move_to_the_device_and_transcripts_stay_on_the_host():
@@ -136,8 +140,8 @@ def test_bf16_autocast_fine_tuning_learns_and_evaluates(toy_image_task, tmp_path
 def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined_score(toy_image_task, tmp_path,
                                                                                          monkeypatch):
     # dev checks every 2 steps; WER stays at 1.0 (as at small CTC budgets) while CER falls, then rises
-    monkeypatch.setitem(ft.TASKS, "toy_ctc", ft.Task("image", "classification", "toy", "train", "test", ("test",),
-                                                     ("wer", "cer"), 2, "LibriSpeech"))
+    monkeypatch.setitem(tasks.TASKS, "toy_ctc", tasks.Task("image", "classification", "toy", "train", "test",
+                                                           ("test",), ("wer", "cer"), 2, "LibriSpeech"))
     scripted = iter([{"wer": float("nan"), "cer": 0.2}, {"wer": 1.0, "cer": 0.95}, {"wer": 1.0, "cer": 0.8},
                      {"wer": 1.0, "cer": 0.9}])
     monkeypatch.setattr(ft, "predict", lambda *a, **k: ([], []))
@@ -146,6 +150,6 @@ def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined
     summary = ft.run_finetune(cfg, tmp_path / "run", progress=False)
     assert summary["best_dev"] == {"wer": 1.0, "cer": 0.8}
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 6
-    speech = ft.TASKS["speech_1h"]
+    speech = tasks.TASKS["speech_1h"]
     assert ft.selection_key(speech, {"wer": 0.9, "cer": 0.9}) > ft.selection_key(speech, {"wer": 1.0, "cer": 0.1})
     assert ft.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25

@@ -15,7 +15,7 @@ from d2v.data import synthetic
 from d2v.data2vec import CollapseError
 from d2v.train import checkpoint
 from d2v.train.config import PretrainConfig, pretrain_config
-from d2v.train.finetune import finetune_config
+from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
 from d2v.train.optim import cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
 from d2v.train.pretrain import build_objective, run_pretrain

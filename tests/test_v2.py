@@ -264,7 +264,8 @@ def test_sincos_positions_are_fixed_and_distinct():
 def test_objective_v2_selects_the_v2_recipe_and_architecture(tmp_path):
     from d2v.config import ConfigError
     from d2v.train.config import pretrain_config
-    from d2v.train.finetune import build_model, finetune_config
+    from d2v.train.finetune import build_model
+    from d2v.train.tasks import finetune_config
     from d2v.train.pretrain import build_objective
 
     cfg = pretrain_config("image", {"objective": "v2", "preset": "tiny", "data": {"image": None}})

@@ -23,9 +23,8 @@ import numpy as np
 import soundfile as sf
 import torch
 from PIL import Image
-from pydantic import Field
 
-from d2v.config import StrictModel
+from d2v.config import AudioConfig, ImageAugConfig
 from d2v.data.shards import shard_paths
 from d2v.modalities.base import Batch
 
@@ -108,21 +107,6 @@ def _batched(size: int, collate: Callable, partial: bool) -> Callable[[Iterator]
 
 # --------------------------------------------------------------------------------------------------------- images
 
-class ImageAugConfig(StrictModel):
-    """Spec §5.2 / §9.1 transforms, scaled: sizes come from the encoder, statistics from the dataset."""
-
-    size: int = Field(224, ge=8)
-    channels: Literal[1, 3] = 3
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    min_scale: float = Field(0.08, gt=0, le=1)  # RandomResizedCrop lower bound (v1 pretraining 0.08, v2 0.2)
-    color_jitter: float = Field(0.4, ge=0)  # pretraining only (BEiT transforms)
-    hflip: float = Field(0.5, ge=0, le=1)
-    randaugment_magnitude: int = Field(9, ge=0)  # fine-tuning: RandAugment(2, m); 0 disables
-    random_erasing: float = Field(0.25, ge=0, le=1)  # fine-tuning
-    crop_pct: float = Field(0.875, gt=0, le=1)  # eval: resize to size/crop_pct, centre-crop size
-
-
 def image_transform(cfg: ImageAugConfig, mode: Mode):
     from torchvision.transforms import v2
 
@@ -169,13 +153,6 @@ def image_loader(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *,
 
 
 # --------------------------------------------------------------------------------------------------------- speech
-
-class AudioConfig(StrictModel):
-    sample_rate: int = 16_000
-    max_samples: int = Field(320_000, ge=400)  # 20 s crop (spec §2.1)
-    min_samples: int = Field(32_000, ge=0)  # shorter utterances are skipped (2 s in the Base recipe)
-    normalize: bool = True  # zero mean, unit variance over the whole waveform
-
 
 def _decode_audio(sample: dict, cfg: AudioConfig, crop: bool, rng_holder: list, seed: int,
                   keep_long: bool = True):

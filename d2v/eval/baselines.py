@@ -22,46 +22,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from d2v.config import StrictModel, validate
+from d2v.config import config_digest
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.linear_ctc import fit_linear_ctc
-from d2v.io import atomic_write_json
+from d2v.io import atomic_write_json, git_commit
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
-from d2v.train.finetune import (TASKS, FinetuneConfig, Task, as_inputs, config_digest, eval_file_name,
-                                finetune_config, git_commit, headline, loader, score)
-
-RAW = "raw"  # the `init` of a baseline's results
-
-
-class BaselineConfig(StrictModel):
-    task: str
-    data_root: str = "data"
-    tokenizer: str = "data/tokenizer/spm.model"
-    letters: str = "data/tokenizer/letters.json"
-    seed: int = 0
-    strengths: tuple[float, ...] = Field((0.01, 0.1, 1.0), min_length=1)  # inverse L2 strength C
-    holdout: float = Field(0.1, gt=0, lt=1)  # share of train that selects the strength when the task has no dev
-    context: int = Field(4, ge=0)  # log-mel frames stacked on each side
-    n_mels: int = Field(80, ge=1)
-    ctc_epochs: int = Field(30, ge=1)
-    ctc_lr: float = Field(5e-3, gt=0)
-    ctc_batch_size: int = Field(16, ge=1)
-    ctc_check_every: int = Field(5, ge=1)  # epochs between dev checks
-
-    def loader_config(self) -> FinetuneConfig:
-        """The task's fine-tuning config, only for its loaders (evaluation mode: no augmentation, every example)."""
-        return finetune_config(self.task, {"data_root": self.data_root, "tokenizer": self.tokenizer,
-                                           "letters": self.letters, "batch_size": 64, "num_workers": 0,
-                                           "seed": self.seed})
-
-
-def baseline_config(task: str, overrides: dict | None = None) -> BaselineConfig:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-    return validate(BaselineConfig, {"task": task, **(overrides or {})}, f"baselines.{task}")
-
+from d2v.train.finetune import as_inputs, headline, loader, score
+from d2v.train.tasks import RAW, TASKS, BaselineConfig, FinetuneConfig, Task, eval_file_name
 
 # --------------------------------------------------------------------------------------------------- features
 

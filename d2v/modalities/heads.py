@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from d2v.config import StrictModel
+from d2v.config import CTCMaskConfig
 from d2v.modalities.base import Batch
 from d2v.modalities.speech import SpanMaskConfig, span_mask
 
@@ -56,15 +55,6 @@ class TextClassifier(nn.Module):
             return self.out_proj((out.x * keep).sum(1) / keep.sum(1))
         x = self.dropout(torch.tanh(self.dense(self.dropout(out.x[:, 0]))))
         return self.out_proj(x)
-
-
-class CTCMaskConfig(StrictModel):
-    """Fine-tuning masks (wav2vec 2.0 §4: time spans with the mask embedding, channel spans zeroed)."""
-
-    time_prob: float = Field(0.3, ge=0, lt=1)
-    time_length: int = Field(10, ge=1)
-    channel_prob: float = Field(0.1, ge=0, lt=1)
-    channel_length: int = Field(16, ge=1)
 
 
 class CTCModel(nn.Module):

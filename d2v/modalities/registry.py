@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import get_args
 
-from d2v.config import Objective, ObjectiveConfig
+from d2v.config import MODALITIES, Objective, ObjectiveConfig
 from d2v.modalities import image, speech, text
 from d2v.modalities.base import Modality
 from d2v.modalities.image import IMAGE_PRESETS, BlockMaskConfig, ImageEncoder, ImageModality, image_objective
 from d2v.modalities.speech import SPEECH_PRESETS, SpanMaskConfig, SpeechEncoder, SpeechModality, speech_objective
 from d2v.modalities.text import TEXT_PRESETS, TextEncoder, TextModality, TokenMaskConfig, Vocabulary, text_objective
 
-MODALITIES = ("image", "speech", "text")
 OBJECTIVES = get_args(Objective)
 ENCODERS = {"image": (IMAGE_PRESETS, ImageEncoder), "speech": (SPEECH_PRESETS, SpeechEncoder),
             "text": (TEXT_PRESETS, TextEncoder)}

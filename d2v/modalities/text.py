@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
-                        V2MaskConfig)
+from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel,
+                        TokenMaskConfig, V2Config, V2MaskConfig)
 from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
                                  require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks, random_masks
@@ -129,22 +128,6 @@ class Vocabulary(StrictModel):
     @property
     def special_ids(self) -> list[int]:
         return sorted({*range(self.num_special), self.bos, self.pad, self.eos, self.unk, self.mask})
-
-
-class TokenMaskConfig(StrictModel):
-    """Paper default (spec §15): 15 %, single tokens, 80/10/10; the released span variant is p=0.35, length 4, 0/0."""
-
-    prob: float = Field(0.15, gt=0, lt=1)
-    length: int = Field(1, ge=1)
-    leave_unmasked_prob: float = Field(0.1, ge=0, le=1)
-    random_token_prob: float = Field(0.1, ge=0, le=1)
-    loss_on: Literal["mask_token", "selected"] = "mask_token"  # released code: only <mask>-replaced positions
-
-    @model_validator(mode="after")
-    def _probs(self):
-        if self.leave_unmasked_prob + self.random_token_prob > 1:
-            raise ValueError("leave_unmasked_prob + random_token_prob must be <= 1")
-        return self
 
 
 def mask_tokens(

@@ -16,12 +16,10 @@ from pydantic import Field, model_validator
 
 from d2v.config import ConfigError, Objective, StrictModel, validate
 from d2v.data.sources import SOURCES
-from d2v.eval.baselines import BaselineConfig, baseline_config
 from d2v.train.config import PretrainConfig, merge, pretrain_config
-from d2v.train.finetune import TASKS, FinetuneConfig, finetune_config
+from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, baseline_config, finetune_config
 
 PARAMS_FILE = "params.yaml"
-MODALITIES = ("image", "speech", "text")
 STAGE_KINDS = ("prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate", "baseline", "report")
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from d2v.eval.baselines import RAW
 from d2v.eval.metrics import oriented
-from d2v.io import atomic_write_text
+from d2v.io import atomic_write_text, git_commit
 from d2v.pipeline.params import Profile
-from d2v.train.finetune import TASKS, git_commit
+from d2v.train.tasks import RAW, TASKS
 
 # What the paper reports for the benchmark each embedded task stands in for (data2vec 1.0, Base): ImageNet-1K
 # top-1 [P1 Tab.1]; LibriSpeech WER with a 4-gram LM [P1 Tab.6]; GLUE dev [P1 Tab.4]. Different data and scale:

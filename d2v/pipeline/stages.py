@@ -16,9 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from d2v.data.sources import SOURCES
-from d2v.eval.baselines import RAW
 from d2v.pipeline.params import Params, Profile, Resources
-from d2v.train.finetune import TASKS, eval_file_name
+from d2v.train.tasks import RAW, TASKS, eval_file_name
 
 
 @dataclass(frozen=True)

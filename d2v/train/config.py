@@ -5,9 +5,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from d2v.config import ConfigError, EMAConfig, Objective, StrictModel, validate
-from d2v.data.loaders import AudioConfig, ImageAugConfig
-from d2v.modalities.text import TokenMaskConfig
+from d2v.config import (AudioConfig, ConfigError, EMAConfig, ImageAugConfig, Objective, StrictModel, TokenMaskConfig,
+                        validate)
 
 
 class OptimConfig(StrictModel):
