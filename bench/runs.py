@@ -15,8 +15,8 @@ from d2v.data.sources import SOURCES, Context
 from d2v.eval.baselines import run_baseline
 from d2v.io import atomic_write_json
 from d2v.train.finetune import evaluate, run_finetune
-from d2v.train.tasks import TASKS, BaselineConfig
 from d2v.train.pretrain import pretrain_main
+from d2v.train.tasks import TASKS, BaselineConfig
 
 
 def same_config(run: Path, cfg) -> bool:
