@@ -16,7 +16,7 @@ from d2v.eval.baselines import run_baseline
 from d2v.io import atomic_write_json
 from d2v.train.finetune import evaluate, run_finetune
 from d2v.train.pretrain import pretrain_main
-from d2v.train.tasks import TASKS, BaselineConfig
+from d2v.train.tasks import TASKS, BaselineConfig, eval_file_name
 
 
 def same_config(run: Path, cfg) -> bool:
@@ -47,7 +47,7 @@ def mean_test_metrics(cfg, out: Path) -> dict[str, float]:
     """Every metric of a fine-tune's test evaluations, averaged over its test splits (for CTC tasks the test_*
     splits, not dev); an evaluation under the same config is reused, otherwise the task is fine-tuned first."""
     task = TASKS[cfg.task]
-    results = [out / "eval" / f"{cfg.task}-{split}.json" for split in task.tests]
+    results = [out / "eval" / eval_file_name(cfg.task, split) for split in task.tests]
     if all(r.is_file() for r in results) and same_config(out, cfg):
         results = [json.loads(r.read_text()) for r in results]
     else:

@@ -125,9 +125,13 @@ EMBEDDED_FINETUNE: dict[str, dict] = {
 }
 
 
-def finetune_config(task: str, overrides: dict | None = None) -> FinetuneConfig:
+def require_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+
+
+def finetune_config(task: str, overrides: dict | None = None) -> FinetuneConfig:
+    require_task(task)
     cfg = validate(FinetuneConfig, merge({"task": task, **EMBEDDED_FINETUNE.get(task, {})}, overrides or {}),
                    f"finetune.{task}")
     check_decay_floor(cfg.optim, f"finetune.{task}")
@@ -164,6 +168,5 @@ class BaselineConfig(StrictModel):
 
 
 def baseline_config(task: str, overrides: dict | None = None) -> BaselineConfig:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
+    require_task(task)
     return validate(BaselineConfig, {"task": task, **(overrides or {})}, f"baselines.{task}")
