@@ -35,6 +35,26 @@ def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):
     assert not torch.equal(after["head.weight"], ft.build_model(cfg).head.weight)
 
 
+@pytest.mark.parametrize("objective", ["v1", "v2"])
+def test_layer_decay_follows_beit_for_v1_and_decays_only_the_blocks_for_v2(toy_image_task, objective):
+    cfg = toy_image_task.model_copy(update={"objective": objective})
+    model = ft.build_model(cfg)
+    depth, decay = model.encoder.cfg.depth, cfg.layer_decay
+    scale_of = {id(p): g["lr_scale"] for g in ft.param_groups(model, cfg) for p in g["params"]}
+    scales = {name: scale_of[id(p)] for name, p in model.named_parameters()}
+    for name, scale in scales.items():
+        if name.startswith("encoder.blocks."):  # block i: decay^(depth - i), the top block decay^1
+            expected = decay ** (depth - int(name.split(".")[2]))
+        elif objective == "v1" and name.split(".")[1] in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+            expected = decay ** (depth + 1)
+        else:  # v1: relative-position table, norms and head (BEiT); v2: everything outside the blocks (fairseq)
+            expected = 1.0
+        assert scale == pytest.approx(expected), name
+    assert scales["encoder.patch_embed.weight"] == pytest.approx(1.0 if objective == "v2" else decay ** (depth + 1))
+    if objective == "v1":
+        assert scales["encoder.rel_pos_bias.table"] == scales["head.weight"] == 1.0
+
+
 def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_path):
     encoder = build_encoder("image", "tiny")
     torch.save({"encoder": encoder.state_dict(), "modality": "image", "preset": "tiny"}, tmp_path / "final.pt")

@@ -61,16 +61,28 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     return model
 
 
+# BEiT's embedding group (layer 0, the most decayed LR); every other non-block parameter trains at the full LR
+BEIT_EMBEDDINGS = ("cls_token", "mask_token", "pos_embed", "patch_embed.")
+
+
+def vit_layer_id(name: str, depth: int, objective: str) -> int:
+    """Layer of an image classifier's parameter for layer-wise LR decay: 0 = embeddings, block i = i + 1,
+    depth + 1 = full LR. v1 follows BEiT's `get_num_layer_for_vit` (the shared relative-position table and the norms
+    are top-level, like the head); v2 follows fairseq's data2vec_multi fine-tuning, which decays the blocks only
+    (spec §9.1: patch embedding, [CLS] and norms keep the full LR)."""
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    if objective == "v1" and name.removeprefix("encoder.").startswith(BEIT_EMBEDDINGS):
+        return 0
+    return depth + 1
+
+
 def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
     task = TASKS[cfg.task]
     if task.modality == "image" and cfg.layer_decay < 1.0 and cfg.mode == "full":
         depth = model.encoder.cfg.depth
-
-        def layer_of(name: str) -> int:
-            if name.startswith("encoder.blocks."):
-                return int(name.split(".")[2]) + 1
-            return 0 if name.startswith("encoder.") else depth + 1
-        return layer_decay_groups(model.named_parameters(), layer_of, depth, cfg.layer_decay, cfg.optim.weight_decay)
+        return layer_decay_groups(model.named_parameters(), lambda name: vit_layer_id(name, depth, cfg.objective),
+                                  depth, cfg.layer_decay, cfg.optim.weight_decay)
     return adamw([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
                  cfg.optim.betas, cfg.optim.eps).param_groups
 
