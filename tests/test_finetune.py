@@ -36,9 +36,13 @@ def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):
 
 
 @pytest.mark.parametrize("objective", ["v1", "v2"])
-def test_layer_decay_follows_beit_for_v1_and_decays_only_the_blocks_for_v2(toy_image_task, objective):
+def test_layer_decay_is_beit_for_v1_blocks_only_for_v2_and_off_from_scratch(toy_image_task, objective):
     cfg = toy_image_task.model_copy(update={"objective": objective})
     model = ft.build_model(cfg)
+    scratch_groups = ft.param_groups(model, cfg)  # a random encoder trains every layer at the full LR
+    assert all(g.get("lr_scale", 1.0) == 1.0 for g in scratch_groups)
+    assert sum(len(g["params"]) for g in scratch_groups) == len(list(model.parameters()))
+    cfg = cfg.model_copy(update={"init": "pretrained"})
     depth, decay = model.encoder.cfg.depth, cfg.layer_decay
     scale_of = {id(p): g["lr_scale"] for g in ft.param_groups(model, cfg) for p in g["params"]}
     scales = {name: scale_of[id(p)] for name, p in model.named_parameters()}

@@ -82,7 +82,7 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(ge=1)
     seed: int = 0
     optim: OptimConfig
-    layer_decay: float = Field(1.0, gt=0, le=1)  # image: BEiT layer-wise LR decay
+    layer_decay: float = Field(1.0, gt=0, le=1)  # image: layer-wise LR decay of a pretrained encoder (not scratch)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup: float = Field(0.0, ge=0)  # image: MixUp alpha (0 = off)
     cutmix: float = Field(0.0, ge=0)  # image: CutMix alpha (0 = off)
