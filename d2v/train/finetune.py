@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d2v.config import config_digest
+from d2v.config import Objective, config_digest
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.metrics import TASK_METRICS, ctc_greedy, oriented
@@ -65,7 +65,7 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
 BEIT_EMBEDDINGS = ("cls_token", "mask_token", "pos_embed", "patch_embed.")
 
 
-def vit_layer_id(name: str, depth: int, objective: str) -> int:
+def vit_layer_id(name: str, depth: int, objective: Objective) -> int:
     """Layer of an image classifier's parameter for layer-wise LR decay: 0 = embeddings, block i = i + 1,
     depth + 1 = full LR. v1 follows BEiT's `get_num_layer_for_vit` (the shared relative-position table and the norms
     are top-level, like the head); v2 follows fairseq's data2vec_multi fine-tuning, which decays the blocks only
