@@ -1,10 +1,11 @@
-"""Reuse of finished benchmark runs: a pretraining or fine-tuning run whose config.json equals the requested config
-is not run again (both are deterministic, and a pretraining run refuses to resume under another config). Delete
-the run folder to force a rerun."""
+"""Reuse of finished benchmark runs: a pretraining or fine-tuning run whose config.json equals the requested config,
+made under the current recipe version (`d2v.train.recipe`), is not run again (both are deterministic, and a
+pretraining run refuses to resume under another config or version). Delete the run folder to force a rerun."""
 from __future__ import annotations
 
 import inspect
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -14,20 +15,28 @@ from d2v.data.shards import write_shards
 from d2v.data.sources import SOURCES, Context
 from d2v.eval.baselines import run_baseline
 from d2v.io import atomic_write_json
+from d2v.train import recipe
 from d2v.train.finetune import evaluate, run_finetune
 from d2v.train.pretrain import pretrain_main
-from d2v.train.tasks import TASKS, BaselineConfig, eval_file_name
+from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, eval_file_name
 
 
 def same_config(run: Path, cfg) -> bool:
-    """The run's config.json, with fields added since it was written at their defaults, equals `cfg`."""
+    """The run's config.json, with fields added since it was written at their defaults, equals `cfg`, and the run
+    was made under the current recipe version: code that changed what such a run computes makes it stale."""
     config = run / "config.json"
     if not config.is_file():
         return False
+    kind = "finetune" if isinstance(cfg, FinetuneConfig) else "pretrain"
     try:
-        return type(cfg).model_validate(json.loads(config.read_text())) == cfg
+        same = type(cfg).model_validate(json.loads(config.read_text())) == cfg
     except ValueError:  # written by an incompatible version
         return False
+    if same and recipe.recorded(run, kind) != recipe.current(kind):
+        print(f"{run}: made under {kind} recipe {recipe.recorded(run, kind)}, the code is at {recipe.current(kind)}: "
+              "not reused", file=sys.stderr)
+        return False
+    return same
 
 
 def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | None:

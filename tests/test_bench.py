@@ -23,6 +23,7 @@ from d2v.data.sources.text import LEE, LEE_SIM  # noqa: E402
 from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.modalities.base import Batch  # noqa: E402
 from d2v.train.config import merge, pretrain_config  # noqa: E402
+from d2v.train import recipe  # noqa: E402
 from d2v.train.finetune import build_model  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
 from d2v.train.tasks import finetune_config  # noqa: E402
@@ -41,10 +42,34 @@ def test_a_run_written_before_a_field_existed_is_still_reused(tmp_path):
     old = cfg.model_dump(mode="json")
     del old["device"], old["precision"]  # fields added later, at their defaults
     (tmp_path / "config.json").write_text(json.dumps(old))
+    recipe.stamp(tmp_path, "finetune")
     assert same_config(tmp_path, cfg)
     assert not same_config(tmp_path, cfg.model_copy(update={"seed": 1}))
     (tmp_path / "config.json").write_text(json.dumps({**old, "removed_field": 1}))
     assert not same_config(tmp_path, cfg)  # written by an incompatible version: rerun
+
+
+def test_a_run_made_under_another_recipe_version_is_not_reused(tmp_path, monkeypatch, capsys):
+    cfg = finetune_config("rt_polarity", {"init": "scratch"})
+    ft, pre = tmp_path / "ft", tmp_path / "pre"
+    for run, config in ((ft, cfg), (pre, pretrain_config("text", {"steps": 3}))):
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(config.model_dump(mode="json")))
+    assert not same_config(ft, cfg)  # no record: made before the versions existed (1), fine-tuning is at 2 or later
+    recipe.stamp(ft, "finetune")
+    recipe.stamp(pre, "pretrain")
+    assert same_config(ft, cfg) and same_config(pre, pretrain_config("text", {"steps": 3}))
+    monkeypatch.setattr(recipe, "FINETUNE", recipe.FINETUNE + 1)  # a commit changes what fine-tuning computes
+    assert not same_config(ft, cfg)
+    stale = f"made under finetune recipe {recipe.FINETUNE - 1}, the code is at {recipe.FINETUNE}: not reused"
+    assert stale in capsys.readouterr().err
+    assert same_config(pre, pretrain_config("text", {"steps": 3}))  # pretraining runs stay current
+    (ft / "recipe.json").write_text('{"kind": "pretrain", "version": 3}')
+    with pytest.raises(ValueError, match=r"ft/recipe.json: records a 'pretrain' run, expected a 'finetune' run"):
+        same_config(ft, cfg)
+    (ft / "recipe.json").write_text("{")
+    with pytest.raises(ValueError, match=r"ft/recipe.json: expected JSON with a 'version' number"):
+        same_config(ft, cfg)
 
 
 def test_every_collapse_arm_changes_what_it_names():
@@ -88,6 +113,7 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
 def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(tmp_path):
     cfg = finetune_config("speech_1h", {"init": "scratch"})
     (tmp_path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    recipe.stamp(tmp_path, "finetune")
     (tmp_path / "eval").mkdir()
     for split, wer, cer in [("dev_clean", 0.1, 0.05), ("dev_other", 0.1, 0.05), ("test_clean", 0.6, 0.2),
                             ("test_other", 0.8, 0.4)]:

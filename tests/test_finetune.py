@@ -13,6 +13,7 @@ from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.modalities.registry import build_encoder
 from d2v.config import config_digest
 from d2v.train import finetune as ft
+from d2v.train import recipe
 from d2v.train import tasks
 
 
@@ -23,6 +24,7 @@ def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path
     saved = json.loads((tmp_path / "run" / "eval" / "toy_image-test.json").read_text())
     assert {"metrics", "n", "seed", "commit", "params_digest", "split", "task"} <= saved.keys()
     assert len(saved["commit"]) == 40 and saved["params_digest"] == config_digest(toy_image_task)
+    assert saved["recipe"] == recipe.FINETUNE == recipe.recorded(tmp_path / "run", "finetune")
 
 
 def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):

@@ -16,7 +16,8 @@ import yaml
 from d2v.config import ConfigError
 from d2v.pipeline.params import load_params, parse_params
 from d2v.pipeline.report import collect, compare, summarize, write_report
-from d2v.pipeline.stages import StageTable, dvc_yaml
+from d2v.pipeline.stages import RECIPE_FILE, StageTable, dvc_yaml
+from d2v.train import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -145,6 +146,25 @@ def test_snakemake_and_dvc_run_the_same_stages(profile):
     else:
         spec = dvc_yaml(StageTable(load_params(ROOT / "params.yaml", profile), raw=RAW))
     assert snakemake_jobs(profile) == dvc_stages(spec)
+
+
+def test_a_recipe_bump_reruns_exactly_the_stages_of_its_kind(monkeypatch):
+    """Both front doors track the code's recipe versions as params: Snakemake through a job's settings, DVC
+    through the constants of d2v/train/recipe.py, which it must be able to read."""
+    table = StageTable(load_params(ROOT / "params.yaml", "embedded"), raw=RAW)
+    for kind in ("finetune", "pretrain"):
+        before = {s.name: table.settings(s) for s in table}
+        with monkeypatch.context() as m:
+            m.setattr(recipe, kind.upper(), getattr(recipe, kind.upper()) + 1)
+            changed = {s.name for s in table if table.settings(s) != before[s.name]}
+        assert changed == {s.name for s in table.of_kind(kind)} and changed
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for s in table:
+        tracked = [p for p in spec[s.name].get("params", []) if isinstance(p, dict)]
+        assert tracked == ([{RECIPE_FILE: [s.kind.upper()]}] if s.kind in ("pretrain", "finetune") else []), s.name
+    from dvc.utils.serialize import load_py  # DVC's own reader of Python params files
+
+    assert {"PRETRAIN": recipe.PRETRAIN, "FINETUNE": recipe.FINETUNE}.items() <= load_py(ROOT / RECIPE_FILE).items()
 
 
 def test_dvc_sees_the_pipeline_without_network_or_remote():

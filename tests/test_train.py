@@ -13,7 +13,7 @@ import torch
 from d2v.config import ConfigError, EMAConfig
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError
-from d2v.train import checkpoint
+from d2v.train import checkpoint, recipe
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
@@ -221,7 +221,7 @@ def test_embedded_defaults_validate_and_errors_name_the_key():
     assert EMAConfig.constant(0.5).tau_steps == 0
 
 
-def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_path, capsys):
+def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_path, capsys, monkeypatch):
     cfg = tiny_cfg("text")
     run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False, stop_after=4,
                  data_digest="aaa")
@@ -231,6 +231,11 @@ def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_
                      data_digest="aaa")
     with pytest.raises(ValueError, match=r"\(data changed\)"):
         run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False, data_digest="bbb")
+    with monkeypatch.context() as m:  # the code's pretraining recipe moved on since the checkpoint was written
+        m.setattr(recipe, "PRETRAIN", recipe.PRETRAIN + 1)
+        with pytest.raises(ValueError, match=r"\(recipe changed\)"):
+            run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False,
+                         data_digest="aaa")
     # only the logging cadence differs: resumes at step 3
     resumable = cfg.model_copy(update={"log_every": 2})
     run_pretrain(resumable, build_objective(resumable), synthetic_stream("text"), tmp_path, progress=False,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from d2v.data.sources import SOURCES
 from d2v.pipeline.params import Params, Profile, Resources
+from d2v.train import recipe
 from d2v.train.tasks import RAW, TASKS, eval_file_name
 
 
@@ -28,11 +29,16 @@ class Stage:
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     params: tuple[str, ...] = ()  # dotted keys of params.yaml the command reads
+    recipe: tuple[str, ...] = ()  # constants of d2v/train/recipe.py: versions of the code it runs
     metrics: tuple[str, ...] = ()  # outputs that are metrics (JSON)
     plots: tuple[str, ...] = ()  # outputs that are plots (PNG)
     resources: Resources = field(default_factory=Resources)
     log: str = ""  # Snakemake's log file for the job
     priority: int = 0  # Snakemake starts higher first: the pretraining chains are the critical path
+
+
+# Where DVC reads the recipe versions from, relative to the repository root (dvc.yaml's folder).
+RECIPE_FILE = "d2v/train/recipe.py"
 
 
 def identifier(*parts: str) -> str:
@@ -62,13 +68,15 @@ class StageTable:
         return [o for s in self.of_kind("report") for o in s.outs]
 
     def settings(self, stage: Stage) -> str:
-        """The values of the params a stage reads, as JSON: Snakemake reruns a job when its params change."""
+        """The values of the params a stage reads and of its recipe versions, as JSON: Snakemake reruns a job when
+        its params change."""
         values = {}
         for key in stage.params:
             node = self.raw
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             values[key] = node
+        values |= {f"recipe.{name}": getattr(recipe, name) for name in stage.recipe}
         return json.dumps(values, sort_keys=True)
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -99,9 +107,10 @@ class StageTable:
 
     def _add(self, kind: str, name: str, cmd: str, deps, outs, params=(), metrics=(), plots=()) -> None:
         stage = identifier(kind, *name.split("/")) if name else kind
+        versions = (recipe.constant(kind),) if kind in ("pretrain", "finetune") else ()
         self.stages.append(Stage(stage, kind, cmd, tuple(map(str, deps)), tuple(map(str, outs)), self._keys(*params),
-                                 tuple(map(str, metrics)), tuple(map(str, plots)), self.profile.resources_for(kind),
-                                 f"logs/{self.name}/{stage}.log"))
+                                 versions, tuple(map(str, metrics)), tuple(map(str, plots)),
+                                 self.profile.resources_for(kind), f"logs/{self.name}/{stage}.log"))
 
     def _manifest(self, source: str) -> Path:
         return self.profile.raw / source / "manifest.csv"
@@ -218,8 +227,8 @@ def dvc_yaml(table: StageTable) -> dict:
         entry: dict = {"cmd": s.cmd}
         if s.deps:
             entry["deps"] = list(dict.fromkeys(s.deps))
-        if s.params:
-            entry["params"] = list(s.params)
+        if s.params or s.recipe:
+            entry["params"] = list(s.params) + ([{RECIPE_FILE: list(s.recipe)}] if s.recipe else [])
         plain = [o for o in s.outs if o not in s.metrics and o not in s.plots]
         if plain:
             entry["outs"] = [{o: {"cache": False}} for o in plain]

@@ -1,9 +1,10 @@
 """Fine-tuning and evaluation for every downstream task: from a data2vec checkpoint, from scratch (the baseline), or
 as a linear probe on frozen features. Tasks are table rows; the loop is shared.
 
-Run folder: `config.json`, `metrics.csv` (train loss and dev metric), `final.pt`, `best.pt` (best dev metric
-when the task has a dev split), `curves.png`. `evaluate` writes one JSON per (task, split): metric values, number
-of examples, seed, git commit and a digest of the run configuration.
+Run folder: `config.json`, `recipe.json` (the recipe version it is made under, `d2v.train.recipe`), `metrics.csv`
+(train loss and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split), `curves.png`.
+`evaluate` writes one JSON per (task, split): metric values, number of examples, seed, git commit, recipe version
+and a digest of the run configuration.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from d2v.modalities.registry import build_encoder
 from d2v.nn.compile import compile_regions
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
+from d2v.train import recipe
 from d2v.train.pretrain import autocast
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
@@ -202,6 +204,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
+    recipe.stamp(out_dir, "finetune")
     device = resolve_device(cfg.device)
     model = build_model(cfg).to(device)
     if cfg.compile:
@@ -268,7 +271,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
 
 
 def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
-    atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step})
+    atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step,
+                             "recipe": recipe.FINETUNE})
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -298,7 +302,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
         result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
                   "mode": cfg.mode, "metrics": score(task, preds, refs), "n": len(refs), "seed": cfg.seed,
                   "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),
-                  "steps": state["step"]}
+                  "steps": state["step"], "recipe": state.get("recipe", 1)}
         target = Path(out or run_dir / "eval") / eval_file_name(cfg.task, s)
         atomic_write_json(target, result)
         results.append(result)

@@ -24,7 +24,7 @@ from d2v.data2vec import CollapseError, Data2Vec
 from d2v.io import atomic_torch_save, atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
-from d2v.train import checkpoint
+from d2v.train import checkpoint, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
@@ -54,12 +54,15 @@ RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile")
 
 
 def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None = None) -> list[str]:
-    """What differs between a checkpoint and the run about to resume from it: top-level config keys, and 'data'
-    when the shards it was trained on changed (their index.json lists every shard's sha256)."""
+    """What differs between a checkpoint and the run about to resume from it: top-level config keys, 'data' when
+    the shards it was trained on changed (their index.json lists every shard's sha256), and 'recipe' when it was
+    written under another pretraining recipe version (`d2v.train.recipe`)."""
     now, before = cfg.model_dump(mode="json"), saved.get("config", {})
     changed = sorted(k for k in now.keys() | before.keys() if k not in RESUMABLE_ACROSS and before.get(k) != now.get(k))
     if data_digest is not None and saved.get("data_digest") not in (None, data_digest):
         changed.append("data")
+    if saved.get("recipe", 1) != recipe.PRETRAIN:
+        changed.append("recipe")
     return changed
 
 
@@ -203,7 +206,8 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
           data_digest: str | None) -> Path:
     return checkpoint.save(folder, step, {"model": objective.state_dict(), "optimizer": optimizer.state_dict(),
                                           "batches": consumed, "config": cfg.model_dump(mode="json"),
-                                          "data_digest": data_digest}, keep=cfg.checkpoint.keep)
+                                          "data_digest": data_digest, "recipe": recipe.PRETRAIN},
+                           keep=cfg.checkpoint.keep)
 
 
 def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
@@ -223,6 +227,7 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
             plot_curves(df, out_dir / "curves.png", CURVES, f"data2vec pretraining: {cfg.modality}")
         atomic_write_json(out_dir / "summary.json", summary)
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
+        recipe.stamp(out_dir, "pretrain")
     return summary
 
 

@@ -1,0 +1,58 @@
+"""Recipe versions: what a run computes is its config plus the code, and these numbers stand for the code.
+
+Bump one in the commit that changes what a run of that kind computes under an unchanged config (a new default
+rule, a corrected loss), never for a refactor that keeps every number. A run records the version it was made
+under (`recipe.json`; a pretraining checkpoint too), so that
+- the benchmarks (`bench/runs.py`) reuse a finished run only under the current version,
+- a pretraining run does not resume from a checkpoint of another version,
+- the pipeline tracks each constant as a param of its stages (`d2v/pipeline/stages.py`): `dvc repro` and
+  `snakemake` rerun exactly the stages that a bump touches.
+Runs made before these numbers existed count as version 1.
+
+DVC reads this file as a params file: keep the versions plain literal assignments.
+
+FINETUNE history
+  2: layer-wise LR decay per recipe (BEiT's layer ids for v1, blocks only for v2); none from scratch.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from d2v.io import atomic_write_json, git_commit
+
+PRETRAIN = 1
+FINETUNE = 2
+
+RunKind = Literal["pretrain", "finetune"]
+RECORD = "recipe.json"
+
+
+def current(kind: RunKind) -> int:
+    return {"pretrain": PRETRAIN, "finetune": FINETUNE}[kind]
+
+
+def constant(kind: RunKind) -> str:
+    """The name of the kind's constant in this file, as the pipeline tracks it."""
+    return kind.upper()
+
+
+def stamp(run: str | Path, kind: RunKind) -> None:
+    """Record in the run folder the version (and commit) the run is being made under."""
+    atomic_write_json(Path(run) / RECORD, {"kind": kind, "version": current(kind), "commit": git_commit()})
+
+
+def recorded(run: str | Path, kind: RunKind) -> int:
+    """The version a run folder was made under: 1 when it has no record (made before versions existed)."""
+    path = Path(run) / RECORD
+    if not path.is_file():
+        return 1
+    try:
+        record = json.loads(path.read_text())
+        version = record["version"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected JSON with a 'version' number ({err})") from None
+    if record.get("kind") != kind:
+        raise ValueError(f"{path}: records a {record.get('kind')!r} run, expected a {kind!r} run")
+    return int(version)
