@@ -3,7 +3,8 @@ task from the pretrained encoder and from scratch over several seeds, and compar
 
 A task counts as a win when the pretrained mean beats the scratch mean by more than the seed spread (max - min)
 of either side. Rows of the tasks run are merged into the output file (other tasks' rows are kept) and rewritten
-after every fine-tune, so a partial run still leaves a table. Finished runs under the same config are reused.
+after every fine-tune, so a partial run still leaves a table. Finished runs under the same config and recipe
+version (`d2v.train.recipe`) are reused.
 
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
