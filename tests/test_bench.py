@@ -144,6 +144,7 @@ def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the
         run = tmp_path / f"lee_sts-scratch-s0-f{fold}"  # a finished fine-tune of this fold: reused, not rerun
         (run / "eval").mkdir(parents=True)
         (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json") | {"data_root": str(root)}))
+        recipe.stamp(run, "finetune")
         (run / "eval" / "lee_sts-test.json").write_text(json.dumps({"split": "test", "metrics": {
             "pearson": pearson, "spearman": pearson / 2}}))
     assert sorted(tested) == list(range(9))
