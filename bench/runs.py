@@ -32,9 +32,9 @@ def same_config(run: Path, cfg) -> bool:
         same = type(cfg).model_validate(json.loads(config.read_text())) == cfg
     except ValueError:  # written by an incompatible version
         return False
-    if same and recipe.recorded(run, kind) != recipe.current(kind):
-        print(f"{run}: made under {kind} recipe {recipe.recorded(run, kind)}, the code is at {recipe.current(kind)}: "
-              "not reused", file=sys.stderr)
+    if same and (made := recipe.recorded(run, kind)) != recipe.current(kind):
+        print(f"{run}: made under {kind} recipe {made}, the code is at {recipe.current(kind)}: not reused",
+              file=sys.stderr)
         return False
     return same
 

@@ -29,7 +29,7 @@ class Stage:
     deps: tuple[str, ...]
     outs: tuple[str, ...]
     params: tuple[str, ...] = ()  # dotted keys of params.yaml the command reads
-    recipe: tuple[str, ...] = ()  # constants of d2v/train/recipe.py: versions of the code it runs
+    versions: tuple[str, ...] = ()  # constants of d2v/train/recipe.py: versions of the code it runs
     metrics: tuple[str, ...] = ()  # outputs that are metrics (JSON)
     plots: tuple[str, ...] = ()  # outputs that are plots (PNG)
     resources: Resources = field(default_factory=Resources)
@@ -76,7 +76,7 @@ class StageTable:
             for part in key.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             values[key] = node
-        values |= {f"recipe.{name}": getattr(recipe, name) for name in stage.recipe}
+        values |= {f"recipe.{name}": getattr(recipe, name) for name in stage.versions}
         return json.dumps(values, sort_keys=True)
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -227,8 +227,8 @@ def dvc_yaml(table: StageTable) -> dict:
         entry: dict = {"cmd": s.cmd}
         if s.deps:
             entry["deps"] = list(dict.fromkeys(s.deps))
-        if s.params or s.recipe:
-            entry["params"] = list(s.params) + ([{RECIPE_FILE: list(s.recipe)}] if s.recipe else [])
+        if s.params or s.versions:
+            entry["params"] = list(s.params) + ([{RECIPE_FILE: list(s.versions)}] if s.versions else [])
         plain = [o for o in s.outs if o not in s.metrics and o not in s.plots]
         if plain:
             entry["outs"] = [{o: {"cache": False}} for o in plain]

@@ -27,9 +27,9 @@ from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.registry import build_encoder
 from d2v.nn.compile import compile_regions
+from d2v.train import recipe
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
-from d2v.train import recipe
 from d2v.train.pretrain import autocast
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
