@@ -107,7 +107,7 @@ class StageTable:
 
     def _add(self, kind: str, name: str, cmd: str, deps, outs, params=(), metrics=(), plots=()) -> None:
         stage = identifier(kind, *name.split("/")) if name else kind
-        versions = (recipe.constant(kind),) if kind in ("pretrain", "finetune") else ()
+        versions = (recipe.constant(kind),) if kind in recipe.KINDS else ()
         self.stages.append(Stage(stage, kind, cmd, tuple(map(str, deps)), tuple(map(str, outs)), self._keys(*params),
                                  versions, tuple(map(str, metrics)), tuple(map(str, plots)),
                                  self.profile.resources_for(kind), f"logs/{self.name}/{stage}.log"))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from d2v.io import atomic_write_json, git_commit
 
@@ -26,16 +26,17 @@ PRETRAIN = 1
 FINETUNE = 2
 
 RunKind = Literal["pretrain", "finetune"]
+KINDS: tuple[RunKind, ...] = get_args(RunKind)  # the stage kinds that carry a version
 RECORD = "recipe.json"
-
-
-def current(kind: RunKind) -> int:
-    return {"pretrain": PRETRAIN, "finetune": FINETUNE}[kind]
 
 
 def constant(kind: RunKind) -> str:
     """The name of the kind's constant in this file, as the pipeline tracks it."""
     return kind.upper()
+
+
+def current(kind: RunKind) -> int:
+    return globals()[constant(kind)]
 
 
 def stamp(run: str | Path, kind: RunKind) -> None:
