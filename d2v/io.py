@@ -57,10 +57,33 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     return path
 
 
-def git_commit() -> str:
-    """The commit of the d2v checkout, recorded in every result JSON ("unknown" outside git)."""
+def read_commit(package: str | Path) -> str:
+    """HEAD of the checkout holding `package`, with "-dirty" when tracked files under it differ from HEAD (the
+    results would not be reproducible from the commit alone); "unknown" outside git. Only the package's own files
+    count: a pipeline run rewrites the tracked results/ and dvc.lock as it goes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, text=True, check=True,
+                              cwd=package).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+# Read once, when d2v is imported: a job records the commit of the code it loaded, not the HEAD of the checkout
+# when it finishes (a long benchmark may outlive several commits).
+_COMMIT = read_commit(Path(__file__).resolve().parent)
+
+
+def git_commit() -> str:
+    """The commit of the d2v code this process runs, recorded in every result JSON."""
+    return _COMMIT
+
+
+def short_commit(commit: str) -> str:
+    """The commit's first 10 hex digits, keeping its "-dirty" mark."""
+    head, dirty, _ = commit.partition("-dirty")
+    return head[:10] + dirty

@@ -9,7 +9,7 @@ from fixtures import tone_task_shards
 
 from d2v.eval.baselines import bags, cosine, fit_selected, pair_features, run_baseline, stack_frames
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
-from d2v.train import tasks
+from d2v.train import recipe, tasks
 from d2v.train.tasks import BaselineConfig, baseline_config
 
 
@@ -78,8 +78,8 @@ def test_image_baseline_writes_one_raw_result_per_test_split(toy_image_task, tmp
     (result,) = run_baseline(cfg, tmp_path / "raw")
     assert result["init"] == "raw" and result["n"] == 16 and result["metrics"]["accuracy"] == 1.0  # bright vs dark
     assert result["selection"]["selected_on"] == "10% of train" and result["selection"]["n_train"] == 48
-    assert json.loads((tmp_path / "raw" / "toy_image-test.json").read_text())["params_digest"] == \
-        result["params_digest"]
+    saved = json.loads((tmp_path / "raw" / "toy_image-test.json").read_text())
+    assert saved["params_digest"] == result["params_digest"] and recipe.in_result(saved, "baseline") == recipe.BASELINE
     with pytest.raises(ValueError, match=r"toy_image: no extra test set \['x/y'\]"):
         run_baseline(cfg, tmp_path / "raw", extra=("x/y",))
 

@@ -110,7 +110,7 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
     assert clear["gain"] == pytest.approx(0.20) and clear["wins"]
 
 
-def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(tmp_path):
+def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(tmp_path, monkeypatch):
     cfg = finetune_config("speech_1h", {"init": "scratch"})
     (tmp_path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
     recipe.stamp(tmp_path, "finetune")
@@ -120,6 +120,13 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
         (tmp_path / "eval" / f"speech_1h-{split}.json").write_text(
             json.dumps({"split": split, "metrics": {"wer": wer, "cer": cer}}))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.7, "cer": 0.3})  # no fine-tuning was run
+    # evaluation code bumped: the same fine-tuned model is scored again, not trained again
+    monkeypatch.setattr(recipe, "EVALUATE", recipe.EVALUATE + 1)
+    monkeypatch.setattr(runs, "run_finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
+    rescored = [{"split": s, "metrics": {"wer": 0.5, "cer": 0.1}} for s in ("test_clean", "test_other")]
+    monkeypatch.setattr(runs, "evaluate", lambda run: rescored if run == tmp_path else pytest.fail(run))
+    assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.5, "cer": 0.1})
+    assert recipe.in_result({"recipe": 2}, "finetune") == 2 and recipe.in_result({"recipe": 2}, "evaluate") == 1
 
 
 def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the_folds(tmp_path, monkeypatch):

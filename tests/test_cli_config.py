@@ -9,7 +9,7 @@ import torch
 
 from d2v.cli import main
 from d2v.config import ConfigError, ObjectiveConfig, validate
-from d2v.io import atomic_torch_save, atomic_write_json
+from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_commit, short_commit
 from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
 from d2v.modalities.speech import frame_lengths
 from d2v.train import checkpoint
@@ -33,6 +33,29 @@ def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert stat.S_IMODE(json_path.stat().st_mode) == 0o640
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o640
     assert json.loads(json_path.read_text()) == {"a": 1}
+
+
+def test_the_recorded_commit_is_the_packages_head_dirty_only_for_its_own_tracked_files(tmp_path):
+    assert read_commit(tmp_path) == "unknown"  # not a git checkout
+    package, git = tmp_path / "pkg", ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    package.mkdir()
+    (package / "code.py").write_text("x = 1\n")
+    (tmp_path / "results.json").write_text("{}")
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results.json").write_text('{"new": 1}')  # outside the package: a pipeline rewriting its results
+    (package / "scratch.py").write_text("")  # untracked
+    assert read_commit(package) == head and len(head) == 40
+    (package / "code.py").write_text("x = 2\n")
+    assert read_commit(package) == head + "-dirty" and short_commit(head + "-dirty") == head[:10] + "-dirty"
+
+
+def test_the_process_commit_is_read_at_import_not_when_a_result_is_written(monkeypatch):
+    loaded = git_commit()
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("git ran after import"))
+    assert git_commit() == loaded  # a HEAD that moves under a running job does not change what it records
 
 
 def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_file(tmp_path):

@@ -2,6 +2,7 @@
 alone, CTC freezing works and CTC learns to transcribe, pretrained weights load, and evaluation writes the promised
 JSON."""
 import json
+import re
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path
     assert result["metrics"]["accuracy"] >= 0.9 and result["n"] == 16
     saved = json.loads((tmp_path / "run" / "eval" / "toy_image-test.json").read_text())
     assert {"metrics", "n", "seed", "commit", "params_digest", "split", "task"} <= saved.keys()
-    assert len(saved["commit"]) == 40 and saved["params_digest"] == config_digest(toy_image_task)
-    assert saved["recipe"] == recipe.FINETUNE == recipe.recorded(tmp_path / "run", "finetune")
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", saved["commit"])
+    assert saved["params_digest"] == config_digest(toy_image_task)
+    assert saved["recipe"] == {"finetune": recipe.FINETUNE, "evaluate": recipe.EVALUATE}
+    assert recipe.in_result(saved, "finetune") == recipe.recorded(tmp_path / "run", "finetune")
 
 
 def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):

@@ -152,7 +152,7 @@ def test_a_recipe_bump_reruns_exactly_the_stages_of_its_kind(monkeypatch):
     """Both front doors track the code's recipe versions as params: Snakemake through a job's settings, DVC
     through the constants of d2v/train/recipe.py, which it must be able to read."""
     table = StageTable(load_params(ROOT / "params.yaml", "embedded"), raw=RAW)
-    for kind in ("finetune", "pretrain"):
+    for kind in recipe.KINDS:
         before = {s.name: table.settings(s) for s in table}
         with monkeypatch.context() as m:
             m.setattr(recipe, kind.upper(), getattr(recipe, kind.upper()) + 1)
@@ -161,10 +161,11 @@ def test_a_recipe_bump_reruns_exactly_the_stages_of_its_kind(monkeypatch):
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for s in table:
         tracked = [p for p in spec[s.name].get("params", []) if isinstance(p, dict)]
-        assert tracked == ([{RECIPE_FILE: [s.kind.upper()]}] if s.kind in ("pretrain", "finetune") else []), s.name
+        assert tracked == ([{RECIPE_FILE: [s.kind.upper()]}] if s.kind in recipe.KINDS else []), s.name
     from dvc.utils.serialize import load_py  # DVC's own reader of Python params files
 
-    assert {"PRETRAIN": recipe.PRETRAIN, "FINETUNE": recipe.FINETUNE}.items() <= load_py(ROOT / RECIPE_FILE).items()
+    versions = {recipe.constant(kind): recipe.current(kind) for kind in recipe.KINDS}
+    assert len(versions) == 4 and versions.items() <= load_py(ROOT / RECIPE_FILE).items()
 
 
 def test_dvc_sees_the_pipeline_without_network_or_remote():

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from d2v.eval.metrics import oriented
-from d2v.io import atomic_write_text, git_commit
+from d2v.io import atomic_write_text, git_commit, short_commit
 from d2v.pipeline.params import Profile
 from d2v.train.tasks import RAW, TASKS
 
@@ -58,7 +58,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     for (task, split, metric), g in results.groupby(["task", "split", "metric"], sort=False):
         row = dict(task=task, stands_in_for=TASKS[task].stands_in_for if task in TASKS else "", split=split,
                    metric=metric, paper=PAPER.get((task, split, metric), np.nan),
-                   commit=",".join(sorted(set(g["commit"].str[:10]))))
+                   commit=",".join(sorted(set(g["commit"].map(short_commit)))))
         for init in ("pretrained", "scratch"):
             v = g.loc[g["init"] == init, "value"]
             row[init], row[f"{init}_std"] = (v.mean(), v.std(ddof=0)) if len(v) else (np.nan, np.nan)
@@ -128,7 +128,7 @@ def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame,
         lines += [f"| {k} | {n} | {t:.0f} |" for k, n, t in zip(kinds.sum().index, kinds.count(), kinds.sum())]
         lines.append(f"| **all** | {len(times)} | {times['seconds'].sum():.0f} |")
         lines += ["", "Per job: " + ", ".join(f"{r.stage} {r.seconds:.0f}" for r in times.itertuples()) + "."]
-    lines += ["", f"Commit: `{git_commit()[:10]}`.", ""]
+    lines += ["", f"Commit: `{short_commit(git_commit())}`.", ""]
     return "\n".join(lines)
 
 

@@ -3,8 +3,8 @@ as a linear probe on frozen features. Tasks are table rows; the loop is shared.
 
 Run folder: `config.json`, `recipe.json` (the recipe version it is made under, `d2v.train.recipe`), `metrics.csv`
 (train loss and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split), `curves.png`.
-`evaluate` writes one JSON per (task, split): metric values, number of examples, seed, git commit, recipe version
-and a digest of the run configuration.
+`evaluate` writes one JSON per (task, split): metric values, number of examples, seed, git commit, recipe versions
+(of the fine-tune and of the evaluation code) and a digest of the run configuration.
 """
 from __future__ import annotations
 
@@ -302,7 +302,8 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
         result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
                   "mode": cfg.mode, "metrics": score(task, preds, refs), "n": len(refs), "seed": cfg.seed,
                   "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),
-                  "steps": state["step"], "recipe": state.get("recipe", 1)}
+                  "steps": state["step"],
+                  "recipe": {"finetune": state.get("recipe", 1), "evaluate": recipe.EVALUATE}}
         target = Path(out or run_dir / "eval") / eval_file_name(cfg.task, s)
         atomic_write_json(target, result)
         results.append(result)

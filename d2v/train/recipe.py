@@ -3,11 +3,15 @@
 Bump one in the commit that changes what a run of that kind computes under an unchanged config (a new default
 rule, a corrected loss), never for a refactor that keeps every number. A run records the version it was made
 under (`recipe.json`; a pretraining checkpoint too), so that
-- the benchmarks (`bench/runs.py`) reuse a finished run only under the current version,
+- the benchmarks (`bench/runs.py`) reuse a finished run only under the current version (and re-score an evaluation
+  made under another EVALUATE without fine-tuning again),
 - a pretraining run does not resume from a checkpoint of another version,
 - the pipeline tracks each constant as a param of its stages (`d2v/pipeline/stages.py`): `dvc repro` and
   `snakemake` rerun exactly the stages that a bump touches.
-Runs made before these numbers existed count as version 1.
+Runs and results made before these numbers existed count as version 1.
+
+PRETRAIN: `d2v pretrain`; FINETUNE: `d2v finetune`; EVALUATE: `d2v evaluate`, the scoring of a fine-tuned model
+(prediction, decoding, text normalisation, metrics); BASELINE: `d2v baseline`, the raw-feature baselines.
 
 DVC reads this file as a params file: keep the versions plain literal assignments.
 
@@ -24,8 +28,10 @@ from d2v.io import atomic_write_json, git_commit
 
 PRETRAIN = 1
 FINETUNE = 2
+EVALUATE = 1
+BASELINE = 1
 
-RunKind = Literal["pretrain", "finetune"]
+RunKind = Literal["pretrain", "finetune", "evaluate", "baseline"]
 KINDS: tuple[RunKind, ...] = get_args(RunKind)  # the stage kinds that carry a version
 RECORD = "recipe.json"
 
@@ -57,3 +63,12 @@ def recorded(run: str | Path, kind: RunKind) -> int:
     if record.get("kind") != kind:
         raise ValueError(f"{path}: records a {record.get('kind')!r} run, expected a {kind!r} run")
     return int(version)
+
+
+def in_result(result: dict, kind: RunKind) -> int:
+    """The version of `kind` an evaluation JSON was made under (its "recipe" maps kinds to versions; results
+    written before EVALUATE existed held the fine-tune version as a bare number, or nothing)."""
+    versions = result.get("recipe", {})
+    if isinstance(versions, int):
+        versions = {"finetune": versions}
+    return int(versions.get(kind, 1))
