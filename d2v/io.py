@@ -59,13 +59,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
 
 def read_commit(package: str | Path) -> str:
     """HEAD of the checkout holding `package`, with "-dirty" when tracked files under it differ from HEAD (the
-    results would not be reproducible from the commit alone); "unknown" outside git. Only the package's own files
+    results would not be reproducible from the commit alone); "unknown" when git does not track the package (not a
+    checkout, or an installed copy inside some other repository's untracked venv). Only the package's own files
     count: a pipeline run rewrites the tracked results/ and dvc.lock as it goes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "--no-optional-locks", *args], capture_output=True, text=True, check=True,
                               cwd=package).stdout.strip()
 
     try:
+        git("ls-files", "--error-unmatch", "__init__.py")
         head = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".")
     except (OSError, subprocess.CalledProcessError):

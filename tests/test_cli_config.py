@@ -39,6 +39,7 @@ def test_the_recorded_commit_is_the_packages_head_dirty_only_for_its_own_tracked
     assert read_commit(tmp_path) == "unknown"  # not a git checkout
     package, git = tmp_path / "pkg", ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     package.mkdir()
+    (package / "__init__.py").write_text("")
     (package / "code.py").write_text("x = 1\n")
     (tmp_path / "results.json").write_text("{}")
     subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
@@ -50,6 +51,9 @@ def test_the_recorded_commit_is_the_packages_head_dirty_only_for_its_own_tracked
     assert read_commit(package) == head and len(head) == 40
     (package / "code.py").write_text("x = 2\n")
     assert read_commit(package) == head + "-dirty" and short_commit(head + "-dirty") == head[:10] + "-dirty"
+    (tmp_path / "venv" / "d2v").mkdir(parents=True)  # an installed copy that the enclosing repository ignores
+    (tmp_path / "venv" / "d2v" / "__init__.py").write_text("")
+    assert read_commit(tmp_path / "venv" / "d2v") == "unknown"
 
 
 def test_the_process_commit_is_read_at_import_not_when_a_result_is_written(monkeypatch):
