@@ -51,7 +51,7 @@ def test_the_recorded_commit_is_the_packages_head_dirty_only_for_its_own_tracked
     assert read_commit(package) == head and len(head) == 40
     (package / "code.py").write_text("x = 2\n")
     assert read_commit(package) == head + "-dirty" and short_commit(head + "-dirty") == head[:10] + "-dirty"
-    (tmp_path / "venv" / "d2v").mkdir(parents=True)  # an installed copy that the enclosing repository ignores
+    (tmp_path / "venv" / "d2v").mkdir(parents=True)  # an installed copy the enclosing repository does not track
     (tmp_path / "venv" / "d2v" / "__init__.py").write_text("")
     assert read_commit(tmp_path / "venv" / "d2v") == "unknown"
 
