@@ -12,7 +12,8 @@ time-to-accuracy: pretrain v2 on the real embedded image corpus for several step
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
         [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
     python bench/v2_vs_v1.py time-to-accuracy [--budgets 150,300] [--seeds 3] [--finetune-steps 150]
-        [--reference results/embedded/pretrain_vs_scratch.json] [--out results/bench/v2_time_to_accuracy.json]
+        [--reference results/bench/pretrain_vs_scratch_image_ft150_cpu.json]
+        [--out results/bench/v2_time_to_accuracy.json]
 """
 from __future__ import annotations
 
@@ -150,6 +151,9 @@ def time_to_accuracy(args) -> dict:
 
     reference = json.loads(Path(args.reference).read_text())
     v1_row = reference["tasks"]["fashion_mnist"]
+    if v1_row.get("finetune_steps") != args.finetune_steps:  # accuracy depends on the fine-tune's length
+        raise SystemExit(f"{args.reference}: its v1 row fine-tuned {v1_row.get('finetune_steps')} steps, not "
+                         f"--finetune-steps {args.finetune_steps}; pass the reference made with the same fine-tune")
     v1_seconds = args.v1_seconds or reference["pretrain"]["image"]["steps"] * 64 / \
         reference["pretrain"]["image"]["last"]["samples_per_s"]
     target = v1_row["pretrained"]["mean"]
@@ -194,7 +198,8 @@ def main() -> None:
     p.add_argument("--budgets", default="150,300")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--finetune-steps", type=int, default=150)
-    p.add_argument("--reference", default="results/embedded/pretrain_vs_scratch.json")
+    p.add_argument("--reference", default="results/bench/pretrain_vs_scratch_image_ft150_cpu.json",
+                   help="the v1 pretrain_vs_scratch.json row, made with the same --finetune-steps")
     p.add_argument("--v1-seconds", type=float, default=None, help="v1 pretraining time (default: from the log)")
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", default=str(OUT.with_name("v2_time_to_accuracy.json")))

@@ -103,6 +103,19 @@ def test_a_collapse_run_of_some_arms_adds_to_the_table_of_the_same_setting(tmp_p
     assert earlier_arms(str(out), "text", "tiny", 300) == {}
 
 
+def test_time_to_accuracy_refuses_a_reference_fine_tuned_for_another_length(tmp_path, monkeypatch):
+    import v2_vs_v1
+
+    reference = tmp_path / "ref.json"
+    reference.write_text(json.dumps({"tasks": {"fashion_mnist": {"finetune_steps": 1000}}}))
+    monkeypatch.setattr(runs, "pretrain_seconds", lambda *a: pytest.fail("pretrained before checking the reference"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test process's own thread count
+    monkeypatch.setattr(sys, "argv", ["v2_vs_v1.py", "time-to-accuracy", "--finetune-steps", "150",
+                                      "--reference", str(reference), "--runs", str(tmp_path)])
+    with pytest.raises(SystemExit, match="fine-tuned 1000 steps, not --finetune-steps 150"):
+        v2_vs_v1.main()
+
+
 def test_a_win_needs_a_gain_beyond_the_seed_spread():
     close = summarize("rt_polarity", {"pretrained": [0.72, 0.74], "scratch": [0.70, 0.73]})
     assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
