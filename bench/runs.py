@@ -54,7 +54,8 @@ def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | No
 
 def mean_test_metrics(cfg, out: Path) -> dict[str, float]:
     """Every metric of a fine-tune's test evaluations, averaged over its test splits (for CTC tasks the test_*
-    splits, not dev); an evaluation under the same config is reused, otherwise the task is fine-tuned first."""
+    splits, not dev); an evaluation under the same config is reused (scored again when it was made under another
+    EVALUATE version), otherwise the task is fine-tuned first."""
     task = TASKS[cfg.task]
     results = [out / "eval" / eval_file_name(cfg.task, split) for split in task.tests]
     if all(r.is_file() for r in results) and same_config(out, cfg):
