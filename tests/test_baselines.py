@@ -80,6 +80,7 @@ def test_image_baseline_writes_one_raw_result_per_test_split(toy_image_task, tmp
     assert result["selection"]["selected_on"] == "10% of train" and result["selection"]["n_train"] == 48
     saved = json.loads((tmp_path / "raw" / "toy_image-test.json").read_text())
     assert saved["params_digest"] == result["params_digest"] and recipe.in_result(saved, "baseline") == recipe.BASELINE
+    assert saved["predictions"]["classes_predicted"] == 2 and not saved["predictions"]["degenerate"]
     with pytest.raises(ValueError, match=r"toy_image: no extra test set \['x/y'\]"):
         run_baseline(cfg, tmp_path / "raw", extra=("x/y",))
 

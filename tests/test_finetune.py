@@ -27,6 +27,7 @@ def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", saved["commit"])
     assert saved["params_digest"] == config_digest(toy_image_task)
     assert saved["recipe"] == {"finetune": recipe.FINETUNE, "evaluate": recipe.EVALUATE}
+    assert saved["predictions"] == {"classes_predicted": 2, "majority_share": 0.5, "degenerate": False}
     assert recipe.in_result(saved, "finetune") == recipe.recorded(tmp_path / "run", "finetune")
 
 

@@ -1,12 +1,13 @@
-"""Metrics against the reference libraries, and greedy CTC decoding on hand-made logits."""
+"""Metrics against the reference libraries, greedy CTC decoding on hand-made logits, and the check for outputs that
+ignore the input."""
 import jiwer
 import numpy as np
 import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from d2v.eval.metrics import (TASK_METRICS, accuracy, cer, ctc_greedy, f1_binary, matthews_corrcoef, pearson, spearman,
-                              wer)
+from d2v.eval.metrics import (TASK_METRICS, accuracy, cer, ctc_greedy, f1_binary, matthews_corrcoef, pearson,
+                              prediction_stats, spearman, wer)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -84,3 +85,18 @@ def test_ctc_greedy_merges_repeats_then_drops_blanks():
     assert ctc_greedy(logits) == [[1, 1, 2, 2]]
     assert ctc_greedy(logits, lengths=[4]) == [[1, 1]]  # frames past the length are padding
     assert ctc_greedy(np.zeros((1, 3, 3))) == [[]]  # all-blank argmax
+
+
+def test_prediction_stats_flag_outputs_that_ignore_the_input():
+    prior = prediction_stats("classification", [1, 1, 1, 1], [1, 0, 1, 1])
+    assert prior == {"classes_predicted": 1, "majority_share": 0.75, "degenerate": True}
+    assert not prediction_stats("classification", [1, 0, 1, 1], [1, 1, 1, 1])["degenerate"]  # a mistake is not
+    blank = prediction_stats("ctc", ["", "", ""], ["a b", "c", "d"])
+    assert blank == {"empty_share": 1.0, "degenerate": True}
+    one_word = prediction_stats("ctc", ["the", "the", "the"], ["a b", "c", "d"])  # not empty, still constant
+    assert one_word["empty_share"] == 0.0 and one_word["degenerate"]
+    assert prediction_stats("ctc", ["", "a", ""], ["a", "a", "b"]) == {"empty_share": 2 / 3, "degenerate": False}
+    assert prediction_stats("regression", [0.3, 0.3], [1.0, 2.0]) == {"std": 0.0, "degenerate": True}
+    assert not prediction_stats("regression", [0.3, 0.4], [1.0, 2.0])["degenerate"]
+    with pytest.raises(ValueError, match="unknown task kind 'tagging'"):
+        prediction_stats("tagging", [0], [0])

@@ -233,11 +233,13 @@ def test_speech_runs_are_also_scored_on_real_speech_where_the_profile_prepares_i
 
 # --------------------------------------------------------------------------------------------------- report
 
-def _result(root: Path, task: str, init: str, seed: int, split: str, **metrics):
+def _result(root: Path, task: str, init: str, seed: int, split: str, degenerate: bool | None = None, **metrics):
     path = root / task / f"{init}-s{seed}" / f"{task}-{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"task": task, "split": split, "init": init, "seed": seed, "metrics": metrics,
-                                "commit": "abc"}))
+    result = {"task": task, "split": split, "init": init, "seed": seed, "metrics": metrics, "commit": "abc"}
+    if degenerate is not None:
+        result["predictions"] = {"degenerate": degenerate}
+    path.write_text(json.dumps(result))
 
 
 def test_summary_means_spreads_and_direction(tmp_path):
@@ -272,6 +274,13 @@ def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):
     text = write_report(profile, "smoke")
     assert "| rt_polarity (SST-2) | test | accuracy | 0.7000 ± 0.0000 | 0.6500 ± 0.0000 | 0.0500 ✓ | 1 | 0.7300 ✗ |" \
         in text
+    assert "†" not in text  # older JSONs carry no prediction stats: nothing is flagged
+    _result(tmp_path / "res", "rt_polarity", "scratch", 0, "test", degenerate=True, accuracy=0.65)
+    _result(tmp_path / "res", "rt_polarity", "pretrained", 0, "test", degenerate=False, accuracy=0.70)
+    text = write_report(profile, "smoke")
+    assert "| 0.7000 ± 0.0000 | 0.6500 ± 0.0000 † | 0.0500 ✓ |" in text and "† At least one seed gave" in text
+    assert pd.read_csv(tmp_path / "res/summary.csv")[["pretrained_degenerate", "scratch_degenerate"]].values.tolist() \
+        == [[0, 1]]
     assert (tmp_path / "res/summary.csv").is_file() and (tmp_path / "res/plots/finetune.png").stat().st_size > 0
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git[:1] + ["init", "-q"], check=True)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from d2v.config import config_digest
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.linear_ctc import fit_linear_ctc
+from d2v.eval.metrics import prediction_stats
 from d2v.io import atomic_write_json, git_commit
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe
@@ -240,7 +241,8 @@ def run_baseline(cfg: BaselineConfig, out_dir: str | Path, extra: tuple[str, ...
         preds, refs = outputs[split]
         result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": split, "init": RAW,
                   "mode": "baseline", "baseline": what, "selection": selection, "metrics": score(task, preds, refs),
-                  "n": len(refs), "seed": cfg.seed, "commit": git_commit(), "params_digest": config_digest(cfg),
+                  "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "seed": cfg.seed,
+                  "commit": git_commit(), "params_digest": config_digest(cfg),
                   "recipe": {"baseline": recipe.BASELINE}}
         atomic_write_json(Path(out_dir) / eval_file_name(cfg.task, split), result)
         results.append(result)

@@ -1,7 +1,9 @@
 """Benchmark metrics, implemented here (numpy only) and checked in tests against jiwer, scikit-learn and scipy:
-top-1 accuracy, WER, Matthews correlation, F1, Pearson and Spearman; plus greedy CTC decoding."""
+top-1 accuracy, WER, Matthews correlation, F1, Pearson and Spearman; plus greedy CTC decoding and a check for
+outputs that ignore the input (`prediction_stats`)."""
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -126,3 +128,22 @@ TASK_METRICS = {
     "acc_and_f1": lambda p, g: (accuracy(p, g) + f1_binary(p, g)) / 2,
     "pearson_and_spearman": lambda p, g: (pearson(p, g) + spearman(p, g)) / 2,
 }
+
+
+def prediction_stats(kind: str, preds: Sequence, refs: Sequence) -> dict:
+    """How varied a model's outputs are, beside its metrics: a classifier that predicts one class everywhere scores
+    its label prior, a CTC model on the blank plateau emits empty transcripts (WER 1.0), a constant regressor has no
+    correlation. `degenerate` says the output did not depend on the input at all."""
+    if kind == "classification":
+        top = Counter(refs).most_common(1)[0][1]
+        stats = {"classes_predicted": len(set(preds)), "majority_share": top / len(refs)}
+        stats["degenerate"] = stats["classes_predicted"] == 1
+    elif kind == "ctc":
+        stats = {"empty_share": sum(not h.strip() for h in preds) / len(preds)}
+        stats["degenerate"] = len(set(preds)) == 1
+    elif kind == "regression":
+        stats = {"std": float(np.std(np.asarray(preds, dtype=np.float64)))}
+        stats["degenerate"] = stats["std"] == 0.0
+    else:
+        raise ValueError(f"unknown task kind {kind!r}; expected classification, ctc or regression")
+    return stats

@@ -37,20 +37,24 @@ PAPER = {
 }
 
 COLUMNS = ["task", "stands_in_for", "split", "metric", "pretrained", "pretrained_std", "scratch", "scratch_std",
-           "delta", "pretrained_better", "seeds", "raw", "pretrained_beats_raw", "paper", "commit"]
+           "delta", "pretrained_better", "seeds", "raw", "pretrained_beats_raw", "paper", "commit",
+           "pretrained_degenerate", "scratch_degenerate"]  # seeds whose outputs ignore the input
 
 
 def collect(results_dir: str | Path) -> pd.DataFrame:
-    """One row per (task, split, init, seed, metric) from `RESULTS/TASK/INIT-sSEED/TASK-SPLIT.json`."""
+    """One row per (task, split, init, seed, metric) from `RESULTS/TASK/INIT-sSEED/TASK-SPLIT.json`; `degenerate`
+    when the model gave every test example the same output (`prediction_stats`; absent in older JSONs)."""
     rows = []
     for path in sorted(Path(results_dir).glob("*/*/*.json")):
         try:
             r = json.loads(path.read_text())
             rows += [dict(task=r["task"], split=r["split"], init=r["init"], seed=r["seed"], metric=k, value=v,
-                          commit=r.get("commit", "unknown")) for k, v in r["metrics"].items()]
+                          commit=r.get("commit", "unknown"),
+                          degenerate=bool(r.get("predictions", {}).get("degenerate", False)))
+                     for k, v in r["metrics"].items()]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not an evaluation result ({err})") from None
-    return pd.DataFrame(rows, columns=["task", "split", "init", "seed", "metric", "value", "commit"])
+    return pd.DataFrame(rows, columns=["task", "split", "init", "seed", "metric", "value", "commit", "degenerate"])
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -62,6 +66,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         for init in ("pretrained", "scratch"):
             v = g.loc[g["init"] == init, "value"]
             row[init], row[f"{init}_std"] = (v.mean(), v.std(ddof=0)) if len(v) else (np.nan, np.nan)
+            row[f"{init}_degenerate"] = int(g.loc[g["init"] == init, "degenerate"].sum())
         raw = g.loc[g["init"] == RAW, "value"]
         row["raw"] = raw.mean() if len(raw) else np.nan
         row["seeds"] = int(g.loc[g["init"] != RAW, "seed"].nunique())
@@ -108,11 +113,18 @@ def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame,
     def mark(better):
         return "" if better is None else (" ✓" if better else " ✗")
 
+    def dagger(seeds):
+        return " †" if seeds > 0 else ""
+
     for r in summary.itertuples():
         lines.append(f"| {r.task} ({r.stands_in_for}) | {r.split} | {r.metric} | {fmt(r.pretrained)} ± "
-                     f"{fmt(r.pretrained_std)} | {fmt(r.scratch)} ± {fmt(r.scratch_std)} | "
+                     f"{fmt(r.pretrained_std)}{dagger(r.pretrained_degenerate)} | {fmt(r.scratch)} ± "
+                     f"{fmt(r.scratch_std)}{dagger(r.scratch_degenerate)} | "
                      f"{fmt(r.delta)}{mark(r.pretrained_better)} | {r.seeds} | "
                      f"{fmt(r.raw)}{mark(r.pretrained_beats_raw)} | {fmt(r.paper)} |")
+    if (summary[["pretrained_degenerate", "scratch_degenerate"]] > 0).any(axis=None):
+        lines += ["", "† At least one seed gave every test example the same output (one class, one transcript or one "
+                  "score): that number measures the labels, not a learned model."]
     if not pretrain.empty:
         lines += ["", "## Pretraining", "", "| modality | steps | loss first → last | target_var | pred_var | "
                   "samples/s |", "|---|---|---|---|---|---|"]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from d2v.config import Objective, config_digest
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
-from d2v.eval.metrics import TASK_METRICS, ctc_greedy, oriented
+from d2v.eval.metrics import TASK_METRICS, ctc_greedy, oriented, prediction_stats
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
@@ -300,7 +300,8 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     for s in [*([split] if split else task.tests), *extra]:
         preds, refs = predict(model, cfg, s, amp)
         result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
-                  "mode": cfg.mode, "metrics": score(task, preds, refs), "n": len(refs), "seed": cfg.seed,
+                  "mode": cfg.mode, "metrics": score(task, preds, refs),
+                  "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "seed": cfg.seed,
                   "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),
                   "steps": state["step"],
                   "recipe": {"finetune": state.get("recipe", 1), "evaluate": recipe.EVALUATE}}
