@@ -126,7 +126,7 @@ class ObjectiveConfig(StrictModel):
     layer_norm_targets: Literal["instance", "layer", "none"] = "instance"  # per-layer norm before averaging
     final_norm: Literal["layer", "instance", "none"] = "none"  # norm after averaging
     # experimental, not in the papers: subtract each position's batch-mean target, the part of the targets that
-    # position alone predicts (see README, "Text: what the student learns")
+    # position alone predicts (docs/findings.md, text)
     center_targets: Literal["none", "position"] = "none"
     head: Literal["linear", "mlp2"] = "linear"
     loss: LossConfig = LossConfig()

@@ -86,7 +86,7 @@ class Encoder(nn.Module, ABC):
 
     def freeze_local_encoder(self) -> None:
         """Keep the local encoder (input -> token features) at its initialisation; not in the papers. The teacher
-        shares it, so a trainable one can collapse the targets onto a few directions (README, collapse)."""
+        shares it, so a trainable one can collapse the targets onto a few directions (docs/findings.md, speech)."""
         raise NotImplementedError(f"{type(self).__name__} has no switch to freeze its local encoder")
 
     @property

@@ -40,7 +40,7 @@ class FbankConfig(StrictModel):
 
 class SpeechEncoderConfig(StrictModel):
     # waveform: wav2vec 2.0's CNN on raw audio (the papers'); fbank: log-mel filterbanks and one strided conv, a
-    # front end a CPU can learn from in minutes where a random or briefly trained CNN cannot (README, speech)
+    # front end a CPU can learn from in minutes where a random or briefly trained CNN cannot (docs/findings.md, speech)
     frontend: Literal["waveform", "fbank"] = "waveform"
     conv_layers: tuple[tuple[int, int, int], ...] = BASE_CONV  # waveform: (channels, kernel, stride)
     fbank: FbankConfig = FbankConfig()
@@ -256,7 +256,7 @@ class SpeechEncoder(Encoder):
 
     def freeze_local_encoder(self) -> None:
         """Keep the front end, its LayerNorm and the projection at their initialisation: a fixed random projection
-        of the log-mels (or CNN features), whose rank pretraining then cannot collapse (README, speech)."""
+        of the log-mels (or CNN features), whose rank pretraining then cannot collapse (docs/findings.md, speech)."""
         self.scale_front_end_grad(0.0)
         for module in (self.feature_norm, self.feature_proj):
             module.requires_grad_(False)

@@ -83,7 +83,7 @@ def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
     """Layer-wise LR decay protects what the lower layers of a pretrained encoder learned; a scratch encoder has
     nothing to protect, so it trains every layer at the full LR, as MAE's and DeiT's from-scratch recipes do. With
     decay 0.75 the embedded scratch ViT's patch embedding would learn at 0.75^7 ≈ 0.13 of the LR, a straw-man baseline
-    (README, "pretrained vs scratch")."""
+    (docs/findings.md, image)."""
     task = TASKS[cfg.task]
     if task.modality == "image" and cfg.layer_decay < 1.0 and cfg.mode == "full" and cfg.init == "pretrained":
         depth = model.encoder.cfg.depth
