@@ -96,7 +96,8 @@ def test_prediction_stats_flag_outputs_that_ignore_the_input():
     one_word = prediction_stats("ctc", ["the", "the", "the"], ["a b", "c", "d"])  # not empty, still constant
     assert one_word["empty_share"] == 0.0 and one_word["degenerate"]
     assert prediction_stats("ctc", ["", "a", ""], ["a", "a", "b"]) == {"empty_share": 2 / 3, "degenerate": False}
-    assert prediction_stats("regression", [0.3, 0.3], [1.0, 2.0]) == {"std": 0.0, "degenerate": True}
+    assert prediction_stats("regression", [0.3, 0.3], [1.0, 2.0]) == {"std": 0.0, "reference_std": 0.5,
+                                                                      "degenerate": True}
     assert not prediction_stats("regression", [0.3, 0.4], [1.0, 2.0])["degenerate"]
     with pytest.raises(ValueError, match="unknown task kind 'tagging'"):
         prediction_stats("tagging", [0], [0])

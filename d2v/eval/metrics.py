@@ -142,7 +142,9 @@ def prediction_stats(kind: str, preds: Sequence, refs: Sequence) -> dict:
         stats = {"empty_share": sum(not h.strip() for h in preds) / len(preds)}
         stats["degenerate"] = len(set(preds)) == 1
     elif kind == "regression":
-        stats = {"std": float(np.std(np.asarray(preds, dtype=np.float64)))}
+        # a correlation ignores scale, so a small spread can still rank well; the labels' spread is beside it
+        stats = {"std": float(np.std(np.asarray(preds, dtype=np.float64))),
+                 "reference_std": float(np.std(np.asarray(refs, dtype=np.float64)))}
         stats["degenerate"] = stats["std"] == 0.0
     else:
         raise ValueError(f"unknown task kind {kind!r}; expected classification, ctc or regression")
