@@ -37,8 +37,21 @@ from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
 
 
-def parse_map(text: str, cast=int) -> dict:
-    return {k: cast(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+def per_key(cast=int):
+    """An argparse type for "KEY=VALUE,KEY=VALUE" (per modality or per task) -> {KEY: cast(VALUE)}."""
+    def parse(text: str) -> dict:
+        out = {}
+        for item in filter(None, text.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (per modality or task, e.g. image=600)")
+            try:
+                out[key] = cast(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not {cast.__name__}") from None
+        return out
+    parse.__name__ = "KEY=VALUE list"  # argparse names the type in its error
+    return parse
 
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
@@ -114,15 +127,15 @@ def main() -> None:
     parser.add_argument("--modalities", default="text,image,speech")
     parser.add_argument("--tasks", default=None, help="default: the embedded tasks of the chosen modalities")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--objective", default="", help="per modality, e.g. text=v2 (default v1)")
-    parser.add_argument("--pretrain-steps", default="")
-    parser.add_argument("--finetune-steps", default="")
+    parser.add_argument("--objective", type=per_key(str), default={}, help="per modality, e.g. text=v2 (default v1)")
+    parser.add_argument("--pretrain-steps", type=per_key(), default={}, help="per modality, e.g. image=600")
+    parser.add_argument("--finetune-steps", type=per_key(), default={}, help="per task, e.g. fashion_mnist=150")
     parser.add_argument("--set", action="append", default=[], help="pretraining override, MODALITY.FIELD=VALUE")
     parser.add_argument("--ft-set", action="append", default=[], help="fine-tuning override, TASK.FIELD=VALUE")
-    parser.add_argument("--pretrained", default="", help="per modality, a checkpoint to fine-tune instead of "
-                        "pretraining, e.g. text=runs/mlm/text/final.pt")
-    parser.add_argument("--folds", default="", help="per task, K-fold cross-validation by document, e.g. "
-                        "lee_sts=5: each seed scores the mean over the folds")
+    parser.add_argument("--pretrained", type=per_key(str), default={}, help="per modality, a checkpoint to fine-tune "
+                        "instead of pretraining, e.g. text=runs/mlm/text/final.pt")
+    parser.add_argument("--folds", type=per_key(), default={}, help="per task, K-fold cross-validation by document, "
+                        "e.g. lee_sts=5: each seed scores the mean over the folds")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
@@ -130,9 +143,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(2)
     modalities = args.modalities.split(",")
-    objectives, pre_steps = parse_map(args.objective, str), parse_map(args.pretrain_steps)
-    given = {m: given_checkpoint(path) for m, path in parse_map(args.pretrained, str).items()}  # read once
-    ft_steps, folds = parse_map(args.finetune_steps), parse_map(args.folds)
+    objectives, pre_steps, ft_steps, folds = args.objective, args.pretrain_steps, args.finetune_steps, args.folds
+    given = {m: given_checkpoint(path) for m, path in args.pretrained.items()}  # read once
     tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
     pre_sets, ft_sets = parse_sets(args.set), parse_sets(args.ft_set)
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)

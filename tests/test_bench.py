@@ -252,3 +252,15 @@ def test_tasks_fine_tune_the_pretrained_encoders_preset_and_a_different_one_stop
                                          "'embedded-fbank'"):
         pretrain_vs_scratch.main()
     assert not (tmp_path / "out.json").exists()
+
+
+def test_per_modality_and_per_task_options_parse_key_value_lists_and_name_a_bare_value(monkeypatch, capsys):
+    assert pretrain_vs_scratch.per_key()("image=600,text=150") == {"image": 600, "text": 150}
+    assert pretrain_vs_scratch.per_key(str)("text=runs/mlm/final.pt") == {"text": "runs/mlm/final.pt"}
+    assert pretrain_vs_scratch.per_key()("") == {}
+    for argv, expected in ((["--pretrain-steps", "600"], "argument --pretrain-steps: '600' is not KEY=VALUE"),
+                           (["--folds", "lee_sts=x"], "argument --folds: 'lee_sts=x': 'x' is not int")):
+        monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", *argv])
+        with pytest.raises(SystemExit):
+            pretrain_vs_scratch.main()
+        assert expected in capsys.readouterr().err
