@@ -79,7 +79,10 @@ def summarize(task: str, runs: dict[str, list[float]]) -> dict:
         delta = out["pretrained"]["mean"] - out["scratch"]["mean"]
         gain = oriented(metric, delta)
         margin = max(out["pretrained"]["spread"], out["scratch"]["spread"])
-        out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin))
+        # seed k of both arms shares the fine-tune's data order and head init: count the seeds where pretraining
+        # is ahead, a paired view beside the unpaired `wins` (which one outlying seed can overturn)
+        ahead = sum(oriented(metric, p - s) > 0 for p, s in zip(runs["pretrained"], runs["scratch"]))
+        out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin), seeds_ahead=int(ahead))
     return out
 
 

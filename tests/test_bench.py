@@ -120,7 +120,12 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
     close = summarize("rt_polarity", {"pretrained": [0.72, 0.74], "scratch": [0.70, 0.73]})
     assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
     clear = summarize("speech_10min", {"pretrained": [0.30, 0.32], "scratch": [0.50, 0.52]})  # WER: lower wins
-    assert clear["gain"] == pytest.approx(0.20) and clear["wins"]
+    assert clear["gain"] == pytest.approx(0.20) and clear["wins"] and clear["seeds_ahead"] == 2
+    assert close["seeds_ahead"] == 2  # ahead in every pair, yet within the spread: not a win
+    outlier = summarize("fashion_mnist", {"pretrained": [0.64, 0.61, 0.67], "scratch": [0.53, 0.55, 0.62]})
+    assert outlier["seeds_ahead"] == 3 and not outlier["wins"]  # one scratch seed widens the spread past the gain
+    behind = summarize("speech_10min", {"pretrained": [0.30, 0.60], "scratch": [0.50, 0.52]})
+    assert behind["seeds_ahead"] == 1
 
 
 def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(tmp_path, monkeypatch):
