@@ -50,7 +50,6 @@ def per_key(cast=int):
             except ValueError:
                 raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not {cast.__name__}") from None
         return out
-    parse.__name__ = "KEY=VALUE list"  # argparse names the type in its error
     return parse
 
 
