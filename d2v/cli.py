@@ -287,12 +287,20 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(r: dict, label: str) -> None:
+    """One line of metrics; a warning on stderr when every example got the same output (`prediction_stats`)."""
+    values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
+    print(f"{r['task']}/{r['split']} ({label}): {values}  n={r['n']}")
+    if r.get("predictions", {}).get("degenerate"):
+        print(f"warning: {r['task']}/{r['split']} ({label}): every example got the same output, so these numbers "
+              f"measure the labels, not the model ({r['predictions']})", file=sys.stderr)
+
+
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from d2v.train.finetune import evaluate
 
     for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra)):
-        values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
-        print(f"{r['task']}/{r['split']} ({r['init']}, {r['mode']}): {values}  n={r['n']}")
+        _print_result(r, f"{r['init']}, {r['mode']}")
     return 0
 
 
@@ -314,8 +322,7 @@ def baseline_cmd(args: argparse.Namespace) -> int:
         cfg = baseline_config(args.task, _nested(args.set))
         out = Path(args.out or f"results/baselines/{args.task}")
     for r in run_baseline(cfg, out, tuple(args.extra)):
-        values = "  ".join(f"{k}={v:.4f}" for k, v in r["metrics"].items())
-        print(f"{r['task']}/{r['split']} (raw features: {r['baseline']}): {values}  n={r['n']}")
+        _print_result(r, f"raw features: {r['baseline']}")
     print(f"-> {out}")
     return 0
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from d2v import cli
 from d2v.cli import main
 from d2v.config import ConfigError, ObjectiveConfig, validate
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_commit, short_commit
@@ -175,3 +176,15 @@ def test_registry_caps_top_k_at_the_preset_depth():
 
     assert build_modality("speech", "base")[1].top_k == 8  # the paper's K where the depth allows it
     assert build_modality("text", "tiny")[1].top_k == 3  # recipe K=10, tiny text has 3 blocks
+
+
+def test_a_result_whose_outputs_ignore_the_input_is_printed_with_a_warning(capsys):
+    result = {"task": "rt_polarity", "split": "test", "metrics": {"accuracy": 0.5678}, "n": 1275,
+              "predictions": {"classes_predicted": 1, "majority_share": 0.5678, "degenerate": True}}
+    cli._print_result(result, "scratch, full")
+    out, err = capsys.readouterr()
+    assert out == "rt_polarity/test (scratch, full): accuracy=0.5678  n=1275\n"
+    assert "warning: rt_polarity/test (scratch, full): every example got the same output" in err
+    cli._print_result({**result, "predictions": {"classes_predicted": 2, "degenerate": False}}, "scratch, full")
+    cli._print_result({k: v for k, v in result.items() if k != "predictions"}, "raw")  # written before the field
+    assert capsys.readouterr().err == ""
