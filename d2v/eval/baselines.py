@@ -23,14 +23,12 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from d2v.config import config_digest
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.linear_ctc import fit_linear_ctc
-from d2v.eval.metrics import prediction_stats
-from d2v.io import atomic_write_json, git_commit
+from d2v.io import atomic_write_json
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe
-from d2v.train.finetune import as_inputs, headline, loader, score
+from d2v.train.finetune import as_inputs, headline, loader, require_extra_tests, result_record, score
 from d2v.train.tasks import RAW, TASKS, BaselineConfig, FinetuneConfig, Task, eval_file_name
 
 # --------------------------------------------------------------------------------------------------- features
@@ -230,20 +228,15 @@ def run_baseline(cfg: BaselineConfig, out_dir: str | Path, extra: tuple[str, ...
     """Fit the task's raw-feature baseline on its training split and score it on every test split (and the `extra`
     test sets); one JSON per split in `out_dir`."""
     task = TASKS[cfg.task]
-    unknown = sorted(set(extra) - set(task.extra_tests))
-    if unknown:
-        raise ValueError(f"{cfg.task}: no extra test set {unknown}; it has {list(task.extra_tests) or 'none'}")
+    require_extra_tests(cfg.task, extra)
     splits = [*task.tests, *extra]
     fit = {"ctc": ctc_baseline, "regression": similarity_baseline}.get(task.kind, classical_baseline)
     what, outputs, selection = fit(cfg, splits)
     results = []
     for split in splits:
         preds, refs = outputs[split]
-        result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": split, "init": RAW,
-                  "mode": "baseline", "baseline": what, "selection": selection, "metrics": score(task, preds, refs),
-                  "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "seed": cfg.seed,
-                  "commit": git_commit(), "params_digest": config_digest(cfg),
-                  "recipe": {"baseline": recipe.BASELINE}}
+        result = result_record(cfg, split, preds, refs, init=RAW, mode="baseline", baseline=what,
+                               selection=selection, recipe={"baseline": recipe.BASELINE})
         atomic_write_json(Path(out_dir) / eval_file_name(cfg.task, split), result)
         results.append(result)
     return results

@@ -187,6 +187,23 @@ def score(task: Task, preds: list, refs: list) -> dict[str, float]:
     return {m: TASK_METRICS[m](preds, refs) for m in task.metrics}
 
 
+def result_record(cfg, split: str, preds: list, refs: list, **fields) -> dict:
+    """What every evaluation and baseline JSON holds about a scored split (`cfg`: a fine-tuning or baseline config),
+    plus the writer's own `fields`."""
+    task = TASKS[cfg.task]
+    return {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": split, "metrics": score(task, preds, refs),
+            "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "seed": cfg.seed,
+            "commit": git_commit(), "params_digest": config_digest(cfg), **fields}
+
+
+def require_extra_tests(task_name: str, extra: tuple[str, ...]) -> None:
+    """Refuse test sets that are not among the task's `extra_tests`, before any work."""
+    task = TASKS[task_name]
+    unknown = sorted(set(extra) - set(task.extra_tests))
+    if unknown:
+        raise ValueError(f"{task_name}: no extra test set {unknown}; it has {list(task.extra_tests) or 'none'}")
+
+
 def selection_key(task: Task, metrics: dict[str, float]) -> tuple[float, ...]:
     """Higher is better: the headline metric, ties broken by the task's next ones (CTC: WER, then CER, since at
     small budgets WER stays at 1.0 while CER already falls). An undefined metric (NaN) ranks below every value."""
@@ -294,17 +311,12 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     model.to(device)
     amp, _ = autocast(device, cfg.precision)
     results = []
-    unknown = sorted(set(extra) - set(task.extra_tests))
-    if unknown:
-        raise ValueError(f"{cfg.task}: no extra test set {unknown}; it has {list(task.extra_tests) or 'none'}")
+    require_extra_tests(cfg.task, extra)
     for s in [*([split] if split else task.tests), *extra]:
         preds, refs = predict(model, cfg, s, amp)
-        result = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": s, "init": cfg.init,
-                  "mode": cfg.mode, "metrics": score(task, preds, refs),
-                  "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "seed": cfg.seed,
-                  "commit": git_commit(), "params_digest": config_digest(cfg), "checkpoint": str(path),
-                  "steps": state["step"],
-                  "recipe": {"finetune": state.get("recipe", 1), "evaluate": recipe.EVALUATE}}
+        result = result_record(cfg, s, preds, refs, init=cfg.init, mode=cfg.mode, checkpoint=str(path),
+                               steps=state["step"],
+                               recipe={"finetune": state.get("recipe", 1), "evaluate": recipe.EVALUATE})
         target = Path(out or run_dir / "eval") / eval_file_name(cfg.task, s)
         atomic_write_json(target, result)
         results.append(result)
