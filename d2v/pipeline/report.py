@@ -64,9 +64,10 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
                    metric=metric, paper=PAPER.get((task, split, metric), np.nan),
                    commit=",".join(sorted(set(g["commit"].map(short_commit)))))
         for init in ("pretrained", "scratch"):
-            v = g.loc[g["init"] == init, "value"]
+            arm = g[g["init"] == init]
+            v = arm["value"]
             row[init], row[f"{init}_std"] = (v.mean(), v.std(ddof=0)) if len(v) else (np.nan, np.nan)
-            row[f"{init}_degenerate"] = int(g.loc[g["init"] == init, "degenerate"].sum())
+            row[f"{init}_degenerate"] = int(arm["degenerate"].sum())
         raw = g.loc[g["init"] == RAW, "value"]
         row["raw"] = raw.mean() if len(raw) else np.nan
         row["seeds"] = int(g.loc[g["init"] != RAW, "seed"].nunique())
