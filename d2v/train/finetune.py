@@ -304,6 +304,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
         raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = FinetuneConfig.model_validate(state["config"])
+    require_extra_tests(cfg.task, extra)
     task = TASKS[cfg.task]
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])
@@ -311,7 +312,6 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     model.to(device)
     amp, _ = autocast(device, cfg.precision)
     results = []
-    require_extra_tests(cfg.task, extra)
     for s in [*([split] if split else task.tests), *extra]:
         preds, refs = predict(model, cfg, s, amp)
         result = result_record(cfg, s, preds, refs, init=cfg.init, mode=cfg.mode, checkpoint=str(path),
