@@ -9,7 +9,7 @@ version (`d2v.train.recipe`) are reused.
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
-        [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5]
+        [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5] [--ft-profile embedded]
 
 `--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values).
 Fine-tuning, pretrained and scratch, uses the preset of the modality's pretrained encoder (`--set
@@ -17,7 +17,9 @@ speech.preset=embedded-fbank` is enough). `--tag` names a separate family of run
 GPU at a larger scale. `--pretrained` fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of
 pretraining that modality. `--folds` scores a task by K-fold cross-validation (lee_sts: by document, each fold 30
 train / 10 dev / 10 test documents): each seed's value is the mean over the folds, fold k's runs are named
-`...-sSEED-fK`.
+`...-sSEED-fK`. `--ft-profile` starts each task's fine-tuning from the overrides a params.yaml profile gives it
+(embedded: fashion_mnist with flips only, speech_1h behind the log-mel front end), so a bench row can repeat the
+pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on top, and the row records the result.
 """
 from __future__ import annotations
 
@@ -68,6 +70,15 @@ def parse_sets(items: list[str]) -> dict[str, dict]:
     return out
 
 
+def profile_finetune(profile: str | None, params: str) -> dict[str, dict]:
+    """A params.yaml profile's fine-tuning overrides per task ({} without a profile)."""
+    if profile is None:
+        return {}
+    from d2v.pipeline.params import load_params
+
+    return load_params(params, profile).active.finetune
+
+
 def summarize(task: str, runs: dict[str, list[float]]) -> dict:
     metric = TASKS[task].metrics[0]
     out = {"metric": metric, "stands_in_for": TASKS[task].stands_in_for}
@@ -111,16 +122,16 @@ def given_checkpoint(path: str) -> tuple[Path, dict]:
 def encoder_presets(modalities: list[str], tasks: list[str], pre_sets: dict, ft_sets: dict,
                     given: dict[str, tuple[Path, dict]]) -> dict[str, str]:
     """Each modality's pretrained encoder preset (the given checkpoint's, as `given_checkpoint` read it, or the
-    pretraining config's), which its tasks fine-tune, pretrained and scratch alike. A task's different
-    `--ft-set TASK.preset` stops the run before any pretraining, instead of when the pretrained checkpoint fails to
-    load."""
+    pretraining config's), which its tasks fine-tune, pretrained and scratch alike. A task's different preset (from
+    --ft-set or --ft-profile) stops the run before any pretraining, instead of when the pretrained checkpoint fails
+    to load."""
     presets = {m: given[m][1]["preset"] if m in given else pretrain_config(m, pre_sets.get(m, {})).preset
                for m in modalities}
     for task in tasks:
         modality, own = TASKS[task].modality, ft_sets.get(task, {}).get("preset")
         if own is not None and presets.get(modality) not in (None, own):
-            raise SystemExit(f"--ft-set {task}.preset={own}: the {modality} encoder is pretrained as "
-                             f"{presets[modality]!r} (set it with --set {modality}.preset, or drop the --ft-set)")
+            raise SystemExit(f"{task}.preset={own}: the {modality} encoder is pretrained as {presets[modality]!r} "
+                             f"(set it with --set {modality}.preset, or drop the preset from --ft-set/--ft-profile)")
     return presets
 
 
@@ -138,6 +149,9 @@ def main() -> None:
                         "instead of pretraining, e.g. text=runs/mlm/text/final.pt")
     parser.add_argument("--folds", type=per_key(), default={}, help="per task, K-fold cross-validation by document, "
                         "e.g. lee_sts=5: each seed scores the mean over the folds")
+    parser.add_argument("--ft-profile", default=None, help="fine-tune each task from this params.yaml profile's "
+                        "overrides (e.g. embedded), under --finetune-steps and --ft-set")
+    parser.add_argument("--params", default="params.yaml", help="the params file --ft-profile reads")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
@@ -148,7 +162,8 @@ def main() -> None:
     objectives, pre_steps, ft_steps, folds = args.objective, args.pretrain_steps, args.finetune_steps, args.folds
     given = {m: given_checkpoint(path) for m, path in args.pretrained.items()}  # read once
     tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
-    pre_sets, ft_sets = parse_sets(args.set), parse_sets(args.ft_set)
+    pre_sets = parse_sets(args.set)
+    ft_sets = merge(profile_finetune(args.ft_profile, args.params), parse_sets(args.ft_set))
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
                                                                 "tasks": {}}
@@ -178,7 +193,8 @@ def main() -> None:
                     overrides["pretrained"] = str(checkpoints[modality])
                 if task in ft_steps:
                     overrides["steps"] = ft_steps[task]
-                cfg = finetune_config(task, merge(overrides, ft_sets.get(task, {})))
+                # the per-run settings (init, seed, steps…) over the task's overrides, which may come from a profile
+                cfg = finetune_config(task, merge(ft_sets.get(task, {}), overrides))
                 tag = init if objective == "v1" else f"{init}-{objective}"
                 if init == "pretrained" and kind != "data2vec":
                     tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
@@ -186,7 +202,8 @@ def main() -> None:
                 every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task)))
                 values.setdefault(init, []).append(every[init][-1][TASKS[task].metrics[0]])
                 report["tasks"][task] = {**summarize(task, values), "objective": objective,
-                                         "finetune_steps": cfg.steps, "overrides": ft_sets.get(task, {}),
+                                         "finetune_steps": cfg.steps, "ft_profile": args.ft_profile,
+                                         "overrides": ft_sets.get(task, {}),
                                          "folds": folds.get(task),
                                          "test_metrics": every}
                 atomic_write_json(out, report)

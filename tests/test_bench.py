@@ -269,3 +269,35 @@ def test_per_modality_and_per_task_options_parse_key_value_lists_and_name_a_bare
         with pytest.raises(SystemExit):
             pretrain_vs_scratch.main()
         assert expected in capsys.readouterr().err
+
+
+def test_a_params_profile_gives_each_task_the_pipelines_fine_tuning_under_the_benchs_own_overrides(tmp_path,
+                                                                                                    monkeypatch):
+    from d2v.pipeline.params import load_params
+
+    profile = load_params("params.yaml", "embedded").active
+    built = []
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v2"}))
+    monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
+                        lambda cfg, run, folds: built.append(cfg) or {"accuracy": 0.5})
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "image", "--tasks", "fashion_mnist",
+                                      "--seeds", "1", "--objective", "image=v2", "--ft-profile", "embedded",
+                                      "--finetune-steps", "fashion_mnist=7", "--ft-set", "fashion_mnist.batch_size=16",
+                                      "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    pretrain_vs_scratch.main()
+    for cfg, init in zip(built, ("pretrained", "scratch"), strict=True):
+        pipeline = profile.finetune_config("fashion_mnist", init, 0).model_dump()
+        pipeline.update(steps=7, batch_size=16, pretrained=str(tmp_path / "final.pt") if init == "pretrained" else None)
+        assert cfg.model_dump() == pipeline  # flips only, as the pipeline fine-tunes
+    row = json.loads(out.read_text())["tasks"]["fashion_mnist"]
+    assert row["ft_profile"] == "embedded" and row["overrides"]["image"]["randaugment_magnitude"] == 0
+    assert row["overrides"]["batch_size"] == 16 and row["finetune_steps"] == 7
+
+    # the profile's speech_1h fine-tunes the log-mel encoder: a waveform pretraining stops before it starts
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: pytest.fail("pretrained despite the mismatch"))
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "speech", "--tasks", "speech_1h",
+                                      "--ft-profile", "embedded", "--out", str(tmp_path / "speech.json")])
+    with pytest.raises(SystemExit, match="speech_1h.preset=embedded-fbank: the speech encoder is pretrained as "
+                                         "'embedded'"):
+        pretrain_vs_scratch.main()
