@@ -20,8 +20,9 @@ train / 10 dev / 10 test documents): each seed's value is the mean over the fold
 `...-sSEED-fK`. `--ft-profile` starts each task's fine-tuning from the overrides a params.yaml profile gives it
 (embedded: fashion_mnist with flips only, speech_1h behind the log-mel front end), so a bench row can repeat the
 pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on top, and the row records the result.
-Fine-tuning runs are named by task, init and seed only, so another budget under the same `--tag` fine-tunes over
-them: give it its own `--tag`, and `--pretrained MODALITY=…/final.pt` to reuse the pretraining.
+Fine-tuning runs are named by task, init and seed only, so another budget under the same `--tag` stops at the first
+finished run of the other budget rather than fine-tune over it: give it its own `--tag`, and `--pretrained
+MODALITY=…/final.pt` to reuse the pretraining.
 """
 from __future__ import annotations
 

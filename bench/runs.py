@@ -1,6 +1,7 @@
 """Reuse of finished benchmark runs: a pretraining or fine-tuning run whose config.json equals the requested config,
 made under the current recipe version (`d2v.train.recipe`), is not run again (both are deterministic, and a
-pretraining run refuses to resume under another config or version). Delete the run folder to force a rerun."""
+pretraining run refuses to resume under another config or version). A finished fine-tune of another config is not
+fine-tuned over: its number would be lost. Delete the run folder to force a rerun."""
 from __future__ import annotations
 
 import inspect
@@ -39,6 +40,30 @@ def same_config(run: Path, cfg) -> bool:
     return same
 
 
+def refuse_another_config(run: Path, cfg) -> None:
+    """Stop before fine-tuning over a finished run made under another config (e.g. another budget under the same
+    --tag), naming the fields that differ. Runs that are only stale (older recipe, unreadable config) are rerun."""
+    try:
+        old = type(cfg).model_validate(json.loads((run / "config.json").read_text())).model_dump(mode="json")
+    except (OSError, ValueError):
+        return
+    if changes := changed_fields(old, cfg.model_dump(mode="json")):
+        raise SystemExit(f"{run}: holds a finished fine-tune under another config ({'; '.join(changes)}); give "
+                         "this benchmark its own --tag (or --runs), or delete the folder to replace that run")
+
+
+def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every leaf that differs between two nested dicts."""
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
 def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | None:
     """Wall time of a pretraining run; a finished run under the same config is reused with its recorded time (None
     when it was not recorded)."""
@@ -58,11 +83,14 @@ def mean_test_metrics(cfg, out: Path) -> dict[str, float]:
     EVALUATE version), otherwise the task is fine-tuned first."""
     task = TASKS[cfg.task]
     results = [out / "eval" / eval_file_name(cfg.task, split) for split in task.tests]
-    if all(r.is_file() for r in results) and same_config(out, cfg):
+    finished = all(r.is_file() for r in results)
+    if finished and same_config(out, cfg):
         results = [json.loads(r.read_text()) for r in results]
         if any(recipe.in_result(r, "evaluate") != recipe.EVALUATE for r in results):
             results = evaluate(out)  # scored by older evaluation code: the fine-tuned model is still current
     else:
+        if finished:
+            refuse_another_config(out, cfg)
         run_finetune(cfg, out, progress=False)
         results = evaluate(out)
     if task.kind == "ctc":

@@ -26,7 +26,7 @@ from d2v.train.config import merge, pretrain_config  # noqa: E402
 from d2v.train import recipe  # noqa: E402
 from d2v.train.finetune import build_model  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
-from d2v.train.tasks import finetune_config  # noqa: E402
+from d2v.train.tasks import eval_file_name, finetune_config  # noqa: E402
 
 
 def test_overrides_nest_by_dotted_key_and_parse_yaml_values():
@@ -145,6 +145,36 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
     monkeypatch.setattr(runs, "evaluate", lambda run: rescored if run == tmp_path else pytest.fail(run))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.5, "cer": 0.1})
     assert recipe.in_result({"recipe": 2}, "finetune") == 2 and recipe.in_result({"recipe": 2}, "evaluate") == 1
+
+
+def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path, monkeypatch):
+    """Another budget under the same --tag stops, naming what differs, instead of replacing the finished run."""
+    def finished(run, cfg):
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+        recipe.stamp(run, "finetune")
+        (run / "eval").mkdir()
+        (run / "eval" / eval_file_name("fashion_mnist", "test")).write_text(
+            json.dumps({"split": "test", "metrics": {"accuracy": 0.8}}))
+
+    fine_tuned = []
+    monkeypatch.setattr(runs, "run_finetune", lambda cfg, out, **k: fine_tuned.append(out))
+    monkeypatch.setattr(runs, "evaluate", lambda run: [{"split": "test", "metrics": {"accuracy": 0.5}}])
+    long = finetune_config("fashion_mnist", {"init": "scratch", "steps": 1000, "optim": {"lr": 1e-3}})
+    short = finetune_config("fashion_mnist", {"init": "scratch", "steps": 300, "optim": {"lr": 1e-3}})
+    finished(tmp_path / "a", long)
+    with pytest.raises(SystemExit, match=r"a: holds a finished fine-tune under another config \(steps: 1000 -> 300\)"
+                       r"; give this benchmark its own --tag"):
+        mean_test_metrics(short, tmp_path / "a")
+    assert mean_test_metrics(long, tmp_path / "a") == {"accuracy": 0.8} and not fine_tuned  # its own config: reused
+    with pytest.raises(SystemExit, match=r"optim.lr: 0.001 -> 0.002"):
+        mean_test_metrics(long.model_copy(update={"optim": long.optim.model_copy(update={"lr": 2e-3})}), tmp_path / "a")
+    monkeypatch.setattr(recipe, "FINETUNE", recipe.FINETUNE + 1)  # stale, not another config: run again
+    assert mean_test_metrics(long, tmp_path / "a") == {"accuracy": 0.5} and fine_tuned == [tmp_path / "a"]
+    (tmp_path / "b").mkdir()  # unfinished (no evaluation): nothing to lose
+    (tmp_path / "b" / "config.json").write_text(json.dumps(long.model_dump(mode="json")))
+    mean_test_metrics(short, tmp_path / "b")
+    assert fine_tuned[-1] == tmp_path / "b"
 
 
 def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the_folds(tmp_path, monkeypatch):
