@@ -7,7 +7,9 @@ throughput: training updates (forward, backward, AdamW, EMA) per modality on bat
     against the chip's dense bf16 peak.
 time-to-accuracy: pretrain v2 on the real embedded image corpus for several step budgets (each with its full
     schedule), fine-tune Fashion-MNIST from each over seeds, and find the first budget whose mean top-1 reaches
-    the v1 reference (a pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's.
+    the v1 reference (a pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's. The
+    fine-tunes take the reference row's own overrides (e.g. `--ft-profile embedded`'s flips only), so both sides
+    fine-tune alike.
 
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
         [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
@@ -146,7 +148,7 @@ def throughput(args) -> dict:
 def time_to_accuracy(args) -> dict:
     from runs import headline_metric, pretrain_seconds
 
-    from d2v.train.config import pretrain_config
+    from d2v.train.config import merge, pretrain_config
     from d2v.train.tasks import finetune_config
 
     reference = json.loads(Path(args.reference).read_text())
@@ -154,13 +156,18 @@ def time_to_accuracy(args) -> dict:
     if v1_row.get("finetune_steps") != args.finetune_steps:  # accuracy depends on the fine-tune's length
         raise SystemExit(f"{args.reference}: its v1 row fine-tuned {v1_row.get('finetune_steps')} steps, not "
                          f"--finetune-steps {args.finetune_steps}; pass the reference made with the same fine-tune")
-    v1_seconds = args.v1_seconds or reference["pretrain"]["image"]["steps"] * 64 / \
-        reference["pretrain"]["image"]["last"]["samples_per_s"]
+    v1_pretrain = reference["pretrain"]["image"]
+    # its wall time, like v2's below (older rows recorded only the logged throughput)
+    v1_seconds = args.v1_seconds or v1_pretrain.get("seconds") or \
+        v1_pretrain["steps"] * 64 / v1_pretrain["last"]["samples_per_s"]
+    fine_tuning = v1_row.get("overrides", {})  # the reference's own fine-tuning (e.g. a profile's flips only)
     target = v1_row["pretrained"]["mean"]
     report = {"task": "fashion_mnist", "v1": {"top1_mean": target, "top1_spread": v1_row["pretrained"]["spread"],
                                              "scratch_mean": v1_row["scratch"]["mean"],
-                                             "pretrain_steps": reference["pretrain"]["image"]["steps"],
-                                             "pretrain_seconds": v1_seconds}, "v2": {}}
+                                             "pretrain_steps": v1_pretrain["steps"],
+                                             "pretrain_seconds": v1_seconds},
+              "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
+              "v2": {}}
     for budget in map(int, args.budgets.split(",")):
         run = Path(args.runs) / f"image-v2-{budget}"
         cfg = pretrain_config("image", {"objective": "v2", "steps": budget,
@@ -171,8 +178,9 @@ def time_to_accuracy(args) -> dict:
             raise SystemExit(f"{run}: a finished run without timing.json; delete the folder to rerun and time it")
         values = []
         for seed in range(args.seeds):
-            ft = finetune_config("fashion_mnist", {"init": "pretrained", "seed": seed, "objective": "v2",
-                                                   "pretrained": str(run / "final.pt"), "steps": args.finetune_steps})
+            ft = finetune_config("fashion_mnist", merge(fine_tuning, {
+                "init": "pretrained", "seed": seed, "objective": "v2", "pretrained": str(run / "final.pt"),
+                "steps": args.finetune_steps}))
             out = Path(args.runs) / "finetune" / f"fashion_mnist-v2-{budget}-s{seed}"
             values.append(headline_metric(ft, out))
             print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} top-1 {values[-1]:.4f}", flush=True)

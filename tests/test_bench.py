@@ -116,6 +116,33 @@ def test_time_to_accuracy_refuses_a_reference_fine_tuned_for_another_length(tmp_
         v2_vs_v1.main()
 
 
+def test_time_to_accuracy_fine_tunes_v2_like_its_reference_and_times_both_by_wall_clock(tmp_path, monkeypatch):
+    import v2_vs_v1
+
+    flips = {"image": {"min_scale": 1.0, "randaugment_magnitude": 0}, "label_smoothing": 0.0, "steps": 100}
+    reference = tmp_path / "ref.json"
+    reference.write_text(json.dumps({
+        "pretrain": {"image": {"steps": 1500, "seconds": 1000.0, "last": {"samples_per_s": 64.0}}},
+        "tasks": {"fashion_mnist": {"finetune_steps": 300, "overrides": flips,
+                                    "pretrained": {"mean": 0.8, "spread": 0.01}, "scratch": {"mean": 0.7}}}}))
+    tuned = []
+    monkeypatch.setattr(runs, "pretrain_seconds", lambda cfg, run: {150: 100.0, 250: 250.0}[cfg.steps])
+    monkeypatch.setattr(runs, "headline_metric", lambda cfg, out: tuned.append(cfg) or cfg.steps / 1000 + 0.5)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "tta.json"
+    monkeypatch.setattr(sys, "argv", ["v2_vs_v1.py", "time-to-accuracy", "--budgets", "150,250", "--seeds", "2",
+                                      "--finetune-steps", "300", "--reference", str(reference),
+                                      "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    v2_vs_v1.main()
+    report = json.loads(out.read_text())
+    assert len(tuned) == 4 and {(c.seed, c.steps, c.init, c.image.min_scale, c.image.randaugment_magnitude,
+                                 c.label_smoothing) for c in tuned} == {(s, 300, "pretrained", 1.0, 0, 0.0)
+                                                                        for s in (0, 1)}
+    assert report["v1"]["pretrain_seconds"] == 1000.0  # the recorded wall time, not 1500 * 64 / 64 = 1500
+    assert report["v2"]["150"]["speedup_vs_v1"] == pytest.approx(10.0) and report["v2"]["150"]["reaches_v1"]
+    assert report["finetune_overrides"] == flips and report["v2"]["250"]["speedup_vs_v1"] == pytest.approx(4.0)
+
+
 def test_a_win_needs_a_gain_beyond_the_seed_spread():
     close = summarize("rt_polarity", {"pretrained": [0.72, 0.74], "scratch": [0.70, 0.73]})
     assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
