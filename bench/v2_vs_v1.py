@@ -159,10 +159,11 @@ def time_to_accuracy(args) -> dict:
     v1_pretrain = reference["pretrain"]["image"]
     # its wall time, like v2's below (older rows recorded only the logged throughput)
     v1_seconds = args.v1_seconds or v1_pretrain.get("seconds")
-    if v1_seconds is None and "last" not in v1_pretrain:
-        raise SystemExit(f"{args.reference}: records no v1 pretraining time (a row of a --pretrained checkpoint); "
-                         "pass --v1-seconds, the time of the pretraining that made it")
-    v1_seconds = v1_seconds or v1_pretrain["steps"] * 64 / v1_pretrain["last"]["samples_per_s"]
+    if v1_seconds is None:
+        if "last" not in v1_pretrain:
+            raise SystemExit(f"{args.reference}: records no v1 pretraining time (a row of a --pretrained "
+                             "checkpoint); pass --v1-seconds, the time of the pretraining that made it")
+        v1_seconds = v1_pretrain["steps"] * 64 / v1_pretrain["last"]["samples_per_s"]
     fine_tuning = v1_row.get("overrides", {})  # the reference's own fine-tuning (e.g. a profile's flips only)
     target = v1_row["pretrained"]["mean"]
     report = {"task": "fashion_mnist", "v1": {"top1_mean": target, "top1_spread": v1_row["pretrained"]["spread"],
