@@ -138,10 +138,26 @@ def encoder_presets(modalities: list[str], tasks: list[str], pre_sets: dict, ft_
     return presets
 
 
+def missing_shards(tasks: list[str], ft_sets: dict, folds: dict) -> list[str]:
+    """The shard folders the tasks' fine-tunes will read that hold no index (cross-validated tasks shard their own
+    folds), so that a missing split stops the run before the pretraining rather than after it."""
+    missing = []
+    for task in tasks:
+        if task in folds:
+            continue
+        spec = TASKS[task]
+        shards = Path(finetune_config(task, ft_sets.get(task, {})).data_root) / "shards"
+        for split in filter(None, (spec.train, spec.dev, *spec.tests)):
+            if not (shards / spec.shard_key(split) / "index.json").is_file():
+                missing.append(f"{task}: {shards / spec.shard_key(split)}")
+    return missing
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modalities", default="text,image,speech")
-    parser.add_argument("--tasks", default=None, help="default: the embedded tasks of the chosen modalities")
+    parser.add_argument("--tasks", default=None, help="default: the chosen modalities' tasks of --ft-profile, or "
+                        "without one every embedded recipe's")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--objective", type=per_key(str), default={}, help="per modality, e.g. text=v2 (default v1)")
     parser.add_argument("--pretrain-steps", type=per_key(), default={}, help="per modality, e.g. image=600")
@@ -164,15 +180,20 @@ def main() -> None:
     modalities = args.modalities.split(",")
     objectives, pre_steps, ft_steps, folds = args.objective, args.pretrain_steps, args.finetune_steps, args.folds
     given = {m: given_checkpoint(path) for m, path in args.pretrained.items()}  # read once
-    tasks = args.tasks.split(",") if args.tasks else [t for t in EMBEDDED_FINETUNE if TASKS[t].modality in modalities]
+    profile = profile_finetune(args.ft_profile, args.params)
+    tasks = args.tasks.split(",") if args.tasks else [t for t in (profile if args.ft_profile else EMBEDDED_FINETUNE)
+                                                      if TASKS[t].modality in modalities]
     pre_sets = parse_sets(args.set)
-    ft_sets = merge(profile_finetune(args.ft_profile, args.params), parse_sets(args.ft_set))
+    ft_sets = merge(profile, parse_sets(args.ft_set))
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
                                                                 "tasks": {}}
     report.update(machine=platform.machine(), seeds=args.seeds,
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     presets = encoder_presets(modalities, tasks, pre_sets, ft_sets, given)
+    if args.seeds and (missing := missing_shards(tasks, ft_sets, folds)):
+        raise SystemExit("no shards (index.json) for\n  " + "\n  ".join(missing) + "\nrun `make run` (or `d2v "
+                         "prepare` and `d2v shard`) first, or name the tasks to run with --tasks")
     checkpoints = {}
     for modality in modalities:
         if modality in given:

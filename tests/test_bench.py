@@ -324,6 +324,27 @@ def test_tasks_fine_tune_the_pretrained_encoders_preset_and_a_different_one_stop
     assert not (tmp_path / "out.json").exists()
 
 
+def test_tasks_default_to_the_profiles_and_a_missing_split_stops_before_pretraining(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    for split in ("train_1h", "dev_clean", "test_clean", "test_other"):  # dev_other missing
+        (data / "shards" / "mini_librispeech" / split).mkdir(parents=True)
+        (data / "shards" / "mini_librispeech" / split / "index.json").write_text("{}")
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: pytest.fail("pretrained despite missing shards"))
+    # the embedded profile fine-tunes speech_1h only (speech_10min's train_1h-10min is never sharded by it)
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "speech", "--ft-profile", "embedded",
+                                      "--set", "speech.preset=embedded-fbank", "--ft-set",
+                                      f"speech_1h.data_root={data}", "--out", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit) as stop:
+        pretrain_vs_scratch.main()
+    assert str(stop.value).splitlines()[1:3] == [f"  speech_1h: {data}/shards/mini_librispeech/dev_other",
+                                                 "run `make run` (or `d2v prepare` and `d2v shard`) first, or name the "
+                                                 "tasks to run with --tasks"]
+    assert not (tmp_path / "out.json").exists()
+    assert pretrain_vs_scratch.missing_shards(["speech_1h"], {"speech_1h": {"data_root": str(data)}}, {}) == \
+        [f"speech_1h: {data}/shards/mini_librispeech/dev_other"]
+    assert pretrain_vs_scratch.missing_shards(["speech_10min"], {}, {"speech_10min": 5}) == []  # folds shard their own
+
+
 def test_per_modality_and_per_task_options_parse_key_value_lists_and_name_a_bare_value(monkeypatch, capsys):
     assert pretrain_vs_scratch.per_key()("image=600,text=150") == {"image": 600, "text": 150}
     assert pretrain_vs_scratch.per_key(str)("text=runs/mlm/final.pt") == {"text": "runs/mlm/final.pt"}
@@ -345,15 +366,20 @@ def test_a_params_profile_gives_each_task_the_pipelines_fine_tuning_under_the_be
     monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v2"}))
     monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
                         lambda cfg, run, folds: built.append(cfg) or {"accuracy": 0.5})
-    out = tmp_path / "out.json"
+    out, data = tmp_path / "out.json", tmp_path / "data"
+    for split in ("train_6k", "test"):
+        (data / "shards" / "fashion_mnist" / split).mkdir(parents=True)
+        (data / "shards" / "fashion_mnist" / split / "index.json").write_text("{}")
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "image", "--tasks", "fashion_mnist",
                                       "--seeds", "1", "--objective", "image=v2", "--ft-profile", "embedded",
                                       "--finetune-steps", "fashion_mnist=7", "--ft-set", "fashion_mnist.batch_size=16",
+                                      "--ft-set", f"fashion_mnist.data_root={data}",
                                       "--runs", str(tmp_path / "runs"), "--out", str(out)])
     pretrain_vs_scratch.main()
     for cfg, init in zip(built, ("pretrained", "scratch"), strict=True):
         pipeline = profile.finetune_config("fashion_mnist", init, 0).model_dump()
-        pipeline.update(steps=7, batch_size=16, pretrained=str(tmp_path / "final.pt") if init == "pretrained" else None)
+        pipeline.update(steps=7, batch_size=16, pretrained=str(tmp_path / "final.pt") if init == "pretrained" else None,
+                        data_root=str(data))
         assert cfg.model_dump() == pipeline  # flips only, as the pipeline fine-tunes
     row = json.loads(out.read_text())["tasks"]["fashion_mnist"]
     assert row["ft_profile"] == "embedded" and row["overrides"]["image"]["randaugment_magnitude"] == 0
