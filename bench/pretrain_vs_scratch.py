@@ -147,9 +147,8 @@ def missing_shards(tasks: list[str], ft_sets: dict, folds: dict) -> list[str]:
             continue
         spec = TASKS[task]
         shards = Path(finetune_config(task, ft_sets.get(task, {})).data_root) / "shards"
-        for split in filter(None, (spec.train, spec.dev, *spec.tests)):
-            if not (shards / spec.shard_key(split) / "index.json").is_file():
-                missing.append(f"{task}: {shards / spec.shard_key(split)}")
+        folders = [shards / spec.shard_key(split) for split in spec.splits]
+        missing += [f"{task}: {folder}" for folder in folders if not (folder / "index.json").is_file()]
     return missing
 
 

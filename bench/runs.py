@@ -114,11 +114,10 @@ def cv_data_root(task: str, folds: int, fold: int, root: str | Path = "data/fold
     if "fold" not in inspect.signature(source.prepare).parameters:
         raise ValueError(f"{task}: its source {spec.dataset!r} has no cross-validation folds")
     data = Path(root) / f"{spec.dataset}-{fold}of{folds}"
-    splits = [spec.train, spec.dev, *spec.tests]
-    if not all((data / "shards" / spec.dataset / s / "index.json").is_file() for s in splits):
+    if not all((data / "shards" / spec.dataset / s / "index.json").is_file() for s in spec.splits):
         raw = data / "raw" / spec.dataset
         source.prepare(Context(Path(cache), raw), folds=folds, fold=fold)
-        for split in splits:
+        for split in spec.splits:
             write_shards(raw, split, data / "shards" / spec.dataset / split)
     return data
 

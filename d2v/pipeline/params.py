@@ -183,8 +183,7 @@ class Profile(StrictModel):
 
     def task_shards(self, task: str) -> list[str]:
         spec = TASKS[task]
-        splits = [spec.train, *([spec.dev] if spec.dev else []), *spec.tests]
-        return [f"{spec.dataset}/{s}" for s in dict.fromkeys(splits)]
+        return [spec.shard_key(split) for split in spec.splits]
 
     def extra_tests(self, task: str) -> list[str]:
         """The task's extra test sets whose source this profile prepares (real speech in the embedded profile)."""

@@ -26,6 +26,11 @@ class Task:
     # shard keys (DATASET/SPLIT) of other datasets, scored as separate test sets when the profile prepares them
     extra_tests: tuple[str, ...] = ()
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The task's own splits, each once: train, dev (when it has one), then the tests (not the extra tests)."""
+        return tuple(dict.fromkeys(filter(None, (self.train, self.dev, *self.tests))))
+
     def shard_key(self, split: str) -> str:
         """Where a split's shards live under `data_root/shards`: the task's dataset, or an extra test's own."""
         return split if split in self.extra_tests else f"{self.dataset}/{split}"
