@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -327,6 +328,16 @@ def baseline_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_cmd(args: argparse.Namespace) -> int:
+    from d2v.interop.hf_export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, args.weights, args.tokenizer)
+    config = json.loads((out / "config.json").read_text())
+    print(f"{args.checkpoint} -> {out} ({config['architectures'][0]}; "
+          f"transformers: AutoModel.from_pretrained({str(out)!r}))")
+    return 0
+
+
 def report_cmd(args: argparse.Namespace) -> int:
     from d2v.pipeline.params import load_params
     from d2v.pipeline.report import compare, write_report
@@ -457,6 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=shard)
     _add_profile(p)
 
+    p = sub.add_parser("export", help="a pretraining final.pt or a fine-tuned best.pt as a Hugging Face Data2Vec* "
+                                      "model folder (config.json + model.safetensors)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="folder to write (replaced atomically if it holds an earlier export)")
+    p.add_argument("--weights", choices=("student", "teacher"), default="student",
+                   help="pretraining checkpoints: the student or the EMA teacher")
+    p.add_argument("--tokenizer", default=None,
+                   help="SentencePiece model or letters.json to include (default: a fine-tune's own)")
+    p.set_defaults(func=export_cmd)
+
     p = sub.add_parser("report", help="results/**/*.json → summary.md/.csv and plots; or --compare REV")
     p.add_argument("--compare", metavar="REV", default=None, help="print metric deltas of REV → the work tree")
     p.add_argument("--against", metavar="REV", default=None, help="compare REV with this revision instead")
@@ -471,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -19,12 +19,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def new_file_mode() -> int:
     """The mode `open()` would give a new file under the current umask (mkstemp's temp files are 0600, which would
     leave results and checkpoints unreadable to the rest of a group)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The mode `mkdir` would give a new folder under the current umask (mkdtemp's are 0700)."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -161,3 +161,17 @@ def librispeech_tar(split: str, utterances: dict[str, tuple[float, str]], corrup
 
 def gz(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
+
+
+def randomize(model, seed: int = 0):
+    """Every parameter drawn at random (in eval mode): zero-initialised tables, tokens and biases, or LayerNorms at
+    exactly 1, would hide a checkpoint-mapping bug."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.02 if p.ndim >= 2 and "embed" not in name else 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("weight") and p.ndim == 1 else 0))
+    return model.eval()
+

@@ -11,19 +11,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from fixtures import randomize  # noqa: E402
+
 from d2v.interop import InteropError, load_hf  # noqa: E402
 
 TOL = 1e-5
 MAX_DIFFS: dict[str, float] = {}
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            scale = 0.02 if p.ndim >= 2 and "embed" not in name else 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("weight") and p.ndim == 1 else 0))
-    return model.eval()
 
 
 def max_diff_over_states(ours: list[torch.Tensor], theirs: tuple, valid: torch.Tensor | None = None) -> float:

@@ -18,6 +18,10 @@ from d2v.modalities.base import Batch
 from d2v.modalities.speech import SpanMaskConfig, span_mask
 
 
+TEXT_HEAD_DROPOUT = 0.1  # RoBERTa's classification head
+CTC_HEAD_DROPOUT = 0.0  # before the CTC output layer (HF: final_dropout)
+
+
 def _trunc_normal(layer: nn.Linear) -> nn.Linear:
     nn.init.trunc_normal_(layer.weight, std=0.02)
     nn.init.zeros_(layer.bias)
@@ -39,7 +43,8 @@ class ImageClassifier(nn.Module):
 class TextClassifier(nn.Module):
     """RoBERTa classification head on <s>; with `linear_probe`, a linear layer on mean-pooled tokens."""
 
-    def __init__(self, encoder: nn.Module, num_outputs: int, dropout: float = 0.1, linear_probe: bool = False):
+    def __init__(self, encoder: nn.Module, num_outputs: int, dropout: float = TEXT_HEAD_DROPOUT,
+                 linear_probe: bool = False):
         super().__init__()
         self.encoder, self.linear_probe = encoder, linear_probe
         D = encoder.dim
@@ -59,7 +64,7 @@ class TextClassifier(nn.Module):
 
 class CTCModel(nn.Module):
     def __init__(self, encoder: nn.Module, vocab_size: int, masks: CTCMaskConfig = CTCMaskConfig(),
-                 dropout: float = 0.0, linear_probe: bool = False, freeze_cnn: bool = True):
+                 dropout: float = CTC_HEAD_DROPOUT, linear_probe: bool = False, freeze_cnn: bool = True):
         super().__init__()
         self.encoder, self.masks, self.linear_probe = encoder, masks, linear_probe
         self.dropout = nn.Dropout(dropout)

@@ -60,16 +60,20 @@ def _modality(name: str, encoder) -> Modality:
     return TextModality(encoder, vocab, TokenMaskConfig())
 
 
-def build_encoder(name: str, preset: str, objective: Objective = "v1"):
+def encoder_config(name: str, preset: str, objective: Objective = "v1"):
+    """The encoder config of a modality's preset under an objective's architecture."""
     if name not in ENCODERS:
         raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-    table, encoder_cls = ENCODERS[name]
+    table, _ = ENCODERS[name]
     if preset not in table:
         raise ValueError(f"unknown {name} preset {preset!r}; expected one of {sorted(table)}")
-    cfg = table[preset]
-    return encoder_cls(V2_ARCHITECTURE[name](cfg) if objective == "v2" else cfg)
+    return V2_ARCHITECTURE[name](table[preset]) if objective == "v2" else table[preset]
+
+
+def build_encoder(name: str, preset: str, objective: Objective = "v1"):
+    return ENCODERS[name][1](encoder_config(name, preset, objective))
 
 
 def build_objective(name: str, preset: str, objective: Objective = "v1"):
