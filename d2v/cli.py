@@ -329,12 +329,24 @@ def baseline_cmd(args: argparse.Namespace) -> int:
 
 
 def export_cmd(args: argparse.Namespace) -> int:
-    from d2v.interop.hf_export import export_checkpoint
+    from d2v.interop.checkpoints import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out, args.weights, args.tokenizer)
     config = json.loads((out / "config.json").read_text())
     print(f"{args.checkpoint} -> {out} ({config['architectures'][0]}; "
           f"transformers: AutoModel.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def import_cmd(args: argparse.Namespace) -> int:
+    from d2v.interop.checkpoints import import_checkpoint
+
+    info = import_checkpoint(args.source, args.out, args.kind)
+    teacher = "its EMA teacher" if info["has_teacher"] else "the student as teacher (the checkpoint has no EMA)"
+    print(f"{args.source} ({info['imported']}) -> {args.out}: {info['modality']} encoder, preset {info['preset']}, "
+          f"{teacher}")
+    if info["preset"] != "custom":
+        print(f"fine-tune it: d2v finetune TASK --set pretrained={args.out} --set preset={info['preset']}")
     return 0
 
 
@@ -477,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model or letters.json to include (default: a fine-tune's own)")
     p.set_defaults(func=export_cmd)
+    p = sub.add_parser("import", help="a Hugging Face Data2Vec* folder or an original fairseq/BEiT data2vec checkpoint "
+                                      "as a d2v pretraining final.pt (for d2v finetune)")
+    p.add_argument("source", help="HF model folder (config.json) or fairseq/BEiT .pt/.pth file")
+    p.add_argument("out", help="the final.pt to write")
+    p.add_argument("--kind", choices=MODALITIES, default=None, help="default: read off the checkpoint")
+    p.set_defaults(func=import_cmd)
 
     p = sub.add_parser("report", help="results/**/*.json → summary.md/.csv and plots; or --compare REV")
     p.add_argument("--compare", metavar="REV", default=None, help="print metric deltas of REV → the work tree")

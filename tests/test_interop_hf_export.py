@@ -21,6 +21,7 @@ from d2v.data.tokenizer import LetterTokenizer  # noqa: E402
 from d2v.eval.metrics import ctc_greedy  # noqa: E402
 from d2v.interop import InteropError, load_hf  # noqa: E402
 from d2v.interop.hf_export import HFExport, export_classifier, export_encoder, save_pretrained  # noqa: E402
+from d2v.interop.checkpoints import tokenizer_files  # noqa: E402
 from d2v.modalities.base import Batch  # noqa: E402
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier  # noqa: E402
 from d2v.modalities.image import ImageEncoder  # noqa: E402
@@ -148,7 +149,6 @@ def test_ctc_export_matches_and_its_tokenizer_decodes_like_ours(tmp_path):
     ours = randomize(CTCModel(SpeechEncoder(SPEECH_TINY), len(letters.symbols)))
     export = export_classifier("speech", "ctc", ours.state_dict(), SPEECH_TINY, len(letters.symbols))
     letters.save(tmp_path / "letters.json")
-    from d2v.interop.hf_export import tokenizer_files
 
     export.files.update(tokenizer_files(tmp_path / "letters.json", ctc=True))
     hf = reopen(export, tmp_path, "Data2VecAudioForCTC")

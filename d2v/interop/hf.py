@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from d2v.interop.layouts import HF_ONLY, KEYS, drop, fuse_qkv, rename
+from d2v.interop.layouts import HF_ATTENTION, HF_ONLY, KEYS, drop, fuse_qkv, rename
 from d2v.modalities.image import ImageEncoder, ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoder, SpeechEncoderConfig
 from d2v.modalities.text import TextEncoder, TextEncoderConfig
@@ -80,7 +80,7 @@ def _require(c: Any, key: str, expected: Any) -> None:
 def map_to_d2v(kind: str, sd: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     """HF keys → d2v keys; what no rule takes stays in `sd` (the loader reports it)."""
     out: dict[str, Tensor] = {}
-    fuse_qkv(sd, out, kind, depth)
+    fuse_qkv(sd, out, *HF_ATTENTION[kind], depth)
     token_type = sd.pop("embeddings.token_type_embeddings.weight", None) if kind == "text" else None
     out.update(rename(sd, KEYS[kind], to_hf=False))
     if token_type is not None:  # HF adds token_type[0] to every token; fold it into every position row

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from d2v.interop.hf import InteropError
-from d2v.interop.layouts import KEYS, rename, split_qkv
+from d2v.interop.layouts import HF_ATTENTION, KEYS, rename, split_qkv
 from d2v.io import new_dir_mode, new_file_mode
 from d2v.modalities.image import ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoderConfig
@@ -117,7 +117,7 @@ def encoder_to_hf(kind: str, state: dict[str, Tensor], cfg) -> dict[str, Tensor]
     CONFIG_TO_HF[kind](cfg)  # the architecture check comes first: its error says more than unmapped keys
     sd = {k: v.detach().cpu() for k, v in state.items()}
     out: dict[str, Tensor] = {}
-    split_qkv(sd, out, kind, cfg.depth)
+    split_qkv(sd, out, *HF_ATTENTION[kind], cfg.depth)
     out.update(rename(sd, KEYS[kind], to_hf=True))
     if kind == "text":  # HF adds token type 0 to every token; d2v has none, so its row is zero
         out["embeddings.token_type_embeddings.weight"] = torch.zeros(1, cfg.dim, dtype=out[
@@ -225,61 +225,3 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old)
-
-
-# ---------------------------------------------------------------- d2v checkpoints
-
-
-def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "student",
-                      tokenizer: str | Path | None = None) -> Path:
-    """Export a d2v pretraining `final.pt` (the student or the EMA teacher, as the HF base model) or a fine-tuning
-    checkpoint (`best.pt`/`last.pt`, as the HF task model) to `out_dir`. The tokenizer goes along when it exists:
-    the SentencePiece model as `spm.model` (text), the letters as `vocab.json` for `Wav2Vec2CTCTokenizer` (CTC)."""
-    from d2v.modalities.heads import CTC_HEAD_DROPOUT, TEXT_HEAD_DROPOUT
-    from d2v.modalities.registry import encoder_config
-    from d2v.train.tasks import TASKS, FinetuneConfig
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to export")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    provenance = {"source": str(path)}
-    if {"encoder", "teacher", "modality", "encoder_config"} <= state.keys():  # a pretraining's final.pt
-        if weights not in ("student", "teacher"):
-            raise InteropError(f"weights={weights!r}: expected 'student' or 'teacher'")
-        kind = state["modality"]
-        cfg = CONFIG_TYPES[kind].model_validate(state["encoder_config"])
-        export = export_encoder(kind, state["encoder" if weights == "student" else "teacher"], cfg)
-        provenance.update(weights=weights, steps=state.get("steps"), objective=state.get("objective", "v1"),
-                          preset=state.get("preset"))
-    elif {"model", "config"} <= state.keys():  # a fine-tuning checkpoint
-        ft = FinetuneConfig.model_validate(state["config"])
-        task = TASKS[ft.task]
-        cfg = encoder_config(task.modality, ft.preset, ft.objective)
-        head = "classification" if task.modality == "image" else task.kind
-        num_labels = state["model"]["head.weight"].shape[0] if head == "ctc" else task.num_outputs
-        dropout = CTC_HEAD_DROPOUT if head == "ctc" else TEXT_HEAD_DROPOUT  # fine-tuning builds heads with these
-        export = export_classifier(task.modality, head, state["model"], cfg, num_labels, dropout)
-        tokenizer = tokenizer or (ft.letters if head == "ctc" else ft.tokenizer if task.modality == "text" else None)
-        provenance.update(task=ft.task, init=ft.init, seed=ft.seed, steps=state.get("step"), objective=ft.objective,
-                          preset=ft.preset)
-    else:
-        raise InteropError(f"{path}: neither a pretraining final.pt (encoder, teacher, modality, encoder_config) "
-                           f"nor a fine-tuning checkpoint (model, config); its keys are {sorted(state)}")
-    if tokenizer is not None:
-        export.files.update(tokenizer_files(Path(tokenizer), ctc=export.config["architectures"][0].endswith("CTC")))
-    return save_pretrained(export, out_dir, provenance)
-
-
-def tokenizer_files(path: Path, ctc: bool) -> dict[str, bytes]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: tokenizer missing (run `d2v tokenizer`, or pass --tokenizer)")
-    if not ctc:
-        return {"spm.model": path.read_bytes()}
-    from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer
-
-    symbols = LetterTokenizer.load(path).symbols
-    vocab = {s: i for i, s in enumerate(symbols)}
-    config = {"tokenizer_class": "Wav2Vec2CTCTokenizer", "pad_token": BLANK, "word_delimiter_token": WORD_SEP,
-              "unk_token": BLANK, "bos_token": None, "eos_token": None, "do_lower_case": False}
-    return {"vocab.json": json.dumps(vocab, indent=2).encode(), "tokenizer_config.json": json.dumps(config).encode()}

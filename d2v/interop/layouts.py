@@ -60,7 +60,7 @@ TEXT_KEYS: KeyTable = [
 ]
 
 # HF's per-layer attention module and the names of its q/k/v projections
-ATTENTION = {
+HF_ATTENTION = {
     "image": ("encoder.layer.{i}.attention.attention", ("query", "key", "value")),
     "speech": ("encoder.layers.{i}.attention", ("q_proj", "k_proj", "v_proj")),
     "text": ("encoder.layer.{i}.attention.self", ("query", "key", "value")),
@@ -89,9 +89,10 @@ def rename(sd: dict[str, Tensor], table: KeyTable, to_hf: bool) -> dict[str, Ten
     return out
 
 
-def fuse_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], kind: str, depth: int) -> None:
-    """HF → d2v: separate q/k/v projections into the fused `qkv` weight and its separate biases."""
-    module, names = ATTENTION[kind]
+def fuse_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], module: str, names: tuple[str, str, str],
+             depth: int) -> None:
+    """Separate q/k/v projections (`module`.format(i=layer) + one of `names`) into d2v's fused `qkv` weight and its
+    separate biases."""
     for i in range(depth):
         q, k, v = (f"{module.format(i=i)}.{n}" for n in names)
         if not all(f"{key}.weight" in sd for key in (q, k, v)):
@@ -102,17 +103,17 @@ def fuse_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], kind: str, depth: in
                 out[f"blocks.{i}.attn.{bias}"] = sd.pop(f"{key}.bias")
 
 
-def split_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], kind: str, depth: int) -> None:
-    """d2v → HF: the fused `qkv` weight into separate q/k/v projections (an absent bias stays absent: BEiT's key)."""
-    module, names = ATTENTION[kind]
+def split_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], module: str, names: tuple[str, str, str],
+              depth: int) -> None:
+    """d2v's fused `qkv` weight into separate q/k/v projections (an absent bias stays absent: BEiT's key)."""
     for i in range(depth):
         prefix = f"blocks.{i}.attn"
         if f"{prefix}.qkv.weight" not in sd:
             continue
-        hf = [f"{module.format(i=i)}.{n}" for n in names]
-        for key, weight in zip(hf, sd.pop(f"{prefix}.qkv.weight").chunk(3)):
+        keys = [f"{module.format(i=i)}.{n}" for n in names]
+        for key, weight in zip(keys, sd.pop(f"{prefix}.qkv.weight").chunk(3)):
             out[f"{key}.weight"] = weight.contiguous()
-        for key, bias in zip(hf, ("q_bias", "k_bias", "v_bias")):
+        for key, bias in zip(keys, ("q_bias", "k_bias", "v_bias")):
             if f"{prefix}.{bias}" in sd:
                 out[f"{key}.bias"] = sd.pop(f"{prefix}.{bias}")
 
