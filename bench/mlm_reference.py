@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from d2v.config import nested_overrides
 from d2v.io import atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.modalities.registry import build_modality
@@ -98,16 +99,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=None, help="default: the embedded text recipe's")
     parser.add_argument("--lr", type=float, default=None, help="default: the embedded text recipe's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other recipe field, as for `d2v pretrain text`: --set data.batch_size=8")
     parser.add_argument("--runs", default="runs/mlm/text")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="results/bench/mlm_reference_text.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    overrides: dict = {}
+    overrides: dict = nested_overrides(args.set)
     if args.steps:
         overrides["steps"] = args.steps
     if args.lr:
-        overrides["optim"] = {"lr": args.lr}
+        overrides["optim"] = {**overrides.get("optim", {}), "lr": args.lr}
     cfg = pretrain_config("text", overrides)
     result = train_mlm(cfg, pretrain_stream("text", cfg.data, cfg.seed)(0), Path(args.runs))
     report = {"benchmark": "mlm_reference", "machine": platform.machine(), "threads": args.threads,

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import get_args
 
-from d2v.config import MODALITIES, Objective
+from d2v.config import MODALITIES, Objective, nested_overrides
 
 # Commands import what they need when they run: the data stages (prepare, shard, tokenizer, report) never pay for
 # torch's import, which is most of a short job's start-up.
@@ -204,28 +204,6 @@ def shard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nested(pairs: list[str]) -> dict:
-    """`a.b=value` pairs → {'a': {'b': value}} (values parsed as YAML)."""
-    out: dict = {}
-    for key, value in _options_raw(pairs):
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def _options_raw(pairs: list[str]):
-    import yaml
-
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not all(part.isidentifier() for part in key.split(".")):
-            raise ValueError(f"--set expects key=value (dotted keys allowed), got {pair!r}")
-        yield key, yaml.safe_load(value)
-
-
 def pretrain_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -241,12 +219,12 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
         if args.modality not in profile.pretrain:
             raise ValueError(f"pretrain.{args.modality}: not in profile {args.profile!r} (see {args.params})")
         base = profile.pretrain_config(args.modality).model_dump(mode="json")
-        cfg = pretrain_config(args.modality, merge(merge(base, overrides or {}), _nested(args.set)))
+        cfg = pretrain_config(args.modality, merge(merge(base, overrides or {}), nested_overrides(args.set)))
         out = Path(args.out or profile.pretrain_dir(args.modality))
         if args.modality == "text":
             args.tokenizer = args.tokenizer or str(profile.spm_model)
     else:
-        cfg = pretrain_config(args.modality, merge(overrides or {}, _nested(args.set)))
+        cfg = pretrain_config(args.modality, merge(overrides or {}, nested_overrides(args.set)))
         out = Path(args.out or f"runs/embedded/pretrain/{args.modality}")
     try:
         summary = pretrain_main(cfg, out, tokenizer=args.tokenizer, progress=not args.quiet,
@@ -278,10 +256,10 @@ def finetune_cmd(args: argparse.Namespace) -> int:
         if args.task not in profile.finetune:
             raise ValueError(f"finetune.{args.task}: not in profile {args.profile!r} (see {args.params})")
         base = profile.finetune_config(args.task, args.init, args.seed).model_dump(mode="json")
-        cfg = finetune_config(args.task, merge(merge(merge(base, overrides or {}), cli), _nested(args.set)))
+        cfg = finetune_config(args.task, merge(merge(merge(base, overrides or {}), cli), nested_overrides(args.set)))
         out = Path(args.out or profile.finetune_dir(args.task, cfg.init, cfg.seed))
     else:
-        cfg = finetune_config(args.task, merge(merge(overrides or {}, cli), _nested(args.set)))
+        cfg = finetune_config(args.task, merge(merge(overrides or {}, cli), nested_overrides(args.set)))
         out = Path(args.out or f"runs/embedded/finetune/{args.task}-{cfg.init}-{cfg.mode}-s{cfg.seed}")
     summary = run_finetune(cfg, out, progress=not args.quiet)
     print(f"{args.task}: {summary['steps']} steps in {summary['seconds']}s, best dev {summary['best_dev']} -> {out}")
@@ -317,10 +295,10 @@ def baseline_cmd(args: argparse.Namespace) -> int:
         if args.task not in profile.baselines:
             raise ValueError(f"baselines.{args.task}: not in profile {args.profile!r} (see {args.params})")
         cfg = baseline_config(args.task, merge(profile.baseline_config(args.task).model_dump(mode="json"),
-                                               _nested(args.set)))
+                                               nested_overrides(args.set)))
         out = Path(args.out or profile.eval_dir(args.task, RAW, cfg.seed))
     else:
-        cfg = baseline_config(args.task, _nested(args.set))
+        cfg = baseline_config(args.task, nested_overrides(args.set))
         out = Path(args.out or f"results/baselines/{args.task}")
     for r in run_baseline(cfg, out, tuple(args.extra)):
         _print_result(r, f"raw features: {r['baseline']}")

@@ -184,3 +184,27 @@ class CTCMaskConfig(StrictModel):
     time_length: int = Field(10, ge=1)
     channel_prob: float = Field(0.1, ge=0, lt=1)
     channel_length: int = Field(16, ge=1)
+
+
+def _parse_overrides(pairs: list[str]):
+    """`a.b=value` command-line pairs → (dotted key, value parsed as YAML)."""
+    import yaml
+
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not all(part.isidentifier() for part in key.split(".")):
+            raise ValueError(f"--set expects key=value (dotted keys allowed), got {pair!r}")
+        yield key, yaml.safe_load(value)
+
+
+def nested_overrides(pairs: list[str]) -> dict:
+    """`a.b=value` pairs → {'a': {'b': value}}."""
+    out: dict = {}
+    for key, value in _parse_overrides(pairs):
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
