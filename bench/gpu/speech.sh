@@ -6,13 +6,22 @@
 #               data/tokenizer/letters.json exist after `make run`)
 #   device run: carry .whl data/cache data/tokenizer; command: bash bench/gpu/speech.sh
 # Knobs (environment): N_PRETRAIN PT_STEPS PT_BATCH FT_STEPS SEEDS WORKERS TAG PRESET (embedded: the papers'
-# waveform CNN; embedded-fbank: the log-mel front end). Results: $OUT (or results/bench)
-# /pretrain_vs_scratch_speech_gpu.json, plus the pretraining metrics and a linear CTC probe of the encoder.
+# waveform CNN; embedded-fbank: the log-mel front end) OBJECTIVE (v1, or v2: with PRESET=embedded-fbank the recipe
+# that won on CPU: frozen local encoder, τ 0.999 → 0.9999, warm-up a tenth of the steps).
+# Results: $OUT (or results/bench)/pretrain_vs_scratch_speech_{v1,v2}_gpu.json and the pretraining's metrics CSV.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 N_PRETRAIN=${N_PRETRAIN:-12000} PT_STEPS=${PT_STEPS:-3000} PT_BATCH=${PT_BATCH:-32} FT_STEPS=${FT_STEPS:-3000}
 SEEDS=${SEEDS:-1} WORKERS=${WORKERS:-12} TAG=${TAG:-gpu} PRESET=${PRESET:-embedded} ROOT=${ROOT:-data_gpu} OUT=${OUT:-results/bench}
+OBJECTIVE=${OBJECTIVE:-v1}
+case "$OBJECTIVE" in
+  v1) PT_DIR=speech; V2_SETS=() ;;
+  v2) PT_DIR=speech-v2
+      V2_SETS=(--set speech.freeze_local_encoder=true --set speech.ema.tau_start=0.999
+               --set speech.optim.warmup_steps=$((PT_STEPS / 10))) ;;
+  *) echo "OBJECTIVE must be v1 or v2, got $OBJECTIVE" >&2; exit 2 ;;
+esac
 $PY -m pip install -q --no-index --find-links .whl pydantic webdataset soundfile espeakng-loader mwparserfromhell
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 d2v() { $PY -m d2v.cli "$@"; }
@@ -24,10 +33,11 @@ done
 mkdir -p "$ROOT/tokenizer" && cp data/tokenizer/letters.json "$ROOT/tokenizer/"
 
 $PY bench/pretrain_vs_scratch.py --modalities speech --tasks speech_1h --seeds "$SEEDS" --tag "$TAG" \
+  --objective speech="$OBJECTIVE" "${V2_SETS[@]}" \
   --pretrain-steps speech="$PT_STEPS" --finetune-steps speech_1h="$FT_STEPS" \
   --set speech.data.shards="$ROOT/shards/mini_librispeech/pretrain" --set speech.data.batch_size="$PT_BATCH" \
   --set speech.data.num_workers=8 --set speech.preset="$PRESET" --ft-set speech_1h.preset="$PRESET" \
   --ft-set speech_1h.data_root="$ROOT" --ft-set speech_1h.letters="$ROOT/tokenizer/letters.json" \
   --ft-set speech_1h.num_workers=4 --ft-set speech_1h.eval_every=500 \
-  --out "$OUT/pretrain_vs_scratch_speech_gpu.json"
-cp runs/bench-"$TAG"/pretrain/speech/metrics.csv "$OUT/pretrain_speech_gpu_metrics.csv" 2>/dev/null || true
+  --out "$OUT/pretrain_vs_scratch_speech_${OBJECTIVE}_gpu.json"
+cp runs/bench-"$TAG"/pretrain/"$PT_DIR"/metrics.csv "$OUT/pretrain_speech_${OBJECTIVE}_gpu_metrics.csv" 2>/dev/null || true
