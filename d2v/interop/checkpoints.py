@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from d2v.interop.hf import InteropError
+from d2v.interop.layouts import InteropError
 from d2v.interop.hf_export import CONFIG_TYPES, export_classifier, export_encoder, save_pretrained
 from d2v.io import atomic_torch_save
 

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from d2v.interop.hf import InteropError
-from d2v.interop.layouts import KeyTable, drop, fuse_qkv, rename
+from d2v.interop.layouts import InteropError, KeyTable, drop, fuse_qkv, rename
 from d2v.modalities.image import ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoderConfig
 from d2v.modalities.text import TextEncoderConfig
@@ -87,6 +86,7 @@ def load_fairseq(source: str | Path | dict, kind: str | None = None) -> FairseqI
     model = ckpt.get("model", ckpt)
     if not isinstance(model, dict):
         raise InteropError(f"{source}: expected a state dict under 'model', got {type(model).__name__}")
+    model = dict(model)  # the caller's checkpoint stays whole
     kind = kind or _guess_kind(model)
     args = _model_args(ckpt)
     if kind == "speech":

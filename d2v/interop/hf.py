@@ -11,16 +11,12 @@ from typing import Any
 
 from torch import Tensor
 
-from d2v.interop.layouts import HF_ATTENTION, HF_ONLY, KEYS, drop, fuse_qkv, rename
+from d2v.interop.layouts import HF_ATTENTION, HF_ONLY, KEYS, InteropError, drop, fuse_qkv, rename
 from d2v.modalities.image import ImageEncoder, ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoder, SpeechEncoderConfig
 from d2v.modalities.text import TextEncoder, TextEncoderConfig
 
 TASK_PREFIXES = ("data2vec_vision.", "data2vec_audio.", "data2vec_text.")
-
-
-class InteropError(ValueError):
-    pass
 
 
 # ---------------------------------------------------------------- configs

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from d2v.interop.hf import InteropError
-from d2v.interop.layouts import HF_ATTENTION, KEYS, rename, split_qkv
+from d2v.interop.layouts import HF_ATTENTION, KEYS, InteropError, rename, split_qkv
 from d2v.io import new_dir_mode, new_file_mode
 from d2v.modalities.image import ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoderConfig

@@ -14,6 +14,10 @@ from torch import Tensor
 
 KeyTable = list[tuple[str, str]]
 
+
+class InteropError(ValueError):
+    """A checkpoint that does not fit: what is wrong, named (keys, config fields)."""
+
 IMAGE_KEYS: KeyTable = [
     ("embeddings.cls_token", "cls_token"),
     ("embeddings.mask_token", "mask_token"),
