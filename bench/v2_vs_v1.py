@@ -5,17 +5,18 @@ throughput: training updates (forward, backward, AdamW, EMA) per modality on bat
     GPU (`--device cuda`, bf16 autocast, optionally `--compile`) it also counts the FLOPs of one update
     (torch.utils.flop_counter: matrix products, convolutions and attention) and reports achieved TFLOP/s and MFU
     against the chip's dense bf16 peak.
-time-to-accuracy: pretrain v2 on the real embedded image corpus for several step budgets (each with its full
-    schedule), fine-tune Fashion-MNIST from each over seeds, and find the first budget whose mean top-1 reaches
-    the v1 reference (a pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's. The
-    fine-tunes take the reference row's own overrides (e.g. `--ft-profile embedded`'s flips only), so both sides
-    fine-tune alike.
+time-to-accuracy: pretrain v2 on a task's real embedded corpus for several step budgets (each with its full
+    schedule; `V2_RECIPES`: Fashion-MNIST, or speech_1h with the log-mel front end), fine-tune the task from each
+    over seeds, and find the first budget whose mean headline metric (top-1, or WER) reaches the v1 reference (a
+    pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's. The fine-tunes take the
+    reference row's own overrides (e.g. `--ft-profile embedded`'s flips only), so both sides fine-tune alike.
+    Earlier v2 pretraining runs of the same recipe are reused with `--pretrained BUDGET=RUN`.
 
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
         [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
-    python bench/v2_vs_v1.py time-to-accuracy [--budgets 150,300] [--seeds 3] [--finetune-steps 150]
-        [--reference results/bench/pretrain_vs_scratch_image_ft150_cpu.json]
-        [--out results/bench/v2_time_to_accuracy.json]
+    python bench/v2_vs_v1.py time-to-accuracy [--task fashion_mnist] [--budgets 150,300] [--seeds 3]
+        [--finetune-steps 150] [--reference results/bench/pretrain_vs_scratch_image_ft150_cpu.json]
+        [--pretrained 300=runs/x/pretrain/image-v2] [--out results/bench/v2_time_to_accuracy.json]
 """
 from __future__ import annotations
 
@@ -145,54 +146,91 @@ def throughput(args) -> dict:
             "peak_bf16_tflops": peak, "rows": rows}
 
 
+# The v2 pretraining each task's encoder gets at a budget of steps (each budget with its full schedule): the embedded
+# v2 recipe with the switches that made its modality's pretraining win on CPU (docs/findings.md)
+V2_RECIPES = {
+    "fashion_mnist": ("image", lambda steps: {"ema": {"tau_start": 0.998, "tau_end": 0.9999}}),
+    "speech_1h": ("speech", lambda steps: {"preset": "embedded-fbank", "freeze_local_encoder": True,
+                                           "ema": {"tau_start": 0.999, "tau_end": 0.9999}}),
+}
+
+
+def v2_pretrain_config(task: str, steps: int):
+    from d2v.train.config import merge, pretrain_config
+
+    modality, switches = V2_RECIPES[task]
+    return pretrain_config(modality, merge({"objective": "v2", "steps": steps,
+                                            "optim": {"warmup_steps": max(1, steps // 10)},
+                                            "ema": {"tau_steps": steps}}, switches(steps)))
+
+
 def time_to_accuracy(args) -> dict:
     from runs import headline_metric, pretrain_seconds
 
+    from d2v.eval.metrics import oriented
     from d2v.train.config import merge, pretrain_config
-    from d2v.train.tasks import finetune_config
+    from d2v.train.tasks import TASKS, finetune_config
 
+    task, metric = args.task, TASKS[args.task].metrics[0]
+    modality = V2_RECIPES[task][0]
     reference = json.loads(Path(args.reference).read_text())
-    v1_row = reference["tasks"]["fashion_mnist"]
-    if v1_row.get("finetune_steps") != args.finetune_steps:  # accuracy depends on the fine-tune's length
+    if task not in reference.get("tasks", {}):
+        raise SystemExit(f"{args.reference}: no {task} row")
+    v1_row = reference["tasks"][task]
+    if v1_row.get("finetune_steps") != args.finetune_steps:  # the metric depends on the fine-tune's length
         raise SystemExit(f"{args.reference}: its v1 row fine-tuned {v1_row.get('finetune_steps')} steps, not "
                          f"--finetune-steps {args.finetune_steps}; pass the reference made with the same fine-tune")
-    v1_pretrain = reference["pretrain"]["image"]
+    v1_pretrain = reference["pretrain"][modality]
+    if v1_pretrain.get("objective", "v1") != "v1":
+        raise SystemExit(f"{args.reference}: its {modality} encoder is {v1_pretrain['objective']}, not v1")
     # its wall time, like v2's below (older rows recorded only the logged throughput)
     v1_seconds = args.v1_seconds or v1_pretrain.get("seconds")
     if v1_seconds is None:
         if "last" not in v1_pretrain:
             raise SystemExit(f"{args.reference}: records no v1 pretraining time (a row of a --pretrained "
                              "checkpoint); pass --v1-seconds, the time of the pretraining that made it")
-        v1_seconds = v1_pretrain["steps"] * 64 / v1_pretrain["last"]["samples_per_s"]
+        batch = pretrain_config(modality).data.batch_size
+        v1_seconds = v1_pretrain["steps"] * batch / v1_pretrain["last"]["samples_per_s"]
     fine_tuning = v1_row.get("overrides", {})  # the reference's own fine-tuning (e.g. a profile's flips only)
     target = v1_row["pretrained"]["mean"]
-    report = {"task": "fashion_mnist", "v1": {"top1_mean": target, "top1_spread": v1_row["pretrained"]["spread"],
-                                             "scratch_mean": v1_row["scratch"]["mean"],
-                                             "pretrain_steps": v1_pretrain["steps"],
-                                             "pretrain_seconds": v1_seconds},
+    report = {"task": task, "metric": metric,
+              "v1": {"mean": target, "spread": v1_row["pretrained"]["spread"],
+                     "scratch_mean": v1_row["scratch"]["mean"], "pretrain_steps": v1_pretrain["steps"],
+                     "pretrain_seconds": v1_seconds},
               "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
               "v2": {}}
+    given = dict(args.pretrained)
     for budget in map(int, args.budgets.split(",")):
-        run = Path(args.runs) / f"image-v2-{budget}"
-        cfg = pretrain_config("image", {"objective": "v2", "steps": budget,
-                                        "optim": {"warmup_steps": max(1, budget // 10)},
-                                        "ema": {"tau_start": 0.998, "tau_end": 0.9999, "tau_steps": budget}})
+        cfg = v2_pretrain_config(task, budget)
+        run = Path(given.get(budget, Path(args.runs) / f"{modality}-v2-{budget}"))
         seconds = pretrain_seconds(cfg, run)
         if seconds is None:
             raise SystemExit(f"{run}: a finished run without timing.json; delete the folder to rerun and time it")
         values = []
         for seed in range(args.seeds):
-            ft = finetune_config("fashion_mnist", merge(fine_tuning, {
+            ft = finetune_config(task, merge(fine_tuning, {
                 "init": "pretrained", "seed": seed, "objective": "v2", "pretrained": str(run / "final.pt"),
                 "steps": args.finetune_steps}))
-            out = Path(args.runs) / "finetune" / f"fashion_mnist-v2-{budget}-s{seed}"
+            out = Path(args.runs) / "finetune" / f"{task}-v2-{budget}-s{seed}"
             values.append(headline_metric(ft, out))
-            print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} top-1 {values[-1]:.4f}", flush=True)
-        report["v2"][str(budget)] = {"pretrain_seconds": seconds, "top1": values, "top1_mean": float(np.mean(values)),
-                                     "reaches_v1": bool(np.mean(values) >= target),
+            print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} {metric} {values[-1]:.4f}", flush=True)
+        mean = float(np.mean(values))
+        report["v2"][str(budget)] = {"pretrain_seconds": seconds, "run": str(run), "values": values, "mean": mean,
+                                     "reaches_v1": bool(oriented(metric, mean - target) >= 0),
                                      "speedup_vs_v1": v1_seconds / seconds}
         atomic_write_json(Path(args.out), {**report, "machine": platform.machine()})
     return report
+
+
+def budget_runs(text: str) -> dict[int, str]:
+    """"2400=runs/x/pretrain/speech-v2,6000=..." -> {2400: "runs/x/...", ...}"""
+    out = {}
+    for item in filter(None, text.split(",")):
+        budget, sep, run = item.partition("=")
+        if not sep or not budget.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r} is not BUDGET=RUN_FOLDER")
+        out[int(budget)] = run
+    return out
 
 
 def main() -> None:
@@ -207,12 +245,15 @@ def main() -> None:
     p.add_argument("--batch", default="", help="per preset and modality, e.g. base.image=64,base.text=32")
     p.add_argument("--out", default=str(OUT))
     p = sub.add_parser("time-to-accuracy")
+    p.add_argument("--task", default="fashion_mnist", choices=sorted(V2_RECIPES))
     p.add_argument("--budgets", default="150,300")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--finetune-steps", type=int, default=150)
     p.add_argument("--reference", default="results/bench/pretrain_vs_scratch_image_ft150_cpu.json",
                    help="the v1 pretrain_vs_scratch.json row, made with the same --finetune-steps")
     p.add_argument("--v1-seconds", type=float, default=None, help="v1 pretraining time (default: from the log)")
+    p.add_argument("--pretrained", type=budget_runs, default={},
+                   help="earlier v2 pretraining runs to reuse, BUDGET=RUN,... (their config must be the recipe's)")
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", default=str(OUT.with_name("v2_time_to_accuracy.json")))
     args = parser.parse_args()

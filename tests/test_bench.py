@@ -151,6 +151,43 @@ def test_time_to_accuracy_fine_tunes_v2_like_its_reference_and_times_both_by_wal
     assert json.loads(out.read_text())["v2"]["150"]["speedup_vs_v1"] == pytest.approx(5.0)
 
 
+def test_speech_time_to_accuracy_reaches_v1_by_a_lower_wer_and_reuses_given_v2_runs(tmp_path, monkeypatch):
+    import v2_vs_v1
+
+    profile = {"preset": "embedded-fbank", "eval_every": 250, "steps": 100}
+    reference = tmp_path / "ref.json"
+    reference.write_text(json.dumps({
+        "pretrain": {"speech": {"objective": "v1", "steps": 800, "seconds": 660.0}},
+        "tasks": {"speech_1h": {"finetune_steps": 1000, "overrides": profile,
+                                "pretrained": {"mean": 0.88, "spread": 0.01}, "scratch": {"mean": 0.90}}}}))
+    pretrained, tuned = [], []
+
+    def pretrain_seconds(cfg, run):
+        pretrained.append((cfg, run))
+        return {2400: 600.0, 6000: 1500.0}[cfg.steps]
+
+    monkeypatch.setattr(runs, "pretrain_seconds", pretrain_seconds)
+    monkeypatch.setattr(runs, "headline_metric", lambda cfg, out: tuned.append(cfg) or {2400: 0.89, 6000: 0.87}[
+        int(cfg.pretrained.split("-")[-1].split("/")[0])])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "tta.json"
+    monkeypatch.setattr(sys, "argv", ["v2_vs_v1.py", "time-to-accuracy", "--task", "speech_1h", "--budgets",
+                                      "2400,6000", "--seeds", "2", "--finetune-steps", "1000", "--reference",
+                                      str(reference), "--runs", str(tmp_path / "runs"), "--pretrained",
+                                      f"6000={tmp_path}/old/speech-v2-6000", "--out", str(out)])
+    v2_vs_v1.main()
+    report = json.loads(out.read_text())
+    assert report["metric"] == "wer" and report["v1"]["pretrain_seconds"] == 660.0
+    assert not report["v2"]["2400"]["reaches_v1"] and report["v2"]["6000"]["reaches_v1"]  # 0.87 <= 0.88: lower wins
+    assert report["v2"]["6000"]["speedup_vs_v1"] == pytest.approx(0.44)
+    assert [str(run) for _, run in pretrained] == [str(tmp_path / "runs" / "speech-v2-2400"),
+                                                   f"{tmp_path}/old/speech-v2-6000"]
+    cfg = pretrained[1][0]  # the recipe that won on CPU, its schedule ending with the budget
+    assert (cfg.objective, cfg.preset, cfg.freeze_local_encoder, cfg.ema.tau_start, cfg.ema.tau_steps,
+            cfg.optim.warmup_steps) == ("v2", "embedded-fbank", True, 0.999, 6000, 600)
+    assert {(c.preset, c.eval_every, c.steps, c.objective) for c in tuned} == {("embedded-fbank", 250, 1000, "v2")}
+
+
 def test_a_win_needs_a_gain_beyond_the_seed_spread():
     close = summarize("rt_polarity", {"pretrained": [0.72, 0.74], "scratch": [0.70, 0.73]})
     assert close["gain"] == pytest.approx(0.015) and close["margin"] == pytest.approx(0.03) and not close["wins"]
