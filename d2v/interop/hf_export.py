@@ -164,7 +164,7 @@ def export_classifier(kind: str, head: str, state: dict[str, Tensor], cfg, num_l
         names = {"dense.": "classifier.dense.", "out_proj.": "classifier.out_proj."}
         hf_config.update(classifier_dropout=head_dropout,
                          problem_type="regression" if head == "regression" else "single_label_classification")
-    arch, prefix = ARCHITECTURES[(kind, head)]
+    prefix = ARCHITECTURES[(kind, head)][1]
     weights = {prefix + k: v for k, v in encoder_to_hf(kind, encoder, cfg).items()}
     for key, value in heads.items():
         match = next((src for src in names if key.startswith(src)), None)
@@ -172,17 +172,15 @@ def export_classifier(kind: str, head: str, state: dict[str, Tensor], cfg, num_l
             raise InteropError(f"{kind} {head} head key {key!r} has no Hugging Face name")
         hf_key = names[match] + key[len(match):]
         weights[hf_key if hf_key.startswith(("classifier.", "lm_head.")) else prefix + hf_key] = value.detach().cpu()
-    hf_config.update(num_labels=num_labels, id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
-                     label2id={f"LABEL_{i}": i for i in range(num_labels)})
-    if kind == "speech":  # a CTC head's outputs are its vocabulary, not labels
-        for key in ("num_labels", "id2label", "label2id"):
-            hf_config.pop(key)
+    if kind != "speech":  # a CTC head's outputs are its vocabulary (vocab_size above), not labels
+        hf_config.update(num_labels=num_labels, id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
+                         label2id={f"LABEL_{i}": i for i in range(num_labels)})
     return HFExport(_config(kind, head, hf_config), weights)
 
 
 def _config(kind: str, head: str | None, fields: dict) -> dict:
-    arch, _ = ARCHITECTURES[(kind, head)]
-    return {"model_type": MODEL_TYPES[kind], "architectures": [arch], "dtype": "float32", **fields}
+    architecture = ARCHITECTURES[(kind, head)][0]
+    return {"model_type": MODEL_TYPES[kind], "architectures": [architecture], "dtype": "float32", **fields}
 
 
 # ---------------------------------------------------------------- files
