@@ -325,6 +325,9 @@ def import_cmd(args: argparse.Namespace) -> int:
           f"{teacher}")
     if info["preset"] != "custom":
         print(f"fine-tune it: d2v finetune TASK --set pretrained={args.out} --set preset={info['preset']}")
+    else:
+        print("no d2v preset has this architecture, so d2v finetune cannot build it; its config is in the file "
+              "(encoder_config)", file=sys.stderr)
     return 0
 
 
