@@ -33,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from runs import cv_baseline, cv_test_metrics, pretrain_seconds
 
 from d2v.eval.metrics import oriented
+from d2v.config import nested_overrides
 from d2v.io import atomic_write_json
 from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
@@ -60,17 +60,14 @@ def per_key(cast=int):
 
 def parse_sets(items: list[str]) -> dict[str, dict]:
     """["text.data.batch_size=256", ...] -> {"text": {"data": {"batch_size": 256}}}"""
-    out: dict[str, dict] = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        path = key.split(".")
-        if not sep or len(path) < 2:
+        key, sep, _ = item.partition("=")
+        if not sep or len(key.split(".")) < 2:
             raise SystemExit(f"--set/--ft-set {item!r}: expected NAME.FIELD[.FIELD]=VALUE")
-        node = out.setdefault(path[0], {})
-        for part in path[1:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(value)
-    return out
+    try:
+        return nested_overrides(items)
+    except ValueError as err:
+        raise SystemExit(f"--set/--ft-set: {err}") from None
 
 
 def profile_finetune(profile: str | None, params: str) -> dict[str, dict]:

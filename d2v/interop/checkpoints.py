@@ -89,19 +89,20 @@ def import_checkpoint(source: str | Path, out: str | Path, kind: str | None = No
 
         imported = load_fairseq(source, kind)
         kind, cfg, student, teacher, origin = imported.kind, imported.cfg, imported.student, imported.teacher, "fairseq"
-    encoder_cls = _encoder_class(kind)
+    encoder = _encoder_class(kind)(cfg)
     for name, weights in (("student", student), ("teacher", teacher)):
         if weights is not None:  # strict: every d2v parameter must come from the checkpoint
-            missing, unexpected = encoder_cls(cfg).load_state_dict(weights, strict=False)
+            missing, unexpected = encoder.load_state_dict(weights, strict=False)
             if missing or unexpected:
                 raise InteropError(f"{source}: the {name} does not fit a d2v {kind} encoder: missing={missing} "
                                    f"unexpected={unexpected}")
-    info = {"modality": kind, "preset": matching_preset(kind, cfg), "objective": "v1",
-            "encoder_config": cfg.model_dump(mode="json"), "steps": None, "source": str(source), "imported": origin,
-            "has_teacher": teacher is not None}
-    atomic_torch_save(out, {"encoder": student, "teacher": teacher if teacher is not None else dict(student),
-                            **info})
-    return info
+    from d2v.train.pretrain import encoder_checkpoint
+
+    info = {"source": str(source), "imported": origin, "has_teacher": teacher is not None}
+    state = encoder_checkpoint(student, teacher if teacher is not None else dict(student), kind,
+                               matching_preset(kind, cfg), "v1", cfg, None, **info)
+    atomic_torch_save(out, state)
+    return {k: v for k, v in state.items() if k not in ("encoder", "teacher")}
 
 
 def _from_hf(folder: Path, kind: str | None):

@@ -75,12 +75,18 @@ def step_rng(seed: int, step: int, group: int) -> np.random.Generator:
 
 
 def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int, **extra) -> Path:
-    """`final.pt`, written atomically: what fine-tuning and the probes load (student and teacher weights, the
-    modality/preset/objective they must match, the encoder config and the steps trained)."""
-    state = {"encoder": student.state_dict(), "teacher": teacher.state_dict(), "modality": cfg.modality,
-             "preset": cfg.preset, "objective": cfg.objective, "encoder_config": student.cfg.model_dump(mode="json"),
-             "steps": step, **extra}
-    return atomic_torch_save(out_dir / "final.pt", state)
+    """`final.pt`, written atomically: what fine-tuning and the probes load."""
+    return atomic_torch_save(out_dir / "final.pt", encoder_checkpoint(
+        student.state_dict(), teacher.state_dict(), cfg.modality, cfg.preset, cfg.objective, student.cfg, step,
+        **extra))
+
+
+def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str, objective: str, encoder_cfg,
+                       steps: int | None, **extra) -> dict:
+    """The contents of a `final.pt` (d2v's pretraining, or an imported checkpoint): student and teacher weights, the
+    modality/preset/objective fine-tuning must match, the encoder config and the steps trained."""
+    return {"encoder": student, "teacher": teacher, "modality": modality, "preset": preset, "objective": objective,
+            "encoder_config": encoder_cfg.model_dump(mode="json"), "steps": steps, **extra}
 
 
 def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
