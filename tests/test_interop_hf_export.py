@@ -119,6 +119,7 @@ def test_text_export_matches_with_padding_and_imports_back(tmp_path):
     ("speech", encoder_config("speech", "tiny-fbank"), "frontend"),
     ("speech", encoder_config("speech", "tiny", "v2"), "alibi"),
     ("text", TEXT_TINY.model_copy(update={"norm_first": True}), "norm_first"),
+    ("text", TEXT_TINY.model_copy(update={"alibi": True}), "alibi"),
 ])
 def test_architectures_transformers_lacks_are_refused_by_name(kind, cfg, field):
     encoder = build_encoder(kind, "tiny")  # any weights: the config check comes first

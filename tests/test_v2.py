@@ -250,6 +250,29 @@ def test_alibi_bias_is_gathered_at_kept_positions_in_frame_units():
     assert full[0, 0, 2, 7].item() == pytest.approx(-5 * 0.5)
 
 
+def test_text_alibi_sees_original_distances_and_is_the_plain_encoder_at_scale_zero():
+    from d2v.modalities.text import TEXT_PRESETS, TextEncoder
+
+    torch.manual_seed(0)
+    cfg = TEXT_PRESETS["tiny"].model_copy(update={"alibi": True})
+    encoder = TextEncoder(cfg).eval()
+    tokens = torch.randint(4, cfg.vocab_size, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, [1, 2, 7]] = mask[1, [0, 5, 11]] = True
+    with torch.no_grad():
+        emb = encoder.embed(tokens)
+        visible = encoder.encode_visible(emb, mask)
+        # the visible-only pass equals the full pass with the masked tokens hidden as keys: same distances
+        full = encoder.encode(Embedded(emb.tokens, mask))
+        assert torch.allclose(visible.x, full.x[~mask].view(2, 9, -1), atol=1e-5)
+        contiguous = encoder._transformer(gather_tokens(emb.tokens, visible_indices(mask)), None)
+        assert not torch.allclose(visible.x, contiguous.x, atol=1e-3)  # closing the gaps would change the output
+        plain = TextEncoder(cfg.model_copy(update={"alibi": False})).eval()
+        plain.load_state_dict({k: v for k, v in encoder.state_dict().items() if k != "alibi_scale"})
+        encoder.alibi_scale.zero_()
+        assert torch.allclose(encoder.encode(emb).x, plain.encode(emb).x, atol=1e-6)
+
+
 def test_sincos_positions_are_fixed_and_distinct():
     pos = sincos_2d(16, (4, 4))
     assert pos.shape == (16, 16) and torch.unique(pos, dim=0).shape[0] == 16

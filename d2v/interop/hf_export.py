@@ -96,6 +96,8 @@ def speech_config_to_hf(cfg: SpeechEncoderConfig) -> dict:
 def text_config_to_hf(cfg: TextEncoderConfig) -> dict:
     if cfg.norm_first:
         raise _unsupported("text", "norm_first", True, "HF's text model is post-LN (RoBERTa)")
+    if cfg.alibi:
+        raise _unsupported("text", "alibi", True, "HF's text model has no attention bias (RoBERTa)")
     return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.depth,
         num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_dim, hidden_act="gelu",

@@ -14,6 +14,7 @@ from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modali
                                  require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks, random_masks
 from d2v.nn import bert_init, make_block
+from d2v.nn.layers import alibi_bias, alibi_slopes
 
 
 class TextEncoderConfig(StrictModel):
@@ -30,12 +31,17 @@ class TextEncoderConfig(StrictModel):
     attn_dropout: float = Field(0.1, ge=0, lt=1)
     activation_dropout: float = Field(0.0, ge=0, lt=1)
     layerdrop: float = Field(0.0, ge=0, lt=1)
+    # not in the text papers: a symmetric ALiBi bias (speech v2's, learned per-head scale) on top of the learned
+    # positions, a locality prior for encoders too small or too briefly trained to learn it (docs/findings.md, text)
+    alibi: bool = False
 
 
 TEXT_PRESETS = {
     "base": TextEncoderConfig(),
     "large": TextEncoderConfig(dim=1024, depth=24, num_heads=16, ffn_dim=4096),
     "embedded": TextEncoderConfig(vocab_size=8000, dim=256, depth=4, num_heads=4, ffn_dim=1024, max_positions=128),
+    "embedded-alibi": TextEncoderConfig(vocab_size=8000, dim=256, depth=4, num_heads=4, ffn_dim=1024,
+                                        max_positions=128, alibi=True),
     "tiny": TextEncoderConfig(vocab_size=64, dim=64, depth=3, num_heads=4, ffn_dim=128, max_positions=64,
                               dropout=0.0, attn_dropout=0.0),
 }
@@ -64,6 +70,9 @@ class TextEncoder(Encoder):
             for _ in range(cfg.depth)
         )
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.eps) if cfg.norm_first else None
+        if cfg.alibi:  # fixed slopes, learned per-head scale (init 1, clamped >= 0, no weight decay)
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)
+            self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads))
         bert_init(self.blocks)
         for emb in (self.embed_tokens, self.embed_positions):
             nn.init.normal_(emb.weight, std=0.02)
@@ -97,10 +106,17 @@ class TextEncoder(Encoder):
         """The embeddings already carry their positions: dropping tokens is a gather (no <mask> token in v2)."""
         require_unpadded(embedded)
         keep = visible_indices(mask) if keep is None else keep
-        return replace(self._transformer(gather_tokens(embedded.tokens, keep), None), positions=keep)
+        return replace(self._transformer(gather_tokens(embedded.tokens, keep), None, keep), positions=keep)
 
-    def _transformer(self, x: Tensor, pad: Tensor | None) -> EncoderOutput:
-        x, hidden, ffn = run_blocks(self.blocks, x, pad, [None] * len(self.blocks), self.cfg.layerdrop)
+    def _transformer(self, x: Tensor, pad: Tensor | None, positions: Tensor | None = None) -> EncoderOutput:
+        """The blocks (ALiBi distances between the tokens' original positions, default 0..T-1) and the final LN of
+        pre-LN stacks."""
+        bias = None
+        if self.cfg.alibi:
+            if positions is None:
+                positions = torch.arange(x.shape[1], device=x.device).expand(len(x), -1)
+            bias = alibi_bias(self.alibi_slopes * self.alibi_scale.clamp_min(0), positions).to(x.dtype)
+        x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)
