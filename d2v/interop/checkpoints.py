@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from d2v.interop.layouts import InteropError
-from d2v.interop.hf_export import CONFIG_TYPES, export_classifier, export_encoder, save_pretrained
+from d2v.interop.hf_export import export_classifier, export_encoder, save_pretrained
 from d2v.io import atomic_torch_save
 
 TRAINING_ONLY = ("dropout", "attn_dropout", "activation_dropout", "layerdrop", "drop_path")  # not architecture
@@ -25,7 +25,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
     checkpoint (`best.pt`/`last.pt`, as the HF task model) to `out_dir`. The tokenizer goes along when it exists:
     the SentencePiece model as `spm.model` (text), the letters as `vocab.json` for `Wav2Vec2CTCTokenizer` (CTC)."""
     from d2v.modalities.heads import CTC_HEAD_DROPOUT, TEXT_HEAD_DROPOUT
-    from d2v.modalities.registry import encoder_config
+    from d2v.modalities.registry import ENCODER_CONFIGS, encoder_config
     from d2v.train.tasks import TASKS, FinetuneConfig
 
     path = Path(path)
@@ -37,7 +37,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
         if weights not in ("student", "teacher"):
             raise InteropError(f"weights={weights!r}: expected 'student' or 'teacher'")
         kind = state["modality"]
-        cfg = CONFIG_TYPES[kind].model_validate(state["encoder_config"])
+        cfg = ENCODER_CONFIGS[kind].model_validate(state["encoder_config"])
         export = export_encoder(kind, state["encoder" if weights == "student" else "teacher"], cfg)
         provenance.update(weights=weights, steps=state.get("steps"), objective=state.get("objective", "v1"),
                           preset=state.get("preset"))

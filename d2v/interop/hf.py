@@ -12,9 +12,10 @@ from typing import Any
 from torch import Tensor
 
 from d2v.interop.layouts import HF_ATTENTION, HF_ONLY, KEYS, InteropError, drop, fuse_qkv, rename
-from d2v.modalities.image import ImageEncoder, ImageEncoderConfig
-from d2v.modalities.speech import SpeechEncoder, SpeechEncoderConfig
-from d2v.modalities.text import TextEncoder, TextEncoderConfig
+from d2v.modalities.image import ImageEncoderConfig
+from d2v.modalities.registry import ENCODER_CONFIGS, ENCODERS
+from d2v.modalities.speech import SpeechEncoderConfig
+from d2v.modalities.text import TextEncoderConfig
 
 TASK_PREFIXES = ("data2vec_vision.", "data2vec_audio.", "data2vec_text.")
 
@@ -88,11 +89,11 @@ def map_to_d2v(kind: str, sd: dict[str, Tensor], depth: int) -> dict[str, Tensor
 
 # ---------------------------------------------------------------- loaders
 
+# kind → (its HF config reader, d2v keys that HF checkpoints may lack)
 _KINDS = {
-    "image": (ImageEncoder, ImageEncoderConfig, image_config_from_hf, {"mask_token", "fc_norm.weight",
-                                                                      "fc_norm.bias"}),
-    "speech": (SpeechEncoder, SpeechEncoderConfig, speech_config_from_hf, {"mask_emb"}),
-    "text": (TextEncoder, TextEncoderConfig, text_config_from_hf, set()),
+    "image": (image_config_from_hf, {"mask_token", "fc_norm.weight", "fc_norm.bias"}),
+    "speech": (speech_config_from_hf, {"mask_emb"}),
+    "text": (text_config_from_hf, set()),
 }
 
 
@@ -105,7 +106,8 @@ def load_hf(kind: str, source: Any, cfg=None):
     """
     if kind not in _KINDS:
         raise InteropError(f"unknown kind {kind!r}; expected one of {sorted(_KINDS)}")
-    encoder_cls, cfg_cls, cfg_from_hf, optional = _KINDS[kind]
+    cfg_from_hf, optional = _KINDS[kind]
+    encoder_cls, cfg_cls = ENCODERS[kind][1], ENCODER_CONFIGS[kind]
     if isinstance(source, Mapping):
         if cfg is None:
             raise InteropError("a state dict needs an explicit d2v config (cfg=...)")

@@ -4,8 +4,8 @@ Hub or fine-tuned with HF tooling. `transformers` is not imported here: the conf
 
 What HF can represent is data2vec 1.0's architectures: the pre-LN BEiT vision model, the wav2vec2-style audio model on
 raw waveforms and the post-LN RoBERTa text model. A d2v config outside them (data2vec 2.0's post-LN image encoder with
-sin-cos positions, ALiBi speech, the log-mel front end, pre-LN text) is an `InteropError` naming the field, never a
-silently different model. Dropout rates HF has no field for change training, not inference, and are left out.
+sin-cos positions, ALiBi speech or text, the log-mel front end, pre-LN text) is an `InteropError` naming the field,
+never a silently different model. Dropout rates HF has no field for change training, not inference, and are left out.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import Tensor
 from d2v.interop.layouts import HF_ATTENTION, KEYS, InteropError, rename, split_qkv
 from d2v.io import new_dir_mode, new_file_mode
 from d2v.modalities.image import ImageEncoderConfig
+from d2v.modalities.registry import ENCODER_CONFIGS
 from d2v.modalities.speech import SpeechEncoderConfig
 from d2v.modalities.text import TextEncoderConfig
 
@@ -36,7 +37,6 @@ ARCHITECTURES = {
     ("text", "regression"): ("Data2VecTextForSequenceClassification", "data2vec_text."),
 }
 MODEL_TYPES = {"image": "data2vec-vision", "speech": "data2vec-audio", "text": "data2vec-text"}
-CONFIG_TYPES = {"image": ImageEncoderConfig, "speech": SpeechEncoderConfig, "text": TextEncoderConfig}
 
 
 @dataclass
@@ -130,10 +130,10 @@ def encoder_to_hf(kind: str, state: dict[str, Tensor], cfg) -> dict[str, Tensor]
 
 def export_encoder(kind: str, state: dict[str, Tensor], cfg) -> HFExport:
     """A pretrained encoder as the HF base model (`Data2VecVisionModel`, `Data2VecAudioModel`, `Data2VecTextModel`)."""
-    if kind not in CONFIG_TYPES:
-        raise InteropError(f"unknown kind {kind!r}; expected one of {sorted(CONFIG_TYPES)}")
-    if not isinstance(cfg, CONFIG_TYPES[kind]):
-        raise InteropError(f"cfg must be a {CONFIG_TYPES[kind].__name__}, got {type(cfg).__name__}")
+    if kind not in ENCODER_CONFIGS:
+        raise InteropError(f"unknown kind {kind!r}; expected one of {sorted(ENCODER_CONFIGS)}")
+    if not isinstance(cfg, ENCODER_CONFIGS[kind]):
+        raise InteropError(f"cfg must be a {ENCODER_CONFIGS[kind].__name__}, got {type(cfg).__name__}")
     # pooling 'mean_ln' keeps fc_norm as `pooler.layernorm`: load it with `add_pooling_layer=True`, as HF's -ft1k models
     return HFExport(_config(kind, None, CONFIG_TO_HF[kind](cfg)), encoder_to_hf(kind, state, cfg))
 

@@ -13,6 +13,7 @@ from d2v.modalities.text import TEXT_PRESETS, TextEncoder, TextModality, TokenMa
 OBJECTIVES = get_args(Objective)
 ENCODERS = {"image": (IMAGE_PRESETS, ImageEncoder), "speech": (SPEECH_PRESETS, SpeechEncoder),
             "text": (TEXT_PRESETS, TextEncoder)}
+ENCODER_CONFIGS = {name: type(presets["base"]) for name, (presets, _) in ENCODERS.items()}  # the config class
 # data2vec 2.0 keeps each preset's size and changes the architecture where the v2 recipe does
 V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text": lambda cfg: cfg}
 V1_RECIPES = {"image": image_objective, "speech": speech_objective, "text": text_objective}
