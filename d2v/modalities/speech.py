@@ -304,7 +304,7 @@ class SpeechEncoder(Encoder):
         x = self.dropout(x if self.cfg.norm_first else self.norm(x))
         bias = None
         if self.cfg.alibi:
-            bias = alibi_bias(self.alibi_slopes * self.alibi_scale.clamp_min(0), positions).to(x.dtype)
+            bias = alibi_bias(self.alibi_slopes, positions, self.alibi_scale).to(x.dtype)
         x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop)
         if self.cfg.norm_first:  # wav2vec2 "stable layer norm": the encoder LN closes the pre-LN stack
             x = self.norm(x)

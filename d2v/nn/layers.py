@@ -115,7 +115,10 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes)
 
 
-def alibi_bias(slopes: Tensor, positions: Tensor) -> Tensor:
-    """Symmetric ALiBi bias −|p_i − p_j|·slope_h for token positions (B, T) in original units -> (B, H, T, T)."""
+def alibi_bias(slopes: Tensor, positions: Tensor, scale: Tensor | None = None) -> Tensor:
+    """Symmetric ALiBi bias −|p_i − p_j|·slope_h for token positions (B, T) in original units -> (B, H, T, T).
+    `scale`: data2vec 2.0's learned per-head multiplier, clamped at 0 so that no head is pushed to distant tokens."""
+    if scale is not None:
+        slopes = slopes * scale.clamp_min(0)
     distance = (positions[:, None, :, None] - positions[:, None, None, :]).abs().to(slopes.dtype)
     return -distance * slopes[None, :, None, None]
