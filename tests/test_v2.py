@@ -273,10 +273,24 @@ def test_text_alibi_sees_original_distances_and_is_the_plain_encoder_at_scale_ze
         assert torch.allclose(encoder.encode(emb).x, plain.encode(emb).x, atol=1e-6)
 
 
-def test_sincos_positions_are_fixed_and_distinct():
+def mae_sincos(dim: int, n: int) -> np.ndarray:
+    """MAE's util/pos_embed.get_2d_sincos_pos_embed (cls_token=False), the table fairseq's v2 images use."""
+    grid = np.stack(np.meshgrid(np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32)), 0)  # w first
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+def test_sincos_positions_are_fixed_distinct_and_maes_table():
     pos = sincos_2d(16, (4, 4))
     assert pos.shape == (16, 16) and torch.unique(pos, dim=0).shape[0] == 16
     assert torch.allclose(pos[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    for dim, n in ((16, 4), (64, 7), (768, 14)):
+        assert np.allclose(sincos_2d(dim, (n, n)).numpy(), mae_sincos(dim, n), atol=1e-6)
+    assert torch.equal(sincos_2d(8, (2, 3))[1, :4], sincos_2d(8, (3, 2))[2, 4:])  # patch (0, 1): column 1, row 0
     obj = make_v2("image")
     assert "sincos" not in obj.student.state_dict() and not any("sincos" in n for n, _ in obj.named_parameters())
 
@@ -320,3 +334,27 @@ def test_the_profile_objective_reaches_pretraining_and_finetuning():
     assert profile.pretrain_config("speech").objective == "v2"
     assert profile.pretrain_config("speech").clones == 4
     assert profile.finetune_config("speech_1h", "scratch").objective == "v2"
+
+
+def test_v2_speech_fine_tuning_masks_fill_frames_with_noise_not_the_mask_embedding():
+    """fairseq fine-tunes data2vec_multi audio with `zero_mask` off: masked frames become N(0, 0.01²) noise (spec
+    §9.2); the v2 mask embedding is never trained, so it must not be what a masked frame reads."""
+    from d2v.modalities.registry import build_encoder
+
+    encoder = build_encoder("speech", "tiny", "v2").eval()
+    assert encoder.cfg.mask_noise_std == 0.01 and build_encoder("speech", "tiny").cfg.mask_noise_std is None
+    emb = Embedded(torch.randn(2, 12, encoder.dim))
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, 3:7] = True
+    torch.manual_seed(0)
+    noisy = encoder.encode(emb, mask).x
+    with torch.no_grad():
+        encoder.mask_emb.fill_(5.0)
+    torch.manual_seed(0)
+    assert torch.equal(encoder.encode(emb, mask).x, noisy)  # the mask embedding is not read
+    zeroed = Embedded(emb.tokens.masked_fill(mask.unsqueeze(-1), 0.0))
+    gap = (noisy - encoder.encode(zeroed).x).abs().mean()
+    assert 1e-5 < gap < 0.02  # noise of σ 0.01: near the zeroed frames, not equal to them
+    encoder.cfg = encoder.cfg.model_copy(update={"mask_noise_std": None})  # v1: the mask embedding
+    expected = Embedded(torch.where(mask.unsqueeze(-1), encoder.mask_emb, emb.tokens))
+    assert torch.equal(encoder.encode(emb, mask).x, encoder.encode(expected).x)

@@ -160,7 +160,7 @@ def require_unpadded(embedded: Embedded) -> None:
 
 
 def replace_masked(tokens: Tensor, mask: Tensor | None, mask_embedding: Tensor) -> Tensor:
-    """Put the learned mask embedding at masked positions (v1 student view)."""
+    """Put the learned mask embedding (or any fill that broadcasts to `tokens`) at masked positions."""
     if mask is None:
         return tokens
     if mask.shape != tokens.shape[:2]:

@@ -2,7 +2,8 @@
 
 - image classification: mean-pool the patch tokens → LayerNorm → Linear (BEiT fine-tuning layout);
 - CTC speech recognition: dropout → Linear over the letter vocabulary, time masking with the encoder's mask
-  embedding and channel masking (zeroed feature channels) during training, CNN feature extractor frozen;
+  embedding (data2vec 2.0 encoders, which have none: N(0, 0.01²) noise) and channel masking (zeroed feature
+  channels) during training, CNN feature extractor frozen;
 - sentence(-pair) classification and regression: RoBERTa's head on the first token (dense → tanh → linear).
 Each head returns logits; `linear_probe` freezes the encoder and uses a single linear layer on pooled features.
 """

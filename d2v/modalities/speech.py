@@ -58,6 +58,9 @@ class SpeechEncoderConfig(StrictModel):
     activation_dropout: float = Field(0.0, ge=0, lt=1)
     layerdrop: float = Field(0.05, ge=0, lt=1)
     alibi: bool = False  # data2vec 2.0: symmetric ALiBi attention bias with a learned per-head scale
+    # what fills the frames a fine-tuning time mask hides: the mask embedding (None), or N(0, σ²) noise, as fairseq
+    # fine-tunes data2vec 2.0 models, which have no mask embedding (spec §9.2)
+    mask_noise_std: float | None = Field(None, ge=0)
 
 
 def _conv(channels: int) -> tuple[tuple[int, int, int], ...]:
@@ -81,8 +84,8 @@ SPEECH_PRESETS = {
 
 def v2_encoder(cfg: SpeechEncoderConfig) -> SpeechEncoderConfig:
     """The data2vec 2.0 audio encoder of the same size (spec §8.4): v1's CNN, conv positions and post-LN blocks,
-    plus ALiBi with a learned per-head scale."""
-    return cfg.model_copy(update={"alibi": True})
+    plus ALiBi with a learned per-head scale; fine-tuning masks fill frames with N(0, 0.01²) noise."""
+    return cfg.model_copy(update={"alibi": True, "mask_noise_std": 0.01})
 
 
 def frame_lengths(num_samples: Tensor, conv_layers=BASE_CONV) -> Tensor:
@@ -286,7 +289,10 @@ class SpeechEncoder(Encoder):
         return self.feature_extractor.min_samples
 
     def encode(self, embedded: Embedded, mask: Tensor | None = None) -> EncoderOutput:
-        x, pad = replace_masked(embedded.tokens, mask, self.mask_emb), embedded.padding_mask
+        x, pad = embedded.tokens, embedded.padding_mask
+        if mask is not None:
+            std = self.cfg.mask_noise_std
+            x = replace_masked(x, mask, self.mask_emb if std is None else torch.randn_like(x) * std)
         if pad is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)  # padded frames are zero before the positional conv
         positions = torch.arange(x.shape[1], device=x.device)[None]

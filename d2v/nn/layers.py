@@ -91,8 +91,10 @@ def relative_position_index(grid: tuple[int, int]) -> Tensor:
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sin-cos position embedding (MAE / data2vec 2.0 images): (h·w, dim), half the channels encode the
-    row, half the column, each as [sin(pos·ω), cos(pos·ω)] with ω_k = 10000^(-k/(dim/4))."""
+    """Fixed 2-D sin-cos position embedding (MAE / data2vec 2.0 images): (h·w, dim) in row-major patch order, the
+    first half of the channels encoding the column, the second the row, each as [sin(pos·ω), cos(pos·ω)] with
+    ω_k = 10000^(-k/(dim/4)). The order is MAE's `get_2d_sincos_pos_embed` (it meshgrids (w, h), so its "emb_h" half
+    is the column), whose table fairseq's v2 image checkpoints store."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos positions need dim divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -101,7 +103,7 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
     def encode(pos: Tensor) -> Tensor:
         angles = pos.reshape(-1, 1).double() * omega
         return torch.cat([angles.sin(), angles.cos()], dim=1)
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

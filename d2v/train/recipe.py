@@ -15,8 +15,12 @@ PRETRAIN: `d2v pretrain`; FINETUNE: `d2v finetune`; EVALUATE: `d2v evaluate`, th
 
 DVC reads this file as a params file: keep the versions plain literal assignments.
 
+PRETRAIN history
+  2: data2vec 2.0 images: the sin-cos positions in MAE's channel order (column half first), as fairseq's table.
 FINETUNE history
   2: layer-wise LR decay per recipe (BEiT's layer ids for v1, blocks only for v2); none from scratch.
+  3: v2 images: the sin-cos fix above; v2 speech: CTC time masks fill frames with N(0, 0.01²) noise, as fairseq
+     fine-tunes data2vec_multi models (no mask embedding), not with the never-trained mask embedding.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ from typing import Literal, get_args
 
 from d2v.io import atomic_write_json, git_commit
 
-PRETRAIN = 1
-FINETUNE = 2
+PRETRAIN = 2
+FINETUNE = 3
 EVALUATE = 1
 BASELINE = 1
 
