@@ -470,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None,
                    help="SentencePiece model or letters.json to include (default: a fine-tune's own)")
     p.set_defaults(func=export_cmd)
-    p = sub.add_parser("import", help="a Hugging Face Data2Vec* folder or an original fairseq/BEiT data2vec checkpoint "
-                                      "as a d2v pretraining final.pt (for d2v finetune)")
+    p = sub.add_parser("import", help="a Hugging Face Data2Vec* folder or an original fairseq/BEiT data2vec 1.0 or "
+                                      "2.0 checkpoint as a d2v pretraining final.pt (for d2v finetune)")
     p.add_argument("source", help="HF model folder (config.json) or fairseq/BEiT .pt/.pth file")
     p.add_argument("out", help="the final.pt to write")
     p.add_argument("--kind", choices=MODALITIES, default=None, help="default: read off the checkpoint")

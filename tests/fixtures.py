@@ -175,3 +175,14 @@ def randomize(model, seed: int = 0):
             p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if name.endswith("weight") and p.ndim == 1 else 0))
     return model.eval()
 
+
+
+def mae_sincos(dim: int, n: int) -> np.ndarray:
+    """MAE's util/pos_embed.get_2d_sincos_pos_embed (cls_token=False): the table fairseq's v2 images store."""
+    grid = np.stack(np.meshgrid(np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32)), 0)  # w first
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import synthetic_batch
+from fixtures import mae_sincos
 from d2v.config import DecoderConfig, EMAConfig, V2MaskConfig
 from d2v.data2vec2 import Data2Vec2
 from d2v.modalities.base import Embedded, dense_indices, gather_tokens, visible_indices
@@ -271,17 +272,6 @@ def test_text_alibi_sees_original_distances_and_is_the_plain_encoder_at_scale_ze
         plain.load_state_dict({k: v for k, v in encoder.state_dict().items() if k != "alibi_scale"})
         encoder.alibi_scale.zero_()
         assert torch.allclose(encoder.encode(emb).x, plain.encode(emb).x, atol=1e-6)
-
-
-def mae_sincos(dim: int, n: int) -> np.ndarray:
-    """MAE's util/pos_embed.get_2d_sincos_pos_embed (cls_token=False), the table fairseq's v2 images use."""
-    grid = np.stack(np.meshgrid(np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32)), 0)  # w first
-
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
 
 
 def test_sincos_positions_are_fixed_distinct_and_maes_table():

@@ -83,12 +83,14 @@ def import_checkpoint(source: str | Path, out: str | Path, kind: str | None = No
     without the weights."""
     source = Path(source)
     if source.is_dir():
-        kind, cfg, student, teacher, origin = *_from_hf(source, kind), "huggingface"
+        kind, cfg, student, teacher, origin, objective = *_from_hf(source, kind), "huggingface", "v1"
     else:
         from d2v.interop.fairseq import load_fairseq
 
         imported = load_fairseq(source, kind)
-        kind, cfg, student, teacher, origin = imported.kind, imported.cfg, imported.student, imported.teacher, "fairseq"
+        kind, cfg, student, teacher, objective = (imported.kind, imported.cfg, imported.student, imported.teacher,
+                                                  imported.objective)
+        origin = "fairseq"
     encoder = _encoder_class(kind)(cfg)
     for name, weights in (("student", student), ("teacher", teacher)):
         if weights is not None:  # strict: every d2v parameter must come from the checkpoint
@@ -100,7 +102,7 @@ def import_checkpoint(source: str | Path, out: str | Path, kind: str | None = No
 
     info = {"source": str(source), "imported": origin, "has_teacher": teacher is not None}
     state = encoder_checkpoint(student, teacher if teacher is not None else dict(student), kind,
-                               matching_preset(kind, cfg), "v1", cfg, None, **info)
+                               matching_preset(kind, cfg, objective), objective, cfg, None, **info)
     atomic_torch_save(out, state)
     return {k: v for k, v in state.items() if k not in ("encoder", "teacher")}
 
@@ -122,10 +124,10 @@ def _from_hf(folder: Path, kind: str | None):
     return kind, encoder.cfg, encoder.state_dict(), None
 
 
-def matching_preset(kind: str, cfg) -> str:
-    """The v1 preset with this architecture (regularisation and initialisation aside), so that
-    `d2v finetune --set preset=...` builds the same encoder; 'custom' when none has it."""
-    from d2v.modalities.registry import ENCODERS
+def matching_preset(kind: str, cfg, objective: str = "v1") -> str:
+    """The preset with this architecture under `objective` (regularisation and initialisation aside), so that
+    `d2v finetune --set preset=... --set objective=...` builds the same encoder; 'custom' when none has it."""
+    from d2v.modalities.registry import ENCODERS, encoder_config
 
     def architecture(c) -> dict:
         fields = c.model_dump(exclude=set(TRAINING_ONLY) & set(type(c).model_fields))
@@ -133,8 +135,8 @@ def matching_preset(kind: str, cfg) -> str:
             fields["layer_scale_init"] = fields["layer_scale_init"] is not None
         return fields
 
-    return next((name for name, preset in ENCODERS[kind][0].items() if architecture(preset) == architecture(cfg)),
-                "custom")
+    return next((name for name in ENCODERS[kind][0]
+                 if architecture(encoder_config(kind, name, objective)) == architecture(cfg)), "custom")
 
 
 def _encoder_class(kind: str):

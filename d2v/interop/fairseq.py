@@ -1,6 +1,7 @@
 """Load the original data2vec 1.0 checkpoints into d2v encoders: fairseq's audio (`audio_base_ls.pt`, and the
 fine-tuned `audio_base_ls_*.pt` under `w2v_encoder.w2v_model.`) and text (`nlp_base.pt`), and the BEiT-codebase
-vision checkpoints (`data2vec_vision/*/checkpoint-799.pth`). Layouts: shared/reference/hf-data2vec.md §1.8.
+vision checkpoints (`data2vec_vision/*/checkpoint-799.pth`); data2vec 2.0's go through `fairseq_v2.py`. Layouts:
+shared/reference/hf-data2vec.md §1.8.
 
 The EMA teacher (`_ema`, which fairseq keeps for the transformer only) comes along when the checkpoint has one, the
 rest of the teacher being the student's front end, as in d2v's own teacher; pretraining heads (`final_proj`,
@@ -68,6 +69,7 @@ class FairseqImport:
     cfg: Any  # the d2v encoder config
     student: dict[str, Tensor]
     teacher: dict[str, Tensor] | None  # None: the checkpoint has no EMA teacher (a release without `_ema`)
+    objective: str = "v1"  # v2: a data2vec 2.0 (data2vec_multi) checkpoint, for d2v's v2 architecture
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -87,8 +89,12 @@ def load_fairseq(source: str | Path | dict, kind: str | None = None) -> FairseqI
     if not isinstance(model, dict):
         raise InteropError(f"{source}: expected a state dict under 'model', got {type(model).__name__}")
     model = dict(model)  # the caller's checkpoint stays whole
-    kind = kind or _guess_kind(model)
     args = _model_args(ckpt)
+    from d2v.interop.fairseq_v2 import is_data2vec_multi, load_data2vec_multi
+
+    if is_data2vec_multi(model):
+        return load_data2vec_multi(model, args, kind)
+    kind = kind or _guess_kind(model)
     if kind == "speech":
         return _speech(model, args)
     if kind == "text":
