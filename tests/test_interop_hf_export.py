@@ -143,6 +143,25 @@ def test_text_heads_export_as_sequence_classification(tmp_path):
     probe = TextClassifier(TextEncoder(TEXT_TINY), 2, linear_probe=True)
     with pytest.raises(InteropError, match="linear probe"):
         export_classifier("text", "classification", probe.state_dict(), TEXT_TINY, 2)
+    with pytest.raises(InteropError, match=r"2 label names \['no', 'yes'\] for a head of 3 outputs"):
+        export_classifier("text", "classification", ours.state_dict(), TEXT_TINY, 3, labels=("no", "yes"))
+
+
+def test_task_label_names_follow_the_label_ids_the_sources_write():
+    from d2v.data.sources import fashion_mnist, glue
+    from d2v.train.tasks import TASKS
+
+    assert TASKS["fashion_mnist"].labels == fashion_mnist.CLASSES
+    for name, source in glue.TASKS.items():
+        task = TASKS[f"glue_{name}"]
+        if source.labels is None:
+            assert task.kind == "regression" and task.labels == ()
+        elif not all(label.isdigit() for label in source.labels):  # named in the data: the same names, same order
+            assert task.labels == source.labels
+        else:
+            assert len(task.labels) == len(source.labels) == task.num_outputs
+    for task in TASKS.values():
+        assert task.labels == () or (task.kind == "classification" and len(task.labels) == task.num_outputs)
 
 
 def test_ctc_export_matches_and_its_tokenizer_decodes_like_ours(tmp_path):
@@ -205,6 +224,7 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
     with torch.no_grad():
         assert (model(Batch(tokens, None)) - hf(tokens).logits).abs().max().item() < TOL
     assert json.loads((tmp_path / "hf-ft" / "config.json").read_text())["d2v"]["task"] == "rt_polarity"
+    assert hf.config.id2label == {0: "rotten", 1: "fresh"} and hf.config.label2id == {"rotten": 0, "fresh": 1}
 
     torch.save({"something": 1}, tmp_path / "other.pt")
     assert main(["export", str(tmp_path / "other.pt"), str(tmp_path / "x")]) == 2

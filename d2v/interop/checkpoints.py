@@ -48,7 +48,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
         head = "classification" if task.modality == "image" else task.kind
         num_labels = state["model"]["head.weight"].shape[0] if head == "ctc" else task.num_outputs
         dropout = CTC_HEAD_DROPOUT if head == "ctc" else TEXT_HEAD_DROPOUT  # fine-tuning builds heads with these
-        export = export_classifier(task.modality, head, state["model"], cfg, num_labels, dropout)
+        export = export_classifier(task.modality, head, state["model"], cfg, num_labels, dropout,
+                                   task.labels if head != "ctc" else ())
         tokenizer = tokenizer or (ft.letters if head == "ctc" else ft.tokenizer if task.modality == "text" else None)
         provenance.update(task=ft.task, init=ft.init, seed=ft.seed, steps=state.get("step"), objective=ft.objective,
                           preset=ft.preset)

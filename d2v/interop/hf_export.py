@@ -139,9 +139,9 @@ def export_encoder(kind: str, state: dict[str, Tensor], cfg) -> HFExport:
 
 
 def export_classifier(kind: str, head: str, state: dict[str, Tensor], cfg, num_labels: int,
-                      head_dropout: float = 0.0) -> HFExport:
+                      head_dropout: float = 0.0, labels: tuple[str, ...] = ()) -> HFExport:
     """A fine-tuned d2v model (`ImageClassifier`, `CTCModel` or `TextClassifier` state dict: `encoder.*` plus its
-    head) as the matching HF task model."""
+    head) as the matching HF task model; `labels` names the classes in `id2label` (else LABEL_i)."""
     if (kind, head) not in ARCHITECTURES or head is None:
         raise InteropError(f"no Hugging Face task model for a {kind} {head} head")
     encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
@@ -175,8 +175,11 @@ def export_classifier(kind: str, head: str, state: dict[str, Tensor], cfg, num_l
         hf_key = names[match] + key[len(match):]
         weights[hf_key if hf_key.startswith(("classifier.", "lm_head.")) else prefix + hf_key] = value.detach().cpu()
     if kind != "speech":  # a CTC head's outputs are its vocabulary (vocab_size above), not labels
-        hf_config.update(num_labels=num_labels, id2label={str(i): f"LABEL_{i}" for i in range(num_labels)},
-                         label2id={f"LABEL_{i}": i for i in range(num_labels)})
+        if labels and len(labels) != num_labels:
+            raise InteropError(f"{len(labels)} label names {list(labels)} for a head of {num_labels} outputs")
+        label_names = labels or tuple(f"LABEL_{i}" for i in range(num_labels))
+        hf_config.update(num_labels=num_labels, id2label={str(i): n for i, n in enumerate(label_names)},
+                         label2id={n: i for i, n in enumerate(label_names)})
     return HFExport(_config(kind, head, hf_config), weights)
 
 
