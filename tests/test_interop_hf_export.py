@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from fixtures import randomize  # noqa: E402
 
 from d2v.cli import main  # noqa: E402
-from d2v.data.tokenizer import LetterTokenizer  # noqa: E402
+from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, TextTokenizer, train_sentencepiece  # noqa: E402
 from d2v.eval.metrics import ctc_greedy  # noqa: E402
 from d2v.interop import InteropError, load_hf  # noqa: E402
 from d2v.interop.hf_export import HFExport, export_classifier, export_encoder, save_pretrained  # noqa: E402
@@ -147,6 +147,19 @@ def test_text_heads_export_as_sequence_classification(tmp_path):
         export_classifier("text", "classification", ours.state_dict(), TEXT_TINY, 3, labels=("no", "yes"))
 
 
+LINES = [f"Paragraph {i} talks about the weather and the garden, and then about tea with {w}." for i, w in
+         zip(range(300), ["Anne", "Emma", "Mr. Darcy", "the vicar"] * 75)]
+
+
+def test_hf_tokenizer_gives_d2vs_ids_and_refuses_bpe(tmp_path):
+    from d2v.interop.hf_tokenizer import hf_tokenizer_files
+
+    bpe = train_sentencepiece(LINES, tmp_path / "bpe.model", SentencePieceConfig(
+        vocab_size=80, model_type="bpe", num_threads=1, seed_sentencepiece_size=10_000))
+    with pytest.raises(InteropError, match="only a unigram SentencePiece model"):
+        hf_tokenizer_files(bpe.read_bytes(), 64)
+
+
 def test_task_label_names_follow_the_label_ids_the_sources_write():
     from d2v.data.sources import fashion_mnist, glue
     from d2v.train.tasks import TASKS
@@ -212,8 +225,8 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
         assert d2v == {"source": str(tmp_path / "final.pt"), "weights": weights, "steps": 7, "objective": "v1",
                        "preset": "tiny"}
 
-    spm = tmp_path / "spm.model"
-    spm.write_bytes(b"sentencepiece model bytes")
+    spm = train_sentencepiece(LINES, tmp_path / "spm.model", SentencePieceConfig(
+        vocab_size=TEXT_TINY.vocab_size, num_threads=1, seed_sentencepiece_size=10_000))
     cfg = finetune_config("rt_polarity", {"preset": "tiny", "tokenizer": str(spm), "seed": 3})
     model = randomize(TextClassifier(TextEncoder(TEXT_TINY), 2))
     _save(model, cfg, tmp_path / "best.pt", step=11)
@@ -225,6 +238,12 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
         assert (model(Batch(tokens, None)) - hf(tokens).logits).abs().max().item() < TOL
     assert json.loads((tmp_path / "hf-ft" / "config.json").read_text())["d2v"]["task"] == "rt_polarity"
     assert hf.config.id2label == {0: "rotten", 1: "fresh"} and hf.config.label2id == {"rotten": 0, "fresh": 1}
+    auto, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf-ft"), TextTokenizer(spm)
+    for text, pair in [(LINES[3], None), ("  The garden,   tea!  ", None), ("Naïve café ½", "the weather"),
+                       (LINES[7], LINES[8])]:
+        assert auto(text, pair)["input_ids"] == ours.encode(text, pair).tolist()
+    assert (auto.mask_token_id, auto.pad_token_id, auto.model_max_length) == (ours.mask, 1, TEXT_TINY.max_positions)
+    assert auto.decode(auto(LINES[3])["input_ids"], skip_special_tokens=True) == LINES[3]
 
     torch.save({"something": 1}, tmp_path / "other.pt")
     assert main(["export", str(tmp_path / "other.pt"), str(tmp_path / "x")]) == 2

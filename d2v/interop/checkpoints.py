@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -57,15 +58,28 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
         raise InteropError(f"{path}: neither a pretraining final.pt (encoder, teacher, modality, encoder_config) "
                            f"nor a fine-tuning checkpoint (model, config); its keys are {sorted(state)}")
     if tokenizer is not None:
-        export.files.update(tokenizer_files(Path(tokenizer), ctc=export.config["architectures"][0].endswith("CTC")))
+        ctc = export.config["architectures"][0].endswith("CTC")
+        # text: RoBERTa's position table has max_positions + pad + 1 rows
+        max_length = None if ctc else export.config["max_position_embeddings"] - export.config["pad_token_id"] - 1
+        export.files.update(tokenizer_files(Path(tokenizer), ctc, max_length))
     return save_pretrained(export, out_dir, provenance)
 
 
-def tokenizer_files(path: Path, ctc: bool) -> dict[str, bytes]:
+def tokenizer_files(path: Path, ctc: bool, max_length: int | None = None) -> dict[str, bytes]:
+    """The tokenizer beside the model: letters as `vocab.json` for `Wav2Vec2CTCTokenizer`; the SentencePiece model as
+    `spm.model` and, when the `tokenizers` library is installed, as a fast tokenizer that `AutoTokenizer` loads."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: tokenizer missing (run `d2v tokenizer`, or pass --tokenizer)")
     if not ctc:
-        return {"spm.model": path.read_bytes()}
+        files = {"spm.model": path.read_bytes()}
+        try:
+            from d2v.interop.hf_tokenizer import hf_tokenizer_files
+
+            files.update(hf_tokenizer_files(files["spm.model"], max_length or 512))
+        except ImportError as err:
+            print(f"{path}: exported as spm.model only; `pip install tokenizers` for an AutoTokenizer ({err})",
+                  file=sys.stderr)
+        return files
     from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer
 
     symbols = LetterTokenizer.load(path).symbols
