@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from d2v.config import Objective
 from d2v.interop.layouts import InteropError, KeyTable, drop, fuse_qkv, rename
 from d2v.modalities.image import ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoderConfig
@@ -69,7 +70,7 @@ class FairseqImport:
     cfg: Any  # the d2v encoder config
     student: dict[str, Tensor]
     teacher: dict[str, Tensor] | None  # None: the checkpoint has no EMA teacher (a release without `_ema`)
-    objective: str = "v1"  # v2: a data2vec 2.0 (data2vec_multi) checkpoint, for d2v's v2 architecture
+    objective: Objective = "v1"  # v2: a data2vec 2.0 (data2vec_multi) checkpoint, for d2v's v2 architecture
 
 
 def load_checkpoint(path: str | Path) -> dict:
