@@ -348,3 +348,21 @@ def test_v2_speech_fine_tuning_masks_fill_frames_with_noise_not_the_mask_embeddi
     encoder.cfg = encoder.cfg.model_copy(update={"mask_noise_std": None})  # v1: the mask embedding
     expected = Embedded(torch.where(mask.unsqueeze(-1), encoder.mask_emb, emb.tokens))
     assert torch.equal(encoder.encode(emb, mask).x, encoder.encode(expected).x)
+
+
+def test_v2_image_encoder_takes_fairseqs_init_and_v1_keeps_beits():
+    """Spec §8.2/§8.4: BERT's N(0, 0.02) Linear (no depth scaling), a Xavier-uniform patch embedding over its
+    flattened shape, the [CLS] token N(0, 1) (init_extra_token_zero: false); v1 keeps BEiT's init."""
+    from d2v.modalities.registry import build_encoder
+
+    torch.manual_seed(0)
+    v2, v1 = build_encoder("image", "embedded", "v2"), build_encoder("image", "embedded")
+    D, fan_in = v2.dim, v2.patch_embed.weight[0].numel()
+    assert v2.cfg.init == "data2vec2" and v1.cfg.init == "beit"
+    assert 0.8 < v2.cls_token.std() < 1.2 and v1.cls_token.std() < 0.03
+    bound = math.sqrt(6 / (fan_in + D))
+    w = v2.patch_embed.weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and abs(w.std() - bound / math.sqrt(3)) < 0.1 * bound
+    last = len(v2.blocks) - 1
+    assert abs(v2.blocks[last].mlp.fc2.weight.std() - 0.02) < 0.002
+    assert abs(v1.blocks[last].mlp.fc2.weight.std() - 0.02 / math.sqrt(2 * (last + 1))) < 0.002  # BEiT's rescale

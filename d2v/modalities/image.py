@@ -15,7 +15,7 @@ from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, Ob
 from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
                                  replace_masked, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks
-from d2v.nn import RelativePositionBias, make_block
+from d2v.nn import RelativePositionBias, bert_init, make_block
 from d2v.nn.layers import sincos_2d
 
 
@@ -34,6 +34,9 @@ class ImageEncoderConfig(StrictModel):
     sincos_pos: bool = False  # fixed 2-D sin-cos positions on the patches (data2vec 2.0)
     input_norm: bool = False  # LayerNorm on [CLS] + patches before the blocks (data2vec 2.0 prenet LN)
     pooling: Literal["final_ln", "mean_ln", "none"] = "final_ln"  # pretrained | fine-tuned layout | no final LN
+    # beit: trunc N(0, 0.02) Linear and tokens, blocks' output projections scaled by 1/sqrt(2·layer); data2vec2
+    # (spec §8.2, §8.4): BERT's N(0, 0.02) Linear, a Xavier-uniform patch embedding, the [CLS] token N(0, 1)
+    init: Literal["beit", "data2vec2"] = "beit"
     eps: float = Field(1e-6, gt=0)
     drop_path: float = Field(0.25, ge=0, lt=1)
     attn_dropout: float = Field(0.05, ge=0, lt=1)
@@ -67,10 +70,10 @@ IMAGE_PRESETS = {
 
 def v2_encoder(cfg: ImageEncoderConfig) -> ImageEncoderConfig:
     """The data2vec 2.0 image encoder of the same size (spec §8.2, §8.4): post-LN blocks, fixed sin-cos positions,
-    input LayerNorm, no relative position bias, LayerScale, final LN or dropout; norm eps 1e-6."""
+    input LayerNorm, no relative position bias, LayerScale, final LN or dropout; norm eps 1e-6; its own init."""
     return cfg.model_copy(update=dict(norm_first=False, layer_scale_init=None, rel_pos="none", abs_pos=False,
                                       sincos_pos=True, input_norm=True, pooling="none", drop_path=0.0,
-                                      attn_dropout=0.0, dropout=0.0, eps=1e-6))
+                                      attn_dropout=0.0, dropout=0.0, eps=1e-6, init="data2vec2"))
 
 
 class ImageEncoder(Encoder):
@@ -116,6 +119,12 @@ class ImageEncoder(Encoder):
         return self.cfg.grid[0] * self.cfg.grid[1]
 
     def _init_weights(self) -> None:
+        if self.cfg.init == "data2vec2":
+            bert_init(self)
+            w = self.patch_embed.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.normal_(self.cls_token)  # init_extra_token_zero: false
+            return
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
