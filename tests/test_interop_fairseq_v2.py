@@ -218,6 +218,8 @@ def test_v2_fine_tuned_audio_checkpoint_and_bad_audio_inputs():
     per_layer = dict(model, **{"modality_encoders.AUDIO.alibi_scale": torch.ones(2, 1, 4, 1, 1)})
     with pytest.raises(InteropError, match="one ALiBi scale per layer"):
         load_fairseq({"model": per_layer})
+    with pytest.raises(InteropError, match=r"alibi_scale \(1, 1, 4, 1, 1\): 4 scales for 2 heads"):
+        load_fairseq({"model": model, "cfg": {"model": {"num_heads": 2}}})
     with pytest.raises(InteropError, match="no place for: .*blocks.0.attn.adapter.weight"):
         load_fairseq({"model": dict(model, **{"blocks.0.attn.adapter.weight": torch.zeros(1)})})
     with pytest.raises(InteropError, match="exactly one of"):

@@ -116,8 +116,13 @@ def _flat_blocks(sd: dict, me: str, prenet: int) -> dict[str, Tensor]:
     return out
 
 
+BLOCK_PARAMS = {f"{m}.{p}" for m in ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
+BLOCK_PARAMS.add("attn.qkv.weight")  # its bias is split into d2v's q/k/v biases
+
+
 def _map(kind: str, sd: dict[str, Tensor], me: str, cfg, partial: bool = False) -> dict[str, Tensor]:
-    """fairseq names → d2v's; `partial` (an EMA teacher) allows keys to be missing."""
+    """fairseq names → d2v's; `partial`: an EMA teacher's subset, which takes the rest (the never-read mask
+    embedding included) from the student."""
     sd = dict(sd)
     drop(sd, DROPPED)
     local = _under(sd, me)
@@ -148,10 +153,6 @@ def _map(kind: str, sd: dict[str, Tensor], me: str, cfg, partial: bool = False) 
     return {k: v.float() for k, v in out.items()}
 
 
-BLOCK_PARAMS = {f"{m}.{p}" for m in ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
-BLOCK_PARAMS.add("attn.qkv.weight")
-
-
 def _alibi_scale(scale: Tensor, heads: int) -> Tensor:
     """fairseq's (layers or 1, 1, heads or 1, 1, 1) scale as d2v's one scale per head."""
     if scale.dim() == 4:  # upgrade_state_dict_named: older checkpoints lack the layer axis
@@ -159,6 +160,8 @@ def _alibi_scale(scale: Tensor, heads: int) -> Tensor:
     if scale.shape[0] != 1:
         raise InteropError(f"alibi_scale {tuple(scale.shape)}: one ALiBi scale per layer "
                            "(learned_alibi_scale_per_layer); d2v's encoders share one scale per head across layers")
+    if scale.numel() not in (1, heads):
+        raise InteropError(f"alibi_scale {tuple(scale.shape)}: {scale.numel()} scales for {heads} heads")
     return scale.reshape(-1).expand(heads).clone()
 
 
