@@ -29,6 +29,8 @@ KINDS = {"AUDIO": "speech", "IMAGE": "image", "TEXT": "text"}  # fairseq's Modal
 WRAPPERS = ("w2v_encoder.w2v_model.", "model.")  # fine-tuned audio (wav2vec2_asr), fine-tuned images
 # the released configs' norm_eps where a checkpoint carries no config: audio and text set 1e-5, images keep 1e-6
 DEFAULT_EPS = {"speech": 1e-5, "text": 1e-5, "image": 1e-6}
+DROPOUTS = dict(dropout="encoder_dropout", attn_dropout="attention_dropout", activation_dropout="activation_dropout",
+                layerdrop="layerdrop")  # d2v's encoder config field: Data2VecMultiConfig's
 DROPPED = r"(^|\.)decoder\.|^shared_decoder\.|^recon_proj\.|^w2v_encoder\.proj\.|^head\.|(^|\.)version$"
 
 SPEECH_KEYS: KeyTable = [  # below modality_encoders.AUDIO.
@@ -223,8 +225,7 @@ def _speech_config(sd: dict, args: dict, depth: int) -> SpeechEncoderConfig:
         eps=_eps(args, "speech"),
         pos_conv_depth=_count(sd, me + "relative_positional_encoder."),  # the TransposeLasts hold no weights
         pos_conv_kernel=pos.shape[-1], pos_conv_groups=dim // pos.shape[1],
-        **_dropouts(args, dropout="encoder_dropout", attn_dropout="attention_dropout",
-                    activation_dropout="activation_dropout", layerdrop="layerdrop"),
+        **_dropouts(args, **DROPOUTS),
     ))
 
 
@@ -260,8 +261,7 @@ def _text_config(sd: dict, args: dict, depth: int) -> TextEncoderConfig:
         vocab_size=vocab, dim=dim, depth=depth, num_heads=_heads(args, dim),
         ffn_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], eps=_eps(args, "text"), pad_idx=pad,
         max_positions=sd[f"{me}local_encoder.embed_positions.weight"].shape[0] - pad - 1,
-        **_dropouts(args, dropout="encoder_dropout", attn_dropout="attention_dropout",
-                    activation_dropout="activation_dropout", layerdrop="layerdrop"),
+        **_dropouts(args, **DROPOUTS),
     )
 
 
