@@ -322,9 +322,10 @@ def import_cmd(args: argparse.Namespace) -> int:
     info = import_checkpoint(args.source, args.out, args.kind)
     teacher = "its EMA teacher" if info["has_teacher"] else "the student as teacher (the checkpoint has no EMA)"
     print(f"{args.source} ({info['imported']}) -> {args.out}: {info['modality']} encoder, preset {info['preset']}, "
-          f"{teacher}")
+          f"objective {info['objective']}, {teacher}")
     if info["preset"] != "custom":
-        print(f"fine-tune it: d2v finetune TASK --set pretrained={args.out} --set preset={info['preset']}")
+        objective = " --set objective=v2" if info["objective"] == "v2" else ""
+        print(f"fine-tune it: d2v finetune TASK --set pretrained={args.out} --set preset={info['preset']}{objective}")
     else:
         print("no d2v preset has this architecture, so d2v finetune cannot build it; its config is in the file "
               "(encoder_config)", file=sys.stderr)

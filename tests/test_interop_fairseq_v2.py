@@ -252,7 +252,7 @@ def ref_image(sd, images, heads, prenet, main, eps=1e-6):
     return ref_stack(sd, me, x, heads, eps, prenet, main)
 
 
-def test_v2_image_checkpoint_pretrained_and_fine_tuned_match_fairseqs_forward(tmp_path):
+def test_v2_image_checkpoint_pretrained_and_fine_tuned_match_fairseqs_forward(tmp_path, capsys):
     model, teacher = image_model(), image_model()  # images EMA their local encoder too (ema_local_encoder)
     ema = {k: v for k, v in teacher.items() if ".decoder." not in k}
     torch.save({"model": {**model, "_ema": ema}, "cfg": {"model": {"num_heads": 4, "depth": 2}}},
@@ -265,6 +265,7 @@ def test_v2_image_checkpoint_pretrained_and_fine_tuned_match_fairseqs_forward(tm
     assert_encoder_matches("image", imported.cfg, imported.teacher, (images,),
                            lambda: ref_image(ema, images, 4, 2, 2))
     assert main_cli(tmp_path, "base_imagenet.pt") == ("image", "tiny", "v2", True)
+    assert "--set preset=tiny --set objective=v2" in capsys.readouterr().out  # the hint builds this encoder
 
     ft = {f"model.{k}": v for k, v in model.items() if ".decoder." not in k}
     ft |= norm("fc_norm.", 64) | linear("head.", 10, 64)
