@@ -60,6 +60,7 @@ IMAGE_KEYS: KeyTable = [  # BEiT names d2v's image encoder follows, but for the 
 ]
 ATTENTION = {"speech": ("encoder.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj")),
              "text": ("layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"))}
+FAIRSEQ_PAD = 1  # fairseq dictionaries: <s>=0 <pad>=1 </s>=2 <unk>=3; positions count from pad + 1
 # what is dropped: pretraining heads, task heads, recomputed index buffers, fairseq's version counters
 DROPPED = r"^(final_proj|lm_head|head|regression_head|classification_heads)\.|relative_position_index$|(^|\.)version$"
 
@@ -139,15 +140,9 @@ def _speech(model: dict, args: dict) -> FairseqImport:
     ema = model.pop("_ema", None)
     depth = _count(model, "encoder.layers.")
     dim = model["post_extract_proj.weight"].shape[0]
-    conv = [model[f"feature_extractor.conv_layers.{i}.0.weight"] for i in range(_count(model, "feature_extractor."
-                                                                                        "conv_layers."))]
-    if any(f"feature_extractor.conv_layers.{i}.2.weight" in model for i in range(len(conv))):
-        raise InteropError("this feature extractor uses group norm (wav2vec 2.0's default mode); data2vec audio's "
-                           "uses layer norm in every conv layer, the only one d2v has")
-    strides = _conv_strides(args.get("conv_feature_layers"), len(conv))
     pos = model["encoder.pos_conv.0.0.weight"]
     cfg = SpeechEncoderConfig(
-        conv_layers=tuple((w.shape[0], w.shape[-1], s) for w, s in zip(conv, strides)), dim=dim, depth=depth,
+        conv_layers=conv_layers(model, "feature_extractor.", args.get("conv_feature_layers")), dim=dim, depth=depth,
         num_heads=args.get("encoder_attention_heads", dim // 64), ffn_dim=model["encoder.layers.0.fc1.weight"].shape[0],
         norm_first=bool(args.get("layer_norm_first", False)), pos_conv_depth=_count(model, "encoder.pos_conv."),
         pos_conv_kernel=pos.shape[-1], pos_conv_groups=dim // pos.shape[1],
@@ -167,7 +162,7 @@ def _text(model: dict, args: dict) -> FairseqImport:
     encoder = _under(model, "encoder.sentence_encoder.")
     depth = _count(encoder, "layers.")
     vocab, dim = encoder["embed_tokens.weight"].shape
-    pad = 1  # fairseq dictionaries: <s>=0 <pad>=1 </s>=2 <unk>=3
+    pad = FAIRSEQ_PAD
     transformer = args.get("transformer", {}).get("encoder", {}) if isinstance(args.get("transformer"), dict) else {}
     cfg = TextEncoderConfig(
         vocab_size=vocab, dim=dim, depth=depth, num_heads=transformer.get("attention_heads", dim // 64),
@@ -227,6 +222,17 @@ def _count(sd: dict, prefix: str) -> int:
 
 def _dropouts(args: dict, **names: str) -> dict:
     return {ours: float(args[theirs]) for ours, theirs in names.items() if theirs in args}
+
+
+def conv_layers(sd: dict, prefix: str, spec: str | None) -> tuple[tuple[int, int, int], ...]:
+    """wav2vec 2.0's CNN (`prefix`conv_layers.{i}) as d2v's (channels, kernel, stride) rows: channels and kernels
+    from the weights, strides from the config's layer spec. Only the layer-norm mode (`.2.1.`, a LayerNorm inside
+    TransposeLast) fits d2v; group norm (`.2.`, wav2vec 2.0's default) is refused."""
+    conv = [sd[f"{prefix}conv_layers.{i}.0.weight"] for i in range(_count(sd, f"{prefix}conv_layers."))]
+    if any(f"{prefix}conv_layers.{i}.2.weight" in sd for i in range(len(conv))):
+        raise InteropError("this feature extractor uses group norm (wav2vec 2.0's default mode); data2vec audio's "
+                           "uses layer norm in every conv layer, the only one d2v has")
+    return tuple((w.shape[0], w.shape[-1], s) for w, s in zip(conv, _conv_strides(spec, len(conv))))
 
 
 _OPS = {ast.Add: operator.add, ast.Mult: operator.mul}

@@ -18,7 +18,7 @@ import re
 import torch
 from torch import Tensor
 
-from d2v.interop.fairseq import FairseqImport, _conv_strides, _count, _dropouts, _under
+from d2v.interop.fairseq import FAIRSEQ_PAD, FairseqImport, _count, _dropouts, _under, conv_layers
 from d2v.interop.layouts import InteropError, KeyTable, drop, rename
 from d2v.modalities.image import ImageEncoderConfig, v2_encoder as image_v2
 from d2v.modalities.speech import SpeechEncoderConfig, v2_encoder as speech_v2
@@ -56,12 +56,20 @@ QKV_BIASES = {"speech": ("q_bias", "k_bias", "v_bias"), "text": ("q_bias", "k_bi
               "image": ("q_bias", None, "v_bias")}
 
 
+def _wrapper(model: dict) -> str | None:
+    """The prefix the data2vec_multi model sits under ("" for a pretraining checkpoint); None: not such a model."""
+    return next((w for w in ("", *WRAPPERS) if any(k.startswith(w + "modality_encoders.") for k in model)), None)
+
+
 def is_data2vec_multi(model: dict) -> bool:
-    return any(k.startswith(tuple(w + "modality_encoders." for w in ("", *WRAPPERS))) for k in model)
+    return _wrapper(model) is not None
 
 
 def load_data2vec_multi(model: dict, args: dict, kind: str | None = None) -> FairseqImport:
-    wrapper = next((w for w in WRAPPERS if any(k.startswith(w + "modality_encoders.") for k in model)), "")
+    wrapper = _wrapper(model)
+    if wrapper is None:
+        raise InteropError(f"not a data2vec 2.0 (data2vec_multi) checkpoint: no modality_encoders.* key; first keys: "
+                           f"{list(model)[:5]}")
     outside = {k: v for k, v in model.items() if not k.startswith(wrapper)}  # a fine-tuned model's head
     model = _under(model, wrapper) if wrapper else dict(model)
     ema = model.pop("_ema", None)
@@ -208,19 +216,13 @@ def _check_post_ln(sd: dict, args: dict) -> None:
 def _speech_config(sd: dict, args: dict, depth: int) -> SpeechEncoderConfig:
     me = "modality_encoders.AUDIO."
     _check_post_ln(sd, args)
-    conv = [sd[f"{me}local_encoder.conv_layers.{i}.0.weight"]
-            for i in range(_count(sd, me + "local_encoder.conv_layers."))]
-    if any(f"{me}local_encoder.conv_layers.{i}.2.weight" in sd for i in range(len(conv))):
-        raise InteropError("this feature extractor uses group norm; data2vec 2.0 audio's uses layer norm in every "
-                           "conv layer, the only one d2v has")
     if f"{me}relative_positional_encoder.0.weight" in sd:
         raise InteropError("a LayerNorm before the positional convs (conv_pos_pre_ln); d2v's speech encoder has none")
     audio = args.get("modalities", {}).get("audio", {}) if isinstance(args.get("modalities"), dict) else {}
-    strides = _conv_strides(audio.get("feature_encoder_spec"), len(conv))
     dim = sd[f"{me}project_features.2.weight"].shape[0]
     pos = sd[f"{me}relative_positional_encoder.1.0.weight"]
     return speech_v2(SpeechEncoderConfig(
-        conv_layers=tuple((w.shape[0], w.shape[-1], s) for w, s in zip(conv, strides)), dim=dim, depth=depth,
+        conv_layers=conv_layers(sd, f"{me}local_encoder.", audio.get("feature_encoder_spec")), dim=dim, depth=depth,
         num_heads=_heads(args, dim, sd.get(f"{me}alibi_scale")), ffn_dim=sd["blocks.0.mlp.fc1.weight"].shape[0],
         eps=_eps(args, "speech"),
         pos_conv_depth=_count(sd, me + "relative_positional_encoder."),  # the TransposeLasts hold no weights
@@ -256,7 +258,7 @@ def _text_config(sd: dict, args: dict, depth: int) -> TextEncoderConfig:
         raise InteropError("a text prenet with its own LayerNorm (prenet_depth > 0); d2v's text encoder goes from "
                            "the embedding LayerNorm straight to the blocks")
     vocab, dim = sd[f"{me}local_encoder.embed_tokens.weight"].shape
-    pad = 1  # fairseq dictionaries: <s>=0 <pad>=1 </s>=2 <unk>=3
+    pad = FAIRSEQ_PAD
     return TextEncoderConfig(
         vocab_size=vocab, dim=dim, depth=depth, num_heads=_heads(args, dim),
         ffn_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], eps=_eps(args, "text"), pad_idx=pad,
