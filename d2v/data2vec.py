@@ -88,13 +88,14 @@ def regression_loss(pred: Tensor, target: Tensor, cfg: LossConfig) -> Tensor:
 class RegressionHead(nn.Module):
     """Student head: Linear (speech, image) or Linear(D, 2D) -> GELU -> Linear(2D, D) (text)."""
 
-    def __init__(self, dim: int, kind: str) -> None:
+    def __init__(self, dim: int, kind: str, bert: bool = True) -> None:
         super().__init__()
         if kind == "linear":
             self.net = nn.Linear(dim, dim)
         else:
             self.net = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        bert_init(self)
+        if bert:  # else PyTorch's default Linear init
+            bert_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -177,7 +178,7 @@ class Data2Vec(nn.Module):
         self.ema = EMATeacher(self.student, cfg.ema, self.teacher_shared_prefixes())
 
     def build_head(self) -> nn.Module:
-        return RegressionHead(self.student.dim, self.cfg.head)
+        return RegressionHead(self.student.dim, self.cfg.head, self.student.bert_init_head)
 
     def teacher_shared_prefixes(self) -> tuple[str, ...]:
         return self.student.teacher_shared_prefixes

@@ -11,6 +11,38 @@ from d2v.data2vec import (CollapseError, build_targets, center_per_position, che
                           instance_norm_over_time, regression_loss, representation_std)
 from d2v.ema import ema_decay
 
+# ---------------------------------------------------------------- init
+
+
+def _has_torch_default_init(linear: torch.nn.Linear) -> bool:
+    """PyTorch's Linear init: weight and bias U(±1/√fan_in), so the weight's std is that bound over √3."""
+    bound = 1 / linear.in_features ** 0.5
+    w, b = linear.weight, linear.bias
+    return (w.abs().max() <= bound and abs(w.std() - bound / 3 ** 0.5) < 0.05 * bound
+            and b.abs().max() <= bound and b.abs().max() > 0.5 * bound)
+
+
+def _has_bert_init(linear: torch.nn.Linear) -> bool:
+    return abs(linear.weight.std() - 0.02) < 0.002 and (linear.bias is None or not linear.bias.any())
+
+
+@pytest.mark.parametrize("objective", ["v1", "v2"])
+def test_speech_projection_and_head_keep_pytorch_init_like_fairseq(objective):
+    """fairseq applies BERT init inside data2vec_audio's TransformerEncoder only (post_extract_proj and final_proj
+    keep PyTorch's init), and data2vec 2.0's AudioEncoder resets project_features; text and images use BERT init
+    for the regression head too."""
+    from d2v.modalities.registry import build_objective
+
+    torch.manual_seed(0)
+    speech = build_objective("speech", "embedded", objective)
+    assert _has_torch_default_init(speech.student.feature_proj)
+    assert all(_has_bert_init(m) for m in speech.student.blocks.modules() if isinstance(m, torch.nn.Linear))
+    if objective == "v1":
+        assert _has_torch_default_init(speech.head.net)
+        text = build_objective("text", "embedded")
+        assert all(_has_bert_init(m) for m in text.head.modules() if isinstance(m, torch.nn.Linear))
+
+
 # ---------------------------------------------------------------- EMA
 
 

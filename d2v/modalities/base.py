@@ -62,6 +62,8 @@ class Encoder(nn.Module, ABC):
     teacher_shared_prefixes: tuple[str, ...] = ()
     # True when the teacher consumes the student's local features instead of running its own local encoder
     teacher_reuses_local_features: bool = False
+    # data2vec 1.0's regression head takes BERT's init (text, BEiT's trunc-normal for images); speech keeps PyTorch's
+    bert_init_head: bool = True
 
     @property
     @abstractmethod

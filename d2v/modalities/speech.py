@@ -223,6 +223,7 @@ class SpeechEncoder(Encoder):
     # CNN + projection are shared: the teacher reads the student's features; the positional conv is copied (spec §4)
     teacher_shared_prefixes = ("feature_extractor.", "feature_norm.", "feature_proj.", "pos_conv.")
     teacher_reuses_local_features = True
+    bert_init_head = False  # fairseq's final_proj sits outside the TransformerEncoder that BERT init reaches
 
     def __init__(self, cfg: SpeechEncoderConfig) -> None:
         super().__init__()
@@ -242,7 +243,9 @@ class SpeechEncoder(Encoder):
                        cfg.attn_dropout, cfg.activation_dropout)
             for _ in range(cfg.depth)
         )
-        bert_init(self.blocks, self.feature_proj)
+        # BERT init for the Transformer only: fairseq's data2vec_audio applies it inside its TransformerEncoder, and
+        # data2vec 2.0's AudioEncoder resets project_features, so the projection keeps PyTorch's default init
+        bert_init(self.blocks)
         self.local_grad_mult = 1.0
 
     @property
