@@ -324,6 +324,14 @@ def test_v2_text_checkpoint_with_its_blocks_only_ema_matches_fairseqs_forward(tm
                            lambda: ref_text({**model, **{f"blocks.{k}": v for k, v in ema.items()}}, tokens, 4, 3))
     assert main_cli(tmp_path, "nlp_base.pt") == ("text", "tiny", "v2", True)
 
+    # data2vec_text_classification: the encoder under `model.` (decoders and EMA removed), RoBERTa heads beside it
+    ft = {f"model.{k}": v for k, v in model.items() if ".decoder." not in k}
+    ft |= linear("classification_heads.sst2.dense.", 64, 64) | linear("classification_heads.sst2.out_proj.", 2, 64)
+    imported = load_fairseq({"model": ft, "cfg": {"model": {"pretrained_model_args": {"model": {"num_heads": 4}}}}})
+    assert (imported.kind, imported.objective, imported.teacher) == ("text", "v2", None)
+    assert_encoder_matches("text", imported.cfg, imported.student, (tokens, tokens.eq(1)),
+                           lambda: ref_text(model, tokens, 4, 3))
+
     prenet = dict(model, **{"modality_encoders.TEXT.context_encoder.norm.weight": torch.ones(64)})
     with pytest.raises(InteropError, match="text prenet with its own LayerNorm"):
         load_fairseq({"model": prenet})

@@ -1,6 +1,7 @@
 """data2vec 2.0 checkpoints (fairseq's `data2vec_multi`) → d2v's v2 encoders (objective v2): the pretrained
 `base_libri.pt`, `large_vox.pt`, `{base,large,huge}_imagenet.pt` and `nlp_base.pt`, and the fine-tuned `*_960h.pt`
-(the model under `w2v_encoder.w2v_model.`) and `*_imagenet_ft.pt` (under `model.`, beside its `fc_norm` and head).
+(the model under `w2v_encoder.w2v_model.`), `*_imagenet_ft.pt` (under `model.`, beside its `fc_norm` and head) and
+`data2vec_text_classification` models (under `model.`, beside their `classification_heads`).
 Layouts: shared/reference/hf-data2vec.md §1.8, spec §8.2 and §8.4.
 
 fairseq splits the transformer into the modality's prenet (`modality_encoders.M.context_encoder`: a LayerNorm, then
@@ -26,7 +27,7 @@ from d2v.modalities.text import TextEncoderConfig
 from d2v.nn.layers import sincos_2d
 
 KINDS = {"AUDIO": "speech", "IMAGE": "image", "TEXT": "text"}  # fairseq's Modality names
-WRAPPERS = ("w2v_encoder.w2v_model.", "model.")  # fine-tuned audio (wav2vec2_asr), fine-tuned images
+WRAPPERS = ("w2v_encoder.w2v_model.", "model.")  # fine-tuned audio (wav2vec2_asr), fine-tuned images and text
 # the released configs' norm_eps where a checkpoint carries no config: audio and text set 1e-5, images keep 1e-6
 DEFAULT_EPS = {"speech": 1e-5, "text": 1e-5, "image": 1e-6}
 DROPOUTS = dict(dropout="encoder_dropout", attn_dropout="attention_dropout", activation_dropout="activation_dropout",
