@@ -170,24 +170,30 @@ def test_beit_vision_checkpoint(layout, tmp_path):
     shared = layout == "shared"
     cfg = encoder_config("image", "tiny").model_copy(update={"rel_pos": layout, "abs_pos": shared,
                                                              "pooling": "final_ln" if shared else "mean_ln"})
-    student = randomize(ImageEncoder(cfg))
-    hf = hf_state("image", student)
-    for i in range(cfg.depth):  # BEiT fuses q/k/v (no key bias)
-        prefix = f"encoder.layer.{i}.attention.attention"
-        hf[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf.pop(f"{prefix}.{n}.weight")
-                                                       for n in ("query", "key", "value")])
-    model = renamed(hf, HF_TO_BEIT)
-    index = "rel_pos_bias.relative_position_index" if layout == "shared" else "blocks.0.attn.relative_position_index"
-    model.update({index: torch.zeros(65, 65, dtype=torch.long), "lm_head.weight": torch.randn(64, 64)})
-    torch.save({"model": model}, tmp_path / "checkpoint-799.pth")
+    student, teacher = randomize(ImageEncoder(cfg)), randomize(ImageEncoder(cfg))
+
+    def beit_state(encoder):
+        hf = hf_state("image", encoder)
+        for i in range(cfg.depth):  # BEiT fuses q/k/v (no key bias)
+            prefix = f"encoder.layer.{i}.attention.attention"
+            hf[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf.pop(f"{prefix}.{n}.weight")
+                                                           for n in ("query", "key", "value")])
+        model = renamed(hf, HF_TO_BEIT)
+        index = "rel_pos_bias.relative_position_index" if shared else "blocks.0.attn.relative_position_index"
+        return model | {index: torch.zeros(65, 65, dtype=torch.long), "lm_head.weight": torch.randn(64, 64)}
+
+    # run_cyclical.py saves the teacher (timm's ModelEmaV2 of the whole model) as `model_ema`
+    ckpt = {"model": beit_state(student)} | ({"model_ema": beit_state(teacher)} if shared else {})
+    torch.save(ckpt, tmp_path / "checkpoint-799.pth")
     assert main(["import", str(tmp_path / "checkpoint-799.pth"), str(tmp_path / "final.pt")]) == 0
     final = torch.load(tmp_path / "final.pt", weights_only=False)
     assert same_weights(final["encoder"], student.state_dict())
+    assert final["has_teacher"] == shared and (not shared or same_weights(final["teacher"], teacher.state_dict()))
     inferred = final["encoder_config"]
     for field in ("img_size", "patch_size", "in_chans", "dim", "depth", "num_heads", "ffn_dim", "rel_pos", "abs_pos",
                   "pooling"):
         assert inferred[field] == getattr(cfg, field), field
-    assert final["preset"] == ("tiny" if layout == "shared" else "custom") and not final["has_teacher"]
+    assert final["preset"] == ("tiny" if layout == "shared" else "custom")
 
 
 def test_huggingface_folder_imports_and_custom_architectures_say_so(tmp_path, capsys):

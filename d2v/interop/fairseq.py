@@ -3,8 +3,9 @@ fine-tuned `audio_base_ls_*.pt` under `w2v_encoder.w2v_model.`) and text (`nlp_b
 vision checkpoints (`data2vec_vision/*/checkpoint-799.pth`); data2vec 2.0's go through `fairseq_v2.py`. Layouts:
 shared/reference/hf-data2vec.md §1.8.
 
-The EMA teacher (`_ema`, which fairseq keeps for the transformer only) comes along when the checkpoint has one, the
-rest of the teacher being the student's front end, as in d2v's own teacher; pretraining heads (`final_proj`,
+The EMA teacher (fairseq's `_ema`, which covers the transformer only; the BEiT codebase's `model_ema`, the whole
+model) comes along when the checkpoint has one, the rest of the teacher being the student's front end, as in d2v's
+own teacher; pretraining heads (`final_proj`,
 `regression_head`, `lm_head`) and task heads are dropped. The encoder config is read off the weights' shapes; the
 head count, which shapes do not show, from the checkpoint's own config when it has one (else dim / 64, the base and
 large models' head size).
@@ -102,7 +103,7 @@ def load_fairseq(source: str | Path | dict, kind: str | None = None) -> FairseqI
     if kind == "text":
         return _text(model, args)
     if kind == "image":
-        return _image(model)
+        return _image(model, ckpt.get("model_ema"))
     raise InteropError(f"unknown kind {kind!r}; expected image, speech or text")
 
 
@@ -174,7 +175,9 @@ def _text(model: dict, args: dict) -> FairseqImport:
     return FairseqImport("text", cfg, student, teacher)
 
 
-def _image(model: dict) -> FairseqImport:
+def _image(model: dict, ema: dict | None) -> FairseqImport:
+    """A BEiT-codebase (data2vec_vision) checkpoint; its `model_ema` is timm's ModelEmaV2 of the whole model, the
+    teacher of `run_cyclical.py`."""
     depth = _count(model, "blocks.")
     dim, chans, patch, _ = model["patch_embed.proj.weight"].shape
     shared = "rel_pos_bias.relative_position_bias_table" in model
@@ -193,7 +196,8 @@ def _image(model: dict) -> FairseqImport:
         rel_pos="shared" if shared else "per_layer" if table is not None else "none", abs_pos="pos_embed" in model,
         pooling="final_ln" if "norm.weight" in model else "mean_ln" if "fc_norm.weight" in model else "none",
     )
-    return FairseqImport("image", cfg, _map("image", model, IMAGE_KEYS, depth), None)
+    teacher = _map("image", dict(ema), IMAGE_KEYS, depth) if isinstance(ema, dict) else None
+    return FairseqImport("image", cfg, _map("image", model, IMAGE_KEYS, depth), teacher)
 
 
 # ---------------------------------------------------------------- helpers
