@@ -116,6 +116,68 @@ def test_two_process_gloo_ddp_matches_one_process_with_accumulation(tmp_path):
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+FSDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_train import tiny_cfg, synthetic_stream
+from d2v.train.distributed import barrier, init, shutdown
+from d2v.train.pretrain import build_objective, run_pretrain
+world = init("cpu")
+cfg = tiny_cfg({modality!r}, objective={objective!r}, steps=4, parallel="fsdp")
+stream = synthetic_stream({modality!r}, rank=world.rank, world=world.size)
+run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/straight", world, progress=False)
+run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/resumed", world, progress=False, stop_after=3)
+barrier(world)  # rank 0 has written the step-3 checkpoint that every rank resumes from
+run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/resumed", world, progress=False)  # from step 3
+if {layerdrop}:  # a block one rank skipped and another ran would leave their collectives unmatched
+    objective = build_objective(cfg)
+    objective.student.cfg = objective.student.cfg.model_copy(update=dict(layerdrop={layerdrop}))
+    run_pretrain(cfg, objective, stream, {out!r} + "/layerdrop", world, progress=False)
+shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality, objective", [("speech", "v1"), ("image", "v2")])
+def test_two_process_gloo_fsdp_matches_one_process_and_resumes_exactly(tmp_path, modality, objective):
+    """FSDP shards student, teacher and AdamW states; the update, the EMA step and the checkpoints (full state,
+    single-process layout) match one process with 2 micro-batches, and a run stopped after its step-3 checkpoint
+    resumes to the uninterrupted run's weights bit for bit."""
+    script = tmp_path / "fsdp.py"
+    layerdrop = 0.5 if modality == "speech" else 0.0
+    script.write_text(FSDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "fsdp"), modality=modality,
+                                         objective=objective, layerdrop=layerdrop))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=ROOT, timeout=300)
+    cfg = tiny_cfg(modality, objective=objective, steps=4, accum_steps=2)
+    single = build_objective(cfg)
+    run_pretrain(cfg, single, synthetic_stream(modality), tmp_path / "single", progress=False)
+    sharded = checkpoint.load(tmp_path / "fsdp" / "straight" / "checkpoints" / "last.pt")
+    one = checkpoint.load(tmp_path / "single" / "checkpoints" / "last.pt")
+    assert sharded["model"].keys() == one["model"].keys()
+    for k, v in one["model"].items():
+        torch.testing.assert_close(sharded["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert sharded["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]  # the same layout
+    torch.testing.assert_close(sharded["optimizer"]["state"], one["optimizer"]["state"], rtol=1e-5, atol=1e-6)
+    final = torch.load(tmp_path / "fsdp" / "straight" / "final.pt", weights_only=False)
+    for k, v in single.teacher.state_dict().items():
+        torch.testing.assert_close(final["teacher"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    resumed = checkpoint.load(tmp_path / "fsdp" / "resumed" / "checkpoints" / "last.pt")
+    for k, v in sharded["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    if layerdrop:  # the run finished, and its shared draws did skip blocks
+        from d2v.train.fsdp import share_layerdrop
+
+        assert (tmp_path / "fsdp" / "layerdrop" / "final.pt").is_file()
+        skipped = 0
+        for step in range(1, 5):
+            share_layerdrop(single.student, cfg.seed, step, 0)
+            skipped += sum(bool(torch.rand((), generator=single.student.layerdrop_generator) < layerdrop)
+                           for _ in single.student.blocks)
+        assert skipped > 0
+
+
 @pytest.mark.parametrize("signal", ["target_var", "target_rank"])
 def test_collapse_guard_stops_the_run_and_keeps_a_checkpoint(tmp_path, signal):
     cfg = tiny_cfg("text", collapse_warmup=0.0)

@@ -62,6 +62,8 @@ class Encoder(nn.Module, ABC):
     teacher_shared_prefixes: tuple[str, ...] = ()
     # True when the teacher consumes the student's local features instead of running its own local encoder
     teacher_reuses_local_features: bool = False
+    # LayerDrop's draws (None: torch's global generator); FSDP sets one shared by all ranks (d2v.train.fsdp)
+    layerdrop_generator: torch.Generator | None = None
     # data2vec 1.0's regression head takes BERT's init (text, BEiT's trunc-normal for images); speech keeps PyTorch's
     bert_init_head: bool = True
 
@@ -120,11 +122,13 @@ def run_blocks(
     padding_mask: Tensor | None,
     attn_biases: list[Tensor | None],
     layerdrop: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor | None]]:
-    """Run a block stack, collecting both data2vec taps. LayerDrop only in training."""
+    """Run a block stack, collecting both data2vec taps. LayerDrop only in training, drawn from `generator` (None:
+    torch's global one)."""
     hidden_states, ffn_outputs = [x], []
     for block, bias in zip(blocks, attn_biases):
-        if blocks.training and layerdrop > 0 and torch.rand(()) < layerdrop:
+        if blocks.training and layerdrop > 0 and torch.rand((), generator=generator) < layerdrop:
             ffn_outputs.append(None)
         else:
             x, ffn = block(x, bias, padding_mask)

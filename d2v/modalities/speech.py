@@ -314,7 +314,8 @@ class SpeechEncoder(Encoder):
         bias = None
         if self.cfg.alibi:
             bias = alibi_bias(self.alibi_slopes, positions, self.alibi_scale).to(x.dtype)
-        x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop)
+        x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop,
+                                     self.layerdrop_generator)
         if self.cfg.norm_first:  # wav2vec2 "stable layer norm": the encoder LN closes the pre-LN stack
             x = self.norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)

@@ -116,7 +116,8 @@ class TextEncoder(Encoder):
             if positions is None:  # one (1, H, T, T) bias that every row shares
                 positions = torch.arange(x.shape[1], device=x.device)[None]
             bias = alibi_bias(self.alibi_slopes, positions, self.alibi_scale).to(x.dtype)
-        x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop)
+        x, hidden, ffn = run_blocks(self.blocks, x, pad, [bias] * len(self.blocks), self.cfg.layerdrop,
+                                     self.layerdrop_generator)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return EncoderOutput(x, hidden, ffn, padding_mask=pad)

@@ -55,6 +55,8 @@ class PretrainConfig(StrictModel):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    # under torchrun: ddp replicates the model on every rank; fsdp shards parameters, gradients and AdamW states
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     optim: OptimConfig
     data: DataConfig
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -1,5 +1,5 @@
-"""data2vec pretraining: accumulation, clipping, schedule, EMA after every optimizer step, DDP, mixed precision,
-checkpoint/resume, metrics and the collapse guard. Modality-agnostic: batches come from a factory.
+"""data2vec pretraining: accumulation, clipping, schedule, EMA after every optimizer step, DDP or FSDP, mixed
+precision, checkpoint/resume, metrics and the collapse guard. Modality-agnostic: batches come from a factory.
 
 Reproducibility contract: the masks of micro-batch m of step s on rank r come from `default_rng([seed, s, g])`
 with g = r·accum + m, torch's RNG (dropout, drop-path, LayerDrop) is re-seeded from the same key, and `batches(k)`
@@ -24,7 +24,7 @@ from d2v.data2vec import CollapseError, Data2Vec
 from d2v.io import atomic_torch_save, atomic_write_json
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
-from d2v.train import checkpoint, recipe
+from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
@@ -50,7 +50,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
-RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile")
+RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel")
 
 
 def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None = None) -> list[str]:
@@ -74,11 +74,14 @@ def step_rng(seed: int, step: int, group: int) -> np.random.Generator:
     return np.random.default_rng(key)
 
 
-def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int, **extra) -> Path:
-    """`final.pt`, written atomically: what fine-tuning and the probes load."""
+def save_encoder(out_dir: Path, cfg: PretrainConfig, objective_state: dict, encoder_cfg, step: int) -> Path:
+    """`final.pt`, written atomically: what fine-tuning and the probes load; the student and teacher weights are
+    read out of the objective's state dict."""
+    def under(prefix: str) -> dict:
+        return {k[len(prefix):]: v for k, v in objective_state.items() if k.startswith(prefix)}
+
     return atomic_torch_save(out_dir / "final.pt", encoder_checkpoint(
-        student.state_dict(), teacher.state_dict(), cfg.modality, cfg.preset, cfg.objective, student.cfg, step,
-        **extra))
+        under("student."), under("ema.model."), cfg.modality, cfg.preset, cfg.objective, encoder_cfg, step))
 
 
 def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str, objective: str, encoder_cfg,
@@ -102,8 +105,6 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     objective.to(world.device)
     collapse = objective.cfg.collapse.model_copy(update={"warmup_steps": int(cfg.collapse_warmup * cfg.steps)})
     objective.cfg = objective.cfg.model_copy(update={"collapse": collapse})
-    params = objective.student_parameters()
-    optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
                         cfg.optim.tri_stage_phases)
     step, consumed = 0, 0
@@ -124,16 +125,24 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 shutil.rmtree(ckpt_dir)
             last, resume_state = None, None
     if resume_state is not None:
-        objective.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        objective.load_state_dict(resume_state["model"])  # the full state, before any sharding
         step, consumed = resume_state["step"], resume_state["batches"]
     if cfg.compile:
         compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
-    model = objective
-    if world.distributed:
+    model, sharded = objective, world.distributed and cfg.parallel == "fsdp"
+    if sharded:
+        fsdp.shard(objective, world)  # replaces the parameters by their shards: the optimizer comes after
+    elif world.distributed:
         find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
         model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
                     find_unused_parameters=find_unused)
+    params = objective.student_parameters()
+    optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    if resume_state is not None:
+        if sharded:
+            fsdp.load_optimizer_state(objective, optimizer, resume_state["optimizer"])
+        else:
+            optimizer.load_state_dict(resume_state["optimizer"])
     amp, scaler = autocast(world.device, cfg.precision)
     stream = batches(consumed)
     if resume_state is not None:
@@ -154,7 +163,10 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             seen += batch.source.shape[0]
             rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
             sync = micro == cfg.accum_steps - 1 or not world.distributed
-            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
+            if sharded:
+                objective.set_requires_gradient_sync(sync)
+                fsdp.share_layerdrop(objective.student, cfg.seed, step, micro)
+            with (contextlib.nullcontext() if sync or sharded else model.no_sync()), amp:
                 out = model(batch, rng)
             loss = out.loss / cfg.accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
@@ -162,7 +174,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
         if scaler:
             scaler.unscale_(optimizer)
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
+        sums["grad_norm"] = fsdp.local_value(norm)  # FSDP: a DTensor over the shards
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -188,15 +201,15 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 objective.check_collapse(step, metrics)
             except CollapseError:
                 _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
-                        collapsed=True)
+                        sharded, collapsed=True)
                 raise
         if bar is not None:
             bar.update(1)
-        if step % cfg.checkpoint.every == 0 and step < cfg.steps and world.is_main:
-            _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)
+        if step % cfg.checkpoint.every == 0 and step < cfg.steps:
+            _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
     if bar is not None:
         bar.close()
-    return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest)
+    return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded)
 
 
 def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
@@ -209,22 +222,31 @@ def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
 
 
 def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig,
-          data_digest: str | None) -> Path:
-    return checkpoint.save(folder, step, {"model": objective.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "batches": consumed, "config": cfg.model_dump(mode="json"),
-                                          "data_digest": data_digest, "recipe": recipe.PRETRAIN},
-                           keep=cfg.checkpoint.keep)
+          data_digest: str | None, world: World, sharded: bool) -> dict | None:
+    """Every rank calls it (FSDP gathers the full state collectively); the main rank writes the checkpoint and gets
+    the objective's full state dict back."""
+    if sharded:
+        model_state, optim_state = fsdp.full_state(objective, optimizer)
+    elif world.is_main:
+        model_state, optim_state = objective.state_dict(), optimizer.state_dict()
+    if not world.is_main:
+        return None
+    checkpoint.save(folder, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
+                                   "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
+                                   "recipe": recipe.PRETRAIN}, keep=cfg.checkpoint.keep)
+    return model_state
 
 
-def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
+def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded,
             collapsed=False) -> dict:
     summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step,
                "steps": cfg.steps, "collapsed": collapsed}
+    model_state = None
+    if step >= cfg.steps or collapsed:
+        model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
     if world.is_main:
-        if step >= cfg.steps or collapsed:
-            _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest)
         if step >= cfg.steps:
-            save_encoder(out_dir, cfg, objective.student, objective.teacher, step)
+            save_encoder(out_dir, cfg, model_state, objective.student.cfg, step)
         df = log.frame()
         if not df.empty:
             shown = ("loss", "target_var", "pred_var", "target_rank", "local_rank")

@@ -1,0 +1,75 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for pretraining, `parallel: fsdp` under torchrun: parameters,
+gradients and AdamW states are sharded over the ranks instead of replicated as DDP does.
+
+Each Transformer block of the student and of the EMA teacher is its own unit (gathered for its forward, resharded
+after), and LayerDrop skips the same blocks on every rank; everything else (local encoders, norms, the head or v2
+decoder) sits in the root unit, gathered for the whole forward of the objective. Student and teacher parameters have
+the same shapes and placements, so the EMA step runs on the local shards unchanged. Checkpoints hold the full,
+unsharded state in the single-process layout (the optimizer indexed by parameter position), so a run can resume
+under FSDP, DDP or one process alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from d2v.train.distributed import World
+
+LAYERDROP_STREAM = 1  # keeps the LayerDrop key apart from the (seed, step, group) key of the masks
+
+
+def shard(objective: nn.Module, world: World) -> None:
+    """Shard the objective in place over all ranks (one mesh dimension)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    for encoder in (objective.student, objective.teacher):
+        for block in encoder.blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(objective, mesh=mesh)
+
+
+def share_layerdrop(student: nn.Module, seed: int, step: int, micro: int) -> None:
+    """LayerDrop draws for micro-batch `micro` of `step` from a key without the rank: a block one rank skipped would
+    leave the others waiting in its collectives, so every rank skips the same blocks (DDP lets each rank draw its
+    own)."""
+    key = np.random.SeedSequence([seed, step, micro, LAYERDROP_STREAM]).generate_state(1)[0]
+    student.layerdrop_generator = torch.Generator().manual_seed(int(key))
+
+
+def _parameter_names(objective: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The objective's names of the optimizer's parameters, in the order `optimizer.state_dict()` numbers them."""
+    names = {id(p): name for name, p in objective.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The unsharded model and optimizer state (a collective: every rank calls it; rank 0 receives the tensors, on
+    the CPU), the optimizer's in `optimizer.state_dict()`'s layout."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model, optim = get_state_dict(objective, optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not optim:  # the other ranks' share of the gather is empty
+        return model, optim
+    index = {name: i for i, name in enumerate(_parameter_names(objective, optimizer))}
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in optim["param_groups"]]
+    return model, {"state": {index[name]: s for name, s in optim["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load an `optimizer.state_dict()`-layout state into the optimizer of the sharded objective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _parameter_names(objective, optimizer)
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]]
+    state = {"state": {names[i]: s for i, s in saved["state"].items()}, "param_groups": groups}
+    # not strict: a parameter that never had a gradient (v2's unused mask token) has no AdamW state, as in the layout
+    set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor reduction result (the gradient norm of sharded gradients) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
