@@ -261,7 +261,12 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     else:
         cfg = finetune_config(args.task, merge(merge(overrides or {}, cli), nested_overrides(args.set)))
         out = Path(args.out or f"runs/embedded/finetune/{args.task}-{cfg.init}-{cfg.mode}-s{cfg.seed}")
-    summary = run_finetune(cfg, out, progress=not args.quiet)
+    from d2v.train.distributed import shutdown
+
+    try:
+        summary = run_finetune(cfg, out, progress=not args.quiet)  # under torchrun: DDP
+    finally:
+        shutdown()
     print(f"{args.task}: {summary['steps']} steps in {summary['seconds']}s, best dev {summary['best_dev']} -> {out}")
     return 0
 

@@ -1,9 +1,15 @@
 """Fine-tuning on tiny shards (built here, and by conftest.toy_image_task): it learns, probes leave the encoder
 alone, CTC freezing works and CTC learns to transcribe, pretrained weights load, and evaluation writes the promised
 JSON."""
+import itertools
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from fixtures import flac_bytes, tone_task_shards
@@ -154,6 +160,12 @@ def test_inputs_move_to_the_device_and_transcripts_stay_on_the_host():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_evaluate_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="one process, not under torchrun"):
+        ft.evaluate(tmp_path)
+
+
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
     assert ft.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="finetune.device: 'cuda' asked for, but torch sees no CUDA device"):
@@ -183,3 +195,76 @@ def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined
     speech = tasks.TASKS["speech_1h"]
     assert ft.selection_key(speech, {"wer": 0.9, "cer": 0.9}) > ft.selection_key(speech, {"wer": 1.0, "cer": 0.1})
     assert ft.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25
+
+
+# ---------------------------------------------------------------- DDP
+
+def synthetic_loader(rank: int, world: int, batch: int = 8, eval_size: int = 10):
+    """In place of `finetune.loader`: global training batch k (seeded by k) split by rank, as the rank-aware shard
+    readers split a stream; the eval split's examples dealt out by rank, as `split_by_node` deals out shards."""
+    def loader(cfg, split, train):
+        if train:
+            def stream():
+                for k in itertools.count():
+                    g = torch.Generator().manual_seed(k)
+                    images, labels = torch.randn(batch, 1, 32, 32, generator=g), torch.randint(0, 10, (batch,),
+                                                                                              generator=g)
+                    share = slice(rank * batch // world, (rank + 1) * batch // world)
+                    yield images[share], labels[share]
+            return stream()
+        g = torch.Generator().manual_seed(10**6)
+        images, labels = torch.randn(eval_size, 1, 32, 32, generator=g), torch.arange(eval_size) % 10
+        mine = torch.arange(eval_size) % world == rank
+        return [(images[mine][i:i + 4], labels[mine][i:i + 4]) for i in range(0, int(mine.sum()), 4)]
+    return loader
+
+
+def ddp_cfg():
+    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0, randaugment_magnitude=0,
+                 random_erasing=0.0, color_jitter=0.0)
+    return tasks.finetune_config("fashion_mnist", dict(init="scratch", preset="tiny", steps=3, batch_size=8,
+                                                       optim=dict(warmup_steps=1), image=image, device="cpu"))
+
+
+FT_DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_finetune import ddp_cfg, synthetic_loader
+from d2v.train import finetune as ft
+from d2v.train.distributed import init, shutdown
+world = init("cpu")
+ft.loader = synthetic_loader(world.rank, world.size)
+ft.run_finetune(ddp_cfg(), {out!r}, progress=False)
+model = ft.build_model(ddp_cfg())
+model.load_state_dict(torch.load({out!r} + "/final.pt", weights_only=False)["model"])
+preds, refs = ft.predict(model, ddp_cfg(), "test", world=world)
+if world.is_main:
+    torch.save({{"preds": preds, "refs": refs}}, {out!r} + "/predictions.pt")
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_fine_tuning_matches_one_process_and_gathers_predictions(tmp_path, monkeypatch):
+    """Each rank trains on half of every global batch: the averaged gradients give one process's update on the whole
+    batch; only rank 0 writes the run; dev/test predictions split over the ranks come back whole on every rank."""
+    script = tmp_path / "ddp.py"
+    script.write_text(FT_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "ddp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    monkeypatch.setattr(ft, "loader", synthetic_loader(0, 1))
+    ft.run_finetune(ddp_cfg(), tmp_path / "single", progress=False)
+    ddp = torch.load(tmp_path / "ddp" / "final.pt", weights_only=False)["model"]
+    single = torch.load(tmp_path / "single" / "final.pt", weights_only=False)["model"]
+    initial = ft.build_model(ddp_cfg()).state_dict()
+    assert any(not torch.equal(single[k], v) for k, v in initial.items())  # the runs did train
+    for k, v in single.items():  # AdamW's first steps magnify summation-order noise in small gradients (eps 1e-6)
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-5, msg=k)
+    assert len(pd.read_csv(tmp_path / "ddp" / "metrics.csv")) == 3  # one writer
+    model = ft.build_model(ddp_cfg())
+    model.load_state_dict(single)
+    gathered = torch.load(tmp_path / "ddp" / "predictions.pt")
+    preds, refs = ft.predict(model, ddp_cfg(), "test")
+    assert len(gathered["preds"]) == len(preds) == 10
+    assert sorted(zip(gathered["refs"], gathered["preds"])) == sorted(zip(refs, preds))

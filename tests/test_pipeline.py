@@ -199,6 +199,10 @@ def test_slurm_and_local_profiles_parse():
     paper = StageTable(load_params(ROOT / "params.yaml", "paper"), raw=RAW)
     image = next(s for s in paper if s.name == "pretrain_image")
     assert image.resources.gpus == 8 and image.cmd.startswith("torchrun --standalone --nproc_per_node=8 -m d2v.cli")
+    fine_tune = next(s for s in paper if s.name.startswith("finetune_imagenet"))
+    assert fine_tune.cmd.startswith("torchrun --standalone --nproc_per_node=8 -m d2v.cli finetune imagenet")
+    evaluate = next(s for s in paper if s.name.startswith("evaluate_imagenet"))
+    assert evaluate.cmd.startswith("d2v evaluate")  # one process: the shard readers would split the test set
 
 
 def test_paper_profile_fine_tunes_every_glue_task_on_its_own_shards():
@@ -215,8 +219,9 @@ def test_paper_profile_fine_tunes_every_glue_task_on_its_own_shards():
     evaluated = {o for s in paper.values() if s.kind == "evaluate" for o in s.outs}
     assert {f"results/paper/glue_{t}/scratch-s0/glue_{t}-dev.json" for t in glue if t != "mnli"} <= evaluated
     cfg = load_params(ROOT / "params.yaml", "paper").active.finetune_config("glue_rte")
-    assert (cfg.optim.lr, cfg.batch_size, cfg.steps, cfg.optim.schedule, cfg.max_tokens) == (2e-5, 16, 2036, "linear",
-                                                                                             512)
+    gpus = load_params(ROOT / "params.yaml", "paper").active.resources_for("finetune").gpus
+    assert (cfg.optim.lr, cfg.batch_size * gpus, cfg.steps, cfg.optim.schedule, cfg.max_tokens) == \
+        (2e-5, 16, 2036, "linear", 512)  # RoBERTa's batch of 16, over the ranks
 
 
 def test_speech_runs_are_also_scored_on_real_speech_where_the_profile_prepares_it():

@@ -85,9 +85,10 @@ class StageTable:
         return " ".join((*launcher, *args, "--profile", self.name, *extra))
 
     def _launcher(self, kind: str) -> tuple[str, ...]:
-        """Pretraining on several GPUs of one node runs under torchrun (DDP); everything else is one process."""
+        """Pretraining and fine-tuning on several GPUs of one node run under torchrun (DDP, or FSDP for
+        `parallel: fsdp` pretraining; batch sizes are per GPU); everything else is one process."""
         gpus = self.profile.resources_for(kind).gpus
-        if kind == "pretrain" and gpus > 1:
+        if kind in ("pretrain", "finetune") and gpus > 1:
             return ("torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "d2v.cli")
         return ("d2v",)
 
@@ -190,7 +191,8 @@ class StageTable:
         if init == "pretrained":
             deps.append(p.pretrain_dir(modality) / "final.pt")
         self._add("finetune", name,
-                  self._d2v("finetune", task, "--init", init, "--seed", str(seed), "--quiet"), deps,
+                  self._d2v("finetune", task, "--init", init, "--seed", str(seed), "--quiet",
+                            launcher=self._launcher("finetune")), deps,
                   [run / "best.pt", run / "metrics.csv", run / "summary.json"],
                   ["objective", f"pretrain.{modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)

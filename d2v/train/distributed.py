@@ -1,4 +1,4 @@
-"""torchrun DDP in a few functions: initialise from the launcher's environment, ask who we are, tidy up."""
+"""torchrun in a few functions: initialise from the launcher's environment, ask who we are, gather, tidy up."""
 from __future__ import annotations
 
 import os
@@ -50,6 +50,15 @@ def mean_over_ranks(values: dict[str, float], world: World) -> dict[str, float]:
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=world.device)
     dist.all_reduce(t)
     return dict(zip(keys, (t / world.size).tolist()))
+
+
+def gather_lists(items: list, world: World) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (a no-op in one process)."""
+    if not world.distributed:
+        return items
+    parts: list[list | None] = [None] * world.size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def shutdown() -> None:

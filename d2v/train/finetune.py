@@ -1,6 +1,9 @@
 """Fine-tuning and evaluation for every downstream task: from a data2vec checkpoint, from scratch (the baseline), or
 as a linear probe on frozen features. Tasks are table rows; the loop is shared.
 
+Under torchrun, fine-tuning is DDP: each rank trains on its own stream (the shard readers are rank-aware), dev
+predictions are split over the ranks by shard and gathered, and rank 0 logs and writes.
+
 Run folder: `config.json`, `recipe.json` (the recipe version it is made under, `d2v.train.recipe`), `metrics.csv`
 (train loss and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split), `curves.png`.
 `evaluate` writes one JSON per (task, split): metric values, number of examples, seed, git commit, recipe versions
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +32,7 @@ from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_
 from d2v.modalities.registry import build_encoder
 from d2v.nn.compile import compile_regions
 from d2v.train import recipe
+from d2v.train.distributed import World, barrier, gather_lists, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
 from d2v.train.pretrain import autocast
@@ -158,8 +163,9 @@ def train_loss(model, inputs: dict, task: Task, cfg: FinetuneConfig, mixer, rng)
 
 
 @torch.no_grad()
-def predict(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list, list]:
-    """(predictions, references) over a whole split, in shard order, on the model's device."""
+def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = World()) -> tuple[list, list]:
+    """(predictions, references) over a whole split, in shard order, on the model's device; under torchrun each rank
+    reads its share of the shards and every rank gets all pairs back (shard order per rank)."""
     task = TASKS[cfg.task]
     device = next(model.parameters()).device
     model.eval()
@@ -180,7 +186,7 @@ def predict(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list, lis
             preds += out.argmax(-1).tolist()
             refs += inputs["labels"].long().tolist()
     model.train()
-    return preds, refs
+    return gather_lists(preds, world), gather_lists(refs, world)
 
 
 def score(task: Task, preds: list, refs: list) -> dict[str, float]:
@@ -219,13 +225,23 @@ def headline(task: Task, metrics: dict[str, float]) -> float:
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True) -> dict:
     task = TASKS[cfg.task]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
-    recipe.stamp(out_dir, "finetune")
     device = resolve_device(cfg.device)
+    world = init(cfg.device)
+    if world.distributed:
+        device = world.device
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
+        recipe.stamp(out_dir, "finetune")
     model = build_model(cfg).to(device)
     if cfg.compile:
         compile_regions(model.encoder)
+    train_model = model
+    if world.distributed:  # unused parameters: the unread mask tokens, LayerDrop's skipped blocks
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=True)
     amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
@@ -234,24 +250,25 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     encoder_params = {id(p) for p in model.encoder.parameters()}
     mixer = mix(cfg, task.num_outputs) if task.modality == "image" else None
-    log = MetricsLog(out_dir / "metrics.csv")
+    log = MetricsLog(out_dir / "metrics.csv") if world.is_main else None
     stream = iter(loader(cfg, task.train, train=True))
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
     best, best_metrics = None, None
     bar = None
-    if progress:
+    if progress and world.is_main:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-        rng = np.random.default_rng([cfg.seed, step])
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step]).generate_state(1)[0]))
+        key = [cfg.seed, step] + ([world.rank] if world.distributed else [])  # masks, mixing, dropout per rank
+        rng = np.random.default_rng(key)
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
         with amp:
-            loss = train_loss(model, as_inputs(next(stream), task.modality, device), task, cfg, mixer, rng)
+            loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if step <= cfg.freeze_encoder_steps:  # output layer only at first (fairseq freeze_finetune_updates)
@@ -261,30 +278,38 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if cfg.optim.clip_norm:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
         optimizer.step()
-        row = {"step": step, "loss": loss.item(), "lr": lr}
+        row = {"step": step, **mean_over_ranks({"loss": loss.item()}, world), "lr": lr}
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            dev = score(task, *predict(model, cfg, task.dev, amp))
+            dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
             row.update({f"dev_{k}": v for k, v in dev.items()})
             key = selection_key(task, dev)
             if best is None or key > best:
                 best, best_metrics = key, dev
-                _save(model, cfg, out_dir / "best.pt", step)
-        log.write(row)
+                if world.is_main:
+                    _save(model, cfg, out_dir / "best.pt", step)
+        if log is not None:
+            log.write(row)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
     if bar is not None:
         bar.close()
+    summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
+               "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics}
+    if world.is_main:
+        _write_run(model, cfg, out_dir, log, summary, best_metrics is None)
+    barrier(world)  # the run folder is complete when any rank returns
+    return summary
+
+
+def _write_run(model, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict, no_dev: bool) -> None:
     _save(model, cfg, out_dir / "final.pt", cfg.steps)
-    if best_metrics is None:
+    if no_dev:
         _save(model, cfg, out_dir / "best.pt", cfg.steps)  # no dev split: the final model is the one we keep
     df = log.frame()
     plot_curves(df, out_dir / "curves.png", ["loss", "lr"] + [c for c in df.columns if c.startswith("dev_")],
                 f"fine-tuning {cfg.task} ({cfg.init}, {cfg.mode})")
-    summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
-               "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics}
     atomic_write_json(out_dir / "summary.json", summary)
-    return summary
 
 
 def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
@@ -297,7 +322,11 @@ def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
 def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
              checkpoint_name: str = "best.pt", extra: tuple[str, ...] = ()) -> list[dict]:
     """Score a fine-tuning run on its test splits (or `split`), then on the `extra` test sets (of the task's
-    `extra_tests`); one JSON per split."""
+    `extra_tests`); one JSON per split. One process: under torchrun each rank would read only its share of the
+    shards."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError("d2v evaluate runs as one process, not under torchrun (each rank would score its own "
+                           "share of the test shards)")
     run_dir = Path(run_dir)
     path = run_dir / checkpoint_name
     if not path.is_file():

@@ -93,7 +93,7 @@ class FinetuneConfig(StrictModel):
     preset: str = "embedded"
     objective: Objective = "v1"  # the encoder architecture: data2vec 1.0's or 2.0's at the preset size
     steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # per process: under torchrun the global batch is batch_size · ranks
     seed: int = 0
     optim: OptimConfig
     layer_decay: float = Field(1.0, gt=0, le=1)  # image: layer-wise LR decay of a pretrained encoder (not scratch)
