@@ -74,14 +74,16 @@ def step_rng(seed: int, step: int, group: int) -> np.random.Generator:
     return np.random.default_rng(key)
 
 
-def save_encoder(out_dir: Path, cfg: PretrainConfig, objective_state: dict, encoder_cfg, step: int) -> Path:
-    """`final.pt`, written atomically: what fine-tuning and the probes load; the student and teacher weights are
-    read out of the objective's state dict."""
-    def under(prefix: str) -> dict:
-        return {k[len(prefix):]: v for k, v in objective_state.items() if k.startswith(prefix)}
+def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int, encoder_cfg=None,
+                 **extra) -> Path:
+    """`final.pt`, written atomically: what fine-tuning and the probes load. `student` and `teacher` are the
+    encoders, or their state dicts (FSDP's gathered full state) with `encoder_cfg`."""
+    def state(encoder) -> dict:
+        return encoder if isinstance(encoder, dict) else encoder.state_dict()
 
     return atomic_torch_save(out_dir / "final.pt", encoder_checkpoint(
-        under("student."), under("ema.model."), cfg.modality, cfg.preset, cfg.objective, encoder_cfg, step))
+        state(student), state(teacher), cfg.modality, cfg.preset, cfg.objective, encoder_cfg or student.cfg, step,
+        **extra))
 
 
 def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str, objective: str, encoder_cfg,
@@ -245,8 +247,10 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
     if step >= cfg.steps or collapsed:
         model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
     if world.is_main:
-        if step >= cfg.steps:
-            save_encoder(out_dir, cfg, model_state, objective.student.cfg, step)
+        if step >= cfg.steps:  # the student and teacher out of the objective's (full) state dict
+            student, teacher = ({k[len(p):]: v for k, v in model_state.items() if k.startswith(p)}
+                                for p in ("student.", "ema.model."))
+            save_encoder(out_dir, cfg, student, teacher, step, encoder_cfg=objective.student.cfg)
         df = log.frame()
         if not df.empty:
             shown = ("loss", "target_var", "pred_var", "target_rank", "local_rank")
