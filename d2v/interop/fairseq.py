@@ -5,10 +5,9 @@ shared/reference/hf-data2vec.md §1.8.
 
 The EMA teacher (fairseq's `_ema`, which covers the transformer only; the BEiT codebase's `model_ema`, the whole
 model) comes along when the checkpoint has one, the rest of the teacher being the student's front end, as in d2v's
-own teacher; pretraining heads (`final_proj`,
-`regression_head`, `lm_head`) and task heads are dropped. The encoder config is read off the weights' shapes; the
-head count, which shapes do not show, from the checkpoint's own config when it has one (else dim / 64, the base and
-large models' head size).
+own teacher; pretraining heads (`final_proj`, `regression_head`, `lm_head`) and task heads are dropped. The encoder
+config is read off the weights' shapes; the head count, which shapes do not show, from the checkpoint's own config
+when it has one (else dim / 64, the base and large models' head size).
 """
 from __future__ import annotations
 

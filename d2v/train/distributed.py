@@ -24,9 +24,14 @@ class World:
         return self.size > 1
 
 
+def launched_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init(device: str = "auto") -> World:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = launched_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")

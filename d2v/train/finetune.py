@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,10 +30,10 @@ from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_
 from d2v.modalities.registry import build_encoder
 from d2v.nn.compile import compile_regions
 from d2v.train import recipe
-from d2v.train.distributed import World, barrier, gather_lists, init, mean_over_ranks
+from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
-from d2v.train.pretrain import autocast
+from d2v.train.pretrain import autocast, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
 
@@ -264,9 +262,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     start = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-        key = [cfg.seed, step] + ([world.rank] if world.distributed else [])  # masks, mixing, dropout per rank
-        rng = np.random.default_rng(key)
-        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+        rng = step_rng(cfg.seed, step, *([world.rank] if world.distributed else []))  # masks, mixing, dropout
         with amp:
             loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer, rng)
         optimizer.zero_grad(set_to_none=True)
@@ -324,7 +320,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     """Score a fine-tuning run on its test splits (or `split`), then on the `extra` test sets (of the task's
     `extra_tests`); one JSON per split. One process: under torchrun each rank would read only its share of the
     shards."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_size() > 1:
         raise RuntimeError("d2v evaluate runs as one process, not under torchrun (each rank would score its own "
                            "share of the test shards)")
     run_dir = Path(run_dir)

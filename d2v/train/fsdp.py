@@ -45,6 +45,12 @@ def _parameter_names(objective: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
+def _rekeyed(optim_state: dict, key) -> dict:
+    """An optimizer state dict with each parameter reference `p` replaced by `key[p]`: names ↔ positions."""
+    groups = [{**group, "params": [key[p] for p in group["params"]]} for group in optim_state["param_groups"]]
+    return {"state": {key[p]: s for p, s in optim_state["state"].items()}, "param_groups": groups}
+
+
 def full_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The unsharded model and optimizer state (a collective: every rank calls it; rank 0 receives the tensors, on
     the CPU), the optimizer's in `optimizer.state_dict()`'s layout."""
@@ -55,17 +61,14 @@ def full_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     if not optim:  # the other ranks' share of the gather is empty
         return model, optim
     index = {name: i for i, name in enumerate(_parameter_names(objective, optimizer))}
-    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in optim["param_groups"]]
-    return model, {"state": {index[name]: s for name, s in optim["state"].items()}, "param_groups": groups}
+    return model, _rekeyed(optim, index)
 
 
 def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load an `optimizer.state_dict()`-layout state into the optimizer of the sharded objective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = _parameter_names(objective, optimizer)
-    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]]
-    state = {"state": {names[i]: s for i, s in saved["state"].items()}, "param_groups": groups}
+    state = _rekeyed(saved, _parameter_names(objective, optimizer))
     # not strict: a parameter that never had a gradient (v2's unused mask token) has no AdamW state, as in the layout
     set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 

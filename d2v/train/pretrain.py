@@ -66,10 +66,11 @@ def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None =
     return changed
 
 
-def step_rng(seed: int, step: int, group: int) -> np.random.Generator:
+def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
     """The generator for the masks of micro-batch `group` (rank · accum + micro) of `step`; torch's RNG (dropout,
-    drop-path, LayerDrop) is re-seeded from the same key."""
-    key = [seed, step, group]
+    drop-path, LayerDrop) is re-seeded from the same key. Fine-tuning keys by (seed, step), and the rank under
+    torchrun."""
+    key = [seed, step, *group]
     torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
     return np.random.default_rng(key)
 
