@@ -178,6 +178,50 @@ def test_two_process_gloo_fsdp_matches_one_process_and_resumes_exactly(tmp_path,
         assert skipped > 0
 
 
+FSDP_BF16_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_train import tiny_cfg, synthetic_stream
+from d2v.train.distributed import init, shutdown
+from d2v.train.pretrain import build_objective, run_pretrain
+world = init("cpu")
+cfg = tiny_cfg("image", objective="v2", steps=2, parallel="fsdp", precision="bf16")
+objective = build_objective(cfg)
+gathered = []  # the dtype of the parameters a block computes with, inside its FSDP unit
+for encoder in (objective.student, objective.teacher):
+    encoder.blocks[0].attn.register_forward_pre_hook(lambda m, a: gathered.append(str(next(m.parameters()).dtype)))
+run_pretrain(cfg, objective, synthetic_stream("image", rank=world.rank, world=world.size), {out!r}, world,
+             progress=False)
+if world.is_main:
+    json.dump(gathered, open({out!r} + "/gathered.json", "w"))
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_bf16_gathers_bf16_parameters_and_computes_as_one_process_autocast(tmp_path):
+    """Under bf16 the FSDP units all-gather bf16 parameters for student and teacher, keep fp32 masters (the
+    checkpoint), and leave the op dtypes to autocast: the first loss is the one-process bf16 autocast loss."""
+    script = tmp_path / "fsdp_bf16.py"
+    script.write_text(FSDP_BF16_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "fsdp")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=ROOT, timeout=300)
+    import json
+
+    gathered = json.loads((tmp_path / "fsdp" / "gathered.json").read_text())
+    assert gathered and set(gathered) == {"torch.bfloat16"}  # student and teacher, every forward
+    cfg = tiny_cfg("image", objective="v2", steps=2, accum_steps=2, precision="bf16")
+    single = build_objective(cfg)
+    run_pretrain(cfg, single, synthetic_stream("image"), tmp_path / "single", progress=False)
+    sharded = checkpoint.load(tmp_path / "fsdp" / "checkpoints" / "last.pt")["model"]
+    for k, v in single.state_dict().items():
+        assert sharded[k].dtype == v.dtype, k  # fp32 masters
+        torch.testing.assert_close(sharded[k], v, rtol=0, atol=2e-3, msg=k)  # bf16 noise through 2 AdamW steps
+    first = [pd.read_csv(d / "metrics.csv")["loss"][0] for d in (tmp_path / "fsdp", tmp_path / "single")]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)  # the same forward as one process under autocast
+
+
 @pytest.mark.parametrize("signal", ["target_var", "target_rank"])
 def test_collapse_guard_stops_the_run_and_keeps_a_checkpoint(tmp_path, signal):
     cfg = tiny_cfg("text", collapse_warmup=0.0)

@@ -6,7 +6,7 @@ after), and LayerDrop skips the same blocks on every rank; everything else (loca
 decoder) sits in the root unit, gathered for the whole forward of the objective. Student and teacher parameters have
 the same shapes and placements, so the EMA step runs on the local shards unchanged. Checkpoints hold the full,
 unsharded state in the single-process layout (the optimizer indexed by parameter position), so a run can resume
-under FSDP, DDP or one process alike.
+under FSDP, DDP or one process alike. Under bf16 the units gather bf16 parameters and reduce fp32 gradients.
 """
 from __future__ import annotations
 
@@ -19,16 +19,28 @@ from d2v.train.distributed import World
 LAYERDROP_STREAM = 1  # keeps the LayerDrop key apart from the (seed, step, group) key of the masks
 
 
-def shard(objective: nn.Module, world: World) -> None:
-    """Shard the objective in place over all ranks (one mesh dimension)."""
+def precision_policy(precision: str):
+    """Under bf16 the units gather their parameters in bf16 (half the all-gather traffic and unsharded memory) and
+    reduce gradients in fp32. Inputs are not cast: autocast picks each op's dtype as it does in one process (where it
+    casts the fp32 weights to bf16 at each matmul anyway), so FSDP computes the same forward. fp16 and fp32 gather the
+    fp32 parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision != "bf16":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard(objective: nn.Module, world: World, precision: str = "fp32") -> None:
+    """Shard the objective in place over all ranks (one mesh dimension); `precision` is resolved (not `auto`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    mesh, policy = init_device_mesh(world.device.type, (world.size,)), precision_policy(precision)
     for encoder in (objective.student, objective.teacher):
         for block in encoder.blocks:
-            fully_shard(block, mesh=mesh)
-    fully_shard(objective, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(objective, mesh=mesh, mp_policy=policy)
 
 
 def share_layerdrop(student: nn.Module, seed: int, step: int, micro: int) -> None:

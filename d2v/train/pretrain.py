@@ -33,10 +33,16 @@ from d2v.train.optim import adamw, schedule_fn, set_lr
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 (or fp16) autocast on CUDA; fp32 on CPU, where low precision buys nothing on 2 cores."""
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """`auto` is bf16 on CUDA and fp32 on CPU, where low precision buys nothing on 2 cores."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of `precision` (none for fp32) and, for fp16, its gradient scaler."""
+    precision = resolved_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -134,7 +140,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
     model, sharded = objective, world.distributed and cfg.parallel == "fsdp"
     if sharded:
-        fsdp.shard(objective, world)  # replaces the parameters by their shards: the optimizer comes after
+        fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))  # replaces the parameters by their shards: the optimizer comes after
     elif world.distributed:
         find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
         model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
