@@ -191,7 +191,8 @@ def time_to_accuracy(args) -> dict:
                              "checkpoint); pass --v1-seconds, the time of the pretraining that made it")
         batch = pretrain_config(modality).data.batch_size
         v1_seconds = v1_pretrain["steps"] * batch / v1_pretrain["last"]["samples_per_s"]
-    fine_tuning = v1_row.get("overrides", {})  # the reference's own fine-tuning (e.g. a profile's flips only)
+    # the reference's own fine-tuning (e.g. a profile's flips only), at the length its row was made with
+    fine_tuning = merge(v1_row.get("overrides", {}), {"steps": args.finetune_steps})
     target = v1_row["pretrained"]["mean"]
     report = {"task": task, "metric": metric,
               "v1": {"mean": target, "spread": v1_row["pretrained"]["spread"],
@@ -209,8 +210,7 @@ def time_to_accuracy(args) -> dict:
         values = []
         for seed in range(args.seeds):
             ft = finetune_config(task, merge(fine_tuning, {
-                "init": "pretrained", "seed": seed, "objective": "v2", "pretrained": str(run / "final.pt"),
-                "steps": args.finetune_steps}))
+                "init": "pretrained", "seed": seed, "objective": "v2", "pretrained": str(run / "final.pt")}))
             out = Path(args.runs) / "finetune" / f"{task}-v2-{budget}-s{seed}"
             values.append(headline_metric(ft, out))
             print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} {metric} {values[-1]:.4f}", flush=True)
