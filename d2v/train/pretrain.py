@@ -140,7 +140,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
     model, sharded = objective, world.distributed and cfg.parallel == "fsdp"
     if sharded:
-        fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))  # replaces the parameters by their shards: the optimizer comes after
+        # replaces the parameters by their shards: the optimizer comes after
+        fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))
     elif world.distributed:
         find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
         model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
