@@ -171,6 +171,25 @@ def test_pre_or_post_ln_is_a_config_choice():
         ImageEncoder(IMAGE_PRESETS["tiny"].model_copy(update={"norm_first": False}))
 
 
+def test_post_ln_drop_path_is_data2vec2s_alt_block():
+    """fairseq's AltBlock (layer_norm_first=False): x = LN1(x + DP(Attn(x))); out = LN2(x + DP(FFN(x)))."""
+    from d2v.nn.blocks import PostLNBlock, make_block
+
+    block = make_block(False, 32, 4, 64, "qkv", 1e-6, drop_path=0.5)
+    assert isinstance(block, PostLNBlock)
+    x = torch.randn(64, 5, 32)
+    torch.manual_seed(0)
+    out, ffn = block.train()(x)
+    torch.manual_seed(0)  # the same two per-sample draws, in the same order
+    h = block.norm1(x + block.drop_path(block.attn(x)))
+    t = block.mlp(h)
+    torch.testing.assert_close((out, ffn), (block.norm2(h + block.drop_path(t)), t))
+    plain = make_block(False, 32, 4, 64, "qkv", 1e-6)
+    plain.load_state_dict(block.state_dict())  # drop-path adds no parameters
+    torch.testing.assert_close(block.eval()(x), plain.eval()(x))  # and is off in evaluation
+    assert not torch.allclose(out, block(x)[0])  # some samples dropped a branch in training
+
+
 def test_registry_caps_top_k_at_the_preset_depth():
     from d2v.modalities.registry import build_modality
 

@@ -85,6 +85,56 @@ def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
 
 
+def test_fine_tuning_sets_its_own_regularization_and_still_loads_the_pretrained_encoder(toy_image_task, tmp_path):
+    encoder = build_encoder("image", "tiny", "v2")  # pretrained without drop-path, as data2vec 2.0
+    torch.save({"encoder": encoder.state_dict(), "modality": "image", "preset": "tiny", "objective": "v2"},
+               tmp_path / "final.pt")
+    cfg = toy_image_task.model_copy(update={"init": "pretrained", "pretrained": str(tmp_path / "final.pt"),
+                                            "objective": "v2", "regularization": tasks.Regularization(drop_path=0.1)})
+    model = ft.build_model(cfg)
+    assert model.encoder.cfg.drop_path == 0.1 and encoder.cfg.drop_path == 0.0
+    rates = [block.drop_path.p for block in model.encoder.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)  # linear in depth
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v), k
+    speech = tasks.finetune_config("speech_1h", {"preset": "tiny", "regularization": {"layerdrop": 0.1,
+                                                                                     "activation_dropout": 0.1}})
+    letters = tmp_path / "letters.json"
+    LetterTokenizer(build_letter_vocab(["ab c"])).save(letters)
+    ctc = ft.build_model(speech.model_copy(update={"init": "scratch", "letters": str(letters)}))
+    assert (ctc.encoder.cfg.layerdrop, ctc.encoder.cfg.activation_dropout) == (0.1, 0.1)
+    assert ctc.encoder.cfg.dropout == build_encoder("speech", "tiny").cfg.dropout  # unset: the preset's
+
+
+def test_regularization_that_does_not_fit_the_encoder_is_refused():
+    with pytest.raises(ValueError, match=r"\['layerdrop'\] do not apply to a image encoder; it takes "
+                                         r"\['dropout', 'attn_dropout', 'drop_path'\]"):
+        tasks.finetune_config("fashion_mnist", {"regularization": {"layerdrop": 0.1}})
+    with pytest.raises(ValueError, match="finetune.speech_1h.regularization.dropout: Input should be less than 1"):
+        tasks.finetune_config("speech_1h", {"regularization": {"dropout": 1.5}})
+    for modality, fields in tasks.REGULARIZERS.items():  # each names a field of that encoder's config
+        assert set(fields) <= set(type(build_encoder(modality, "tiny").cfg).model_fields), modality
+
+
+def test_mixing_mixes_the_mix_prob_share_of_batches_with_mixup_or_cutmix(toy_image_task):
+    cfg = toy_image_task.model_copy(update={"mixup": 0.8, "cutmix": 1.0, "mix_prob": 0.5})
+    x, y = torch.rand(8, 1, 32, 32), torch.arange(8) % 4
+    torch.manual_seed(0)
+    mixer, mixed, changed = ft.mix(cfg, 4), 0, 0
+    for _ in range(200):
+        xs, ys = mixer(x, y)
+        if ys.ndim == 2:  # soft labels: a mixed batch (a CutMix box can come out empty, leaving the images)
+            mixed, changed = mixed + 1, changed + (not torch.equal(xs, x))
+            torch.testing.assert_close(ys.sum(1), torch.ones(8))
+        else:
+            assert torch.equal(xs, x) and torch.equal(ys, y)
+    assert 70 < mixed < 130 and changed > 0.9 * mixed  # binomial(200, 0.5): 100 ± 7
+    always = ft.mix(cfg.model_copy(update={"mix_prob": 1.0}), 4)
+    assert all(always(x, y)[1].ndim == 2 for _ in range(20))
+    assert ft.mix(cfg.model_copy(update={"mix_prob": 0.0}), 4) is None
+    assert ft.mix(cfg.model_copy(update={"mixup": 0.0, "cutmix": 0.0}), 4) is None
+
+
 def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeypatch):
     texts = ["AB A", "B AB", "A A B", "BA"]
     rows = []

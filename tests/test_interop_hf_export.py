@@ -227,7 +227,8 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
 
     spm = train_sentencepiece(LINES, tmp_path / "spm.model", SentencePieceConfig(
         vocab_size=TEXT_TINY.vocab_size, num_threads=1, seed_sentencepiece_size=10_000))
-    cfg = finetune_config("rt_polarity", {"preset": "tiny", "tokenizer": str(spm), "seed": 3})
+    cfg = finetune_config("rt_polarity", {"preset": "tiny", "tokenizer": str(spm), "seed": 3,
+                                          "regularization": {"dropout": 0.2}})
     model = randomize(TextClassifier(TextEncoder(TEXT_TINY), 2))
     _save(model, cfg, tmp_path / "best.pt", step=11)
     assert main(["export", str(tmp_path / "best.pt"), str(tmp_path / "hf-ft")]) == 0
@@ -237,6 +238,7 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
     with torch.no_grad():
         assert (model(Batch(tokens, None)) - hf(tokens).logits).abs().max().item() < TOL
     assert json.loads((tmp_path / "hf-ft" / "config.json").read_text())["d2v"]["task"] == "rt_polarity"
+    assert hf.config.hidden_dropout_prob == 0.2  # the fine-tuning's own, not the preset's 0.0
     assert hf.config.id2label == {0: "rotten", 1: "fresh"} and hf.config.label2id == {"rotten": 0, "fresh": 1}
     auto, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf-ft"), TextTokenizer(spm)
     for text, pair in [(LINES[3], None), ("  The garden,   tea!  ", None), ("Naïve café ½", "the weather"),

@@ -45,7 +45,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
     elif {"model", "config"} <= state.keys():  # a fine-tuning checkpoint
         ft = FinetuneConfig.model_validate(state["config"])
         task = TASKS[ft.task]
-        cfg = encoder_config(task.modality, ft.preset, ft.objective)
+        cfg = encoder_config(task.modality, ft.preset, ft.objective, **ft.regularization.overrides())
         head = "classification" if task.modality == "image" else task.kind
         num_labels = state["model"]["head.weight"].shape[0] if head == "ctc" else task.num_outputs
         dropout = CTC_HEAD_DROPOUT if head == "ctc" else TEXT_HEAD_DROPOUT  # fine-tuning builds heads with these

@@ -61,8 +61,9 @@ def _modality(name: str, encoder) -> Modality:
     return TextModality(encoder, vocab, TokenMaskConfig())
 
 
-def encoder_config(name: str, preset: str, objective: Objective = "v1"):
-    """The encoder config of a modality's preset under an objective's architecture."""
+def encoder_config(name: str, preset: str, objective: Objective = "v1", **fields):
+    """The encoder config of a modality's preset under an objective's architecture, with `fields` (e.g. a
+    fine-tuning's dropouts) replaced and validated."""
     if name not in ENCODERS:
         raise ValueError(f"unknown modality {name!r}; expected one of {MODALITIES}")
     if objective not in OBJECTIVES:
@@ -70,11 +71,12 @@ def encoder_config(name: str, preset: str, objective: Objective = "v1"):
     table, _ = ENCODERS[name]
     if preset not in table:
         raise ValueError(f"unknown {name} preset {preset!r}; expected one of {sorted(table)}")
-    return V2_ARCHITECTURE[name](table[preset]) if objective == "v2" else table[preset]
+    cfg = V2_ARCHITECTURE[name](table[preset]) if objective == "v2" else table[preset]
+    return type(cfg).model_validate({**cfg.model_dump(), **fields}) if fields else cfg
 
 
-def build_encoder(name: str, preset: str, objective: Objective = "v1"):
-    return ENCODERS[name][1](encoder_config(name, preset, objective))
+def build_encoder(name: str, preset: str, objective: Objective = "v1", **fields):
+    return ENCODERS[name][1](encoder_config(name, preset, objective, **fields))
 
 
 def build_objective(name: str, preset: str, objective: Objective = "v1"):

@@ -47,7 +47,8 @@ class PreLNBlock(nn.Module):
 
 
 class PostLNBlock(nn.Module):
-    """wav2vec2/RoBERTa block: LN(x + Attn(x)), then LN(. + FFN(.)). LayerDrop is handled by the encoder."""
+    """wav2vec2/RoBERTa block: LN(x + Attn(x)), then LN(. + FFN(.)). LayerDrop is handled by the encoder; drop-path
+    on both branches, inside the norms, is data2vec 2.0's (`AltBlock`), which fine-tunes images with it."""
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class PostLNBlock(nn.Module):
         attn_dropout: float = 0.1,
         activation_dropout: float = 0.0,
         eps: float = 1e-5,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.attn = Attention(dim, num_heads, qkv_bias, attn_dropout)
@@ -66,11 +68,12 @@ class PostLNBlock(nn.Module):
         self.mlp = Mlp(dim, ffn_dim, activation_dropout)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, attn_bias: Tensor | None = None, padding_mask: Tensor | None = None):
-        x = self.norm1(x + self.dropout(self.attn(x, attn_bias, padding_mask)))
+        x = self.norm1(x + self.drop_path(self.dropout(self.attn(x, attn_bias, padding_mask))))
         ffn = self.mlp(x)
-        x = self.norm2(x + self.dropout(ffn))
+        x = self.norm2(x + self.drop_path(self.dropout(ffn)))
         return x, ffn
 
 
@@ -87,10 +90,10 @@ def make_block(
     layer_scale_init: float | None = None,
     drop_path: float = 0.0,
 ) -> nn.Module:
-    """Pre-LN (with optional LayerScale / drop-path) or post-LN block, chosen by config."""
+    """Pre-LN (with optional LayerScale) or post-LN block, chosen by config; both take drop-path."""
     if norm_first:
         return PreLNBlock(dim, num_heads, ffn_dim, qkv_bias, layer_scale_init, drop_path, dropout, attn_dropout, eps,
                           activation_dropout)
-    if layer_scale_init is not None or drop_path > 0:
-        raise ValueError("LayerScale and drop-path are only implemented for pre-LN blocks (norm_first=True)")
-    return PostLNBlock(dim, num_heads, ffn_dim, qkv_bias, dropout, attn_dropout, activation_dropout, eps)
+    if layer_scale_init is not None:
+        raise ValueError("LayerScale is only implemented for pre-LN blocks (norm_first=True)")
+    return PostLNBlock(dim, num_heads, ffn_dim, qkv_bias, dropout, attn_dropout, activation_dropout, eps, drop_path)

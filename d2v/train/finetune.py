@@ -42,7 +42,7 @@ from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     task = TASKS[cfg.task]
     torch.manual_seed(cfg.seed)
-    encoder = build_encoder(task.modality, cfg.preset, cfg.objective)
+    encoder = build_encoder(task.modality, cfg.preset, cfg.objective, **cfg.regularization.overrides())
     if cfg.init == "pretrained":
         if not cfg.pretrained or not Path(cfg.pretrained).is_file():
             raise FileNotFoundError(f"finetune.{cfg.task}.pretrained: {cfg.pretrained!r} is not a pretraining "
@@ -136,12 +136,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def mix(cfg: FinetuneConfig, num_classes: int):
-    """MixUp / CutMix (torchvision v2), one of them per batch, or None."""
+    """MixUp / CutMix (torchvision v2), one of them per batch (on a `mix_prob` share of the batches), or None."""
     from torchvision.transforms import v2
 
     choices = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
               ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
-    return v2.RandomChoice(choices) if choices else None
+    if not choices or cfg.mix_prob == 0:
+        return None
+    mixer = v2.RandomChoice(choices)
+    return mixer if cfg.mix_prob == 1 else v2.RandomApply([mixer], p=cfg.mix_prob)
 
 
 # -------------------------------------------------------------------------------------------------------- loop

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from d2v.config import AudioConfig, CTCMaskConfig, ImageAugConfig, Objective, StrictModel, validate
 from d2v.train.config import FASHION_MNIST, OptimConfig, check_decay_floor, merge
@@ -85,6 +85,28 @@ TASKS: dict[str, Task] = {
 }
 
 
+# the encoder fields fine-tuning may set for itself, per modality (they change no parameter; tested against the
+# encoder configs)
+REGULARIZERS = {"image": ("dropout", "attn_dropout", "drop_path"),
+                "speech": ("dropout", "attn_dropout", "activation_dropout", "layerdrop"),
+                "text": ("dropout", "attn_dropout", "activation_dropout", "layerdrop")}
+
+
+class Regularization(StrictModel):
+    """Fine-tuning's own regularisation of the encoder (the recipes differ from pretraining's: BEiT fine-tunes ViT-B
+    with drop-path 0.2 after pretraining at 0.25, data2vec 2.0 with 0.1 after 0; wav2vec 2.0's CTC fine-tuning sets
+    layerdrop 0.1 and activation dropout 0.1). None keeps the pretraining preset's value."""
+
+    dropout: float | None = Field(None, ge=0, lt=1)
+    attn_dropout: float | None = Field(None, ge=0, lt=1)
+    activation_dropout: float | None = Field(None, ge=0, lt=1)
+    layerdrop: float | None = Field(None, ge=0, lt=1)
+    drop_path: float | None = Field(None, ge=0, lt=1)  # stochastic depth, the rate of the top block
+
+    def overrides(self) -> dict[str, float]:
+        return self.model_dump(exclude_none=True)
+
+
 class FinetuneConfig(StrictModel):
     task: str
     init: Literal["pretrained", "scratch"] = "pretrained"
@@ -100,12 +122,14 @@ class FinetuneConfig(StrictModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     mixup: float = Field(0.0, ge=0)  # image: MixUp alpha (0 = off)
     cutmix: float = Field(0.0, ge=0)  # image: CutMix alpha (0 = off)
+    mix_prob: float = Field(1.0, ge=0, le=1)  # image: share of batches mixed (timm's mixup_prob; data2vec 2.0: 0.9)
     freeze_encoder_steps: int = Field(0, ge=0)  # CTC: only the output layer trains at first
     # CTC: the waveform CNN stays frozen (spec §9.2); training it too is the fairer from-scratch baseline, since a
     # frozen *random* CNN handicaps scratch runs
     train_cnn: bool = False
     ctc_masks: CTCMaskConfig = CTCMaskConfig()
     max_tokens: int = Field(128, ge=8)
+    regularization: Regularization = Regularization()
     image: ImageAugConfig | None = None
     audio: AudioConfig | None = None
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
@@ -116,6 +140,15 @@ class FinetuneConfig(StrictModel):
     device: str = "auto"  # auto: the GPU when there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
+
+    @model_validator(mode="after")
+    def _regularizers_of_the_modality(self):
+        modality = TASKS[self.task].modality if self.task in TASKS else None
+        unknown = sorted(set(self.regularization.overrides()) - set(REGULARIZERS.get(modality, ())))
+        if modality and unknown:
+            raise ValueError(f"regularization: {unknown} do not apply to a {modality} encoder; it takes "
+                             f"{list(REGULARIZERS[modality])}")
+        return self
 
 
 EMBEDDED_FINETUNE: dict[str, dict] = {
