@@ -153,6 +153,13 @@ class ImageAugConfig(StrictModel):
     random_erasing: float = Field(0.25, ge=0, le=1)  # fine-tuning
     crop_pct: float = Field(0.875, gt=0, le=1)  # eval: resize to size/crop_pct, centre-crop size
 
+    @model_validator(mode="after")
+    def _statistics_per_channel(self):
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"mean {list(self.mean)} and std {list(self.std)} need one value per channel "
+                             f"(channels: {self.channels})")
+        return self
+
 
 class AudioConfig(StrictModel):
     sample_rate: int = 16_000

@@ -36,7 +36,7 @@ def run(cmd: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 600
 
 def test_every_profile_validates_and_builds_a_closed_graph():
     params = load_params(ROOT / "params.yaml")
-    assert params.profile == "embedded" and set(params.profiles) == {"embedded", "smoke", "paper"}
+    assert params.profile == "embedded" and set(params.profiles) == {"embedded", "smoke", "paper", "paper-v2"}
     for name in params.profiles:
         table = StageTable(params, name, raw=RAW)
         produced = {o for s in table for o in s.outs}
@@ -139,7 +139,7 @@ def test_committed_dvc_yaml_is_the_generated_one():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper"])
+@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper", "paper-v2"])
 def test_snakemake_and_dvc_run_the_same_stages(profile):
     if profile == "embedded":
         spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())  # the committed file itself
@@ -222,6 +222,52 @@ def test_paper_profile_fine_tunes_every_glue_task_on_its_own_shards():
     gpus = load_params(ROOT / "params.yaml", "paper").active.resources_for("finetune").gpus
     assert (cfg.optim.lr, cfg.batch_size * gpus, cfg.steps, cfg.optim.schedule, cfg.max_tokens) == \
         (2e-5, 16, 2036, "linear", 512)  # RoBERTa's batch of 16, over the ranks
+
+
+def test_paper_profiles_hold_the_published_recipes():
+    """paper-v2 against spec §8.5 (data2vec 2.0 Base pretraining) and §9 (fine-tuning); both paper profiles against
+    §5.2 (ImageNet statistics and crops) and §9.2 (wav2vec 2.0's CTC masks and fine-tuning dropouts)."""
+    v1, v2 = (load_params(ROOT / "params.yaml", name).active for name in ("paper", "paper-v2"))
+    gpus = v2.resources_for("pretrain").gpus
+    image, speech, text = (v2.pretrain_config(m) for m in ("image", "speech", "text"))
+    assert (image.objective, image.preset, image.clones, image.steps, image.data.batch_size * gpus) == \
+        ("v2", "base", 16, 375300, 256)
+    assert (image.optim.lr, image.optim.betas, image.optim.eps, image.optim.weight_decay, image.optim.clip_norm,
+            image.optim.warmup_steps) == (1e-3, (0.9, 0.95), 1e-8, 0.05, 4.0, 50040)
+    assert (image.ema.tau_start, image.ema.tau_end, image.ema.tau_steps) == (0.9998, 0.99999, 100_000)
+    assert (image.data.image.min_scale, image.data.image.color_jitter) == (0.2, 0.0)
+    assert (speech.clones, speech.steps, speech.optim.lr, speech.optim.betas, speech.optim.eps,
+            speech.optim.clip_norm, speech.optim.warmup_steps) == (8, 400_000, 7.5e-4, (0.9, 0.98), 1e-6, None, 8000)
+    assert (speech.ema.tau_start, speech.ema.tau_end, speech.ema.tau_steps) == (0.999, 0.99999, 75_000)
+    assert (text.clones, text.steps, text.optim.lr, text.optim.clip_norm, text.optim.warmup_steps,
+            text.data.batch_size * gpus, text.data.block_tokens) == (8, 1_000_000, 2e-4, 1.0, 4000, 64, 512)
+    assert (text.ema.tau_start, text.ema.tau_end, text.ema.tau_steps) == (0.9999, 0.99999, 100_000)
+    ft = v2.finetune_config("imagenet")
+    assert (ft.objective, ft.optim.lr, ft.optim.betas, ft.steps, ft.batch_size * gpus, ft.optim.warmup_steps,
+            ft.layer_decay, ft.regularization.drop_path, ft.mixup, ft.mix_prob) == \
+        ("v2", 1e-3, (0.9, 0.95), 250_200, 512, 16_000, 0.65, 0.1, 0.7, 0.9)
+    assert [v2.finetune_config(f"glue_{t}").optim.lr for t in ("rte", "stsb", "mnli")] == [2e-5, 4e-5, 2e-5]
+    assert v1.finetune_config("imagenet").regularization.drop_path == 0.2  # BEiT's fine-tuning rate for ViT-B
+    assert v1.pretrain_config("image").data.image.min_scale == 0.08
+    for profile in (v1, v2):
+        assert profile.pretrain_config("image").data.image.mean == (0.485, 0.456, 0.406)
+        ctc = profile.finetune_config("librispeech_1h")
+        assert (ctc.ctc_masks.time_prob, ctc.ctc_masks.time_length, ctc.ctc_masks.channel_prob,
+                ctc.ctc_masks.channel_length) == (0.65, 10, 0.25, 64)
+        assert ctc.regularization.overrides() == {"dropout": 0.0, "attn_dropout": 0.0, "activation_dropout": 0.1,
+                                                  "layerdrop": 0.1}
+        ten_hours = profile.finetune_config("librispeech_10h")
+        assert (ten_hours.ctc_masks.channel_prob, ten_hours.regularization.layerdrop) == (0.5, 0.05)
+    assert v2.data_root == v1.data_root and v2.runs != v1.runs  # one download and shard set, separate runs
+
+
+def test_image_statistics_must_match_the_channels():
+    """The paper profile once normalised ImageNet with the embedded recipe's one-channel Fashion-MNIST statistics."""
+    from d2v.train.config import pretrain_config
+
+    with pytest.raises(ConfigError, match=r"mean \[0.286\] and std \[0.353\] need one value per channel "
+                                          r"\(channels: 3\)"):
+        pretrain_config("image", {"data": {"image": {"channels": 3}}})
 
 
 def test_speech_runs_are_also_scored_on_real_speech_where_the_profile_prepares_it():
