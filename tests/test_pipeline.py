@@ -249,9 +249,17 @@ def test_paper_profiles_hold_the_published_recipes():
     assert [v2.finetune_config(f"glue_{t}").optim.lr for t in ("rte", "stsb", "mnli")] == [2e-5, 4e-5, 2e-5]
     assert v1.finetune_config("imagenet").regularization.drop_path == 0.2  # BEiT's fine-tuning rate for ViT-B
     assert v1.pretrain_config("image").data.image.min_scale == 0.08
+    image, speech, text = (v1.pretrain_config(m) for m in ("image", "speech", "text"))  # spec §4, §7
+    assert (image.optim.eps, image.optim.final_lr_scale * image.optim.lr, image.optim.clip_norm) == \
+        (1e-8, pytest.approx(1e-5), 3.0)
+    assert image.ema.tau_start == image.ema.tau_end == 0.9998  # BEiT's constant EMA, not a ramp
+    assert (speech.optim.clip_norm, text.optim.clip_norm) == (None, 5.0)
+    minutes = gpus * speech.accum_steps * speech.data.batch_size * 12.2 / 60  # LibriSpeech's mean crop
+    assert 55 < minutes < 65  # ≈ 63 min of audio per update
     for profile in (v1, v2):
         assert profile.pretrain_config("image").data.image.mean == (0.485, 0.456, 0.406)
         ctc = profile.finetune_config("librispeech_1h")
+        assert (ctc.optim.betas, ctc.optim.eps) == ((0.9, 0.98), 1e-8)
         assert (ctc.ctc_masks.time_prob, ctc.ctc_masks.time_length, ctc.ctc_masks.channel_prob,
                 ctc.ctc_masks.channel_length) == (0.65, 10, 0.25, 64)
         assert ctc.regularization.overrides() == {"dropout": 0.0, "attn_dropout": 0.0, "activation_dropout": 0.1,
