@@ -260,6 +260,7 @@ def test_paper_profiles_hold_the_published_recipes():
         assert profile.pretrain_config("image").data.image.mean == (0.485, 0.456, 0.406)
         ctc = profile.finetune_config("librispeech_1h")
         assert (ctc.optim.betas, ctc.optim.eps) == ((0.9, 0.98), 1e-8)
+        assert 25 < gpus * ctc.batch_size * 13 / 60 < 30  # ≈ 27 min of audio per update (2 × 4 × 3.2M samples)
         assert (ctc.ctc_masks.time_prob, ctc.ctc_masks.time_length, ctc.ctc_masks.channel_prob,
                 ctc.ctc_masks.channel_length) == (0.65, 10, 0.25, 64)
         assert ctc.regularization.overrides() == {"dropout": 0.0, "attn_dropout": 0.0, "activation_dropout": 0.1,
