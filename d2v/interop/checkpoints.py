@@ -12,8 +12,9 @@ import torch
 from d2v.interop.layouts import InteropError
 from d2v.interop.hf_export import export_classifier, export_encoder, save_pretrained
 from d2v.io import atomic_torch_save
+from d2v.train.tasks import Regularization
 
-TRAINING_ONLY = ("dropout", "attn_dropout", "activation_dropout", "layerdrop", "drop_path", "init")  # not architecture
+TRAINING_ONLY = (*Regularization.model_fields, "init")  # encoder fields that are not architecture
 HF_MODEL_TYPES = {"data2vec-vision": "image", "data2vec-audio": "speech", "data2vec-text": "text"}
 
 
