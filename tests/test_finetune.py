@@ -107,7 +107,7 @@ def test_fine_tuning_sets_its_own_regularization_and_still_loads_the_pretrained_
 
 
 def test_regularization_that_does_not_fit_the_encoder_is_refused():
-    with pytest.raises(ValueError, match=r"\['layerdrop'\] do not apply to a image encoder; it takes "
+    with pytest.raises(ValueError, match=r"\['layerdrop'\] do not apply to the image encoder; it takes "
                                          r"\['dropout', 'attn_dropout', 'drop_path'\]"):
         tasks.finetune_config("fashion_mnist", {"regularization": {"layerdrop": 0.1}})
     with pytest.raises(ValueError, match="finetune.speech_1h.regularization.dropout: Input should be less than 1"):

@@ -146,7 +146,7 @@ class FinetuneConfig(StrictModel):
         modality = TASKS[self.task].modality if self.task in TASKS else None
         unknown = sorted(set(self.regularization.overrides()) - set(REGULARIZERS.get(modality, ())))
         if modality and unknown:
-            raise ValueError(f"regularization: {unknown} do not apply to a {modality} encoder; it takes "
+            raise ValueError(f"regularization: {unknown} do not apply to the {modality} encoder; it takes "
                              f"{list(REGULARIZERS[modality])}")
         return self
 
