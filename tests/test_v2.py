@@ -366,3 +366,25 @@ def test_v2_image_encoder_takes_fairseqs_init_and_v1_keeps_beits():
     last = len(v2.blocks) - 1
     assert abs(v2.blocks[last].mlp.fc2.weight.std() - 0.02) < 0.002
     assert abs(v1.blocks[last].mlp.fc2.weight.std() - 0.02 / math.sqrt(2 * (last + 1))) < 0.002  # BEiT's rescale
+
+
+@pytest.mark.parametrize("name, preset, k, clones, mask, decoder, tau", [
+    ("image", "base", 10, 16, (0.8, 0.07, 3), (768, 3, 16, 6), (0.9998, 0.99999, 100_000)),
+    ("image", "large", 18, 16, (0.75, 0.1, 3), (1024, 5, 16, 3), (0.9998, 0.99999, 150_000)),
+    ("speech", "base", 8, 8, (0.5, 0.05, 5), (384, 7, 16, 4), (0.999, 0.99999, 75_000)),
+    ("speech", "large", 16, 12, (0.55, 0.1, 5), (768, 7, 16, 4), (0.9997, 1.0, 300_000)),
+    ("text", "base", 12, 8, (0.48, 0.0, 1), (768, 9, 1, 5), (0.9999, 0.99999, 100_000)),
+    ("text", "large", 24, 8, (0.5, 0.0, 1), (768, 9, 1, 5), (0.9999, 0.99999, 100_000)),
+])
+def test_base_and_large_presets_take_their_released_v2_recipes(name, preset, k, clones, mask, decoder, tau):
+    """Spec §8.5, column by column ({base,large}_{images,audio,text}_only_task)."""
+    modality, cfg = build_modality(name, preset, "v2")
+    assert (cfg.top_k, cfg.v2.clones) == (k, clones)
+    assert (cfg.v2.mask.prob, cfg.v2.mask.adjust, cfg.v2.mask.length) == mask
+    assert (cfg.v2.decoder.dim, cfg.v2.decoder.kernel, cfg.v2.decoder.groups, cfg.v2.decoder.layers) == decoder
+    assert (cfg.ema.tau_start, cfg.ema.tau_end, cfg.ema.tau_steps) == tau
+    norms = {("text", "large"): ("layer", "instance"), ("image", "base"): ("instance", "layer"),
+             ("image", "large"): ("instance", "layer")}  # IN per layer -> average otherwise
+    assert (cfg.layer_norm_targets, cfg.final_norm) == norms.get((name, preset), ("instance", "none"))
+    if name == "speech":  # LayerDrop 0.05 in Base, none in Large
+        assert modality.encoder.cfg.layerdrop == (0.0 if preset == "large" else 0.05)

@@ -82,10 +82,11 @@ SPEECH_PRESETS = {
 }
 
 
-def v2_encoder(cfg: SpeechEncoderConfig) -> SpeechEncoderConfig:
+def v2_encoder(cfg: SpeechEncoderConfig, large: bool = False) -> SpeechEncoderConfig:
     """The data2vec 2.0 audio encoder of the same size (spec §8.4): v1's CNN, conv positions and post-LN blocks,
-    plus ALiBi with a learned per-head scale; fine-tuning masks fill frames with N(0, 0.01²) noise."""
-    return cfg.model_copy(update={"alibi": True, "mask_noise_std": 0.01})
+    plus ALiBi with a learned per-head scale; fine-tuning masks fill frames with N(0, 0.01²) noise. Large (8 prenet +
+    16 main blocks, here one stack of 24) trains without LayerDrop."""
+    return cfg.model_copy(update={"alibi": True, "mask_noise_std": 0.01, **({"layerdrop": 0.0} if large else {})})
 
 
 def frame_lengths(num_samples: Tensor, conv_layers=BASE_CONV) -> Tensor:
@@ -360,17 +361,22 @@ def speech_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
-def speech_objective_v2(dim: int, steps_hint: int = 5000) -> ObjectiveConfig:
+def speech_objective_v2(dim: int, steps_hint: int = 5000, large: bool = False) -> ObjectiveConfig:
     """data2vec 2.0 base_audio_only_task (spec §8.5): FFN taps, K=8, IN per layer -> average, L2/√D, 8 clones of
     1-D block masks (50 %, blocks of 5), 4-layer 1-D decoder (half width, k 7, 16 groups, input dropout 0.1),
-    τ 0.999 -> 0.99999 over 75k; EMA over everything but the CNN front-end and the decoder."""
-    decoder_dim = dim // 2
+    τ 0.999 -> 0.99999 over 75k; EMA over everything but the CNN front-end and the decoder.
+    large_audio_only_task: K=16 (the main stack after 8 prenet blocks), 12 clones masking 55 % (adjust 0.1), a
+    768-wide decoder, τ 0.9997 -> 1 over 300k."""
+    decoder_dim = 768 if large else dim // 2
     return ObjectiveConfig(
-        top_k=8, target_tap="ffn", layer_norm_targets="instance", final_norm="none",
+        top_k=16 if large else 8, target_tap="ffn", layer_norm_targets="instance", final_norm="none",
         loss=LossConfig(kind="l2", reduction="sum_over_dim", scale="inv_sqrt_dim"),
-        ema=EMAConfig(tau_start=0.999, tau_end=0.99999, tau_steps=75_000),
+        ema=EMAConfig(tau_start=0.9997, tau_end=1.0, tau_steps=300_000) if large else
+        EMAConfig(tau_start=0.999, tau_end=0.99999, tau_steps=75_000),
         collapse=CollapseConfig(warmup_steps=steps_hint, min_local_var=0.01),
-        v2=V2Config(clones=8, mask=V2MaskConfig(prob=0.5, length=5, adjust=0.05),
+        v2=V2Config(clones=12 if large else 8,
+                    mask=V2MaskConfig(prob=0.55, length=5, adjust=0.1) if large else
+                    V2MaskConfig(prob=0.5, length=5, adjust=0.05),
                     decoder=DecoderConfig(dim=decoder_dim, kernel=7, groups=16 if decoder_dim % 16 == 0 else 1,
                                           layers=4, input_dropout=0.1),
                     teacher_shared_prefixes=("feature_extractor.", "feature_norm.", "feature_proj."),

@@ -182,19 +182,21 @@ def text_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
-def text_objective_v2(dim: int, steps_hint: int = 5000) -> ObjectiveConfig:
+def text_objective_v2(dim: int, steps_hint: int = 5000, large: bool = False) -> ObjectiveConfig:
     """data2vec 2.0 base_text_only_task (spec §8.5): FFN taps of all blocks, IN per layer -> average, L2 with scale
     1, 8 clones keeping 52 % of the tokens at random, 5-layer 1-D decoder (k 9, no groups, no residual, 2-layer
     projection, input dropout 0.1), τ 0.9999 -> 0.99999 over 100k; EMA over the blocks only, the teacher reads the
-    student's embeddings."""
+    student's embeddings. large_text_only_task: all 24 blocks, LN per layer -> average -> IN, 50 % masked, the
+    decoder 768 wide."""
     return ObjectiveConfig(
-        top_k=12, target_tap="ffn", layer_norm_targets="instance", final_norm="none",
+        top_k=24 if large else 12, target_tap="ffn", layer_norm_targets="layer" if large else "instance",
+        final_norm="instance" if large else "none",
         loss=LossConfig(kind="l2", reduction="sum_over_dim", scale=1.0),
         ema=EMAConfig(tau_start=0.9999, tau_end=0.99999, tau_steps=100_000),
         collapse=CollapseConfig(warmup_steps=steps_hint),
-        v2=V2Config(clones=8, mask=V2MaskConfig(prob=0.48),
-                    decoder=DecoderConfig(dim=dim, kernel=9, groups=1, layers=5, residual=False, projection_layers=2,
-                                          input_dropout=0.1),
+        v2=V2Config(clones=8, mask=V2MaskConfig(prob=0.5 if large else 0.48),
+                    decoder=DecoderConfig(dim=768 if large else dim, kernel=9, groups=1, layers=5, residual=False,
+                                          projection_layers=2, input_dropout=0.1),
                     teacher_shared_prefixes=TextEncoder.teacher_shared_prefixes, teacher_reads_student_features=True),
     )
 

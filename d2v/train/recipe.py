@@ -21,12 +21,15 @@ PRETRAIN history
      not BEiT's (truncated normal, output projections scaled down by depth, [CLS] N(0, 0.02²)).
   4: speech (v1 and v2): the feature projection, and v1's regression head, keep PyTorch's default Linear init, as
      fairseq (BERT's init reaches only the Transformer), not N(0, 0.02) with zero bias.
+  5: data2vec 2.0 with the large preset takes the released Large recipes (masks, clones, decoder, τ, K, text's
+     LN → IN targets, no LayerDrop for speech), not Base's at Large size. Base and smaller presets are unchanged.
 FINETUNE history
   2: layer-wise LR decay per recipe (BEiT's layer ids for v1, blocks only for v2); none from scratch.
   3: v2 images: the sin-cos fix above; v2 speech: CTC time masks fill frames with N(0, 0.01²) noise, as fairseq
      fine-tunes data2vec_multi models (no mask embedding), not with the never-trained mask embedding.
   4: v2 images from scratch: PRETRAIN 3's init.
   5: speech from scratch: PRETRAIN 4's init of the feature projection.
+  6: data2vec 2.0 large speech: no LayerDrop (PRETRAIN 5). Other presets are unchanged.
 """
 from __future__ import annotations
 
@@ -36,8 +39,8 @@ from typing import Literal, get_args
 
 from d2v.io import atomic_write_json, git_commit
 
-PRETRAIN = 4
-FINETUNE = 5
+PRETRAIN = 5
+FINETUNE = 6
 EVALUATE = 1
 BASELINE = 1
 
