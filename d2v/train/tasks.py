@@ -143,11 +143,11 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _regularizers_of_the_modality(self):
-        modality = TASKS[self.task].modality if self.task in TASKS else None
-        unknown = sorted(set(self.regularization.overrides()) - set(REGULARIZERS.get(modality, ())))
-        if modality and unknown:
-            raise ValueError(f"regularization: {unknown} do not apply to the {modality} encoder; it takes "
-                             f"{list(REGULARIZERS[modality])}")
+        if self.task in TASKS:  # an unknown task is refused by name where the config is built
+            modality = TASKS[self.task].modality
+            if unknown := sorted(set(self.regularization.overrides()) - set(REGULARIZERS[modality])):
+                raise ValueError(f"regularization: {unknown} do not apply to the {modality} encoder; it takes "
+                                 f"{list(REGULARIZERS[modality])}")
         return self
 
 
