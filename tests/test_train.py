@@ -327,6 +327,28 @@ def test_embedded_defaults_validate_and_errors_name_the_key():
     assert EMAConfig.constant(0.5).tau_steps == 0
 
 
+def test_paper_size_presets_take_no_embedded_defaults():
+    """The CPU recipe once filled what a GPU profile left out (Fashion-MNIST's statistics reached ImageNet): base and
+    large start from the typed defaults, which are the papers' values, and None means the modality recipe's."""
+    from d2v.modalities.registry import ENCODERS
+    from d2v.train.config import PAPER_PRESETS
+
+    for presets, _ in ENCODERS.values():  # the paper sizes are exactly the presets at BERT-base width or wider
+        assert {name for name, cfg in presets.items() if cfg.dim >= 768} == PAPER_PRESETS & set(presets)
+    given = {"steps": 10, "optim": {"lr": 1e-3}, "data": {"shards": "s", "batch_size": 4, "image": {"size": 224}}}
+    for objective in ("v1", "v2"):
+        base = pretrain_config("image", {"preset": "base", "objective": objective, **given})
+        assert (base.data.image.channels, base.data.image.mean, base.data.image.crop_pct) == \
+            (3, (0.485, 0.456, 0.406), 0.875)
+        assert (base.ema, base.clones, base.optim.clip_norm, base.optim.warmup_steps) == (None, None, None, 0)
+        embedded = pretrain_config("image", {"objective": objective, **given})  # the same overrides, CPU size
+        assert (embedded.data.image.channels, embedded.ema.tau_steps, embedded.optim.clip_norm) == \
+            (1, 1500 if objective == "v1" else 600, 3.0 if objective == "v1" else 4.0)
+        assert embedded.clones == (8 if objective == "v2" else None)
+    with pytest.raises(ConfigError, match=r"(?s)pretrain.speech.optim: Field required.*'large' is a paper size"):
+        pretrain_config("speech", {"preset": "large", "steps": 10, "data": {"shards": "s", "batch_size": 4}})
+
+
 def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_path, capsys, monkeypatch):
     cfg = tiny_cfg("text")
     run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False, stop_after=4,

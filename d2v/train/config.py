@@ -110,14 +110,34 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+# The papers' model sizes. Their runs start from the typed defaults above (the papers' values; None fields are the
+# modality recipe's), never from the CPU-scale embedded recipes: a field a GPU profile leaves out would otherwise
+# inherit Fashion-MNIST's statistics, or a τ schedule and clone count sized for a few hundred CPU steps.
+PAPER_PRESETS = frozenset({"base", "large"})
+
+
+def recipe_defaults(modality: str, preset: str, objective: str | None) -> dict:
+    """What the overrides of a `preset` run are merged onto: the embedded recipe (v1, or v2) at the embedded sizes,
+    only the modality at the papers' sizes."""
+    if preset in PAPER_PRESETS:
+        return {"modality": modality}
+    base = EMBEDDED_PRETRAIN[modality]
+    return merge(base, EMBEDDED_PRETRAIN_V2[modality]) if objective == "v2" else base
+
+
 def pretrain_config(modality: str, overrides: dict | None = None) -> PretrainConfig:
-    """The embedded recipe for `modality` (v1, or v2 when the overrides say `objective: v2`) under `overrides`."""
+    """`overrides` on the recipe defaults of their preset (default: embedded) and objective (default: v1)."""
     if modality not in EMBEDDED_PRETRAIN:
         raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(EMBEDDED_PRETRAIN)}")
     overrides = overrides or {}
-    base = EMBEDDED_PRETRAIN[modality]
-    if overrides.get("objective") == "v2":
-        base = merge(base, EMBEDDED_PRETRAIN_V2[modality])
-    cfg = validate(PretrainConfig, merge(base, overrides), f"pretrain.{modality}")
+    preset = overrides.get("preset", PretrainConfig.model_fields["preset"].default)
+    base = recipe_defaults(modality, preset, overrides.get("objective"))
+    try:
+        cfg = validate(PretrainConfig, merge(base, overrides), f"pretrain.{modality}")
+    except ConfigError as err:
+        if preset not in PAPER_PRESETS:
+            raise
+        raise ConfigError(f"{err}\n  (preset {preset!r} is a paper size: it takes no embedded defaults, so state at "
+                          f"least steps, optim.lr, data.shards and data.batch_size)") from None
     check_decay_floor(cfg.optim, f"pretrain.{modality}")
     return cfg
