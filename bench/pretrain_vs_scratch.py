@@ -180,7 +180,8 @@ def main() -> None:
     tasks = args.tasks.split(",") if args.tasks else [t for t in (profile if args.ft_profile else EMBEDDED_FINETUNE)
                                                       if TASKS[t].modality in modalities]
     pre_sets = parse_sets(args.set)
-    ft_sets = merge(profile, parse_sets(args.ft_set))
+    # --finetune-steps last: the recorded overrides are then the ones each fine-tune ran under
+    ft_sets = merge(merge(profile, parse_sets(args.ft_set)), {t: {"steps": n} for t, n in ft_steps.items()})
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
                                                                 "tasks": {}}
@@ -211,8 +212,6 @@ def main() -> None:
                     overrides["preset"] = presets[modality]
                 if init == "pretrained":  # scratch runs name no checkpoint, so they are shared across pretrainings
                     overrides["pretrained"] = str(checkpoints[modality])
-                if task in ft_steps:
-                    overrides["steps"] = ft_steps[task]
                 # the per-run settings (init, seed, steps…) over the task's overrides, which may come from a profile
                 cfg = finetune_config(task, merge(ft_sets.get(task, {}), overrides))
                 tag = init if objective == "v1" else f"{init}-{objective}"

@@ -430,3 +430,23 @@ def test_a_params_profile_gives_each_task_the_pipelines_fine_tuning_under_the_be
     with pytest.raises(SystemExit, match="speech_1h.preset=embedded-fbank: the speech encoder is pretrained as "
                                          "'embedded'"):
         pretrain_vs_scratch.main()
+
+
+def test_the_recorded_fine_tuning_overrides_are_the_ones_each_run_used(tmp_path, monkeypatch):
+    """--finetune-steps once replaced the steps in every config but not in the record, which kept the profile's 100."""
+    used = []
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v1"}))
+    monkeypatch.setattr(pretrain_vs_scratch, "missing_shards", lambda *a: [])
+    monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
+                        lambda cfg, run, folds: used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity",
+                                      "--seeds", "2", "--ft-profile", "embedded", "--ft-set", "rt_polarity.steps=7",
+                                      "--finetune-steps", "rt_polarity=40", "--runs", str(tmp_path), "--out", str(out)])
+    pretrain_vs_scratch.main()
+    row = json.loads(out.read_text())["tasks"]["rt_polarity"]
+    assert [(c.init, c.seed, c.steps) for c in used] == [("pretrained", 0, 40), ("pretrained", 1, 40),
+                                                         ("scratch", 0, 40), ("scratch", 1, 40)]
+    assert row["finetune_steps"] == row["overrides"]["steps"] == 40
+    assert row["overrides"]["optim"]["lr"] == used[0].optim.lr == 1e-3  # the profile's recipe, recorded as run
+    assert row["scratch"]["values"] == [0.6, 0.61]
