@@ -114,6 +114,11 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
 
 
+def _add_restart(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--restart-on-change", action="store_true",
+                   help="discard checkpoints written under a different config instead of stopping (on with --profile)")
+
+
 def prepare(args: argparse.Namespace) -> int:
     import inspect
     import logging
@@ -264,7 +269,8 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     from d2v.train.distributed import shutdown
 
     try:
-        summary = run_finetune(cfg, out, progress=not args.quiet)  # under torchrun: DDP
+        summary = run_finetune(cfg, out, progress=not args.quiet,  # under torchrun: DDP
+                               restart_on_change=args.restart_on_change or profile is not None)
     finally:
         shutdown()
     print(f"{args.task}: {summary['steps']} steps in {summary['seconds']}s, best dev {summary['best_dev']} -> {out}")
@@ -420,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run folder (default runs/embedded/pretrain/MODALITY)")
     p.add_argument("--tokenizer", default=None, help="text: SentencePiece model, checked against the encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--restart-on-change", action="store_true",
-                   help="discard checkpoints written under a different config instead of stopping (on with --profile)")
+    _add_restart(p)
     p.set_defaults(func=pretrain_cmd)
     _add_profile(p)
-    p = sub.add_parser("finetune", help="fine-tune (or linear-probe) a downstream task, from data2vec or scratch")
+    p = sub.add_parser("finetune", help="fine-tune (or linear-probe) a downstream task, from data2vec or scratch "
+                       "(an interrupted run resumes from its last checkpoint)")
     p.add_argument("task")
     p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained")
     p.add_argument("--mode", choices=("full", "probe"), default="full")
@@ -434,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")
+    _add_restart(p)
     p.set_defaults(func=finetune_cmd)
     _add_profile(p)
     p = sub.add_parser("evaluate", help="score a fine-tuned run on its test splits; one JSON per split")

@@ -247,6 +247,71 @@ def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined
     assert ft.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25
 
 
+def test_an_interrupted_fine_tune_resumes_bit_for_bit_and_refuses_another_config(toy_image_task, tmp_path,
+                                                                                monkeypatch, capsys):
+    """Killed after step 6 with its step-4 checkpoint on disk, the run resumes (weights, AdamW, stream position with
+    its random crops, best dev so far, RNG) to the uninterrupted run's models and log; finished, it drops the
+    checkpoints. A checkpoint of another config is refused by name, or discarded with restart_on_change."""
+    monkeypatch.setitem(tasks.TASKS, "toy_dev", tasks.Task("image", "classification", "toy", "train", "test",
+                                                           ("test",), ("accuracy",), 2, "ImageNet"))
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "task": "toy_dev", "steps": 10,
+                                               "batch_size": 8, "accum_steps": 2, "eval_every": 3,
+                                               "checkpoint": {"every": 4, "keep": 2}})
+    straight = ft.run_finetune(cfg, tmp_path / "a", progress=False)
+    ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=6)
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert (saved["step"], saved["batches"]) == (4, 8) and saved["best_metrics"] is not None
+    assert not (tmp_path / "b" / "final.pt").exists()
+    other = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(ValueError, match=r"step-00000004.pt: written under a different config or data \(optim "
+                                         r"changed\)"):
+        ft.run_finetune(other, tmp_path / "b", progress=False)
+    resumed = ft.run_finetune(cfg, tmp_path / "b", progress=False)
+    assert "resumed from" in capsys.readouterr().err
+    for name in ("final.pt", "best.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=False) for run in ("a", "b"))
+        assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+        for k, v in a["model"].items():
+            assert torch.equal(b["model"][k], v), (name, k)
+    log_a, log_b = (pd.read_csv(tmp_path / run / "metrics.csv") for run in ("a", "b"))
+    assert list(log_b["step"]) == list(range(1, 11))  # rows after the checkpoint replaced, not duplicated
+    pd.testing.assert_frame_equal(log_a, log_b)
+    assert resumed["best_dev"] == straight["best_dev"]
+    assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()
+    ft.run_finetune(cfg, tmp_path / "c", progress=False, stop_after=5)
+    ft.run_finetune(other, tmp_path / "c", progress=False, stop_after=1, restart_on_change=True)
+    assert "discarded (optim); starting afresh" in capsys.readouterr().err
+    assert pd.read_csv(tmp_path / "c" / "metrics.csv")["step"].tolist() == [1]
+
+
+def accumulating_loader(accum: int, rank: int = 0, world: int = 1):
+    """Rank `rank`'s micro-batches: shares rank·accum, ..., rank·accum + accum − 1 of global batch k (of accum·world
+    shares), in turn, as the RNG keys of `run_finetune` number them."""
+    shares = [synthetic_loader(rank * accum + m, accum * world) for m in range(accum)]
+
+    def loader(cfg, split, train):
+        if not train:
+            return synthetic_loader(rank, world)(cfg, split, train)
+        return itertools.chain.from_iterable(zip(*(share(cfg, split, True) for share in shares)))
+    return loader
+
+
+def test_accumulated_micro_batches_make_the_update_of_the_whole_batch(tmp_path, monkeypatch):
+    """2 micro-batches of 4 accumulate to one batch of 8: the same weights, and the logged loss is the batch mean."""
+    monkeypatch.setattr(ft, "loader", synthetic_loader(0, 1))
+    ft.run_finetune(ddp_cfg(), tmp_path / "whole", progress=False)
+    monkeypatch.setattr(ft, "loader", accumulating_loader(2))
+    ft.run_finetune(ddp_cfg().model_copy(update={"batch_size": 4, "accum_steps": 2}), tmp_path / "accum",
+                    progress=False)
+    whole, accum = (torch.load(tmp_path / run / "final.pt", weights_only=False)["model"] for run in ("whole", "accum"))
+    initial = ft.build_model(ddp_cfg()).state_dict()
+    assert any(not torch.equal(whole[k], v) for k, v in initial.items())
+    for k, v in whole.items():
+        torch.testing.assert_close(accum[k], v, rtol=1e-5, atol=1e-5, msg=k)
+    losses = [pd.read_csv(tmp_path / run / "metrics.csv")["loss"] for run in ("whole", "accum")]
+    torch.testing.assert_close(torch.tensor(losses[1].values), torch.tensor(losses[0].values), rtol=1e-5, atol=0)
+
+
 # ---------------------------------------------------------------- DDP
 
 def synthetic_loader(rank: int, world: int, batch: int = 8, eval_size: int = 10):
@@ -269,22 +334,23 @@ def synthetic_loader(rank: int, world: int, batch: int = 8, eval_size: int = 10)
     return loader
 
 
-def ddp_cfg():
+def ddp_cfg(**update):
     image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0, randaugment_magnitude=0,
                  random_erasing=0.0, color_jitter=0.0)
-    return tasks.finetune_config("fashion_mnist", dict(init="scratch", preset="tiny", steps=3, batch_size=8,
-                                                       optim=dict(warmup_steps=1), image=image, device="cpu"))
+    return tasks.finetune_config("fashion_mnist", {**dict(init="scratch", preset="tiny", steps=3, batch_size=8,
+                                                          optim=dict(warmup_steps=1), image=image, device="cpu"),
+                                                   **update})
 
 
 FT_DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_finetune import ddp_cfg, synthetic_loader
+from test_finetune import accumulating_loader, ddp_cfg, synthetic_loader
 from d2v.train import finetune as ft
 from d2v.train.distributed import init, shutdown
 world = init("cpu")
-ft.loader = synthetic_loader(world.rank, world.size)
-ft.run_finetune(ddp_cfg(), {out!r}, progress=False)
+ft.loader = accumulating_loader(2, world.rank, world.size)
+ft.run_finetune(ddp_cfg(batch_size=2, accum_steps=2), {out!r}, progress=False)
 model = ft.build_model(ddp_cfg())
 model.load_state_dict(torch.load({out!r} + "/final.pt", weights_only=False)["model"])
 preds, refs = ft.predict(model, ddp_cfg(), "test", world=world)
@@ -296,8 +362,9 @@ shutdown()
 
 @pytest.mark.slow
 def test_two_process_gloo_ddp_fine_tuning_matches_one_process_and_gathers_predictions(tmp_path, monkeypatch):
-    """Each rank trains on half of every global batch: the averaged gradients give one process's update on the whole
-    batch; only rank 0 writes the run; dev/test predictions split over the ranks come back whole on every rank."""
+    """Each rank trains on half of every global batch, in 2 micro-batches (gradients are all-reduced on the second
+    only): the averaged gradients give one process's update on the whole batch; only rank 0 writes the run;
+    dev/test predictions split over the ranks come back whole on every rank."""
     script = tmp_path / "ddp.py"
     script.write_text(FT_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "ddp")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -74,6 +74,27 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
+def test_pretraining_from_image_shards_resumes_bit_for_bit_with_its_random_crops(tmp_path):
+    """The real stream: shards, shuffle buffer, random-resized crops and flips drawn from torch's RNG. The batches
+    consumed before the checkpoint are replayed before the first resumed step seeds its RNG, not inside it."""
+    from conftest import _image_shards
+    from d2v.train.batches import pretrain_stream
+
+    _image_shards(tmp_path)
+    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3)
+    cfg = tiny_cfg("image", data=dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image))
+    stream = pretrain_stream("image", cfg.data, cfg.seed)
+    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "a", progress=False)
+    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False, stop_after=4)
+    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False)
+    import pandas as pd
+    log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
+    np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
+    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False)["encoder"] for run in ("a", "b"))
+    for k, v in a.items():
+        assert torch.equal(b[k], v), k
+
+
 def test_checkpoints_keep_the_newest_k_and_last_points_at_the_newest(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoint.save(tmp_path, step, {"x": step}, keep=2)

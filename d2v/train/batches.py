@@ -1,8 +1,9 @@
 """Batch streams for pretraining from shards, positioned at any batch index (for exact resume)."""
 from __future__ import annotations
 
+import collections
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_pretrain_loader, \
     web_loader
@@ -30,6 +31,14 @@ def pretrain_stream(modality: str, data: DataConfig, seed: int) -> Callable[[int
             ds = text_pretrain_loader(data.shards, data.block_tokens, data.batch_size, seed=seed,
                                       shuffle=data.shuffle)
             wrap = lambda b: b  # noqa: E731
-        it = map(wrap, web_loader(ds, data.num_workers, seed=seed))
-        return itertools.islice(it, start, None)
+        return positioned(map(wrap, web_loader(ds, data.num_workers, seed=seed)), start)
     return stream
+
+
+def positioned(batches: Iterable, start: int) -> Iterator:
+    """`batches` from batch `start` on, the first `start` replayed now. A lazy skip (`itertools.islice`) would replay
+    them inside the first resumed step, after its RNG was seeded, and draw that step's augmentation from a moved
+    generator."""
+    it = iter(batches)
+    collections.deque(itertools.islice(it, start), maxlen=0)
+    return it

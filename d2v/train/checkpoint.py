@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +70,44 @@ def load(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:
         raise RuntimeError(f"{path}: unreadable checkpoint ({err}); delete it to resume from the previous one") from err
+
+
+def changed_since(saved: dict, config: dict, version: int, resumable_across: tuple[str, ...],
+                  data_digest: str | None = None) -> list[str]:
+    """What differs between a checkpoint and the run about to resume from it: top-level config keys (but those
+    `resumable_across`, which do not change what is computed), 'data' when the training shards changed (their
+    index.json lists every shard's sha256), and 'recipe' when it was written under another `version` of its stage
+    kind's recipe (`d2v.train.recipe`)."""
+    before = saved.get("config", {})
+    changed = sorted(k for k in config.keys() | before.keys()
+                     if k not in resumable_across and before.get(k) != config.get(k))
+    if data_digest is not None and saved.get("data_digest") not in (None, data_digest):
+        changed.append("data")
+    if saved.get("recipe", 1) != version:
+        changed.append("recipe")
+    return changed
+
+
+def resume_point(folder: str | Path, config: dict, version: int, resumable_across: tuple[str, ...], steps: int,
+                 data_digest: str | None = None, restart_on_change: bool = False,
+                 is_main: bool = True) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint in `folder` and its state, or (None, None) to start afresh. One written under another
+    config, data or recipe is never resumed silently: that is an error, or with `restart_on_change` (pipeline
+    stages) the folder is discarded, as it is over a finished run."""
+    folder = Path(folder)
+    last = latest(folder)
+    if last is None:
+        return None, None
+    state = load(last)
+    changed = changed_since(state, config, version, resumable_across, data_digest)
+    if changed and not restart_on_change:
+        raise ValueError(f"{last}: written under a different config or data ({', '.join(changed)} changed); "
+                         f"use another --out, delete {folder}, or pass --restart-on-change")
+    if restart_on_change and state["step"] >= steps:
+        changed.append("finished run")
+    if not changed:
+        return last, state
+    if is_main:
+        print(f"{folder}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)
+        shutil.rmtree(folder)
+    return None, None

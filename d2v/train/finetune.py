@@ -5,7 +5,9 @@ Under torchrun, fine-tuning is DDP: each rank trains on its own stream (the shar
 predictions are split over the ranks by shard and gathered, and rank 0 logs and writes.
 
 Run folder: `config.json`, `recipe.json` (the recipe version it is made under, `d2v.train.recipe`), `metrics.csv`
-(train loss and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split), `curves.png`.
+(train loss and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split), `curves.png`;
+while the run is unfinished, `checkpoints/` (model, AdamW, step, stream position, best dev so far, RNG states), from
+which it resumes bit for bit.
 `evaluate` writes one JSON per (task, split): metric values, number of examples, seed, git commit, recipe versions
 (of the fine-tune and of the evaluation code) and a digest of the run configuration.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,11 +32,12 @@ from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.registry import build_encoder
 from d2v.nn.compile import compile_regions
-from d2v.train import recipe
+from d2v.train import checkpoint, recipe
+from d2v.train.batches import positioned
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
-from d2v.train.pretrain import autocast, step_rng
+from d2v.train.pretrain import autocast, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
 
@@ -223,18 +227,32 @@ def headline(task: Task, metrics: dict[str, float]) -> float:
     return oriented(task.metrics[0], metrics[task.metrics[0]])
 
 
-def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True) -> dict:
+# Settings that do not change what is computed: a checkpoint written under other values still resumes.
+RESUMABLE_ACROSS = ("checkpoint", "device", "compile")
+
+
+def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True, stop_after: int | None = None,
+                 restart_on_change: bool = False) -> dict:
+    """Fine-tune to `cfg.steps`, resuming from `out_dir/checkpoints` when an interrupted run left one there (the
+    folder is removed when the run finishes: final.pt and best.pt are what it keeps). `stop_after` ends early (tests).
+    A checkpoint of another config, data or recipe is an error, or with `restart_on_change` (pipeline stages)
+    discarded."""
     task = TASKS[cfg.task]
-    out_dir = Path(out_dir)
+    out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
     device = resolve_device(cfg.device)
     world = init(cfg.device)
     if world.distributed:
         device = world.device
+    data_digest = shards_digest(Path(cfg.data_root) / "shards" / task.shard_key(task.train))
+    last, state = checkpoint.resume_point(ckpt_dir, cfg.model_dump(mode="json"), recipe.FINETUNE, RESUMABLE_ACROSS,
+                                          cfg.steps, data_digest, restart_on_change, world.is_main)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         recipe.stamp(out_dir, "finetune")
     model = build_model(cfg).to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
     if cfg.compile:
         compile_regions(model.encoder)
     train_model = model
@@ -246,30 +264,48 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
+    step, consumed, best, best_metrics = 0, 0, None, None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step, consumed, best, best_metrics = state["step"], state["batches"], state["best"], state["best_metrics"]
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
                         cfg.optim.tri_stage_phases)
     trainable = [p for p in model.parameters() if p.requires_grad]
     encoder_params = {id(p) for p in model.encoder.parameters()}
     mixer = mix(cfg, task.num_outputs) if task.modality == "image" else None
-    log = MetricsLog(out_dir / "metrics.csv") if world.is_main else None
-    stream = iter(loader(cfg, task.train, train=True))
+    # the stream is a pure function of the seed: a resumed run replays the batches it had consumed
+    stream = positioned(loader(cfg, task.train, train=True), consumed)
+    if state is not None:
+        checkpoint.set_rng_state(state["rng"])
+        if world.is_main:
+            print(f"resumed from {last} at step {step}", file=sys.stderr)
+    log = MetricsLog(out_dir / "metrics.csv", resume_step=step) if world.is_main else None
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
-    best, best_metrics = None, None
     bar = None
     if progress and world.is_main:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
                    file=sys.stderr, dynamic_ncols=True)
     start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    while step < cfg.steps and (stop_after is None or step < stop_after):
+        step += 1
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-        rng = step_rng(cfg.seed, step, *([world.rank] if world.distributed else []))  # masks, mixing, dropout
-        with amp:
-            loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer, rng)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for micro in range(cfg.accum_steps):
+            # masks, mixing, dropout: keyed by (seed, step), and the micro-batch's place in the update when there are
+            # several, so 2 ranks draw what 1 process accumulating 2 micro-batches draws
+            several = world.distributed or cfg.accum_steps > 1
+            rng = step_rng(cfg.seed, step, *([world.rank * cfg.accum_steps + micro] if several else []))
+            sync = micro == cfg.accum_steps - 1 or not world.distributed
+            with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
+                micro_loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg,
+                                        mixer, rng) / cfg.accum_steps
+            consumed += 1
+            micro_loss.backward()
+            loss += micro_loss.item()
         if step <= cfg.freeze_encoder_steps:  # output layer only at first (fairseq freeze_finetune_updates)
             for p in trainable:
                 if id(p) in encoder_params:
@@ -277,7 +313,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if cfg.optim.clip_norm:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
         optimizer.step()
-        row = {"step": step, **mean_over_ranks({"loss": loss.item()}, world), "lr": lr}
+        row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
             row.update({f"dev_{k}": v for k, v in dev.items()})
@@ -291,12 +327,18 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+        if step % cfg.checkpoint.every == 0 and step < cfg.steps and world.is_main:
+            checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                             "batches": consumed, "best": best, "best_metrics": best_metrics,
+                                             "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
+                                             "recipe": recipe.FINETUNE}, keep=cfg.checkpoint.keep)
     if bar is not None:
         bar.close()
     summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
                "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics}
-    if world.is_main:
+    if world.is_main and step >= cfg.steps:
         _write_run(model, cfg, out_dir, log, summary, best_metrics is None)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier(world)  # the run folder is complete when any rank returns
     return summary
 

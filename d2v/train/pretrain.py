@@ -10,7 +10,6 @@ resumed from its checkpoint therefore repeats exactly what the uninterrupted run
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -59,19 +58,6 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel")
 
 
-def stale_checkpoint(saved: dict, cfg: PretrainConfig, data_digest: str | None = None) -> list[str]:
-    """What differs between a checkpoint and the run about to resume from it: top-level config keys, 'data' when
-    the shards it was trained on changed (their index.json lists every shard's sha256), and 'recipe' when it was
-    written under another pretraining recipe version (`d2v.train.recipe`)."""
-    now, before = cfg.model_dump(mode="json"), saved.get("config", {})
-    changed = sorted(k for k in now.keys() | before.keys() if k not in RESUMABLE_ACROSS and before.get(k) != now.get(k))
-    if data_digest is not None and saved.get("data_digest") not in (None, data_digest):
-        changed.append("data")
-    if saved.get("recipe", 1) != recipe.PRETRAIN:
-        changed.append("recipe")
-    return changed
-
-
 def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
     """The generator for the masks of micro-batch `group` (rank · accum + micro) of `step`; torch's RNG (dropout,
     drop-path, LayerDrop) is re-seeded from the same key. Fine-tuning keys by (seed, step), and the rank under
@@ -118,21 +104,9 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                         cfg.optim.tri_stage_phases)
     step, consumed = 0, 0
     ckpt_dir = out_dir / "checkpoints"
-    last = checkpoint.latest(ckpt_dir)
-    resume_state = None
-    if last is not None:
-        resume_state = checkpoint.load(last)
-        changed = stale_checkpoint(resume_state, cfg, data_digest)
-        if changed and not restart_on_change:
-            raise ValueError(f"{last}: written under a different config or data ({', '.join(changed)} changed); "
-                             f"use another --out, delete {ckpt_dir}, or pass --restart-on-change")
-        if restart_on_change and resume_state["step"] >= cfg.steps:
-            changed.append("finished run")
-        if changed:
-            if world.is_main:
-                print(f"{ckpt_dir}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)
-                shutil.rmtree(ckpt_dir)
-            last, resume_state = None, None
+    last, resume_state = checkpoint.resume_point(ckpt_dir, cfg.model_dump(mode="json"), recipe.PRETRAIN,
+                                                 RESUMABLE_ACROSS, cfg.steps, data_digest, restart_on_change,
+                                                 world.is_main)
     if resume_state is not None:
         objective.load_state_dict(resume_state["model"])  # the full state, before any sharding
         step, consumed = resume_state["step"], resume_state["batches"]

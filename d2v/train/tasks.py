@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from d2v.config import AudioConfig, CTCMaskConfig, ImageAugConfig, Objective, StrictModel, validate
-from d2v.train.config import FASHION_MNIST, OptimConfig, check_decay_floor, merge
+from d2v.train.config import FASHION_MNIST, CheckpointConfig, OptimConfig, check_decay_floor, merge
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class FinetuneConfig(StrictModel):
     preset: str = "embedded"
     objective: Objective = "v1"  # the encoder architecture: data2vec 1.0's or 2.0's at the preset size
     steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)  # per process: under torchrun the global batch is batch_size · ranks
+    batch_size: int = Field(ge=1)  # per process and micro-batch: the update sees batch_size · accum_steps · ranks
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step (fairseq update_freq)
     seed: int = 0
     optim: OptimConfig
     layer_decay: float = Field(1.0, gt=0, le=1)  # image: layer-wise LR decay of a pretrained encoder (not scratch)
@@ -140,6 +141,7 @@ class FinetuneConfig(StrictModel):
     device: str = "auto"  # auto: the GPU when there is one
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
+    checkpoint: CheckpointConfig = CheckpointConfig()  # resumable state while the run is unfinished
 
     @model_validator(mode="after")
     def _regularizers_of_the_modality(self):
