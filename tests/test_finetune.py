@@ -385,3 +385,19 @@ def test_two_process_gloo_ddp_fine_tuning_matches_one_process_and_gathers_predic
     preds, refs = ft.predict(model, ddp_cfg(), "test")
     assert len(gathered["preds"]) == len(preds) == 10
     assert sorted(zip(gathered["refs"], gathered["preds"])) == sorted(zip(refs, preds))
+
+
+def test_a_text_fine_tune_refuses_a_tokenizer_of_another_vocabulary_before_training(tmp_path):
+    """As pretraining does: the tiny text encoder embeds 64 ids, a tokenizer of 60 would leave rows no input reaches
+    (and one of more would index past the table mid-run)."""
+    from d2v.data.tokenizer import SentencePieceConfig, train_sentencepiece
+
+    lines = [f"Paragraph {i} talks about the weather and the garden, and then about tea." for i in range(300)]
+    spm_cfg = SentencePieceConfig(vocab_size=60, num_threads=1, seed_sentencepiece_size=10_000)
+    spm = train_sentencepiece(lines, tmp_path / "spm.model", spm_cfg)
+    cfg = tasks.finetune_config("rt_polarity", {"init": "scratch", "preset": "tiny", "tokenizer": str(spm),
+                                                "data_root": str(tmp_path / "no-shards")})
+    with pytest.raises(ValueError, match=rf"finetune.rt_polarity \(tiny\): {re.escape(str(spm))} makes 60 ids "
+                                         r"\(pieces \+ <mask>\), the text encoder has vocab_size=64"):
+        ft.run_finetune(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.csv").exists()

@@ -68,6 +68,13 @@ IMAGE_PRESETS = {
 }
 
 
+def require_image_shape(channels: int, size: int, cfg: ImageEncoderConfig, where: str) -> None:
+    """The loader's images must be what the patch embedding and the position grid were built for."""
+    if (channels, size) != (cfg.in_chans, cfg.img_size):
+        raise ValueError(f"{where}: channels/size {channels}/{size} do not match the encoder's "
+                         f"{cfg.in_chans}/{cfg.img_size}")
+
+
 def v2_encoder(cfg: ImageEncoderConfig, large: bool = False) -> ImageEncoderConfig:
     """The data2vec 2.0 image encoder of the same size (spec §8.2, §8.4): post-LN blocks, fixed sin-cos positions,
     input LayerNorm, no relative position bias, LayerScale, final LN or dropout; norm eps 1e-6; its own init. Base

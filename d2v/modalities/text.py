@@ -47,6 +47,15 @@ TEXT_PRESETS = {
 }
 
 
+def require_vocabulary(ids: int, cfg: TextEncoderConfig, tokenizer: str, where: str) -> None:
+    """A text encoder embeds exactly its tokenizer's ids (pieces + <mask>): more ids would index past the table,
+    fewer leave rows no input reaches (and a checkpoint sized for another tokenizer)."""
+    if ids != cfg.vocab_size:
+        raise ValueError(f"{where}: {tokenizer} makes {ids} ids (pieces + <mask>), the text encoder has vocab_size="
+                         f"{cfg.vocab_size}; train the tokenizer with vocab_size {cfg.vocab_size} or pick the preset "
+                         f"that has {ids}")
+
+
 def make_positions(tokens: Tensor, pad_idx: int) -> Tensor:
     """fairseq/RoBERTa positions: real tokens count from pad_idx + 1, pads get pad_idx."""
     not_pad = tokens.ne(pad_idx).long()

@@ -30,7 +30,9 @@ from d2v.eval.metrics import TASK_METRICS, ctc_greedy, oriented, prediction_stat
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
+from d2v.modalities.image import require_image_shape
 from d2v.modalities.registry import build_encoder
+from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
 from d2v.train.batches import positioned
@@ -57,6 +59,9 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
             raise ValueError(f"{cfg.pretrained}: a {'/'.join(map(str, saved))} encoder, task {cfg.task} needs "
                              f"{task.modality}/{cfg.preset}/{cfg.objective} (modality/preset/objective)")
         encoder.load_state_dict(state["encoder"])
+    if task.modality == "image" and cfg.image is not None:
+        require_image_shape(cfg.image.channels, cfg.image.size, encoder.cfg,
+                            f"finetune.{cfg.task}.image ({cfg.preset})")
     probe = cfg.mode == "probe"
     if task.kind == "ctc":
         model = CTCModel(encoder, len(LetterTokenizer.load(cfg.letters).symbols), cfg.ctc_masks, linear_probe=probe,
@@ -251,6 +256,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         recipe.stamp(out_dir, "finetune")
     model = build_model(cfg).to(device)
+    if task.modality == "text":
+        require_vocabulary(TextTokenizer(cfg.tokenizer).vocab_size, model.encoder.cfg, cfg.tokenizer,
+                           f"finetune.{cfg.task} ({cfg.preset})")
     if state is not None:
         model.load_state_dict(state["model"])
     if cfg.compile:

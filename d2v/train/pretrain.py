@@ -292,22 +292,21 @@ def build_objective(cfg: PretrainConfig) -> Data2Vec:
                              "(v2 masks come from its recipe)")
         modality.mask_cfg = cfg.text_mask
     if cfg.modality == "image" and cfg.data.image is not None:
-        if (cfg.data.image.channels, cfg.data.image.size) != (encoder_cfg.in_chans, encoder_cfg.img_size):
-            raise ValueError(f"pretrain.data.image: channels/size {cfg.data.image.channels}/{cfg.data.image.size} "
-                             f"do not match the {cfg.preset} encoder ({encoder_cfg.in_chans}/{encoder_cfg.img_size})")
+        from d2v.modalities.image import require_image_shape
+
+        require_image_shape(cfg.data.image.channels, cfg.data.image.size, encoder_cfg,
+                            f"pretrain.data.image ({cfg.preset})")
     return make_objective(modality, objective_cfg)
 
 
 def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: str | Path | None) -> None:
-    """The text encoder's vocabulary must be the tokenizer's (pieces + <mask>)."""
     if cfg.modality != "text" or tokenizer is None:
         return
     from d2v.data.tokenizer import TextTokenizer
+    from d2v.modalities.text import require_vocabulary
 
-    size = TextTokenizer(tokenizer).vocab_size
-    if size != objective.student.cfg.vocab_size:
-        raise ValueError(f"{tokenizer}: {size} ids (incl. <mask>) but the {cfg.preset} text encoder has "
-                         f"vocab_size={objective.student.cfg.vocab_size}")
+    require_vocabulary(TextTokenizer(tokenizer).vocab_size, objective.student.cfg, str(tokenizer),
+                       f"pretrain.{cfg.modality} ({cfg.preset})")
 
 
 def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
