@@ -390,7 +390,7 @@ def rehearse_cmd(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.profile)
     device = resolve_device(args.device)
-    print(f"rehearsing profile {params.profile} on {device}, {args.batch} examples per stage", flush=True)
+    print(f"rehearsing profile {params.profile} on {device}, {args.batch} examples per stage\n{report([])}", flush=True)
     results = rehearse_profile(params.active, args.batch, str(device), args.stage or None,
                                progress=lambda r: print(report([r]).splitlines()[1], flush=True))
     failed = [r for r in results if r.error]

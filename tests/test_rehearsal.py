@@ -10,6 +10,7 @@ import yaml
 from d2v.cli import main
 from d2v.pipeline.params import load_params, parse_params
 from d2v.pipeline.rehearsal import rehearse_profile
+from d2v.train.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -21,6 +22,8 @@ def test_every_smoke_stage_takes_a_step_and_what_does_not_fit_is_named_by_stage(
                                           "finetune fashion_mnist", "finetune speech_10min", "finetune rt_polarity",
                                           "finetune bible_para", "finetune lee_sts"]
     assert all(r.error is None and np.isfinite(r.loss) and r.parameters > 1e6 for r in results), results
+    # each task fine-tunes the encoder its modality's rehearsal saved, as the pipeline does
+    assert [r.model for r in results[3:]] == ["embedded v1 pretrained"] * 5
     # two mistakes validation lets through, as each config is valid alone: a tokenizer of 4000 ids for the 8000-id
     # text encoders, and Fashion-MNIST fine-tuned at 28 px on a ViT built for 32
     data = copy.deepcopy(RAW)
@@ -39,7 +42,10 @@ def test_every_smoke_stage_takes_a_step_and_what_does_not_fit_is_named_by_stage(
 
 def test_the_command_names_the_failed_stages_and_exits_1(capsys):
     assert main(["rehearse", "--profile", "smoke", "--stage", "finetune lee_sts"]) == 0
-    assert "1 of 1 stages took a step" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["stage", "model", "parameters", "loss", "seconds"]
+    assert out[2].split()[:5] == ["finetune", "lee_sts", "embedded", "v1", "scratch"]  # no pretraining rehearsed
+    assert out[-1] == "1 of 1 stages took a step"
     assert main(["rehearse", "--profile", "smoke", "--stage", "finetune imagenet"]) == 2
     assert "no stage ['finetune imagenet'] in this profile" in capsys.readouterr().err
 
@@ -59,3 +65,6 @@ def test_the_gpu_profiles_rehearse_on_cpu(profile, stages):
     assert [r.stage for r in results] == stages
     assert [r.error for r in results] == [None] * len(stages)
     assert all(r.parameters > 80e6 for r in results)  # base size
+    pretrained = {r.stage.split()[1] for r in results if r.stage.startswith("pretrain")}
+    for r in results[len(pretrained):]:  # from the rehearsed pretraining's final.pt where there is one
+        assert r.model.endswith("pretrained" if TASKS[r.stage.split()[1]].modality in pretrained else "scratch")

@@ -33,6 +33,7 @@ PAD = 1  # fairseq's <pad> id (d2v.data.tokenizer)
 @dataclass
 class Rehearsal:
     stage: str
+    model: str = ""  # preset, objective and, for fine-tuning, the initialisation
     parameters: int = 0
     loss: float = float("nan")
     seconds: float = 0.0
@@ -41,8 +42,9 @@ class Rehearsal:
 
 def rehearse_profile(profile: Profile, batch: int = 2, device: str = "cpu", only: list[str] | None = None,
                      progress=None) -> list[Rehearsal]:
-    """Every pretraining stage, then every fine-tuning task (from scratch: the pretrained encoder has the same
-    architecture), or the `only` ones ('pretrain image', 'finetune glue_rte'). A failure is recorded, not raised."""
+    """Every pretraining stage, then every fine-tuning task, or the `only` ones ('pretrain image', 'finetune
+    glue_rte'). A task fine-tunes the encoder its modality's rehearsal saved as `final.pt` (from scratch when that
+    stage was left out or failed). A failure is recorded, not raised."""
     stages = [(f"pretrain {m}", _pretrain, m) for m in profile.pretrain]
     stages += [(f"finetune {t}", _finetune, t) for t in profile.finetune]
     if only:
@@ -51,19 +53,24 @@ def rehearse_profile(profile: Profile, batch: int = 2, device: str = "cpu", only
             raise ValueError(f"no stage {unknown} in this profile; it has {[name for name, _, _ in stages]}")
         stages = [s for s in stages if s[0] in only]
     results = []
-    for name, rehearse, what in stages:
-        start = time.perf_counter()
-        try:
-            parameters, loss = rehearse(profile, what, batch, torch.device(device))
-            result = Rehearsal(name, parameters, loss)
-        except Exception as err:  # noqa: BLE001 - each stage's failure is the report, whatever it is
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            result = Rehearsal(name, error=f"{type(err).__name__}: {err} ({Path(frame.filename).name}:{frame.lineno})")
-        result.seconds = round(time.perf_counter() - start, 1)
-        results.append(result)
-        if progress is not None:
-            progress(result)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rehearse, what in stages:
+            results.append(_timed(name, lambda: rehearse(profile, what, batch, torch.device(device), Path(tmp))))
+            if progress is not None:
+                progress(results[-1])
     return results
+
+
+def _timed(name: str, rehearse) -> Rehearsal:
+    start = time.perf_counter()
+    try:
+        model, parameters, loss = rehearse()
+        result = Rehearsal(name, model, parameters, loss)
+    except Exception as err:  # noqa: BLE001 - each stage's failure is the report, whatever it is
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        result = Rehearsal(name, error=f"{type(err).__name__}: {err} ({Path(frame.filename).name}:{frame.lineno})")
+    result.seconds = round(time.perf_counter() - start, 1)
+    return result
 
 
 def _vocabulary(profile: Profile, encoder_cfg, where: str) -> int:
@@ -75,8 +82,8 @@ def _vocabulary(profile: Profile, encoder_cfg, where: str) -> int:
     return profile.tokenizer.vocab_size
 
 
-def _pretrain(profile: Profile, modality: str, batch: int, device: torch.device) -> tuple[int, float]:
-    from d2v.train.pretrain import autocast, build_objective, step_rng, to_device
+def _pretrain(profile: Profile, modality: str, batch: int, device: torch.device, tmp: Path) -> tuple[str, int, float]:
+    from d2v.train.pretrain import autocast, build_objective, save_encoder, step_rng, to_device
 
     cfg = profile.pretrain_config(modality)
     objective = build_objective(cfg).to(device)
@@ -99,51 +106,55 @@ def _pretrain(profile: Profile, modality: str, batch: int, device: torch.device)
     out.loss.backward()
     optimizer.step()
     objective.ema_step(1)
-    return sum(p.numel() for p in params), _finite(out.loss)
+    save_encoder(tmp / modality, cfg, objective.student, objective.teacher, 1)  # what its fine-tuning loads
+    return f"{cfg.preset} {cfg.objective}", sum(p.numel() for p in params), _finite(out.loss)
 
 
-def _finetune(profile: Profile, task_name: str, batch: int, device: torch.device) -> tuple[int, float]:
+def _finetune(profile: Profile, task_name: str, batch: int, device: torch.device,
+              tmp: Path) -> tuple[str, int, float]:
     from d2v.train.finetune import as_inputs, build_model, mix, param_groups, train_loss
     from d2v.train.pretrain import autocast, step_rng
 
     task = TASKS[task_name]
-    with tempfile.TemporaryDirectory() as tmp:
-        letters = Path(tmp) / "letters.json"  # the profile's is made from its transcripts: A-Z, ' and |
-        LetterTokenizer(build_letter_vocab([])).save(letters)
-        cfg = profile.finetune_config(task_name, "scratch", profile.seeds[0]).model_copy(
-            update={"letters": str(letters)})
-        model = build_model(cfg).to(device)
-        rng = np.random.default_rng(0)
-        if task.modality == "image":
-            image = cfg.image or ImageAugConfig()
-            item = collate_images([(x, i % task.num_outputs) for i, x in
-                                   enumerate(synthetic.images(rng, batch, image.size, image.channels).source)])
-        elif task.kind == "ctc":
-            audio = cfg.audio or AudioConfig()
-            seconds = max(audio.min_samples, audio.sample_rate) / audio.sample_rate
-            waves = synthetic.waveforms(rng, batch, seconds=seconds).source
-            # the second utterance shorter: padding and its mask take part
-            item = pad_waveforms([(w[: len(w) // (1 + i % 2)], "A CAT'S TALE") for i, w in enumerate(waves)],
-                                 LetterTokenizer.load(letters))
-        else:
-            vocab = _vocabulary(profile, model.encoder.cfg, f"finetune.{task_name}")
-            ids = synthetic.tokens(rng, batch, cfg.max_tokens, vocab).source
-            item = pad_tokens([(x[: len(x) // (1 + i % 2)], float(i % max(task.num_outputs, 1)))
-                               for i, x in enumerate(ids)], PAD)
-        inputs = as_inputs(item, task.modality, device)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                      eps=cfg.optim.eps)
-        amp, _ = autocast(device, cfg.precision)
-        mixer = mix(cfg, task.num_outputs) if task.modality == "image" else None
-        model.train()
-        with amp:
-            loss = train_loss(model, inputs, task, cfg, mixer, step_rng(cfg.seed, 1))
-        loss.backward()
-        optimizer.step()
-        model.eval()
-        with torch.no_grad(), amp:
-            model(inputs["batch"])
-        return sum(p.numel() for p in model.parameters()), _finite(loss)
+    pretrained = tmp / task.modality / "final.pt"
+    init = "pretrained" if pretrained.is_file() and "pretrained" in profile.inits else "scratch"
+    letters = tmp / "letters.json"  # the profile's is made from its transcripts: A-Z, ' and |
+    LetterTokenizer(build_letter_vocab([])).save(letters)
+    cfg = profile.finetune_config(task_name, init, profile.seeds[0])
+    cfg = cfg.model_copy(update={"letters": str(letters), "pretrained": str(pretrained)})
+    model = build_model(cfg).to(device)
+    vocab = _vocabulary(profile, model.encoder.cfg, f"finetune.{task_name}") if task.modality == "text" else 0
+    inputs = as_inputs(_task_item(task, cfg, batch, LetterTokenizer.load(letters), vocab), task.modality, device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    amp, _ = autocast(device, cfg.precision)
+    model.train()
+    with amp:
+        loss = train_loss(model, inputs, task, cfg, mix(cfg, task.num_outputs) if task.modality == "image" else None,
+                          step_rng(cfg.seed, 1))
+    loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad(), amp:
+        model(inputs["batch"])
+    return f"{cfg.preset} {cfg.objective} {init}", sum(p.numel() for p in model.parameters()), _finite(loss)
+
+
+def _task_item(task, cfg, batch: int, letters: LetterTokenizer, vocab: int):
+    """A loader item of `batch` synthetic examples, collated as the task's loader collates; the second example is
+    shorter where inputs are padded, so padding and its mask take part."""
+    rng = np.random.default_rng(0)
+    if task.modality == "image":
+        image = cfg.image or ImageAugConfig()
+        images = synthetic.images(rng, batch, image.size, image.channels).source
+        return collate_images([(x, i % task.num_outputs) for i, x in enumerate(images)])
+    if task.kind == "ctc":
+        audio = cfg.audio or AudioConfig()
+        waves = synthetic.waveforms(rng, batch, seconds=max(audio.min_samples, audio.sample_rate) / audio.sample_rate)
+        return pad_waveforms([(w[: len(w) // (1 + i % 2)], "A CAT'S TALE") for i, w in enumerate(waves.source)],
+                             letters)
+    ids = synthetic.tokens(rng, batch, cfg.max_tokens, vocab).source
+    return pad_tokens([(x[: len(x) // (1 + i % 2)], float(i % max(task.num_outputs, 1))) for i, x in enumerate(ids)],
+                      PAD)
 
 
 def _finite(loss: torch.Tensor) -> float:
@@ -154,10 +165,10 @@ def _finite(loss: torch.Tensor) -> float:
 
 
 def report(results: list[Rehearsal]) -> str:
-    lines = [f"{'stage':28s} {'parameters':>12s} {'loss':>10s} {'seconds':>8s}"]
+    lines = [f"{'stage':28s} {'model':26s} {'parameters':>10s} {'loss':>9s} {'seconds':>8s}"]
     for r in results:
         if r.error:
             lines.append(f"{r.stage:28s} FAILED: {r.error}")
         else:
-            lines.append(f"{r.stage:28s} {r.parameters / 1e6:11.1f}M {r.loss:10.4f} {r.seconds:8.1f}")
+            lines.append(f"{r.stage:28s} {r.model:26s} {r.parameters / 1e6:9.1f}M {r.loss:9.4f} {r.seconds:8.1f}")
     return "\n".join(lines)
