@@ -1,4 +1,5 @@
-"""`params.yaml`: named profiles (embedded, smoke, paper, paper-v2) and the active one, validated before any work.
+"""`params.yaml`: named profiles (embedded, smoke, paper, paper-v2, paper-v2-large) and the active one, validated
+before any work.
 
 Each profile names the corpora to prepare, how to shard them, the tokenizer, and per-stage overrides of the typed
 training configs. Loading validates the whole file, including every training config a stage will build, so a bad
