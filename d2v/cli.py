@@ -383,6 +383,12 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearsal_batch(value: str) -> int | str:
+    if value == "config" or value.isdigit() and int(value) > 0:
+        return value if value == "config" else int(value)
+    raise argparse.ArgumentTypeError(f"{value!r}: expected a positive number of examples or 'config'")
+
+
 def rehearse_cmd(args: argparse.Namespace) -> int:
     from d2v.pipeline.params import load_params
     from d2v.pipeline.rehearsal import rehearse_profile, report
@@ -390,12 +396,22 @@ def rehearse_cmd(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.profile)
     device = resolve_device(args.device)
-    print(f"rehearsing profile {params.profile} on {device}, {args.batch} examples per stage\n{report([])}", flush=True)
-    results = rehearse_profile(params.active, args.batch, str(device), args.stage or None,
+    batch = None if args.batch == "config" else args.batch
+    size = "each stage's configured micro-batch at its longest inputs" if batch is None else f"{batch} examples"
+    print(f"rehearsing profile {params.profile} on {device}, {size}\n{report([])}", flush=True)
+    results = rehearse_profile(params.active, batch, str(device), args.stage or None,
                                progress=lambda r: print(report([r]).splitlines()[1], flush=True))
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)} of {len(results)} stages took a step" + (
         f"; failed: {', '.join(r.stage for r in failed)}" if failed else ""))
+    if args.out:
+        from dataclasses import asdict
+
+        from d2v.io import atomic_write_json, git_commit
+
+        atomic_write_json(args.out, {"benchmark": "rehearsal", "profile": params.profile, "device": str(device),
+                                     "batch": args.batch, "commit": git_commit(),
+                                     "stages": [asdict(r) for r in results]})
     return 1 if failed else 0
 
 
@@ -514,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("rehearse", help="every training stage of a profile takes one step here on synthetic inputs "
                        "of its configured shapes (before a cluster run)")
-    p.add_argument("--batch", type=int, default=2, help="examples per stage (default 2)")
+    p.add_argument("--batch", type=_rehearsal_batch, default=2,
+                   help="examples per stage (default 2), or 'config': each stage's configured per-GPU micro-batch at "
+                   "its longest inputs (the memory pre-flight on a GPU)")
+    p.add_argument("--out", default=None, help="also write the results as JSON (e.g. results/bench/rehearsal_*.json)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--stage", action="append", default=[], metavar="'KIND NAME'",
                    help="only this stage, e.g. --stage 'pretrain text' --stage 'finetune glue_rte'")

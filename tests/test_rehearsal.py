@@ -1,6 +1,7 @@
 """`d2v rehearse`: each training stage of a profile takes one step on synthetic inputs of its configured shapes, and
 what does not fit across the profile's parts is named by stage, before any download or cluster job."""
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,26 @@ def test_every_smoke_stage_takes_a_step_and_what_does_not_fit_is_named_by_stage(
         failed["finetune fashion_mnist"]
 
 
-def test_the_command_names_the_failed_stages_and_exits_1(capsys):
+def test_the_command_reports_each_stage_and_its_configured_batch(capsys, tmp_path):
     assert main(["rehearse", "--profile", "smoke", "--stage", "finetune lee_sts"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1].split() == ["stage", "model", "parameters", "loss", "seconds"]
-    assert out[2].split()[:5] == ["finetune", "lee_sts", "embedded", "v1", "scratch"]  # no pretraining rehearsed
+    assert out[1].split() == ["stage", "model", "parameters", "batch", "loss", "seconds", "peak", "GiB"]
+    assert out[2].split()[:6] == ["finetune", "lee_sts", "embedded", "v1", "scratch", "5.3M"]  # nothing pretrained
     assert out[-1] == "1 of 1 stages took a step"
+    # the memory pre-flight: each stage's own micro-batch (smoke: 4 crops of pretraining speech, 2 utterances of CTC)
+    # at the longest crop its loader makes
+    out_json = tmp_path / "rehearsal.json"
+    assert main(["rehearse", "--profile", "smoke", "--batch", "config", "--out", str(out_json), "--stage",
+                 "pretrain speech", "--stage", "finetune speech_10min"]) == 0
+    saved = json.loads(out_json.read_text())
+    assert (saved["profile"], saved["batch"], saved["device"]) == ("smoke", "config", "cpu")
+    assert [(r["stage"], r["batch"], r["error"], r["peak_gib"]) for r in saved["stages"]] == \
+        [("pretrain speech", 4, None, None), ("finetune speech_10min", 2, None, None)]
     assert main(["rehearse", "--profile", "smoke", "--stage", "finetune imagenet"]) == 2
     assert "no stage ['finetune imagenet'] in this profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["rehearse", "--profile", "smoke", "--batch", "0"])
+    assert "'0': expected a positive number of examples or 'config'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -5,8 +5,10 @@ across its parts in ways only the models show, and a GPU profile shows them hour
 tokenizer and the shards: a tokenizer whose ids are not the text encoder's vocabulary, images of another size or
 channel count than the patch embedding, blocks longer than the learned positions, CTC masks wider than the encoder.
 Here each pretraining and fine-tuning stage builds its model at the profile's preset, takes one optimizer step on
-synthetic inputs of the configured shapes (`batch` examples and one micro-batch instead of the configured batch; the
-speech crop is the shortest the loader keeps), and, for fine-tuning, runs the evaluation forward too.
+synthetic inputs of the configured shapes, and, for fine-tuning, runs the evaluation forward too. A quick rehearsal
+takes `batch` examples (the speech crop the shortest the loader keeps); `batch=None` takes each stage's configured
+per-GPU micro-batch at the longest inputs the loader makes, the memory pre-flight of a GPU profile (peak memory is
+reported on CUDA).
 """
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ class Rehearsal:
     stage: str
     model: str = ""  # preset, objective and, for fine-tuning, the initialisation
     parameters: int = 0
+    batch: int = 0  # examples in the step
     loss: float = float("nan")
     seconds: float = 0.0
+    peak_gib: float | None = None  # CUDA: the step's peak allocated memory
     error: str | None = None
 
 
-def rehearse_profile(profile: Profile, batch: int = 2, device: str = "cpu", only: list[str] | None = None,
+def rehearse_profile(profile: Profile, batch: int | None = 2, device: str = "cpu", only: list[str] | None = None,
                      progress=None) -> list[Rehearsal]:
     """Every pretraining stage, then every fine-tuning task, or the `only` ones ('pretrain image', 'finetune
     glue_rte'). A task fine-tunes the encoder its modality's rehearsal saved as `final.pt` (from scratch when that
@@ -55,17 +59,23 @@ def rehearse_profile(profile: Profile, batch: int = 2, device: str = "cpu", only
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, rehearse, what in stages:
-            results.append(_timed(name, lambda: rehearse(profile, what, batch, torch.device(device), Path(tmp))))
+            results.append(_timed(name, torch.device(device),
+                                  lambda: rehearse(profile, what, batch, torch.device(device), Path(tmp))))
             if progress is not None:
                 progress(results[-1])
     return results
 
 
-def _timed(name: str, rehearse) -> Rehearsal:
+def _timed(name: str, device: torch.device, rehearse) -> Rehearsal:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     try:
-        model, parameters, loss = rehearse()
-        result = Rehearsal(name, model, parameters, loss)
+        result = Rehearsal(name, **rehearse())
+        if cuda:
+            result.peak_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     except Exception as err:  # noqa: BLE001 - each stage's failure is the report, whatever it is
         frame = traceback.extract_tb(err.__traceback__)[-1]
         result = Rehearsal(name, error=f"{type(err).__name__}: {err} ({Path(frame.filename).name}:{frame.lineno})")
@@ -82,21 +92,27 @@ def _vocabulary(profile: Profile, encoder_cfg, where: str) -> int:
     return profile.tokenizer.vocab_size
 
 
-def _pretrain(profile: Profile, modality: str, batch: int, device: torch.device, tmp: Path) -> tuple[str, int, float]:
+def _seconds(audio: AudioConfig | None, batch: int | None) -> float:
+    """The longest crop the loader makes for the memory pre-flight, else the shortest it keeps (at least 1 s)."""
+    audio = audio or AudioConfig()
+    return (audio.max_samples if batch is None else max(audio.min_samples, audio.sample_rate)) / audio.sample_rate
+
+
+def _pretrain(profile: Profile, modality: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
     from d2v.train.pretrain import autocast, build_objective, save_encoder, step_rng, to_device
 
     cfg = profile.pretrain_config(modality)
+    n = batch or cfg.data.batch_size
     objective = build_objective(cfg).to(device)
     rng = np.random.default_rng(0)
     if modality == "image":
         image = cfg.data.image or ImageAugConfig()  # what the loader makes
-        inputs = synthetic.images(rng, batch, size=image.size, channels=image.channels)
+        inputs = synthetic.images(rng, n, size=image.size, channels=image.channels)
     elif modality == "speech":
-        audio = cfg.data.audio or AudioConfig()
-        inputs = synthetic.waveforms(rng, batch, seconds=max(audio.min_samples, audio.sample_rate) / audio.sample_rate)
+        inputs = synthetic.waveforms(rng, n, seconds=_seconds(cfg.data.audio, batch))
     else:
         vocab = _vocabulary(profile, objective.student.cfg, f"pretrain.{modality}")
-        inputs = synthetic.tokens(rng, batch, cfg.data.block_tokens, vocab)
+        inputs = synthetic.tokens(rng, n, cfg.data.block_tokens, vocab)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     amp, _ = autocast(device, cfg.precision)
@@ -107,11 +123,11 @@ def _pretrain(profile: Profile, modality: str, batch: int, device: torch.device,
     optimizer.step()
     objective.ema_step(1)
     save_encoder(tmp / modality, cfg, objective.student, objective.teacher, 1)  # what its fine-tuning loads
-    return f"{cfg.preset} {cfg.objective}", sum(p.numel() for p in params), _finite(out.loss)
+    return dict(model=f"{cfg.preset} {cfg.objective}", parameters=sum(p.numel() for p in params), batch=n,
+                loss=_finite(out.loss))
 
 
-def _finetune(profile: Profile, task_name: str, batch: int, device: torch.device,
-              tmp: Path) -> tuple[str, int, float]:
+def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
     from d2v.train.finetune import as_inputs, build_model, mix, param_groups, train_loss
     from d2v.train.pretrain import autocast, step_rng
 
@@ -124,7 +140,9 @@ def _finetune(profile: Profile, task_name: str, batch: int, device: torch.device
     cfg = cfg.model_copy(update={"letters": str(letters), "pretrained": str(pretrained)})
     model = build_model(cfg).to(device)
     vocab = _vocabulary(profile, model.encoder.cfg, f"finetune.{task_name}") if task.modality == "text" else 0
-    inputs = as_inputs(_task_item(task, cfg, batch, LetterTokenizer.load(letters), vocab), task.modality, device)
+    n = batch or cfg.batch_size
+    item = _task_item(task, cfg, n, _seconds(cfg.audio, batch), LetterTokenizer.load(letters), vocab)
+    inputs = as_inputs(item, task.modality, device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     amp, _ = autocast(device, cfg.precision)
     model.train()
@@ -136,10 +154,11 @@ def _finetune(profile: Profile, task_name: str, batch: int, device: torch.device
     model.eval()
     with torch.no_grad(), amp:
         model(inputs["batch"])
-    return f"{cfg.preset} {cfg.objective} {init}", sum(p.numel() for p in model.parameters()), _finite(loss)
+    return dict(model=f"{cfg.preset} {cfg.objective} {init}", parameters=sum(p.numel() for p in model.parameters()),
+                batch=n, loss=_finite(loss))
 
 
-def _task_item(task, cfg, batch: int, letters: LetterTokenizer, vocab: int):
+def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, vocab: int):
     """A loader item of `batch` synthetic examples, collated as the task's loader collates; the second example is
     shorter where inputs are padded, so padding and its mask take part."""
     rng = np.random.default_rng(0)
@@ -148,8 +167,7 @@ def _task_item(task, cfg, batch: int, letters: LetterTokenizer, vocab: int):
         images = synthetic.images(rng, batch, image.size, image.channels).source
         return collate_images([(x, i % task.num_outputs) for i, x in enumerate(images)])
     if task.kind == "ctc":
-        audio = cfg.audio or AudioConfig()
-        waves = synthetic.waveforms(rng, batch, seconds=max(audio.min_samples, audio.sample_rate) / audio.sample_rate)
+        waves = synthetic.waveforms(rng, batch, seconds=seconds)
         return pad_waveforms([(w[: len(w) // (1 + i % 2)], "A CAT'S TALE") for i, w in enumerate(waves.source)],
                              letters)
     ids = synthetic.tokens(rng, batch, cfg.max_tokens, vocab).source
@@ -165,10 +183,13 @@ def _finite(loss: torch.Tensor) -> float:
 
 
 def report(results: list[Rehearsal]) -> str:
-    lines = [f"{'stage':28s} {'model':26s} {'parameters':>10s} {'loss':>9s} {'seconds':>8s}"]
+    lines = [f"{'stage':28s} {'model':26s} {'parameters':>10s} {'batch':>5s} {'loss':>9s} {'seconds':>8s} "
+             f"{'peak GiB':>8s}"]
     for r in results:
         if r.error:
             lines.append(f"{r.stage:28s} FAILED: {r.error}")
         else:
-            lines.append(f"{r.stage:28s} {r.model:26s} {r.parameters / 1e6:9.1f}M {r.loss:9.4f} {r.seconds:8.1f}")
+            peak = "" if r.peak_gib is None else f"{r.peak_gib:8.2f}"
+            lines.append(f"{r.stage:28s} {r.model:26s} {r.parameters / 1e6:9.1f}M {r.batch:5d} {r.loss:9.4f} "
+                         f"{r.seconds:8.1f} {peak}")
     return "\n".join(lines)
