@@ -1,4 +1,4 @@
-"""Batch streams for pretraining from shards, positioned at any batch index (for exact resume)."""
+"""Batch streams for pretraining from shards, and any stream positioned at a batch index (exact resume)."""
 from __future__ import annotations
 
 import collections

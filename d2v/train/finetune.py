@@ -236,6 +236,24 @@ def headline(task: Task, metrics: dict[str, float]) -> float:
 RESUMABLE_ACROSS = ("checkpoint", "device", "compile")
 
 
+def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, world: World, step: int,
+                         device: torch.device) -> float:
+    """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last); their mean loss. Masks,
+    mixing and dropout are keyed by (seed, step) and, when the update has several micro-batches, by the
+    micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
+    several = world.distributed or cfg.accum_steps > 1
+    loss = 0.0
+    for micro in range(cfg.accum_steps):
+        rng = step_rng(cfg.seed, step, *([world.rank * cfg.accum_steps + micro] if several else []))
+        sync = micro == cfg.accum_steps - 1 or not world.distributed
+        with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
+            micro_loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer,
+                                    rng) / cfg.accum_steps
+        micro_loss.backward()
+        loss += micro_loss.item()
+    return loss
+
+
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True, stop_after: int | None = None,
                  restart_on_change: bool = False) -> dict:
     """Fine-tune to `cfg.steps`, resuming from `out_dir/checkpoints` when an interrupted run left one there (the
@@ -301,19 +319,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         step += 1
         lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
         optimizer.zero_grad(set_to_none=True)
-        loss = 0.0
-        for micro in range(cfg.accum_steps):
-            # masks, mixing, dropout: keyed by (seed, step), and the micro-batch's place in the update when there are
-            # several, so 2 ranks draw what 1 process accumulating 2 micro-batches draws
-            several = world.distributed or cfg.accum_steps > 1
-            rng = step_rng(cfg.seed, step, *([world.rank * cfg.accum_steps + micro] if several else []))
-            sync = micro == cfg.accum_steps - 1 or not world.distributed
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
-                micro_loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg,
-                                        mixer, rng) / cfg.accum_steps
-            consumed += 1
-            micro_loss.backward()
-            loss += micro_loss.item()
+        loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, world, step, device)
+        consumed += cfg.accum_steps
         if step <= cfg.freeze_encoder_steps:  # output layer only at first (fairseq freeze_finetune_updates)
             for p in trainable:
                 if id(p) in encoder_params:
