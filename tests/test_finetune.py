@@ -284,6 +284,36 @@ def test_an_interrupted_fine_tune_resumes_bit_for_bit_and_refuses_another_config
     assert pd.read_csv(tmp_path / "c" / "metrics.csv")["step"].tolist() == [1]
 
 
+def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_image_task, tmp_path, monkeypatch):
+    """`stream_resume: reseed` (the GPU profiles' ImageNet fine-tunes): the resumed run reads one fresh batch per
+    micro-batch, from the stream of `resumed_seed(seed, consumed)`, and finishes; `replay` would decode the 6 consumed
+    batches first."""
+    from d2v.data import loaders
+    from d2v.train.batches import resumed_seed
+
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "steps": 8, "batch_size": 4,
+                                               "accum_steps": 2, "checkpoint": {"every": 3, "keep": 1},
+                                               "stream_resume": "reseed"})
+    ft.run_finetune(cfg, tmp_path / "run", progress=False, stop_after=4)
+    decoded = []
+    decode = loaders._decode_image
+    monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
+    stream = ft.resumed_stream(cfg, tasks.TASKS[cfg.task], 6)
+    torch.manual_seed(0)
+    first = next(stream)[0]
+    assert len(decoded) == 4  # one batch, not 7
+    fresh = iter(ft.loader(cfg.model_copy(update={"seed": resumed_seed(cfg.seed, 6)}), "train", train=True))
+    torch.manual_seed(0)
+    assert torch.equal(first, next(fresh)[0])
+    decoded.clear()
+    torch.manual_seed(0)
+    next(ft.resumed_stream(cfg.model_copy(update={"stream_resume": "replay"}), tasks.TASKS[cfg.task], 6))
+    assert len(decoded) == 28
+    ft.run_finetune(cfg, tmp_path / "run", progress=False)
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["step"].tolist() == list(range(1, 9))
+    assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["step"] == 8
+
+
 def accumulating_loader(accum: int, rank: int = 0, world: int = 1):
     """Rank `rank`'s micro-batches: shares rank·accum, ..., rank·accum + accum − 1 of global batch k (of accum·world
     shares), in turn, as the RNG keys of `run_finetune` number them."""

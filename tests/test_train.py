@@ -95,6 +95,50 @@ def test_pretraining_from_image_shards_resumes_bit_for_bit_with_its_random_crops
         assert torch.equal(b[k], v), k
 
 
+def test_a_reseeded_resume_starts_a_fresh_stream_instead_of_decoding_the_consumed_batches(tmp_path, monkeypatch):
+    """`stream_resume: reseed` (the GPU profiles' image and speech stages): resuming at batch k decodes one batch,
+    from the stream of `resumed_seed(seed, k)`, where `replay` decodes k + 1. A resumed run then continues to the end
+    on other batches than the uninterrupted run."""
+    from conftest import _image_shards
+    from d2v.data import loaders
+    from d2v.train.batches import pretrain_stream, resumed_seed
+
+    _image_shards(tmp_path)
+    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3)
+    data = PretrainConfig.model_fields["data"].annotation.model_validate(
+        dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image))
+    decoded = []
+    decode = loaders._decode_image
+    monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
+
+    def first(stream, start):
+        decoded.clear()
+        torch.manual_seed(0)  # the crops draw from the main process's RNG (no workers)
+        return next(stream(start)).source, len(decoded)
+
+    replayed, replay_cost = first(pretrain_stream("image", data, 3), 10)
+    fresh, fresh_cost = first(pretrain_stream("image", data, 3, "reseed"), 10)
+    assert (replay_cost, fresh_cost) == (44, 4)
+    assert torch.equal(fresh, first(pretrain_stream("image", data, resumed_seed(3, 10)), 0)[0])
+    assert not torch.equal(fresh, replayed)
+    assert torch.equal(first(pretrain_stream("image", data, 3, "reseed"), 0)[0],
+                       first(pretrain_stream("image", data, 3), 0)[0])  # a fresh run is the same either way
+    import pandas as pd
+
+    losses = {}
+    for run, resume in (("straight", None), ("reseed", "reseed"), ("replay", "replay")):
+        cfg = tiny_cfg("image", data=data.model_dump(), stream_resume=resume or "reseed")
+        stream = pretrain_stream("image", cfg.data, cfg.seed, cfg.stream_resume)
+        if resume:  # stopped after step 4, the step-3 checkpoint on disk; the switch may change across a resume
+            run_pretrain(tiny_cfg("image", data=data.model_dump()), build_objective(cfg), stream, tmp_path / run,
+                         progress=False, stop_after=4)
+        run_pretrain(cfg, build_objective(cfg), stream, tmp_path / run, progress=False)
+        losses[run] = pd.read_csv(tmp_path / run / "metrics.csv")["loss"].to_numpy()
+    np.testing.assert_array_equal(losses["replay"], losses["straight"])
+    np.testing.assert_array_equal(losses["reseed"][:3], losses["straight"][:3])
+    assert len(losses["reseed"]) == 6 and not np.array_equal(losses["reseed"][3:], losses["straight"][3:])
+
+
 def test_checkpoints_keep_the_newest_k_and_last_points_at_the_newest(tmp_path):
     for step in (1, 2, 3, 4):
         checkpoint.save(tmp_path, step, {"x": step}, keep=2)

@@ -5,33 +5,44 @@ import collections
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
+
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_pretrain_loader, \
     web_loader
 from d2v.modalities.base import Batch
-from d2v.train.config import DataConfig
+from d2v.train.config import DataConfig, StreamResume
+
+RESEED_STREAM = 2  # keeps the reseeded streams' keys apart from the masks' (seed, step, group) and LayerDrop's
 
 
-def pretrain_stream(modality: str, data: DataConfig, seed: int) -> Callable[[int], Iterator[Batch]]:
-    """`stream(k)` → an infinite iterator of Batches starting at batch k of the seeded stream.
+def resumed_seed(seed: int, start: int) -> int:
+    """The seed of the fresh stream a `reseed` resume at batch `start` reads (d2v.train.config.StreamResume)."""
+    return int(np.random.SeedSequence([seed, start, RESEED_STREAM]).generate_state(1)[0])
+
+
+def pretrain_stream(modality: str, data: DataConfig, seed: int,
+                    resume: StreamResume = "replay") -> Callable[[int], Iterator[Batch]]:
+    """`stream(k)` → an infinite iterator of Batches starting at batch k of the seeded stream (`replay`), or at the
+    start of the stream seeded by `resumed_seed(seed, k)` (`reseed`, k > 0).
 
     The stream is a pure function of (shards, seed, rank, worker count): shard sampling and shuffling are seeded per
     rank/worker, augmentation draws come from DataLoader workers seeded by a fixed generator (or, with no workers,
     from the main process RNG, which the checkpoint restores). Fast-forwarding replays k batches.
     """
     def stream(start: int) -> Iterator[Batch]:
+        at, skip = (resumed_seed(seed, start), 0) if resume == "reseed" and start > 0 else (seed, start)
         if modality == "image":
-            ds = image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=seed,
+            ds = image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=at,
                               shuffle=data.shuffle)
             wrap = lambda b: Batch(source=b[0], padding_mask=None)  # noqa: E731
         elif modality == "speech":
-            ds = speech_loader(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size, seed=seed,
+            ds = speech_loader(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size, seed=at,
                                shuffle=data.shuffle)
             wrap = lambda b: b  # noqa: E731
         else:
-            ds = text_pretrain_loader(data.shards, data.block_tokens, data.batch_size, seed=seed,
-                                      shuffle=data.shuffle)
+            ds = text_pretrain_loader(data.shards, data.block_tokens, data.batch_size, seed=at, shuffle=data.shuffle)
             wrap = lambda b: b  # noqa: E731
-        return positioned(map(wrap, web_loader(ds, data.num_workers, seed=seed)), start)
+        return positioned(map(wrap, web_loader(ds, data.num_workers, seed=at)), skip)
     return stream
 
 

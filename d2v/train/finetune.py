@@ -35,7 +35,7 @@ from d2v.modalities.registry import build_encoder
 from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
-from d2v.train.batches import positioned
+from d2v.train.batches import positioned, resumed_seed
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
@@ -233,7 +233,15 @@ def headline(task: Task, metrics: dict[str, float]) -> float:
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
-RESUMABLE_ACROSS = ("checkpoint", "device", "compile")
+RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume")
+
+
+def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
+    """The training stream at batch `consumed`: the seeded stream replayed to there, or with `stream_resume: reseed`
+    a fresh one keyed by (seed, consumed)."""
+    if cfg.stream_resume == "reseed" and consumed > 0:
+        return iter(loader(cfg.model_copy(update={"seed": resumed_seed(cfg.seed, consumed)}), task.train, train=True))
+    return positioned(loader(cfg, task.train, train=True), consumed)
 
 
 def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, world: World, step: int,
@@ -299,8 +307,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     trainable = [p for p in model.parameters() if p.requires_grad]
     encoder_params = {id(p) for p in model.encoder.parameters()}
     mixer = mix(cfg, task.num_outputs) if task.modality == "image" else None
-    # the stream is a pure function of the seed: a resumed run replays the batches it had consumed
-    stream = positioned(loader(cfg, task.train, train=True), consumed)
+    stream = resumed_stream(cfg, task, consumed)
     if state is not None:
         checkpoint.set_rng_state(state["rng"])
         if world.is_main:

@@ -55,7 +55,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
-RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel")
+RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel", "stream_resume")
 
 
 def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
@@ -318,7 +318,7 @@ def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Pat
     try:
         objective = build_objective(cfg)
         check_text_vocabulary(cfg, objective, tokenizer)
-        stream = pretrain_stream(cfg.modality, cfg.data, cfg.seed)
+        stream = pretrain_stream(cfg.modality, cfg.data, cfg.seed, cfg.stream_resume)
         return run_pretrain(cfg, objective, stream, out_dir, world, progress=progress,
                             restart_on_change=restart_on_change, data_digest=shards_digest(cfg.data.shards))
     finally:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from d2v.config import AudioConfig, CTCMaskConfig, ImageAugConfig, Objective, StrictModel, validate
-from d2v.train.config import FASHION_MNIST, CheckpointConfig, OptimConfig, check_decay_floor, merge
+from d2v.train.config import FASHION_MNIST, CheckpointConfig, OptimConfig, StreamResume, check_decay_floor, merge
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,7 @@ class FinetuneConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
     checkpoint: CheckpointConfig = CheckpointConfig()  # resumable state while the run is unfinished
+    stream_resume: StreamResume = "replay"  # d2v.train.config.StreamResume
 
     @model_validator(mode="after")
     def _regularizers_of_the_modality(self):
