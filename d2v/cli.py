@@ -395,7 +395,7 @@ def rehearse_cmd(args: argparse.Namespace) -> int:
     from d2v.train.finetune import resolve_device
 
     params = load_params(args.params, args.profile)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "rehearse --device")
     batch = None if args.batch == "config" else args.batch
     size = "each stage's configured micro-batch at its longest inputs" if batch is None else f"{batch} examples"
     print(f"rehearsing profile {params.profile} on {device}, {size}\n{report([])}", flush=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from d2v.cli import main
@@ -58,6 +59,9 @@ def test_the_command_reports_each_stage_and_its_configured_batch(capsys, tmp_pat
         [("pretrain speech", 4, None, None), ("finetune speech_10min", 2, None, None)]
     assert main(["rehearse", "--profile", "smoke", "--stage", "finetune imagenet"]) == 2
     assert "no stage ['finetune imagenet'] in this profile" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["rehearse", "--profile", "smoke", "--device", "cuda"]) == 2
+        assert "rehearse --device: 'cuda' asked for, but torch sees no CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["rehearse", "--profile", "smoke", "--batch", "0"])
     assert "'0': expected a positive number of examples or 'config'" in capsys.readouterr().err

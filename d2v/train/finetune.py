@@ -136,11 +136,11 @@ def as_inputs(item, modality: str, device: torch.device) -> dict:
     return inputs
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, where: str = "finetune.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"finetune.device: {name!r} asked for, but torch sees no CUDA device")
+        raise RuntimeError(f"{where}: {name!r} asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
