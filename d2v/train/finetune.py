@@ -316,11 +316,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
-    bar = None
-    if progress and world.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
-                   file=sys.stderr, dynamic_ncols=True)
+    bar = _progress_bar(cfg, step) if progress and world.is_main else None
     start = time.perf_counter()
     while step < cfg.steps and (stop_after is None or step < stop_after):
         step += 1
@@ -328,13 +324,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, world, step, device)
         consumed += cfg.accum_steps
-        if step <= cfg.freeze_encoder_steps:  # output layer only at first (fairseq freeze_finetune_updates)
-            for p in trainable:
-                if id(p) in encoder_params:
-                    p.grad = None
-        if cfg.optim.clip_norm:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
-        optimizer.step()
+        optimizer_step(optimizer, trainable, encoder_params, cfg, step)
         row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
@@ -363,6 +353,25 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier(world)  # the run folder is complete when any rank returns
     return summary
+
+
+def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int) -> None:
+    """Clip and step; while only the output layer trains (fairseq freeze_finetune_updates), the encoder's gradients
+    are dropped first."""
+    if step <= cfg.freeze_encoder_steps:
+        for p in trainable:
+            if id(p) in encoder_params:
+                p.grad = None
+    if cfg.optim.clip_norm:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
+    optimizer.step()
+
+
+def _progress_bar(cfg: FinetuneConfig, step: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def _write_run(model, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict, no_dev: bool) -> None:
