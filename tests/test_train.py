@@ -162,6 +162,10 @@ run_pretrain(cfg, objective, synthetic_stream("speech", rank=world.rank, world=w
              progress=False)
 if world.is_main:
     torch.save(objective.state_dict(), {out!r} + "/state.pt")
+# another config over the finished run, as a pipeline stage: every rank reads the checkpoint before rank 0 discards it
+longer = cfg.model_copy(update=dict(steps=5))
+run_pretrain(longer, build_objective(longer), synthetic_stream("speech", rank=world.rank, world=world.size), {out!r},
+             world, progress=False, stop_after=1, restart_on_change=True)
 shutdown()
 """
 
@@ -179,6 +183,10 @@ def test_two_process_gloo_ddp_matches_one_process_with_accumulation(tmp_path):
     ddp = torch.load(tmp_path / "ddp" / "state.pt")
     for k, v in single.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    import pandas as pd  # the restart under another config discarded the checkpoints on both ranks, then ran a step
+
+    assert not (tmp_path / "ddp" / "checkpoints").exists()
+    assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["step"].tolist() == [1]
 
 
 FSDP_SCRIPT = """

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from d2v.io import atomic_torch_save
+from d2v.train.distributed import World, barrier
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
@@ -90,10 +91,11 @@ def changed_since(saved: dict, config: dict, version: int, resumable_across: tup
 
 def resume_point(folder: str | Path, config: dict, version: int, resumable_across: tuple[str, ...], steps: int,
                  data_digest: str | None = None, restart_on_change: bool = False,
-                 is_main: bool = True) -> tuple[Path | None, dict | None]:
+                 world: World = World()) -> tuple[Path | None, dict | None]:
     """The newest checkpoint in `folder` and its state, or (None, None) to start afresh. One written under another
     config, data or recipe is never resumed silently: that is an error, or with `restart_on_change` (pipeline
-    stages) the folder is discarded, as it is over a finished run."""
+    stages) the folder is discarded, as it is over a finished run. Every rank reads it (a shared file system);
+    the main rank discards it once all have."""
     folder = Path(folder)
     last = latest(folder)
     if last is None:
@@ -107,7 +109,8 @@ def resume_point(folder: str | Path, config: dict, version: int, resumable_acros
         changed.append("finished run")
     if not changed:
         return last, state
-    if is_main:
+    barrier(world)  # a rank still loading the file would find it gone
+    if world.is_main:
         print(f"{folder}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)
         shutil.rmtree(folder)
     return None, None

@@ -276,7 +276,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         device = world.device
     data_digest = shards_digest(Path(cfg.data_root) / "shards" / task.shard_key(task.train))
     last, state = checkpoint.resume_point(ckpt_dir, cfg.model_dump(mode="json"), recipe.FINETUNE, RESUMABLE_ACROSS,
-                                          cfg.steps, data_digest, restart_on_change, world.is_main)
+                                          cfg.steps, data_digest, restart_on_change, world)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
