@@ -183,13 +183,13 @@ def _finite(loss: torch.Tensor) -> float:
 
 
 def report(results: list[Rehearsal]) -> str:
-    lines = [f"{'stage':28s} {'model':26s} {'parameters':>10s} {'batch':>5s} {'loss':>9s} {'seconds':>8s} "
+    lines = [f"{'stage':28s} {'model':30s} {'parameters':>10s} {'batch':>5s} {'loss':>9s} {'seconds':>8s} "
              f"{'peak GiB':>8s}"]
     for r in results:
         if r.error:
             lines.append(f"{r.stage:28s} FAILED: {r.error}")
         else:
             peak = "" if r.peak_gib is None else f"{r.peak_gib:8.2f}"
-            lines.append(f"{r.stage:28s} {r.model:26s} {r.parameters / 1e6:9.1f}M {r.batch:5d} {r.loss:9.4f} "
+            lines.append(f"{r.stage:28s} {r.model:30s} {r.parameters / 1e6:9.1f}M {r.batch:5d} {r.loss:9.4f} "
                          f"{r.seconds:8.1f} {peak}")
     return "\n".join(lines)
