@@ -384,8 +384,10 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
 
 
 def _rehearsal_batch(value: str) -> int | str:
-    if value == "config" or value.isdigit() and int(value) > 0:
-        return value if value == "config" else int(value)
+    if value == "config":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     raise argparse.ArgumentTypeError(f"{value!r}: expected a positive number of examples or 'config'")
 
 

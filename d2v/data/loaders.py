@@ -113,8 +113,7 @@ def image_transform(cfg: ImageAugConfig, mode: Mode):
     bicubic = v2.InterpolationMode.BICUBIC
     first = [v2.ToImage()] + ([v2.Grayscale(num_output_channels=3)] if cfg.channels == 3 else
                               [v2.Grayscale(num_output_channels=1)])
-    if cfg.channels == 1 and len(cfg.mean) != 1 or cfg.channels == 3 and len(cfg.mean) != 3:
-        raise ValueError(f"image mean/std need {cfg.channels} values, got {cfg.mean}")
+    ImageAugConfig.model_validate(cfg.model_dump())  # a copy made with `model_copy(update=...)` skipped its checks
     last = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
     if mode == "eval":
         middle = [v2.Resize(int(round(cfg.size / cfg.crop_pct)), interpolation=bicubic, antialias=True),

@@ -29,9 +29,6 @@ from d2v.pipeline.params import Profile
 from d2v.train.optim import adamw
 from d2v.train.tasks import TASKS
 
-PAD = 1  # fairseq's <pad> id (d2v.data.tokenizer)
-
-
 @dataclass
 class Rehearsal:
     stage: str
@@ -58,6 +55,8 @@ def rehearse_profile(profile: Profile, batch: int | None = 2, device: str = "cpu
         stages = [s for s in stages if s[0] in only]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        # the CTC letters: the profile's are made from its transcripts, A-Z, ' and |
+        LetterTokenizer(build_letter_vocab([])).save(Path(tmp) / "letters.json")
         for name, rehearse, what in stages:
             results.append(_timed(name, torch.device(device),
                                   lambda: rehearse(profile, what, batch, torch.device(device), Path(tmp))))
@@ -134,14 +133,14 @@ def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch
     task = TASKS[task_name]
     pretrained = tmp / task.modality / "final.pt"
     init = "pretrained" if pretrained.is_file() and "pretrained" in profile.inits else "scratch"
-    letters = tmp / "letters.json"  # the profile's is made from its transcripts: A-Z, ' and |
-    LetterTokenizer(build_letter_vocab([])).save(letters)
+    letters = tmp / "letters.json"
     cfg = profile.finetune_config(task_name, init, profile.seeds[0])
     cfg = cfg.model_copy(update={"letters": str(letters), "pretrained": str(pretrained)})
     model = build_model(cfg).to(device)
-    vocab = _vocabulary(profile, model.encoder.cfg, f"finetune.{task_name}") if task.modality == "text" else 0
+    if task.modality == "text":
+        _vocabulary(profile, model.encoder.cfg, f"finetune.{task_name}")
     n = batch or cfg.batch_size
-    item = _task_item(task, cfg, n, _seconds(cfg.audio, batch), LetterTokenizer.load(letters), vocab)
+    item = _task_item(task, cfg, n, _seconds(cfg.audio, batch), LetterTokenizer.load(letters), model.encoder.cfg)
     inputs = as_inputs(item, task.modality, device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     amp, _ = autocast(device, cfg.precision)
@@ -158,9 +157,10 @@ def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch
                 batch=n, loss=_finite(loss))
 
 
-def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, vocab: int):
+def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, encoder_cfg):
     """A loader item of `batch` synthetic examples, collated as the task's loader collates; the second example is
-    shorter where inputs are padded, so padding and its mask take part."""
+    shorter where inputs are padded, so padding and its mask take part. Text ids span the encoder's vocabulary (the
+    tokenizer's, checked) and pad with its padding id."""
     rng = np.random.default_rng(0)
     if task.modality == "image":
         image = cfg.image or ImageAugConfig()
@@ -170,9 +170,9 @@ def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, 
         waves = synthetic.waveforms(rng, batch, seconds=seconds)
         return pad_waveforms([(w[: len(w) // (1 + i % 2)], "A CAT'S TALE") for i, w in enumerate(waves.source)],
                              letters)
-    ids = synthetic.tokens(rng, batch, cfg.max_tokens, vocab).source
+    ids = synthetic.tokens(rng, batch, cfg.max_tokens, encoder_cfg.vocab_size).source
     return pad_tokens([(x[: len(x) // (1 + i % 2)], float(i % max(task.num_outputs, 1))) for i, x in enumerate(ids)],
-                      PAD)
+                      encoder_cfg.pad_idx)
 
 
 def _finite(loss: torch.Tensor) -> float:
