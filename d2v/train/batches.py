@@ -20,6 +20,11 @@ def resumed_seed(seed: int, start: int) -> int:
     return int(np.random.SeedSequence([seed, start, RESEED_STREAM]).generate_state(1)[0])
 
 
+def resume_position(resume: StreamResume, seed: int, start: int) -> tuple[int, int]:
+    """(the stream's seed, batches to replay) to continue at batch `start`."""
+    return (resumed_seed(seed, start), 0) if resume == "reseed" and start > 0 else (seed, start)
+
+
 def pretrain_stream(modality: str, data: DataConfig, seed: int,
                     resume: StreamResume = "replay") -> Callable[[int], Iterator[Batch]]:
     """`stream(k)` → an infinite iterator of Batches starting at batch k of the seeded stream (`replay`), or at the
@@ -30,7 +35,7 @@ def pretrain_stream(modality: str, data: DataConfig, seed: int,
     from the main process RNG, which the checkpoint restores). Fast-forwarding replays k batches.
     """
     def stream(start: int) -> Iterator[Batch]:
-        at, skip = (resumed_seed(seed, start), 0) if resume == "reseed" and start > 0 else (seed, start)
+        at, skip = resume_position(resume, seed, start)
         if modality == "image":
             ds = image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=at,
                               shuffle=data.shuffle)

@@ -35,7 +35,7 @@ from d2v.modalities.registry import build_encoder
 from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
-from d2v.train.batches import positioned, resumed_seed
+from d2v.train.batches import positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
@@ -239,9 +239,8 @@ RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume")
 def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
     """The training stream at batch `consumed`: the seeded stream replayed to there, or with `stream_resume: reseed`
     a fresh one keyed by (seed, consumed)."""
-    if cfg.stream_resume == "reseed" and consumed > 0:
-        return iter(loader(cfg.model_copy(update={"seed": resumed_seed(cfg.seed, consumed)}), task.train, train=True))
-    return positioned(loader(cfg, task.train, train=True), consumed)
+    seed, skip = resume_position(cfg.stream_resume, cfg.seed, consumed)
+    return positioned(loader(cfg.model_copy(update={"seed": seed}), task.train, train=True), skip)
 
 
 def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, world: World, step: int,
