@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runs import cv_baseline, cv_test_metrics, pretrain_seconds
+from runs import cv_baseline, cv_test_metrics, pretrain_seconds, scored_metrics
 
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
@@ -79,8 +79,8 @@ def profile_finetune(profile: str | None, params: str) -> dict[str, dict]:
     return load_params(params, profile).active.finetune
 
 
-def summarize(task: str, runs: dict[str, list[float]]) -> dict:
-    metric = TASKS[task].metrics[0]
+def summarize(task: str, runs: dict[str, list[float]], metric: str | None = None) -> dict:
+    metric = metric or TASKS[task].metrics[0]
     out = {"metric": metric, "stands_in_for": TASKS[task].stands_in_for}
     for init, values in runs.items():
         out[init] = {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values)),
@@ -167,6 +167,8 @@ def main() -> None:
     parser.add_argument("--ft-profile", default=None, help="fine-tune each task from this params.yaml profile's "
                         "overrides (e.g. embedded), under --finetune-steps and --ft-set")
     parser.add_argument("--params", default="params.yaml", help="the params file --ft-profile reads")
+    parser.add_argument("--lm", type=Path, default=None, help="CTC tasks: also decode with this language model "
+                        "folder (`d2v lm`), and compare the arms on its WER (wer_lm), the papers' metric")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
@@ -218,9 +220,11 @@ def main() -> None:
                 if init == "pretrained" and kind != "data2vec":
                     tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
                 run = runs / "finetune" / f"{task}-{tag}-s{seed}"
-                every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task)))
-                values.setdefault(init, []).append(every[init][-1][TASKS[task].metrics[0]])
-                report["tasks"][task] = {**summarize(task, values), "objective": objective,
+                every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task), args.lm))
+                headline = scored_metrics(TASKS[task], args.lm)[0]
+                values.setdefault(init, []).append(every[init][-1][headline])
+                report["tasks"][task] = {**summarize(task, values, headline), "objective": objective,
+                                         "lm": str(args.lm) if headline == "wer_lm" else None,
                                          "finetune_steps": cfg.steps, "ft_profile": args.ft_profile,
                                          "overrides": ft_sets.get(task, {}),
                                          "folds": folds.get(task),

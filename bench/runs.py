@@ -14,7 +14,9 @@ import numpy as np
 
 from d2v.data.shards import write_shards
 from d2v.data.sources import SOURCES, Context
+from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.baselines import run_baseline
+from d2v.eval.lm import LanguageModel
 from d2v.io import atomic_write_json
 from d2v.train import recipe
 from d2v.train.finetune import evaluate, run_finetune
@@ -77,27 +79,37 @@ def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | No
     return seconds
 
 
-def mean_test_metrics(cfg, out: Path) -> dict[str, float]:
+def mean_test_metrics(cfg, out: Path, lm: Path | None = None) -> dict[str, float]:
     """Every metric of a fine-tune's test evaluations, averaged over its test splits (for CTC tasks the test_*
-    splits, not dev); an evaluation under the same config is reused (scored again when it was made under another
-    EVALUATE version), otherwise the task is fine-tuned first."""
+    splits, not dev; with the language model folder `lm` also wer_lm and cer_lm); an evaluation under the same
+    config is reused (scored again when it was made under another EVALUATE version or another language model),
+    otherwise the task is fine-tuned first."""
     task = TASKS[cfg.task]
+    lm = lm if task.kind == "ctc" else None
     results = [out / "eval" / eval_file_name(cfg.task, split) for split in task.tests]
     finished = all(r.is_file() for r in results)
     if finished and same_config(out, cfg):
         results = [json.loads(r.read_text()) for r in results]
-        if any(recipe.in_result(r, "evaluate") != recipe.EVALUATE for r in results):
-            results = evaluate(out)  # scored by older evaluation code: the fine-tuned model is still current
+        digest = lm and LanguageModel(lm, LetterTokenizer.load(cfg.letters).symbols).digest
+        if any(recipe.in_result(r, "evaluate") != recipe.EVALUATE or r.get("lm", {}).get("digest") != digest
+               for r in results):
+            results = evaluate(out, lm=lm)  # scored by other code or LM: the fine-tuned model is still current
     else:
         if finished:
             refuse_another_config(out, cfg)
         run_finetune(cfg, out, progress=False)
-        results = evaluate(out)
+        results = evaluate(out, lm=lm)
     if task.kind == "ctc":
         results = [r for r in results if r["split"].startswith("test")]
     else:
         results = results[-1:]
-    return {m: float(np.mean([r["metrics"][m] for r in results])) for m in task.metrics}
+    return {m: float(np.mean([r["metrics"][m] for r in results])) for m in scored_metrics(task, lm)}
+
+
+def scored_metrics(task, lm: Path | None = None) -> tuple[str, ...]:
+    """The task's metrics, headline first; a CTC task decoded with a language model leads with wer_lm, the WER
+    the papers report."""
+    return ("wer_lm", "cer_lm", *task.metrics) if lm is not None and task.kind == "ctc" else task.metrics
 
 
 def headline_metric(cfg, out: Path) -> float:
@@ -122,13 +134,13 @@ def cv_data_root(task: str, folds: int, fold: int, root: str | Path = "data/fold
     return data
 
 
-def cv_test_metrics(cfg, out: Path, folds: int | None) -> dict:
+def cv_test_metrics(cfg, out: Path, folds: int | None, lm: Path | None = None) -> dict:
     """`mean_test_metrics`, or with `folds` their mean over the folds of a cross-validation, fold k fine-tuned in
     OUT-fK on its own data root; the folds' own metrics are kept under "folds"."""
     if not folds:
-        return mean_test_metrics(cfg, out)
+        return mean_test_metrics(cfg, out, lm)
     per_fold = [mean_test_metrics(cfg.model_copy(update={"data_root": str(cv_data_root(cfg.task, folds, k))}),
-                                  out.with_name(f"{out.name}-f{k}")) for k in range(folds)]
+                                  out.with_name(f"{out.name}-f{k}"), lm) for k in range(folds)]
     return fold_mean(per_fold)
 
 

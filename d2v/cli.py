@@ -181,6 +181,27 @@ def tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def lm_cmd(args: argparse.Namespace) -> int:
+    from d2v.config import validate
+    from d2v.data.tokenizer import LetterTokenizer
+    from d2v.eval import lm
+
+    profile = _profile(args)
+    if profile is not None:
+        if profile.lm is None:
+            raise ValueError(f"profile {args.profile!r} has no `lm` section (see {args.params})")
+        cfg, letters, out = profile.lm, profile.letters, profile.lm_dir
+        corpus_dir = cfg.corpus and profile.raw / cfg.corpus
+    else:
+        cfg = validate(lm.LanguageModelConfig, {"corpus": args.corpus, "arpa": args.arpa, **_options(args.set)}, "lm")
+        letters, out, corpus_dir = args.letters, args.out, args.corpus
+    start = time.perf_counter()
+    meta = lm.build(cfg, LetterTokenizer.load(letters).symbols, out, lm.corpus_files(corpus_dir) if corpus_dir else ())
+    print(f"language model ({meta.get('ngrams') or meta['arpa']}; {meta['lexicon_words']} words in the lexicon, "
+          f"{meta['words_left_out']} left out) in {time.perf_counter() - start:.1f}s -> {out}")
+    return 0
+
+
 def shard(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -289,7 +310,7 @@ def _print_result(r: dict, label: str) -> None:
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from d2v.train.finetune import evaluate
 
-    for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra)):
+    for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra), args.lm):
         _print_result(r, f"{r['init']}, {r['mode']}")
     return 0
 
@@ -311,7 +332,7 @@ def baseline_cmd(args: argparse.Namespace) -> int:
     else:
         cfg = baseline_config(args.task, nested_overrides(args.set))
         out = Path(args.out or f"results/baselines/{args.task}")
-    for r in run_baseline(cfg, out, tuple(args.extra)):
+    for r in run_baseline(cfg, out, tuple(args.extra), args.lm):
         _print_result(r, f"raw features: {r['baseline']}")
     print(f"-> {out}")
     return 0
@@ -452,6 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-threads", type=int, default=2)
     p.set_defaults(func=tokenizer)
     _add_profile(p)
+    p = sub.add_parser("lm", help="a word n-gram language model and letter lexicon for CTC beam search")
+    p.add_argument("--corpus", help="prepared source folder whose 'lm' split is the text (Kneser-Ney estimate)")
+    p.add_argument("--arpa", help="or an ARPA file (plain or .gz), e.g. LibriSpeech's 4-gram (openslr.org/11)")
+    p.add_argument("--letters", default="data/tokenizer/letters.json", help="CTC letter vocabulary")
+    p.add_argument("--out", default="data/lm")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. order=3, beam=500")
+    p.set_defaults(func=lm_cmd)
+    _add_profile(p)
     p = sub.add_parser("pretrain", help="data2vec pretraining from shards (resumes from its last checkpoint)")
     p.add_argument("modality", choices=MODALITIES)
     p.add_argument("--config", default=None, help="YAML with overrides of the embedded defaults")
@@ -484,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="DATASET/SPLIT",
                    help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
     p.add_argument("--out", default=None, help="folder for the JSON results (default RUN/eval)")
+    p.add_argument("--lm", default=None, metavar="FOLDER",
+                   help="CTC tasks: also decode with this language model (`d2v lm`): wer_lm, cer_lm")
     p.set_defaults(func=evaluate_cmd)
     p = sub.add_parser("baseline", help="fit a task's raw-feature baseline (no encoder) and score its test splits")
     p.add_argument("task")
@@ -492,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
     p.add_argument("--out", default=None,
                    help="folder for the JSON results (default: the profile's RESULTS/TASK/raw-sSEED)")
+    p.add_argument("--lm", default=None, metavar="FOLDER",
+                   help="CTC tasks: also decode with this language model (`d2v lm`): wer_lm, cer_lm")
     p.set_defaults(func=baseline_cmd)
     _add_profile(p)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")

@@ -7,7 +7,10 @@ import pytest
 import torch
 from fixtures import tone_task_shards
 
+from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.baselines import bags, cosine, fit_selected, pair_features, run_baseline, stack_frames
+from d2v.eval.lm import LanguageModelConfig
+from d2v.eval.lm import build as build_lm
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe, tasks
 from d2v.train.tasks import BaselineConfig, baseline_config
@@ -101,3 +104,14 @@ def test_a_linear_ctc_head_on_log_mels_transcribes_tone_speech(tmp_path, monkeyp
     selection = result["selection"]
     assert (selection["epoch"], selection["selected_on"], selection["n_train"]) == (60, "last epoch", 6)
     assert selection["train_loss"] < 1.0  # far below the letters' entropy: it left the blank plateau
+    # decoded with a bigram of the transcripts too, as the fine-tuned models are; the greedy scores stay
+    (tmp_path / "lm.txt").write_text("\n".join(texts) + "\n")
+    build_lm(LanguageModelConfig(corpus="tones", order=2, lm_weights=(0.5, 1.0), word_scores=(0.0,)),
+             LetterTokenizer.load(letters).symbols, tmp_path / "lm", [tmp_path / "lm.txt"])
+    monkeypatch.setitem(tasks.TASKS, "tones",
+                        tasks.Task("speech", "ctc", "tones", "train", "train", ("train",), ("wer", "cer")))
+    (decoded,) = run_baseline(cfg, tmp_path / "out_lm", lm=tmp_path / "lm")
+    assert decoded["metrics"]["cer"] < 0.2 and decoded["metrics"]["wer_lm"] <= decoded["metrics"]["wer"]
+    assert decoded["lm"]["tuned_on"] == "train" and "beam search with a word n-gram" in decoded["baseline"]
+    with pytest.raises(ValueError, match="rt_polarity: --lm decodes CTC tasks; this one is classification"):
+        run_baseline(BaselineConfig(task="rt_polarity"), tmp_path / "x", lm=tmp_path / "lm")

@@ -26,7 +26,7 @@ from d2v.train.config import merge, pretrain_config  # noqa: E402
 from d2v.train import recipe  # noqa: E402
 from d2v.train.finetune import build_model  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
-from d2v.train.tasks import eval_file_name, finetune_config  # noqa: E402
+from d2v.train.tasks import TASKS, eval_file_name, finetune_config  # noqa: E402
 
 
 def test_overrides_nest_by_dotted_key_and_parse_yaml_values():
@@ -215,9 +215,46 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
     monkeypatch.setattr(recipe, "EVALUATE", recipe.EVALUATE + 1)
     monkeypatch.setattr(runs, "run_finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
     rescored = [{"split": s, "metrics": {"wer": 0.5, "cer": 0.1}} for s in ("test_clean", "test_other")]
-    monkeypatch.setattr(runs, "evaluate", lambda run: rescored if run == tmp_path else pytest.fail(run))
+    monkeypatch.setattr(runs, "evaluate", lambda run, lm=None: rescored if run == tmp_path else pytest.fail(run))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.5, "cer": 0.1})
     assert recipe.in_result({"recipe": 2}, "finetune") == 2 and recipe.in_result({"recipe": 2}, "evaluate") == 1
+
+
+def test_with_a_language_model_ctc_runs_are_decoded_again_once_and_compared_on_wer_lm(tmp_path, monkeypatch):
+    from d2v.eval import lm
+
+    LetterTokenizer(["<blank>", "|", "A", "B"]).save(tmp_path / "letters.json")
+    (tmp_path / "corpus.txt").write_text("AB A\nB\n")
+    lm.build(lm.LanguageModelConfig(corpus="c", order=2), ["<blank>", "|", "A", "B"], tmp_path / "lm",
+             [tmp_path / "corpus.txt"])
+    digest = lm.LanguageModel(tmp_path / "lm", ["<blank>", "|", "A", "B"]).digest
+    cfg = finetune_config("speech_1h", {"init": "scratch", "letters": str(tmp_path / "letters.json")})
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    recipe.stamp(run, "finetune")
+
+    def write(wer_lm=None):
+        for split in TASKS["speech_1h"].tests:
+            metrics = {"wer": 0.8, "cer": 0.4} | ({"wer_lm": wer_lm, "cer_lm": 0.3} if wer_lm else {})
+            (run / "eval" / f"speech_1h-{split}.json").write_text(json.dumps(
+                {"split": split, "metrics": metrics, "recipe": {"evaluate": recipe.EVALUATE},
+                 **({"lm": {"digest": digest}} if wer_lm else {})}))
+        return [json.loads((run / "eval" / f"speech_1h-{s}.json").read_text()) for s in TASKS["speech_1h"].tests]
+
+    write()  # scored greedily only
+    decoded = []
+    monkeypatch.setattr(runs, "run_finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
+    monkeypatch.setattr(runs, "evaluate", lambda out, lm=None: decoded.append(lm) or write(wer_lm=0.5))
+    assert mean_test_metrics(cfg, run, tmp_path / "lm") == pytest.approx(
+        {"wer_lm": 0.5, "cer_lm": 0.3, "wer": 0.8, "cer": 0.4})
+    assert decoded == [tmp_path / "lm"]
+    assert mean_test_metrics(cfg, run, tmp_path / "lm")["wer_lm"] == 0.5 and len(decoded) == 1  # reused
+    assert list(runs.scored_metrics(TASKS["speech_1h"], tmp_path / "lm"))[0] == "wer_lm"
+    assert runs.scored_metrics(TASKS["rt_polarity"], tmp_path / "lm") == ("accuracy",)
+    (tmp_path / "lm" / lm.META).write_text((tmp_path / "lm" / lm.META).read_text().replace('"order": 2', '"order": 3'))
+    mean_test_metrics(cfg, run, tmp_path / "lm")  # another model in the folder: decoded again
+    assert len(decoded) == 2
 
 
 def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path, monkeypatch):
@@ -232,7 +269,7 @@ def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path,
 
     fine_tuned = []
     monkeypatch.setattr(runs, "run_finetune", lambda cfg, out, **k: fine_tuned.append(out))
-    monkeypatch.setattr(runs, "evaluate", lambda run: [{"split": "test", "metrics": {"accuracy": 0.5}}])
+    monkeypatch.setattr(runs, "evaluate", lambda run, lm=None: [{"split": "test", "metrics": {"accuracy": 0.5}}])
     long = finetune_config("fashion_mnist", {"init": "scratch", "steps": 1000, "optim": {"lr": 1e-3}})
     short = finetune_config("fashion_mnist", {"init": "scratch", "steps": 300, "optim": {"lr": 1e-3}})
     finished(tmp_path / "a", long)
@@ -403,7 +440,7 @@ def test_a_params_profile_gives_each_task_the_pipelines_fine_tuning_under_the_be
     built = []
     monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v2"}))
     monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
-                        lambda cfg, run, folds: built.append(cfg) or {"accuracy": 0.5})
+                        lambda cfg, run, folds, lm: built.append(cfg) or {"accuracy": 0.5})
     out, data = tmp_path / "out.json", tmp_path / "data"
     for split in ("train_6k", "test"):
         (data / "shards" / "fashion_mnist" / split).mkdir(parents=True)
@@ -438,7 +475,7 @@ def test_the_recorded_fine_tuning_overrides_are_the_ones_each_run_used(tmp_path,
     monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v1"}))
     monkeypatch.setattr(pretrain_vs_scratch, "missing_shards", lambda *a: [])
     monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
-                        lambda cfg, run, folds: used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
+                        lambda cfg, run, folds, lm: used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity",
                                       "--seeds", "2", "--ft-profile", "embedded", "--ft-set", "rt_polarity.steps=7",

@@ -17,6 +17,7 @@ from fixtures import flac_bytes, tone_task_shards
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import write_shards
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
+from d2v.eval import lm
 from d2v.modalities.registry import build_encoder
 from d2v.config import config_digest
 from d2v.train import finetune as ft
@@ -146,7 +147,7 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train")
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # another dataset
     LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
-    monkeypatch.setitem(tasks.TASKS, "toy_ctc", tasks.Task("speech", "ctc", "toy", "train", None, ("train",),
+    monkeypatch.setitem(tasks.TASKS, "toy_ctc", tasks.Task("speech", "ctc", "toy", "train", "train", ("train",),
                                                            ("wer", "cer"), extra_tests=("human/test",)))
     cfg = tasks.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
                                optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
@@ -168,6 +169,17 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     assert (tmp_path / "thawed" / "eval" / "toy_ctc-human-test.json").is_file()
     with pytest.raises(ValueError, match=r"toy_ctc: no extra test set \['other/test'\]; it has \['human/test'\]"):
         ft.evaluate(tmp_path / "thawed", extra=("other/test",))
+    # with a language model: greedy as before, plus beam search under the weights the dev split ("train") chose
+    (tmp_path / "lm.txt").write_text("\n".join(texts) + "\n")
+    lm.build(lm.LanguageModelConfig(corpus="toy", order=2, lm_weights=(0.5, 1.0), word_scores=(0.0,)),
+             LetterTokenizer.load(tmp_path / "letters.json").symbols, tmp_path / "lm", [tmp_path / "lm.txt"])
+    decoded, human_decoded = ft.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm",
+                                         out=tmp_path / "lm_eval")
+    assert decoded["metrics"]["wer"] == result["metrics"]["wer"] and {"wer_lm", "cer_lm"} <= set(decoded["metrics"])
+    assert decoded["lm"]["tuned_on"] == human_decoded["lm"]["tuned_on"] == "train"
+    assert len(decoded["lm"]["tuning"]["grid"]) == 2 and decoded["lm"]["lm_weight"] in (0.5, 1.0)
+    assert set(json.loads((tmp_path / "lm_eval" / "toy_ctc-train.json").read_text())["metrics"]) == \
+        {"wer", "cer", "wer_lm", "cer_lm"}
     ft.run_finetune(cfg.model_copy(update={"train_cnn": True}), tmp_path / "cnn", progress=False)
     after = torch.load(tmp_path / "cnn" / "final.pt", weights_only=False)["model"]
     assert any(k.startswith("encoder.feature_extractor") and not torch.equal(before[k], v) for k, v in after.items())
@@ -189,6 +201,14 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
     (result,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt")
     # WER and CER reach 0 from about 120 steps, seeds 0-2
     assert result["n"] == 4 and result["metrics"]["wer"] <= 0.25 and result["metrics"]["cer"] <= 0.25
+    # beam search with a bigram of the transcripts keeps what greedy got right: every word, the last ones too
+    (tmp_path / "lm.txt").write_text("\n".join(texts) + "\n")
+    lm.build(lm.LanguageModelConfig(corpus="tones", order=2), LetterTokenizer.load(letters).symbols, tmp_path / "lm",
+             [tmp_path / "lm.txt"])
+    monkeypatch.setitem(tasks.TASKS, "tones", tasks.Task("speech", "ctc", "tones", "train", "train", ("train",),
+                                                         ("wer", "cer")))
+    (decoded,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt", lm=tmp_path / "lm")
+    assert decoded["metrics"]["wer_lm"] <= result["metrics"]["wer"]
 
 
 def test_unknown_task_and_bad_options_are_named():

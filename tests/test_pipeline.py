@@ -45,13 +45,24 @@ def test_every_profile_validates_and_builds_a_closed_graph():
         assert needed <= produced, f"{name}: inputs nobody produces: {sorted(needed - produced)[:5]}"
         assert len({s.name for s in table}) == len(table.stages)
     embedded = StageTable(params, "embedded", raw=RAW)
-    assert {s.kind for s in embedded} == {"prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate",
+    assert {s.kind for s in embedded} == {"prepare", "tokenizer", "lm", "shard", "pretrain", "finetune", "evaluate",
                                           "baseline", "report"}
+    # the speech evaluations decode with the language model, and rerun when it changes; the others do not read it
+    (lm_stage,) = embedded.of_kind("lm")
+    assert lm_stage.deps == ("data/raw/mini_librispeech_lm/manifest.csv", "data/tokenizer/letters.json")
+    for stage in embedded.of_kind("evaluate"):
+        speech = stage.name.startswith("evaluate_speech")
+        assert ("--lm data/lm" in stage.cmd) == speech and (set(lm_stage.outs) <= set(stage.deps)) == speech
+    paper = StageTable(params, "paper", raw=RAW)
+    (paper_lm,) = paper.of_kind("lm")  # LibriSpeech's own 4-gram: nothing to estimate, so no lm.arpa of ours
+    assert paper_lm.deps == ("data/paper/tokenizer/letters.json",) and "data/paper/lm/lm.arpa" not in paper_lm.outs
     assert len(embedded.of_kind("finetune")) == 2 * len(params.profiles["embedded"].finetune)  # + scratch
     baselines = {s.outs[0].split("/")[2]: s for s in embedded.of_kind("baseline")}
     assert set(baselines) == set(params.profiles["embedded"].finetune)  # one raw-feature baseline per task
     assert set(baselines["speech_1h"].outs) <= set(embedded.of_kind("report")[0].deps)
     assert "--extra real_speech/test_cards" in baselines["speech_1h"].cmd
+    assert "--lm data/lm" in baselines["speech_1h"].cmd and set(lm_stage.outs) <= set(baselines["speech_1h"].deps)
+    assert "--lm" not in baselines["rt_polarity"].cmd
 
 
 def _broken(path: list, value):
@@ -440,12 +451,15 @@ def test_smoke_profile_end_to_end_through_snakemake_and_dvc(tmp_path):
     summary = pd.read_csv(repo / "results/smoke/summary.csv")
     params = load_params(repo / "params.yaml", "smoke").active
     assert set(summary["task"]) == set(params.finetune)
-    assert summary[["pretrained", "scratch", "raw"]].notna().all().all()
+    assert summary[["pretrained", "scratch", "raw"]].notna().all().all()  # raw features are LM-decoded too
     result = json.loads((repo / "results/smoke/rt_polarity/pretrained-s0/rt_polarity-test.json").read_text())
     assert result["n"] == 48 and result["init"] == "pretrained" and len(result["params_digest"]) == 16
     assert (repo / "runs/smoke/pretrain/text/final.pt").is_file()
     raw = json.loads((repo / "results/smoke/bible_para/raw-s0/bible_para-test.json").read_text())
     assert raw["init"] == "raw" and raw["n"] == 48 and set(raw["metrics"]) == {"accuracy", "f1"}
+    speech = json.loads((repo / "results/smoke/speech_10min/scratch-s0/speech_10min-test_clean.json").read_text())
+    assert {"wer_lm", "cer_lm"} <= set(speech["metrics"]) and speech["lm"]["tuned_on"] == "dev_clean"
+    assert {"wer_lm", "cer_lm"} <= set(summary["metric"])  # the report's rows, beside the greedy ones
     again = run([str(BIN / "snakemake"), "-n", "--cores", "2", "--config", "profile=smoke"], cwd=repo)
     assert "Nothing to be done" in again.stdout + again.stderr
     # the same graph through DVC: generated for the smoke profile, planned without network or remote

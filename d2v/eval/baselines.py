@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.linear_ctc import fit_linear_ctc
+from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.io import atomic_write_json
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe
@@ -199,8 +200,9 @@ def text_reader(cfg: BaselineConfig, lcfg: FinetuneConfig) -> Callable:
     return read
 
 
-def ctc_baseline(cfg: BaselineConfig, splits: list[str]) -> tuple[str, dict, dict]:
-    """Speech: a linear CTC head on stacked log-mels."""
+def ctc_baseline(cfg: BaselineConfig, splits: list[str], lm: str | Path | None = None) -> tuple[str, dict, dict]:
+    """Speech: a linear CTC head on stacked log-mels, decoded greedily and, given a language model folder, by beam
+    search as the fine-tuned models are (`d2v.eval.lm.CTCScorer`)."""
     from d2v.eval.metrics import cer
 
     task, lcfg = TASKS[cfg.task], cfg.loader_config()
@@ -213,30 +215,40 @@ def ctc_baseline(cfg: BaselineConfig, splits: list[str]) -> tuple[str, dict, dic
     head, train_loss, epoch = fit_linear_ctc(frames, targets, len(letters.symbols), epochs=cfg.ctc_epochs,
                                              lr=cfg.ctc_lr, batch_size=cfg.ctc_batch_size, seed=cfg.seed,
                                              score=select, every=cfg.ctc_check_every)
-    outputs = {}
-    for split in splits:
-        test_frames, _, texts = read(split)
-        outputs[split] = (head.transcribe(test_frames, letters), texts)
+
+    def emissions_of(split: str):
+        split_frames, _, texts = read(split)
+        return head.emissions(split_frames), list(texts)
+
+    scorer = CTCScorer(emissions_of, letters, lm, task.tests, task.dev)
+    outputs = {split: scorer.score(split) for split in splits}
     what = (f"linear CTC head on {cfg.n_mels} log-mels, ±{cfg.context} frames stacked, 50 frames/s, "
-            f"Adam {cfg.ctc_lr}, greedy decoding")
+            f"Adam {cfg.ctc_lr}, greedy decoding" + (" and beam search with a word n-gram" if lm else ""))
     selection = {"epoch": epoch, "selected_on": task.dev or "last epoch", "train_loss": round(train_loss, 4),
                  "n_train": len(frames)}
     return what, outputs, selection
 
 
-def run_baseline(cfg: BaselineConfig, out_dir: str | Path, extra: tuple[str, ...] = ()) -> list[dict]:
+def run_baseline(cfg: BaselineConfig, out_dir: str | Path, extra: tuple[str, ...] = (),
+                 lm: str | Path | None = None) -> list[dict]:
     """Fit the task's raw-feature baseline on its training split and score it on every test split (and the `extra`
-    test sets); one JSON per split in `out_dir`."""
+    test sets); one JSON per split in `out_dir`. CTC tasks are also decoded with the language model folder `lm`."""
     task = TASKS[cfg.task]
     require_extra_tests(cfg.task, extra)
+    if lm is not None and task.kind != "ctc":
+        raise ValueError(f"{cfg.task}: --lm decodes CTC tasks; this one is {task.kind}")
     splits = [*task.tests, *extra]
-    fit = {"ctc": ctc_baseline, "regression": similarity_baseline}.get(task.kind, classical_baseline)
-    what, outputs, selection = fit(cfg, splits)
+    if task.kind == "ctc":
+        what, outputs, selection = ctc_baseline(cfg, splits, lm)
+    else:
+        fit = similarity_baseline if task.kind == "regression" else classical_baseline
+        what, outputs, selection = fit(cfg, splits)
     results = []
     for split in splits:
-        preds, refs = outputs[split]
-        result = result_record(cfg, split, preds, refs, init=RAW, mode="baseline", baseline=what,
-                               selection=selection, recipe={"baseline": recipe.BASELINE})
+        preds, refs, *lm_fields = outputs[split]
+        result = with_lm_fields(result_record(cfg, split, preds, refs, init=RAW, mode="baseline", baseline=what,
+                                              selection=selection, recipe={"baseline": recipe.BASELINE}),
+                                lm_fields[0] if lm_fields else {})
         atomic_write_json(Path(out_dir) / eval_file_name(cfg.task, split), result)
         results.append(result)
     return results

@@ -1,7 +1,7 @@
-"""A linear CTC head on frozen frame features, decoded greedily. It asks whether letters are within a linear
-read-out of some frames: an encoder's layers (`bench/feature_probe.py`) or the log-mels themselves (the raw-feature
-baseline of the speech tasks, `d2v.eval.baselines`). Features are standardised with the training frames' statistics;
-the head trains with Adam on zero-padded batches of whole utterances."""
+"""A linear CTC head on frozen frame features, decoded greedily (or by `d2v.eval.lm`'s beam search). It asks
+whether letters are within a linear read-out of some frames: an encoder's layers (`bench/feature_probe.py`) or the
+log-mels themselves (the raw-feature baseline of the speech tasks, `d2v.eval.baselines`). Features are standardised
+with the training frames' statistics; the head trains with Adam on zero-padded batches of whole utterances."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from d2v.data.tokenizer import LetterTokenizer
-from d2v.eval.metrics import ctc_greedy
+from d2v.eval.metrics import greedy_transcripts
 from d2v.modalities.heads import ctc_loss
 
 
@@ -35,12 +35,17 @@ class LinearCTC:
         return ctc_loss(logits, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets]))
 
     @torch.no_grad()
-    def transcribe(self, frames: list[Tensor], letters: LetterTokenizer, batch_size: int = 64) -> list[str]:
+    def emissions(self, frames: list[Tensor], batch_size: int = 64) -> list[np.ndarray]:
+        """Per utterance, (frames, letters) log-probabilities."""
         out = []
         for start in range(0, len(frames), batch_size):
             logits, lengths = self.logits(frames[start:start + batch_size])
-            out += [letters.decode(ids) for ids in ctc_greedy(logits.numpy(), lengths.tolist())]
+            log_probs = torch.log_softmax(logits, -1).numpy()
+            out += [lp[:n] for lp, n in zip(log_probs, lengths.tolist())]
         return out
+
+    def transcribe(self, frames: list[Tensor], letters: LetterTokenizer, batch_size: int = 64) -> list[str]:
+        return greedy_transcripts(self.emissions(frames, batch_size), letters)
 
     @torch.no_grad()
     def mean_loss(self, frames: list[Tensor], targets: list[Tensor], batch_size: int = 64) -> float:

@@ -102,6 +102,11 @@ def ctc_greedy(logits: np.ndarray, lengths: Sequence[int] | None = None, blank: 
     return out
 
 
+def greedy_transcripts(emissions: Sequence[np.ndarray], letters) -> list[str]:
+    """The best-path transcript of each utterance's (frames, letters) scores; `letters` decodes label ids."""
+    return [letters.decode(ctc_greedy(e[None])[0]) for e in emissions]
+
+
 def _same_length(a: np.ndarray, b: np.ndarray) -> None:
     if len(a) != len(b):
         raise ValueError(f"{len(a)} predictions for {len(b)} labels")
@@ -109,7 +114,8 @@ def _same_length(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError("no examples to score")
 
 
-LOWER_IS_BETTER = frozenset({"wer", "cer"})  # error rates; every other metric is better when higher
+LOWER_IS_BETTER = frozenset({"wer", "cer", "wer_lm", "cer_lm"})  # error rates (greedy, LM-decoded); every other
+# metric is better when higher
 
 
 def oriented(metric: str, value: float) -> float:

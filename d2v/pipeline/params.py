@@ -17,11 +17,12 @@ from pydantic import Field, model_validator
 
 from d2v.config import ConfigError, Objective, StrictModel, validate
 from d2v.data.sources import SOURCES
+from d2v.eval.lm import LanguageModelConfig
 from d2v.train.config import PretrainConfig, merge, pretrain_config
 from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, baseline_config, finetune_config
 
 PARAMS_FILE = "params.yaml"
-STAGE_KINDS = ("prepare", "tokenizer", "shard", "pretrain", "finetune", "evaluate", "baseline", "report")
+STAGE_KINDS = ("prepare", "tokenizer", "lm", "shard", "pretrain", "finetune", "evaluate", "baseline", "report")
 
 
 class Resources(StrictModel):
@@ -78,6 +79,8 @@ class Profile(StrictModel):
     finetune: dict[str, dict] = {}  # task → overrides of the typed fine-tuning config
     # fine-tuning task → overrides of its raw-feature baseline ({}: the defaults), scored beside pretrained and scratch
     baselines: dict[str, dict] = {}
+    # a word n-gram LM for CTC beam search: speech tasks are scored greedily and with it (wer_lm, cer_lm)
+    lm: LanguageModelConfig | None = None
     resources: dict[str, Resources] = {}
 
     @model_validator(mode="after")
@@ -119,6 +122,10 @@ class Profile(StrictModel):
     @property
     def letters(self) -> Path:
         return Path(self.data_root) / "tokenizer" / "letters.json"
+
+    @property
+    def lm_dir(self) -> Path:
+        return Path(self.data_root) / "lm"
 
     def pretrain_dir(self, modality: str) -> Path:
         return Path(self.runs) / "pretrain" / modality
@@ -243,6 +250,11 @@ def check_profile(name: str, profile: Profile) -> None:
             raise ConfigError(f"{where}.tokenizer.{field}: required by the profile's text/speech stages")
         if source is not None and source not in profile.sources:
             raise ConfigError(f"{where}.tokenizer.{field}: source {source!r} is not in {where}.sources")
+    if profile.lm is not None:
+        if not needs_letters:
+            raise ConfigError(f"{where}.lm: a language model decodes CTC tasks, and the profile fine-tunes none")
+        if profile.lm.corpus is not None and profile.lm.corpus not in profile.sources:
+            raise ConfigError(f"{where}.lm.corpus: source {profile.lm.corpus!r} is not in {where}.sources")
 
 
 def _checked(build, where: str):

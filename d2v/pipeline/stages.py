@@ -3,6 +3,7 @@
 
     prepare SOURCE → tokenizer → shard DATASET/NAME → pretrain MODALITY → finetune TASK × init × seed
     → evaluate (one JSON per test split) → report
+                 tokenizer → lm (a word n-gram for CTC beam search) → evaluate of the speech tasks
                                            shard → baseline TASK (raw features, one JSON per test split) → report
 
 Outputs are files the stage writes atomically: a prepared folder is named by its `manifest.csv`, a shard set by
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from d2v.data.sources import SOURCES
+from d2v.eval.lm import ARPA, LEXICON, META, WORDS
 from d2v.pipeline.params import Params, Profile, Resources
 from d2v.train import recipe
 from d2v.train.tasks import RAW, TASKS, eval_file_name
@@ -129,6 +131,9 @@ class StageTable:
         if tok_outs:
             deps = [self._manifest(s) for s in (tok.corpus, tok.letters) if s]
             self._add("tokenizer", "", self._d2v("tokenizer"), deps, tok_outs, ["tokenizer"])
+        if p.lm is not None:
+            self._add("lm", "", self._d2v("lm"), ([self._manifest(p.lm.corpus)] if p.lm.corpus else []) + [p.letters],
+                      self.lm_files(), ["lm"])
         for key in p.shard_keys:
             dataset, name = key.rsplit("/", 1)  # DATASET may be nested (glue/cola)
             deps = [self._manifest(dataset)]
@@ -184,6 +189,19 @@ class StageTable:
         keys = self.profile.extra_tests(task)
         return "".join(f" --extra {key}" for key in keys), [self.profile.shard_dir(k) / "index.json" for k in keys]
 
+    def lm_files(self) -> list[Path]:
+        """What the lm stage writes (lm.json first; lm.arpa only when it estimates the model itself)."""
+        p = self.profile
+        if p.lm is None:
+            return []
+        return [p.lm_dir / name for name in (META, LEXICON, WORDS, *([ARPA] if p.lm.corpus else []))]
+
+    def _decoding(self, task: str) -> tuple[str, list[Path]]:
+        """The `--lm` flag of a CTC task's evaluation or baseline and the files it reads, when the profile has an
+        LM."""
+        files = self.lm_files() if TASKS[task].kind == "ctc" else []
+        return (f" --lm {self.profile.lm_dir}", files) if files else ("", [])
+
     def _finetune(self, task: str, init: str, seed: int) -> None:
         p, modality = self.profile, TASKS[task].modality
         run, name = p.finetune_dir(task, init, seed), f"{task}/{init}/s{seed}"
@@ -197,14 +215,16 @@ class StageTable:
                   ["objective", f"pretrain.{modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)
         extra, extra_shards = self._extra_tests(task)
-        self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}",
-                  [run / "best.pt"] + deps[:len(p.task_shards(task))] + extra_shards, evals, metrics=evals)
+        lm, lm_files = self._decoding(task)
+        self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}{lm}",
+                  [run / "best.pt"] + deps[:len(p.task_shards(task))] + extra_shards + lm_files, evals, metrics=evals)
 
     def _baseline(self, task: str) -> None:
         evals = self.eval_files(task, RAW, self.profile.seeds[0])
         extra, extra_shards = self._extra_tests(task)
-        self._add("baseline", task, self._d2v("baseline", task, "--out", str(evals[0].parent)) + extra,
-                  self._task_inputs(task) + extra_shards, evals, [f"baselines.{task}"], metrics=evals)
+        lm, lm_files = self._decoding(task)
+        self._add("baseline", task, self._d2v("baseline", task, "--out", str(evals[0].parent)) + extra + lm,
+                  self._task_inputs(task) + extra_shards + lm_files, evals, [f"baselines.{task}"], metrics=evals)
 
     def eval_files(self, task: str, init: str, seed: int) -> list[Path]:
         splits = [*TASKS[task].tests, *self.profile.extra_tests(task)]

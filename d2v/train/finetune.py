@@ -18,15 +18,19 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from d2v.config import Objective, config_digest
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
-from d2v.eval.metrics import TASK_METRICS, ctc_greedy, oriented, prediction_stats
+from d2v.eval.lm import CTCScorer, with_lm_fields
+from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
@@ -173,29 +177,46 @@ def train_loss(model, inputs: dict, task: Task, cfg: FinetuneConfig, mixer, rng)
 
 
 @torch.no_grad()
-def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = World()) -> tuple[list, list]:
-    """(predictions, references) over a whole split, in shard order, on the model's device; under torchrun each rank
-    reads its share of the shards and every rank gets all pairs back (shard order per rank)."""
+def _forward_split(model, cfg: FinetuneConfig, split: str, amp=None) -> Iterator[tuple[dict, Any]]:
+    """(inputs, outputs) per batch of a split, in shard order, on the model's device, in eval mode."""
     task = TASKS[cfg.task]
     device = next(model.parameters()).device
     model.eval()
+    try:
+        for item in loader(cfg, split, train=False):
+            inputs = as_inputs(item, task.modality, device)
+            with amp or contextlib.nullcontext():
+                yield inputs, model(inputs["batch"])
+    finally:
+        model.train()
+
+
+def ctc_emissions(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list[np.ndarray], list[str]]:
+    """Per utterance, (frames, letters) log-probabilities, and the reference transcripts."""
+    emissions, refs = [], []
+    for inputs, (logits, lengths) in _forward_split(model, cfg, split, amp):
+        log_probs = torch.log_softmax(logits.float(), -1).cpu().numpy()
+        emissions += [lp[:n] for lp, n in zip(log_probs, lengths.tolist())]
+        refs += inputs["text"]
+    return emissions, refs
+
+
+def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = World()) -> tuple[list, list]:
+    """(predictions, references) over a whole split, in shard order (CTC: greedy transcripts); under torchrun each
+    rank reads its share of the shards and every rank gets all pairs back (shard order per rank)."""
+    task = TASKS[cfg.task]
+    if task.kind == "ctc":
+        emissions, refs = ctc_emissions(model, cfg, split, amp)
+        return (gather_lists(greedy_transcripts(emissions, LetterTokenizer.load(cfg.letters)), world),
+                gather_lists(refs, world))
     preds, refs = [], []
-    letters = LetterTokenizer.load(cfg.letters) if task.kind == "ctc" else None
-    for item in loader(cfg, split, train=False):
-        inputs = as_inputs(item, task.modality, device)
-        with amp or contextlib.nullcontext():
-            out = model(inputs["batch"])
-        if task.kind == "ctc":
-            logits, lengths = out
-            preds += [letters.decode(ids) for ids in ctc_greedy(logits.float().cpu().numpy(), lengths.tolist())]
-            refs += inputs["text"]
-        elif task.kind == "regression":
+    for inputs, out in _forward_split(model, cfg, split, amp):
+        if task.kind == "regression":
             preds += out.float().squeeze(-1).tolist()
             refs += inputs["labels"].tolist()
         else:
             preds += out.argmax(-1).tolist()
             refs += inputs["labels"].long().tolist()
-    model.train()
     return gather_lists(preds, world), gather_lists(refs, world)
 
 
@@ -391,10 +412,12 @@ def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
 # ---------------------------------------------------------------------------------------------------- evaluate
 
 def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
-             checkpoint_name: str = "best.pt", extra: tuple[str, ...] = ()) -> list[dict]:
+             checkpoint_name: str = "best.pt", extra: tuple[str, ...] = (), lm: str | Path | None = None,
+             ) -> list[dict]:
     """Score a fine-tuning run on its test splits (or `split`), then on the `extra` test sets (of the task's
-    `extra_tests`); one JSON per split. One process: under torchrun each rank would read only its share of the
-    shards."""
+    `extra_tests`); one JSON per split. A CTC task is decoded greedily, and with the language model folder `lm`
+    (`d2v lm`) as well: `wer_lm`, `cer_lm`, under the LM weight and word score its dev split selects. One process:
+    under torchrun each rank would read only its share of the shards."""
     if launched_size() > 1:
         raise RuntimeError("d2v evaluate runs as one process, not under torchrun (each rank would score its own "
                            "share of the test shards)")
@@ -406,17 +429,21 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     cfg = FinetuneConfig.model_validate(state["config"])
     require_extra_tests(cfg.task, extra)
     task = TASKS[cfg.task]
+    if lm is not None and task.kind != "ctc":
+        raise ValueError(f"{cfg.task}: --lm decodes CTC tasks; this one is {task.kind}")
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])
     device = resolve_device(cfg.device)
     model.to(device)
     amp, _ = autocast(device, cfg.precision)
+    scorer = CTCScorer(lambda s: ctc_emissions(model, cfg, s, amp), LetterTokenizer.load(cfg.letters), lm,
+                       task.tests, task.dev) if task.kind == "ctc" else None
     results = []
     for s in [*([split] if split else task.tests), *extra]:
-        preds, refs = predict(model, cfg, s, amp)
-        result = result_record(cfg, s, preds, refs, init=cfg.init, mode=cfg.mode, checkpoint=str(path),
-                               steps=state["step"],
-                               recipe={"finetune": state.get("recipe", 1), "evaluate": recipe.EVALUATE})
+        preds, refs, lm_fields = scorer.score(s) if scorer else (*predict(model, cfg, s, amp), {})
+        result = with_lm_fields(result_record(cfg, s, preds, refs, init=cfg.init, mode=cfg.mode, checkpoint=str(path),
+                                              steps=state["step"], recipe={"finetune": state.get("recipe", 1),
+                                                                           "evaluate": recipe.EVALUATE}), lm_fields)
         target = Path(out or run_dir / "eval") / eval_file_name(cfg.task, s)
         atomic_write_json(target, result)
         results.append(result)

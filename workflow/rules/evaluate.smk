@@ -1,8 +1,8 @@
-# Stages of evaluation: one JSON per test split (of each fine-tuned model and of each raw-feature baseline), then the
+# Stages of evaluation: the word n-gram LM that CTC beam search decodes with, one JSON per test split (of each fine-tuned model and of each raw-feature baseline), then the
 # summary tables and plots.
 
 
-for stage in [s for kind in ("evaluate", "baseline", "report") for s in STAGES.of_kind(kind)]:
+for stage in [s for kind in ("lm", "evaluate", "baseline", "report") for s in STAGES.of_kind(kind)]:
 
     rule:
         name:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from d2v.config import StrictModel
 from d2v.data.download import bytes_sha256
-from d2v.data.manifest import make_manifest, write_manifest
+from d2v.data.manifest import LM_SPLIT, make_manifest, write_manifest
 from d2v.data.sources import austen
 from d2v.data.sources.base import Context, log, register, staged
 from d2v.data.sources.tts import ENGINE_VERSION, LOADER_VERSION, Espeak
@@ -178,4 +178,24 @@ def prepare(ctx: Context, cfg: MiniLibriSpeechConfig | None = None) -> Path:
                        config=cfg.model_dump(), skipped={"count": 0, "files": []},
                        text_source={austen.DEB.name: austen.DEB.sha256}, sample_rate=SAMPLE_RATE,
                        note="synthetic speech (stand-in for LibriSpeech / Libri-light); WER is a health metric")
+    return ctx.out_dir
+
+
+@register("mini_librispeech_lm", "speech", "embedded",
+          "the training books' sentences as transcripts: the word n-gram corpus (librispeech-lm-norm stand-in)")
+def prepare_lm_corpus(ctx: Context) -> Path:
+    """Every sentence of the training books, normalised as the transcripts are (not only the ones read aloud, as
+    LibriSpeech's LM corpus holds whole books); the dev and test books stay out, as LibriSpeech's do."""
+    novels = austen.read_novels(ctx)
+    rows = []
+    with staged(ctx.out_dir) as out:
+        for book in BOOKS["train"]:
+            lines = austen.transcript_sentences(novels[book], min_words=1, max_words=10**6)
+            data = ("\n".join(lines) + "\n").encode()
+            (out / f"{book}.txt").write_bytes(data)
+            rows.append(dict(id=book, path=f"{book}.txt", split=LM_SPLIT, bytes=len(data), sha256=bytes_sha256(data),
+                             sentences=len(lines), words=sum(len(s.split()) for s in lines)))
+        write_manifest(out, make_manifest(rows), source="mini_librispeech_lm", skipped={"count": 0, "files": []},
+                       artifacts={austen.DEB.name: austen.DEB.sha256}, licence="public domain (janeaustenr MIT)",
+                       held_out=[*BOOKS["dev"], *BOOKS["test"]])
     return ctx.out_dir

@@ -1,0 +1,342 @@
+"""Word n-gram language models for CTC beam search, as data2vec's LibriSpeech rows are decoded (a 4-gram, lexicon,
+LM weight and word score tuned on dev; spec §9.2, [P1 Tab.6]):
+
+- `kneser_ney` estimates an interpolated Kneser-Ney model from sentences and `write_arpa` stores it in the ARPA
+  format KenLM reads (the embedded profile builds its 4-gram from the training books; the paper profile reads
+  LibriSpeech's official `4-gram.arpa.gz` instead);
+- `write_lexicon` spells the model's words in the CTC letter vocabulary;
+- `LanguageModel` beam-searches CTC emissions with torchaudio's flashlight-text decoder, and `tune` picks the LM
+  weight and word score on a dev split.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from d2v.config import StrictModel
+from d2v.data.manifest import LM_SPLIT, read_manifest
+from d2v.eval.metrics import cer, greedy_transcripts, wer
+from d2v.io import atomic_write, atomic_write_json
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+NO_PROB = -99.0  # ARPA's log10 probability of <s>, which is never predicted
+ARPA, LEXICON, WORDS, META = "lm.arpa", "lexicon.txt", "words.txt", "lm.json"
+
+
+class LanguageModelConfig(StrictModel):
+    """Where the model comes from (one of `corpus`, a prepared source's `lm_corpus.txt`, or `arpa`, an ARPA file
+    such as openslr.org/11's `4-gram.arpa.gz`), and how to decode with it. The LM weight and word score are chosen
+    on dev from the grids; `tune_beam` and `tune_limit` make that search cheaper than the final decode."""
+
+    corpus: str | None = None
+    arpa: str | None = None
+    order: int = Field(4, ge=1, le=6)
+    beam: int = Field(100, ge=1)
+    beam_threshold: float = Field(25.0, gt=0)
+    lm_weights: tuple[float, ...] = Field((0.5, 1.0, 2.0, 3.0), min_length=1)
+    word_scores: tuple[float, ...] = Field((-1.0, 0.0, 1.0), min_length=1)
+    tune_beam: int | None = Field(None, ge=1)  # None: `beam`
+    tune_limit: int | None = Field(None, ge=1)  # dev utterances the search decodes (None: all)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.corpus is None) == (self.arpa is None):
+            raise ValueError("lm: give exactly one of `corpus` (a source with lm_corpus.txt) or `arpa` (a file)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- estimation
+
+def ngram_counts(sentences: Iterable[str], order: int) -> list[Counter]:
+    """Raw counts of every 1..order-gram of `<s> words </s>` (sentence-initial n-grams start at <s>)."""
+    counts = [Counter() for _ in range(order)]
+    for sentence in sentences:
+        words = [BOS, *sentence.split(), EOS]
+        for n in range(1, order + 1):
+            grams = counts[n - 1]
+            for i in range(len(words) - n + 1):
+                grams[tuple(words[i:i + n])] += 1
+    return counts
+
+
+def adjusted_counts(counts: list[Counter]) -> list[Counter]:
+    """Kneser-Ney's counts: raw at the highest order and for n-grams that start at <s>; below, the number of
+    distinct words seen before the n-gram (how many contexts it continues, not how often it occurs)."""
+    adjusted = [Counter() for _ in counts]
+    adjusted[-1] = Counter(counts[-1])
+    for n in range(len(counts) - 1, 0, -1):
+        for gram in counts[n]:
+            adjusted[n - 1][gram[1:]] += 1
+        for gram, c in counts[n - 1].items():
+            if gram[0] == BOS:
+                adjusted[n - 1][gram] = c
+    return adjusted
+
+
+def discount(adjusted: Counter) -> float:
+    """Ney's absolute discount n1 / (n1 + 2 n2) from the count-of-counts; 0.5 when the counts cannot tell."""
+    n1 = sum(1 for c in adjusted.values() if c == 1)
+    n2 = sum(1 for c in adjusted.values() if c == 2)
+    return n1 / (n1 + 2 * n2) if n1 and n2 else 0.5
+
+
+def kneser_ney(sentences: Iterable[str], order: int) -> list[dict[tuple[str, ...], tuple[float, float | None]]]:
+    """Interpolated Kneser-Ney, per order {n-gram: (log10 p, log10 backoff or None)} in ARPA's terms. A seen
+    n-gram h w has p = max(a(h w) - D, 0) / a(h ·) + γ(h) p(w | h without its first word), where γ(h) = D N1+(h ·) /
+    a(h ·) is the mass the discount frees; unigrams interpolate with the uniform distribution, which gives <unk>
+    its probability. An unseen h w is γ(h) p(w | shorter h), so γ is the backoff weight and the ARPA file holds
+    the interpolated model exactly."""
+    counts = ngram_counts(sentences, order)
+    if not counts[0]:
+        raise ValueError("language model corpus is empty")
+    adjusted = adjusted_counts(counts)
+    adjusted[0].pop((BOS,), None)
+    adjusted[0].setdefault((UNK,), 0)
+    vocab = len(adjusted[0])
+    probs: list[dict] = []
+    gammas: list[dict] = []
+    for n, grams in enumerate(adjusted, start=1):
+        d = discount(grams)
+        total, types = defaultdict(int), defaultdict(int)
+        for gram, a in grams.items():
+            total[gram[:-1]] += a
+            types[gram[:-1]] += a > 0
+        gamma = {h: d * types[h] / total[h] for h in total}
+        lower = probs[-1] if probs else None
+        probs.append({gram: max(a - d, 0) / total[gram[:-1]] +
+                      gamma[gram[:-1]] * (lower[gram[1:]] if lower else 1 / vocab) for gram, a in grams.items()})
+        gammas.append(gamma)
+    model = []
+    for n, table in enumerate(probs, start=1):
+        backoff = gammas[n] if n < order else {}
+        entries = {gram: (math.log10(p), _log10(backoff.get(gram))) for gram, p in table.items()}
+        if n == 1:
+            entries[(BOS,)] = (NO_PROB, _log10(backoff.get((BOS,))))
+        model.append(entries)
+    return model
+
+
+def _log10(x: float | None) -> float | None:
+    return None if x is None else math.log10(x) if x > 0 else NO_PROB
+
+
+def write_arpa(model: list[dict], path: str | Path) -> Path:
+    def lines():
+        yield "\n\\data\\\n"
+        yield from (f"ngram {n}={len(entries)}\n" for n, entries in enumerate(model, start=1))
+        for n, entries in enumerate(model, start=1):
+            yield f"\n\\{n}-grams:\n"
+            for gram in sorted(entries):
+                logp, bow = entries[gram]
+                yield f"{logp:.7f}\t{' '.join(gram)}" + ("" if bow is None else f"\t{bow:.7f}") + "\n"
+        yield "\n\\end\\\n"
+
+    return atomic_write(path, lambda f: f.writelines(line.encode("utf-8") for line in lines()))
+
+
+def read_arpa_vocabulary(path: str | Path) -> list[str]:
+    """The 1-gram words of an ARPA file (plain or .gz), in file order."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    words, section = [], None
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith("\\"):
+                section = line
+                if line in ("\\2-grams:", "\\end\\"):
+                    break
+            elif section == "\\1-grams:" and line:
+                fields = line.split()
+                if len(fields) < 2:
+                    raise ValueError(f"{path}: malformed 1-gram line {line!r}")
+                words.append(fields[1])
+    if not words:
+        raise ValueError(f"{path}: no \\1-grams: section (not an ARPA language model?)")
+    return words
+
+
+def write_lexicon(words: Iterable[str], letters: Iterable[str], folder: str | Path) -> tuple[int, list[str]]:
+    """`WORD<TAB>W O R D |` for every word spelled with the letter vocabulary, and the decoder's word list (the
+    same words, then <unk>); returns how many were kept and the words left out (<s>, </s>, and words with other
+    characters, which the decoder cannot emit)."""
+    alphabet = set(letters)
+    kept, dropped = [], []
+    for word in words:
+        (kept if word not in (BOS, EOS, UNK) and set(word) <= alphabet else dropped).append(word)
+    if not kept:
+        raise ValueError(f"no word of the language model is spelled with the letters {''.join(sorted(alphabet))}")
+    folder = Path(folder)
+    atomic_write(folder / LEXICON, lambda f: f.write("".join(f"{w}\t{' '.join(w)} |\n" for w in kept).encode()))
+    atomic_write(folder / WORDS, lambda f: f.write("".join(f"{w}\n" for w in [*kept, UNK]).encode()))
+    return len(kept), dropped
+
+
+def corpus_files(source_dir: str | Path) -> list[Path]:
+    """The language-model text files a prepared source lists under the manifest split `lm`."""
+    rows = read_manifest(source_dir, split=LM_SPLIT)
+    if rows.empty:
+        raise ValueError(f"{source_dir}: its manifest has no '{LM_SPLIT}' rows (not a language-model corpus)")
+    return [Path(source_dir) / p for p in rows["path"]]
+
+
+def build(cfg: LanguageModelConfig, letters: Sequence[str], folder: str | Path,
+          corpus: Sequence[str | Path] = ()) -> dict:
+    """The language model folder: lm.arpa (estimated from the `corpus` files, one sentence a line) unless
+    `cfg.arpa` names one, lexicon.txt, words.txt and lm.json (the config and what was built)."""
+    folder = Path(folder)
+    meta: dict = {"config": cfg.model_dump(mode="json")}
+    if cfg.arpa:
+        arpa = Path(cfg.arpa)
+        if not arpa.is_file():
+            raise FileNotFoundError(f"lm.arpa: {arpa} does not exist (LibriSpeech's 4-gram: openslr.org/11)")
+        arpa = arpa.resolve()
+    else:
+        if not corpus:
+            raise ValueError(f"lm.corpus: no text files given (prepare the source {cfg.corpus!r} first)")
+        missing = [str(f) for f in corpus if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"lm.corpus: missing {missing}")
+        model = kneser_ney((line for f in corpus for line in Path(f).read_text("utf-8").splitlines()
+                            if line.strip()), cfg.order)
+        arpa = write_arpa(model, folder / ARPA)
+        meta |= {"corpus": [str(f) for f in corpus], "ngrams": [len(m) for m in model]}
+    kept, dropped = write_lexicon(read_arpa_vocabulary(arpa), letters, folder)
+    # a built model is named relative to its folder (which may move), a given one by its absolute path
+    meta |= {"arpa": str(arpa) if cfg.arpa else ARPA, "lexicon_words": kept, "words_left_out": len(dropped),
+             "examples_left_out": dropped[:20]}
+    atomic_write_json(folder / META, meta)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+def tuning_split(split: str, tests: Sequence[str], dev: str | None) -> str:
+    """The dev split whose LM weights decode `split`: a dev split itself, test_X (test-X) its dev_X (dev-X), any
+    other test set the task's selection split."""
+    if split.startswith("dev"):
+        return split
+    paired = "dev" + split[len("test"):] if split.startswith("test") else None
+    if paired in tests:
+        return paired
+    if dev is None:
+        raise ValueError(f"{split}: no dev split to choose the LM weight and word score on (the task has none)")
+    return dev
+
+
+class LanguageModel:
+    """A built language model folder, decoding CTC log-probabilities over `letters` (blank first, then '|')."""
+
+    def __init__(self, folder: str | Path, letters: Sequence[str]):
+        self.folder = Path(folder)
+        meta_file = self.folder / META
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file}: no language model here (run `d2v lm` first)")
+        self.meta = json.loads(meta_file.read_text())
+        self.digest = hashlib.sha256(meta_file.read_bytes()).hexdigest()[:16]  # which model decoded a result
+        self.cfg = LanguageModelConfig.model_validate(self.meta["config"])
+        self.arpa = self.folder / self.meta["arpa"]
+        for path in (self.arpa, self.folder / LEXICON, self.folder / WORDS):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: part of the language model in {self.folder} is missing")
+        self.letters = list(letters)
+
+    @cached_property
+    def _kenlm(self):
+        """Loaded once: a large ARPA file takes minutes, and every (weight, score) pair reuses it."""
+        try:
+            from flashlight.lib.text.decoder.kenlm import KenLM
+            from flashlight.lib.text.dictionary import Dictionary
+        except ImportError:
+            raise ImportError("decoding with a language model needs flashlight-text: pip install 'd2v[lm]' "
+                              "(make venv installs it)") from None
+        return KenLM(str(self.arpa), Dictionary(str(self.folder / WORDS)))
+
+    def decoder(self, lm_weight: float, word_score: float, beam: int | None = None):
+        from torchaudio.models.decoder import ctc_decoder
+
+        return ctc_decoder(lexicon=str(self.folder / LEXICON), tokens=self.letters, lm=self._kenlm,
+                           lm_dict=str(self.folder / WORDS), beam_size=beam or self.cfg.beam,
+                           beam_threshold=self.cfg.beam_threshold, lm_weight=lm_weight, word_score=word_score,
+                           blank_token=self.letters[0], sil_token=self.letters[1], unk_word=UNK)
+
+    def decode(self, emissions: Sequence[np.ndarray], lm_weight: float, word_score: float,
+               beam: int | None = None) -> list[str]:
+        """Best word sequence per utterance; emissions: per utterance (frames, letters) log-probabilities."""
+        import torch  # not at import time: the params and the stage graph load this module's config
+
+        search = self.decoder(lm_weight, word_score, beam)
+        out = []
+        for e in emissions:
+            if e.ndim != 2 or e.shape[1] != len(self.letters):
+                raise ValueError(f"emissions of shape {e.shape}; expected (frames, {len(self.letters)} letters)")
+            hyps = search(torch.from_numpy(self._with_word_end(e))[None])[0]
+            out.append(" ".join(hyps[0].words) if hyps else "")
+        return out
+
+    def _with_word_end(self, e: np.ndarray) -> np.ndarray:
+        """One more frame, certainly the word separator: every spelling ends in '|', as fairseq's letter targets
+        do, but ours have no '|' after the last word, so without it the last word could never be finished (a
+        separator the model did emit merges with this one, as CTC merges repeats)."""
+        end = np.full((1, e.shape[1]), math.log(1e-10), dtype=np.float32)
+        end[0, 1] = 0.0
+        return np.concatenate([np.asarray(e, dtype=np.float32), end])
+
+    def tune(self, emissions: Sequence[np.ndarray], references: Sequence[str]) -> dict:
+        """The (LM weight, word score) of the grid with the lowest WER on these dev utterances (ties: CER, then the
+        grid's order), and the whole grid's scores."""
+        limit = self.cfg.tune_limit or len(emissions)
+        emissions, references = emissions[:limit], references[:limit]
+        grid = []
+        for lm_weight in self.cfg.lm_weights:
+            for word_score in self.cfg.word_scores:
+                hyps = self.decode(emissions, lm_weight, word_score, self.cfg.tune_beam)
+                grid.append({"lm_weight": lm_weight, "word_score": word_score, "wer": wer(hyps, references),
+                             "cer": cer(hyps, references)})
+        best = min(grid, key=lambda g: (g["wer"], g["cer"]))
+        return {"lm_weight": best["lm_weight"], "word_score": best["word_score"], "n": len(references),
+                "beam": self.cfg.tune_beam or self.cfg.beam, "grid": grid}
+
+
+class CTCScorer:
+    """A CTC model's transcripts of each split: greedy, and with a language model (when given a folder) under the
+    LM weight and word score tuned on the split's dev split (`tuning_split`; tuned once per dev split).
+    `emissions_of(split)` gives the split's per-utterance log-probabilities and reference transcripts."""
+
+    def __init__(self, emissions_of: Callable[[str], tuple[list[np.ndarray], list[str]]], letters,
+                 lm_dir: str | Path | None, tests: Sequence[str], dev: str | None):
+        self.emissions_of, self.letters, self.tests, self.dev = emissions_of, letters, tests, dev
+        self.lm = LanguageModel(lm_dir, letters.symbols) if lm_dir is not None else None
+        self.tuned: dict[str, dict] = {}
+
+    def score(self, split: str) -> tuple[list[str], list[str], dict]:
+        """(greedy transcripts, references, the LM's metrics and settings, or {} without a language model)."""
+        emissions, refs = self.emissions_of(split)
+        greedy = greedy_transcripts(emissions, self.letters)
+        if self.lm is None:
+            return greedy, refs, {}
+        dev = tuning_split(split, self.tests, self.dev)
+        if dev not in self.tuned:
+            self.tuned[dev] = self.lm.tune(*((emissions, refs) if dev == split else self.emissions_of(dev)))
+        best = self.tuned[dev]
+        hyps = self.lm.decode(emissions, best["lm_weight"], best["word_score"])
+        return greedy, refs, {"metrics": {"wer_lm": wer(hyps, refs), "cer_lm": cer(hyps, refs)},
+                              "folder": str(self.lm.folder), "digest": self.lm.digest, "arpa": str(self.lm.arpa),
+                              "beam": self.lm.cfg.beam, "lm_weight": best["lm_weight"],
+                              "word_score": best["word_score"], "tuned_on": dev, "tuning": best}
+
+
+def with_lm_fields(result: dict, lm_fields: dict) -> dict:
+    """An evaluation record with the LM's metrics beside the greedy ones and its settings under "lm"."""
+    if not lm_fields:
+        return result
+    fields = dict(lm_fields)
+    return {**result, "metrics": {**result["metrics"], **fields.pop("metrics")}, "lm": fields}
