@@ -126,9 +126,10 @@ def test_beam_search_keeps_to_the_lexicon_where_greedy_misspells(tmp_path):
     model = built(tmp_path, ["CAT SAT", "SAT CAT", "CAT"])
     assert model.meta["ngrams"] == [5, 6] and model.meta["lexicon_words"] == 2
     assert model.decode([CAX_OR_CAT], lm_weight=1.0, word_score=0.0) == ["CAT"]
+    assert model.decode([CAX_OR_CAT * 2 + 5.0], lm_weight=1.0, word_score=0.0) == ["CAT"]  # logits, not log-probs
     two_words = np.concatenate([CAX_OR_CAT, emissions([{"|": 0.9}, {"S": 0.9}, {"A": 0.9}, {"T": 0.9}])])
     assert model.decode([two_words], lm_weight=1.0, word_score=0.0) == ["CAT SAT"]
-    with pytest.raises(ValueError, match=r"emissions of shape \(6, 3\); expected \(frames, 7 letters\)"):
+    with pytest.raises(ValueError, match=r"logits of shape \(6, 3\); expected \(frames, 7 letters\)"):
         model.decode([CAX_OR_CAT[:, :3]], 1.0, 0.0)
 
 

@@ -216,11 +216,11 @@ def ctc_baseline(cfg: BaselineConfig, splits: list[str], lm: str | Path | None =
                                              lr=cfg.ctc_lr, batch_size=cfg.ctc_batch_size, seed=cfg.seed,
                                              score=select, every=cfg.ctc_check_every)
 
-    def emissions_of(split: str):
+    def logits_of(split: str):
         split_frames, _, texts = read(split)
-        return head.emissions(split_frames), list(texts)
+        return head.utterance_logits(split_frames), list(texts)
 
-    scorer = CTCScorer(emissions_of, letters, lm, task.tests, task.dev)
+    scorer = CTCScorer(logits_of, letters, lm, task.tests, task.dev)
     outputs = {split: scorer.score(split) for split in splits}
     what = (f"linear CTC head on {cfg.n_mels} log-mels, ±{cfg.context} frames stacked, 50 frames/s, "
             f"Adam {cfg.ctc_lr}, greedy decoding" + (" and beam search with a word n-gram" if lm else ""))

@@ -35,17 +35,16 @@ class LinearCTC:
         return ctc_loss(logits, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets]))
 
     @torch.no_grad()
-    def emissions(self, frames: list[Tensor], batch_size: int = 64) -> list[np.ndarray]:
-        """Per utterance, (frames, letters) log-probabilities."""
+    def utterance_logits(self, frames: list[Tensor], batch_size: int = 64) -> list[np.ndarray]:
+        """Per utterance, (frames, letters) logits."""
         out = []
         for start in range(0, len(frames), batch_size):
             logits, lengths = self.logits(frames[start:start + batch_size])
-            log_probs = torch.log_softmax(logits, -1).numpy()
-            out += [lp[:n] for lp, n in zip(log_probs, lengths.tolist())]
+            out += [x[:n] for x, n in zip(logits.numpy(), lengths.tolist())]
         return out
 
     def transcribe(self, frames: list[Tensor], letters: LetterTokenizer, batch_size: int = 64) -> list[str]:
-        return greedy_transcripts(self.emissions(frames, batch_size), letters)
+        return greedy_transcripts(self.utterance_logits(frames, batch_size), letters)
 
     @torch.no_grad()
     def mean_loss(self, frames: list[Tensor], targets: list[Tensor], batch_size: int = 64) -> float:

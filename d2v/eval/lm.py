@@ -5,7 +5,7 @@ LM weight and word score tuned on dev; spec §9.2, [P1 Tab.6]):
   format KenLM reads (the embedded profile builds its 4-gram from the training books; the paper profile reads
   LibriSpeech's official `4-gram.arpa.gz` instead);
 - `write_lexicon` spells the model's words in the CTC letter vocabulary;
-- `LanguageModel` beam-searches CTC emissions with torchaudio's flashlight-text decoder, and `tune` picks the LM
+- `LanguageModel` beam-searches CTC logits with torchaudio's flashlight-text decoder, and `tune` picks the LM
   weight and word score on a dev split.
 """
 from __future__ import annotations
@@ -268,37 +268,41 @@ class LanguageModel:
                            beam_threshold=self.cfg.beam_threshold, lm_weight=lm_weight, word_score=word_score,
                            blank_token=self.letters[0], sil_token=self.letters[1], unk_word=UNK)
 
-    def decode(self, emissions: Sequence[np.ndarray], lm_weight: float, word_score: float,
+    def decode(self, logits: Sequence[np.ndarray], lm_weight: float, word_score: float,
                beam: int | None = None) -> list[str]:
-        """Best word sequence per utterance; emissions: per utterance (frames, letters) log-probabilities."""
+        """Best word sequence per utterance; logits: per utterance (frames, letters)."""
         import torch  # not at import time: the params and the stage graph load this module's config
 
         search = self.decoder(lm_weight, word_score, beam)
         out = []
-        for e in emissions:
-            if e.ndim != 2 or e.shape[1] != len(self.letters):
-                raise ValueError(f"emissions of shape {e.shape}; expected (frames, {len(self.letters)} letters)")
-            hyps = search(torch.from_numpy(self._with_word_end(e))[None])[0]
+        for x in logits:
+            if x.ndim != 2 or x.shape[1] != len(self.letters):
+                raise ValueError(f"logits of shape {x.shape}; expected (frames, {len(self.letters)} letters)")
+            hyps = search(torch.from_numpy(self._log_probs_with_word_end(x))[None])[0]
             out.append(" ".join(hyps[0].words) if hyps else "")
         return out
 
-    def _with_word_end(self, e: np.ndarray) -> np.ndarray:
-        """One more frame, certainly the word separator: every spelling ends in '|', as fairseq's letter targets
-        do, but ours have no '|' after the last word, so without it the last word could never be finished (a
-        separator the model did emit merges with this one, as CTC merges repeats)."""
-        end = np.full((1, e.shape[1]), math.log(1e-10), dtype=np.float32)
+    def _log_probs_with_word_end(self, x: np.ndarray) -> np.ndarray:
+        """Log-probabilities (in float64, then float32), and one more frame, certainly the word separator: every
+        spelling ends in '|', as fairseq's letter targets do, but ours have no '|' after the last word, so without
+        it the last word could never be finished (a separator the model did emit merges with this one, as CTC
+        merges repeats)."""
+        end = np.full((1, x.shape[1]), math.log(1e-10))
         end[0, 1] = 0.0
-        return np.concatenate([np.asarray(e, dtype=np.float32), end])
+        x = np.asarray(x, dtype=np.float64)
+        shifted = x - x.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return np.concatenate([log_probs, end]).astype(np.float32)
 
-    def tune(self, emissions: Sequence[np.ndarray], references: Sequence[str]) -> dict:
+    def tune(self, logits: Sequence[np.ndarray], references: Sequence[str]) -> dict:
         """The (LM weight, word score) of the grid with the lowest WER on these dev utterances (ties: CER, then the
         grid's order), and the whole grid's scores."""
-        limit = self.cfg.tune_limit or len(emissions)
-        emissions, references = emissions[:limit], references[:limit]
+        limit = self.cfg.tune_limit or len(logits)
+        logits, references = logits[:limit], references[:limit]
         grid = []
         for lm_weight in self.cfg.lm_weights:
             for word_score in self.cfg.word_scores:
-                hyps = self.decode(emissions, lm_weight, word_score, self.cfg.tune_beam)
+                hyps = self.decode(logits, lm_weight, word_score, self.cfg.tune_beam)
                 grid.append({"lm_weight": lm_weight, "word_score": word_score, "wer": wer(hyps, references),
                              "cer": cer(hyps, references)})
         best = min(grid, key=lambda g: (g["wer"], g["cer"]))
@@ -309,25 +313,25 @@ class LanguageModel:
 class CTCScorer:
     """A CTC model's transcripts of each split: greedy, and with a language model (when given a folder) under the
     LM weight and word score tuned on the split's dev split (`tuning_split`; tuned once per dev split).
-    `emissions_of(split)` gives the split's per-utterance log-probabilities and reference transcripts."""
+    `logits_of(split)` gives the split's per-utterance (frames, letters) logits and reference transcripts."""
 
-    def __init__(self, emissions_of: Callable[[str], tuple[list[np.ndarray], list[str]]], letters,
+    def __init__(self, logits_of: Callable[[str], tuple[list[np.ndarray], list[str]]], letters,
                  lm_dir: str | Path | None, tests: Sequence[str], dev: str | None):
-        self.emissions_of, self.letters, self.tests, self.dev = emissions_of, letters, tests, dev
+        self.logits_of, self.letters, self.tests, self.dev = logits_of, letters, tests, dev
         self.lm = LanguageModel(lm_dir, letters.symbols) if lm_dir is not None else None
         self.tuned: dict[str, dict] = {}
 
     def score(self, split: str) -> tuple[list[str], list[str], dict]:
         """(greedy transcripts, references, the LM's metrics and settings, or {} without a language model)."""
-        emissions, refs = self.emissions_of(split)
-        greedy = greedy_transcripts(emissions, self.letters)
+        logits, refs = self.logits_of(split)
+        greedy = greedy_transcripts(logits, self.letters)
         if self.lm is None:
             return greedy, refs, {}
         dev = tuning_split(split, self.tests, self.dev)
         if dev not in self.tuned:
-            self.tuned[dev] = self.lm.tune(*((emissions, refs) if dev == split else self.emissions_of(dev)))
+            self.tuned[dev] = self.lm.tune(*((logits, refs) if dev == split else self.logits_of(dev)))
         best = self.tuned[dev]
-        hyps = self.lm.decode(emissions, best["lm_weight"], best["word_score"])
+        hyps = self.lm.decode(logits, best["lm_weight"], best["word_score"])
         return greedy, refs, {"metrics": {"wer_lm": wer(hyps, refs), "cer_lm": cer(hyps, refs)},
                               "folder": str(self.lm.folder), "digest": self.lm.digest, "arpa": str(self.lm.arpa),
                               "beam": self.lm.cfg.beam, "lm_weight": best["lm_weight"],

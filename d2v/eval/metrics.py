@@ -102,9 +102,9 @@ def ctc_greedy(logits: np.ndarray, lengths: Sequence[int] | None = None, blank: 
     return out
 
 
-def greedy_transcripts(emissions: Sequence[np.ndarray], letters) -> list[str]:
-    """The best-path transcript of each utterance's (frames, letters) scores; `letters` decodes label ids."""
-    return [letters.decode(ctc_greedy(e[None])[0]) for e in emissions]
+def greedy_transcripts(logits: Sequence[np.ndarray], letters) -> list[str]:
+    """The best-path transcript of each utterance's (frames, letters) logits; `letters` decodes label ids."""
+    return [letters.decode(ctc_greedy(x[None])[0]) for x in logits]
 
 
 def _same_length(a: np.ndarray, b: np.ndarray) -> None:

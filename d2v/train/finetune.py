@@ -191,14 +191,13 @@ def _forward_split(model, cfg: FinetuneConfig, split: str, amp=None) -> Iterator
         model.train()
 
 
-def ctc_emissions(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list[np.ndarray], list[str]]:
-    """Per utterance, (frames, letters) log-probabilities, and the reference transcripts."""
-    emissions, refs = [], []
+def ctc_logits(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list[np.ndarray], list[str]]:
+    """Per utterance, (frames, letters) logits, and the reference transcripts."""
+    out, refs = [], []
     for inputs, (logits, lengths) in _forward_split(model, cfg, split, amp):
-        log_probs = torch.log_softmax(logits.float(), -1).cpu().numpy()
-        emissions += [lp[:n] for lp, n in zip(log_probs, lengths.tolist())]
+        out += [x[:n] for x, n in zip(logits.float().cpu().numpy(), lengths.tolist())]
         refs += inputs["text"]
-    return emissions, refs
+    return out, refs
 
 
 def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = World()) -> tuple[list, list]:
@@ -206,8 +205,8 @@ def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = Wor
     rank reads its share of the shards and every rank gets all pairs back (shard order per rank)."""
     task = TASKS[cfg.task]
     if task.kind == "ctc":
-        emissions, refs = ctc_emissions(model, cfg, split, amp)
-        return (gather_lists(greedy_transcripts(emissions, LetterTokenizer.load(cfg.letters)), world),
+        logits, refs = ctc_logits(model, cfg, split, amp)
+        return (gather_lists(greedy_transcripts(logits, LetterTokenizer.load(cfg.letters)), world),
                 gather_lists(refs, world))
     preds, refs = [], []
     for inputs, out in _forward_split(model, cfg, split, amp):
@@ -436,7 +435,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     device = resolve_device(cfg.device)
     model.to(device)
     amp, _ = autocast(device, cfg.precision)
-    scorer = CTCScorer(lambda s: ctc_emissions(model, cfg, s, amp), LetterTokenizer.load(cfg.letters), lm,
+    scorer = CTCScorer(lambda s: ctc_logits(model, cfg, s, amp), LetterTokenizer.load(cfg.letters), lm,
                        task.tests, task.dev) if task.kind == "ctc" else None
     results = []
     for s in [*([split] if split else task.tests), *extra]:
