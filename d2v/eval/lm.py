@@ -33,8 +33,8 @@ ARPA, LEXICON, WORDS, META = "lm.arpa", "lexicon.txt", "words.txt", "lm.json"
 
 
 class LanguageModelConfig(StrictModel):
-    """Where the model comes from (one of `corpus`, a prepared source's `lm_corpus.txt`, or `arpa`, an ARPA file
-    such as openslr.org/11's `4-gram.arpa.gz`), and how to decode with it. The LM weight and word score are chosen
+    """Where the model comes from (one of `corpus`, a prepared source whose manifest lists text files under the
+    split `lm`, or `arpa`, an ARPA file such as openslr.org/11's `4-gram.arpa.gz`), and how to decode with it. The LM weight and word score are chosen
     on dev from the grids; `tune_beam` and `tune_limit` make that search cheaper than the final decode."""
 
     corpus: str | None = None
@@ -50,7 +50,7 @@ class LanguageModelConfig(StrictModel):
     @model_validator(mode="after")
     def _one_source(self):
         if (self.corpus is None) == (self.arpa is None):
-            raise ValueError("lm: give exactly one of `corpus` (a source with lm_corpus.txt) or `arpa` (a file)")
+            raise ValueError("lm: give exactly one of `corpus` (a source with 'lm' text) or `arpa` (a file)")
         return self
 
 

@@ -7,6 +7,8 @@ Faithful to LibriSpeech's structure where it matters for data2vec:
 - "clean" and "other" conditions (other = white or pink noise at 5-15 dB SNR);
 - an unlabeled pretraining split, a labeled 1 h split whose first part is a 10 min subset, and 16 kHz audio with
   LibriSpeech-style transcripts (A-Z, apostrophe, space).
+A second source, `mini_librispeech_lm`, holds every sentence of the training books as a transcript would read it:
+the word n-gram's corpus, as LibriSpeech's LM corpus is books that leave out its dev and test books.
 Everything is drawn from `np.random.default_rng([seed, split, index])`, so the corpus is identical for a given seed
 and engine version. Synthetic speech is far easier than read human speech: WERs here are pipeline health figures.
 """
