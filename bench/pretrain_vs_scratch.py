@@ -38,6 +38,7 @@ from runs import cv_baseline, cv_test_metrics, pretrain_seconds, scored_metrics
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
 from d2v.io import atomic_write_json
+from d2v.train import recipe
 from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
 
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file --ft-profile reads")
     parser.add_argument("--lm", type=Path, default=None, help="CTC tasks: also decode with this language model "
                         "folder (`d2v lm`), and compare the arms on its WER (wer_lm), the papers' metric")
+    parser.add_argument("--any-finetune-version", action="store_true", help="reuse finished fine-tunes of the same "
+                        "config made under an older FINETUNE version (scored again; the JSON records each run's)")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
@@ -207,6 +210,7 @@ def main() -> None:
         kind = report["pretrain"][modality].get("pretraining", "data2vec")
         values: dict[str, list[float]] = {}
         every: dict[str, list[dict]] = {}  # all test metrics per seed (CTC: CER moves before WER does)
+        versions: dict[str, list[int]] = {}  # the FINETUNE version of each run
         for init in ("pretrained", "scratch"):
             for seed in range(args.seeds):
                 overrides = {"init": init, "seed": seed, "objective": objective}
@@ -220,11 +224,14 @@ def main() -> None:
                 if init == "pretrained" and kind != "data2vec":
                     tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
                 run = runs / "finetune" / f"{task}-{tag}-s{seed}"
-                every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task), args.lm))
+                every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task), args.lm,
+                                                                  args.any_finetune_version))
+                versions.setdefault(init, []).append(recipe.recorded(run, "finetune"))
                 headline = scored_metrics(TASKS[task], args.lm)[0]
                 values.setdefault(init, []).append(every[init][-1][headline])
                 report["tasks"][task] = {**summarize(task, values, headline), "objective": objective,
                                          "lm": str(args.lm) if headline == "wer_lm" else None,
+                                         "finetune_recipes": versions,
                                          "finetune_steps": cfg.steps, "ft_profile": args.ft_profile,
                                          "overrides": ft_sets.get(task, {}),
                                          "folds": folds.get(task),

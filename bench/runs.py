@@ -24,9 +24,10 @@ from d2v.train.pretrain import pretrain_main
 from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, eval_file_name
 
 
-def same_config(run: Path, cfg) -> bool:
+def same_config(run: Path, cfg, any_version: bool = False) -> bool:
     """The run's config.json, with fields added since it was written at their defaults, equals `cfg`, and the run
-    was made under the current recipe version: code that changed what such a run computes makes it stale."""
+    was made under the current recipe version (unless `any_version`): code that changed what such a run computes
+    makes it stale."""
     config = run / "config.json"
     if not config.is_file():
         return False
@@ -35,7 +36,7 @@ def same_config(run: Path, cfg) -> bool:
         same = type(cfg).model_validate(json.loads(config.read_text())) == cfg
     except ValueError:  # written by an incompatible version
         return False
-    if same and (made := recipe.recorded(run, kind)) != recipe.current(kind):
+    if same and not any_version and (made := recipe.recorded(run, kind)) != recipe.current(kind):
         print(f"{run}: made under {kind} recipe {made}, the code is at {recipe.current(kind)}: not reused",
               file=sys.stderr)
         return False
@@ -79,16 +80,17 @@ def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | No
     return seconds
 
 
-def mean_test_metrics(cfg, out: Path, lm: Path | None = None) -> dict[str, float]:
+def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool = False) -> dict[str, float]:
     """Every metric of a fine-tune's test evaluations, averaged over its test splits (for CTC tasks the test_*
     splits, not dev; with the language model folder `lm` also wer_lm and cer_lm); an evaluation under the same
     config is reused (scored again when it was made under another EVALUATE version or another language model),
-    otherwise the task is fine-tuned first."""
+    otherwise the task is fine-tuned first. `any_version` reuses a fine-tune of the same config made under an
+    older FINETUNE version too (scoring it again; for a version bump that left this config's runs unchanged)."""
     task = TASKS[cfg.task]
     lm = lm if task.kind == "ctc" else None
     results = [out / "eval" / eval_file_name(cfg.task, split) for split in task.tests]
     finished = all(r.is_file() for r in results)
-    if finished and same_config(out, cfg):
+    if finished and same_config(out, cfg, any_version):
         results = [json.loads(r.read_text()) for r in results]
         digest = lm and LanguageModel(lm, LetterTokenizer.load(cfg.letters).symbols).digest
         if any(recipe.in_result(r, "evaluate") != recipe.EVALUATE or r.get("lm", {}).get("digest") != digest
@@ -134,13 +136,13 @@ def cv_data_root(task: str, folds: int, fold: int, root: str | Path = "data/fold
     return data
 
 
-def cv_test_metrics(cfg, out: Path, folds: int | None, lm: Path | None = None) -> dict:
+def cv_test_metrics(cfg, out: Path, folds: int | None, lm: Path | None = None, any_version: bool = False) -> dict:
     """`mean_test_metrics`, or with `folds` their mean over the folds of a cross-validation, fold k fine-tuned in
     OUT-fK on its own data root; the folds' own metrics are kept under "folds"."""
     if not folds:
-        return mean_test_metrics(cfg, out, lm)
+        return mean_test_metrics(cfg, out, lm, any_version)
     per_fold = [mean_test_metrics(cfg.model_copy(update={"data_root": str(cv_data_root(cfg.task, folds, k))}),
-                                  out.with_name(f"{out.name}-f{k}"), lm) for k in range(folds)]
+                                  out.with_name(f"{out.name}-f{k}"), lm, any_version) for k in range(folds)]
     return fold_mean(per_fold)
 
 

@@ -63,6 +63,8 @@ def test_a_run_made_under_another_recipe_version_is_not_reused(tmp_path, monkeyp
     assert not same_config(ft, cfg)
     stale = f"made under finetune recipe {recipe.FINETUNE - 1}, the code is at {recipe.FINETUNE}: not reused"
     assert stale in capsys.readouterr().err
+    assert same_config(ft, cfg, any_version=True)  # --any-finetune-version: the older run is reused (scored again)
+    assert not same_config(ft, cfg.model_copy(update={"seed": 1}), any_version=True)  # but only its own config
     assert same_config(pre, pretrain_config("text", {"steps": 3}))  # pretraining runs stay current
     (ft / "recipe.json").write_text('{"kind": "pretrain", "version": 3}')
     with pytest.raises(ValueError, match=r"ft/recipe.json: records a 'pretrain' run, expected a 'finetune' run"):
@@ -440,7 +442,7 @@ def test_a_params_profile_gives_each_task_the_pipelines_fine_tuning_under_the_be
     built = []
     monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v2"}))
     monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
-                        lambda cfg, run, folds, lm: built.append(cfg) or {"accuracy": 0.5})
+                        lambda cfg, run, folds, lm, any_version: built.append(cfg) or {"accuracy": 0.5})
     out, data = tmp_path / "out.json", tmp_path / "data"
     for split in ("train_6k", "test"):
         (data / "shards" / "fashion_mnist" / split).mkdir(parents=True)
@@ -475,7 +477,7 @@ def test_the_recorded_fine_tuning_overrides_are_the_ones_each_run_used(tmp_path,
     monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v1"}))
     monkeypatch.setattr(pretrain_vs_scratch, "missing_shards", lambda *a: [])
     monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
-                        lambda cfg, run, folds, lm: used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
+                        lambda cfg, run, folds, lm, any_version: used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity",
                                       "--seeds", "2", "--ft-profile", "embedded", "--ft-set", "rt_polarity.steps=7",
