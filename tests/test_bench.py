@@ -477,7 +477,8 @@ def test_the_recorded_fine_tuning_overrides_are_the_ones_each_run_used(tmp_path,
     monkeypatch.setattr(pretrain_vs_scratch, "pretrain", lambda *a: (tmp_path / "final.pt", {"objective": "v1"}))
     monkeypatch.setattr(pretrain_vs_scratch, "missing_shards", lambda *a: [])
     monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
-                        lambda cfg, run, folds, lm, any_version: used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
+                        lambda cfg, run, folds, lm, any_version:
+                        used.append(cfg) or {"accuracy": 0.6 + 0.01 * cfg.seed})
     out = tmp_path / "out.json"
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity",
                                       "--seeds", "2", "--ft-profile", "embedded", "--ft-set", "rt_polarity.steps=7",

@@ -191,6 +191,8 @@ def test_bad_language_models_and_configs_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"notes.arpa: no \\1-grams: section"):
         lm.read_arpa_vocabulary(tmp_path / "notes.arpa")
     built(tmp_path, ["CAT"])
+    with pytest.raises(ValueError, match=r"its lexicon is spelled with the letters \['<blank>', '\|', 'A', 'C'"):
+        lm.LanguageModel(tmp_path / "lm", LETTERS[:-1])
     (tmp_path / "lm" / lm.LEXICON).unlink()
     with pytest.raises(FileNotFoundError, match="lexicon.txt: part of the language model"):
         lm.LanguageModel(tmp_path / "lm", LETTERS)

@@ -34,8 +34,9 @@ ARPA, LEXICON, WORDS, META = "lm.arpa", "lexicon.txt", "words.txt", "lm.json"
 
 class LanguageModelConfig(StrictModel):
     """Where the model comes from (one of `corpus`, a prepared source whose manifest lists text files under the
-    split `lm`, or `arpa`, an ARPA file such as openslr.org/11's `4-gram.arpa.gz`), and how to decode with it. The LM weight and word score are chosen
-    on dev from the grids; `tune_beam` and `tune_limit` make that search cheaper than the final decode."""
+    split `lm`, or `arpa`, an ARPA file such as openslr.org/11's `4-gram.arpa.gz`), and how to decode with it. The
+    LM weight and word score are chosen on dev from the grids; `tune_beam` and `tune_limit` make that search
+    cheaper than the final decode."""
 
     corpus: str | None = None
     arpa: str | None = None
@@ -211,8 +212,8 @@ def build(cfg: LanguageModelConfig, letters: Sequence[str], folder: str | Path,
         meta |= {"corpus": [str(f) for f in corpus], "ngrams": [len(m) for m in model]}
     kept, dropped = write_lexicon(read_arpa_vocabulary(arpa), letters, folder)
     # a built model is named relative to its folder (which may move), a given one by its absolute path
-    meta |= {"arpa": str(arpa) if cfg.arpa else ARPA, "lexicon_words": kept, "words_left_out": len(dropped),
-             "examples_left_out": dropped[:20]}
+    meta |= {"arpa": str(arpa) if cfg.arpa else ARPA, "letters": list(letters), "lexicon_words": kept,
+             "words_left_out": len(dropped), "examples_left_out": dropped[:20]}
     atomic_write_json(folder / META, meta)
     return meta
 
@@ -233,7 +234,8 @@ def tuning_split(split: str, tests: Sequence[str], dev: str | None) -> str:
 
 
 class LanguageModel:
-    """A built language model folder, decoding CTC log-probabilities over `letters` (blank first, then '|')."""
+    """A built language model folder, decoding CTC logits over `letters` (blank first, then '|'), the letters its
+    lexicon was spelled with."""
 
     def __init__(self, folder: str | Path, letters: Sequence[str]):
         self.folder = Path(folder)
@@ -248,6 +250,9 @@ class LanguageModel:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: part of the language model in {self.folder} is missing")
         self.letters = list(letters)
+        if self.meta.get("letters", self.letters) != self.letters:
+            raise ValueError(f"{meta_file}: its lexicon is spelled with the letters {self.meta['letters']}, the model "
+                             f"decodes {self.letters} (run `d2v lm` again with this letter vocabulary)")
 
     @cached_property
     def _kenlm(self):
