@@ -29,7 +29,8 @@ from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.io import atomic_write_json
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe
-from d2v.train.finetune import as_inputs, headline, loader, require_extra_tests, result_record, score
+from d2v.train.finetune import as_inputs, headline, loader, require_ctc_for_lm, require_extra_tests, result_record, \
+    score
 from d2v.train.tasks import RAW, TASKS, BaselineConfig, FinetuneConfig, Task, eval_file_name
 
 # --------------------------------------------------------------------------------------------------- features
@@ -235,8 +236,7 @@ def run_baseline(cfg: BaselineConfig, out_dir: str | Path, extra: tuple[str, ...
     test sets); one JSON per split in `out_dir`. CTC tasks are also decoded with the language model folder `lm`."""
     task = TASKS[cfg.task]
     require_extra_tests(cfg.task, extra)
-    if lm is not None and task.kind != "ctc":
-        raise ValueError(f"{cfg.task}: --lm decodes CTC tasks; this one is {task.kind}")
+    require_ctc_for_lm(cfg.task, lm)
     splits = [*task.tests, *extra]
     if task.kind == "ctc":
         what, outputs, selection = ctc_baseline(cfg, splits, lm)

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from d2v.config import StrictModel
 from d2v.data.manifest import LM_SPLIT, read_manifest
 from d2v.eval.metrics import cer, greedy_transcripts, wer
-from d2v.io import atomic_write, atomic_write_json
+from d2v.io import atomic_write, atomic_write_json, atomic_write_text
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 NO_PROB = -99.0  # ARPA's log10 probability of <s>, which is never predicted
@@ -176,8 +176,8 @@ def write_lexicon(words: Iterable[str], letters: Iterable[str], folder: str | Pa
     if not kept:
         raise ValueError(f"no word of the language model is spelled with the letters {''.join(sorted(alphabet))}")
     folder = Path(folder)
-    atomic_write(folder / LEXICON, lambda f: f.write("".join(f"{w}\t{' '.join(w)} |\n" for w in kept).encode()))
-    atomic_write(folder / WORDS, lambda f: f.write("".join(f"{w}\n" for w in [*kept, UNK]).encode()))
+    atomic_write_text(folder / LEXICON, "".join(f"{w}\t{' '.join(w)} |\n" for w in kept))
+    atomic_write_text(folder / WORDS, "".join(f"{w}\n" for w in [*kept, UNK]))
     return len(kept), dropped
 
 
@@ -242,8 +242,9 @@ class LanguageModel:
         meta_file = self.folder / META
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file}: no language model here (run `d2v lm` first)")
-        self.meta = json.loads(meta_file.read_text())
-        self.digest = hashlib.sha256(meta_file.read_bytes()).hexdigest()[:16]  # which model decoded a result
+        raw = meta_file.read_bytes()
+        self.meta = json.loads(raw)
+        self.digest = hashlib.sha256(raw).hexdigest()[:16]  # which model decoded a result
         self.cfg = LanguageModelConfig.model_validate(self.meta["config"])
         self.arpa = self.folder / self.meta["arpa"]
         for path in (self.arpa, self.folder / LEXICON, self.folder / WORDS):
@@ -283,21 +284,21 @@ class LanguageModel:
         for x in logits:
             if x.ndim != 2 or x.shape[1] != len(self.letters):
                 raise ValueError(f"logits of shape {x.shape}; expected (frames, {len(self.letters)} letters)")
-            hyps = search(torch.from_numpy(self._log_probs_with_word_end(x))[None])[0]
+            hyps = search(self._log_probs_with_word_end(torch.from_numpy(np.asarray(x, dtype=np.float64)))[None])[0]
             out.append(" ".join(hyps[0].words) if hyps else "")
         return out
 
-    def _log_probs_with_word_end(self, x: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _log_probs_with_word_end(x):
         """Log-probabilities (in float64, then float32), and one more frame, certainly the word separator: every
         spelling ends in '|', as fairseq's letter targets do, but ours have no '|' after the last word, so without
         it the last word could never be finished (a separator the model did emit merges with this one, as CTC
         merges repeats)."""
-        end = np.full((1, x.shape[1]), math.log(1e-10))
+        import torch
+
+        end = x.new_full((1, x.shape[1]), math.log(1e-10))
         end[0, 1] = 0.0
-        x = np.asarray(x, dtype=np.float64)
-        shifted = x - x.max(axis=-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-        return np.concatenate([log_probs, end]).astype(np.float32)
+        return torch.cat([x.log_softmax(-1), end]).float()
 
     def tune(self, logits: Sequence[np.ndarray], references: Sequence[str]) -> dict:
         """The (LM weight, word score) of the grid with the lowest WER on these dev utterances (ties: CER, then the

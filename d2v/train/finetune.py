@@ -240,6 +240,13 @@ def require_extra_tests(task_name: str, extra: tuple[str, ...]) -> None:
         raise ValueError(f"{task_name}: no extra test set {unknown}; it has {list(task.extra_tests) or 'none'}")
 
 
+def require_ctc_for_lm(task_name: str, lm) -> None:
+    """Refuse a language model for a task that is not CTC, before any work."""
+    kind = TASKS[task_name].kind
+    if lm is not None and kind != "ctc":
+        raise ValueError(f"{task_name}: --lm decodes CTC tasks; this one is {kind}")
+
+
 def selection_key(task: Task, metrics: dict[str, float]) -> tuple[float, ...]:
     """Higher is better: the headline metric, ties broken by the task's next ones (CTC: WER, then CER, since at
     small budgets WER stays at 1.0 while CER already falls). An undefined metric (NaN) ranks below every value."""
@@ -427,9 +434,8 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = FinetuneConfig.model_validate(state["config"])
     require_extra_tests(cfg.task, extra)
+    require_ctc_for_lm(cfg.task, lm)
     task = TASKS[cfg.task]
-    if lm is not None and task.kind != "ctc":
-        raise ValueError(f"{cfg.task}: --lm decodes CTC tasks; this one is {task.kind}")
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])
     device = resolve_device(cfg.device)
