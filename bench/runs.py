@@ -16,7 +16,7 @@ from d2v.data.shards import write_shards
 from d2v.data.sources import SOURCES, Context
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.baselines import run_baseline
-from d2v.eval.lm import LanguageModel
+from d2v.eval.lm import LanguageModel, usable_cpus
 from d2v.io import atomic_write_json
 from d2v.train import recipe
 from d2v.train.finetune import evaluate, run_finetune
@@ -84,8 +84,9 @@ def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool 
     """Every metric of a fine-tune's test evaluations, averaged over its test splits (for CTC tasks the test_*
     splits, not dev; with the language model folder `lm` also wer_lm and cer_lm); an evaluation under the same
     config is reused (scored again when it was made under another EVALUATE version or another language model),
-    otherwise the task is fine-tuned first. `any_version` reuses a fine-tune of the same config made under an
-    older FINETUNE version too (scoring it again; for a version bump that left this config's runs unchanged)."""
+    otherwise the task is fine-tuned first; the beam search runs on every usable CPU. `any_version` reuses a
+    fine-tune of the same config made under an older FINETUNE version too (scoring it again; for a version bump that
+    left this config's runs unchanged)."""
     task = TASKS[cfg.task]
     lm = lm if task.kind == "ctc" else None
     results = [out / "eval" / eval_file_name(cfg.task, split) for split in task.tests]
@@ -95,12 +96,13 @@ def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool 
         digest = lm and LanguageModel(lm, LetterTokenizer.load(cfg.letters).symbols).digest
         if any(recipe.in_result(r, "evaluate") != recipe.EVALUATE or r.get("lm", {}).get("digest") != digest
                for r in results):
-            results = evaluate(out, lm=lm)  # scored by other code or LM: the fine-tuned model is still current
+            # scored by other code or LM: the fine-tuned model is still current
+            results = evaluate(out, lm=lm, decode_workers=usable_cpus())
     else:
         if finished:
             refuse_another_config(out, cfg)
         run_finetune(cfg, out, progress=False)
-        results = evaluate(out, lm=lm)
+        results = evaluate(out, lm=lm, decode_workers=usable_cpus())
     if task.kind == "ctc":
         results = [r for r in results if r["split"].startswith("test")]
     else:

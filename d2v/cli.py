@@ -114,6 +114,14 @@ def _add_profile(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
 
 
+def _add_lm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lm", default=None, metavar="FOLDER",
+                   help="CTC tasks: also decode with this language model (`d2v lm`): wer_lm, cer_lm")
+    p.add_argument("--decode-workers", type=int, default=1, metavar="N",
+                   help="processes that beam-search with --lm, sharing one loaded model (default 1; at most the "
+                        "CPUs this process may use)")
+
+
 def _add_restart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart-on-change", action="store_true",
                    help="discard checkpoints written under a different config instead of stopping (on with --profile)")
@@ -310,7 +318,8 @@ def _print_result(r: dict, label: str) -> None:
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from d2v.train.finetune import evaluate
 
-    for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra), args.lm):
+    for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra), args.lm,
+                      args.decode_workers):
         _print_result(r, f"{r['init']}, {r['mode']}")
     return 0
 
@@ -332,7 +341,7 @@ def baseline_cmd(args: argparse.Namespace) -> int:
     else:
         cfg = baseline_config(args.task, nested_overrides(args.set))
         out = Path(args.out or f"results/baselines/{args.task}")
-    for r in run_baseline(cfg, out, tuple(args.extra), args.lm):
+    for r in run_baseline(cfg, out, tuple(args.extra), args.lm, args.decode_workers):
         _print_result(r, f"raw features: {r['baseline']}")
     print(f"-> {out}")
     return 0
@@ -513,8 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="DATASET/SPLIT",
                    help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
     p.add_argument("--out", default=None, help="folder for the JSON results (default RUN/eval)")
-    p.add_argument("--lm", default=None, metavar="FOLDER",
-                   help="CTC tasks: also decode with this language model (`d2v lm`): wer_lm, cer_lm")
+    _add_lm(p)
     p.set_defaults(func=evaluate_cmd)
     p = sub.add_parser("baseline", help="fit a task's raw-feature baseline (no encoder) and score its test splits")
     p.add_argument("task")
@@ -523,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score this extra test set of the task (e.g. real_speech/test_asterisk)")
     p.add_argument("--out", default=None,
                    help="folder for the JSON results (default: the profile's RESULTS/TASK/raw-sSEED)")
-    p.add_argument("--lm", default=None, metavar="FOLDER",
-                   help="CTC tasks: also decode with this language model (`d2v lm`): wer_lm, cer_lm")
+    _add_lm(p)
     p.set_defaults(func=baseline_cmd)
     _add_profile(p)
     p = sub.add_parser("shard", help="write WebDataset shards + index.json for one split of a prepared source")

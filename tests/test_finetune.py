@@ -180,6 +180,9 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     assert len(decoded["lm"]["tuning"]["grid"]) == 2 and decoded["lm"]["lm_weight"] in (0.5, 1.0)
     assert set(json.loads((tmp_path / "lm_eval" / "toy_ctc-train.json").read_text())["metrics"]) == \
         {"wer", "cer", "wer_lm", "cer_lm"}
+    pooled = ft.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm", out=tmp_path / "lm_eval2",
+                         decode_workers=2)  # beam search in forked workers, after the model ran in this process
+    assert [r["metrics"] for r in pooled] == [decoded["metrics"], human_decoded["metrics"]]
     ft.run_finetune(cfg.model_copy(update={"train_cnn": True}), tmp_path / "cnn", progress=False)
     after = torch.load(tmp_path / "cnn" / "final.pt", weights_only=False)["model"]
     assert any(k.startswith("encoder.feature_extractor") and not torch.equal(before[k], v) for k, v in after.items())

@@ -4,6 +4,7 @@ greedy decoding misspells, the choice of LM weight on dev, and the failure modes
 import gzip
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -145,6 +146,35 @@ def test_tuning_chooses_the_lm_weight_that_decodes_dev_best(tmp_path):
     limited = lm.LanguageModel(tmp_path / "lm", LETTERS)
     limited.cfg = limited.cfg.model_copy(update={"tune_limit": 1, "tune_beam": 5})
     assert (limited.tune([CAX_OR_CAT] * 3, ["CAT"] * 3)["n"], limited.tune([CAX_OR_CAT], ["CAT"])["beam"]) == (1, 5)
+
+
+def search_tagged_with_its_process(emissions: np.ndarray, search=lm._search_in_worker) -> str:
+    return f"{search(emissions)}@{os.getpid()}"
+
+
+def test_worker_processes_decode_the_words_one_process_does(tmp_path, monkeypatch):
+    model = built(tmp_path, random_corpus(40))
+    rng = np.random.default_rng(1)
+    letters = [s for s in LETTERS if s not in ("<blank>", "|")]
+    utterances = []  # noisy spellings of random words and word pairs: the lexicon decides, not greedy reading
+    for _ in range(9):
+        text = " ".join(rng.choice(["CAT", "SAT", "TAX", "ACTS", "SCAT"], size=rng.integers(1, 3)))
+        frames = [{(c if c != " " else "|"): 0.6, str(rng.choice(letters)): 0.3} if c != " " else {"|": 0.9}
+                  for c in text for c in (c, "<blank>")]
+        utterances.append(emissions(frames))
+    one = model.decode(utterances, lm_weight=1.0, word_score=0.0)
+    assert len(set(one)) > 3 and all(one)  # different words per utterance, none lost
+
+    monkeypatch.setattr(lm, "_search_in_worker", search_tagged_with_its_process)
+    monkeypatch.setattr(lm, "usable_cpus", lambda: 4)  # whatever this machine has
+    pooled = lm.LanguageModel(tmp_path / "lm", LETTERS, workers=3).decode(utterances, lm_weight=1.0, word_score=0.0)
+    words, pids = zip(*(r.rsplit("@", 1) for r in pooled))
+    assert list(words) == one  # the same words, in the same order
+    assert len(set(pids)) == 3 and str(os.getpid()) not in pids
+    with pytest.raises(ValueError, match=r"logits of shape \(6, 3\)"):  # checked here, before any fork
+        lm.LanguageModel(tmp_path / "lm", LETTERS, workers=2).decode([CAX_OR_CAT, CAX_OR_CAT[:, :3]], 1.0, 0.0)
+    with pytest.raises(ValueError, match="decode workers: 0"):
+        lm.LanguageModel(tmp_path / "lm", LETTERS, workers=0)
 
 
 def test_a_given_arpa_file_gzipped_decodes_like_the_one_built(tmp_path):

@@ -56,6 +56,10 @@ def test_every_profile_validates_and_builds_a_closed_graph():
     paper = StageTable(params, "paper", raw=RAW)
     (paper_lm,) = paper.of_kind("lm")  # LibriSpeech's own 4-gram: nothing to estimate, so no lm.arpa of ours
     assert paper_lm.deps == ("data/paper/tokenizer/letters.json",) and "data/paper/lm/lm.arpa" not in paper_lm.outs
+    # its beam search runs in as many processes as the evaluation job has threads (the embedded job has one)
+    paper_speech = [s for s in paper.of_kind("evaluate") if "--lm" in s.cmd]
+    assert paper_speech and all(s.cmd.endswith("--lm data/paper/lm --decode-workers 8") for s in paper_speech)
+    assert not any("--decode-workers" in s.cmd for s in embedded)
     assert len(embedded.of_kind("finetune")) == 2 * len(params.profiles["embedded"].finetune)  # + scratch
     baselines = {s.outs[0].split("/")[2]: s for s in embedded.of_kind("baseline")}
     assert set(baselines) == set(params.profiles["embedded"].finetune)  # one raw-feature baseline per task

@@ -201,9 +201,10 @@ def text_reader(cfg: BaselineConfig, lcfg: FinetuneConfig) -> Callable:
     return read
 
 
-def ctc_baseline(cfg: BaselineConfig, splits: list[str], lm: str | Path | None = None) -> tuple[str, dict, dict]:
+def ctc_baseline(cfg: BaselineConfig, splits: list[str], lm: str | Path | None = None,
+                 decode_workers: int = 1) -> tuple[str, dict, dict]:
     """Speech: a linear CTC head on stacked log-mels, decoded greedily and, given a language model folder, by beam
-    search as the fine-tuned models are (`d2v.eval.lm.CTCScorer`)."""
+    search as the fine-tuned models are (`d2v.eval.lm.CTCScorer`, in `decode_workers` processes)."""
     from d2v.eval.metrics import cer
 
     task, lcfg = TASKS[cfg.task], cfg.loader_config()
@@ -221,7 +222,7 @@ def ctc_baseline(cfg: BaselineConfig, splits: list[str], lm: str | Path | None =
         split_frames, _, texts = read(split)
         return head.utterance_logits(split_frames), list(texts)
 
-    scorer = CTCScorer(logits_of, letters, lm, task.tests, task.dev)
+    scorer = CTCScorer(logits_of, letters, lm, task.tests, task.dev, decode_workers)
     outputs = {split: scorer.score(split) for split in splits}
     what = (f"linear CTC head on {cfg.n_mels} log-mels, ±{cfg.context} frames stacked, 50 frames/s, "
             f"Adam {cfg.ctc_lr}, greedy decoding" + (" and beam search with a word n-gram" if lm else ""))
@@ -231,15 +232,16 @@ def ctc_baseline(cfg: BaselineConfig, splits: list[str], lm: str | Path | None =
 
 
 def run_baseline(cfg: BaselineConfig, out_dir: str | Path, extra: tuple[str, ...] = (),
-                 lm: str | Path | None = None) -> list[dict]:
+                 lm: str | Path | None = None, decode_workers: int = 1) -> list[dict]:
     """Fit the task's raw-feature baseline on its training split and score it on every test split (and the `extra`
-    test sets); one JSON per split in `out_dir`. CTC tasks are also decoded with the language model folder `lm`."""
+    test sets); one JSON per split in `out_dir`. CTC tasks are also decoded with the language model folder `lm`, in
+    `decode_workers` processes."""
     task = TASKS[cfg.task]
     require_extra_tests(cfg.task, extra)
     require_ctc_for_lm(cfg.task, lm)
     splits = [*task.tests, *extra]
     if task.kind == "ctc":
-        what, outputs, selection = ctc_baseline(cfg, splits, lm)
+        what, outputs, selection = ctc_baseline(cfg, splits, lm, decode_workers)
     else:
         fit = similarity_baseline if task.kind == "regression" else classical_baseline
         what, outputs, selection = fit(cfg, splits)

@@ -5,8 +5,8 @@ LM weight and word score tuned on dev; spec §9.2, [P1 Tab.6]):
   format KenLM reads (the embedded profile builds its 4-gram from the training books; the paper profile reads
   LibriSpeech's official `4-gram.arpa.gz` instead);
 - `write_lexicon` spells the model's words in the CTC letter vocabulary;
-- `LanguageModel` beam-searches CTC logits with torchaudio's flashlight-text decoder, and `tune` picks the LM
-  weight and word score on a dev split.
+- `LanguageModel` beam-searches CTC logits with torchaudio's flashlight-text decoder, in parallel processes that
+  share one loaded KenLM, and `tune` picks the LM weight and word score on a dev split.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import gzip
 import hashlib
 import json
 import math
+import multiprocessing
+import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
@@ -235,13 +238,15 @@ def tuning_split(split: str, tests: Sequence[str], dev: str | None) -> str:
 
 class LanguageModel:
     """A built language model folder, decoding CTC logits over `letters` (blank first, then '|'), the letters its
-    lexicon was spelled with."""
+    lexicon was spelled with, in up to `workers` processes."""
 
-    def __init__(self, folder: str | Path, letters: Sequence[str]):
+    def __init__(self, folder: str | Path, letters: Sequence[str], workers: int = 1):
         self.folder = Path(folder)
         meta_file = self.folder / META
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file}: no language model here (run `d2v lm` first)")
+        if workers < 1:
+            raise ValueError(f"decode workers: {workers}; expected at least 1")
         raw = meta_file.read_bytes()
         self.meta = json.loads(raw)
         self.digest = hashlib.sha256(raw).hexdigest()[:16]  # which model decoded a result
@@ -254,6 +259,7 @@ class LanguageModel:
         if self.meta.get("letters", self.letters) != self.letters:
             raise ValueError(f"{meta_file}: its lexicon is spelled with the letters {self.meta['letters']}, the model "
                              f"decodes {self.letters} (run `d2v lm` again with this letter vocabulary)")
+        self.workers = workers
 
     @cached_property
     def _kenlm(self):
@@ -276,29 +282,38 @@ class LanguageModel:
 
     def decode(self, logits: Sequence[np.ndarray], lm_weight: float, word_score: float,
                beam: int | None = None) -> list[str]:
-        """Best word sequence per utterance; logits: per utterance (frames, letters)."""
+        """Best word sequence per utterance; logits: per utterance (frames, letters). The same words in any number
+        of workers."""
+        emissions = [self._emissions(x) for x in logits]
+        workers = min(self.workers, len(emissions), usable_cpus())
+        if workers <= 1:
+            search = self.decoder(lm_weight, word_score, beam)
+            return [_best_words(search, e) for e in emissions]
+        self._kenlm  # loaded before the fork, so that the workers share its pages instead of each loading it
+        # fork (not spawn): the KenLM object cannot be pickled, and a worker of its own would load the ARPA file
+        # again. The workers run only flashlight's C++ search on arrays (no torch kernels, no locks of the
+        # parent's threads), which is what makes Python 3.12's warning about forking a threaded process moot here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
+                                    category=DeprecationWarning)
+            pool = multiprocessing.get_context("fork").Pool(
+                workers, initializer=_start_search, initargs=(self, lm_weight, word_score, beam))
+        with pool:
+            return pool.map(_search_in_worker, emissions, chunksize=max(1, len(emissions) // (4 * workers)))
+
+    def _emissions(self, x: np.ndarray) -> np.ndarray:
+        """One utterance's (frames + 1, letters) float32 log-probabilities, with one more frame, certainly the word
+        separator: every spelling ends in '|', as fairseq's letter targets do, but ours have no '|' after the last
+        word, so without it the last word could never be finished (a separator the model did emit merges with
+        this one, as CTC merges repeats). Normalised in float64."""
         import torch  # not at import time: the params and the stage graph load this module's config
 
-        search = self.decoder(lm_weight, word_score, beam)
-        out = []
-        for x in logits:
-            if x.ndim != 2 or x.shape[1] != len(self.letters):
-                raise ValueError(f"logits of shape {x.shape}; expected (frames, {len(self.letters)} letters)")
-            hyps = search(self._log_probs_with_word_end(torch.from_numpy(np.asarray(x, dtype=np.float64)))[None])[0]
-            out.append(" ".join(hyps[0].words) if hyps else "")
-        return out
-
-    @staticmethod
-    def _log_probs_with_word_end(x):
-        """Log-probabilities (in float64, then float32), and one more frame, certainly the word separator: every
-        spelling ends in '|', as fairseq's letter targets do, but ours have no '|' after the last word, so without
-        it the last word could never be finished (a separator the model did emit merges with this one, as CTC
-        merges repeats)."""
-        import torch
-
-        end = x.new_full((1, x.shape[1]), math.log(1e-10))
+        if x.ndim != 2 or x.shape[1] != len(self.letters):
+            raise ValueError(f"logits of shape {x.shape}; expected (frames, {len(self.letters)} letters)")
+        log_probs = torch.from_numpy(np.asarray(x, dtype=np.float64)).log_softmax(-1).numpy()
+        end = np.full((1, x.shape[1]), math.log(1e-10))
         end[0, 1] = 0.0
-        return torch.cat([x.log_softmax(-1), end]).float()
+        return np.concatenate([log_probs, end]).astype(np.float32)
 
     def tune(self, logits: Sequence[np.ndarray], references: Sequence[str]) -> dict:
         """The (LM weight, word score) of the grid with the lowest WER on these dev utterances (ties: CER, then the
@@ -316,15 +331,40 @@ class LanguageModel:
                 "beam": self.cfg.tune_beam or self.cfg.beam, "grid": grid}
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a batch scheduler's allocation, where it sets the affinity)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _best_words(search, emissions: np.ndarray) -> str:
+    import torch
+
+    hyps = search(torch.from_numpy(emissions)[None])[0]
+    return " ".join(hyps[0].words) if hyps else ""
+
+
+_WORKER_SEARCH = None  # a decode worker's beam search, built once per worker
+
+
+def _start_search(model: LanguageModel, lm_weight: float, word_score: float, beam: int | None) -> None:
+    global _WORKER_SEARCH
+    _WORKER_SEARCH = model.decoder(lm_weight, word_score, beam)
+
+
+def _search_in_worker(emissions: np.ndarray) -> str:
+    return _best_words(_WORKER_SEARCH, emissions)
+
+
 class CTCScorer:
     """A CTC model's transcripts of each split: greedy, and with a language model (when given a folder) under the
-    LM weight and word score tuned on the split's dev split (`tuning_split`; tuned once per dev split).
-    `logits_of(split)` gives the split's per-utterance (frames, letters) logits and reference transcripts."""
+    LM weight and word score tuned on the split's dev split (`tuning_split`; tuned once per dev split), beam-searched
+    in `workers` processes. `logits_of(split)` gives the split's per-utterance (frames, letters) logits and reference
+    transcripts."""
 
     def __init__(self, logits_of: Callable[[str], tuple[list[np.ndarray], list[str]]], letters,
-                 lm_dir: str | Path | None, tests: Sequence[str], dev: str | None):
+                 lm_dir: str | Path | None, tests: Sequence[str], dev: str | None, workers: int = 1):
         self.logits_of, self.letters, self.tests, self.dev = logits_of, letters, tests, dev
-        self.lm = LanguageModel(lm_dir, letters.symbols) if lm_dir is not None else None
+        self.lm = LanguageModel(lm_dir, letters.symbols, workers) if lm_dir is not None else None
         self.tuned: dict[str, dict] = {}
 
     def score(self, split: str) -> tuple[list[str], list[str], dict]:

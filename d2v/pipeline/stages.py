@@ -196,11 +196,14 @@ class StageTable:
             return []
         return [p.lm_dir / name for name in (META, LEXICON, WORDS, *([ARPA] if p.lm.corpus else []))]
 
-    def _decoding(self, task: str) -> tuple[str, list[Path]]:
-        """The `--lm` flag of a CTC task's evaluation or baseline and the files it reads, when the profile has an
-        LM."""
+    def _decoding(self, task: str, kind: str) -> tuple[str, list[Path]]:
+        """The `--lm` flag of a CTC task's evaluation or baseline (stage `kind`) and the files it reads, when the
+        profile has an LM; the beam search runs in as many processes as the stage has threads."""
         files = self.lm_files() if TASKS[task].kind == "ctc" else []
-        return (f" --lm {self.profile.lm_dir}", files) if files else ("", [])
+        if not files:
+            return "", []
+        threads = self.profile.resources_for(kind).threads
+        return f" --lm {self.profile.lm_dir}" + (f" --decode-workers {threads}" if threads > 1 else ""), files
 
     def _finetune(self, task: str, init: str, seed: int) -> None:
         p, modality = self.profile, TASKS[task].modality
@@ -215,14 +218,14 @@ class StageTable:
                   ["objective", f"pretrain.{modality}.objective", f"finetune.{task}"])
         evals = self.eval_files(task, init, seed)
         extra, extra_shards = self._extra_tests(task)
-        lm, lm_files = self._decoding(task)
+        lm, lm_files = self._decoding(task, "evaluate")
         self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}{lm}",
                   [run / "best.pt"] + deps[:len(p.task_shards(task))] + extra_shards + lm_files, evals, metrics=evals)
 
     def _baseline(self, task: str) -> None:
         evals = self.eval_files(task, RAW, self.profile.seeds[0])
         extra, extra_shards = self._extra_tests(task)
-        lm, lm_files = self._decoding(task)
+        lm, lm_files = self._decoding(task, "baseline")
         self._add("baseline", task, self._d2v("baseline", task, "--out", str(evals[0].parent)) + extra + lm,
                   self._task_inputs(task) + extra_shards + lm_files, evals, [f"baselines.{task}"], metrics=evals)
 

@@ -419,11 +419,12 @@ def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
 
 def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
              checkpoint_name: str = "best.pt", extra: tuple[str, ...] = (), lm: str | Path | None = None,
-             ) -> list[dict]:
+             decode_workers: int = 1) -> list[dict]:
     """Score a fine-tuning run on its test splits (or `split`), then on the `extra` test sets (of the task's
     `extra_tests`); one JSON per split. A CTC task is decoded greedily, and with the language model folder `lm`
-    (`d2v lm`) as well: `wer_lm`, `cer_lm`, under the LM weight and word score its dev split selects. One process:
-    under torchrun each rank would read only its share of the shards."""
+    (`d2v lm`) as well: `wer_lm`, `cer_lm`, under the LM weight and word score its dev split selects, beam-searched
+    in `decode_workers` processes. One process otherwise: under torchrun each rank would read only its share of the
+    shards."""
     if launched_size() > 1:
         raise RuntimeError("d2v evaluate runs as one process, not under torchrun (each rank would score its own "
                            "share of the test shards)")
@@ -442,7 +443,7 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     model.to(device)
     amp, _ = autocast(device, cfg.precision)
     scorer = CTCScorer(lambda s: ctc_logits(model, cfg, s, amp), LetterTokenizer.load(cfg.letters), lm,
-                       task.tests, task.dev) if task.kind == "ctc" else None
+                       task.tests, task.dev, decode_workers) if task.kind == "ctc" else None
     results = []
     for s in [*([split] if split else task.tests), *extra]:
         preds, refs, lm_fields = scorer.score(s) if scorer else (*predict(model, cfg, s, amp), {})
