@@ -116,9 +116,10 @@ def scored_metrics(task, lm: Path | None = None) -> tuple[str, ...]:
     return ("wer_lm", "cer_lm", *task.metrics) if lm is not None and task.kind == "ctc" else task.metrics
 
 
-def headline_metric(cfg, out: Path) -> float:
-    """The task's headline test metric of a fine-tune (mean WER over the test splits for CTC)."""
-    return mean_test_metrics(cfg, out)[TASKS[cfg.task].metrics[0]]
+def headline_metric(cfg, out: Path, lm: Path | None = None, any_version: bool = False) -> float:
+    """The task's headline test metric of a fine-tune (mean WER over the test splits for CTC; with the language
+    model folder `lm`, their WER decoded with it)."""
+    return mean_test_metrics(cfg, out, lm, any_version)[scored_metrics(TASKS[cfg.task], lm)[0]]
 
 
 def cv_data_root(task: str, folds: int, fold: int, root: str | Path = "data/folds",

@@ -7,16 +7,17 @@ throughput: training updates (forward, backward, AdamW, EMA) per modality on bat
     against the chip's dense bf16 peak.
 time-to-accuracy: pretrain v2 on a task's real embedded corpus for several step budgets (each with its full
     schedule; `V2_RECIPES`: Fashion-MNIST, or speech_1h with the log-mel front end), fine-tune the task from each
-    over seeds, and find the first budget whose mean headline metric (top-1, or WER) reaches the v1 reference (a
-    pretrain_vs_scratch.json row); the speed-up is v1's pretraining time over v2's. The fine-tunes take the
-    reference row's own overrides (e.g. `--ft-profile embedded`'s flips only), so both sides fine-tune alike.
+    over seeds, and find the first budget whose mean headline metric (top-1, or WER; with `--lm`, WER decoded with
+    the word n-gram) reaches the v1 reference (a pretrain_vs_scratch.json row scored the same way); the speed-up
+    is v1's pretraining time over v2's. The fine-tunes take the reference row's own overrides (e.g. `--ft-profile
+    embedded`'s flips only), so both sides fine-tune alike.
     Earlier v2 pretraining runs of the same recipe are reused with `--pretrained BUDGET=RUN`.
 
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
         [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
     python bench/v2_vs_v1.py time-to-accuracy [--task fashion_mnist] [--budgets 150,300] [--seeds 3]
         [--finetune-steps 150] [--reference results/bench/pretrain_vs_scratch_image_ft150_cpu.json]
-        [--pretrained 300=runs/x/pretrain/image-v2] [--out results/bench/v2_time_to_accuracy.json]
+        [--pretrained 300=runs/x/pretrain/image-v2] [--lm data/lm] [--out results/bench/v2_time_to_accuracy.json]
 """
 from __future__ import annotations
 
@@ -165,18 +166,22 @@ def v2_pretrain_config(task: str, steps: int):
 
 
 def time_to_accuracy(args) -> dict:
-    from runs import headline_metric, pretrain_seconds
+    from runs import headline_metric, pretrain_seconds, scored_metrics
 
     from d2v.eval.metrics import oriented
     from d2v.train.config import merge, pretrain_config
     from d2v.train.tasks import TASKS, finetune_config
 
-    task, metric = args.task, TASKS[args.task].metrics[0]
+    task, metric = args.task, scored_metrics(TASKS[args.task], args.lm)[0]
     modality = V2_RECIPES[task][0]
     reference = json.loads(Path(args.reference).read_text())
     if task not in reference.get("tasks", {}):
         raise SystemExit(f"{args.reference}: no {task} row")
     v1_row = reference["tasks"][task]
+    v1_metric, v1_lm = v1_row.get("metric", TASKS[task].metrics[0]), v1_row.get("lm")
+    if (v1_metric, v1_lm) != (metric, args.lm and str(args.lm)):
+        raise SystemExit(f"{args.reference}: its v1 row scores {v1_metric} (language model {v1_lm}), not {metric} "
+                         f"(--lm {args.lm}); both sides must be decoded alike")
     if v1_row.get("finetune_steps") != args.finetune_steps:  # the metric depends on the fine-tune's length
         raise SystemExit(f"{args.reference}: its v1 row fine-tuned {v1_row.get('finetune_steps')} steps, not "
                          f"--finetune-steps {args.finetune_steps}; pass the reference made with the same fine-tune")
@@ -199,7 +204,7 @@ def time_to_accuracy(args) -> dict:
                      "scratch_mean": v1_row["scratch"]["mean"], "pretrain_steps": v1_pretrain["steps"],
                      "pretrain_seconds": v1_seconds},
               "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
-              "v2": {}}
+              "lm": args.lm and str(args.lm), "v2": {}}
     given = dict(args.pretrained)
     for budget in map(int, args.budgets.split(",")):
         cfg = v2_pretrain_config(task, budget)
@@ -212,7 +217,7 @@ def time_to_accuracy(args) -> dict:
             ft = finetune_config(task, merge(fine_tuning, {
                 "init": "pretrained", "seed": seed, "objective": "v2", "pretrained": str(run / "final.pt")}))
             out = Path(args.runs) / "finetune" / f"{task}-v2-{budget}-s{seed}"
-            values.append(headline_metric(ft, out))
+            values.append(headline_metric(ft, out, args.lm, args.any_finetune_version))
             print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} {metric} {values[-1]:.4f}", flush=True)
         mean = float(np.mean(values))
         report["v2"][str(budget)] = {"pretrain_seconds": seconds, "run": str(run), "values": values, "mean": mean,
@@ -254,6 +259,10 @@ def main() -> None:
     p.add_argument("--v1-seconds", type=float, default=None, help="v1 pretraining time (default: from the log)")
     p.add_argument("--pretrained", type=budget_runs, default={},
                    help="earlier v2 pretraining runs to reuse, BUDGET=RUN,... (their config must be the recipe's)")
+    p.add_argument("--lm", type=Path, default=None, help="CTC tasks: compare WER decoded with this language model "
+                   "folder (`d2v lm`); the reference row must have been scored with it")
+    p.add_argument("--any-finetune-version", action="store_true", help="reuse finished fine-tunes of the same "
+                   "config made under an older FINETUNE version (scored again)")
     p.add_argument("--runs", default="runs/bench")
     p.add_argument("--out", default=str(OUT.with_name("v2_time_to_accuracy.json")))
     args = parser.parse_args()

@@ -129,7 +129,7 @@ def test_time_to_accuracy_fine_tunes_v2_like_its_reference_and_times_both_by_wal
                                     "pretrained": {"mean": 0.8, "spread": 0.01}, "scratch": {"mean": 0.7}}}}))
     tuned = []
     monkeypatch.setattr(runs, "pretrain_seconds", lambda cfg, run: {150: 100.0, 250: 250.0}[cfg.steps])
-    monkeypatch.setattr(runs, "headline_metric", lambda cfg, out: tuned.append(cfg) or cfg.steps / 1000 + 0.5)
+    monkeypatch.setattr(runs, "headline_metric", lambda cfg, *_: tuned.append(cfg) or cfg.steps / 1000 + 0.5)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     out = tmp_path / "tta.json"
     monkeypatch.setattr(sys, "argv", ["v2_vs_v1.py", "time-to-accuracy", "--budgets", "150,250", "--seeds", "2",
@@ -170,8 +170,14 @@ def test_speech_time_to_accuracy_reaches_v1_by_a_lower_wer_and_reuses_given_v2_r
         return {2400: 600.0, 6000: 1500.0}[cfg.steps]
 
     monkeypatch.setattr(runs, "pretrain_seconds", pretrain_seconds)
-    monkeypatch.setattr(runs, "headline_metric", lambda cfg, out: tuned.append(cfg) or {2400: 0.89, 6000: 0.87}[
-        int(cfg.pretrained.split("-")[-1].split("/")[0])])
+    decoded_with = []
+
+    def headline_metric(cfg, out, lm=None, any_version=False):
+        tuned.append(cfg)
+        decoded_with.append(lm)
+        return {2400: 0.89, 6000: 0.87}[int(cfg.pretrained.split("-")[-1].split("/")[0])]
+
+    monkeypatch.setattr(runs, "headline_metric", headline_metric)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     out = tmp_path / "tta.json"
     monkeypatch.setattr(sys, "argv", ["v2_vs_v1.py", "time-to-accuracy", "--task", "speech_1h", "--budgets",
@@ -189,6 +195,18 @@ def test_speech_time_to_accuracy_reaches_v1_by_a_lower_wer_and_reuses_given_v2_r
     assert (cfg.objective, cfg.preset, cfg.freeze_local_encoder, cfg.ema.tau_start, cfg.ema.tau_steps,
             cfg.optim.warmup_steps) == ("v2", "embedded-fbank", True, 0.999, 6000, 600)
     assert {(c.preset, c.eval_every, c.steps, c.objective) for c in tuned} == {("embedded-fbank", 250, 1000, "v2")}
+    assert set(decoded_with) == {None}
+    # with a language model: WER decoded with it on both sides, so a greedy reference is refused
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--lm", str(tmp_path / "lm")])
+    with pytest.raises(SystemExit, match=r"its v1 row scores wer \(language model None\), not wer_lm"):
+        v2_vs_v1.main()
+    given = json.loads(reference.read_text())
+    given["tasks"]["speech_1h"].update(metric="wer_lm", lm=str(tmp_path / "lm"))
+    reference.write_text(json.dumps(given))
+    v2_vs_v1.main()
+    report = json.loads(out.read_text())
+    assert report["metric"] == "wer_lm" and report["lm"] == str(tmp_path / "lm")
+    assert decoded_with[-1] == tmp_path / "lm"
 
 
 def test_a_win_needs_a_gain_beyond_the_seed_spread():
@@ -217,7 +235,7 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
     monkeypatch.setattr(recipe, "EVALUATE", recipe.EVALUATE + 1)
     monkeypatch.setattr(runs, "run_finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
     rescored = [{"split": s, "metrics": {"wer": 0.5, "cer": 0.1}} for s in ("test_clean", "test_other")]
-    monkeypatch.setattr(runs, "evaluate", lambda run, lm=None: rescored if run == tmp_path else pytest.fail(run))
+    monkeypatch.setattr(runs, "evaluate", lambda run, lm=None, **_: rescored if run == tmp_path else pytest.fail(run))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.5, "cer": 0.1})
     assert recipe.in_result({"recipe": 2}, "finetune") == 2 and recipe.in_result({"recipe": 2}, "evaluate") == 1
 
@@ -247,7 +265,7 @@ def test_with_a_language_model_ctc_runs_are_decoded_again_once_and_compared_on_w
     write()  # scored greedily only
     decoded = []
     monkeypatch.setattr(runs, "run_finetune", lambda *a, **k: pytest.fail("fine-tuned again"))
-    monkeypatch.setattr(runs, "evaluate", lambda out, lm=None: decoded.append(lm) or write(wer_lm=0.5))
+    monkeypatch.setattr(runs, "evaluate", lambda out, lm=None, **_: decoded.append(lm) or write(wer_lm=0.5))
     assert mean_test_metrics(cfg, run, tmp_path / "lm") == pytest.approx(
         {"wer_lm": 0.5, "cer_lm": 0.3, "wer": 0.8, "cer": 0.4})
     assert decoded == [tmp_path / "lm"]
@@ -271,7 +289,7 @@ def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path,
 
     fine_tuned = []
     monkeypatch.setattr(runs, "run_finetune", lambda cfg, out, **k: fine_tuned.append(out))
-    monkeypatch.setattr(runs, "evaluate", lambda run, lm=None: [{"split": "test", "metrics": {"accuracy": 0.5}}])
+    monkeypatch.setattr(runs, "evaluate", lambda run, lm=None, **_: [{"split": "test", "metrics": {"accuracy": 0.5}}])
     long = finetune_config("fashion_mnist", {"init": "scratch", "steps": 1000, "optim": {"lr": 1e-3}})
     short = finetune_config("fashion_mnist", {"init": "scratch", "steps": 300, "optim": {"lr": 1e-3}})
     finished(tmp_path / "a", long)
