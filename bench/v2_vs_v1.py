@@ -201,7 +201,7 @@ def time_to_accuracy(args) -> dict:
     target = v1_row["pretrained"]["mean"]
     report = {"task": task, "metric": metric,
               "v1": {"mean": target, "spread": v1_row["pretrained"]["spread"],
-                     "scratch_mean": v1_row["scratch"]["mean"], "pretrain_steps": v1_pretrain["steps"],
+                     "scratch_mean": v1_row.get("scratch", {}).get("mean"), "pretrain_steps": v1_pretrain["steps"],
                      "pretrain_seconds": v1_seconds},
               "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
               "lm": args.lm and str(args.lm), "v2": {}}
