@@ -152,6 +152,10 @@ def search_tagged_with_its_process(emissions: np.ndarray, search=lm._search_in_w
     return f"{search(emissions)}@{os.getpid()}"
 
 
+def die_in_worker(emissions: np.ndarray) -> str:
+    os._exit(3)  # as a crash in the C++ search would
+
+
 def test_worker_processes_decode_the_words_one_process_does(tmp_path, monkeypatch):
     model = built(tmp_path, random_corpus(40))
     rng = np.random.default_rng(1)
@@ -175,6 +179,11 @@ def test_worker_processes_decode_the_words_one_process_does(tmp_path, monkeypatc
         lm.LanguageModel(tmp_path / "lm", LETTERS, workers=2).decode([CAX_OR_CAT, CAX_OR_CAT[:, :3]], 1.0, 0.0)
     with pytest.raises(ValueError, match="decode workers: 0"):
         lm.LanguageModel(tmp_path / "lm", LETTERS, workers=0)
+    from concurrent.futures.process import BrokenProcessPool
+
+    monkeypatch.setattr(lm, "_search_in_worker", die_in_worker)
+    with pytest.raises(BrokenProcessPool):  # an error, not a wait for results that never come
+        lm.LanguageModel(tmp_path / "lm", LETTERS, workers=2).decode(utterances, lm_weight=1.0, word_score=0.0)
 
 
 def test_a_given_arpa_file_gzipped_decodes_like_the_one_built(tmp_path):

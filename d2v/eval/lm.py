@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import warnings
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -293,13 +294,13 @@ class LanguageModel:
         # fork (not spawn): the KenLM object cannot be pickled, and a worker of its own would load the ARPA file
         # again. The workers run only flashlight's C++ search on arrays (no torch kernels, no locks of the
         # parent's threads), which is what makes Python 3.12's warning about forking a threaded process moot here.
-        with warnings.catch_warnings():
+        # A worker that dies (a crash in C++) fails the pool, where multiprocessing.Pool would wait forever.
+        with warnings.catch_warnings(), ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_search,
+                initargs=(self, lm_weight, word_score, beam)) as pool:
             warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
                                     category=DeprecationWarning)
-            pool = multiprocessing.get_context("fork").Pool(
-                workers, initializer=_start_search, initargs=(self, lm_weight, word_score, beam))
-        with pool:
-            return pool.map(_search_in_worker, emissions, chunksize=max(1, len(emissions) // (4 * workers)))
+            return list(pool.map(_search_in_worker, emissions, chunksize=max(1, len(emissions) // (4 * workers))))
 
     def _emissions(self, x: np.ndarray) -> np.ndarray:
         """One utterance's (frames + 1, letters) float32 log-probabilities, with one more frame, certainly the word
