@@ -417,6 +417,17 @@ def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 
+def load_finetuned(path: Path) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
+    """A fine-tuned checkpoint's model (on its config's device), its config and the saved state."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = FinetuneConfig.model_validate(state["config"])
+    model = build_model(cfg.model_copy(update={"init": "scratch"}))
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(cfg.device)), cfg, state
+
+
 def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
              checkpoint_name: str = "best.pt", extra: tuple[str, ...] = (), lm: str | Path | None = None,
              decode_workers: int = 1) -> list[dict]:
@@ -430,18 +441,11 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
                            "share of the test shards)")
     run_dir = Path(run_dir)
     path = run_dir / checkpoint_name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = FinetuneConfig.model_validate(state["config"])
+    model, cfg, state = load_finetuned(path)
     require_extra_tests(cfg.task, extra)
     require_ctc_for_lm(cfg.task, lm)
     task = TASKS[cfg.task]
-    model = build_model(cfg.model_copy(update={"init": "scratch"}))
-    model.load_state_dict(state["model"])
-    device = resolve_device(cfg.device)
-    model.to(device)
-    amp, _ = autocast(device, cfg.precision)
+    amp, _ = autocast(next(model.parameters()).device, cfg.precision)
     scorer = CTCScorer(lambda s: ctc_logits(model, cfg, s, amp), LetterTokenizer.load(cfg.letters), lm,
                        task.tests, task.dev, decode_workers) if task.kind == "ctc" else None
     results = []
