@@ -18,7 +18,7 @@ from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
 from d2v.train.optim import cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
-from d2v.train.pretrain import build_objective, run_pretrain
+from d2v.train.pretrain import build_objective, run_pretrain, start_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,43 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert list(log_b["step"]) == list(range(1, 7))  # rows after the checkpoint were replaced, not duplicated
     np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("objective", ["v1", "v2"])
+def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_schedule_restarted(tmp_path, objective,
+                                                                                               monkeypatch):
+    first = tiny_cfg("image", objective=objective)
+    run_pretrain(first, build_objective(first), synthetic_stream("image"), tmp_path / "one", progress=False)
+    final = torch.load(tmp_path / "one" / "final.pt", weights_only=False)
+    assert any(not torch.equal(final["teacher"][k], v) for k, v in final["encoder"].items())  # τ < 1: they differ
+    second = tiny_cfg("image", objective=objective, seed=4, steps=4, init_from=str(tmp_path / "one" / "final.pt"),
+                      ema=dict(tau_start=0.9999, tau_end=0.9999, tau_steps=0))
+    continued = build_objective(second)
+    start_from(continued, second)
+    state = continued.state_dict()
+    for k, v in final["encoder"].items():  # the student goes on; the teacher starts again from it, not from its own
+        assert torch.equal(state[f"student.{k}"], v) and torch.equal(state[f"ema.model.{k}"], v), k
+    assert final["predictor"] and all(torch.equal(state[k], v) for k, v in final["predictor"].items())
+    from d2v.train import pretrain
+
+    started = []  # a fresh second stage starts from the first; resumed, from its own checkpoint
+    monkeypatch.setattr(pretrain, "start_from", lambda obj, cfg: started.append(cfg.init_from) or start_from(obj, cfg))
+    run_pretrain(second, build_objective(second), synthetic_stream("image", seed=1), tmp_path / "two", progress=False,
+                 stop_after=3)
+    run_pretrain(second, build_objective(second), synthetic_stream("image", seed=1), tmp_path / "two", progress=False)
+    assert started == [second.init_from]
+    one, two = (pd.read_csv(tmp_path / run / "metrics.csv") for run in ("one", "two"))
+    assert two["lr"].iloc[0] == one["lr"].iloc[0] < one["lr"].max()  # the warm-up again, from step 1
+    assert list(two["step"]) == [1, 2, 3, 4] and set(two["tau"]) == {0.9999}
+    # what it cannot continue, by name
+    with pytest.raises(FileNotFoundError, match="pretrain.image.init_from: .*missing.pt' is not a pretraining"):
+        start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "missing.pt")}))
+    torch.save({**final, "modality": "text"}, tmp_path / "text.pt")
+    with pytest.raises(ValueError, match=f"a text/tiny/{objective} encoder, pretrain.image.init_from needs image"):
+        start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "text.pt")}))
+    torch.save({k: v for k, v in final.items() if k != "predictor"}, tmp_path / "imported.pt")
+    with pytest.raises(ValueError, match="no predictor .* an imported encoder"):
+        start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "imported.pt")}))
 
 
 def test_pretraining_from_image_shards_resumes_bit_for_bit_with_its_random_crops(tmp_path):
@@ -154,7 +191,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 from test_train import tiny_cfg, synthetic_stream
 from d2v.train.distributed import init, shutdown
-from d2v.train.pretrain import build_objective, run_pretrain
+from d2v.train.pretrain import build_objective, run_pretrain, start_from
 world = init("cpu")
 cfg = tiny_cfg("speech", steps=4)
 objective = build_objective(cfg)
@@ -194,7 +231,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from test_train import tiny_cfg, synthetic_stream
 from d2v.train.distributed import barrier, init, shutdown
-from d2v.train.pretrain import build_objective, run_pretrain
+from d2v.train.pretrain import build_objective, run_pretrain, start_from
 world = init("cpu")
 cfg = tiny_cfg({modality!r}, objective={objective!r}, steps=4, parallel="fsdp")
 stream = synthetic_stream({modality!r}, rank=world.rank, world=world.size)
@@ -256,7 +293,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from test_train import tiny_cfg, synthetic_stream
 from d2v.train.distributed import init, shutdown
-from d2v.train.pretrain import build_objective, run_pretrain
+from d2v.train.pretrain import build_objective, run_pretrain, start_from
 world = init("cpu")
 cfg = tiny_cfg("image", objective="v2", steps=2, parallel="fsdp", precision="bf16")
 objective = build_objective(cfg)

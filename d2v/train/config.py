@@ -79,6 +79,9 @@ class PretrainConfig(StrictModel):
     freeze_local_encoder: bool = False
     collapse_warmup: float = Field(0.75, ge=0, le=1)  # the guard arms after this fraction of the steps
     log_every: int = Field(10, ge=1)
+    # a second stage: the student and its predictor from this pretraining final.pt, the teacher reset to that
+    # student; optimizer, LR schedule, τ and steps start afresh (v1 ViT-L's second 800 epochs, spec §4)
+    init_from: str | None = None
 
 
 FASHION_MNIST = dict(size=32, channels=1, mean=(0.286,), std=(0.353,), crop_pct=1.0, min_scale=0.35)

@@ -43,7 +43,7 @@ from d2v.train.batches import positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
-from d2v.train.pretrain import autocast, shards_digest, step_rng
+from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
 
@@ -54,14 +54,8 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(task.modality, cfg.preset, cfg.objective, **cfg.regularization.overrides())
     if cfg.init == "pretrained":
-        if not cfg.pretrained or not Path(cfg.pretrained).is_file():
-            raise FileNotFoundError(f"finetune.{cfg.task}.pretrained: {cfg.pretrained!r} is not a pretraining "
-                                    "final.pt (run `d2v pretrain` first, or use init=scratch)")
-        state = torch.load(cfg.pretrained, map_location="cpu", weights_only=False)
-        saved = (state.get("modality"), state.get("preset"), state.get("objective", "v1"))
-        if saved != (task.modality, cfg.preset, cfg.objective):
-            raise ValueError(f"{cfg.pretrained}: a {'/'.join(map(str, saved))} encoder, task {cfg.task} needs "
-                             f"{task.modality}/{cfg.preset}/{cfg.objective} (modality/preset/objective)")
+        state = load_final(cfg.pretrained or "", task.modality, cfg.preset, cfg.objective,
+                           f"finetune.{cfg.task}.pretrained")
         encoder.load_state_dict(state["encoder"])
     if task.modality == "image" and cfg.image is not None:
         require_image_shape(cfg.image.channels, cfg.image.size, encoder.cfg,

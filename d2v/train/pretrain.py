@@ -82,9 +82,41 @@ def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int
 def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str, objective: str, encoder_cfg,
                        steps: int | None, **extra) -> dict:
     """The contents of a `final.pt` (d2v's pretraining, or an imported checkpoint): student and teacher weights, the
-    modality/preset/objective fine-tuning must match, the encoder config and the steps trained."""
+    modality/preset/objective fine-tuning must match, the encoder config and the steps trained. d2v's pretraining
+    adds the student's `predictor` (the objective's state outside student and teacher: v1's regression head, v2's
+    decoder), which a second stage continues from."""
     return {"encoder": student, "teacher": teacher, "modality": modality, "preset": preset, "objective": objective,
             "encoder_config": encoder_cfg.model_dump(mode="json"), "steps": steps, **extra}
+
+
+def load_final(path: str | Path, modality: str, preset: str, objective: str, needed_by: str) -> dict:
+    """A pretraining `final.pt`, refused unless it holds a `modality`/`preset`/`objective` encoder."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{needed_by}: {str(path)!r} is not a pretraining final.pt (run `d2v pretrain` first)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = (state.get("modality"), state.get("preset"), state.get("objective", "v1"))
+    if saved != (modality, preset, objective):
+        raise ValueError(f"{path}: a {'/'.join(map(str, saved))} encoder, {needed_by} needs "
+                         f"{modality}/{preset}/{objective} (modality/preset/objective)")
+    return state
+
+
+def start_from(objective: Data2Vec, cfg: PretrainConfig) -> None:
+    """A second pretraining stage (`init_from`): the student and its predictor from the first stage's final.pt, and
+    the teacher reset to that student, as data2vec's ViT-L continued for its second 800 epochs [P1 §4.1]. The
+    optimizer, LR schedule, τ and step count start afresh."""
+    where = f"pretrain.{cfg.modality}.init_from"
+    state = load_final(cfg.init_from, cfg.modality, cfg.preset, cfg.objective, where)
+    if "predictor" not in state:
+        raise ValueError(f"{cfg.init_from}: no predictor (regression head or v2 decoder) in it, so {where} cannot "
+                         "continue it: an imported encoder, or a final.pt written before d2v saved one")
+    objective.student.load_state_dict(state["encoder"])
+    missing, unexpected = objective.load_state_dict(state["predictor"], strict=False)
+    own = [k for k in missing if not k.startswith(("student.", "ema."))]
+    if own or unexpected:
+        raise ValueError(f"{cfg.init_from}: its predictor does not fit this objective (missing {own[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    objective.ema.model.load_state_dict(objective.student.state_dict())
 
 
 def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[int], Iterator[Batch]],
@@ -109,6 +141,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     if resume_state is not None:
         objective.load_state_dict(resume_state["model"])  # the full state, before any sharding
         step, consumed = resume_state["step"], resume_state["batches"]
+    elif cfg.init_from:
+        start_from(objective, cfg)
     if cfg.compile:
         compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
     model, sharded = objective, world.distributed and cfg.parallel == "fsdp"
@@ -231,7 +265,8 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
         if step >= cfg.steps:  # the student and teacher out of the objective's (full) state dict
             student, teacher = ({k[len(p):]: v for k, v in model_state.items() if k.startswith(p)}
                                 for p in ("student.", "ema.model."))
-            save_encoder(out_dir, cfg, student, teacher, step, encoder_cfg=objective.student.cfg)
+            predictor = {k: v for k, v in model_state.items() if not k.startswith(("student.", "ema."))}
+            save_encoder(out_dir, cfg, student, teacher, step, encoder_cfg=objective.student.cfg, predictor=predictor)
         df = log.frame()
         if not df.empty:
             shown = ("loss", "target_var", "pred_var", "target_rank", "local_rank")
