@@ -252,12 +252,14 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     if profile is not None:
         if args.modality not in profile.pretrain:
             raise ValueError(f"pretrain.{args.modality}: not in profile {args.profile!r} (see {args.params})")
-        base = profile.pretrain_config(args.modality).model_dump(mode="json")
+        base = profile.pretrain_config(args.modality, args.stage).model_dump(mode="json")
         cfg = pretrain_config(args.modality, merge(merge(base, overrides or {}), nested_overrides(args.set)))
-        out = Path(args.out or profile.pretrain_dir(args.modality))
+        out = Path(args.out or profile.pretrain_dir(args.modality, args.stage))
         if args.modality == "text":
             args.tokenizer = args.tokenizer or str(profile.spm_model)
     else:
+        if args.stage is not None:
+            raise ValueError("--stage picks a stage of a profile's two-stage pretraining: it needs --profile")
         cfg = pretrain_config(args.modality, merge(overrides or {}, nested_overrides(args.set)))
         out = Path(args.out or f"runs/embedded/pretrain/{args.modality}")
     try:
@@ -498,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run folder (default runs/embedded/pretrain/MODALITY)")
     p.add_argument("--tokenizer", default=None, help="text: SentencePiece model, checked against the encoder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=None, help="with --profile: stage 1 of a two-stage "
+                   "pretraining (pretrain.MODALITY.second_stage); default the final stage, which fine-tuning reads")
     _add_restart(p)
     p.set_defaults(func=pretrain_cmd)
     _add_profile(p)

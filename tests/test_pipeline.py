@@ -37,7 +37,7 @@ def run(cmd: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 600
 def test_every_profile_validates_and_builds_a_closed_graph():
     params = load_params(ROOT / "params.yaml")
     assert params.profile == "embedded" and set(params.profiles) == {"embedded", "smoke", "paper", "paper-v2",
-                                                                     "paper-v2-large"}
+                                                                     "paper-v2-large", "paper-large"}
     for name in params.profiles:
         table = StageTable(params, name, raw=RAW)
         produced = {o for s in table for o in s.outs}
@@ -155,7 +155,7 @@ def test_committed_dvc_yaml_is_the_generated_one():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper", "paper-v2", "paper-v2-large"])
+@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper", "paper-v2", "paper-v2-large", "paper-large"])
 def test_snakemake_and_dvc_run_the_same_stages(profile):
     if profile == "embedded":
         spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())  # the committed file itself
@@ -322,6 +322,47 @@ def test_the_large_profile_holds_the_released_large_recipes():
         assert (ctc.freeze_encoder_steps, ctc.preset) == (10_000, "large")
         assert 25 < ctc.batch_size * ctc.accum_steps * gpus * 13 / 60 < 30  # ≈ 27 min of audio (4 × 5 × 1.28M)
     assert {large.finetune_config(t).preset for t in large.finetune} == {"large"}
+
+
+def test_the_v1_large_profile_pretrains_vit_l_in_two_stages_as_the_paper_did():
+    """paper-large against spec §4, §7 and §9.1: 2 × 800 epochs at 4096 images per update, the second stage from the
+    first's final.pt with τ 0.9999 and the schedule again, then the ViT-L fine-tuning, which reads the second."""
+    large = load_params(ROOT / "params.yaml", "paper-large").active
+    gpus = large.resources_for("pretrain").gpus
+    first, second = (large.pretrain_config("image", stage) for stage in (1, 2))
+    assert large.pretrain_config("image") == second
+    epochs = lambda cfg, steps: steps * cfg.data.batch_size * cfg.accum_steps * gpus / 1_281_167  # noqa: E731
+    for cfg in (first, second):
+        assert (cfg.preset, cfg.objective, cfg.optim.lr, cfg.optim.clip_norm, cfg.optim.lr * cfg.optim.final_lr_scale,
+                cfg.data.batch_size * cfg.accum_steps * gpus) == ("large", "v1", 1e-3, 3.0, pytest.approx(1e-5), 4096)
+        assert round(epochs(cfg, cfg.steps)) == 800 and round(epochs(cfg, cfg.optim.warmup_steps)) == 80
+    assert (first.ema.tau_start, first.ema.tau_end, first.init_from, first.seed) == (0.9998, 0.9998, None, 0)
+    assert (second.ema.tau_start, second.ema.tau_end, second.seed) == (0.9999, 0.9999, 1)
+    assert second.init_from == str(large.pretrain_dir("image", 1) / "final.pt") != str(large.pretrain_dir("image"))
+    ft = large.finetune_config("imagenet")
+    assert ft.pretrained == str(large.pretrain_dir("image") / "final.pt")
+    assert (ft.preset, ft.batch_size * large.resources_for("finetune").gpus, round(ft.steps * 1024 / 1_281_167),
+            ft.optim.lr, ft.regularization.drop_path, ft.optim.weight_decay) == ("large", 1024, 50, 5e-3, 0.25, 0.05)
+    table = StageTable(load_params(ROOT / "params.yaml", "paper-large"), raw=RAW)
+    stages = {s.name: s for s in table.of_kind("pretrain")}
+    assert set(stages) == {"pretrain_image_stage1", "pretrain_image"}
+    one, two = stages["pretrain_image_stage1"], stages["pretrain_image"]
+    assert " --stage 1 " in one.cmd and "--stage" not in two.cmd and one.outs[0] in two.deps
+    # the first stage does not rerun when only the second stage's settings change
+    assert "profiles.paper-large.pretrain.image.second_stage" not in one.params
+    assert "profiles.paper-large.pretrain.image" in two.params
+    assert [s.name for s in table].index("pretrain_image_stage1") < [s.name for s in table].index("pretrain_image")
+
+
+def test_a_second_stage_continues_the_first_stages_encoder_on_its_data():
+    for key, value, named in [("preset", "base", "['preset']"), ("init_from", "x.pt", "['init_from']"),
+                              ("data", {"shards": "imagenet/val"}, "['data.shards']")]:
+        data = copy.deepcopy(RAW)
+        data["profiles"]["paper-large"]["pretrain"]["image"]["second_stage"][key] = value
+        with pytest.raises(ConfigError, match=rf"pretrain.image.second_stage: sets \{named}"):
+            parse_params(data)
+    with pytest.raises(ConfigError, match=r"pretrain.image: no stage 2; it has \[1\]"):
+        load_params(ROOT / "params.yaml", "paper").active.pretrain_config("image", 2)
 
 
 def test_image_statistics_must_match_the_channels():

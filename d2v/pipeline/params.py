@@ -23,6 +23,11 @@ from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, baseline_conf
 
 PARAMS_FILE = "params.yaml"
 STAGE_KINDS = ("prepare", "tokenizer", "lm", "shard", "pretrain", "finetune", "evaluate", "baseline", "report")
+# A `pretrain.MODALITY` key: the overrides of a second pretraining stage, which continues the first one's student with
+# the teacher reset to it (`init_from`; v1 ViT-L's second 800 epochs). Fine-tuning reads the second stage's encoder.
+SECOND_STAGE = "second_stage"
+# what a second stage may not change: it continues the same encoder on the same data, from the first stage
+FIXED_IN_SECOND_STAGE = ("modality", "preset", "objective", "init_from")
 
 
 class Resources(StrictModel):
@@ -127,8 +132,13 @@ class Profile(StrictModel):
     def lm_dir(self) -> Path:
         return Path(self.data_root) / "lm"
 
-    def pretrain_dir(self, modality: str) -> Path:
-        return Path(self.runs) / "pretrain" / modality
+    def pretrain_dir(self, modality: str, stage: int | None = None) -> Path:
+        """A modality's pretraining run: its final stage (what fine-tuning reads), or `stage` 1 of two."""
+        final = stage is None or stage == self.pretrain_stages(modality)[-1]
+        return Path(self.runs) / "pretrain" / (modality if final else f"{modality}-stage{stage}")
+
+    def pretrain_stages(self, modality: str) -> tuple[int, ...]:
+        return (1, 2) if SECOND_STAGE in self.pretrain[modality] else (1,)
 
     def finetune_dir(self, task: str, init: str, seed: int) -> Path:
         return Path(self.runs) / "finetune" / task / f"{init}-s{seed}"
@@ -150,13 +160,28 @@ class Profile(StrictModel):
             spec = spec.model_copy(update={"limit": min(spec.limit or self.shard_limit, self.shard_limit)})
         return spec
 
-    def pretrain_config(self, modality: str) -> PretrainConfig:
-        """The profile's overrides on the recipe defaults; `data.shards` is DATASET/SPLIT under the data root."""
-        overrides = {"objective": self.objective, **self.pretrain[modality]}
+    def pretrain_config(self, modality: str, stage: int | None = None) -> PretrainConfig:
+        """The profile's overrides on the recipe defaults; `data.shards` is DATASET/SPLIT under the data root. With a
+        second stage, stage 1 is the overrides without it, and the final stage those overrides under the second
+        stage's, starting from stage 1's final.pt."""
+        stages = self.pretrain_stages(modality)
+        if stage is not None and stage not in stages:
+            raise ConfigError(f"pretrain.{modality}: no stage {stage}; it has {list(stages)} (a second stage is "
+                              f"pretrain.{modality}.{SECOND_STAGE})")
+        first = {k: v for k, v in self.pretrain[modality].items() if k != SECOND_STAGE}
+        overrides = {"objective": self.objective, **first}
         key = overrides.get("data", {}).get("shards")
         if key is None:
             raise ConfigError(f"pretrain.{modality}.data.shards: missing (expected DATASET/SPLIT)")
         overrides = merge(overrides, {"data": {"shards": str(self.shard_dir(key))}})
+        if len(stages) == 2 and stage != 1:
+            second = self.pretrain[modality][SECOND_STAGE] or {}
+            fixed = [k for k in FIXED_IN_SECOND_STAGE if k in second] + (["data.shards"] if "shards" in
+                                                                          second.get("data", {}) else [])
+            if fixed:
+                raise ConfigError(f"pretrain.{modality}.{SECOND_STAGE}: sets {fixed}; the second stage continues the "
+                                  "first stage's encoder on its data")
+            overrides = merge(overrides, {**second, "init_from": str(self.pretrain_dir(modality, 1) / "final.pt")})
         return pretrain_config(modality, overrides)
 
     def objective_of(self, modality: str) -> str:
@@ -229,7 +254,8 @@ def check_profile(name: str, profile: Profile) -> None:
 
             validate(MiniLibriSpeechConfig, options["cfg"], f"{where}.sources.{source}.cfg")
     for modality in profile.pretrain:
-        _checked(lambda: profile.pretrain_config(modality), f"{where}.pretrain.{modality}")
+        for stage in profile.pretrain_stages(modality):
+            _checked(lambda: profile.pretrain_config(modality, stage), f"{where}.pretrain.{modality}")
     for task in profile.finetune:
         modality = TASKS[task].modality
         if "pretrained" in profile.inits and modality not in profile.pretrain:

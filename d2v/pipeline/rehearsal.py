@@ -46,7 +46,8 @@ def rehearse_profile(profile: Profile, batch: int | None = 2, device: str = "cpu
     """Every pretraining stage, then every fine-tuning task, or the `only` ones ('pretrain image', 'finetune
     glue_rte'). A task fine-tunes the encoder its modality's rehearsal saved as `final.pt` (from scratch when that
     stage was left out or failed). A failure is recorded, not raised."""
-    stages = [(f"pretrain {m}", _pretrain, m) for m in profile.pretrain]
+    stages = [(f"pretrain {m}" + ("" if s == profile.pretrain_stages(m)[-1] else f" stage {s}"), _pretrain, (m, s))
+              for m in profile.pretrain for s in profile.pretrain_stages(m)]
     stages += [(f"finetune {t}", _finetune, t) for t in profile.finetune]
     if only:
         unknown = sorted(set(only) - {name for name, _, _ in stages})
@@ -97,10 +98,12 @@ def _seconds(audio: AudioConfig | None, batch: int | None) -> float:
     return (audio.max_samples if batch is None else max(audio.min_samples, audio.sample_rate)) / audio.sample_rate
 
 
-def _pretrain(profile: Profile, modality: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
+def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, device: torch.device, tmp: Path) -> dict:
+    """One step of a pretraining stage (a second stage's encoder is the first's: it is not loaded from it here)."""
     from d2v.train.pretrain import autocast, build_objective, save_encoder, step_rng, to_device
 
-    cfg = profile.pretrain_config(modality)
+    modality, number = stage
+    cfg = profile.pretrain_config(modality, number)
     n = batch or cfg.data.batch_size
     objective = build_objective(cfg).to(device)
     rng = np.random.default_rng(0)
@@ -121,7 +124,8 @@ def _pretrain(profile: Profile, modality: str, batch: int | None, device: torch.
     out.loss.backward()
     optimizer.step()
     objective.ema_step(1)
-    save_encoder(tmp / modality, cfg, objective.student, objective.teacher, 1)  # what its fine-tuning loads
+    if number == profile.pretrain_stages(modality)[-1]:
+        save_encoder(tmp / modality, cfg, objective.student, objective.teacher, 1)  # what its fine-tuning loads
     return dict(model=f"{cfg.preset} {cfg.objective}", parameters=sum(p.numel() for p in params), batch=n,
                 loss=_finite(out.loss))
 

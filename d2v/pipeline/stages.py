@@ -18,7 +18,7 @@ from pathlib import Path
 
 from d2v.data.sources import SOURCES
 from d2v.eval.lm import ARPA, LEXICON, META, WORDS
-from d2v.pipeline.params import Params, Profile, Resources
+from d2v.pipeline.params import SECOND_STAGE, Params, Profile, Resources
 from d2v.train import recipe
 from d2v.train.tasks import RAW, TASKS, eval_file_name
 
@@ -143,14 +143,8 @@ class StageTable:
             self._add("shard", key, self._d2v("shard", dataset, "--split", name), deps,
                       [p.shard_dir(key) / "index.json"], params)
         for modality in p.pretrain:
-            run = p.pretrain_dir(modality)
-            deps = [p.shard_dir(p.pretrain_corpus(modality)) / "index.json"]
-            if modality == "text":
-                deps.append(p.spm_model)
-            cmd = self._d2v("pretrain", modality, "--quiet", launcher=self._launcher("pretrain"))
-            self._add("pretrain", modality, cmd, deps,
-                      [run / "final.pt", run / "metrics.csv", run / "summary.json", run / "curves.png"],
-                      ["objective", f"pretrain.{modality}"], plots=[run / "curves.png"])
+            for stage in p.pretrain_stages(modality):
+                self._pretrain(modality, stage)
         for task, init, seed in self.finetune_runs():
             self._finetune(task, init, seed)
         for task in p.baselines:
@@ -195,6 +189,23 @@ class StageTable:
         if p.lm is None:
             return []
         return [p.lm_dir / name for name in (META, LEXICON, WORDS, *([ARPA] if p.lm.corpus else []))]
+
+    def _pretrain(self, modality: str, stage: int) -> None:
+        """One pretraining stage; the first of two is `pretrain_MODALITY_stage1`, and reads only its own params."""
+        p = self.profile
+        run, final = p.pretrain_dir(modality, stage), stage == p.pretrain_stages(modality)[-1]
+        deps = [p.shard_dir(p.pretrain_corpus(modality)) / "index.json"]
+        if modality == "text":
+            deps.append(p.spm_model)
+        if stage > 1:
+            deps.append(p.pretrain_dir(modality, stage - 1) / "final.pt")
+        params = [f"pretrain.{modality}"] if final else \
+            [f"pretrain.{modality}.{key}" for key in p.pretrain[modality] if key != SECOND_STAGE]
+        cmd = self._d2v("pretrain", modality, "--quiet", *(() if final else ("--stage", str(stage))),
+                        launcher=self._launcher("pretrain"))
+        self._add("pretrain", modality if final else f"{modality}/stage{stage}", cmd, deps,
+                  [run / "final.pt", run / "metrics.csv", run / "summary.json", run / "curves.png"],
+                  ["objective", *params], plots=[run / "curves.png"])
 
     def _decoding(self, task: str, kind: str) -> tuple[str, list[Path]]:
         """The `--lm` flag of a CTC task's evaluation or baseline (stage `kind`) and the files it reads, when the
