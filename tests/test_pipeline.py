@@ -37,7 +37,7 @@ def run(cmd: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 600
 def test_every_profile_validates_and_builds_a_closed_graph():
     params = load_params(ROOT / "params.yaml")
     assert params.profile == "embedded" and set(params.profiles) == {"embedded", "smoke", "paper", "paper-v2",
-                                                                     "paper-v2-large", "paper-large"}
+                                                                     "paper-v2-large", "paper-large", "paper-v2-huge"}
     for name in params.profiles:
         table = StageTable(params, name, raw=RAW)
         produced = {o for s in table for o in s.outs}
@@ -155,7 +155,8 @@ def test_committed_dvc_yaml_is_the_generated_one():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper", "paper-v2", "paper-v2-large", "paper-large"])
+@pytest.mark.parametrize("profile", ["embedded", "smoke", "paper", "paper-v2", "paper-v2-large", "paper-large",
+                                     "paper-v2-huge"])
 def test_snakemake_and_dvc_run_the_same_stages(profile):
     if profile == "embedded":
         spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())  # the committed file itself
@@ -322,6 +323,22 @@ def test_the_large_profile_holds_the_released_large_recipes():
         assert (ctc.freeze_encoder_steps, ctc.preset) == (10_000, "large")
         assert 25 < ctc.batch_size * ctc.accum_steps * gpus * 13 / 60 < 30  # ≈ 27 min of audio (4 × 5 × 1.28M)
     assert {large.finetune_config(t).preset for t in large.finetune} == {"large"}
+
+
+def test_the_huge_profile_holds_the_released_vit_h_recipe():
+    """paper-v2-huge against spec §8.5 (huge_images14_only_task: 256 images per update, 500k updates) and §9.1
+    (L/H fine-tuning); masks, clones, K and τ are the registry's Huge recipe (test_v2)."""
+    huge = load_params(ROOT / "params.yaml", "paper-v2-huge").active
+    cfg, gpus = huge.pretrain_config("image"), huge.resources_for("pretrain").gpus
+    assert (cfg.preset, cfg.objective, cfg.clones, cfg.ema, cfg.top_k) == ("huge", "v2", None, None, None)
+    assert (cfg.data.batch_size * cfg.accum_steps * gpus, cfg.steps, cfg.optim.lr, cfg.optim.warmup_steps,
+            cfg.optim.clip_norm, cfg.optim.betas, cfg.data.image.min_scale) == \
+        (256, 500_000, 4e-4, 50_040, 4.0, (0.9, 0.95), 0.2)
+    ft = huge.finetune_config("imagenet")
+    assert (ft.preset, ft.batch_size * ft.accum_steps * gpus, ft.steps, ft.optim.lr, ft.layer_decay,
+            ft.regularization.drop_path, ft.optim.lr * ft.optim.final_lr_scale) == \
+        ("huge", 512, 125_200, 5e-4, 0.75, 0.2, pytest.approx(1e-6))
+    assert set(huge.pretrain) == {"image"} and set(huge.finetune) == {"imagenet"}
 
 
 def test_the_v1_large_profile_pretrains_vit_l_in_two_stages_as_the_paper_did():

@@ -11,7 +11,7 @@ from conftest import synthetic_batch
 from fixtures import mae_sincos
 from d2v.config import DecoderConfig, EMAConfig, V2MaskConfig
 from d2v.data2vec2 import Data2Vec2
-from d2v.modalities.base import Embedded, dense_indices, gather_tokens, visible_indices
+from d2v.modalities.base import Batch, Embedded, dense_indices, gather_tokens, visible_indices
 from d2v.modalities.masks_v2 import block_masks, random_masks
 from d2v.modalities.registry import build_modality
 from d2v.nn.decoder import ConvDecoder
@@ -371,20 +371,29 @@ def test_v2_image_encoder_takes_fairseqs_init_and_v1_keeps_beits():
 @pytest.mark.parametrize("name, preset, k, clones, mask, decoder, tau", [
     ("image", "base", 10, 16, (0.8, 0.07, 3), (768, 3, 16, 6), (0.9998, 0.99999, 100_000)),
     ("image", "large", 18, 16, (0.75, 0.1, 3), (1024, 5, 16, 3), (0.9998, 0.99999, 150_000)),
+    ("image", "huge", 24, 16, (0.75, 0.1, 3), (1024, 5, 16, 3), (0.9998, 1.0, 300_000)),  # decoder narrower than D
     ("speech", "base", 8, 8, (0.5, 0.05, 5), (384, 7, 16, 4), (0.999, 0.99999, 75_000)),
     ("speech", "large", 16, 12, (0.55, 0.1, 5), (768, 7, 16, 4), (0.9997, 1.0, 300_000)),
     ("text", "base", 12, 8, (0.48, 0.0, 1), (768, 9, 1, 5), (0.9999, 0.99999, 100_000)),
     ("text", "large", 24, 8, (0.5, 0.0, 1), (768, 9, 1, 5), (0.9999, 0.99999, 100_000)),
 ])
 def test_base_and_large_presets_take_their_released_v2_recipes(name, preset, k, clones, mask, decoder, tau):
-    """Spec §8.5, column by column ({base,large}_{images,audio,text}_only_task)."""
-    modality, cfg = build_modality(name, preset, "v2")
+    """Spec §8.5, column by column ({base,large}_{images,audio,text}_only_task, huge_images14_only_task)."""
+    with torch.device("meta"):  # the recipe and the architecture, without 600M weights to initialise
+        modality, cfg = build_modality(name, preset, "v2")
     assert (cfg.top_k, cfg.v2.clones) == (k, clones)
     assert (cfg.v2.mask.prob, cfg.v2.mask.adjust, cfg.v2.mask.length) == mask
     assert (cfg.v2.decoder.dim, cfg.v2.decoder.kernel, cfg.v2.decoder.groups, cfg.v2.decoder.layers) == decoder
     assert (cfg.ema.tau_start, cfg.ema.tau_end, cfg.ema.tau_steps) == tau
     norms = {("text", "large"): ("layer", "instance"), ("image", "base"): ("instance", "layer"),
-             ("image", "large"): ("instance", "layer")}  # IN per layer -> average otherwise
+             ("image", "large"): ("instance", "layer"), ("image", "huge"): ("instance", "layer")}  # else IN -> avg
     assert (cfg.layer_norm_targets, cfg.final_norm) == norms.get((name, preset), ("instance", "none"))
     if name == "speech":  # LayerDrop 0.05 in Base, none in Large
         assert modality.encoder.cfg.layerdrop == (0.0 if preset == "large" else 0.05)
+    if preset == "huge":  # ViT-H/14: 32 blocks of 1280 (16 heads) over a 16 x 16 grid, a quarter of it visible
+        enc = modality.encoder.cfg
+        assert (enc.depth, enc.dim, enc.num_heads, enc.ffn_dim, enc.patch_size, enc.grid) == \
+            (32, 1280, 16, 5120, 14, (16, 16))
+        masks = modality.v2_masks(Batch(torch.zeros(2, 3, 224, 224)), cfg.v2.mask, cfg.v2.clones,
+                                  np.random.default_rng(0))
+        assert masks.shape == (32, 256) and ((~masks).sum(1) == 64).all()

@@ -53,6 +53,9 @@ IMAGE_PRESETS = {
     "large": ImageEncoderConfig(
         dim=1024, depth=24, num_heads=16, ffn_dim=4096, layer_scale_init=1e-5, drop_path=0.2, attn_dropout=0.15
     ),
+    # ViT-H/14 (spec §8.5, huge_images14_only_task): data2vec 2.0 only; 16 x 16 patches of 14 pixels
+    "huge": ImageEncoderConfig(patch_size=14, dim=1280, depth=32, num_heads=16, ffn_dim=5120, drop_path=0.0,
+                               attn_dropout=0.0),
     # Small presets add learned absolute positions: the relative-position table starts at zero, so without them a
     # fresh model is permutation-invariant and every masked token looks the same until the table has learned —
     # fine over 800 epochs, fatal in a few-minute CPU run (predictions stay constant, pred_var -> 0).
@@ -75,10 +78,10 @@ def require_image_shape(channels: int, size: int, cfg: ImageEncoderConfig, where
                          f"{cfg.in_chans}/{cfg.img_size}")
 
 
-def v2_encoder(cfg: ImageEncoderConfig, large: bool = False) -> ImageEncoderConfig:
+def v2_encoder(cfg: ImageEncoderConfig, size: str = "base") -> ImageEncoderConfig:
     """The data2vec 2.0 image encoder of the same size (spec §8.2, §8.4): post-LN blocks, fixed sin-cos positions,
-    input LayerNorm, no relative position bias, LayerScale, final LN or dropout; norm eps 1e-6; its own init. Base
-    and Large differ only in size."""
+    input LayerNorm, no relative position bias, LayerScale, final LN or dropout; norm eps 1e-6; its own init. Base,
+    Large and Huge differ only in size."""
     return cfg.model_copy(update=dict(norm_first=False, layer_scale_init=None, rel_pos="none", abs_pos=False,
                                       sincos_pos=True, input_norm=True, pooling="none", drop_path=0.0,
                                       attn_dropout=0.0, dropout=0.0, eps=1e-6, init="data2vec2"))
@@ -245,21 +248,28 @@ def image_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
-def image_objective_v2(dim: int, steps_hint: int = 5000, large: bool = False) -> ObjectiveConfig:
+def image_objective_v2(dim: int, steps_hint: int = 5000, size: str = "base") -> ObjectiveConfig:
     """data2vec 2.0 base_images_only_task (spec §8.5): FFN taps of all main blocks, IN per layer -> average -> LN,
     L2/√D, 16 inverse-block clones keeping 20 %, 6-layer 2-D decoder (k 3, 16 groups), [CLS] loss 0.01, τ 0.9998 ->
     0.99999 over 100k, own EMA patch embedding, guard off (the released image configs disable it).
-    large_images_only_task: clones keep 25 % (adjust 0.1), a 3-layer decoder of kernel 5, τ over 150k."""
-    mask = V2MaskConfig(prob=0.75, length=3, adjust=0.1, inverse=True) if large else \
+    large_images_only_task: clones keep 25 % (adjust 0.1), a 3-layer decoder of kernel 5, τ over 150k.
+    huge_images14_only_task: Large's masks and decoder, the decoder 1024 wide (narrower than the encoder), τ 0.9998 ->
+    1 over 300k."""
+    big = size in ("large", "huge")
+    mask = V2MaskConfig(prob=0.75, length=3, adjust=0.1, inverse=True) if big else \
         V2MaskConfig(prob=0.8, length=3, adjust=0.07, inverse=True)
+    ema = {"base": EMAConfig(tau_start=0.9998, tau_end=0.99999, tau_steps=100_000),
+           "large": EMAConfig(tau_start=0.9998, tau_end=0.99999, tau_steps=150_000),
+           "huge": EMAConfig(tau_start=0.9998, tau_end=1.0, tau_steps=300_000)}[size]
+    decoder_dim = 1024 if size == "huge" else dim
     return ObjectiveConfig(
         top_k=10, target_tap="ffn", layer_norm_targets="instance", final_norm="layer",
         loss=LossConfig(kind="l2", reduction="sum_over_dim", scale="inv_sqrt_dim"),
-        ema=EMAConfig(tau_start=0.9998, tau_end=0.99999, tau_steps=150_000 if large else 100_000),
+        ema=ema,
         collapse=CollapseConfig(min_target_var=0.0, min_pred_var=0.0, warmup_steps=steps_hint),
         v2=V2Config(clones=16, mask=mask, cls_loss=0.01,
-                    decoder=DecoderConfig(dim=dim, kernel=5 if large else 3, groups=16 if dim % 16 == 0 else 1,
-                                          layers=3 if large else 6)),
+                    decoder=DecoderConfig(dim=decoder_dim, kernel=5 if big else 3,
+                                          groups=16 if decoder_dim % 16 == 0 else 1, layers=3 if big else 6)),
     )
 
 

@@ -15,7 +15,7 @@ ENCODERS = {"image": (IMAGE_PRESETS, ImageEncoder), "speech": (SPEECH_PRESETS, S
             "text": (TEXT_PRESETS, TextEncoder)}
 ENCODER_CONFIGS = {name: type(presets["base"]) for name, (presets, _) in ENCODERS.items()}  # the config class
 # data2vec 2.0 keeps each preset's size and changes the architecture where the v2 recipe does
-V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text": lambda cfg, large=False: cfg}
+V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text": lambda cfg, size="base": cfg}
 V1_RECIPES = {"image": image_objective, "speech": speech_objective, "text": text_objective}
 V2_RECIPES = {"image": image.image_objective_v2, "speech": speech.speech_objective_v2,
               "text": text.text_objective_v2}
@@ -29,16 +29,16 @@ def block_mask_for_grid(grid: tuple[int, int]) -> BlockMaskConfig:
     return BlockMaskConfig(num_mask_patches=max(1, round(n * 120 / 196)), min_patches=max(1, round(n * 16 / 196)))
 
 
-def large_recipe(preset: str) -> bool:
-    """data2vec 2.0 publishes a Base and a Large recipe per modality (spec §8.5); the large preset takes Large's, every
-    other preset Base's at its own size."""
-    return preset == "large"
+def v2_recipe_size(preset: str) -> str:
+    """data2vec 2.0 publishes a Base and a Large recipe per modality, and a Huge one for images (spec §8.5); the
+    large and huge presets take theirs, every other preset Base's at its own size."""
+    return preset if preset in ("large", "huge") else "base"
 
 
 def v2_top_k(name: str, recipe_k: int, depth: int) -> int:
     """Image v2 averages the main blocks, not the prenet (2 of 12 for B); the other recipes cap K at the depth."""
     if name == "image":
-        return {12: 10, 24: 18}.get(depth, max(1, round(depth * 10 / 12)))
+        return {12: 10, 24: 18, 32: 24}.get(depth, max(1, round(depth * 10 / 12)))  # Huge: 24 (spec §8.5)
     return min(recipe_k, depth)
 
 
@@ -51,7 +51,7 @@ def build_modality(name: str, preset: str = "base", objective: Objective = "v1")
     encoder = build_encoder(name, preset, objective)
     modality = _modality(name, encoder)
     if objective == "v2":
-        recipe = V2_RECIPES[name](encoder.dim, large=large_recipe(preset))
+        recipe = V2_RECIPES[name](encoder.dim, size=v2_recipe_size(preset))
         return modality, recipe.model_copy(update={"top_k": v2_top_k(name, recipe.top_k, encoder.cfg.depth)})
     recipe = V1_RECIPES[name]()
     return modality, recipe.model_copy(update={"top_k": min(recipe.top_k, encoder.cfg.depth)})
@@ -77,7 +77,7 @@ def encoder_config(name: str, preset: str, objective: Objective = "v1", **fields
     table, _ = ENCODERS[name]
     if preset not in table:
         raise ValueError(f"unknown {name} preset {preset!r}; expected one of {sorted(table)}")
-    cfg = V2_ARCHITECTURE[name](table[preset], large=large_recipe(preset)) if objective == "v2" else table[preset]
+    cfg = V2_ARCHITECTURE[name](table[preset], size=v2_recipe_size(preset)) if objective == "v2" else table[preset]
     return type(cfg).model_validate({**cfg.model_dump(), **fields}) if fields else cfg
 
 

@@ -82,10 +82,11 @@ SPEECH_PRESETS = {
 }
 
 
-def v2_encoder(cfg: SpeechEncoderConfig, large: bool = False) -> SpeechEncoderConfig:
+def v2_encoder(cfg: SpeechEncoderConfig, size: str = "base") -> SpeechEncoderConfig:
     """The data2vec 2.0 audio encoder of the same size (spec §8.4): v1's CNN, conv positions and post-LN blocks,
     plus ALiBi with a learned per-head scale; fine-tuning masks fill frames with N(0, 0.01²) noise. Large (8 prenet +
     16 main blocks, here one stack of 24) trains without LayerDrop."""
+    large = size == "large"
     return cfg.model_copy(update={"alibi": True, "mask_noise_std": 0.01, **({"layerdrop": 0.0} if large else {})})
 
 
@@ -361,12 +362,13 @@ def speech_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
-def speech_objective_v2(dim: int, steps_hint: int = 5000, large: bool = False) -> ObjectiveConfig:
+def speech_objective_v2(dim: int, steps_hint: int = 5000, size: str = "base") -> ObjectiveConfig:
     """data2vec 2.0 base_audio_only_task (spec §8.5): FFN taps, K=8, IN per layer -> average, L2/√D, 8 clones of
     1-D block masks (50 %, blocks of 5), 4-layer 1-D decoder (half width, k 7, 16 groups, input dropout 0.1),
     τ 0.999 -> 0.99999 over 75k; EMA over everything but the CNN front-end and the decoder.
     large_audio_only_task: K=16 (the main stack after 8 prenet blocks), 12 clones masking 55 % (adjust 0.1), a
     768-wide decoder, τ 0.9997 -> 1 over 300k."""
+    large = size == "large"
     decoder_dim = 768 if large else dim // 2
     return ObjectiveConfig(
         top_k=16 if large else 8, target_tap="ffn", layer_norm_targets="instance", final_norm="none",

@@ -191,12 +191,13 @@ def text_objective(steps_hint: int = 5000) -> ObjectiveConfig:
     )
 
 
-def text_objective_v2(dim: int, steps_hint: int = 5000, large: bool = False) -> ObjectiveConfig:
+def text_objective_v2(dim: int, steps_hint: int = 5000, size: str = "base") -> ObjectiveConfig:
     """data2vec 2.0 base_text_only_task (spec §8.5): FFN taps of all blocks, IN per layer -> average, L2 with scale
     1, 8 clones keeping 52 % of the tokens at random, 5-layer 1-D decoder (k 9, no groups, no residual, 2-layer
     projection, input dropout 0.1), τ 0.9999 -> 0.99999 over 100k; EMA over the blocks only, the teacher reads the
     student's embeddings. large_text_only_task: all 24 blocks, LN per layer -> average -> IN, 50 % masked, the
     decoder 768 wide."""
+    large = size == "large"
     return ObjectiveConfig(
         top_k=24 if large else 12, target_tap="ffn", layer_norm_targets="layer" if large else "instance",
         final_norm="instance" if large else "none",
