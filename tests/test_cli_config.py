@@ -84,8 +84,8 @@ def test_params_the_stage_graph_and_the_data_stages_import_no_torch():
 
 
 def test_unknown_preset_is_a_clear_error(capsys):
-    assert main(["demo", "--modality", "image", "--preset", "huge", "--steps", "1"]) == 2
-    assert "unknown image preset 'huge'" in capsys.readouterr().err
+    assert main(["demo", "--modality", "image", "--preset", "gigantic", "--steps", "1"]) == 2
+    assert "unknown image preset 'gigantic'" in capsys.readouterr().err
 
 
 def test_invalid_params_name_the_key():
