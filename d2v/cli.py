@@ -15,7 +15,7 @@ from d2v.config import MODALITIES, Objective, nested_overrides
 
 # steps, lr, batch size and input kwargs of the short demo pretraining per modality
 DEMO = {
-    "image": dict(steps=400, lr=2e-3, batch=16, kw=dict(size=32)),
+    "image": dict(steps=400, lr=2e-3, batch=16, kw={}),
     "speech": dict(steps=80, lr=3e-4, batch=8, kw=dict(seconds=1.0)),
     "text": dict(steps=200, lr=1e-3, batch=16, kw=dict(length=64)),
 }
@@ -41,9 +41,11 @@ def demo(args: argparse.Namespace) -> int:
         modality, cfg = build_modality(name, args.preset, args.objective)
         cfg = cfg.model_copy(update={"collapse": cfg.collapse.model_copy(update={"warmup_steps": 3 * steps // 4})})
         objective = make_objective(modality, cfg)
-        kw = dict(run["kw"])
+        kw, enc = dict(run["kw"]), modality.encoder.cfg
         if name == "text":
-            kw["vocab_size"] = modality.encoder.cfg.vocab_size
+            kw["vocab_size"] = enc.vocab_size
+        if name == "image":  # the preset's image shape (ViT-B: 224 px, RGB)
+            kw.update(size=enc.img_size, channels=enc.in_chans)
         batches = synthetic.batches(name, np.random.default_rng(args.seed), run["batch"], **kw)
         start = time.perf_counter()
         with tqdm(total=steps, desc=f"pretrain {name}", unit="step", file=sys.stderr) as bar:
