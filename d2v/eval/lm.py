@@ -285,7 +285,11 @@ class LanguageModel:
                beam: int | None = None) -> list[str]:
         """Best word sequence per utterance; logits: per utterance (frames, letters). The same words in any number
         of workers."""
-        emissions = [self._emissions(x) for x in logits]
+        return self._search([self._emissions(x) for x in logits], lm_weight, word_score, beam)
+
+    def _search(self, emissions: list[np.ndarray], lm_weight: float, word_score: float,
+                beam: int | None = None) -> list[str]:
+        """`decode` of emissions `_emissions` made."""
         workers = min(self.workers, len(emissions), usable_cpus())
         if workers <= 1:
             search = self.decoder(lm_weight, word_score, beam)
@@ -320,11 +324,11 @@ class LanguageModel:
         """The (LM weight, word score) of the grid with the lowest WER on these dev utterances (ties: CER, then the
         grid's order), and the whole grid's scores."""
         limit = self.cfg.tune_limit or len(logits)
-        logits, references = logits[:limit], references[:limit]
+        emissions, references = [self._emissions(x) for x in logits[:limit]], references[:limit]  # once, not per point
         grid = []
         for lm_weight in self.cfg.lm_weights:
             for word_score in self.cfg.word_scores:
-                hyps = self.decode(logits, lm_weight, word_score, self.cfg.tune_beam)
+                hyps = self._search(emissions, lm_weight, word_score, self.cfg.tune_beam)
                 grid.append({"lm_weight": lm_weight, "word_score": word_score, "wer": wer(hyps, references),
                              "cer": cer(hyps, references)})
         best = min(grid, key=lambda g: (g["wer"], g["cer"]))
