@@ -234,7 +234,7 @@ def shard(args: argparse.Namespace) -> int:
     cfg = ShardConfig(max_bytes=int(args.max_mb * (1 << 20)), max_count=args.max_count)
     tok = TextTokenizer(args.tokenizer) if args.tokenizer else None
     index = write_shards(source, args.split, out, cfg, tokenizer=tok, subset=args.subset, limit=args.limit,
-                          sample_seed=args.sample_seed)
+                          sample_seed=args.sample_seed, workers=args.workers)
     print(f"{args.dataset}/{name}: {index['count']} samples, {len(index['shards'])} shards, "
           f"{index['bytes'] / 1e6:.1f} MB, {index['skipped']['count']} skipped -> {out}")
     return 0
@@ -551,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-count", type=int, default=10_000)
     p.add_argument("--limit", type=int, default=None, help="first N rows only (smoke runs)")
     p.add_argument("--sample-seed", type=int, default=None, help="with --limit: a seeded random N rows instead")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that cut pieces of long recordings (Libri-light); the shards do not depend on it")
     p.set_defaults(func=shard)
     _add_profile(p)
 

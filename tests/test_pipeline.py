@@ -293,6 +293,10 @@ def test_paper_profiles_hold_the_published_recipes():
             ["reseed", "replay", "replay"]
 
 
+def v1_sources() -> set[str]:
+    return set(load_params(ROOT / "params.yaml", "paper").active.sources)
+
+
 def test_the_large_profile_holds_the_released_large_recipes():
     """paper-v2-large against spec §8.5 (large_{images,audio,text}_only_task: the updates per run and the samples per
     update, on 8 GPUs) and §9 (ImageNet L fine-tuning, the vox_*.yaml CTC table). Clones, K, masks, decoders and τ
@@ -309,6 +313,11 @@ def test_the_large_profile_holds_the_released_large_recipes():
     assert (image.data.image.min_scale, image.data.image.color_jitter) == (0.2, 0.0)
     assert (per_update(speech) * speech.data.audio.max_samples, speech.steps, speech.optim.lr,
             speech.optim.warmup_steps, speech.optim.clip_norm) == (48 * 320_000, 600_000, 4e-4, 10_000, 1.0)
+    # the released Large speech model pretrained on Libri-light's 60k h, not LibriSpeech (spec §2.1); the paper
+    # profile's sources and shards stay (fine-tuning and evaluation are LibriSpeech's)
+    assert speech.data.shards == str(large.shard_dir("librilight/unlab-60k"))
+    assert large.shard_spec("librilight/unlab-60k").split == "small+medium+large"
+    assert set(large.sources) == {"librilight", *v1_sources()}
     assert (per_update(text), text.data.block_tokens, text.steps, text.optim.lr, text.optim.warmup_steps,
             text.optim.clip_norm) == (64, 512, 600_000, 1e-4, 4000, 1.0)
     ft = large.finetune_config("imagenet")

@@ -7,17 +7,21 @@ warning and counted in `index.json`.
 
 What a sample holds, per kind:
 - image: `<ext>` the encoded image bytes as prepared (png/jpeg), `cls` the class index;
-- speech: `flac` (or `wav`) bytes, `txt` the transcript, `json` {duration, speaker};
+- speech: `flac` (or `wav`) bytes, `txt` the transcript, `json` {duration, speaker}; a row with `segments` (a piece
+  of a long recording, `d2v.data.segments`) is stored as a FLAC of those samples, cut in `workers` processes;
 - text corpus: `ids.npy` a chunk of at most `chunk_tokens` token ids (paragraphs tokenized, each ending in </s>);
 - text task: `json` {text, text_b, label}.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import multiprocessing
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from pydantic import Field
 from d2v.config import StrictModel
 from d2v.data.download import file_digest
 from d2v.data.manifest import META, Skipped, read_manifest
+from d2v.data.segments import flac_of_ranges, parse_ranges
 from d2v.data.sources.base import staged
 from d2v.io import atomic_write_json
 
@@ -78,8 +83,47 @@ def _check_file(path: Path, row, kind: str) -> str | None:
     return None
 
 
-def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, tokenizer, skipped: Skipped
-             ) -> Iterator[dict]:
+def _cut_piece(job: tuple[str, str, str]) -> tuple[bytes | None, str | None]:
+    """FLAC bytes of one piece, or why it cannot be cut (runs in a worker process)."""
+    path, segments, row_id = job
+    if not Path(path).is_file():
+        return None, "missing"
+    if not isinstance(segments, str):
+        return None, "no segments (sample ranges) in the manifest row"
+    try:
+        return flac_of_ranges(path, parse_ranges(segments, f"{row_id}: segments")), None
+    except (ValueError, RuntimeError) as err:
+        return None, f"undecodable: {err}"
+
+
+def _pieces(source_dir: Path, df: pd.DataFrame, skipped: Skipped, workers: int) -> Iterator[dict]:
+    """Samples of a manifest of pieces, in manifest order whatever the number of workers."""
+    jobs = ((str(source_dir / r.path), r.segments, r.id) for r in df.itertuples(index=False))
+    if workers > 1:
+        # spawn: the workers need nothing of the parent's, and forking a process with threads risks deadlocks
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        # blocks of a few hundred pieces bound the memory: map() would submit every piece of 53k hours at once
+        blocks = iter(lambda: list(itertools.islice(jobs, 64 * workers)), [])
+        cut = itertools.chain.from_iterable(pool.map(_cut_piece, block, chunksize=8) for block in blocks)
+    else:
+        pool, cut = None, map(_cut_piece, jobs)
+    try:
+        for row, (data, problem) in zip(df.itertuples(index=False), cut):
+            if problem:
+                skipped.add(row.path, problem, log)
+                continue
+            yield {"__key__": row.id, "flac": data, "txt": "" if pd.isna(row.text) else row.text,
+                   "json": {"duration": float(row.duration), "speaker": getattr(row, "speaker", "")}}
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, tokenizer, skipped: Skipped,
+             workers: int = 1) -> Iterator[dict]:
+    if kind == "speech" and "segments" in df:
+        yield from _pieces(source_dir, df, skipped, workers)
+        return
     for row in df.itertuples(index=False):
         if kind == "text_task":
             label = None if pd.isna(row.label) else float(row.label)
@@ -119,10 +163,11 @@ def shard_summary(path: Path) -> dict:
 
 def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: ShardConfig | None = None,
                  tokenizer=None, subset: str | None = None, limit: int | None = None,
-                 sample_seed: int | None = None) -> dict:
+                 sample_seed: int | None = None, workers: int = 1) -> dict:
     """Shard one split of a prepared source; `subset` keeps rows tagged with it (e.g. '10min'); `limit` keeps the
     first N rows, or with `sample_seed` a seeded random N (in manifest order: a manifest sorted by name would
-    otherwise give its first letters only); returns the index."""
+    otherwise give its first letters only); `workers` processes cut pieces of long recordings (the shards are the
+    same for any number); returns the index."""
     import webdataset as wds
 
     cfg = cfg or ShardConfig()
@@ -145,7 +190,7 @@ def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: S
     with staged(out_dir) as tmp:
         with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=cfg.max_count, maxsize=cfg.max_bytes,
                              verbose=0, mtime=0.0) as sink:
-            for sample in _samples(source_dir, df, kind, cfg, tokenizer, skipped):
+            for sample in _samples(source_dir, df, kind, cfg, tokenizer, skipped, workers):
                 sink.write(sample)
         shards = [shard_summary(p) for p in sorted(tmp.glob("shard-*.tar"))]
         index = {"source": str(source_dir), "split": split, "subset": subset, "kind": kind,

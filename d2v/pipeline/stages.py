@@ -140,7 +140,9 @@ class StageTable:
             if dataset == tok.corpus:
                 deps.append(p.spm_model)  # the pretraining corpus is stored as token ids
             params = ["shard_limit"] + ([f"shards.{key}"] if key in p.shards else [])
-            self._add("shard", key, self._d2v("shard", dataset, "--split", name), deps,
+            threads = p.resources_for("shard").threads  # processes cutting pieces of long recordings
+            self._add("shard", key, self._d2v("shard", dataset, "--split", name,
+                                              *(["--workers", str(threads)] if threads > 1 else [])), deps,
                       [p.shard_dir(key) / "index.json"], params)
         for modality in p.pretrain:
             for stage in p.pretrain_stages(modality):
