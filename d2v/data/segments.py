@@ -87,3 +87,17 @@ def flac_of_ranges(path: str | Path, ranges: Ranges) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, audio, rate, format="FLAC", subtype="PCM_16" if audio.dtype == np.int16 else "PCM_24")
     return buf.getvalue()
+
+
+def cut_piece(job: tuple[str, str, str]) -> tuple[bytes | None, str | None]:
+    """(path, segments, row id) → the piece's FLAC bytes, or why it cannot be cut. `d2v shard` runs it in worker
+    processes, which import only this module."""
+    path, segments, row_id = job
+    if not Path(path).is_file():
+        return None, "missing"
+    if not isinstance(segments, str):
+        return None, "no segments (sample ranges) in the manifest row"
+    try:
+        return flac_of_ranges(path, parse_ranges(segments, f"{row_id}: segments")), None
+    except (ValueError, RuntimeError) as err:
+        return None, f"undecodable: {err}"

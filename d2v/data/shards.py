@@ -14,14 +14,13 @@ What a sample holds, per kind:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import math
-import multiprocessing
 import tarfile
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,10 @@ from pydantic import Field
 from d2v.config import StrictModel
 from d2v.data.download import file_digest
 from d2v.data.manifest import META, Skipped, read_manifest
-from d2v.data.segments import flac_of_ranges, parse_ranges
+from d2v.data.segments import cut_piece
 from d2v.data.sources.base import staged
 from d2v.io import atomic_write_json
+from d2v.processes import forked_pool
 
 log = logging.getLogger("d2v.shard")
 INDEX = "index.json"
@@ -83,40 +83,23 @@ def _check_file(path: Path, row, kind: str) -> str | None:
     return None
 
 
-def _cut_piece(job: tuple[str, str, str]) -> tuple[bytes | None, str | None]:
-    """FLAC bytes of one piece, or why it cannot be cut (runs in a worker process)."""
-    path, segments, row_id = job
-    if not Path(path).is_file():
-        return None, "missing"
-    if not isinstance(segments, str):
-        return None, "no segments (sample ranges) in the manifest row"
-    try:
-        return flac_of_ranges(path, parse_ranges(segments, f"{row_id}: segments")), None
-    except (ValueError, RuntimeError) as err:
-        return None, f"undecodable: {err}"
-
-
 def _pieces(source_dir: Path, df: pd.DataFrame, skipped: Skipped, workers: int) -> Iterator[dict]:
     """Samples of a manifest of pieces, in manifest order whatever the number of workers."""
     jobs = ((str(source_dir / r.path), r.segments, r.id) for r in df.itertuples(index=False))
-    if workers > 1:
-        # spawn: the workers need nothing of the parent's, and forking a process with threads risks deadlocks
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        # blocks of a few hundred pieces bound the memory: map() would submit every piece of 53k hours at once
-        blocks = iter(lambda: list(itertools.islice(jobs, 64 * workers)), [])
-        cut = itertools.chain.from_iterable(pool.map(_cut_piece, block, chunksize=8) for block in blocks)
-    else:
-        pool, cut = None, map(_cut_piece, jobs)
-    try:
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(forked_pool(workers))
+            # blocks of a few hundred pieces bound the memory: map() would submit every piece of 53k hours at once
+            blocks = iter(lambda: list(itertools.islice(jobs, 64 * workers)), [])
+            cut = itertools.chain.from_iterable(pool.map(cut_piece, block, chunksize=8) for block in blocks)
+        else:
+            cut = map(cut_piece, jobs)
         for row, (data, problem) in zip(df.itertuples(index=False), cut):
             if problem:
                 skipped.add(row.path, problem, log)
                 continue
             yield {"__key__": row.id, "flac": data, "txt": "" if pd.isna(row.text) else row.text,
                    "json": {"duration": float(row.duration), "speaker": getattr(row, "speaker", "")}}
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
 
 
 def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, tokenizer, skipped: Skipped,

@@ -14,11 +14,7 @@ import gzip
 import hashlib
 import json
 import math
-import multiprocessing
-import os
-import warnings
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -30,6 +26,7 @@ from d2v.config import StrictModel
 from d2v.data.manifest import LM_SPLIT, read_manifest
 from d2v.eval.metrics import cer, greedy_transcripts, wer
 from d2v.io import atomic_write, atomic_write_json, atomic_write_text
+from d2v.processes import forked_pool, usable_cpus
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 NO_PROB = -99.0  # ARPA's log10 probability of <s>, which is never predicted
@@ -295,15 +292,8 @@ class LanguageModel:
             search = self.decoder(lm_weight, word_score, beam)
             return [_best_words(search, e) for e in emissions]
         self._kenlm  # loaded before the fork, so that the workers share its pages instead of each loading it
-        # fork (not spawn): the KenLM object cannot be pickled, and a worker of its own would load the ARPA file
-        # again. The workers run only flashlight's C++ search on arrays (no torch kernels, no locks of the
-        # parent's threads), which is what makes Python 3.12's warning about forking a threaded process moot here.
-        # A worker that dies (a crash in C++) fails the pool, where multiprocessing.Pool would wait forever.
-        with warnings.catch_warnings(), ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_search,
-                initargs=(self, lm_weight, word_score, beam)) as pool:
-            warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
-                                    category=DeprecationWarning)
+        # (the KenLM object cannot be pickled to a spawned worker, which would load the ARPA file again)
+        with forked_pool(workers, _start_search, (self, lm_weight, word_score, beam)) as pool:
             return list(pool.map(_search_in_worker, emissions, chunksize=max(1, len(emissions) // (4 * workers))))
 
     def _emissions(self, x: np.ndarray) -> np.ndarray:
@@ -334,11 +324,6 @@ class LanguageModel:
         best = min(grid, key=lambda g: (g["wer"], g["cer"]))
         return {"lm_weight": best["lm_weight"], "word_score": best["word_score"], "n": len(references),
                 "beam": self.cfg.tune_beam or self.cfg.beam, "grid": grid}
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (a batch scheduler's allocation, where it sets the affinity)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _best_words(search, emissions: np.ndarray) -> str:
