@@ -133,6 +133,15 @@ def test_root_in_place_workers_and_a_file_gone_after_prepare(tmp_path):
     assert [f["reason"] for f in read_index(tmp_path / "gone")["skipped"]["files"]] == ["missing"]
 
 
+def test_a_damaged_unpinned_download_is_named(tmp_path):
+    tar = _small_tar()[:30_000]  # cut inside a member: no checksum to catch it, the tar reader does
+    with FileServer({"/small.tar": tar}) as server:
+        arts = {"small": Artifact("small.tar", (server.url("/small.tar"),), unpinned=True)}
+        with pytest.raises(ValueError, match=r"unpinned/small.tar is not a complete tar archive .*delete it"):
+            librilight.prepare(Context(tmp_path / "cache", tmp_path / "ll"), subsets=["small"], artifacts=arts)
+    assert not (tmp_path / "ll" / "splits" / "small").exists()  # nothing half-extracted left in place
+
+
 def test_options_are_checked_by_name(tmp_path):
     ctx = Context(tmp_path / "cache", tmp_path / "ll")
     with pytest.raises(ValueError, match=r"unknown subset\(s\) \['huge'\]"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -82,6 +83,15 @@ def subset_folder(base: Path, subset: str) -> Path:
     return folder
 
 
+def unpack(archive: Path, dest: Path) -> Path:
+    """Without a checksum, a damaged download shows only here: name it, and how to fetch it again."""
+    try:
+        return extract(archive, dest)
+    except tarfile.TarError as err:
+        raise ValueError(f"librilight: {archive} is not a complete tar archive ({err}); delete it to download it "
+                         "again") from err
+
+
 @register("librilight", "speech", "paper", "Libri-light unlab-60k (small/medium/large), cut by voice activity")
 def prepare(ctx: Context, subsets: Iterable[str] = SUBSETS, root: str | Path | None = None,
             target_seconds: float = TARGET_SECONDS, artifacts: Mapping[str, Artifact] | None = None) -> Path:
@@ -98,8 +108,7 @@ def prepare(ctx: Context, subsets: Iterable[str] = SUBSETS, root: str | Path | N
     table = {**ARTIFACTS, **(artifacts or {})}
     skipped, rows = Skipped(), []
     for subset in subsets:
-        base = Path(root) if root is not None else \
-            extract(fetch(table[subset], ctx.cache_dir), out / "splits" / subset)
+        base = Path(root) if root is not None else unpack(fetch(table[subset], ctx.cache_dir), out / "splits" / subset)
         rows += index_subset(subset_folder(base, subset), subset, out, target_seconds, skipped)
     df = make_manifest(rows)
     hours = {s: round(float(d) / 3600, 3) for s, d in df.groupby("split")["duration"].sum().items()}
