@@ -5,9 +5,10 @@ profiles' 1.4 GB `4-gram.arpa.gz` is in memory once. This estimates a word 4-gra
 words of random letters, enough sentences for an ARPA file of a few hundred MB), loads it in the parent, forks the
 workers, lets each beam-search random emissions through it, and reads `/proc/self/smaps`: the parent notes the new
 anonymous mappings that hold KenLM's tables, and each worker reports how much of them it holds as a private copy
-after building its decoder and searching (copy-on-write: 0 when every page stays shared). A worker's own decoder
-(its lexicon trie) is private, and shows as its growth between fork and search. The n-grams are estimated in a
-child process, whose Python heap the workers must not inherit.
+after searching (copy-on-write: 0 when every page stays shared). Two ways of giving the workers a decoder are
+compared by each worker's private memory from fork to the end of its search: each building its own (its own lexicon
+trie), and inheriting the one the parent built before the fork, as `LanguageModel.decode` does. The n-grams are
+estimated in a child process, whose Python heap the workers must not inherit.
 
     python bench/lm_fork_memory.py [--sentences 300000] [--workers 2] [--out results/bench/lm_fork_memory_cpu.json]
 """
@@ -82,22 +83,29 @@ def in_ranges(ranges: list[tuple[int, int]]) -> dict[str, int]:
     return total
 
 
-_AT_FORK: dict = {}  # a worker's memory as forked, before its decoder is built
+_AT_FORK: dict = {}  # a worker's memory as forked, before it has a decoder
 _KENLM_RANGES: list = []  # where the parent's KenLM tables are (the same addresses in a forked worker)
 
 
-def start_and_measure(*args) -> None:
+def own_decoder(model, *args) -> None:
+    """The decode workers before 2026-12-02: each built its decoder (its own lexicon trie) over the shared KenLM."""
     _AT_FORK.update(memory_kb())
-    lm_module._start_search(*args)  # the worker's decoder: its own lexicon trie, over the parent's KenLM
+    lm_module._use_search(model.decoder(*args))
+
+
+def inherited_decoder(search) -> None:
+    """`LanguageModel.decode` now: the parent builds the decoder before the fork, and the workers share it."""
+    _AT_FORK.update(memory_kb())
+    lm_module._use_search(search)
 
 
 def search_and_measure(emissions: list[np.ndarray]) -> dict:
-    """In a worker: its memory as forked, with its decoder built, and after beam-searching `emissions`."""
-    built, start = memory_kb(), time.perf_counter()
+    """In a worker: its memory as forked and after beam-searching `emissions`, and its copy of KenLM's tables."""
+    start = time.perf_counter()
     for e in emissions:
         lm_module._search_in_worker(e)
-    return {"forked": dict(_AT_FORK), "decoder_built": built, "after_search": memory_kb(),
-            "kenlm_tables": in_ranges(_KENLM_RANGES), "search_seconds": time.perf_counter() - start}
+    return {"forked": dict(_AT_FORK), "after_search": memory_kb(), "kenlm_tables": in_ranges(_KENLM_RANGES),
+            "search_seconds": time.perf_counter() - start}
 
 
 def build_lm(folder: Path, sentences: int, vocab: int) -> tuple[dict, float]:
@@ -131,27 +139,30 @@ def main() -> None:
         rng = np.random.default_rng(0)
         emissions = [model._emissions(rng.standard_normal((200, len(LETTERS))).astype(np.float32))
                      for _ in range(4 * args.workers)]
-        with forked_pool(args.workers, start_and_measure, (model, 1.0, 0.0, 50)) as pool:
-            workers = list(pool.map(search_and_measure, [emissions[k::args.workers] for k in range(args.workers)]))
+        parts = [emissions[k::args.workers] for k in range(args.workers)]
+        with forked_pool(args.workers, own_decoder, (model, 1.0, 0.0, 50)) as pool:
+            own = list(pool.map(search_and_measure, parts))
+        search = model.decoder(1.0, 0.0, 50)
+        with forked_pool(args.workers, inherited_decoder, (search,)) as pool:
+            inherited = list(pool.map(search_and_measure, parts))
+    growth = lambda w: (w["after_search"]["private"] - w["forked"]["private"]) / 1024  # noqa: E731
     report = {"benchmark": "lm_fork_memory", "sentences": args.sentences, "ngrams": meta["ngrams"],
-              "arpa_mb": arpa_mb, "build_seconds": build_seconds, "kenlm_rss_mb": kenlm_kb / 1024,
-              "parent_after_load_kb": loaded,
-              "kenlm_tables_in_parent_kb": parent_tables, "workers": workers,
-              "usable_cpus": usable_cpus(),
+              "lexicon_words": meta["lexicon_words"], "arpa_mb": arpa_mb, "build_seconds": build_seconds,
+              "kenlm_rss_mb": kenlm_kb / 1024, "kenlm_tables_in_parent_kb": parent_tables,
+              "parent_after_load_kb": loaded, "usable_cpus": usable_cpus(),
+              "workers_own_decoder": own, "workers_inherited_decoder": inherited,
               # at most this part of KenLM's tables is a worker's own copy after searching (0: all shared; an upper
               # bound: the mappings that hold the tables may hold the worker's own allocations too)
-              "kenlm_copied": [w["kenlm_tables"]["private"] / max(1, parent_tables["rss"]) for w in workers]}
+              "kenlm_copied": [w["kenlm_tables"]["private"] / max(1, parent_tables["rss"]) for w in own + inherited],
+              "private_growth_mb": {"own_decoder": [growth(w) for w in own],
+                                    "inherited_decoder": [growth(w) for w in inherited]}}
     atomic_write_json(args.out, report)
-    print(f"ARPA {arpa_mb:.0f} MB ({sum(meta['ngrams']):,} n-grams), KenLM {kenlm_kb / 1024:.0f} MB in the parent")
-    print(f"KenLM's tables: {parent_tables['rss'] / 1024:.0f} MB resident in the parent, in "
-          f"{len(_KENLM_RANGES)} new mappings")
-    for k, w in enumerate(workers):
-        t = w["kenlm_tables"]
-        print(f"worker {k}: at most {t['private'] / 1024:.1f} MB of KenLM's tables copied")
-        for when in ("forked", "decoder_built", "after_search"):
-            m = w[when]
-            print(f"worker {k} {when.replace('_', ' ')}: RSS {m['rss'] / 1024:.0f} MB, private "
-                  f"{m['private'] / 1024:.0f} MB, shared {m['shared'] / 1024:.0f} MB, PSS {m['pss'] / 1024:.0f} MB")
+    print(f"ARPA {arpa_mb:.0f} MB ({sum(meta['ngrams']):,} n-grams, {meta['lexicon_words']:,} words), KenLM "
+          f"{kenlm_kb / 1024:.0f} MB in the parent; its tables: {parent_tables['rss'] / 1024:.0f} MB resident")
+    for name, rows in (("own decoder", own), ("inherited decoder", inherited)):
+        for k, w in enumerate(rows):
+            print(f"{name}, worker {k}: private memory +{growth(w):.0f} MB from fork to the end of its search, at "
+                  f"most {w['kenlm_tables']['private'] / 1024:.1f} MB of KenLM's tables copied")
     print(f"-> {args.out}")
 
 

@@ -288,12 +288,12 @@ class LanguageModel:
                 beam: int | None = None) -> list[str]:
         """`decode` of emissions `_emissions` made."""
         workers = min(self.workers, len(emissions), usable_cpus())
+        # built before the fork: the workers share the loaded KenLM and the decoder's lexicon trie page by page,
+        # where each would otherwise build a trie of its own (147 MB for 51.5k words; bench/lm_fork_memory.py)
+        search = self.decoder(lm_weight, word_score, beam)
         if workers <= 1:
-            search = self.decoder(lm_weight, word_score, beam)
             return [_best_words(search, e) for e in emissions]
-        self._kenlm  # loaded before the fork, so that the workers share its pages instead of each loading it
-        # (the KenLM object cannot be pickled to a spawned worker, which would load the ARPA file again)
-        with forked_pool(workers, _start_search, (self, lm_weight, word_score, beam)) as pool:
+        with forked_pool(workers, _use_search, (search,)) as pool:
             return list(pool.map(_search_in_worker, emissions, chunksize=max(1, len(emissions) // (4 * workers))))
 
     def _emissions(self, x: np.ndarray) -> np.ndarray:
@@ -333,12 +333,12 @@ def _best_words(search, emissions: np.ndarray) -> str:
     return " ".join(hyps[0].words) if hyps else ""
 
 
-_WORKER_SEARCH = None  # a decode worker's beam search, built once per worker
+_WORKER_SEARCH = None  # a decode worker's beam search: the parent's, inherited by the fork
 
 
-def _start_search(model: LanguageModel, lm_weight: float, word_score: float, beam: int | None) -> None:
+def _use_search(search) -> None:
     global _WORKER_SEARCH
-    _WORKER_SEARCH = model.decoder(lm_weight, word_score, beam)
+    _WORKER_SEARCH = search
 
 
 def _search_in_worker(emissions: np.ndarray) -> str:
