@@ -318,6 +318,8 @@ def test_the_large_profile_holds_the_released_large_recipes():
     assert speech.data.shards == str(large.shard_dir("librilight/unlab-60k"))
     assert large.shard_spec("librilight/unlab-60k").split == "small+medium+large"
     assert set(large.sources) == {"librilight", *v1_sources()}
+    paper = load_params(ROOT / "params.yaml", "paper").active  # only the shard job (cutting 53k h) is resized
+    assert [k for k in paper.resources if large.resources_for(k) != paper.resources_for(k)] == ["shard"]
     assert (per_update(text), text.data.block_tokens, text.steps, text.optim.lr, text.optim.warmup_steps,
             text.optim.clip_norm) == (64, 512, 600_000, 1e-4, 4000, 1.0)
     ft = large.finetune_config("imagenet")
