@@ -29,14 +29,19 @@ from d2v.processes import forked_pool, usable_cpus
 LETTERS = ["<blank>", "|", *string.ascii_uppercase, "'"]
 
 
+def split(fields: dict[str, int]) -> dict[str, int]:
+    """smaps fields (kB) → resident, shared with another process, private (this process's own)."""
+    return {"rss": fields.get("Rss", 0), "shared": fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0),
+            "private": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
+
+
 def memory_kb() -> dict[str, int]:
     """This process's resident memory split as smaps_rollup reports it (kB)."""
     fields = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":")
         fields[key] = int(value.split()[0])
-    return {"rss": fields["Rss"], "pss": fields["Pss"], "shared": fields["Shared_Clean"] + fields["Shared_Dirty"],
-            "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+    return {**split(fields), "pss": fields["Pss"]}
 
 
 def corpus(path: Path, sentences: int, vocab: int, seed: int = 0) -> Path:
@@ -74,13 +79,8 @@ def new_ranges(before: dict, after: dict, min_kb: int = 1024) -> list[tuple[int,
 
 def in_ranges(ranges: list[tuple[int, int]]) -> dict[str, int]:
     """This process's memory inside `ranges` (kB): resident, shared with the parent, private (copied)."""
-    total = {"rss": 0, "shared": 0, "private": 0}
-    for (lo, hi), f in mappings().items():
-        if any(lo < r_hi and r_lo < hi for r_lo, r_hi in ranges):
-            total["rss"] += f.get("Rss", 0)
-            total["shared"] += f.get("Shared_Clean", 0) + f.get("Shared_Dirty", 0)
-            total["private"] += f.get("Private_Clean", 0) + f.get("Private_Dirty", 0)
-    return total
+    inside = [split(f) for (lo, hi), f in mappings().items() if any(lo < r_hi and r_lo < hi for r_lo, r_hi in ranges)]
+    return {key: sum(m[key] for m in inside) for key in ("rss", "shared", "private")}
 
 
 _AT_FORK: dict = {}  # a worker's memory as forked, before it has a decoder

@@ -17,8 +17,8 @@ from d2v.data.sources import SOURCES, Context
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.baselines import run_baseline
 from d2v.eval.lm import LanguageModel
-from d2v.processes import usable_cpus
 from d2v.io import atomic_write_json
+from d2v.processes import usable_cpus
 from d2v.train import recipe
 from d2v.train.finetune import evaluate, run_finetune
 from d2v.train.pretrain import pretrain_main

@@ -23,8 +23,8 @@ import webdataset  # noqa: F401  (write_shards imports it, and torch, on first u
 
 from d2v.data.shards import write_shards
 from d2v.data.sources import Context, librilight
-from d2v.processes import usable_cpus
 from d2v.io import atomic_write_json
+from d2v.processes import usable_cpus
 
 RATE = 16_000
 LIBRI_LIGHT_SPEECH_HOURS = 53_200  # unlab-60k after the voice-activity cut (wav2vec 2.0, §4.1)

@@ -68,17 +68,16 @@ def parse_ranges(text: str, where: str = "segments") -> Ranges:
 
 def read_ranges(path: str | Path, ranges: Ranges) -> tuple[np.ndarray, int]:
     """The samples of `ranges`, concatenated, in the file's own integer format when it has one (lossless)."""
-    info = sf.info(path)
-    if ranges[-1][1] > info.frames:
-        raise ValueError(f"{path}: segment ends at sample {ranges[-1][1]}, past the file's {info.frames}")
-    dtype = "int16" if info.subtype in ("PCM_16", "PCM_S8", "PCM_U8") else "int32" if "PCM" in info.subtype \
-        else "float32"
-    with sf.SoundFile(path) as f:
+    with sf.SoundFile(path) as f:  # one open per piece: the header gives length and format
+        if ranges[-1][1] > f.frames:
+            raise ValueError(f"{path}: segment ends at sample {ranges[-1][1]}, past the file's {f.frames}")
+        dtype = "int16" if f.subtype in ("PCM_16", "PCM_S8", "PCM_U8") else "int32" if "PCM" in f.subtype \
+            else "float32"
         parts = []
         for lo, hi in ranges:
             f.seek(lo)
             parts.append(f.read(hi - lo, dtype=dtype))
-    return np.concatenate(parts), info.samplerate
+        return np.concatenate(parts), f.samplerate
 
 
 def flac_of_ranges(path: str | Path, ranges: Ranges) -> bytes:

@@ -134,15 +134,15 @@ class StageTable:
         if p.lm is not None:
             self._add("lm", "", self._d2v("lm"), ([self._manifest(p.lm.corpus)] if p.lm.corpus else []) + [p.letters],
                       self.lm_files(), ["lm"])
+        threads = p.resources_for("shard").threads  # processes cutting pieces of long recordings
+        shard_workers = ["--workers", str(threads)] if threads > 1 else []
         for key in p.shard_keys:
             dataset, name = key.rsplit("/", 1)  # DATASET may be nested (glue/cola)
             deps = [self._manifest(dataset)]
             if dataset == tok.corpus:
                 deps.append(p.spm_model)  # the pretraining corpus is stored as token ids
             params = ["shard_limit"] + ([f"shards.{key}"] if key in p.shards else [])
-            threads = p.resources_for("shard").threads  # processes cutting pieces of long recordings
-            self._add("shard", key, self._d2v("shard", dataset, "--split", name,
-                                              *(["--workers", str(threads)] if threads > 1 else [])), deps,
+            self._add("shard", key, self._d2v("shard", dataset, "--split", name, *shard_workers), deps,
                       [p.shard_dir(key) / "index.json"], params)
         for modality in p.pretrain:
             for stage in p.pretrain_stages(modality):

@@ -57,8 +57,8 @@ def piece_rows(audio: Path, meta_path: Path, subset: str, out_dir: Path, target_
         return []
     speaker, book = audio.parent.parent.name, audio.parent.name
     stem = re.sub(r"[^\w-]", "_", f"{speaker}-{book}-{audio.stem}")  # a WebDataset key: no dots or slashes
-    book_id = str(meta.get("book_meta", {}).get("id", ""))
-    return [dict(id=f"{stem}-{k:04d}", path=rel, split=subset, bytes=audio.stat().st_size,
+    book_id, size = str(meta.get("book_meta", {}).get("id", "")), audio.stat().st_size
+    return [dict(id=f"{stem}-{k:04d}", path=rel, split=subset, bytes=size,
                  duration=sum(hi - lo for lo, hi in piece) / info.samplerate, speaker=speaker, book=book_id,
                  segments=format_ranges(piece), file_duration=info.frames / info.samplerate)
             for k, piece in enumerate(pack(ranges, int(target_seconds * info.samplerate)))]
