@@ -158,16 +158,43 @@ def die_in_worker(emissions: np.ndarray) -> str:
     os._exit(3)  # as a crash in the C++ search would
 
 
-def test_worker_processes_decode_the_words_one_process_does(tmp_path, monkeypatch):
-    model = built(tmp_path, random_corpus(40))
-    rng = np.random.default_rng(1)
+def noisy_utterances(n: int, seed: int = 1) -> list[np.ndarray]:
+    """Noisy spellings of random words and word pairs: the lexicon decides, not greedy reading."""
+    rng = np.random.default_rng(seed)
     letters = [s for s in LETTERS if s not in ("<blank>", "|")]
-    utterances = []  # noisy spellings of random words and word pairs: the lexicon decides, not greedy reading
-    for _ in range(9):
+    utterances = []
+    for _ in range(n):
         text = " ".join(rng.choice(["CAT", "SAT", "TAX", "ACTS", "SCAT"], size=rng.integers(1, 3)))
         frames = [{(c if c != " " else "|"): 0.6, str(rng.choice(letters)): 0.3} if c != " " else {"|": 0.9}
                   for c in text for c in (c, "<blank>")]
         utterances.append(emissions(frames))
+    return utterances
+
+
+def test_the_search_decodes_what_torchaudios_ctc_decoder_does_from_one_trie(tmp_path):
+    import torch
+    from torchaudio.models.decoder import ctc_decoder
+
+    model = built(tmp_path, random_corpus(40), beam=8, beam_threshold=10.0)
+    utterances = noisy_utterances(12, seed=2)
+    decoded = {}
+    for lm_weight, word_score in [(0.0, 0.0), (1.0, 0.0), (3.0, -2.0), (0.5, 3.0)]:
+        reference = ctc_decoder(lexicon=str(model.folder / lm.LEXICON), tokens=LETTERS, lm=str(model.arpa),
+                                lm_dict=str(model.folder / lm.WORDS), beam_size=8, beam_threshold=10.0,
+                                lm_weight=lm_weight, word_score=word_score, blank_token="<blank>", sil_token="|",
+                                unk_word=lm.UNK)
+        expected = [" ".join(reference(torch.from_numpy(model._emissions(u))[None])[0][0].words) for u in utterances]
+        decoded[lm_weight, word_score] = model.decode(utterances, lm_weight, word_score)
+        assert decoded[lm_weight, word_score] == expected
+    assert len({tuple(words) for words in decoded.values()}) >= 3  # the weights change what is decoded
+    assert model.decoder(1.0, 0.0).keep_alive[0] is model.decoder(2.0, 1.0).keep_alive[0]  # one trie for all
+    with pytest.raises(ValueError, match="expected C-contiguous float32"):
+        model.decoder(1.0, 0.0).best_words(model._emissions(utterances[0]).astype(np.float64))
+
+
+def test_worker_processes_decode_the_words_one_process_does(tmp_path, monkeypatch):
+    model = built(tmp_path, random_corpus(40))
+    utterances = noisy_utterances(9)
     one = model.decode(utterances, lm_weight=1.0, word_score=0.0)
     assert len(set(one)) > 3 and all(one)  # different words per utterance, none lost
 

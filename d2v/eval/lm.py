@@ -5,8 +5,9 @@ LM weight and word score tuned on dev; spec §9.2, [P1 Tab.6]):
   format KenLM reads (the embedded profile builds its 4-gram from the training books; the paper profile reads
   LibriSpeech's official `4-gram.arpa.gz` instead);
 - `write_lexicon` spells the model's words in the CTC letter vocabulary;
-- `LanguageModel` beam-searches CTC logits with torchaudio's flashlight-text decoder, in parallel processes that
-  share one loaded KenLM, and `tune` picks the LM weight and word score on a dev split.
+- `LanguageModel` beam-searches CTC logits with flashlight-text's lexicon decoder (the one torchaudio's
+  `ctc_decoder` wraps), in parallel processes that share one loaded KenLM and one lexicon trie, and `tune` picks the
+  LM weight and word score on a dev split.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -29,6 +31,7 @@ from d2v.io import atomic_write, atomic_write_json, atomic_write_text
 from d2v.processes import forked_pool, usable_cpus
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+BLANK, SEPARATOR = 0, 1  # the letter indices of CTC's blank and the word separator '|'
 NO_PROB = -99.0  # ARPA's log10 probability of <s>, which is never predicted
 ARPA, LEXICON, WORDS, META = "lm.arpa", "lexicon.txt", "words.txt", "lm.json"
 
@@ -260,23 +263,42 @@ class LanguageModel:
         self.workers = workers
 
     @cached_property
+    def _words(self):
+        return _flashlight().dictionary.Dictionary(str(self.folder / WORDS))
+
+    @cached_property
     def _kenlm(self):
         """Loaded once: a large ARPA file takes minutes, and every (weight, score) pair reuses it."""
-        try:
-            from flashlight.lib.text.decoder.kenlm import KenLM
-            from flashlight.lib.text.dictionary import Dictionary
-        except ImportError:
-            raise ImportError("decoding with a language model needs flashlight-text: pip install 'd2v[lm]' "
-                              "(make venv installs it)") from None
-        return KenLM(str(self.arpa), Dictionary(str(self.folder / WORDS)))
+        return _flashlight().kenlm.KenLM(str(self.arpa), self._words)
 
-    def decoder(self, lm_weight: float, word_score: float, beam: int | None = None):
-        from torchaudio.models.decoder import ctc_decoder
+    @cached_property
+    def _trie(self):
+        """The lexicon's spellings over the letters, each word scored by the LM's unigram and the scores smeared up
+        the trie: built once and shared by every (weight, score) pair, as it depends on neither (8 s for 200k words,
+        `bench/lm_decoder_build.py`; torchaudio's `ctc_decoder` builds it again for each)."""
+        fl = _flashlight()
+        letters = fl.dictionary.Dictionary(self.letters)
+        trie = fl.decoder.Trie(letters.index_size(), SEPARATOR)
+        start = self._kenlm.start(False)
+        for word, spellings in fl.dictionary.load_words(str(self.folder / LEXICON)).items():
+            index = self._words.get_index(word)
+            _, score = self._kenlm.score(start, index)
+            for spelling in spellings:
+                trie.insert([letters.get_index(letter) for letter in spelling], index, score)
+        trie.smear(fl.decoder.SmearingMode.MAX)
+        return trie
 
-        return ctc_decoder(lexicon=str(self.folder / LEXICON), tokens=self.letters, lm=self._kenlm,
-                           lm_dict=str(self.folder / WORDS), beam_size=beam or self.cfg.beam,
-                           beam_threshold=self.cfg.beam_threshold, lm_weight=lm_weight, word_score=word_score,
-                           blank_token=self.letters[0], sil_token=self.letters[1], unk_word=UNK)
+    def decoder(self, lm_weight: float, word_score: float, beam: int | None = None) -> BeamSearch:
+        """flashlight's lexicon decoder with ctc_decoder's defaults (every letter considered at each frame, unknown
+        words never emitted, no silence score, max rather than log-add when hypotheses merge)."""
+        fl = _flashlight().decoder
+        options = fl.LexiconDecoderOptions(
+            beam_size=beam or self.cfg.beam, beam_size_token=len(self.letters),
+            beam_threshold=self.cfg.beam_threshold, lm_weight=lm_weight, word_score=word_score,
+            unk_score=float("-inf"), sil_score=0.0, log_add=False, criterion_type=fl.CriterionType.CTC)
+        search = fl.LexiconDecoder(options, self._trie, self._kenlm, SEPARATOR, BLANK, self._words.get_index(UNK),
+                                   [], False)
+        return BeamSearch(search, self._words, keep_alive=(self._trie, self._kenlm))
 
     def decode(self, logits: Sequence[np.ndarray], lm_weight: float, word_score: float,
                beam: int | None = None) -> list[str]:
@@ -292,7 +314,7 @@ class LanguageModel:
         # where each would otherwise build a trie of its own (147 MB for 51.5k words; bench/lm_fork_memory.py)
         search = self.decoder(lm_weight, word_score, beam)
         if workers <= 1:
-            return [_best_words(search, e) for e in emissions]
+            return [search.best_words(e) for e in emissions]
         with forked_pool(workers, _use_search, (search,)) as pool:
             return list(pool.map(_search_in_worker, emissions, chunksize=max(1, len(emissions) // (4 * workers))))
 
@@ -326,11 +348,32 @@ class LanguageModel:
                 "beam": self.cfg.tune_beam or self.cfg.beam, "grid": grid}
 
 
-def _best_words(search, emissions: np.ndarray) -> str:
-    import torch
+def _flashlight():
+    """flashlight-text's modules (the `lm` extra)."""
+    try:
+        import flashlight.lib.text.decoder as decoder
+        import flashlight.lib.text.decoder.kenlm as kenlm
+        import flashlight.lib.text.dictionary as dictionary
+    except ImportError:
+        raise ImportError("decoding with a language model needs flashlight-text: pip install 'd2v[lm]' "
+                          "(make venv installs it)") from None
+    return SimpleNamespace(decoder=decoder, kenlm=kenlm, dictionary=dictionary)
 
-    hyps = search(torch.from_numpy(emissions)[None])[0]
-    return " ".join(hyps[0].words) if hyps else ""
+
+class BeamSearch:
+    """One (LM weight, word score) beam search over a `LanguageModel`'s trie and KenLM. pybind holds no reference
+    from the C++ decoder to them, so this does (`keep_alive`)."""
+
+    def __init__(self, search, words, keep_alive: tuple):
+        self.search, self.words, self.keep_alive = search, words, keep_alive
+
+    def best_words(self, emissions: np.ndarray) -> str:
+        """The best word sequence for (frames, letters) C-contiguous float32 log-probabilities."""
+        if emissions.dtype != np.float32 or not emissions.flags.c_contiguous:
+            raise ValueError(f"emissions: {emissions.dtype}, contiguous {emissions.flags.c_contiguous}; "
+                             "expected C-contiguous float32 (the decoder reads raw memory)")
+        results = self.search.decode(emissions.ctypes.data, *emissions.shape)
+        return " ".join(self.words.get_entry(w) for w in results[0].words if w >= 0) if results else ""
 
 
 _WORKER_SEARCH = None  # a decode worker's beam search: the parent's, inherited by the fork
@@ -342,7 +385,7 @@ def _use_search(search) -> None:
 
 
 def _search_in_worker(emissions: np.ndarray) -> str:
-    return _best_words(_WORKER_SEARCH, emissions)
+    return _WORKER_SEARCH.best_words(emissions)
 
 
 class CTCScorer:
