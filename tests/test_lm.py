@@ -1,5 +1,6 @@
 """Word n-gram language models for CTC beam search: the Kneser-Ney estimate against hand-computed values, every
-context a distribution, KenLM reading our ARPA files as we compute them, the lexicon, beam search that corrects what
+context a distribution, KenLM reading our ARPA files as we compute them, the lexicon, the beam search against
+torchaudio's `ctc_decoder` (the same words from one trie for every weight), beam search that corrects what
 greedy decoding misspells, the choice of LM weight on dev, and the failure modes."""
 import gzip
 import itertools

@@ -274,7 +274,7 @@ class LanguageModel:
     @cached_property
     def _trie(self):
         """The lexicon's spellings over the letters, each word scored by the LM's unigram and the scores smeared up
-        the trie: built once and shared by every (weight, score) pair, as it depends on neither (8 s for 200k words,
+        the trie: built once and shared by every (weight, score) pair, as it depends on neither (6 s for 200k words,
         `bench/lm_decoder_build.py`; torchaudio's `ctc_decoder` builds it again for each)."""
         fl = _flashlight()
         letters = fl.dictionary.Dictionary(self.letters)
