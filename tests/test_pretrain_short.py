@@ -9,21 +9,21 @@ from d2v.config import CollapseConfig
 from d2v.data import synthetic
 from d2v.train.loop import pretrain
 
-RUNS = {  # modality: (steps, lr, batch kwargs); image needs longer to leave the predict-the-mean plateau
-    "image": (400, 2e-3, dict(size=32)),
-    "speech": (60, 3e-4, dict(seconds=1.0)),
-    "text": (80, 1e-3, dict(length=32, vocab_size=64)),
+RUNS = {  # modality: (steps, lr, batch size, batch kwargs); image needs longer to leave the predict-the-mean plateau
+    "image": (400, 2e-3, 8, dict(size=32)),
+    "speech": (60, 3e-4, 8, dict(seconds=1.0)),
+    "text": (80, 1e-3, 16, dict(length=32, vocab_size=64)),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_short_pretraining_learns_without_collapse(name):
-    steps, lr, kw = RUNS[name]
+    steps, lr, batch, kw = RUNS[name]
     guard = CollapseConfig(min_target_var=0.1, min_pred_var=0.01, min_local_var=0.01 if name == "speech" else 0.0,
                            warmup_steps=3 * steps // 4)
     obj = make_objective(name, collapse=guard)
-    history = pretrain(obj, synthetic.batches(name, np.random.default_rng(0), 16, **kw), steps, lr, warmup=steps // 10)
+    history = pretrain(obj, synthetic.batches(name, np.random.default_rng(0), batch, **kw), steps, lr, warmup=steps // 10)
     losses = np.array([m["loss"] for m in history])
     first, last = losses[:10].mean(), losses[-10:].mean()
     print(f"{name}: loss {first:.3f} -> {last:.3f}; final target_var {history[-1]['target_var']:.3f} "
