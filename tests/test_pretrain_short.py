@@ -23,7 +23,8 @@ def test_short_pretraining_learns_without_collapse(name):
     guard = CollapseConfig(min_target_var=0.1, min_pred_var=0.01, min_local_var=0.01 if name == "speech" else 0.0,
                            warmup_steps=3 * steps // 4)
     obj = make_objective(name, collapse=guard)
-    history = pretrain(obj, synthetic.batches(name, np.random.default_rng(0), batch, **kw), steps, lr, warmup=steps // 10)
+    batches = synthetic.batches(name, np.random.default_rng(0), batch, **kw)
+    history = pretrain(obj, batches, steps, lr, warmup=steps // 10)
     losses = np.array([m["loss"] for m in history])
     first, last = losses[:10].mean(), losses[-10:].mean()
     print(f"{name}: loss {first:.3f} -> {last:.3f}; final target_var {history[-1]['target_var']:.3f} "
