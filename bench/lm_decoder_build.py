@@ -2,10 +2,11 @@
 
 `LanguageModel.tune` decodes dev once per point of its (LM weight, word score) grid. torchaudio's `ctc_decoder`
 fixes both at construction and builds its lexicon trie (every word spelled into it, scored by the LM, then smeared)
-for each point; `LanguageModel` builds the trie once and a decoder per point over it. This writes a unigram ARPA
-file of `--words` random words (200k: LibriSpeech's 4-gram has 200,000), builds the language-model folder from it
-(`d2v.eval.lm.build` with `arpa:`), loads KenLM once and times both: the trie, then `--repeats` decoders over it,
-and `--repeats` torchaudio `ctc_decoder`s; the JSON prices the paper profile's grid each way.
+for each point; `LanguageModel` builds the trie once and a decoder per point over it. This writes an ARPA file
+of `--words` random unigrams (200k: LibriSpeech's 4-gram has 200,000) and the few bigrams KenLM needs, builds the
+language-model folder from it (`d2v.eval.lm.build` with `arpa:`), loads KenLM once and times both: the trie, then
+`--repeats` decoders over it, and `--repeats` torchaudio `ctc_decoder`s; the JSON prices the paper profile's grid
+each way.
 
     python bench/lm_decoder_build.py [--words 200000] [--repeats 3] [--out results/bench/lm_decoder_build_cpu.json]
 """
