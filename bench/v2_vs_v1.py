@@ -11,7 +11,8 @@ time-to-accuracy: pretrain v2 on a task's real embedded corpus for several step 
     the word n-gram) reaches the v1 reference (a pretrain_vs_scratch.json row scored the same way); the speed-up
     is v1's pretraining time over v2's. The fine-tunes take the reference row's own overrides (e.g. `--ft-profile
     embedded`'s flips only), so both sides fine-tune alike.
-    Earlier v2 pretraining runs of the same recipe are reused with `--pretrained BUDGET=RUN`.
+    Earlier v2 pretraining runs of the same recipe are reused with `--pretrained BUDGET=RUN`; the rows of budgets
+    an earlier run of the same comparison wrote to `--out` are kept, so a budget can be added later on its own.
 
     python bench/v2_vs_v1.py throughput [--presets embedded,base] [--steps 8]
         [--device cuda --precision bf16 --compile --batch base.image=64 --out results/bench/v2_vs_v1_gpu.json]
@@ -205,6 +206,9 @@ def time_to_accuracy(args) -> dict:
                      "pretrain_seconds": v1_seconds},
               "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
               "lm": args.lm and str(args.lm), "v2": {}}
+    for budget, row in earlier_budgets(Path(args.out), args).items():  # judged again against this reference
+        report["v2"][budget] = {**row, "reaches_v1": bool(oriented(metric, row["mean"] - target) >= 0),
+                                "speedup_vs_v1": v1_seconds / row["pretrain_seconds"]}
     given = dict(args.pretrained)
     for budget in map(int, args.budgets.split(",")):
         cfg = v2_pretrain_config(task, budget)
@@ -225,6 +229,20 @@ def time_to_accuracy(args) -> dict:
                                      "speedup_vs_v1": v1_seconds / seconds}
         atomic_write_json(Path(args.out), {**report, "machine": platform.machine()})
     return report
+
+
+def earlier_budgets(out: Path, args) -> dict:
+    """The rows of budgets that `out` holds from an earlier run of the same comparison (same task, reference,
+    fine-tuning and language model) and that this run does not redo, so budgets can be added one at a time."""
+    if not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    this = {"task": args.task, "reference": args.reference, "finetune_steps": args.finetune_steps,
+            "lm": args.lm and str(args.lm)}
+    if differs := [f"{key} {old.get(key)!r}, not {value!r}" for key, value in this.items() if old.get(key) != value]:
+        raise SystemExit(f"{out}: holds another comparison ({'; '.join(differs)}); pass another --out")
+    redone = set(args.budgets.split(","))
+    return {budget: row for budget, row in old.get("v2", {}).items() if budget not in redone}
 
 
 def budget_runs(text: str) -> dict[int, str]:

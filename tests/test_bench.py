@@ -154,6 +154,45 @@ def test_time_to_accuracy_fine_tunes_v2_like_its_reference_and_times_both_by_wal
     assert json.loads(out.read_text())["v2"]["150"]["speedup_vs_v1"] == pytest.approx(5.0)
 
 
+def test_time_to_accuracy_adds_a_budget_to_the_rows_an_earlier_run_wrote(tmp_path, monkeypatch):
+    import v2_vs_v1
+
+    reference = tmp_path / "ref.json"
+    reference.write_text(json.dumps({
+        "pretrain": {"image": {"steps": 1500, "seconds": 1000.0}},
+        "tasks": {"fashion_mnist": {"finetune_steps": 300, "pretrained": {"mean": 0.8, "spread": 0.01}}}}))
+    monkeypatch.setattr(runs, "pretrain_seconds", lambda cfg, run: cfg.steps * 2.0)
+    monkeypatch.setattr(runs, "headline_metric", lambda cfg, *_: 0.7 + cfg.seed / 100 + int(cfg.pretrained.split(
+        "-")[-1].split("/")[0]) / 10_000)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    out = tmp_path / "tta.json"
+    args = ["v2_vs_v1.py", "time-to-accuracy", "--seeds", "2", "--finetune-steps", "300", "--reference",
+            str(reference), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", args + ["--budgets", "100,1000"])
+    v2_vs_v1.main()
+    first = json.loads(out.read_text())["v2"]
+    monkeypatch.setattr(sys, "argv", args + ["--budgets", "500", "--seeds", "3"])
+    v2_vs_v1.main()
+    rows = json.loads(out.read_text())["v2"]
+    assert set(rows) == {"100", "500", "1000"}  # the earlier rows kept as they were
+    assert rows["100"] == first["100"] and rows["1000"] == first["1000"]
+    assert rows["500"]["values"] == pytest.approx([0.75, 0.76, 0.77]) and rows["500"]["speedup_vs_v1"] == 1.0
+    assert [rows[b]["reaches_v1"] for b in ("100", "500", "1000")] == [False, False, True]  # means vs 0.8
+    given = json.loads(reference.read_text())  # a new reference judges the kept rows again
+    given["pretrain"]["image"]["seconds"] = 4000.0
+    given["tasks"]["fashion_mnist"]["pretrained"]["mean"] = 0.7
+    reference.write_text(json.dumps(given))
+    v2_vs_v1.main()
+    rows = json.loads(out.read_text())["v2"]
+    assert rows["100"]["speedup_vs_v1"] == 20.0 and rows["100"]["reaches_v1"]
+    monkeypatch.setattr(sys, "argv", args[:-1] + [str(out), "--budgets", "500", "--finetune-steps", "150"])
+    reference.write_text(json.dumps({**given, "tasks": {"fashion_mnist": {**given["tasks"]["fashion_mnist"],
+                                                                          "finetune_steps": 150}}}))
+    with pytest.raises(SystemExit, match="holds another comparison .finetune_steps 300, not 150.; pass another --out"):
+        v2_vs_v1.main()
+    assert json.loads(out.read_text())["v2"] == rows  # refused before anything was written
+
+
 def test_speech_time_to_accuracy_reaches_v1_by_a_lower_wer_and_reuses_given_v2_runs(tmp_path, monkeypatch):
     import v2_vs_v1
 
@@ -197,7 +236,8 @@ def test_speech_time_to_accuracy_reaches_v1_by_a_lower_wer_and_reuses_given_v2_r
     assert {(c.preset, c.eval_every, c.steps, c.objective) for c in tuned} == {("embedded-fbank", 250, 1000, "v2")}
     assert set(decoded_with) == {None}
     # with a language model: WER decoded with it on both sides, so a greedy reference is refused
-    monkeypatch.setattr(sys, "argv", sys.argv + ["--lm", str(tmp_path / "lm")])
+    out = tmp_path / "tta_lm.json"
+    monkeypatch.setattr(sys, "argv", sys.argv[:-1] + [str(out), "--lm", str(tmp_path / "lm")])
     with pytest.raises(SystemExit, match=r"its v1 row scores wer \(language model None\), not wer_lm"):
         v2_vs_v1.main()
     given = json.loads(reference.read_text())
