@@ -209,7 +209,7 @@ def time_to_accuracy(args) -> dict:
               "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
               "lm": args.lm and str(args.lm), "v2": {}}
     for budget, row in earlier_budgets(Path(args.out), args).items():  # judged again against this reference's
-        # metric; its speed-up stays the one timed with it (the machine's speed drifts between sessions)
+        # mean; its speed-up stays the one timed with it (the machine's speed drifts between sessions)
         report["v2"][budget] = {**row, "reaches_v1": bool(oriented(metric, row["mean"] - target) >= 0)}
     given = dict(args.pretrained)
     for budget in map(int, args.budgets.split(",")):
@@ -243,8 +243,9 @@ def earlier_budgets(out: Path, args) -> dict:
             "lm": args.lm and str(args.lm)}
     if differs := [f"{key} {old.get(key)!r}, not {value!r}" for key, value in this.items() if old.get(key) != value]:
         raise SystemExit(f"{out}: holds another comparison ({'; '.join(differs)}); pass another --out")
-    redone = set(args.budgets.split(","))
-    return {budget: {"v1_pretrain_seconds": old["v1"]["pretrain_seconds"], **row}  # rows from before it was kept
+    redone = {str(int(budget)) for budget in args.budgets.split(",")}
+    # rows written before rows recorded their v1 time were divided by the file's
+    return {budget: {"v1_pretrain_seconds": old["v1"]["pretrain_seconds"], **row}
             for budget, row in old.get("v2", {}).items() if budget not in redone}
 
 
