@@ -208,11 +208,16 @@ def time_to_accuracy(args) -> dict:
                      "pretrain_seconds": v1_seconds},
               "reference": args.reference, "finetune_steps": args.finetune_steps, "finetune_overrides": fine_tuning,
               "lm": args.lm and str(args.lm), "v2": {}}
-    for budget, row in earlier_budgets(Path(args.out), args).items():  # judged again against this reference's
-        # mean; its speed-up stays the one timed with it (the machine's speed drifts between sessions)
-        report["v2"][budget] = {**row, "reaches_v1": bool(oriented(metric, row["mean"] - target) >= 0)}
+
+    def reaches_v1(mean: float) -> bool:
+        return bool(oriented(metric, mean - target) >= 0)
+
+    budgets = [int(b) for b in args.budgets.split(",")]
+    for budget, row in earlier_budgets(Path(args.out), report, budgets).items():  # judged again against this
+        # reference's mean; its speed-up stays the one timed with it (the machine's speed drifts between sessions)
+        report["v2"][budget] = {**row, "reaches_v1": reaches_v1(row["mean"])}
     given = dict(args.pretrained)
-    for budget in map(int, args.budgets.split(",")):
+    for budget in budgets:
         cfg = v2_pretrain_config(task, budget)
         run = Path(given.get(budget, Path(args.runs) / f"{modality}-v2-{budget}"))
         seconds = pretrain_seconds(cfg, run)
@@ -227,23 +232,24 @@ def time_to_accuracy(args) -> dict:
             print(f"v2 {budget} steps ({seconds:.0f} s): seed {seed} {metric} {values[-1]:.4f}", flush=True)
         mean = float(np.mean(values))
         report["v2"][str(budget)] = {"pretrain_seconds": seconds, "run": str(run), "values": values, "mean": mean,
-                                     "reaches_v1": bool(oriented(metric, mean - target) >= 0),
+                                     "reaches_v1": reaches_v1(mean),
                                      "speedup_vs_v1": v1_seconds / seconds, "v1_pretrain_seconds": v1_seconds}
         atomic_write_json(Path(args.out), {**report, "machine": platform.machine()})
     return report
 
 
-def earlier_budgets(out: Path, args) -> dict:
-    """The rows of budgets that `out` holds from an earlier run of the same comparison (same task, reference,
-    fine-tuning and language model) and that this run does not redo, so budgets can be added one at a time."""
+def earlier_budgets(out: Path, report: dict, budgets: list[int]) -> dict:
+    """The rows of budgets that `out` holds from an earlier run of the same comparison as `report` (same task,
+    reference, fine-tuning and language model) and that this run does not redo (`budgets`), so budgets can be added
+    one at a time."""
     if not out.is_file():
         return {}
     old = json.loads(out.read_text())
-    this = {"task": args.task, "reference": args.reference, "finetune_steps": args.finetune_steps,
-            "lm": args.lm and str(args.lm)}
-    if differs := [f"{key} {old.get(key)!r}, not {value!r}" for key, value in this.items() if old.get(key) != value]:
+    differs = [f"{key} {old.get(key)!r}, not {report[key]!r}" for key in ("task", "reference", "finetune_steps", "lm")
+               if old.get(key) != report[key]]
+    if differs:
         raise SystemExit(f"{out}: holds another comparison ({'; '.join(differs)}); pass another --out")
-    redone = {str(int(budget)) for budget in args.budgets.split(",")}
+    redone = {str(budget) for budget in budgets}
     # rows written before rows recorded their v1 time were divided by the file's
     return {budget: {"v1_pretrain_seconds": old["v1"]["pretrain_seconds"], **row}
             for budget, row in old.get("v2", {}).items() if budget not in redone}

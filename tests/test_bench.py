@@ -154,6 +154,11 @@ def test_time_to_accuracy_fine_tunes_v2_like_its_reference_and_times_both_by_wal
     assert json.loads(out.read_text())["v2"]["150"]["speedup_vs_v1"] == pytest.approx(5.0)
 
 
+def pretrained_budget(cfg) -> int:
+    """The v2 step budget of the pretraining a time-to-accuracy fine-tune starts from (.../MODALITY-v2-BUDGET/...)."""
+    return int(Path(cfg.pretrained).parent.name.split("-")[-1])
+
+
 def test_time_to_accuracy_adds_a_budget_to_the_rows_an_earlier_run_wrote(tmp_path, monkeypatch):
     import v2_vs_v1
 
@@ -162,8 +167,7 @@ def test_time_to_accuracy_adds_a_budget_to_the_rows_an_earlier_run_wrote(tmp_pat
         "pretrain": {"image": {"steps": 1500, "seconds": 1000.0}},
         "tasks": {"fashion_mnist": {"finetune_steps": 300, "pretrained": {"mean": 0.8, "spread": 0.01}}}}))
     monkeypatch.setattr(runs, "pretrain_seconds", lambda cfg, run: cfg.steps * 2.0)
-    monkeypatch.setattr(runs, "headline_metric", lambda cfg, *_: 0.7 + cfg.seed / 100 + int(cfg.pretrained.split(
-        "-")[-1].split("/")[0]) / 10_000)
+    monkeypatch.setattr(runs, "headline_metric", lambda cfg, *_: 0.7 + cfg.seed / 100 + pretrained_budget(cfg) / 10_000)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     out = tmp_path / "tta.json"
     args = ["v2_vs_v1.py", "time-to-accuracy", "--seeds", "2", "--finetune-steps", "300", "--reference",
@@ -215,7 +219,7 @@ def test_speech_time_to_accuracy_reaches_v1_by_a_lower_wer_and_reuses_given_v2_r
     def headline_metric(cfg, out, lm=None, any_version=False):
         tuned.append(cfg)
         decoded_with.append(lm)
-        return {2400: 0.89, 6000: 0.87}[int(cfg.pretrained.split("-")[-1].split("/")[0])]
+        return {2400: 0.89, 6000: 0.87}[pretrained_budget(cfg)]
 
     monkeypatch.setattr(runs, "headline_metric", headline_metric)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
