@@ -12,7 +12,7 @@ from fixtures import flac_bytes
 from PIL import Image
 
 from d2v.data.loaders import AudioConfig, ImageAugConfig, crop_to_shortest, image_loader, pack_blocks, \
-    pad_waveforms, speech_loader, text_pretrain_loader, text_task_loader
+    pad_waveforms, seekable_text_task_batches, speech_loader, text_pretrain_loader, text_task_loader
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import ShardConfig, ShardError, read_index, write_shards
 from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, TextTokenizer, build_letter_vocab, \
@@ -197,6 +197,10 @@ def test_text_packing_and_tasks(tmp_path):
     out = next(iter(text_task_loader(tmp_path / "tt", tok, 8, 64, "eval")))
     assert out["labels"].tolist() == [0.0, 1.0, 0.0]
     assert out["batch"].padding_mask[0].sum() > 0 and not out["batch"].padding_mask[2].any()
+    lengths = lambda b: (b["batch"].source != tok.pad).sum(1).tolist()  # noqa: E731
+    seekable = [next(iter(seekable_text_task_batches(tmp_path / "tt", tok, 2, 64, seed=0, start=k))) for k in range(3)]
+    places = sum((lengths(b) for b in seekable), [])
+    assert sorted(places[:3]) == sorted(lengths(out)) and places[3:6] != places[:3]  # an epoch each, reshuffled
 
 
 def test_text_corpus_needs_a_tokenizer(tmp_path):

@@ -337,6 +337,30 @@ def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_
     assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["step"] == 8
 
 
+def test_a_seekable_fine_tune_resumes_bit_for_bit_reading_only_its_own_batches(toy_image_task, tmp_path, monkeypatch):
+    """`stream_resume: seek`: killed after step 4 with its step-3 checkpoint, the run decodes only the 5 updates × 2
+    micro-batches it has left (RandAugment, erasing and crops keyed by each sample's place) and ends with the
+    uninterrupted run's weights."""
+    from d2v.data import loaders
+
+    image = {**toy_image_task.image.model_dump(), "randaugment_magnitude": 9, "random_erasing": 0.25}
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "steps": 8, "batch_size": 4,
+                                               "accum_steps": 2, "checkpoint": {"every": 3, "keep": 1},
+                                               "stream_resume": "seek", "image": image})
+    ft.run_finetune(cfg, tmp_path / "a", progress=False)
+    ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=4)
+    decoded = []
+    decode = loaders._decode_image
+    monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
+    ft.run_finetune(cfg, tmp_path / "b", progress=False)
+    assert len(decoded) == 5 * 2 * 4
+    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False) for run in ("a", "b"))
+    assert a["step"] == b["step"] == 8
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "metrics.csv") for run in ("a", "b")))
+
+
 def accumulating_loader(accum: int, rank: int = 0, world: int = 1):
     """Rank `rank`'s micro-batches: shares rank·accum, ..., rank·accum + accum − 1 of global batch k (of accum·world
     shares), in turn, as the RNG keys of `run_finetune` number them."""

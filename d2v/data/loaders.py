@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from d2v.config import AudioConfig, ImageAugConfig
+from d2v.data.seekable import SeekableBatches, with_torch_seed
 from d2v.data.shards import shard_paths
 from d2v.modalities.base import Batch
 
@@ -151,6 +152,14 @@ def image_loader(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *,
                     resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
 
 
+def seekable_image_batches(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *, seed: int, start: int):
+    """`image_loader`'s batches from a seekable stream (d2v.data.seekable), positioned at batch `start`."""
+    transform = image_transform(cfg, mode)
+    return SeekableBatches(shard_dir, batch_size, seed, start,
+                           decode=lambda s, rng: with_torch_seed(lambda: _decode_image(s, transform), rng),
+                           collate=lambda items, rng: collate_images(items))
+
+
 # --------------------------------------------------------------------------------------------------------- speech
 
 def _decode_audio(sample: dict, cfg: AudioConfig, crop: bool, rng_holder: list, seed: int,
@@ -215,6 +224,18 @@ def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, l
                     shuffle=0 if mode == "eval" else shuffle, seed=seed)
 
 
+def seekable_speech_batches(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, seed: int, start: int,
+                            letters=None):
+    """`speech_loader`'s training batches from a seekable stream (d2v.data.seekable), positioned at batch `start`."""
+    if mode == "pretrain":
+        return SeekableBatches(shard_dir, batch_size, seed, start,
+                               decode=lambda s, rng: _decode_audio(s, cfg, True, [rng], seed),
+                               collate=crop_to_shortest)
+    return SeekableBatches(shard_dir, batch_size, seed, start,
+                           decode=lambda s, rng: _decode_audio(s, cfg, False, [], seed, keep_long=False),
+                           collate=lambda items, rng: pad_waveforms(items, letters))
+
+
 # ----------------------------------------------------------------------------------------------------------- text
 
 def pack_blocks(block_tokens: int, bos: int) -> Callable[[Iterator], Iterator]:
@@ -260,6 +281,13 @@ def text_task_loader(shard_dir, tokenizer, batch_size: int, max_tokens: int, mod
     return pipeline(shard_dir, [_map(lambda s: _task_example(s, tokenizer, max_tokens)),
                                 _batched(batch_size, lambda items: pad_tokens(items, tokenizer.pad), True)],
                     resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
+
+
+def seekable_text_task_batches(shard_dir, tokenizer, batch_size: int, max_tokens: int, *, seed: int, start: int):
+    """`text_task_loader`'s training batches from a seekable stream (d2v.data.seekable), positioned at `start`."""
+    return SeekableBatches(shard_dir, batch_size, seed, start,
+                           decode=lambda s, rng: _task_example(s, tokenizer, max_tokens),
+                           collate=lambda items, rng: pad_tokens(items, tokenizer.pad))
 
 
 def web_loader(dataset, num_workers: int = 0, seed: int | None = None):

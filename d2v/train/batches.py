@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_pretrain_loader, \
-    web_loader
+from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable_image_batches, \
+    seekable_speech_batches, speech_loader, text_pretrain_loader, web_loader
 from d2v.modalities.base import Batch
 from d2v.train.config import DataConfig, StreamResume
 
@@ -27,14 +27,17 @@ def resume_position(resume: StreamResume, seed: int, start: int) -> tuple[int, i
 
 def pretrain_stream(modality: str, data: DataConfig, seed: int,
                     resume: StreamResume = "replay") -> Callable[[int], Iterator[Batch]]:
-    """`stream(k)` → an infinite iterator of Batches starting at batch k of the seeded stream (`replay`), or at the
-    start of the stream seeded by `resumed_seed(seed, k)` (`reseed`, k > 0).
+    """`stream(k)` → an infinite iterator of Batches starting at batch k of the seeded stream (`replay`), at the
+    start of the stream seeded by `resumed_seed(seed, k)` (`reseed`, k > 0), or at batch k of the seekable stream
+    (`seek`, d2v.data.seekable; what follows describes the other two).
 
     The stream is a pure function of (shards, seed, rank, worker count): shard sampling and shuffling are seeded per
     rank/worker, augmentation draws come from DataLoader workers seeded by a fixed generator (or, with no workers,
     from the main process RNG, which the checkpoint restores). Fast-forwarding replays k batches.
     """
     def stream(start: int) -> Iterator[Batch]:
+        if resume == "seek":
+            return seekable_stream(modality, data, seed, start)
         at, skip = resume_position(resume, seed, start)
         if modality == "image":
             ds = image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=at,
@@ -49,6 +52,19 @@ def pretrain_stream(modality: str, data: DataConfig, seed: int,
             wrap = lambda b: b  # noqa: E731
         return positioned(map(wrap, web_loader(ds, data.num_workers, seed=at)), skip)
     return stream
+
+
+def seekable_stream(modality: str, data: DataConfig, seed: int, start: int) -> Iterator[Batch]:
+    """Batches from `start` on of the seekable stream (d2v.data.seekable): nothing before them is read."""
+    if modality == "image":
+        ds = seekable_image_batches(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size,
+                                    seed=seed, start=start)
+        return (Batch(source=images, padding_mask=None) for images, _ in web_loader(ds, data.num_workers, seed=seed))
+    if modality == "speech":
+        ds = seekable_speech_batches(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size,
+                                     seed=seed, start=start)
+        return iter(web_loader(ds, data.num_workers, seed=seed))
+    raise ValueError(f"stream_resume: seek has no {modality} stream (image, speech)")
 
 
 def positioned(batches: Iterable, start: int) -> Iterator:

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from d2v.config import Objective, config_digest
-from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, speech_loader, text_task_loader, web_loader
+from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable_image_batches, \
+    seekable_speech_batches, seekable_text_task_batches, speech_loader, text_task_loader, web_loader
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats
@@ -105,9 +106,13 @@ def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
 
 # -------------------------------------------------------------------------------------------------------- data
 
+def shards_of(cfg: FinetuneConfig, split: str) -> Path:
+    return Path(cfg.data_root) / "shards" / TASKS[cfg.task].shard_key(split)
+
+
 def loader(cfg: FinetuneConfig, split: str, train: bool):
     task = TASKS[cfg.task]
-    shards = Path(cfg.data_root) / "shards" / task.shard_key(split)
+    shards = shards_of(cfg, split)
     mode = "finetune" if train else "eval"
     if task.modality == "image":
         ds = image_loader(shards, cfg.image or ImageAugConfig(), mode, cfg.batch_size, resampled=train,
@@ -119,6 +124,21 @@ def loader(cfg: FinetuneConfig, split: str, train: bool):
         ds = text_task_loader(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens, mode,
                               seed=cfg.seed, resampled=train)
     return web_loader(ds, cfg.num_workers if train else 0, seed=cfg.seed)
+
+
+def seekable_loader(cfg: FinetuneConfig, start: int):
+    """The training batches of `stream_resume: seek` from batch `start` on (d2v.data.seekable)."""
+    task, shards = TASKS[cfg.task], shards_of(cfg, TASKS[cfg.task].train)
+    if task.modality == "image":
+        ds = seekable_image_batches(shards, cfg.image or ImageAugConfig(), "finetune", cfg.batch_size, seed=cfg.seed,
+                                    start=start)
+    elif task.modality == "speech":
+        ds = seekable_speech_batches(shards, cfg.audio or AudioConfig(), "finetune", cfg.batch_size, seed=cfg.seed,
+                                     start=start, letters=LetterTokenizer.load(cfg.letters))
+    else:
+        ds = seekable_text_task_batches(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens,
+                                        seed=cfg.seed, start=start)
+    return web_loader(ds, cfg.num_workers, seed=cfg.seed)
 
 
 def as_inputs(item, modality: str, device: torch.device) -> dict:
@@ -258,8 +278,10 @@ RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume")
 
 
 def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
-    """The training stream at batch `consumed`: the seeded stream replayed to there, or with `stream_resume: reseed`
-    a fresh one keyed by (seed, consumed)."""
+    """The training stream at batch `consumed`: the seeded stream replayed to there, with `stream_resume: reseed` a
+    fresh one keyed by (seed, consumed), with `seek` the seekable stream positioned there."""
+    if cfg.stream_resume == "seek":
+        return iter(seekable_loader(cfg, consumed))
     seed, skip = resume_position(cfg.stream_resume, cfg.seed, consumed)
     return positioned(loader(cfg.model_copy(update={"seed": seed}), task.train, train=True), skip)
 

@@ -1,0 +1,180 @@
+"""Seekable pretraining streams (`stream_resume: seek`): random access into the shards, a per-epoch order split over
+ranks, batches that start anywhere and do not depend on the worker count."""
+import io
+import itertools
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset
+from fixtures import tone_speech, tone_task_shards
+from PIL import Image
+
+from d2v.config import AudioConfig, ImageAugConfig
+from d2v.data import loaders
+from d2v.data.manifest import make_manifest, write_manifest
+from d2v.data.seekable import RankOrder, ShardTable, TarIndex, ustar_members
+from d2v.data.shards import ShardConfig, ShardError, write_shards
+from d2v.data.tokenizer import LetterTokenizer
+from d2v.train.batches import pretrain_stream
+from d2v.train.config import DataConfig
+
+IMAGE = ImageAugConfig(size=16, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3, color_jitter=0.0)
+
+
+@pytest.fixture
+def image_shards(tmp_path):
+    """22 PNGs of distinct grey levels (the level names the sample) in shards of 6, 6, 6 and 4."""
+    rows = []
+    for i in range(22):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20), 10 * i, dtype=np.uint8)).save(buf, "PNG")
+        (tmp_path / "raw").mkdir(exist_ok=True)
+        (tmp_path / "raw" / f"{i}.png").write_bytes(buf.getvalue())
+        rows.append(dict(id=f"im{i:02d}", path=f"{i}.png", split="train", label=i % 3))
+    write_manifest(tmp_path / "raw", make_manifest(rows), source="fashion_mnist")
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards", ShardConfig(max_count=6))
+    return tmp_path / "shards"
+
+
+def stream_batches(shards, start: int, count: int, workers: int = 0, batch_size: int = 4) -> list[torch.Tensor]:
+    data = DataConfig(shards=str(shards), batch_size=batch_size, image=IMAGE, num_workers=workers)
+    return [b.source for b in itertools.islice(pretrain_stream("image", data, 7, "seek")(start), count)]
+
+
+def test_the_tar_index_reads_every_sample_webdataset_reads_in_the_same_order(image_shards):
+    index = TarIndex(image_shards)
+    sequential = list(webdataset.WebDataset([str(p) for p in index.paths], shardshuffle=False))
+    assert len(index) == len(sequential) == 22 and index.counts == [6, 6, 6, 4]
+    for n, expected in enumerate(sequential):
+        sample = index[n]
+        assert sample["__key__"] == expected["__key__"] and set(sample) - {"__url__"} == \
+            set(expected) - {"__url__", "__local_path__"}
+        assert all(sample[ext] == expected[ext] for ext in ("png", "cls"))
+    with pytest.raises(IndexError):
+        index[22]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+def test_the_header_reader_agrees_with_tarfile_in_every_format(tmp_path, fmt):
+    """pax (what d2v's shards and webdataset's writer use), plain ustar with a prefix field, and GNU long names,
+    which are left to tarfile."""
+    path = tmp_path / "t.tar"
+    long_name = "c" * 120 + "/x.png" if fmt == tarfile.USTAR_FORMAT else "b" * 120 + "/0002.png"  # a prefix field
+    names = ["a/0001.png", "a/0001.cls", long_name, "d/0003.flac"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 700 * i + 1, 0.5 if fmt == tarfile.PAX_FORMAT else 0
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    fast = ustar_members(path)
+    assert fast == (None if fmt == tarfile.GNU_FORMAT else expected)
+    table = ShardTable.of(expected)
+    assert [k.decode() for k in table.keys] == ["a/0001", names[2].split(".")[0], "d/0003"]
+    assert table.parts(0) == {"png": expected[0][1:], "cls": expected[1][1:]}
+
+
+def test_a_tar_that_disagrees_with_its_index_is_named(image_shards):
+    meta = json.loads((image_shards / "index.json").read_text())
+    meta["shards"][1]["count"] = 7
+    (image_shards / "index.json").write_text(json.dumps(meta))
+    index = TarIndex(image_shards)
+    assert index[0]["__key__"]  # shard 0 is fine; shard 1 is read only when a sample of it is
+    with pytest.raises(ShardError, match=r"shard-000001.tar: 6 samples in the tar, index.json says 7"):
+        index[7]
+    tar = image_shards / "shard-000002.tar"
+    tar.write_bytes(b"\x00garbage" * (tar.stat().st_size // 8))  # same size: read_index lets it through
+    with pytest.raises(ShardError, match=r"shard-000002.tar: (unreadable tar|0 samples in the tar)"):
+        TarIndex(image_shards)[13]
+
+
+def test_each_epoch_is_one_permutation_that_the_ranks_split():
+    n, world = 11, 3
+    orders = [RankOrder(n, seed=5, rank=r, world=world) for r in range(world)]
+    per_rank = n // world
+    for epoch in range(3):
+        places = [[o[epoch * per_rank + i] for i in range(per_rank)] for o in orders]
+        flat = sum(places, [])
+        assert len(set(flat)) == len(flat) == 9 and set(flat) <= set(range(n))  # disjoint ranks, 2 left over
+    epoch0, epoch1 = ([orders[0][e * per_rank + i] for i in range(per_rank)] for e in (0, 1))
+    assert epoch0 != epoch1
+    assert [RankOrder(n, 5, 1, world)[t] for t in range(9)] == [orders[1][t] for t in range(9)]  # keyed, not drawn
+    with pytest.raises(ShardError, match="2 samples cannot give each of 3 ranks one"):
+        RankOrder(2, 5, 0, 3)
+
+
+def test_a_seekable_stream_starts_at_any_batch_with_any_worker_count(image_shards, monkeypatch):
+    straight = stream_batches(image_shards, 0, 12)  # 48 samples: the 5-sample epochs of 22 wrap twice
+    assert [b.shape for b in straight] == [(4, 1, 16, 16)] * 12
+    levels = torch.stack(straight).flatten(0, 1).amax(dim=(1, 2, 3))  # a uniform image stays uniform when cropped
+    assert levels[:22].unique().numel() == 22  # the first epoch reads every sample once
+    assert levels[22:44].unique().numel() == 22 and not torch.equal(levels[:22], levels[22:44])  # then reshuffles
+    torch.manual_seed(0)
+    training_rng = torch.get_rng_state()
+    decoded = []
+    decode = loaders._decode_image
+    monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
+    resumed = stream_batches(image_shards, 9, 3)
+    assert len(decoded) == 12  # the three batches read, nothing before them
+    assert torch.equal(torch.get_rng_state(), training_rng)  # the crops drew from their own keyed generators
+    assert all(torch.equal(a, b) for a, b in zip(resumed, straight[9:], strict=True))
+    monkeypatch.undo()
+    with_workers = stream_batches(image_shards, 5, 7, workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(with_workers, straight[5:], strict=True))
+
+
+def test_a_sample_that_fails_is_named_and_a_stand_in_keeps_the_batch_full(image_shards, monkeypatch, caplog):
+    decode = loaders._decode_image
+
+    def failing(sample, transform):
+        if sample["__key__"] == "im03":
+            raise OSError("broken PNG")
+        return decode(sample, transform)
+    monkeypatch.setattr(loaders, "_decode_image", failing)
+    with caplog.at_level(logging.WARNING, logger="d2v.data"):
+        batches = stream_batches(image_shards, 0, 6)
+    assert [len(b) for b in batches] == [4] * 6
+    assert "skipping im03 from" in caplog.text and "shard-000000.tar" in caplog.text and "broken PNG" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(stream_batches(image_shards, 3, 3), batches[3:], strict=True))
+
+
+def test_speech_pretraining_reads_seekable_crops_with_stand_ins_for_short_utterances(tmp_path):
+    rows = []
+    (tmp_path / "raw").mkdir()
+    for i, text in enumerate(["AB", "ABCABC", "A", "CCBBAA", "ABCCBA", "BACBAC", "CAB CAB", "AAB BBC"]):
+        (tmp_path / "raw" / f"{i}.flac").write_bytes(tone_speech(text))
+        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.1, text=text))
+    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards", ShardConfig(max_count=3))
+    audio = AudioConfig(min_samples=8_000, max_samples=10_000)  # "A" (0.15 s) is too short, long ones are cut
+    data = DataConfig(shards=str(tmp_path / "shards"), batch_size=3, audio=audio)
+    stream = pretrain_stream("speech", data, 1, "seek")
+    straight = [b.source for b in itertools.islice(stream(0), 8)]
+    assert all(b.shape[0] == 3 and 8_000 <= b.shape[1] <= 10_000 for b in straight)
+    assert all(torch.equal(a.source, b) for a, b in zip(itertools.islice(stream(6), 2), straight[6:], strict=True))
+
+
+def test_ctc_fine_tuning_reads_seekable_padded_batches_with_their_letters(tmp_path):
+    letters = tone_task_shards(tmp_path, ["AB", "BC", "CAB", "ABC", "CC"])
+    tok = LetterTokenizer.load(letters)
+    batches = [next(iter(loaders.seekable_speech_batches(tmp_path / "shards" / "tones" / "train", AudioConfig(
+        min_samples=0, max_samples=160_000), "finetune", 2, seed=4, start=k, letters=tok))) for k in range(2)]
+    texts = batches[0]["text"] + batches[1]["text"]
+    assert len(set(texts)) == 4 and set(texts) <= {"AB", "BC", "CAB", "ABC", "CC"}  # 4 places of one epoch
+    for b in batches:
+        assert b["targets"].tolist() == [i for t in b["text"] for i in tok.encode(t).tolist()]
+        assert b["target_lengths"].tolist() == [len(t) for t in b["text"]]
+        assert b["batch"].padding_mask is None or b["batch"].padding_mask.shape == b["batch"].source.shape
+
+
+def test_text_has_no_seekable_stream():
+    from d2v.config import ConfigError
+    from d2v.train.config import pretrain_config
+
+    with pytest.raises(ConfigError, match="stream_resume: seek reads image and speech shards"):
+        pretrain_config("text", {"stream_resume": "seek"})
