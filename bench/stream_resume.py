@@ -1,0 +1,94 @@
+"""What resuming a pretraining stream costs, and what the seekable stream costs while training.
+
+For image (Fashion-MNIST, the embedded pretraining transform) and speech (mini-LibriSpeech's pretraining split, 4 s
+crops), per stream — `replay` (the shuffle-buffer stream, decoded again up to the checkpoint), `reseed` (a fresh
+shuffle-buffer stream) and `seek` (d2v.data.seekable: random access in a per-epoch order):
+- the seconds to the first batch of a stream resumed at batch k, for each k of `--resume-at`;
+- steady read throughput (samples/s after a warm-up) with 1 and 2 loader workers;
+- for `seek`, the one-off cost of indexing every tar's members from its headers.
+Needs the embedded shards (`make run`, or `snakemake --profile workflow/profiles/local
+data/shards/{fashion_mnist/train,mini_librispeech/pretrain}/index.json`).
+
+    python bench/stream_resume.py [--resume-at 0,100,400] [--seconds 8] [--out results/bench/stream_resume_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from shard_throughput import measure
+
+from d2v.data.seekable import TarIndex
+from d2v.io import atomic_write_json
+from d2v.train.batches import pretrain_stream
+from d2v.train.config import pretrain_config
+
+MODES = ("replay", "reseed", "seek")
+
+
+def data_config(modality: str, workers: int):
+    """The embedded recipe's data settings; speech crops of 4 s, Fashion-MNIST batches of 64."""
+    cfg = pretrain_config(modality)
+    return cfg.data.model_copy(update={"num_workers": workers})
+
+
+def first_batch_seconds(modality: str, mode: str, start: int) -> float:
+    stream = pretrain_stream(modality, data_config(modality, 0), 0, mode)
+    began = time.perf_counter()
+    next(stream(start))
+    return time.perf_counter() - began
+
+
+def index_seconds(modality: str) -> dict:
+    """Indexing every tar twice: the first pass may read headers from disk, the second finds them in the page
+    cache."""
+    passes = []
+    for _ in range(2):
+        index = TarIndex(data_config(modality, 0).shards)
+        began = time.perf_counter()
+        for shard in range(len(index.paths)):
+            index.table(shard)
+        passes.append(time.perf_counter() - began)
+    return {"shards": len(index.paths), "samples": len(index), "seconds": [round(p, 3) for p in passes],
+            "us_per_sample": [round(1e6 * p / len(index), 1) for p in passes]}
+
+
+class Samples:
+    """`measure` counts samples in collated batches; a pretraining stream yields Batch objects."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __iter__(self):
+        return ([b.source] for b in self.stream(0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modalities", default="image,speech")
+    parser.add_argument("--resume-at", default="0,100,400")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--out", default="results/bench/stream_resume_cpu.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for modality in args.modalities.split(","):
+        row = {"modality": modality, "batch_size": data_config(modality, 0).batch_size,
+               "seek_index": index_seconds(modality), "first_batch_seconds": {}, "samples_per_s": {}}
+        for mode in MODES:
+            row["first_batch_seconds"][mode] = {str(k): round(first_batch_seconds(modality, mode, k), 3)
+                                                for k in map(int, args.resume_at.split(","))}
+        for mode in ("replay", "seek"):
+            row["samples_per_s"][mode] = {
+                str(w): round(measure(Samples(pretrain_stream(modality, data_config(modality, w), 0, mode)),
+                                      "image", args.seconds), 1) for w in (1, 2)}
+        print(row, flush=True)
+        rows.append(row)
+    atomic_write_json(args.out, {"benchmark": "stream_resume", "machine": platform.processor() or platform.machine(),
+                                 "torch_threads": 1, "seconds": args.seconds, "results": rows})
+
+
+if __name__ == "__main__":
+    main()
