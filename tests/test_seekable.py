@@ -128,6 +128,18 @@ def test_a_seekable_stream_starts_at_any_batch_with_any_worker_count(image_shard
     assert all(torch.equal(a, b) for a, b in zip(with_workers, straight[5:], strict=True))
 
 
+def test_ranks_read_disjoint_samples_of_each_epoch(image_shards, monkeypatch):
+    """Under torchrun (RANK and WORLD_SIZE set), 2 ranks read 11 samples each of every 22-sample epoch, none twice."""
+    levels = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        batches = stream_batches(image_shards, 0, 6, batch_size=2)  # places 0-11: one epoch and the next's first
+        levels[rank] = torch.stack(batches).flatten(0, 1).amax(dim=(1, 2, 3))
+    first_epoch = torch.cat([levels[0][:11], levels[1][:11]])
+    assert first_epoch.unique().numel() == 22
+
+
 def test_a_sample_that_fails_is_named_and_a_stand_in_keeps_the_batch_full(image_shards, monkeypatch, caplog):
     decode = loaders._decode_image
 
