@@ -111,46 +111,29 @@ def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_sch
         start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "imported.pt")}))
 
 
-def test_pretraining_from_image_shards_resumes_bit_for_bit_with_its_random_crops(tmp_path):
-    """The real stream: shards, shuffle buffer, random-resized crops and flips drawn from torch's RNG. The batches
-    consumed before the checkpoint are replayed before the first resumed step seeds its RNG, not inside it."""
-    from conftest import _image_shards
-    from d2v.train.batches import pretrain_stream
-
-    _image_shards(tmp_path)
-    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3)
-    cfg = tiny_cfg("image", data=dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image))
-    stream = pretrain_stream("image", cfg.data, cfg.seed)
-    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "a", progress=False)
-    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False, stop_after=4)
-    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False)
-    import pandas as pd
-    log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
-    np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
-    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False)["encoder"] for run in ("a", "b"))
-    for k, v in a.items():
-        assert torch.equal(b[k], v), k
-
-
-def test_a_seekable_stream_resumes_bit_for_bit_and_reads_only_the_batches_after_the_checkpoint(tmp_path, monkeypatch):
-    """`stream_resume: seek`: the resumed run decodes its own three batches, where `replay` decodes six, and ends with
-    the uninterrupted run's weights; the crops and colour jitter draw from generators keyed by the sample's place."""
+@pytest.mark.parametrize("resume, decodes", [("replay", 6 * 4), ("seek", 3 * 4)])
+def test_pretraining_from_image_shards_resumes_bit_for_bit_with_its_random_crops(tmp_path, monkeypatch, resume,
+                                                                                 decodes):
+    """The real streams, with random-resized crops, flips and colour jitter. `replay`: shards, shuffle buffer, draws
+    from torch's RNG; the batches consumed before the step-3 checkpoint are decoded again before the first resumed
+    step seeds its RNG, not inside it. `seek`: draws keyed by each sample's place; the resumed run decodes only its
+    own three batches."""
     from conftest import _image_shards
     from d2v.data import loaders
     from d2v.train.batches import pretrain_stream
 
     _image_shards(tmp_path)
     image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3, color_jitter=0.4)
-    cfg = tiny_cfg("image", stream_resume="seek",
+    cfg = tiny_cfg("image", stream_resume=resume,
                    data=dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image))
     stream = pretrain_stream("image", cfg.data, cfg.seed, cfg.stream_resume)
     run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "a", progress=False)
-    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False, stop_after=4)  # checkpoint: 3
+    run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False, stop_after=4)
     decoded = []
     decode = loaders._decode_image
     monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
     run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False)
-    assert len(decoded) == 3 * 4
+    assert len(decoded) == decodes
     import pandas as pd
     log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
     np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
@@ -160,7 +143,7 @@ def test_a_seekable_stream_resumes_bit_for_bit_and_reads_only_the_batches_after_
 
 
 def test_a_reseeded_resume_starts_a_fresh_stream_instead_of_decoding_the_consumed_batches(tmp_path, monkeypatch):
-    """`stream_resume: reseed` (the GPU profiles' image and speech stages): resuming at batch k decodes one batch,
+    """`stream_resume: reseed`: resuming at batch k decodes one batch,
     from the stream of `resumed_seed(seed, k)`, where `replay` decodes k + 1. A resumed run then continues to the end
     on other batches than the uninterrupted run."""
     from conftest import _image_shards
