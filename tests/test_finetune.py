@@ -308,9 +308,8 @@ def test_an_interrupted_fine_tune_resumes_bit_for_bit_and_refuses_another_config
 
 
 def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_image_task, tmp_path, monkeypatch):
-    """`stream_resume: reseed`: the resumed run reads one fresh batch per
-    micro-batch, from the stream of `resumed_seed(seed, consumed)`, and finishes; `replay` would decode the 6 consumed
-    batches first."""
+    """`stream_resume: reseed`: the resumed run reads one fresh batch per micro-batch, from the stream of
+    `resumed_seed(seed, consumed)`, and finishes; `replay` would decode the 6 consumed batches first."""
     from d2v.data import loaders
     from d2v.train.batches import resumed_seed
 
