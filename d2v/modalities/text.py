@@ -42,6 +42,10 @@ TEXT_PRESETS = {
     "embedded": TextEncoderConfig(vocab_size=8000, dim=256, depth=4, num_heads=4, ffn_dim=1024, max_positions=128),
     "embedded-alibi": TextEncoderConfig(vocab_size=8000, dim=256, depth=4, num_heads=4, ffn_dim=1024,
                                         max_positions=128, alibi=True),
+    # not in the papers: a quarter of the embedded width and half its depth, for the model-size question of issue 4
+    # (docs/findings.md, text)
+    "embedded-small": TextEncoderConfig(vocab_size=8000, dim=128, depth=2, num_heads=2, ffn_dim=512,
+                                        max_positions=128),
     "tiny": TextEncoderConfig(vocab_size=64, dim=64, depth=3, num_heads=4, ffn_dim=128, max_positions=64,
                               dropout=0.0, attn_dropout=0.0),
 }
