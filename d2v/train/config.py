@@ -42,9 +42,9 @@ class DataConfig(StrictModel):
 # How a resumed run continues its data stream. `replay` reads the batches before the checkpoint again: bit-identical
 # to an uninterrupted run, at the cost of decoding them again (ImageNet at 256 images a GPU-step and 10 workers: about
 # 0.4 s a step, 40 h at step 400k). `reseed` starts a fresh stream keyed by (seed, step): no replay, the same
-# distribution, other batches. `seek` (image and speech pretraining) reads another stream, one seeded permutation of
-# the samples per epoch read by random access (d2v.data.seekable), which resumes at any batch by arithmetic and
-# bit-identically.
+# distribution, other batches. `seek` (image and speech pretraining, every fine-tuning task) reads another stream, one
+# seeded permutation of the samples per epoch read by random access (d2v.data.seekable), which resumes at any batch
+# by arithmetic and bit-identically.
 StreamResume = Literal["replay", "reseed", "seek"]
 
 
