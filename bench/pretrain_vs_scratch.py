@@ -33,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runs import cv_baseline, cv_test_metrics, pretrain_seconds, scored_metrics
+from runs import cv_baseline, cv_test_metrics, finetune_version, pretrain_seconds, scored_metrics
 
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
 from d2v.io import atomic_write_json
-from d2v.train import recipe
 from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
 
@@ -226,7 +225,7 @@ def main() -> None:
                 run = runs / "finetune" / f"{task}-{tag}-s{seed}"
                 every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task), args.lm,
                                                                   args.any_finetune_version))
-                versions.setdefault(init, []).append(recipe.recorded(run, "finetune"))
+                versions.setdefault(init, []).append(finetune_version(run, folds.get(task)))
                 headline = scored_metrics(TASKS[task], args.lm)[0]
                 values.setdefault(init, []).append(every[init][-1][headline])
                 report["tasks"][task] = {**summarize(task, values, headline), "objective": objective,

@@ -140,14 +140,25 @@ def cv_data_root(task: str, folds: int, fold: int, root: str | Path = "data/fold
     return data
 
 
+def fold_runs(out: Path, folds: int | None) -> list[Path]:
+    """The run folders of one seed: OUT itself, or with `folds` fold k's OUT-fK."""
+    return [out.with_name(f"{out.name}-f{k}") for k in range(folds)] if folds else [out]
+
+
 def cv_test_metrics(cfg, out: Path, folds: int | None, lm: Path | None = None, any_version: bool = False) -> dict:
     """`mean_test_metrics`, or with `folds` their mean over the folds of a cross-validation, fold k fine-tuned in
     OUT-fK on its own data root; the folds' own metrics are kept under "folds"."""
     if not folds:
         return mean_test_metrics(cfg, out, lm, any_version)
-    per_fold = [mean_test_metrics(cfg.model_copy(update={"data_root": str(cv_data_root(cfg.task, folds, k))}),
-                                  out.with_name(f"{out.name}-f{k}"), lm, any_version) for k in range(folds)]
+    per_fold = [mean_test_metrics(cfg.model_copy(update={"data_root": str(cv_data_root(cfg.task, folds, k))}), run,
+                                  lm, any_version) for k, run in enumerate(fold_runs(out, folds))]
     return fold_mean(per_fold)
+
+
+def finetune_version(out: Path, folds: int | None) -> int:
+    """The FINETUNE recipe a seed's runs were made under (the oldest of its folds'): the unfolded OUT of a
+    cross-validated task is never made, and reads as version 1."""
+    return min(recipe.recorded(run, "finetune") for run in fold_runs(out, folds))
 
 
 def cv_baseline(task: str, folds: int) -> dict:

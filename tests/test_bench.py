@@ -382,6 +382,7 @@ def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the
     assert (metrics["pearson"], metrics["spearman"]) == pytest.approx((0.3, 0.15))
     assert [f["pearson"] for f in metrics["folds"]] == [0.1, 0.2, 0.6]
     assert not out.exists()  # the unfolded run is never made
+    assert runs.finetune_version(out, 3) == recipe.current("finetune")  # read from the folds, not from OUT
 
 
 def test_zero_shot_similarity_pairs_each_cosine_with_its_own_rating():
