@@ -88,8 +88,9 @@ class PretrainConfig(StrictModel):
     @model_validator(mode="after")
     def _seekable(self) -> PretrainConfig:
         if self.stream_resume == "seek" and self.modality == "text":
-            raise ValueError("stream_resume: seek reads image and speech shards sample by sample; text packs its "
-                             "chunks into blocks across samples and replays them without decoding: use replay")
+            raise ValueError("stream_resume: seek reads image and speech shards sample by sample; text pretraining "
+                             "packs its chunks into blocks across samples and replays them without decoding: use "
+                             "replay (text fine-tuning can seek)")
         return self
 
 
