@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ SEEKABLE = 0x5EE4AB1E
 ORDER, SAMPLE, BATCH, REPLACE = 1, 2, 3, 4
 REPLACEMENTS = 8  # stand-ins tried for a place whose sample is left out or fails before the batch goes short
 BLOCK, ZERO_BLOCK = 512, bytes(512)
-MEMBER = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key/extension split: key up to the first dot
 
 
 @dataclass(frozen=True)
@@ -61,13 +59,16 @@ class ShardTable:
 
     @classmethod
     def of(cls, members: list[tuple[str, int, int]]) -> ShardTable:
-        """From (name, data offset, size) in tar order, grouped into samples as webdataset groups them."""
+        """From (name, data offset, size) in tar order, grouped into samples as webdataset groups them (its own
+        key/extension split, extensions lower-cased)."""
+        from webdataset.tariterators import base_plus_ext
+
         keys, first, kept, exts, ext_names = [], [], [], [], {}
         for name, offset, size in members:
-            match = MEMBER.match(name)
-            if match is None:
+            key, ext = base_plus_ext(name)
+            if key is None:
                 continue
-            key, ext = match.group(1), match.group(2).lower()
+            ext = ext.lower()
             if not keys or keys[-1] != key:
                 keys.append(key)
                 first.append(len(kept))
@@ -104,6 +105,12 @@ class TarIndex:
                 f.seek(offset)
                 sample[ext] = f.read(size)
         return sample
+
+    def index_all(self) -> TarIndex:
+        """Every shard's table now (a batch of a shuffled order reads most shards anyway)."""
+        for shard in range(len(self.paths)):
+            self.table(shard)
+        return self
 
     def table(self, shard: int) -> ShardTable:
         if shard not in self._tables:
@@ -209,9 +216,9 @@ class SeekableBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, shard_dir: str | Path, batch_size: int, seed: int, start: int, decode: Decode,
                  collate: Collate):
-        self.index = TarIndex(shard_dir)  # reads index.json now: a missing or truncated shard fails here, named
-        for shard in range(len(self.index.paths)):  # index every tar before the DataLoader forks its workers, which
-            self.index.table(shard)  # then share the tables instead of each scanning every tar (a batch reads most)
+        # indexed before the DataLoader forks its workers, which then share the tables instead of each scanning
+        # every tar; a missing, truncated or miscounted shard fails here, named
+        self.index = TarIndex(shard_dir).index_all()
         self.batch_size, self.seed, self.start = batch_size, seed, start
         self.decode, self.collate = decode, collate
 

@@ -37,33 +37,34 @@ def pretrain_stream(modality: str, data: DataConfig, seed: int,
     """
     def stream(start: int) -> Iterator[Batch]:
         if resume == "seek":
-            return seekable_stream(modality, data, seed, start)
-        at, skip = resume_position(resume, seed, start)
-        if modality == "image":
-            ds = image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=at,
-                              shuffle=data.shuffle)
-            wrap = lambda b: Batch(source=b[0], padding_mask=None)  # noqa: E731
-        elif modality == "speech":
-            ds = speech_loader(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size, seed=at,
-                               shuffle=data.shuffle)
-            wrap = lambda b: b  # noqa: E731
+            at, skip, ds = seed, 0, seekable_batches(modality, data, seed, start)
         else:
-            ds = text_pretrain_loader(data.shards, data.block_tokens, data.batch_size, seed=at, shuffle=data.shuffle)
-            wrap = lambda b: b  # noqa: E731
+            at, skip = resume_position(resume, seed, start)
+            ds = shuffled_batches(modality, data, at)
+        wrap = (lambda b: Batch(source=b[0], padding_mask=None)) if modality == "image" else (lambda b: b)
         return positioned(map(wrap, web_loader(ds, data.num_workers, seed=at)), skip)
     return stream
 
 
-def seekable_stream(modality: str, data: DataConfig, seed: int, start: int) -> Iterator[Batch]:
-    """Batches from `start` on of the seekable stream (d2v.data.seekable): nothing before them is read."""
+def shuffled_batches(modality: str, data: DataConfig, seed: int):
+    """The shuffle-buffer pipeline of `seed`'s stream, read from its start."""
     if modality == "image":
-        ds = seekable_image_batches(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size,
-                                    seed=seed, start=start)
-        return (Batch(source=images, padding_mask=None) for images, _ in web_loader(ds, data.num_workers, seed=seed))
+        return image_loader(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size, seed=seed,
+                            shuffle=data.shuffle)
     if modality == "speech":
-        ds = seekable_speech_batches(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size,
-                                     seed=seed, start=start)
-        return iter(web_loader(ds, data.num_workers, seed=seed))
+        return speech_loader(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size, seed=seed,
+                             shuffle=data.shuffle)
+    return text_pretrain_loader(data.shards, data.block_tokens, data.batch_size, seed=seed, shuffle=data.shuffle)
+
+
+def seekable_batches(modality: str, data: DataConfig, seed: int, start: int):
+    """The seekable stream (d2v.data.seekable) from batch `start` on: nothing before it is read."""
+    if modality == "image":
+        return seekable_image_batches(data.shards, data.image or ImageAugConfig(), "pretrain", data.batch_size,
+                                      seed=seed, start=start)
+    if modality == "speech":
+        return seekable_speech_batches(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size,
+                                       seed=seed, start=start)
     raise ValueError(f"stream_resume: seek has no {modality} stream (image, speech)")
 
 
