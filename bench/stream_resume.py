@@ -1,26 +1,31 @@
 """What resuming a pretraining stream costs, and what the seekable stream costs while training.
 
-For image (Fashion-MNIST, the embedded pretraining transform) and speech (mini-LibriSpeech's pretraining split, 4 s
-crops), per stream — `replay` (the shuffle-buffer stream, decoded again up to the checkpoint), `reseed` (a fresh
-shuffle-buffer stream) and `seek` (d2v.data.seekable: random access in a per-epoch order):
+For image (Fashion-MNIST, the embedded pretraining transform), speech (mini-LibriSpeech's pretraining split, 4 s
+crops) and text (the embedded corpus in blocks of 128 pieces), per stream — `replay` (the shuffle-buffer stream, read
+again up to the checkpoint), `reseed` (a fresh shuffle-buffer stream) and `seek` (d2v.data.seekable: random access in
+a per-epoch order):
 - the seconds to the first batch of a stream resumed at batch k, for each k of `--resume-at`;
 - steady read throughput (samples/s after a warm-up) with 1 and 2 loader workers;
-- for `seek`, the one-off cost of indexing every tar's members from its headers.
+- for `seek`, the one-off cost of indexing every tar's members from its headers (text: and every chunk's .npy header).
 Needs the embedded shards (`make run`, or `snakemake --profile workflow/profiles/local
-data/shards/{fashion_mnist/train,mini_librispeech/pretrain}/index.json`).
+data/shards/{fashion_mnist/train,mini_librispeech/pretrain,text_corpus/pretrain}/index.json`). The modalities measured
+replace their rows in `--out`; the others are kept, with the date each was measured (the machine's speed drifts).
 
-    python bench/stream_resume.py [--resume-at 0,100,400] [--seconds 8] [--out results/bench/stream_resume_cpu.json]
+    python bench/stream_resume.py [--modalities image,speech,text] [--resume-at 0,100,400] [--seconds 8] [--out F]
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import platform
 import time
+from pathlib import Path
 
 import torch
 from shard_throughput import measure
 
-from d2v.data.seekable import TarIndex
+from d2v.data.seekable import TarIndex, TokenBlocks
 from d2v.io import atomic_write_json
 from d2v.train.batches import pretrain_stream
 from d2v.train.config import pretrain_config
@@ -43,14 +48,18 @@ def first_batch_seconds(modality: str, mode: str, start: int) -> float:
 
 def index_seconds(modality: str) -> dict:
     """Indexing every tar twice: the first pass may read headers from disk, the second finds them in the page
-    cache."""
+    cache. Text's samples are its chunks, whose .npy headers are read too; its stream then reads blocks."""
     passes = []
     for _ in range(2):
         began = time.perf_counter()
-        index = TarIndex(data_config(modality, 0).shards).index_all()
+        data = data_config(modality, 0)
+        index = TokenBlocks(data.shards, data.block_tokens, 0) if modality == "text" else \
+            TarIndex(data.shards).index_all()
         passes.append(time.perf_counter() - began)
-    return {"shards": len(index.paths), "samples": len(index), "seconds": [round(p, 3) for p in passes],
-            "us_per_sample": [round(1e6 * p / len(index), 1) for p in passes]}
+    samples = len(index.ends) if modality == "text" else len(index)
+    blocks = {"blocks": len(index)} if modality == "text" else {}
+    return {"shards": len(index.paths), "samples": samples, **blocks, "seconds": [round(p, 3) for p in passes],
+            "us_per_sample": [round(1e6 * p / samples, 1) for p in passes]}
 
 
 class Samples:
@@ -65,7 +74,7 @@ class Samples:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--modalities", default="image,speech")
+    parser.add_argument("--modalities", default="image,speech,text")
     parser.add_argument("--resume-at", default="0,100,400")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", default="results/bench/stream_resume_cpu.json")
@@ -73,7 +82,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for modality in args.modalities.split(","):
-        row = {"modality": modality, "batch_size": data_config(modality, 0).batch_size,
+        row = {"modality": modality, "measured": datetime.datetime.now().isoformat(timespec="minutes"),
+               "batch_size": data_config(modality, 0).batch_size,
                "seek_index": index_seconds(modality), "first_batch_seconds": {}, "samples_per_s": {}}
         for mode in MODES:
             row["first_batch_seconds"][mode] = {str(k): round(first_batch_seconds(modality, mode, k), 3)
@@ -84,6 +94,10 @@ def main() -> None:
                                       "image", args.seconds), 1) for w in (1, 2)}
         print(row, flush=True)
         rows.append(row)
+    measured = {row["modality"] for row in rows}
+    if Path(args.out).is_file():
+        kept = [row for row in json.loads(Path(args.out).read_text())["results"] if row["modality"] not in measured]
+        rows = kept + rows
     atomic_write_json(args.out, {"benchmark": "stream_resume", "machine": platform.processor() or platform.machine(),
                                  "torch_threads": 1, "seconds": args.seconds, "results": rows})
 

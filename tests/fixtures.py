@@ -142,6 +142,24 @@ def tone_task_shards(root, texts: list[str]):
     return root / "letters.json"
 
 
+def token_shards(root, chunks: list[np.ndarray], per_shard: int):
+    """Text corpus shards as `d2v shard` writes them: `ids.npy` chunks, `per_shard` to a tar, and index.json."""
+    import json
+
+    import webdataset as wds
+
+    from d2v.data.shards import shard_summary
+
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(0, len(chunks), per_shard):
+        with wds.TarWriter(str(root / f"shard-{k // per_shard:06d}.tar")) as sink:
+            for i in range(k, min(k + per_shard, len(chunks))):
+                sink.write({"__key__": f"doc-{i:05d}", "ids.npy": chunks[i]})
+    shards = [shard_summary(p) for p in sorted(root.glob("*.tar"))]
+    (root / "index.json").write_text(json.dumps({"kind": "text_corpus", "shards": shards}))
+    return root
+
+
 def librispeech_tar(split: str, utterances: dict[str, tuple[float, str]], corrupt: tuple[str, ...] = (),
                     untranscribed: tuple[str, ...] = ()) -> bytes:
     """LibriSpeech layout: LibriSpeech/<split>/<spk>/<chapter>/<spk>-<chapter>-<utt>.flac + <spk>-<chapter>.trans.txt"""

@@ -286,9 +286,8 @@ def test_paper_profiles_hold_the_published_recipes():
         assert (ten_hours.ctc_masks.channel_prob, ten_hours.regularization.layerdrop) == (0.5, 0.05)
     assert v2.data_root == v1.data_root and v2.runs != v1.runs  # one download and shard set, separate runs
     large = load_params(ROOT / "params.yaml", "paper-v2-large").active
-    for profile in (v1, v2, large):  # image and speech pretraining seek to where a resume continues; text replays
-        assert [profile.pretrain_config(m).stream_resume for m in ("image", "speech", "text")] == \
-            ["seek", "seek", "replay"]
+    for profile in (v1, v2, large):  # pretraining seeks to where a resume continues
+        assert [profile.pretrain_config(m).stream_resume for m in ("image", "speech", "text")] == ["seek"] * 3
         assert [profile.finetune_config(t).stream_resume for t in ("imagenet", "librispeech_1h", "glue_rte")] == \
             ["seek", "replay", "replay"]
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 import webdataset
-from fixtures import tone_speech, tone_task_shards
+from fixtures import token_shards, tone_speech, tone_task_shards
 from PIL import Image
 
 from d2v.config import AudioConfig, ImageAugConfig
 from d2v.data import loaders
 from d2v.data.manifest import make_manifest, write_manifest
-from d2v.data.seekable import RankOrder, ShardTable, TarIndex, ustar_members
+from d2v.data.seekable import RankOrder, ShardTable, TarIndex, TokenBlocks, ustar_members
 from d2v.data.shards import ShardConfig, ShardError, write_shards
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.train.batches import pretrain_stream
@@ -184,9 +184,41 @@ def test_ctc_fine_tuning_reads_seekable_padded_batches_with_their_letters(tmp_pa
         assert b["batch"].padding_mask is None or b["batch"].padding_mask.shape == b["batch"].source.shape
 
 
-def test_text_has_no_seekable_stream():
-    from d2v.config import ConfigError
-    from d2v.train.config import pretrain_config
+def test_text_blocks_are_the_corpus_cut_as_fairseq_cuts_it(tmp_path):
+    """Every chunk in shard order, one stream, cut into blocks of block_tokens - 1 ids, each led by <s>; a block spans
+    several chunks (one of them empty) and shards; the tail is left out."""
+    lengths = [7, 3, 0, 12, 5, 1, 9]
+    stream = np.arange(1000, 1000 + sum(lengths))
+    chunks = np.split(stream, np.cumsum(lengths)[:-1])
+    shards = token_shards(tmp_path / "ts", [c.astype(np.uint16) for c in chunks], per_shard=3)
+    blocks = TokenBlocks(shards, block_tokens=6, bos=0)
+    assert (blocks.tokens, len(blocks), blocks.dtype) == (37, 7, np.uint16)  # 37 ids, 7 blocks of 5, 2 left out
+    for b in range(7):
+        assert blocks[b]["ids"].tolist() == [0, *stream[5 * b:5 * b + 5]]
+    assert blocks[2]["__url__"].endswith("shard-000001.tar")  # ids 10-14: the last of chunk 1, chunk 3's first four
+    with pytest.raises(IndexError):
+        blocks[7]
 
-    with pytest.raises(ConfigError, match="stream_resume: seek reads image and speech shards"):
-        pretrain_config("text", {"stream_resume": "seek"})
+
+def test_a_seekable_text_stream_starts_at_any_batch_and_reads_each_block_once_an_epoch(tmp_path):
+    chunks = [np.arange(100 * i, 100 * i + 45, dtype=np.int32) for i in range(6)]  # 270 ids: 18 blocks of 1 + 15
+    data = DataConfig(shards=str(token_shards(tmp_path / "ts", chunks, per_shard=4)), batch_size=3, block_tokens=16)
+    stream = pretrain_stream("text", data, 2, "seek")
+    straight = [b.source for b in itertools.islice(stream(0), 12)]  # two epochs of 6 batches
+    assert all(b.shape == (3, 16) and b.dtype == torch.int64 and (b[:, 0] == 0).all() for b in straight)
+    firsts = [torch.cat(straight[e * 6:(e + 1) * 6])[:, 1].tolist() for e in (0, 1)]  # a block's first id names it
+    every_block = np.concatenate(chunks)[::15].tolist()
+    assert sorted(firsts[0]) == sorted(firsts[1]) == every_block and firsts[0] != firsts[1]
+    assert all(torch.equal(a.source, b) for a, b in zip(stream(7), straight[7:], strict=False))
+    data_workers = data.model_copy(update={"num_workers": 2})
+    resumed = itertools.islice(pretrain_stream("text", data_workers, 2, "seek")(4), 6)
+    assert all(torch.equal(a.source, b) for a, b in zip(resumed, straight[4:10], strict=True))
+
+
+@pytest.mark.parametrize("member, problem", [(b"not an array", "is not a .npy array"),
+                                             (np.zeros(4, np.float32), "holds float32"),
+                                             (np.zeros((2, 2), np.int32), r"holds int32\[2, 2\]")])
+def test_a_chunk_that_is_not_token_ids_is_named(tmp_path, member, problem):
+    token_shards(tmp_path / "ts", [np.arange(9), member, np.arange(5)], per_shard=3)
+    with pytest.raises(ShardError, match=f"shard-000000.tar: doc-00001.ids.npy {problem}"):
+        TokenBlocks(tmp_path / "ts", 4, 0)

@@ -111,30 +111,36 @@ def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_sch
         start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "imported.pt")}))
 
 
-@pytest.mark.parametrize("resume, decodes", [("replay", 6 * 4), ("seek", 3 * 4)])
-def test_pretraining_from_image_shards_resumes_bit_for_bit_with_its_random_crops(tmp_path, monkeypatch, resume,
-                                                                                 decodes):
-    """The real streams, with random-resized crops, flips and colour jitter. `replay`: shards, shuffle buffer, draws
-    from torch's RNG; the batches consumed before the step-3 checkpoint are decoded again before the first resumed
-    step seeds its RNG, not inside it. `seek`: draws keyed by each sample's place; the resumed run decodes only its
-    own three batches."""
+@pytest.mark.parametrize("modality, resume, reads", [("image", "replay", 6 * 4), ("image", "seek", 3 * 4),
+                                                      ("text", "seek", 3 * 4)])
+def test_pretraining_from_shards_resumes_bit_for_bit(tmp_path, monkeypatch, modality, resume, reads):
+    """The real streams. Image, with random-resized crops, flips and colour jitter: `replay` reads shards through a
+    shuffle buffer with draws from torch's RNG, and decodes the batches consumed before the step-3 checkpoint again
+    before the first resumed step seeds its RNG, not inside it; `seek` keys the draws by each sample's place. Text
+    `seek`: fairseq's blocks in a per-epoch order. A seekable resume reads only its own three batches."""
     from conftest import _image_shards
-    from d2v.data import loaders
+    from fixtures import token_shards
+    from d2v.data import loaders, seekable
     from d2v.train.batches import pretrain_stream
 
-    _image_shards(tmp_path)
-    image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3, color_jitter=0.4)
-    cfg = tiny_cfg("image", stream_resume=resume,
-                   data=dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image))
-    stream = pretrain_stream("image", cfg.data, cfg.seed, cfg.stream_resume)
+    if modality == "image":
+        _image_shards(tmp_path)
+        image = dict(size=32, channels=1, mean=(0.5,), std=(0.5,), min_scale=0.3, color_jitter=0.4)
+        data = dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image)
+        owner, name = loaders, "_decode_image"
+    else:
+        ids = np.random.default_rng(0).integers(4, 60, size=24 * 40)  # the tiny preset's 64 ids; 0-3 are special
+        token_shards(tmp_path / "text", np.split(ids, 24), per_shard=10)  # 24 chunks of 40 ids: 64 blocks of 15
+        data = dict(shards=str(tmp_path / "text"), batch_size=4, block_tokens=16)
+        owner, name = seekable.TokenBlocks, "__getitem__"
+    cfg = tiny_cfg(modality, stream_resume=resume, data=data)
+    stream = pretrain_stream(modality, cfg.data, cfg.seed, cfg.stream_resume)
     run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "a", progress=False)
     run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False, stop_after=4)
-    decoded = []
-    decode = loaders._decode_image
-    monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
+    counted, read = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: counted.append(1) or read(*a))
     run_pretrain(cfg, build_objective(cfg), stream, tmp_path / "b", progress=False)
-    assert len(decoded) == decodes
-    import pandas as pd
+    assert len(counted) == reads
     log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
     np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
     a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False)["encoder"] for run in ("a", "b"))

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from d2v.config import AudioConfig, ImageAugConfig
-from d2v.data.seekable import SeekableBatches, with_torch_seed
+from d2v.data.seekable import SeekableBatches, TarIndex, TokenBlocks, with_torch_seed
 from d2v.data.shards import shard_paths
 from d2v.modalities.base import Batch
 
@@ -155,7 +155,7 @@ def image_loader(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *,
 def seekable_image_batches(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *, seed: int, start: int):
     """`image_loader`'s batches from a seekable stream (d2v.data.seekable), positioned at batch `start`."""
     transform = image_transform(cfg, mode)
-    return SeekableBatches(shard_dir, batch_size, seed, start,
+    return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
                            decode=lambda s, rng: with_torch_seed(lambda: _decode_image(s, transform), rng),
                            collate=lambda items, rng: collate_images(items))
 
@@ -228,10 +228,10 @@ def seekable_speech_batches(shard_dir, cfg: AudioConfig, mode: Mode, batch_size:
                             letters=None):
     """`speech_loader`'s training batches from a seekable stream (d2v.data.seekable), positioned at batch `start`."""
     if mode == "pretrain":
-        return SeekableBatches(shard_dir, batch_size, seed, start,
+        return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
                                decode=lambda s, rng: _decode_audio(s, cfg, True, [rng], seed),
                                collate=crop_to_shortest)
-    return SeekableBatches(shard_dir, batch_size, seed, start,
+    return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
                            decode=lambda s, rng: _decode_audio(s, cfg, False, [], seed, keep_long=False),
                            collate=lambda items, rng: pad_waveforms(items, letters))
 
@@ -253,11 +253,23 @@ def pack_blocks(block_tokens: int, bos: int) -> Callable[[Iterator], Iterator]:
     return stage
 
 
+def collate_blocks(blocks: list[torch.Tensor]) -> Batch:
+    return Batch(source=torch.stack(blocks), padding_mask=None)
+
+
 def text_pretrain_loader(shard_dir, block_tokens: int, batch_size: int, *, bos: int = 0, resampled: bool = True,
                          shuffle: int = 1000, seed: int = 0):
-    collate = lambda blocks: Batch(source=torch.stack(blocks), padding_mask=None)  # noqa: E731
-    return pipeline(shard_dir, [pack_blocks(block_tokens, bos), _batched(batch_size, collate, False)],
+    return pipeline(shard_dir, [pack_blocks(block_tokens, bos), _batched(batch_size, collate_blocks, False)],
                     resampled=resampled, shuffle=shuffle, seed=seed)
+
+
+def seekable_text_pretrain_batches(shard_dir, block_tokens: int, batch_size: int, *, bos: int = 0, seed: int,
+                                   start: int):
+    """Text pretraining batches from a seekable stream (d2v.data.seekable) positioned at `start`: fairseq's blocks, cut
+    once from the corpus in shard order and shuffled as units, where `text_pretrain_loader` packs shuffled chunks."""
+    return SeekableBatches(TokenBlocks(shard_dir, block_tokens, bos), batch_size, seed, start,
+                           decode=lambda block, rng: torch.from_numpy(block["ids"]),
+                           collate=lambda blocks, rng: collate_blocks(blocks))
 
 
 def _task_example(sample: dict, tokenizer, max_tokens: int) -> tuple[torch.Tensor, float]:
@@ -285,7 +297,7 @@ def text_task_loader(shard_dir, tokenizer, batch_size: int, max_tokens: int, mod
 
 def seekable_text_task_batches(shard_dir, tokenizer, batch_size: int, max_tokens: int, *, seed: int, start: int):
     """`text_task_loader`'s training batches from a seekable stream (d2v.data.seekable), positioned at `start`."""
-    return SeekableBatches(shard_dir, batch_size, seed, start,
+    return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
                            decode=lambda s, rng: _task_example(s, tokenizer, max_tokens),
                            collate=lambda items, rng: pad_tokens(items, tokenizer.pad))
 

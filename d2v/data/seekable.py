@@ -11,6 +11,8 @@ run resumes at any batch by arithmetic, where the shuffle-buffer streams must de
   depend on the number of workers either.
 - A sample that fails to decode, or that the modality leaves out (speech shorter than `min_samples`), is replaced by
   a stand-in drawn by (seed, rank, t), so batches stay full and no other place moves.
+- Text pretraining's samples are blocks (`TokenBlocks`): the corpus cut once into fixed blocks, as fairseq cuts it,
+  each read from the chunks it spans. The blocks are what each epoch permutes.
 """
 from __future__ import annotations
 
@@ -132,6 +134,75 @@ class TarIndex:
         return table
 
 
+class TokenBlocks:
+    """A text corpus as fairseq's TokenBlockDataset cuts it (`sample_break_mode: none`, the data2vec text recipe):
+    every chunk's ids concatenated in shard order and cut into blocks of `block_tokens` - 1 ids, each led by <s>; the
+    tail short of a block is left out. Block b is read, by offset, from the chunks it spans.
+
+    The index keeps each chunk's shard, the file offset of its ids and the running token count: 20 bytes a chunk
+    (8M chunks of 512 for the paper's 4B-token corpus: 160 MB a rank). Building it reads every chunk's .npy header."""
+
+    def __init__(self, shard_dir: str | Path, block_tokens: int, bos: int):
+        tars = TarIndex(shard_dir).index_all()
+        self.paths, self.block_tokens, self.bos = tars.paths, block_tokens, bos
+        shards, offsets, counts, dtypes = [], [], [], set()
+        for shard, path in enumerate(tars.paths):
+            table = tars.table(shard)
+            with open(path, "rb") as f:
+                for i in range(len(table)):
+                    offset, count, dtype = npy_ids(f, path, table, i)
+                    shards.append(shard), offsets.append(offset), counts.append(count), dtypes.add(dtype)
+        if len(dtypes) > 1:
+            raise ShardError(f"{shard_dir}: chunks stored as {sorted(map(str, dtypes))}; one id type expected")
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.uint16)
+        self.shards = np.asarray(shards, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.ends = np.cumsum(np.asarray(counts, dtype=np.int64))  # chunk c holds tokens ends[c-1]:ends[c]
+        self.tokens = int(self.ends[-1]) if len(self.ends) else 0
+
+    def __len__(self) -> int:
+        return self.tokens // (self.block_tokens - 1)
+
+    def __getitem__(self, b: int) -> dict:
+        if not 0 <= b < len(self):
+            raise IndexError(f"block {b} of {len(self)}")
+        width = self.block_tokens - 1
+        at, stop = b * width, (b + 1) * width
+        chunk = int(np.searchsorted(self.ends, at, side="right"))
+        pieces = [np.asarray([self.bos], dtype=np.int64)]
+        while at < stop:
+            begins = int(self.ends[chunk - 1]) if chunk else 0
+            take = min(stop, int(self.ends[chunk])) - at
+            with open(self.paths[self.shards[chunk]], "rb") as f:
+                f.seek(int(self.offsets[chunk]) + (at - begins) * self.dtype.itemsize)
+                pieces.append(np.frombuffer(f.read(take * self.dtype.itemsize), dtype=self.dtype).astype(np.int64))
+            at, chunk = at + take, chunk + 1
+        return {"__key__": f"block{b}", "__url__": str(self.paths[self.shards[chunk - 1]]),
+                "ids": np.concatenate(pieces)}
+
+
+def npy_ids(f, path: Path, table: ShardTable, i: int) -> tuple[int, int, np.dtype]:
+    """(file offset of the ids, their count, their type) of sample i's `ids.npy`, from its header."""
+    key = table.keys[i].decode()
+    part = table.parts(i).get("ids.npy")
+    if part is None:
+        raise ShardError(f"{path}: sample {key} has no ids.npy (a text corpus shard holds token ids)")
+    offset, size = part
+    f.seek(offset)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except ValueError as err:
+        raise ShardError(f"{path}: {key}.ids.npy is not a .npy array ({err})") from err
+    data = f.tell()
+    if len(shape) != 1 or dtype.kind not in "iu" or data - offset + shape[0] * dtype.itemsize != size:
+        raise ShardError(f"{path}: {key}.ids.npy holds {dtype}{list(shape)} in {size} bytes; expected a 1-D array "
+                         "of token ids that fills its member")
+    return data, shape[0], dtype
+
+
 def ustar_members(path: Path) -> list[tuple[str, int, int]] | None:
     """(name, data offset, size) of each regular file, read from the 512-byte headers and the pax records that
     Python's tarfile writes before each member; None for other extensions (GNU long names, global pax headers),
@@ -214,11 +285,11 @@ class SeekableBatches(torch.utils.data.IterableDataset):
     """Batches `start`, `start` + 1, ... of the rank's order, `batch_size` samples each. A sample that fails to decode
     is skipped with a warning naming it, as the shuffle-buffer streams skip it, and a stand-in takes its place."""
 
-    def __init__(self, shard_dir: str | Path, batch_size: int, seed: int, start: int, decode: Decode,
+    def __init__(self, samples: TarIndex | TokenBlocks, batch_size: int, seed: int, start: int, decode: Decode,
                  collate: Collate):
-        # indexed before the DataLoader forks its workers, which then share the tables instead of each scanning
-        # every tar; a missing, truncated or miscounted shard fails here, named
-        self.index = TarIndex(shard_dir).index_all()
+        # indexed before the DataLoader forks its workers (`TarIndex.index_all`, `TokenBlocks`), which then share
+        # the tables instead of each scanning every tar; a missing, truncated or miscounted shard fails there, named
+        self.index = samples
         self.batch_size, self.seed, self.start = batch_size, seed, start
         self.decode, self.collate = decode, collate
 

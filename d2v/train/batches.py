@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable_image_batches, \
-    seekable_speech_batches, speech_loader, text_pretrain_loader, web_loader
+    seekable_speech_batches, seekable_text_pretrain_batches, speech_loader, text_pretrain_loader, web_loader
 from d2v.modalities.base import Batch
 from d2v.train.config import DataConfig, StreamResume
 
@@ -65,7 +65,7 @@ def seekable_batches(modality: str, data: DataConfig, seed: int, start: int):
     if modality == "speech":
         return seekable_speech_batches(data.shards, data.audio or AudioConfig(), "pretrain", data.batch_size,
                                        seed=seed, start=start)
-    raise ValueError(f"stream_resume: seek has no {modality} stream (image, speech)")
+    return seekable_text_pretrain_batches(data.shards, data.block_tokens, data.batch_size, seed=seed, start=start)
 
 
 def positioned(batches: Iterable, start: int) -> Iterator:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from d2v.config import (AudioConfig, ConfigError, EMAConfig, ImageAugConfig, Objective, StrictModel, TokenMaskConfig,
                         validate)
@@ -42,9 +42,9 @@ class DataConfig(StrictModel):
 # How a resumed run continues its data stream. `replay` reads the batches before the checkpoint again: bit-identical
 # to an uninterrupted run, at the cost of decoding them again (ImageNet at 256 images a GPU-step and 10 workers: about
 # 0.4 s a step, 40 h at step 400k). `reseed` starts a fresh stream keyed by (seed, step): no replay, the same
-# distribution, other batches. `seek` (image and speech pretraining, every fine-tuning task) reads another stream, one
-# seeded permutation of the samples per epoch read by random access (d2v.data.seekable), which resumes at any batch
-# by arithmetic and bit-identically.
+# distribution, other batches. `seek` reads another stream, one seeded permutation per epoch of the samples (of text
+# pretraining's blocks, cut once from the corpus as fairseq cuts them) read by random access (d2v.data.seekable),
+# which resumes at any batch by arithmetic and bit-identically.
 StreamResume = Literal["replay", "reseed", "seek"]
 
 
@@ -84,14 +84,6 @@ class PretrainConfig(StrictModel):
     # a second stage: the student and its predictor from this pretraining final.pt, the teacher reset to that
     # student; optimizer, LR schedule, τ and steps start afresh (v1 ViT-L's second 800 epochs, spec §4)
     init_from: str | None = None
-
-    @model_validator(mode="after")
-    def _seekable(self) -> PretrainConfig:
-        if self.stream_resume == "seek" and self.modality == "text":
-            raise ValueError("stream_resume: seek reads image and speech shards sample by sample; text pretraining "
-                             "packs its chunks into blocks across samples and replays them without decoding: use "
-                             "replay (text fine-tuning can seek)")
-        return self
 
 
 FASHION_MNIST = dict(size=32, channels=1, mean=(0.286,), std=(0.353,), crop_pct=1.0, min_scale=0.35)
