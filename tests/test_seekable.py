@@ -138,6 +138,14 @@ def test_ranks_read_disjoint_samples_of_each_epoch(image_shards, monkeypatch):
         levels[rank] = torch.stack(batches).flatten(0, 1).amax(dim=(1, 2, 3))
     first_epoch = torch.cat([levels[0][:11], levels[1][:11]])
     assert first_epoch.unique().numel() == 22
+    # one rank accumulating 2 micro-batches a step reads what the 2 ranks read together at each step (a checkpoint
+    # continued on another number of ranks, d2v.train.checkpoint.rescaled)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    one = torch.stack(stream_batches(image_shards, 0, 12, batch_size=2)).flatten(0, 1).amax(dim=(1, 2, 3))
+    for step in range(6):
+        together = torch.cat([levels[0][2 * step:2 * step + 2], levels[1][2 * step:2 * step + 2]])
+        assert sorted(one[4 * step:4 * step + 4].tolist()) == sorted(together.tolist())
 
 
 def test_a_sample_that_fails_is_named_and_a_stand_in_keeps_the_batch_full(image_shards, monkeypatch, caplog):

@@ -202,6 +202,30 @@ def test_checkpoints_keep_the_newest_k_and_last_points_at_the_newest(tmp_path):
         checkpoint.load(checkpoint.latest(tmp_path))
 
 
+def test_a_checkpoint_of_other_ranks_resumes_only_at_its_global_batch(tmp_path, capsys):
+    """Written by 4 ranks × accum 2 at step 5 (10 micro-batches a rank); read by 8 ranks it needs accum 1, by 2
+    ranks accum 4 (then 20 micro-batches a rank consumed), and 3 ranks cannot split it. Refused, never discarded,
+    even where another config would be."""
+    from d2v.train.distributed import World
+
+    config = {"accum_steps": 2, "lr": 1.0}
+    checkpoint.save(tmp_path, 5, {"config": config, "batches": 10, "ranks": 4})
+    resume = lambda world, accum: checkpoint.resume_point(  # noqa: E731
+        tmp_path, {**config, "accum_steps": accum}, 1, (), 100, restart_on_change=True, world=world)
+    assert resume(World(size=4), 2)[1]["batches"] == 10
+    assert resume(World(size=8), 1)[1]["batches"] == 5
+    assert resume(World(size=2), 4)[1]["batches"] == 20
+    assert "written by 4 ranks × accum_steps 2, continued by 2 × 4 at the same global batch" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="on 2 ranks set accum_steps to 4 to continue at the same global batch"):
+        resume(World(size=2), 2)
+    with pytest.raises(ValueError, match="which 3 ranks cannot split evenly; resume it on a divisor of 8 ranks"):
+        resume(World(size=3), 3)
+    assert checkpoint.latest(tmp_path) is not None
+    legacy = tmp_path / "legacy"  # written before checkpoints recorded their ranks: taken as this run's
+    checkpoint.save(legacy, 5, {"config": config, "batches": 10})
+    assert checkpoint.resume_point(legacy, config, 1, (), 100, world=World(size=8))[1]["batches"] == 10
+
+
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -215,6 +239,9 @@ run_pretrain(cfg, objective, synthetic_stream("speech", rank=world.rank, world=w
              progress=False)
 if world.is_main:
     torch.save(objective.state_dict(), {out!r} + "/state.pt")
+    import pathlib, shutil  # the step-3 checkpoint, for a resume on one process
+    pathlib.Path({out!r} + "-one/checkpoints").mkdir(parents=True)
+    shutil.copy({out!r} + "/checkpoints/step-00000003.pt", {out!r} + "-one/checkpoints/")
 # another config over the finished run, as a pipeline stage: every rank reads the checkpoint before rank 0 discards it
 longer = cfg.model_copy(update=dict(steps=5))
 run_pretrain(longer, build_objective(longer), synthetic_stream("speech", rank=world.rank, world=world.size), {out!r},
@@ -240,6 +267,15 @@ def test_two_process_gloo_ddp_matches_one_process_with_accumulation(tmp_path):
 
     assert not (tmp_path / "ddp" / "checkpoints").exists()
     assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["step"].tolist() == [1]
+    # the 2-rank step-3 checkpoint continues on one process only at the same global batch, then as the 2 ranks did
+    with pytest.raises(ValueError, match="2 ranks × accum_steps 1; on 1 ranks set accum_steps to 2"):
+        run_pretrain(tiny_cfg("speech", steps=4), build_objective(cfg), synthetic_stream("speech"),
+                     tmp_path / "ddp-one", progress=False, restart_on_change=True)
+    one = build_objective(cfg)
+    run_pretrain(cfg, one, synthetic_stream("speech"), tmp_path / "ddp-one", progress=False)
+    assert pd.read_csv(tmp_path / "ddp-one" / "metrics.csv")["step"].tolist() == [4]
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(one.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 FSDP_SCRIPT = """

@@ -46,6 +46,9 @@ TEXT_PRESETS = {
     # (docs/findings.md, text)
     "embedded-small": TextEncoderConfig(vocab_size=8000, dim=128, depth=2, num_heads=2, ffn_dim=512,
                                         max_positions=128),
+    # not in the papers: 1.5 times the embedded width and depth (2.6 times its parameters), the other direction
+    "embedded-large": TextEncoderConfig(vocab_size=8000, dim=384, depth=6, num_heads=6, ffn_dim=1536,
+                                        max_positions=128),
     "tiny": TextEncoderConfig(vocab_size=64, dim=64, depth=3, num_heads=4, ffn_dim=128, max_positions=64,
                               dropout=0.0, attn_dropout=0.0),
 }

@@ -1,8 +1,9 @@
 """Checkpoints: everything needed to continue a run bit-for-bit, written atomically, the last k kept.
 
 A checkpoint holds the model state (student, head, teacher, τ), optimizer, step, the RNG states of torch, numpy
-and Python, and the data position (batches consumed). Resuming restores all of them; the data stream is a pure
-function of the seed, so it is fast-forwarded to the recorded position.
+and Python, the data position (batches consumed) and the number of ranks that wrote it. Resuming restores all of
+them; the data stream is a pure function of the seed, so it is fast-forwarded to the recorded position. Another number
+of ranks continues it at the same global batch only (`rescaled`).
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def resume_point(folder: str | Path, config: dict, version: int, resumable_acros
     if last is None:
         return None, None
     state = load(last)
+    if state.get("ranks", world.size) != world.size:
+        state = rescaled(last, state, config, world)
+        resumable_across = (*resumable_across, "accum_steps")
     changed = changed_since(state, config, version, resumable_across, data_digest)
     if changed and not restart_on_change:
         raise ValueError(f"{last}: written under a different config or data ({', '.join(changed)} changed); "
@@ -114,3 +118,24 @@ def resume_point(folder: str | Path, config: dict, version: int, resumable_acros
         print(f"{folder}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)
         shutil.rmtree(folder)
     return None, None
+
+
+def rescaled(last: Path, state: dict, config: dict, world: World) -> dict:
+    """A checkpoint written by another number of ranks continues only at the same global batch: ranks × micro-batch
+    × accum_steps, with accum_steps rescaled (the micro-batch is part of the config). Its data position becomes
+    step × the new accum_steps micro-batches a rank. `seek` streams then read the same samples at each step within an
+    epoch (an epoch's permutation is cut into global batches; the n mod ranks samples an epoch leaves out differ);
+    `replay` and `reseed` streams split their shards by rank and read others. Refused otherwise, never discarded: a
+    changed GPU count is not a changed recipe."""
+    ranks, accum = state["ranks"], state.get("config", {}).get("accum_steps", 1)
+    if (ranks * accum) % world.size:
+        raise ValueError(f"{last}: written by {ranks} ranks × accum_steps {accum}, which {world.size} ranks cannot "
+                         f"split evenly; resume it on a divisor of {ranks * accum} ranks")
+    needed = ranks * accum // world.size
+    if config.get("accum_steps", 1) != needed:
+        raise ValueError(f"{last}: written by {ranks} ranks × accum_steps {accum}; on {world.size} ranks set "
+                         f"accum_steps to {needed} to continue at the same global batch, or use another --out")
+    if world.is_main:
+        print(f"{last}: written by {ranks} ranks × accum_steps {accum}, continued by {world.size} × {needed} at "
+              "the same global batch", file=sys.stderr)
+    return {**state, "batches": state["step"] * needed}

@@ -385,7 +385,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                              "batches": consumed, "best": best, "best_metrics": best_metrics,
                                              "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
-                                             "recipe": recipe.FINETUNE}, keep=cfg.checkpoint.keep)
+                                             "recipe": recipe.FINETUNE, "ranks": world.size},
+                            keep=cfg.checkpoint.keep)
     if bar is not None:
         bar.close()
     summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,

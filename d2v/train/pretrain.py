@@ -250,7 +250,7 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
         return None
     checkpoint.save(folder, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
                                    "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
-                                   "recipe": recipe.PRETRAIN}, keep=cfg.checkpoint.keep)
+                                   "recipe": recipe.PRETRAIN, "ranks": world.size}, keep=cfg.checkpoint.keep)
     return model_state
 
 
