@@ -6,7 +6,8 @@ again up to the checkpoint), `reseed` (a fresh shuffle-buffer stream) and `seek`
 a per-epoch order):
 - the seconds to the first batch of a stream resumed at batch k, for each k of `--resume-at`;
 - steady read throughput (samples/s after a warm-up) with 1 and 2 loader workers;
-- for `seek`, the one-off cost of indexing every tar's members from its headers (text: and every chunk's .npy header).
+- for `seek`, the one-off cost of indexing every tar's members from its headers (text: and every chunk's .npy header),
+  and of reading that index back from its cache; the first batches are timed with the cache written.
 Needs the embedded shards (`make run`, or `snakemake --profile workflow/profiles/local
 data/shards/{fashion_mnist/train,mini_librispeech/pretrain,text_corpus/pretrain}/index.json`). The modalities measured
 replace their rows in `--out`; the others are kept, with the date each was measured (the machine's speed drifts).
@@ -18,7 +19,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,19 +50,28 @@ def first_batch_seconds(modality: str, mode: str, start: int) -> float:
 
 
 def index_seconds(modality: str) -> dict:
-    """Indexing every tar twice: the first pass may read headers from disk, the second finds them in the page
-    cache. Text's samples are its chunks, whose .npy headers are read too; its stream then reads blocks."""
-    passes = []
-    for _ in range(2):
+    """Indexing every tar: twice without the cache (the first pass may read headers from disk, the second finds them
+    in the page cache), then writing the cache and reading it back. Text's samples are its chunks, whose .npy headers
+    are read too; its stream then reads blocks."""
+    def timed() -> tuple[float, object]:
         began = time.perf_counter()
         data = data_config(modality, 0)
         index = TokenBlocks(data.shards, data.block_tokens, 0) if modality == "text" else \
             TarIndex(data.shards).index_all()
-        passes.append(time.perf_counter() - began)
+        return time.perf_counter() - began, index
+
+    cache = os.environ["D2V_INDEX_CACHE"]
+    os.environ["D2V_INDEX_CACHE"] = "off"
+    passes = [timed()[0] for _ in range(2)]
+    os.environ["D2V_INDEX_CACHE"] = cache
+    passes += [timed()[0] for _ in range(2)]
+    index = timed()[1]
     samples = len(index.ends) if modality == "text" else len(index)
     blocks = {"blocks": len(index)} if modality == "text" else {}
-    return {"shards": len(index.paths), "samples": samples, **blocks, "seconds": [round(p, 3) for p in passes],
-            "us_per_sample": [round(1e6 * p / samples, 1) for p in passes]}
+    return {"shards": len(index.paths), "samples": samples, **blocks,
+            "seconds": [round(p, 3) for p in passes[:2]], "us_per_sample": [round(1e6 * p / samples, 1)
+                                                                              for p in passes[:2]],
+            "cache_write_read_seconds": [round(p, 3) for p in passes[2:]]}
 
 
 class Samples:
@@ -80,6 +92,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/bench/stream_resume_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    # a cache of its own, written by index_seconds: a resumed run finds the one its start wrote
+    os.environ["D2V_INDEX_CACHE"] = tempfile.mkdtemp(prefix="d2v-shard-index-")
     rows = []
     for modality in args.modalities.split(","):
         row = {"modality": modality, "measured": datetime.datetime.now().isoformat(timespec="minutes"),

@@ -12,6 +12,13 @@ from d2v.modalities.registry import build_modality
 from d2v.train import tasks
 
 
+@pytest.fixture(autouse=True)
+def _shard_index_cache(tmp_path_factory, monkeypatch):
+    """The seekable streams' index cache (d2v.data.seekable.cached) under the session's temp folder, not ~/.cache;
+    subprocesses (torchrun) inherit it."""
+    monkeypatch.setenv("D2V_INDEX_CACHE", str(tmp_path_factory.getbasetemp() / "shard-index"))
+
+
 def make_objective(name: str, **overrides) -> Data2Vec:
     """A tiny-preset data2vec objective (K capped at its depth by the registry), guard disarmed unless asked."""
     torch.manual_seed(0)

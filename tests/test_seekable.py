@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import logging
+import os
 import tarfile
 
 import numpy as np
@@ -230,3 +231,49 @@ def test_a_chunk_that_is_not_token_ids_is_named(tmp_path, member, problem):
     token_shards(tmp_path / "ts", [np.arange(9), member, np.arange(5)], per_shard=3)
     with pytest.raises(ShardError, match=f"shard-000000.tar: doc-00001.ids.npy {problem}"):
         TokenBlocks(tmp_path / "ts", 4, 0)
+
+
+def test_shard_indexes_are_cached_by_path_size_and_time_and_rebuilt_when_unreadable(image_shards, tmp_path,
+                                                                                     monkeypatch, caplog):
+    from d2v.data import seekable
+
+    monkeypatch.setenv("D2V_INDEX_CACHE", str(tmp_path / "cache"))
+    scans, read = [], seekable.ustar_members
+    monkeypatch.setattr(seekable, "ustar_members", lambda path: scans.append(path.name) or read(path))
+    first = TarIndex(image_shards).index_all()
+    assert len(scans) == 4 and len(list((tmp_path / "cache").glob("*.npz"))) == 4
+    again = TarIndex(image_shards).index_all()
+    assert len(scans) == 4  # every table from the cache
+    assert all(again[n] == first[n] for n in range(22))
+    shard = image_shards / "shard-000001.tar"
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten, as far as the cache can tell
+    TarIndex(image_shards).index_all()
+    assert scans[4:] == ["shard-000001.tar"]
+    for entry in (tmp_path / "cache").glob("*.npz"):
+        entry.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="d2v.data"):
+        rebuilt = TarIndex(image_shards).index_all()
+    assert len(scans) == 9 and "cache entry" in caplog.text and "is unreadable" in caplog.text
+    assert all(rebuilt[n] == first[n] for n in range(22))
+    (image_shards / "index.json").write_text((image_shards / "index.json").read_text().replace('"count": 4',
+                                                                                             '"count": 5'))
+    with pytest.raises(ShardError, match="shard-000003.tar: 4 samples in the tar, index.json says 5"):
+        TarIndex(image_shards).index_all()  # a cached table is checked against index.json as a scanned one
+    monkeypatch.setenv("D2V_INDEX_CACHE", "off")
+    off = TarIndex(image_shards)
+    off.table(0)
+    assert scans[-1] == "shard-000000.tar" and len(scans) == 10
+
+
+def test_text_chunk_indexes_are_cached_too(tmp_path, monkeypatch):
+    from d2v.data import seekable
+
+    monkeypatch.setenv("D2V_INDEX_CACHE", str(tmp_path / "cache"))
+    shards = token_shards(tmp_path / "ts", [np.arange(i, i + 9, dtype=np.uint16) for i in range(5)], per_shard=2)
+    first = TokenBlocks(shards, 5, 0)
+    read, headers = seekable.npy_ids, []
+    monkeypatch.setattr(seekable, "npy_ids", lambda *a: headers.append(1) or read(*a))
+    again = TokenBlocks(shards, 5, 0)
+    assert headers == [] and len(again) == len(first) == 11
+    assert all(np.array_equal(again[b]["ids"], first[b]["ids"]) for b in range(11))

@@ -4,7 +4,8 @@ run resumes at any batch by arithmetic, where the shuffle-buffer streams must de
 - Order: each epoch is one seeded permutation of every sample in the shards, shared by the ranks, which take every
   world-th place of it (DistributedSampler's split; the n mod world left over move with the permutation).
 - Access: a sample is read from its tar by offset. The stream indexes every tar's members from their headers when it
-  is built, before the DataLoader forks its workers (`TarIndex`), and checks the counts against `index.json`.
+  is built, before the DataLoader forks its workers (`TarIndex`), and checks the counts against `index.json`. The
+  tables are cached between runs (`cached`, keyed by each tar's path, size and modification time).
 - Randomness: each sample's draws (crop, flip, jitter, RandAugment, audio offset) come from a generator keyed by
   (seed, rank, its place t in the rank's order), each batch's (crop to the shortest) by (seed, rank, g). DataLoader
   worker w builds batches start + w, start + w + W, ..., which the loader hands out in order: the batches do not
@@ -17,9 +18,12 @@ run resumes at any batch by arithmetic, where the shuffle-buffer streams must de
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import logging
+import os
 import tarfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from d2v.data.shards import ShardError, read_index
+from d2v.io import atomic_write
 
 log = logging.getLogger("d2v.data")
 
@@ -58,6 +63,15 @@ class ShardTable:
         """{extension: (data offset, size)} of sample i."""
         return {self.ext_names[self.exts[j]]: (int(self.offsets[j]), int(self.sizes[j]))
                 for j in range(self.first[i], self.first[i + 1])}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"keys": self.keys, "first": self.first, "offsets": self.offsets, "sizes": self.sizes,
+                "exts": self.exts, "ext_names": np.asarray(self.ext_names, dtype=str)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ShardTable:
+        return cls(arrays["keys"], arrays["first"], arrays["offsets"], arrays["sizes"], arrays["exts"],
+                   tuple(str(e) for e in arrays["ext_names"]))
 
     @classmethod
     def of(cls, members: list[tuple[str, int, int]]) -> ShardTable:
@@ -121,6 +135,13 @@ class TarIndex:
 
     def _scan(self, shard: int) -> ShardTable:
         path = self.paths[shard]
+        table = ShardTable.from_arrays(cached(path, "tar", lambda: self._read(path).arrays()))
+        if len(table) != self.counts[shard]:
+            raise ShardError(f"{path}: {len(table)} samples in the tar, index.json says {self.counts[shard]}")
+        return table
+
+    @staticmethod
+    def _read(path: Path) -> ShardTable:
         try:
             members = ustar_members(path)
             if members is None:  # GNU or global pax extensions: the standard library reads those
@@ -128,10 +149,7 @@ class TarIndex:
                     members = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
         except (tarfile.TarError, OSError, ValueError) as err:
             raise ShardError(f"{path}: unreadable tar ({err})") from err
-        table = ShardTable.of(members)
-        if len(table) != self.counts[shard]:
-            raise ShardError(f"{path}: {len(table)} samples in the tar, index.json says {self.counts[shard]}")
-        return table
+        return ShardTable.of(members)
 
 
 class TokenBlocks:
@@ -140,24 +158,21 @@ class TokenBlocks:
     tail short of a block is left out. Block b is read, by offset, from the chunks it spans.
 
     The index keeps each chunk's shard, the file offset of its ids and the running token count: 20 bytes a chunk
-    (8M chunks of 512 for the paper's 4B-token corpus: 160 MB a rank). Building it reads every chunk's .npy header."""
+    (8M chunks of 512 for the paper's 4B-token corpus: 160 MB a rank). Building it reads every chunk's .npy header,
+    once: the cache keeps each tar's offsets and counts."""
 
     def __init__(self, shard_dir: str | Path, block_tokens: int, bos: int):
-        tars = TarIndex(shard_dir).index_all()
+        tars = TarIndex(shard_dir)
         self.paths, self.block_tokens, self.bos = tars.paths, block_tokens, bos
-        shards, offsets, counts, dtypes = [], [], [], set()
-        for shard, path in enumerate(tars.paths):
-            table = tars.table(shard)
-            with open(path, "rb") as f:
-                for i in range(len(table)):
-                    offset, count, dtype = npy_ids(f, path, table, i)
-                    shards.append(shard), offsets.append(offset), counts.append(count), dtypes.add(dtype)
+        chunks = [cached(path, "ids", lambda: chunk_ids(path, tars.table(shard)))
+                  for shard, path in enumerate(tars.paths)]
+        dtypes = {str(c["dtype"]) for c in chunks if len(c["counts"])}
         if len(dtypes) > 1:
-            raise ShardError(f"{shard_dir}: chunks stored as {sorted(map(str, dtypes))}; one id type expected")
-        self.dtype = dtypes.pop() if dtypes else np.dtype(np.uint16)
-        self.shards = np.asarray(shards, dtype=np.int32)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.ends = np.cumsum(np.asarray(counts, dtype=np.int64))  # chunk c holds tokens ends[c-1]:ends[c]
+            raise ShardError(f"{shard_dir}: chunks stored as {sorted(dtypes)}; one id type expected")
+        self.dtype = np.dtype(dtypes.pop() if dtypes else np.uint16)
+        self.shards = np.concatenate([np.full(len(c["counts"]), k, np.int32) for k, c in enumerate(chunks)])
+        self.offsets = np.concatenate([c["offsets"] for c in chunks])
+        self.ends = np.cumsum(np.concatenate([c["counts"] for c in chunks]))  # chunk c: tokens ends[c-1]:ends[c]
         self.tokens = int(self.ends[-1]) if len(self.ends) else 0
 
     def __len__(self) -> int:
@@ -181,6 +196,18 @@ class TokenBlocks:
                 "ids": np.concatenate(pieces)}
 
 
+def chunk_ids(path: Path, table: ShardTable) -> dict[str, np.ndarray]:
+    """Where each chunk's ids start in the tar, how many there are, and their type."""
+    with open(path, "rb") as f:
+        found = [npy_ids(f, path, table, i) for i in range(len(table))]
+    dtypes = {str(dtype) for _, _, dtype in found}
+    if len(dtypes) > 1:
+        raise ShardError(f"{path}: chunks stored as {sorted(dtypes)}; one id type expected")
+    return {"offsets": np.asarray([o for o, _, _ in found], np.int64).reshape(-1),
+            "counts": np.asarray([n for _, n, _ in found], np.int64).reshape(-1),
+            "dtype": np.asarray(dtypes.pop() if dtypes else "uint16")}
+
+
 def npy_ids(f, path: Path, table: ShardTable, i: int) -> tuple[int, int, np.dtype]:
     """(file offset of the ids, their count, their type) of sample i's `ids.npy`, from its header."""
     key = table.keys[i].decode()
@@ -201,6 +228,45 @@ def npy_ids(f, path: Path, table: ShardTable, i: int) -> tuple[int, int, np.dtyp
         raise ShardError(f"{path}: {key}.ids.npy holds {dtype}{list(shape)} in {size} bytes; expected a 1-D array "
                          "of token ids that fills its member")
     return data, shape[0], dtype
+
+
+INDEX_FORMAT = 1  # what a cached table holds; a new format never reads an old one
+
+
+def index_cache() -> Path | None:
+    """Where shard indexes are kept between runs: $D2V_INDEX_CACHE, else $XDG_CACHE_HOME/d2v/shard-index
+    (~/.cache/d2v/shard-index); `D2V_INDEX_CACHE=off` keeps none."""
+    folder = os.environ.get("D2V_INDEX_CACHE")
+    if folder == "off":
+        return None
+    return Path(folder) if folder else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "d2v" / "shard-index"
+
+
+def cached(path: Path, kind: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`build()`'s arrays for the tar at `path`, kept in the index cache under the tar's resolved path, size and
+    modification time: every rank of every restart otherwise reads every header again (a minute for ImageNet's
+    2.6M members, minutes for a text corpus's chunks). An unreadable entry is built again; an unwritable cache
+    is warned about, not fatal."""
+    folder = index_cache()
+    if folder is None:
+        return build()
+    stat = path.stat()
+    key = f"{INDEX_FORMAT}|{kind}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    entry = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    try:
+        with np.load(entry) as stored:
+            return {name: stored[name] for name in stored.files}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("rebuilding the index of %s: its cache entry %s is unreadable (%s)", path, entry, err)
+    arrays = build()
+    try:
+        atomic_write(entry, lambda f: np.savez(f, **arrays))
+    except OSError as err:
+        log.warning("shard index cache %s not written (%s)", folder, err)
+    return arrays
 
 
 def ustar_members(path: Path) -> list[tuple[str, int, int]] | None:
