@@ -233,6 +233,13 @@ def test_a_chunk_that_is_not_token_ids_is_named(tmp_path, member, problem):
         TokenBlocks(tmp_path / "ts", 4, 0)
 
 
+@pytest.mark.parametrize("per_shard, where", [(2, r"ts/shard-000000.tar"), (1, r"ts")])
+def test_chunks_of_two_id_types_are_refused_within_a_tar_or_across_tars(tmp_path, per_shard, where):
+    token_shards(tmp_path / "ts", [np.arange(9, dtype=np.uint16), np.arange(9, dtype=np.int32)], per_shard)
+    with pytest.raises(ShardError, match=rf"{where}: chunks stored as \['int32', 'uint16'\]; one id type expected"):
+        TokenBlocks(tmp_path / "ts", 4, 0)
+
+
 def test_shard_indexes_are_cached_by_path_size_and_time_and_rebuilt_when_unreadable(image_shards, tmp_path,
                                                                                      monkeypatch, caplog):
     from d2v.data import seekable

@@ -166,10 +166,10 @@ class TokenBlocks:
         self.paths, self.block_tokens, self.bos = tars.paths, block_tokens, bos
         chunks = [cached(path, "ids", lambda: chunk_ids(path, tars.table(shard)))
                   for shard, path in enumerate(tars.paths)]
-        dtypes = {str(c["dtype"]) for c in chunks if len(c["counts"])}
-        if len(dtypes) > 1:
-            raise ShardError(f"{shard_dir}: chunks stored as {sorted(dtypes)}; one id type expected")
-        self.dtype = np.dtype(dtypes.pop() if dtypes else np.uint16)
+        for path, count, c in zip(tars.paths, tars.counts, chunks, strict=True):
+            if len(c["counts"]) != count:  # the tar table's check, for an entry read from the cache
+                raise ShardError(f"{path}: {len(c['counts'])} chunks in the tar, index.json says {count}")
+        self.dtype = np.dtype(one_id_type([str(c["dtype"]) for c in chunks if len(c["counts"])], shard_dir))
         self.shards = np.concatenate([np.full(len(c["counts"]), k, np.int32) for k, c in enumerate(chunks)])
         self.offsets = np.concatenate([c["offsets"] for c in chunks])
         self.ends = np.cumsum(np.concatenate([c["counts"] for c in chunks]))  # chunk c: tokens ends[c-1]:ends[c]
@@ -200,12 +200,16 @@ def chunk_ids(path: Path, table: ShardTable) -> dict[str, np.ndarray]:
     """Where each chunk's ids start in the tar, how many there are, and their type."""
     with open(path, "rb") as f:
         found = [npy_ids(f, path, table, i) for i in range(len(table))]
-    dtypes = {str(dtype) for _, _, dtype in found}
-    if len(dtypes) > 1:
-        raise ShardError(f"{path}: chunks stored as {sorted(dtypes)}; one id type expected")
     return {"offsets": np.asarray([o for o, _, _ in found], np.int64).reshape(-1),
             "counts": np.asarray([n for _, n, _ in found], np.int64).reshape(-1),
-            "dtype": np.asarray(dtypes.pop() if dtypes else "uint16")}
+            "dtype": np.asarray(one_id_type([str(dtype) for _, _, dtype in found], path))}
+
+
+def one_id_type(dtypes: list[str], where: Path | str) -> str:
+    """The one type the chunks store their ids as (`d2v shard` picks it by vocabulary size); uint16 for none."""
+    if len(set(dtypes)) > 1:
+        raise ShardError(f"{where}: chunks stored as {sorted(set(dtypes))}; one id type expected")
+    return dtypes[0] if dtypes else "uint16"
 
 
 def npy_ids(f, path: Path, table: ShardTable, i: int) -> tuple[int, int, np.dtype]:
