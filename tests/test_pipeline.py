@@ -26,7 +26,8 @@ RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def run(cmd: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    env = {**ENV, "D2V_INDEX_CACHE": os.environ["D2V_INDEX_CACHE"]}  # conftest's, set after ENV was read
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
