@@ -205,7 +205,7 @@ def test_checkpoints_keep_the_newest_k_and_last_points_at_the_newest(tmp_path):
 def test_a_checkpoint_of_other_ranks_resumes_only_at_its_global_batch(tmp_path, capsys):
     """Written by 4 ranks × accum 2 at step 5 (10 micro-batches a rank); read by 8 ranks it needs accum 1, by 2
     ranks accum 4 (then 20 micro-batches a rank consumed), and 3 ranks cannot split it. Refused, never discarded,
-    even where another config would be."""
+    even where another config would be; another config with it is discarded as before."""
     from d2v.train.distributed import World
 
     config = {"accum_steps": 2, "lr": 1.0}
@@ -221,6 +221,9 @@ def test_a_checkpoint_of_other_ranks_resumes_only_at_its_global_batch(tmp_path, 
     with pytest.raises(ValueError, match="which 3 ranks cannot split evenly; resume it on a divisor of 8 ranks"):
         resume(World(size=3), 3)
     assert checkpoint.latest(tmp_path) is not None
+    assert checkpoint.resume_point(tmp_path, {**config, "lr": 2.0}, 1, (), 100, restart_on_change=True,
+                                   world=World(size=1)) == (None, None)  # another recipe: a pipeline stage restarts
+    assert checkpoint.latest(tmp_path) is None
     legacy = tmp_path / "legacy"  # written before checkpoints recorded their ranks: taken as this run's
     checkpoint.save(legacy, 5, {"config": config, "batches": 10})
     assert checkpoint.resume_point(legacy, config, 1, (), 100, world=World(size=8))[1]["batches"] == 10

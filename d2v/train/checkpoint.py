@@ -102,8 +102,8 @@ def resume_point(folder: str | Path, config: dict, version: int, resumable_acros
     if last is None:
         return None, None
     state = load(last)
-    if state.get("ranks", world.size) != world.size:
-        state = rescaled(last, state, config, world)
+    other_ranks = state.get("ranks", world.size) != world.size  # checkpoints before `ranks`: taken as this run's
+    if other_ranks:  # accum_steps may follow the ranks (`rescaled`)
         resumable_across = (*resumable_across, "accum_steps")
     changed = changed_since(state, config, version, resumable_across, data_digest)
     if changed and not restart_on_change:
@@ -112,7 +112,7 @@ def resume_point(folder: str | Path, config: dict, version: int, resumable_acros
     if restart_on_change and state["step"] >= steps:
         changed.append("finished run")
     if not changed:
-        return last, state
+        return last, rescaled(last, state, config, world) if other_ranks else state
     barrier(world)  # a rank still loading the file would find it gone
     if world.is_main:
         print(f"{folder}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)
@@ -126,7 +126,7 @@ def rescaled(last: Path, state: dict, config: dict, world: World) -> dict:
     step × the new accum_steps micro-batches a rank. `seek` streams then read the same samples at each step within an
     epoch (an epoch's permutation is cut into global batches; the n mod ranks samples an epoch leaves out differ);
     `replay` and `reseed` streams split their shards by rank and read others. Refused otherwise, never discarded: a
-    changed GPU count is not a changed recipe."""
+    changed GPU count is not a changed recipe (a changed config is, and is discarded under `restart_on_change`)."""
     ranks, accum = state["ranks"], state.get("config", {}).get("accum_steps", 1)
     if (ranks * accum) % world.size:
         raise ValueError(f"{last}: written by {ranks} ranks × accum_steps {accum}, which {world.size} ranks cannot "
