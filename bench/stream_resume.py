@@ -60,12 +60,11 @@ def index_seconds(modality: str) -> dict:
             TarIndex(data.shards).index_all()
         return time.perf_counter() - began, index
 
-    cache = os.environ["D2V_INDEX_CACHE"]
-    os.environ["D2V_INDEX_CACHE"] = "off"
-    passes = [timed()[0] for _ in range(2)]
-    os.environ["D2V_INDEX_CACHE"] = cache
-    passes += [timed()[0] for _ in range(2)]
-    index = timed()[1]
+    cache, runs = os.environ["D2V_INDEX_CACHE"], []
+    for setting in ("off", "off", cache, cache):
+        os.environ["D2V_INDEX_CACHE"] = setting
+        runs.append(timed())
+    passes, index = [seconds for seconds, _ in runs], runs[-1][1]
     samples = len(index.ends) if modality == "text" else len(index)
     blocks = {"blocks": len(index)} if modality == "text" else {}
     return {"shards": len(index.paths), "samples": samples, **blocks,
