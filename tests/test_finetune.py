@@ -339,7 +339,8 @@ def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_
 def test_a_seekable_fine_tune_resumes_bit_for_bit_reading_only_its_own_batches(toy_image_task, tmp_path, monkeypatch):
     """`stream_resume: seek`: killed after step 4 with its step-3 checkpoint, the run decodes only the 5 updates × 2
     micro-batches it has left (RandAugment, erasing and crops keyed by each sample's place) and ends with the
-    uninterrupted run's weights."""
+    uninterrupted run's weights; so does its checkpoint relabelled as written by 2 ranks of 1 micro-batch each
+    (d2v.train.checkpoint.rescaled: the position becomes step × 2 micro-batches)."""
     from d2v.data import loaders
 
     image = {**toy_image_task.image.model_dump(), "randaugment_magnitude": 9, "random_erasing": 0.25}
@@ -348,15 +349,21 @@ def test_a_seekable_fine_tune_resumes_bit_for_bit_reading_only_its_own_batches(t
                                                "stream_resume": "seek", "image": image})
     ft.run_finetune(cfg, tmp_path / "a", progress=False)
     ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=4)
+    # the same checkpoint as 2 ranks × 1 micro-batch would have written it: one process continues it with 2
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    state.update(ranks=2, batches=3, config={**state["config"], "accum_steps": 1})
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "c" / "checkpoints" / "step-00000003.pt")
     decoded = []
     decode = loaders._decode_image
     monkeypatch.setattr(loaders, "_decode_image", lambda *a: decoded.append(1) or decode(*a))
     ft.run_finetune(cfg, tmp_path / "b", progress=False)
     assert len(decoded) == 5 * 2 * 4
-    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False) for run in ("a", "b"))
-    assert a["step"] == b["step"] == 8
+    ft.run_finetune(cfg, tmp_path / "c", progress=False)
+    a, b, c = (torch.load(tmp_path / run / "final.pt", weights_only=False) for run in ("a", "b", "c"))
+    assert a["step"] == b["step"] == c["step"] == 8
     for k, v in a["model"].items():
-        assert torch.equal(b["model"][k], v), k
+        assert torch.equal(b["model"][k], v) and torch.equal(c["model"][k], v), k
     pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "metrics.csv") for run in ("a", "b")))
 
 
