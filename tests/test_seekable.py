@@ -284,3 +284,6 @@ def test_text_chunk_indexes_are_cached_too(tmp_path, monkeypatch):
     again = TokenBlocks(shards, 5, 0)
     assert headers == [] and len(again) == len(first) == 11
     assert all(np.array_equal(again[b]["ids"], first[b]["ids"]) for b in range(11))
+    (shards / "index.json").write_text((shards / "index.json").read_text().replace('"count": 1', '"count": 2'))
+    with pytest.raises(ShardError, match="shard-000002.tar: 1 samples in the tar, index.json says 2"):
+        TokenBlocks(shards, 5, 0)  # read from the cache, still checked
