@@ -1,6 +1,7 @@
 """Training engine: exact resume, DDP over gloo vs gradient accumulation, schedules, checkpoint hygiene."""
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,6 +295,8 @@ run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/straight", world, pr
 run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/resumed", world, progress=False, stop_after=3)
 barrier(world)  # rank 0 has written the step-3 checkpoint that every rank resumes from
 run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/resumed", world, progress=False)  # from step 3
+# one process × accum 2 wrote this step-3 checkpoint: 2 sharded ranks × accum 1 continue it
+run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/from-one", world, progress=False)
 if {layerdrop}:  # a block one rank skipped and another ran would leave their collectives unmatched
     objective = build_objective(cfg)
     objective.student.cfg = objective.student.cfg.model_copy(update=dict(layerdrop={layerdrop}))
@@ -307,7 +310,13 @@ shutdown()
 def test_two_process_gloo_fsdp_matches_one_process_and_resumes_exactly(tmp_path, modality, objective):
     """FSDP shards student, teacher and AdamW states; the update, the EMA step and the checkpoints (full state,
     single-process layout) match one process with 2 micro-batches, and a run stopped after its step-3 checkpoint
-    resumes to the uninterrupted run's weights bit for bit."""
+    resumes to the uninterrupted run's weights bit for bit. The rank count may change across a resume at the same
+    global batch, both ways: one process's checkpoint continues on 2 sharded ranks, theirs in one process."""
+    cfg = tiny_cfg(modality, objective=objective, steps=4, accum_steps=2)
+    single = build_objective(cfg)
+    run_pretrain(cfg, single, synthetic_stream(modality), tmp_path / "single", progress=False)
+    (tmp_path / "fsdp" / "from-one" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "single" / "checkpoints" / "step-00000003.pt", tmp_path / "fsdp" / "from-one" / "checkpoints")
     script = tmp_path / "fsdp.py"
     layerdrop = 0.5 if modality == "speech" else 0.0
     script.write_text(FSDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "fsdp"), modality=modality,
@@ -315,9 +324,6 @@ def test_two_process_gloo_fsdp_matches_one_process_and_resumes_exactly(tmp_path,
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(script)], check=True, env=env, cwd=ROOT, timeout=300)
-    cfg = tiny_cfg(modality, objective=objective, steps=4, accum_steps=2)
-    single = build_objective(cfg)
-    run_pretrain(cfg, single, synthetic_stream(modality), tmp_path / "single", progress=False)
     sharded = checkpoint.load(tmp_path / "fsdp" / "straight" / "checkpoints" / "last.pt")
     one = checkpoint.load(tmp_path / "single" / "checkpoints" / "last.pt")
     assert sharded["model"].keys() == one["model"].keys()
@@ -331,6 +337,17 @@ def test_two_process_gloo_fsdp_matches_one_process_and_resumes_exactly(tmp_path,
     resumed = checkpoint.load(tmp_path / "fsdp" / "resumed" / "checkpoints" / "last.pt")
     for k, v in sharded["model"].items():
         assert torch.equal(resumed["model"][k], v), k
+    assert resumed["optimizer"]["state"].keys() == sharded["optimizer"]["state"].keys()  # no state for v2's mask token
+    (tmp_path / "one" / "checkpoints").mkdir(parents=True)  # the 2 ranks' step 3, continued in one process
+    shutil.copy(tmp_path / "fsdp" / "straight" / "checkpoints" / "step-00000003.pt", tmp_path / "one" / "checkpoints")
+    run_pretrain(tiny_cfg(modality, objective=objective, steps=4, accum_steps=2, parallel="fsdp"),
+                 build_objective(cfg), synthetic_stream(modality), tmp_path / "one", progress=False)
+    for name in ("one", "fsdp/from-one"):
+        continued = checkpoint.load(tmp_path / name / "checkpoints" / "last.pt")
+        assert continued["step"] == 4 and continued["ranks"] == (1 if name == "one" else 2)
+        for k, v in one["model"].items():
+            torch.testing.assert_close(continued["model"][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        torch.testing.assert_close(continued["optimizer"]["state"], one["optimizer"]["state"], rtol=1e-5, atol=1e-6)
     if layerdrop:  # the run finished, and its shared draws did skip blocks
         from d2v.train.fsdp import share_layerdrop
 

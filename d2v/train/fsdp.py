@@ -83,6 +83,12 @@ def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer,
     state = _rekeyed(saved, _parameter_names(objective, optimizer))
     # not strict: a parameter that never had a gradient (v2's unused mask token) has no AdamW state, as in the layout
     set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    # which first gives every parameter a state by a zero-gradient step (step 1, zero moments): drop those the saved
+    # state lacks, or the checkpoints after a resume would differ from the uninterrupted run's
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for position, param in enumerate(params):
+        if position not in saved["state"]:
+            optimizer.state.pop(param, None)
 
 
 def local_value(t: torch.Tensor) -> torch.Tensor:
