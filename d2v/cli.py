@@ -240,6 +240,47 @@ def shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_cmd(args: argparse.Namespace) -> int:
+    from d2v.data import index_cache
+    from d2v.data.seekable import index_shards
+
+    cache = index_cache.folder()
+    if cache is None:
+        print("D2V_INDEX_CACHE=off: there is no index cache to fill or prune", file=sys.stderr)
+        return 2
+    profile = _profile(args)
+    folders = [*args.shards, *_seekable_shards(profile)]
+    if profile is not None and not _seekable_shards(profile):
+        print(f"profile {args.profile}: no stage reads its shards with stream_resume: seek")
+    for shard_dir in dict.fromkeys(folders):
+        start = time.perf_counter()
+        found = index_shards(shard_dir)
+        tokens = f", {found['tokens']:,} tokens" if "tokens" in found else ""
+        print(f"{shard_dir}: {found['samples']:,} samples{tokens} in {found['tars']} tar(s), indexed in "
+              f"{time.perf_counter() - start:.2f} s")
+    if args.prune:
+        pruned = index_cache.prune(cache)
+        for p in pruned:
+            print(f"pruned {p.entry.name}: {p.why}")
+        print(f"pruned {len(pruned)} entries, {sum(p.size for p in pruned) / 1e6:.1f} MB")
+    entries, size = index_cache.usage(cache)
+    print(f"{cache}: {entries} entries, {size / 1e6:.1f} MB")
+    return 0
+
+
+def _seekable_shards(profile) -> list[str]:
+    """The training shard folders a profile's stages read with `stream_resume: seek`."""
+    if profile is None:
+        return []
+    from d2v.train.tasks import TASKS
+
+    folders = [cfg.data.shards for modality in profile.pretrain for stage in profile.pretrain_stages(modality)
+               if (cfg := profile.pretrain_config(modality, stage)).stream_resume == "seek"]
+    folders += [str(profile.shard_dir(TASKS[task].shard_key(TASKS[task].train))) for task in profile.finetune
+                if profile.finetune_config(task, init="scratch").stream_resume == "seek"]
+    return folders
+
+
 def pretrain_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -555,6 +596,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="processes that cut pieces of long recordings (Libri-light); the shards do not depend on it")
     p.set_defaults(func=shard)
     _add_profile(p)
+
+    p = sub.add_parser("index", help="index shard folders for `stream_resume: seek` ahead of a launch, filling the "
+                                     "shard index cache; --prune drops entries no tar matches any more")
+    p.add_argument("shards", nargs="*", help="shard folders (holding index.json)")
+    p.add_argument("--prune", action="store_true",
+                   help="delete cache entries of deleted or changed tars, of older formats, and abandoned temp files")
+    p.set_defaults(func=index_cmd)
+    _add_profile(p)  # --profile: every training shard folder its stages read with `seek`
 
     p = sub.add_parser("export", help="a pretraining final.pt or a fine-tuned best.pt as a Hugging Face Data2Vec* "
                                       "model folder (config.json + model.safetensors)")

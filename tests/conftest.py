@@ -14,7 +14,7 @@ from d2v.train import tasks
 
 @pytest.fixture(autouse=True)
 def _shard_index_cache(tmp_path_factory):
-    """The seekable streams' index cache (d2v.data.seekable.cached) under the session's temp folder, not ~/.cache;
+    """The seekable streams' index cache (d2v.data.index_cache) under the session's temp folder, not ~/.cache;
     subprocesses (torchrun) inherit it. Its own MonkeyPatch: a test's `monkeypatch.undo()` leaves it in place."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("D2V_INDEX_CACHE", str(tmp_path_factory.getbasetemp() / "shard-index"))

@@ -257,6 +257,7 @@ def test_shard_indexes_are_cached_by_path_size_and_time_and_rebuilt_when_unreada
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten, as far as the cache can tell
     TarIndex(image_shards).index_all()
     assert scans[4:] == ["shard-000001.tar"]
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # its entry replaced, not joined by a second
     for entry in (tmp_path / "cache").glob("*.npz"):
         entry.write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING, logger="d2v.data"):
@@ -287,3 +288,61 @@ def test_text_chunk_indexes_are_cached_too(tmp_path, monkeypatch):
     (shards / "index.json").write_text((shards / "index.json").read_text().replace('"count": 1', '"count": 2'))
     with pytest.raises(ShardError, match="shard-000002.tar: 1 samples in the tar, index.json says 2"):
         TokenBlocks(shards, 5, 0)  # read from the cache, still checked
+
+
+def test_pruning_drops_the_entries_no_tar_matches_and_abandoned_temp_files(tmp_path, monkeypatch):
+    from d2v.data import index_cache
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("D2V_INDEX_CACHE", str(cache))
+    shards = token_shards(tmp_path / "ts", [np.arange(i, i + 9, dtype=np.uint16) for i in range(6)], per_shard=2)
+    TokenBlocks(shards, 5, 0)  # a tar table and a chunk table for each of 3 tars
+    entries = {p.name for p in cache.glob("*.npz")}
+    assert len(entries) == 6 and all(index_cache.stale(cache / e) is None for e in entries)
+    (shards / "shard-000000.tar").unlink()
+    changed = shards / "shard-000001.tar"
+    os.utime(changed, ns=(0, changed.stat().st_mtime_ns + 1))
+    np.savez(cache / "format1.npz", keys=np.arange(3))  # no source recorded
+    (cache / "garbage.npz").write_bytes(b"garbage")
+    (cache / ".abandoned.npz.x.tmp").write_bytes(b"partial")
+    (cache / ".writing.npz.y.tmp").write_bytes(b"partial")
+    os.utime(cache / ".abandoned.npz.x.tmp", (0, 0))
+    pruned = {p.entry.name: p.why for p in index_cache.prune(cache)}
+    assert len(pruned) == 7 and pruned["format1.npz"] == "written by an older d2v (no source recorded)"
+    assert pruned["garbage.npz"].startswith("unreadable")
+    assert pruned[".abandoned.npz.x.tmp"] == "left by a killed writer"
+    assert sorted(why.rsplit("/", 1)[1] for why in pruned.values() if "shard-" in why) == [
+        "shard-000000.tar is gone"] * 2 + ["shard-000001.tar changed since"] * 2
+    kept = {p.name for p in cache.iterdir()}
+    assert kept == {".writing.npz.y.tmp"} | (entries - pruned.keys()) and len(kept) == 3
+    assert index_cache.prune(cache) == [] and index_cache.usage(cache)[0] == 2
+
+
+def test_d2v_index_fills_the_cache_ahead_of_a_stream(image_shards, tmp_path, monkeypatch, capsys):
+    from d2v import cli
+    from d2v.data import seekable
+
+    monkeypatch.setenv("D2V_INDEX_CACHE", str(tmp_path / "cache"))
+    text = token_shards(tmp_path / "ts", [np.arange(i, i + 9, dtype=np.uint16) for i in range(5)], per_shard=2)
+    assert cli.main(["index", str(image_shards), str(text)]) == 0
+    out = capsys.readouterr().out
+    assert f"{image_shards}: 22 samples in 4 tar(s)" in out and f"{text}: 5 samples, 45 tokens in 3 tar(s)" in out
+    assert f"{tmp_path / 'cache'}: 10 entries" in out  # 4 image tar tables; 3 text tar and 3 chunk tables
+    scans, headers = [], []
+    monkeypatch.setattr(seekable, "ustar_members", lambda path: scans.append(path) or None)
+    monkeypatch.setattr(seekable, "npy_ids", lambda *a: headers.append(a))
+    assert len(TarIndex(image_shards).index_all()) == 22 and len(TokenBlocks(text, 5, 0)) == 11
+    assert scans == [] and headers == []  # nothing read but the cache
+    monkeypatch.setenv("D2V_INDEX_CACHE", "off")
+    assert cli.main(["index", str(image_shards)]) == 2
+    assert "D2V_INDEX_CACHE=off" in capsys.readouterr().err
+
+
+def test_d2v_index_takes_a_profiles_seekable_training_shards():
+    from d2v.cli import _seekable_shards
+    from d2v.pipeline.params import load_params
+
+    assert _seekable_shards(load_params("params.yaml", "embedded").active) == []  # replay throughout
+    paper = _seekable_shards(load_params("params.yaml", "paper").active)
+    assert set(paper) == {"data/paper/shards/imagenet/train", "data/paper/shards/librispeech/train-960",
+                          "data/paper/shards/text_files/pretrain"}

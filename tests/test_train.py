@@ -315,8 +315,9 @@ def test_two_process_gloo_fsdp_matches_one_process_and_resumes_exactly(tmp_path,
     cfg = tiny_cfg(modality, objective=objective, steps=4, accum_steps=2)
     single = build_objective(cfg)
     run_pretrain(cfg, single, synthetic_stream(modality), tmp_path / "single", progress=False)
-    (tmp_path / "fsdp" / "from-one" / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "single" / "checkpoints" / "step-00000003.pt", tmp_path / "fsdp" / "from-one" / "checkpoints")
+    from_one = tmp_path / "fsdp" / "from-one" / "checkpoints"
+    from_one.mkdir(parents=True)
+    shutil.copy(tmp_path / "single" / "checkpoints" / "step-00000003.pt", from_one)
     script = tmp_path / "fsdp.py"
     layerdrop = 0.5 if modality == "speech" else 0.0
     script.write_text(FSDP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path / "fsdp"), modality=modality,

@@ -5,7 +5,7 @@ run resumes at any batch by arithmetic, where the shuffle-buffer streams must de
   world-th place of it (DistributedSampler's split; the n mod world left over move with the permutation).
 - Access: a sample is read from its tar by offset. The stream indexes every tar's members from their headers when it
   is built, before the DataLoader forks its workers (`TarIndex`), and checks the counts against `index.json`. The
-  tables are cached between runs (`cached`, keyed by each tar's path, size and modification time).
+  tables are cached between runs (d2v.data.index_cache; `d2v index` fills the cache before a launch).
 - Randomness: each sample's draws (crop, flip, jitter, RandAugment, audio offset) come from a generator keyed by
   (seed, rank, its place t in the rank's order), each batch's (crop to the shortest) by (seed, rank, g). DataLoader
   worker w builds batches start + w, start + w + W, ..., which the loader hands out in order: the batches do not
@@ -18,12 +18,9 @@ run resumes at any batch by arithmetic, where the shuffle-buffer streams must de
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import logging
-import os
 import tarfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d2v.data.index_cache import cached
 from d2v.data.shards import ShardError, read_index
-from d2v.io import atomic_write
 
 log = logging.getLogger("d2v.data")
 
@@ -164,9 +161,7 @@ class TokenBlocks:
     def __init__(self, shard_dir: str | Path, block_tokens: int, bos: int):
         tars = TarIndex(shard_dir)
         self.paths, self.block_tokens, self.bos = tars.paths, block_tokens, bos
-        tars.index_all()  # each table checked against index.json, the ids below made from it (or cached with it)
-        chunks = [cached(path, "ids", lambda: chunk_ids(path, tars.table(shard)))
-                  for shard, path in enumerate(tars.paths)]
+        chunks = text_chunks(tars)
         self.dtype = np.dtype(one_id_type([str(c["dtype"]) for c in chunks if len(c["counts"])], shard_dir))
         self.shards = np.concatenate([np.full(len(c["counts"]), k, np.int32) for k, c in enumerate(chunks)])
         self.offsets = np.concatenate([c["offsets"] for c in chunks])
@@ -192,6 +187,23 @@ class TokenBlocks:
             at, chunk = at + take, chunk + 1
         return {"__key__": f"block{b}", "__url__": str(self.paths[self.shards[chunk - 1]]),
                 "ids": np.concatenate(pieces)}
+
+
+def text_chunks(tars: TarIndex) -> list[dict[str, np.ndarray]]:
+    """Each tar's `chunk_ids`, cached. Every tar table is indexed first, which checks it against index.json (the
+    chunk arrays are made from it, or cached with it)."""
+    tars.index_all()
+    return [cached(path, "ids", lambda: chunk_ids(path, tars.table(shard))) for shard, path in enumerate(tars.paths)]
+
+
+def index_shards(shard_dir: str | Path) -> dict[str, int]:
+    """Index a shard folder as its seekable stream will: its tars' tables, and a text corpus's chunks. Filling the
+    cache beforehand (`d2v index`) spares the ranks of a launch from all building the same index at once."""
+    tars = TarIndex(shard_dir).index_all()
+    found = {"tars": len(tars.paths), "samples": len(tars)}
+    if any("ids.npy" in tars.table(shard).ext_names for shard in range(len(tars.paths))):
+        found["tokens"] = sum(int(c["counts"].sum()) for c in text_chunks(tars))
+    return found
 
 
 def chunk_ids(path: Path, table: ShardTable) -> dict[str, np.ndarray]:
@@ -230,45 +242,6 @@ def npy_ids(f, path: Path, table: ShardTable, i: int) -> tuple[int, int, np.dtyp
         raise ShardError(f"{path}: {key}.ids.npy holds {dtype}{list(shape)} in {size} bytes; expected a 1-D array "
                          "of token ids that fills its member")
     return data, shape[0], dtype
-
-
-INDEX_FORMAT = 1  # what a cached table holds; a new format never reads an old one
-
-
-def index_cache() -> Path | None:
-    """Where shard indexes are kept between runs: $D2V_INDEX_CACHE, else $XDG_CACHE_HOME/d2v/shard-index
-    (~/.cache/d2v/shard-index); `D2V_INDEX_CACHE=off` keeps none."""
-    folder = os.environ.get("D2V_INDEX_CACHE")
-    if folder == "off":
-        return None
-    return Path(folder) if folder else \
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "d2v" / "shard-index"
-
-
-def cached(path: Path, kind: str, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """`build()`'s arrays for the tar at `path`, kept in the index cache under the tar's resolved path, size and
-    modification time: every rank of every restart otherwise reads every header again (a minute for ImageNet's
-    2.6M members, minutes for a text corpus's chunks). An unreadable entry is built again; an unwritable cache
-    is warned about, not fatal."""
-    folder = index_cache()
-    if folder is None:
-        return build()
-    stat = path.stat()
-    key = f"{INDEX_FORMAT}|{kind}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    entry = folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-    try:
-        with np.load(entry) as stored:
-            return {name: stored[name] for name in stored.files}
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        log.warning("rebuilding the index of %s: its cache entry %s is unreadable (%s)", path, entry, err)
-    arrays = build()
-    try:
-        atomic_write(entry, lambda f: np.savez(f, **arrays))
-    except OSError as err:
-        log.warning("shard index cache %s not written (%s)", folder, err)
-    return arrays
 
 
 def ustar_members(path: Path) -> list[tuple[str, int, int]] | None:
