@@ -346,3 +346,40 @@ def test_d2v_index_takes_a_profiles_seekable_training_shards():
     paper = _seekable_shards(load_params("params.yaml", "paper").active)
     assert set(paper) == {"data/paper/shards/imagenet/train", "data/paper/shards/librispeech/train-960",
                           "data/paper/shards/text_files/pretrain"}
+
+
+INDEX_FIRST_SCRIPT = """
+import json, sys
+from d2v.data import seekable
+from d2v.train.batches import index_first
+from d2v.train.distributed import init, shutdown
+world = init("cpu")
+scanned, read = [], seekable.ustar_members
+seekable.ustar_members = lambda path: scanned.append(path.name) or read(path)
+index_first({shards!r}, {resume!r}, world)
+ahead = list(scanned)
+seekable.TarIndex({shards!r}).index_all()  # what the rank's seekable stream does next
+json.dump([ahead, scanned], open({out!r} + f"/rank{{world.rank}}.json", "w"))
+shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", ["seek", "replay"])
+def test_under_torchrun_the_first_rank_indexes_while_the_others_wait(image_shards, tmp_path, resume):
+    """With `seek`, rank 0 fills the cache and rank 1 then reads it; the shuffle-buffer streams need no index, and
+    nothing is indexed ahead for them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "index_first.py"
+    script.write_text(INDEX_FIRST_SCRIPT.format(shards=str(image_shards), resume=resume, out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "D2V_INDEX_CACHE": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, timeout=120)
+    (ahead0, all0), (ahead1, all1) = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    tars = [f"shard-00000{i}.tar" for i in range(4)]
+    if resume == "seek":
+        assert ahead0 == all0 == tars and ahead1 == all1 == []
+    else:
+        assert ahead0 == ahead1 == []

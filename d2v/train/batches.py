@@ -7,10 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from d2v.data import index_cache
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable_image_batches, \
     seekable_speech_batches, seekable_text_pretrain_batches, speech_loader, text_pretrain_loader, web_loader
+from d2v.data.seekable import index_shards
 from d2v.modalities.base import Batch
 from d2v.train.config import DataConfig, StreamResume
+from d2v.train.distributed import World, barrier
 
 RESEED_STREAM = 2  # keeps the reseeded streams' keys apart from the masks' (seed, step, group) and LayerDrop's
 
@@ -23,6 +26,16 @@ def resumed_seed(seed: int, start: int) -> int:
 def resume_position(resume: StreamResume, seed: int, start: int) -> tuple[int, int]:
     """(the stream's seed, batches to replay) to continue at batch `start`."""
     return (resumed_seed(seed, start), 0) if resume == "reseed" and start > 0 else (seed, start)
+
+
+def index_first(shard_dir, resume: StreamResume, world: World) -> None:
+    """Under torchrun, with `seek`, each node's first rank fills the shard index cache while the others wait: they
+    then read it, instead of every rank reading the same headers at once (`d2v index` does it ahead of a launch)."""
+    if resume != "seek" or not world.distributed or index_cache.folder() is None:
+        return
+    if world.local_rank == 0:
+        index_shards(shard_dir)
+    barrier(world)
 
 
 def pretrain_stream(modality: str, data: DataConfig, seed: int,

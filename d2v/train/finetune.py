@@ -40,7 +40,7 @@ from d2v.modalities.registry import build_encoder
 from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
-from d2v.train.batches import positioned, resume_position
+from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
@@ -316,7 +316,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     world = init(cfg.device)
     if world.distributed:
         device = world.device
-    data_digest = shards_digest(Path(cfg.data_root) / "shards" / task.shard_key(task.train))
+    train_shards = shards_of(cfg, task.train)
+    data_digest = shards_digest(train_shards)
+    index_first(train_shards, cfg.stream_resume, world)
     last, state = checkpoint.resume_point(ckpt_dir, cfg.model_dump(mode="json"), recipe.FINETUNE, RESUMABLE_ACROSS,
                                           cfg.steps, data_digest, restart_on_change, world)
     if world.is_main:

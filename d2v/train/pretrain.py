@@ -345,13 +345,14 @@ def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: s
 
 def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
                   progress: bool = True, restart_on_change: bool = False) -> dict:
-    from d2v.train.batches import pretrain_stream
+    from d2v.train.batches import index_first, pretrain_stream
     from d2v.train.distributed import init, shutdown
 
     world = init(cfg.device)
     try:
         objective = build_objective(cfg)
         check_text_vocabulary(cfg, objective, tokenizer)
+        index_first(cfg.data.shards, cfg.stream_resume, world)
         stream = pretrain_stream(cfg.modality, cfg.data, cfg.seed, cfg.stream_resume)
         return run_pretrain(cfg, objective, stream, out_dir, world, progress=progress,
                             restart_on_change=restart_on_change, data_digest=shards_digest(cfg.data.shards))
