@@ -10,7 +10,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: venv run repro smoke test clean
+.PHONY: venv run repro smoke test test-torch2.11 clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The GPU machines' stack (torch 2.11.0, torchvision 0.26, torchaudio 2.11) in a venv of its own, from PyPI (some
+# 3 GB with its CUDA libraries), running the same suite: the library must work on both.
+COMPAT := .venv-torch2.11
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+
+$(COMPAT)/.installed: pyproject.toml requirements.lock
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	grep -v -E '^(torch|torchvision|torchaudio|triton|nvidia-|cuda-)' requirements.lock > $(COMPAT)/requirements.txt
+	$(COMPAT)/bin/python -m pip install -q -r $(COMPAT)/requirements.txt
+	$(COMPAT)/bin/python -m pip install -q $(COMPAT_PINS)
+	$(COMPAT)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-torch2.11: $(COMPAT)/.installed
+	PATH=$(abspath $(COMPAT))/bin:$$PATH $(COMPAT)/bin/python -m pytest -q
 
 clean:
 	rm -rf runs logs benchmarks .snakemake .pytest_cache
