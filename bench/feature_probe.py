@@ -47,9 +47,12 @@ from d2v.train.tasks import TASKS, finetune_config
 
 
 @torch.no_grad()
-def pooled_layers(encoder, batch: Batch) -> list[np.ndarray]:
-    """Every layer's hidden states (embeddings first), mean-pooled over the unpadded tokens of each example."""
+def pooled_layers(encoder, batch: Batch, pool: str = "mean") -> list[np.ndarray]:
+    """Every layer's hidden states (embeddings first), mean-pooled over the unpadded tokens of each example, or
+    (`first`) the first token's state: text's <s>, which the fine-tuning head reads."""
     out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
+    if pool == "first":
+        return [h[:, 0].numpy() for h in out.hidden_states]
     keep = torch.ones(out.x.shape[:2], dtype=torch.bool)
     if out.padding_mask is not None:
         keep[:, out.num_extra_tokens:] = ~out.padding_mask
@@ -58,14 +61,15 @@ def pooled_layers(encoder, batch: Batch) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def layer_features(encoder, cfg, split: str, limit: int) -> tuple[list[np.ndarray], np.ndarray, list[list[int]]]:
-    """Mean-pooled hidden states of every layer (embeddings first), labels, and the token ids (text)."""
+def layer_features(encoder, cfg, split: str, limit: int, pool: str = "mean") -> tuple[list[np.ndarray], np.ndarray,
+                                                                                    list[list[int]]]:
+    """Pooled hidden states of every layer (embeddings first), labels, and the token ids (text)."""
     encoder.eval()
     chunks, labels, tokens = [], [], []
     for item in loader(cfg, split, train=False):
         inputs = as_inputs(item, TASKS[cfg.task].modality, torch.device("cpu"))
         batch = inputs["batch"]
-        chunks.append(pooled_layers(encoder, batch))
+        chunks.append(pooled_layers(encoder, batch, pool))
         labels += inputs["labels"].tolist()
         if batch.source.dtype == torch.long:
             tokens += [row[~m].tolist() for row, m in zip(batch.source, batch.padding_mask if batch.padding_mask
@@ -77,26 +81,35 @@ def layer_features(encoder, cfg, split: str, limit: int) -> tuple[list[np.ndarra
     return feats, np.array(labels[:n]), tokens[:n]
 
 
+def batches_of(cfg, split: str, limit: int):
+    """The split's evaluation batches (as model inputs on the CPU) until `limit` examples."""
+    seen = 0
+    for item in loader(cfg, split, train=False):
+        batch = as_inputs(item, TASKS[cfg.task].modality, torch.device("cpu"))["batch"]
+        yield batch
+        seen += len(batch.source)
+        if seen >= limit:
+            return
+
+
 @torch.no_grad()
 def variance_shares(encoder, cfg, split: str, limit: int = 512) -> list[dict[str, float]]:
     """Per layer (embeddings first): the fraction of the variance of the unpadded token states that the mean state
     at each position explains, and the fraction that the mean state of each token id explains. A random encoder
     sits near the same shares at every layer; a layer whose position share grows while its token share shrinks has
     drifted towards encoding where a token is rather than what it is. Ids seen once explain their own variance, so
-    the token share is inflated in absolute terms: compare encoders, not numbers."""
+    the token share is inflated in absolute terms: compare encoders, not numbers. `first`: the variance of the first
+    token's state (<s>, what the fine-tuning head reads) across examples, as a fraction of the variance of all
+    token states: near 0, the head reads nearly the same vector whatever the sentence."""
     encoder.eval()
-    states, positions, ids, seen = None, [], [], 0
-    for item in loader(cfg, split, train=False):
-        batch = as_inputs(item, TASKS[cfg.task].modality, torch.device("cpu"))["batch"]
+    states, positions, ids = None, [], []
+    for batch in batches_of(cfg, split, limit):
         out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
         keep = ~batch.padding_mask if batch.padding_mask is not None else torch.ones_like(batch.source, dtype=bool)
         layers = [h[:, out.num_extra_tokens:][keep].double().numpy() for h in out.hidden_states]
         states = layers if states is None else [np.concatenate(pair) for pair in zip(states, layers)]
         positions.append(torch.arange(batch.source.shape[1]).expand_as(batch.source)[keep].numpy())
         ids.append(batch.source[keep].numpy())
-        seen += batch.source.shape[0]
-        if seen >= limit:
-            break
     positions, ids = np.concatenate(positions), np.concatenate(ids)
 
     def explained(h: np.ndarray, groups: np.ndarray) -> float:
@@ -106,7 +119,56 @@ def variance_shares(encoder, cfg, split: str, limit: int = 512) -> list[dict[str
         means /= counts[:, None]
         return float(means[inverse].var(0).sum() / h.var(0).sum())
 
-    return [{"position": round(explained(h, positions), 4), "token": round(explained(h, ids), 4)} for h in states]
+    return [{"position": round(explained(h, positions), 4), "token": round(explained(h, ids), 4),
+             "first": round(float(h[positions == 0].var(0).sum() / h.var(0).sum()), 4)} for h in states]
+
+
+@torch.no_grad()
+def attention_reach(encoder, batches) -> list[dict[str, float]]:
+    """Per block: how far attention reaches, in tokens, averaged over heads, over each example's unpadded queries
+    (`all`) and for its first token's query (`first`, <s>: what the fine-tuning head reads), next to the same means
+    under uniform attention over the unpadded keys (`uniform_all`, `uniform_first`). A block that attends by position
+    reaches a few tokens; one that has learned nothing about where to attend sits at the uniform reach."""
+    from d2v.nn.attention import Attention, _additive_mask
+
+    encoder.eval()
+    sums: dict[int, np.ndarray] = {}
+    uniform, seen = np.zeros(2), 0
+
+    def distance(T: int) -> torch.Tensor:
+        return (torch.arange(T)[:, None] - torch.arange(T)[None]).abs().float()
+
+    def hook(index):
+        def record(module, args, output):
+            x, bias, pad = (*args, None, None)[:3]
+            B, T, _ = x.shape
+            qkv = torch.nn.functional.linear(x, module.qkv.weight, module._qkv_bias())
+            q, k = qkv.view(B, T, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)[:2]
+            scores = q @ k.transpose(-1, -2) / module.head_dim ** 0.5
+            mask = _additive_mask(bias, pad, q.dtype)
+            weights = (scores if mask is None else scores + mask).softmax(-1).mean(1)  # (B, T, T), heads averaged
+            reach = (weights * distance(T)).sum(-1)  # (B, T): each query's mean distance
+            valid = ~pad if pad is not None else torch.ones(B, T, dtype=torch.bool)
+            per_example = (reach * valid).sum(1) / valid.sum(1)
+            sums[index] = sums.get(index, np.zeros(2)) + [per_example.sum().item(), reach[:, 0].sum().item()]
+        return record
+
+    attentions = [m for m in encoder.modules() if isinstance(m, Attention)]
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(attentions)]
+    try:
+        for batch in batches:
+            encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
+            lengths = (~batch.padding_mask).sum(-1) if batch.padding_mask is not None else \
+                torch.full((len(batch.source),), batch.source.shape[1])
+            for n in lengths.tolist():
+                uniform += [distance(n).mean().item(), distance(n)[0].mean().item()]
+            seen += len(lengths)
+    finally:
+        for h in handles:
+            h.remove()
+    return [{"all": round(float(sums[i][0] / seen), 2), "first": round(float(sums[i][1] / seen), 2),
+             "uniform_all": round(float(uniform[0] / seen), 2), "uniform_first": round(float(uniform[1] / seen), 2)}
+            for i in range(len(attentions))]
 
 
 @torch.no_grad()
@@ -172,16 +234,22 @@ def load_encoders(task, state: dict, names: list[str]):
 def classification_probes(args, task, state: dict, report: dict) -> None:
     cfg = finetune_config(args.task, {"batch_size": 64, "data_root": args.data_root,
                                       "tokenizer": f"{args.data_root}/tokenizer/spm.model"})
-    report["probe"] = "logistic regression on standardised mean-pooled features (sklearn, C=1)"
+    pooled = {"mean": "mean-pooled features", "first": "the first token's features (<s>, as the head reads)"}
+    report["probe"] = f"logistic regression on standardised {pooled[args.pool]} (sklearn, C=1)"
     for name, encoder in load_encoders(task, state, args.encoders.split(",")):
-        train_f, train_y, train_tok = layer_features(encoder, cfg, task.train, args.train)
-        dev_f, dev_y, dev_tok = layer_features(encoder, cfg, task.dev, 10 ** 9)
+        train_f, train_y, train_tok = layer_features(encoder, cfg, task.train, args.train, args.pool)
+        dev_f, dev_y, dev_tok = layer_features(encoder, cfg, task.dev, 10 ** 9, args.pool)
         report["encoders"][name] = [round(probe(a, train_y, b, dev_y), 4) for a, b in zip(train_f, dev_f)]
         print(f"{name:8s} dev accuracy per layer (embeddings first): {report['encoders'][name]}", flush=True)
         if task.modality == "text":
             report.setdefault("variance_shares", {})[name] = variance_shares(encoder, cfg, task.dev)
-            print(f"{name:8s} variance shares (position, token): "
-                  f"{[(v['position'], v['token']) for v in report['variance_shares'][name]]}", flush=True)
+            print(f"{name:8s} variance shares (position, token, first token's): "
+                  f"{[(v['position'], v['token'], v['first']) for v in report['variance_shares'][name]]}", flush=True)
+            report.setdefault("attention_reach", {})[name] = attention_reach(encoder, batches_of(cfg, task.dev, 512))
+            print(f"{name:8s} attention reach in tokens per block (all queries, <s>): "
+                  f"{[(r['all'], r['first']) for r in report['attention_reach'][name]]}; uniform: "
+                  f"{report['attention_reach'][name][0]['uniform_all']}, "
+                  f"{report['attention_reach'][name][0]['uniform_first']}", flush=True)
     if train_tok:
         bag = make_pipeline(CountVectorizer(analyzer=lambda ids: ids, binary=True),
                             LogisticRegression(C=1.0, max_iter=2000))
@@ -270,6 +338,8 @@ def main() -> None:
     parser.add_argument("--encoders", default="random,student,teacher")
     parser.add_argument("--ctc-epochs", type=int, default=60)
     parser.add_argument("--ctc-lr", type=float, default=2e-3)
+    parser.add_argument("--pool", choices=("mean", "first"), default="mean",
+                        help="classification: mean-pool the tokens, or take the first (<s>, what the head reads)")
     parser.add_argument("--layers", default=None, help="CTC: probe only these layers, e.g. 0,4 (0: embeddings)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from collapse import arms, earlier_arms  # noqa: E402
-from feature_probe import cosine_agreement, ctc_probe  # noqa: E402
+from feature_probe import attention_reach, cosine_agreement, ctc_probe  # noqa: E402
 from mlm_reference import LMHead, train_mlm  # noqa: E402
 import pretrain_vs_scratch  # noqa: E402
 from pretrain_vs_scratch import encoder_presets, parse_sets, summarize  # noqa: E402
@@ -394,6 +394,27 @@ def test_zero_shot_similarity_pairs_each_cosine_with_its_own_rating():
     assert scores["pearson"] > 0.9 and scores["centred_pearson"] > 0.9 and scores["spearman"] > 0.7  # ties: 0/1
     shuffled = cosine_agreement(features, same_topic[rng.permutation(40)][:, rng.permutation(40)])
     assert abs(shuffled["pearson"]) < 0.2
+
+
+def test_attention_reach_is_the_uniform_reach_without_learned_attention_and_shorter_with_a_locality_bias():
+    """Zero queries attend uniformly: each example's reach is exactly the mean |i - j| over its own unpadded tokens
+    (n/3 - 1/(3n) over all queries, (n - 1)/2 from the first), padding left out; ALiBi's distance bias shortens it."""
+    from d2v.modalities.registry import build_encoder
+
+    source = torch.randint(4, 60, (3, 12))
+    padding = torch.arange(12)[None] >= torch.tensor([[12], [7], [4]])
+    batch = Batch(source=source.masked_fill(padding, 1), padding_mask=padding)
+    torch.manual_seed(0)
+    plain = build_encoder("text", "tiny", "v1")
+    for block in plain.blocks:
+        torch.nn.init.zeros_(block.attn.qkv.weight)
+    uniform = [(n / 3 - 1 / (3 * n), (n - 1) / 2) for n in (12, 7, 4)]
+    expected = tuple(round(float(np.mean(col)), 2) for col in zip(*uniform))
+    for block in attention_reach(plain, [batch]):
+        assert (block["all"], block["first"]) == (block["uniform_all"], block["uniform_first"]) == expected
+    local = build_encoder("text", "embedded-alibi", "v1")
+    for block in attention_reach(local, [batch]):
+        assert block["all"] < 0.9 * block["uniform_all"] and block["first"] < 0.9 * block["uniform_first"]
 
 
 def spoken(text: str, letters: LetterTokenizer, dim: int, rng, frames_per_letter: int = 3):
