@@ -249,10 +249,10 @@ def index_cmd(args: argparse.Namespace) -> int:
         print("D2V_INDEX_CACHE=off: there is no index cache to fill or prune", file=sys.stderr)
         return 2
     profile = _profile(args)
-    folders = [*args.shards, *_seekable_shards(profile)]
-    if profile is not None and not _seekable_shards(profile):
+    seekable = _seekable_shards(profile)
+    if profile is not None and not seekable:
         print(f"profile {args.profile}: no stage reads its shards with stream_resume: seek")
-    for shard_dir in dict.fromkeys(folders):
+    for shard_dir in dict.fromkeys([*args.shards, *seekable]):
         start = time.perf_counter()
         found = index_shards(shard_dir)
         tokens = f", {found['tokens']:,} tokens" if "tokens" in found else ""
