@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from shard_throughput import measure
 
-from d2v.data.seekable import TarIndex, TokenBlocks
+from d2v.data.seekable import index_shards
 from d2v.io import atomic_write_json
 from d2v.train.batches import pretrain_stream
 from d2v.train.config import pretrain_config
@@ -53,21 +53,21 @@ def index_seconds(modality: str) -> dict:
     """Indexing every tar: twice without the cache (the first pass may read headers from disk, the second finds them
     in the page cache), then writing the cache and reading it back. Text's samples are its chunks, whose .npy headers
     are read too; its stream then reads blocks."""
-    def timed() -> tuple[float, object]:
+    data = data_config(modality, 0)
+
+    def timed() -> tuple[float, dict]:
         began = time.perf_counter()
-        data = data_config(modality, 0)
-        index = TokenBlocks(data.shards, data.block_tokens, 0) if modality == "text" else \
-            TarIndex(data.shards).index_all()
-        return time.perf_counter() - began, index
+        found = index_shards(data.shards)  # what the stream indexes: the tars, and a text corpus's chunks
+        return time.perf_counter() - began, found
 
     cache, runs = os.environ["D2V_INDEX_CACHE"], []
     for setting in ("off", "off", cache, cache):
         os.environ["D2V_INDEX_CACHE"] = setting
         runs.append(timed())
-    passes, index = [seconds for seconds, _ in runs], runs[-1][1]
-    samples = len(index.ends) if modality == "text" else len(index)
-    blocks = {"blocks": len(index)} if modality == "text" else {}
-    return {"shards": len(index.paths), "samples": samples, **blocks,
+    passes, found = [seconds for seconds, _ in runs], runs[-1][1]
+    samples = found["samples"]
+    blocks = {"blocks": found["tokens"] // (data.block_tokens - 1)} if "tokens" in found else {}  # TokenBlocks' count
+    return {"shards": found["tars"], "samples": samples, **blocks,
             "seconds": [round(p, 3) for p in passes[:2]], "us_per_sample": [round(1e6 * p / samples, 1)
                                                                               for p in passes[:2]],
             "cache_write_read_seconds": [round(p, 3) for p in passes[2:]]}
