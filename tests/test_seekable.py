@@ -356,7 +356,11 @@ from d2v.train.distributed import init, shutdown
 world = init("cpu")
 scanned, read = [], seekable.ustar_members
 seekable.ustar_members = lambda path: scanned.append(path.name) or read(path)
-index_first({shards!r}, {resume!r}, world)
+try:
+    index_first({shards!r}, {resume!r}, world)
+except Exception as e:
+    open({out!r} + f"/rank{{world.rank}}.err", "w").write(f"{{type(e).__name__}}: {{e}}")
+    raise
 ahead = list(scanned)
 seekable.TarIndex({shards!r}).index_all()  # what the rank's seekable stream does next
 json.dump([ahead, scanned], open({out!r} + f"/rank{{world.rank}}.json", "w"))
@@ -383,3 +387,21 @@ def test_under_torchrun_the_first_rank_indexes_while_the_others_wait(image_shard
         assert ahead0 == all0 == tars and ahead1 == all1 == []
     else:
         assert ahead0 == ahead1 == []
+
+
+@pytest.mark.slow
+def test_when_the_first_rank_cannot_index_every_rank_stops_with_an_error(image_shards, tmp_path):
+    """A corrupt tar fails rank 0's indexing; rank 1, waiting for it, raises its own error naming the cause's rank
+    (before, it sat in a barrier until torchrun killed it)."""
+    import subprocess
+    import sys
+
+    (image_shards / "shard-000002.tar").write_bytes(b"not a tar" * 100)
+    script = tmp_path / "index_first.py"
+    script.write_text(INDEX_FIRST_SCRIPT.format(shards=str(image_shards), resume="seek", out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "D2V_INDEX_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], env=env, timeout=120, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "shard-000002.tar" in (tmp_path / "rank0.err").read_text()
+    assert "failed on a node's first rank" in (tmp_path / "rank1.err").read_text()

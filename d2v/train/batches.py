@@ -13,7 +13,7 @@ from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable
 from d2v.data.seekable import index_shards
 from d2v.modalities.base import Batch
 from d2v.train.config import DataConfig, StreamResume
-from d2v.train.distributed import World, barrier
+from d2v.train.distributed import World, any_rank
 
 RESEED_STREAM = 2  # keeps the reseeded streams' keys apart from the masks' (seed, step, group) and LayerDrop's
 
@@ -30,12 +30,19 @@ def resume_position(resume: StreamResume, seed: int, start: int) -> tuple[int, i
 
 def index_first(shard_dir, resume: StreamResume, world: World) -> None:
     """Under torchrun, with `seek`, each node's first rank fills the shard index cache while the others wait: they
-    then read it, instead of every rank reading the same headers at once (`d2v index` does it ahead of a launch)."""
+    then read it, instead of every rank reading the same headers at once (`d2v index` does it ahead of a launch).
+    If indexing fails on a node, every rank stops with an error instead of waiting for it."""
     if resume != "seek" or not world.distributed or index_cache.folder() is None:
         return
+    error = None
     if world.local_rank == 0:
-        index_shards(shard_dir)
-    barrier(world)
+        try:
+            index_shards(shard_dir)
+        except Exception as e:  # re-raised below, once the other ranks know
+            error = e
+    if any_rank(error is not None, world):  # doubles as the barrier the waiting ranks need
+        raise error or RuntimeError(f"indexing the shards in {shard_dir} failed on a node's first rank (local rank "
+                                    f"0), so rank {world.rank} stops too: that rank's error names the cause")
 
 
 def pretrain_stream(modality: str, data: DataConfig, seed: int,

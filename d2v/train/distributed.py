@@ -47,6 +47,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce), so that every rank can stop when one has failed."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def mean_over_ranks(values: dict[str, float], world: World) -> dict[str, float]:
     """Average scalar metrics over ranks with one all-reduce."""
     if not world.distributed or not values:
