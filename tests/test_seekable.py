@@ -390,6 +390,34 @@ def test_under_torchrun_the_first_rank_indexes_while_the_others_wait(image_shard
 
 
 @pytest.mark.slow
+def test_two_nodes_sharing_one_cache_folder_index_each_tar_into_one_entry(image_shards, tmp_path):
+    """The multi-node pattern: two torchrun agents (nodes of 2 ranks each, here on one machine) with one shared
+    D2V_INDEX_CACHE. Each node's first rank indexes what the cache lacks, concurrently with the other node's; the
+    cache ends with one entry per tar and no temp file, and every rank then reads all 4 tables from it."""
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "index_first.py"
+    script.write_text(INDEX_FIRST_SCRIPT.format(shards=str(image_shards), resume="seek", out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "D2V_INDEX_CACHE": str(tmp_path / "cache")}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(node), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                               str(port), str(script)], env=env) for node in (0, 1)]
+    assert [node.wait(timeout=180) for node in nodes] == [0, 0]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    tars = {f"shard-00000{i}.tar" for i in range(4)}
+    (ahead0, all0), (ahead1, all1), (ahead2, all2), (ahead3, all3) = ranks
+    assert ahead1 == all1 == ahead3 == all3 == []  # the second rank of each node waits, then reads the cache
+    assert all0 == ahead0 and all2 == ahead2 and set(ahead0) | set(ahead2) == tars  # nothing left to scan after
+    cache = list((tmp_path / "cache").iterdir())
+    assert len(cache) == 4 and all(p.suffix == ".npz" for p in cache)
+
+
+@pytest.mark.slow
 def test_when_the_first_rank_cannot_index_every_rank_stops_with_an_error(image_shards, tmp_path):
     """A corrupt tar fails rank 0's indexing; rank 1, waiting for it, raises its own error naming the cause's rank
     (before, it sat in a barrier until torchrun killed it)."""
