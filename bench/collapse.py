@@ -23,7 +23,7 @@ import torch
 from runs import pretrain_seconds
 
 from d2v.data2vec import effective_rank
-from d2v.io import atomic_write_json
+from d2v.io import atomic_write_json, read_torch
 from d2v.modalities.registry import build_encoder
 from d2v.train.config import merge, pretrain_config
 from d2v.train.finetune import as_inputs, loader
@@ -132,7 +132,7 @@ def main() -> None:
         run = runs / name
         seconds = pretrain_seconds(cfg, run, tokenizer=TOKENIZER.get(args.modality))
         encoder = build_encoder(args.modality, preset, cfg.objective)
-        encoder.load_state_dict(torch.load(run / "final.pt", map_location="cpu", weights_only=False)["encoder"])
+        encoder.load_state_dict(read_torch(run / "final.pt")["encoder"])
         result["arms"][name] = {"overrides": table[name], "seconds": seconds, "last_logged": logged(run),
                                 "student_layers": layer_ranks(encoder, args.modality, preset)}
         print(name, result["arms"][name]["last_logged"], result["arms"][name]["student_layers"], flush=True)

@@ -39,7 +39,7 @@ from d2v.data.sources.text import lee_documents
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.linear_ctc import fit_linear_ctc
 from d2v.eval.metrics import cer, pearson, spearman, wer
-from d2v.io import atomic_write_json
+from d2v.io import atomic_write_json, read_torch
 from d2v.modalities.base import Batch
 from d2v.modalities.registry import build_encoder
 from d2v.train.finetune import as_inputs, loader
@@ -348,7 +348,7 @@ def main() -> None:
     task = TASKS[args.task]
     if args.task != "lee_sts" and (task.dev is None or task.kind not in ("classification", "ctc")):
         raise SystemExit(f"{args.task}: the probe needs a classification or CTC task with a dev split, or lee_sts")
-    state = torch.load(args.pretrained, map_location="cpu", weights_only=False)
+    state = read_torch(args.pretrained)
     report = {"benchmark": "feature_probe", "task": args.task, "pretrained": args.pretrained,
               "pretrain_steps": state.get("steps"), "objective": state.get("objective", "v1"),
               "machine": platform.machine(), "encoders": {}}

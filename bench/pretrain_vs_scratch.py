@@ -37,7 +37,7 @@ from runs import cv_baseline, cv_test_metrics, finetune_version, pretrain_second
 
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
-from d2v.io import atomic_write_json
+from d2v.io import atomic_write_json, read_torch
 from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
 
@@ -113,7 +113,7 @@ def given_checkpoint(path: str) -> tuple[Path, dict]:
     """A checkpoint named on the command line, and what it records about its pretraining."""
     if not Path(path).is_file():
         raise SystemExit(f"--pretrained {path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch(path)
     return Path(path), {"objective": state.get("objective", "v1"), "steps": state.get("steps"),
                         "preset": state.get("preset"), "pretraining": state.get("pretraining", "data2vec"),
                         "checkpoint": path}

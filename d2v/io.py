@@ -47,6 +47,20 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def read_torch(path: str | Path, advice: str = "") -> Any:
+    """`torch.load` of a file we or fairseq pickled (configs included, hence not weights-only), on the CPU. A file
+    that does not unpickle (truncated, not a checkpoint, a class from a package not installed) is a ValueError that
+    names it, with `advice` on what to do."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"{path}: unpickling needs the `{err.name}` package (pip install {err.name})") from err
+    except Exception as err:  # zip/pickle errors of every kind: EOFError, UnpicklingError, RuntimeError...
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err}){advice}") from err
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Call `write` on a temp file next to `path`, flush it to disk, then rename it over `path`; on any failure the
     temp file is removed and `path` is untouched."""

@@ -71,6 +71,27 @@ def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["final.pt"]  # no temp file left behind
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys, damage):
+    from d2v.interop.checkpoints import export_checkpoint
+    from d2v.interop.fairseq import load_checkpoint
+    from d2v.train.finetune import load_finetuned
+    from d2v.train.pretrain import load_final
+
+    whole = atomic_torch_save(tmp_path / "whole.pt", {"weights": torch.zeros(1000)}).read_bytes()
+    bad = tmp_path / "run" / "best.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(whole[:len(whole) // 2] if damage == "truncated" else b"not a checkpoint" * 64)
+    readers = [lambda: load_final(bad, "text", "embedded", "v1", "finetune"), lambda: load_finetuned(bad),
+               lambda: export_checkpoint(bad, tmp_path / "hf"), lambda: load_checkpoint(bad)]
+    for read in readers:
+        with pytest.raises(ValueError, match=f"{bad}: unreadable checkpoint"):
+            read()
+    assert main(["evaluate", str(bad.parent)]) == 2  # the CLI's message, not a traceback
+    assert f"error: {bad}: unreadable checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_params_the_stage_graph_and_the_data_stages_import_no_torch():
     """31 of the embedded pipeline's jobs (prepare, shard, tokenizer, report) and every Snakemake/DVC parse load the
     params and the stage table; torch's import would be most of their start-up."""

@@ -199,7 +199,7 @@ def test_checkpoints_keep_the_newest_k_and_last_points_at_the_newest(tmp_path):
     assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
     assert checkpoint.load(tmp_path / "last.pt")["x"] == 4
     (tmp_path / "step-00000005.pt").write_bytes(b"truncated")
-    with pytest.raises(RuntimeError, match="step-00000005.pt: unreadable checkpoint"):
+    with pytest.raises(ValueError, match="step-00000005.pt: unreadable checkpoint"):
         checkpoint.load(checkpoint.latest(tmp_path))
 
 

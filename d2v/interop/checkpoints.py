@@ -7,11 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 from d2v.interop.layouts import InteropError
 from d2v.interop.hf_export import export_classifier, export_encoder, save_pretrained
-from d2v.io import atomic_torch_save
+from d2v.io import atomic_torch_save, read_torch
 from d2v.train.tasks import Regularization
 
 TRAINING_ONLY = (*Regularization.model_fields, "init")  # encoder fields that are not architecture
@@ -33,7 +32,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to export")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch(path)
     provenance = {"source": str(path)}
     if {"encoder", "teacher", "modality", "encoder_config"} <= state.keys():  # a pretraining's final.pt
         if weights not in ("student", "teacher"):

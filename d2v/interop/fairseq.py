@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from d2v.config import Objective
 from d2v.interop.layouts import InteropError, KeyTable, drop, fuse_qkv, rename
+from d2v.io import read_torch
 from d2v.modalities.image import ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoderConfig
 from d2v.modalities.text import TextEncoderConfig
@@ -78,10 +78,7 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # fairseq pickles its omegaconf config
-    except ModuleNotFoundError as err:
-        raise InteropError(f"{path}: unpickling needs the `{err.name}` package (pip install {err.name})") from err
+    return read_torch(path)  # fairseq pickles its omegaconf config
 
 
 def load_fairseq(source: str | Path | dict, kind: str | None = None) -> FairseqImport:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d2v.io import atomic_torch_save
+from d2v.io import atomic_torch_save, read_torch
 from d2v.train.distributed import World, barrier
 
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
@@ -66,12 +66,8 @@ def latest(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
-    path = Path(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise RuntimeError(f"{path}: unreadable checkpoint ({err}); delete it to resume from the previous one") from err
+def load(path: str | Path) -> dict:
+    return read_torch(path, "; delete it to resume from the previous one")
 
 
 def changed_since(saved: dict, config: dict, version: int, resumable_across: tuple[str, ...],

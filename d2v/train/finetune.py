@@ -32,7 +32,7 @@ from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats
-from d2v.io import atomic_torch_save, atomic_write_json, git_commit
+from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_torch
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.image import require_image_shape
@@ -440,7 +440,7 @@ def load_finetuned(path: Path) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
     """A fine-tuned checkpoint's model (on its config's device), its config and the saved state."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch(path)
     cfg = FinetuneConfig.model_validate(state["config"])
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d2v.data2vec import CollapseError, Data2Vec
-from d2v.io import atomic_torch_save, atomic_write_json
+from d2v.io import atomic_torch_save, atomic_write_json, read_torch
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
@@ -93,7 +93,7 @@ def load_final(path: str | Path, modality: str, preset: str, objective: str, nee
     """A pretraining `final.pt`, refused unless it holds a `modality`/`preset`/`objective` encoder."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{needed_by}: {str(path)!r} is not a pretraining final.pt (run `d2v pretrain` first)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_torch(path)
     saved = (state.get("modality"), state.get("preset"), state.get("objective", "v1"))
     if saved != (modality, preset, objective):
         raise ValueError(f"{path}: a {'/'.join(map(str, saved))} encoder, {needed_by} needs "
