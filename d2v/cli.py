@@ -104,10 +104,12 @@ def _options(pairs: list[str]) -> dict:
 
 def _profile(args: argparse.Namespace):
     """The named profile of params.yaml (validated as a whole), or None when the command runs without one."""
-    if getattr(args, "profile", None) is None:
-        return None
-    from d2v.pipeline.params import load_params
+    from d2v.pipeline.params import PARAMS_FILE, load_params
 
+    if getattr(args, "profile", None) is None:
+        if getattr(args, "params", PARAMS_FILE) != PARAMS_FILE:  # silently training on the embedded defaults instead would waste a run
+            raise ValueError(f"--params {args.params} takes effect with --profile: name the profile to read from it")
+        return None
     return load_params(args.params, args.profile).active
 
 

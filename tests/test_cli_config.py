@@ -92,6 +92,16 @@ def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys,
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_params_file_that_is_not_yaml_or_comes_without_a_profile_is_refused(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("profile: embedded\nprofiles:\n  embedded: [\n")
+    assert main(["pretrain", "text", "--profile", "embedded", "--params", str(bad)]) == 2
+    err = capsys.readouterr().err  # the file and the line, not a traceback
+    assert f"error: {bad}: not valid YAML" in err and f'in "{bad}", line 4' in err
+    assert main(["pretrain", "text", "--params", str(bad)]) == 2  # not a run on the embedded defaults
+    assert f"--params {bad} takes effect with --profile" in capsys.readouterr().err
+
+
 def test_params_the_stage_graph_and_the_data_stages_import_no_torch():
     """31 of the embedded pipeline's jobs (prepare, shard, tokenizer, report) and every Snakemake/DVC parse load the
     params and the stage table; torch's import would be most of their start-up."""

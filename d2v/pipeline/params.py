@@ -304,7 +304,11 @@ def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> P
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no params file (expected a YAML with 'profile' and 'profiles')")
-    data = yaml.safe_load(path.read_text())
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f)  # from the file, so that the error marks name it
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'profile' and 'profiles', got {type(data).__name__}")
     if profile is not None:
