@@ -107,7 +107,7 @@ def _profile(args: argparse.Namespace):
     from d2v.pipeline.params import PARAMS_FILE, load_params
 
     if getattr(args, "profile", None) is None:
-        if getattr(args, "params", PARAMS_FILE) != PARAMS_FILE:  # silently training on the embedded defaults instead would waste a run
+        if getattr(args, "params", PARAMS_FILE) != PARAMS_FILE:  # not a silent run on the embedded defaults
             raise ValueError(f"--params {args.params} takes effect with --profile: name the profile to read from it")
         return None
     return load_params(args.params, args.profile).active
