@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-
 from d2v.interop.layouts import InteropError
 from d2v.interop.hf_export import export_classifier, export_encoder, save_pretrained
 from d2v.io import atomic_torch_save, read_torch
