@@ -13,6 +13,7 @@ from PIL import Image
 
 from d2v.data.loaders import AudioConfig, ImageAugConfig, crop_to_shortest, image_loader, pack_blocks, \
     pad_waveforms, seekable_text_task_batches, speech_loader, text_pretrain_loader, text_task_loader
+from d2v.data.download import file_digest
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.data.shards import ShardConfig, ShardError, read_index, write_shards
 from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, TextTokenizer, build_letter_vocab, \
@@ -53,6 +54,20 @@ def test_image_shards_are_deterministic_indexed_and_skip_bad_files(tmp_path, cap
         f.truncate(1000)
     with pytest.raises(ShardError, match="shard-000001.tar: 1000 bytes, index says"):
         read_index(tmp_path / "a")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"shards": [', r"not a shard index \(Expecting value"),
+    ('[1, 2]', r"not a shard index \(expected an object with a 'shards' list"),
+    ('{"count": 3}', r"not a shard index \(expected an object with a 'shards' list"),
+    ('{"shards": [{"name": "shard-000000.tar", "bytes": "12", "count": 3}]}',
+     r"shards\[0\] has no valid bytes, sha256"),
+    ('{"shards": ["shard-000000.tar"]}', r"shards\[0\] has no valid name, bytes, count, sha256"),
+])
+def test_a_damaged_shard_index_is_named_with_what_is_wrong(tmp_path, text, problem):
+    (tmp_path / "index.json").write_text(text)
+    with pytest.raises(ShardError, match=f"{tmp_path / 'index.json'}: {problem}"):
+        read_index(tmp_path)
 
 
 def _shard_ids(shard_dir) -> list[str]:
@@ -159,8 +174,9 @@ def test_corrupt_audio_in_a_shard_is_skipped_with_a_warning(tmp_path, caplog):
     with wds.TarWriter(str(tmp_path / "s" / "shard-000000.tar")) as sink:
         sink.write({"__key__": "good", "flac": flac_bytes(1.0), "txt": "A"})
         sink.write({"__key__": "bad", "flac": b"not audio", "txt": "B"})
+    tar = tmp_path / "s" / "shard-000000.tar"
     (tmp_path / "s" / "index.json").write_text(json.dumps({"shards": [
-        {"name": "shard-000000.tar", "bytes": os.path.getsize(tmp_path / "s" / "shard-000000.tar")}]}))
+        {"name": tar.name, "bytes": os.path.getsize(tar), "count": 2, "sha256": file_digest(tar)}]}))
     out = list(speech_loader(tmp_path / "s", AudioConfig(min_samples=0), "eval", 4))
     assert out[0]["text"] == ["A"] and "skipping bad" in caplog.text
 

@@ -198,8 +198,11 @@ def read_index(shard_dir: str | Path, verify: bool = False) -> dict:
     path = shard_dir / INDEX
     if not path.is_file():
         raise ShardError(f"{path}: shard index missing (run `d2v shard` first)")
-    index = json.loads(path.read_text())
-    for shard in index["shards"]:
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path}: not a shard index ({err}); run `d2v shard` again") from err
+    for shard in checked_shard_list(index, path):
         f = shard_dir / shard["name"]
         if not f.is_file():
             raise ShardError(f"{f}: listed in {path} but missing")
@@ -208,6 +211,24 @@ def read_index(shard_dir: str | Path, verify: bool = False) -> dict:
         if verify and file_digest(f) != shard["sha256"]:
             raise ShardError(f"{f}: sha256 differs from {path}")
     return index
+
+
+SHARD_FIELDS = {"name": str, "bytes": int, "count": int, "sha256": str}  # what each entry of "shards" must hold
+
+
+def checked_shard_list(index, path: Path) -> list[dict]:
+    """`index["shards"]`, each entry with the fields readers use; else a ShardError naming the file and the entry."""
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list):
+        raise ShardError(f"{path}: not a shard index (expected an object with a 'shards' list); run `d2v shard` again")
+    for i, shard in enumerate(shards):
+        entry = shard if isinstance(shard, dict) else {}
+        bad = [k for k, kind in SHARD_FIELDS.items() if not isinstance(entry.get(k), kind)]
+        if bad:
+            need = ", ".join(f"{k}: {kind.__name__}" for k, kind in SHARD_FIELDS.items())
+            raise ShardError(f"{path}: shards[{i}] has no valid {', '.join(bad)} (each entry needs {need}); "
+                             "run `d2v shard` again")
+    return shards
 
 
 def shard_paths(shard_dir: str | Path, verify: bool = False) -> list[str]:
