@@ -47,6 +47,15 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def read_json(path: str | Path, expected: str, raw: bytes | None = None) -> Any:
+    """A JSON file we wrote (or its bytes `raw`, already read), parsed; one that does not parse is a ValueError naming
+    it and what it should hold."""
+    try:
+        return json.loads(Path(path).read_bytes() if raw is None else raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected {expected}") from err
+
+
 def read_torch(path: str | Path, advice: str = "") -> Any:
     """`torch.load` of a file we or fairseq pickled (configs included, hence not weights-only), on the CPU. A file
     that does not unpickle (truncated, not a checkpoint, a class from a package not installed) is a ValueError that

@@ -92,6 +92,25 @@ def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys,
     assert not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("text, problem", [("{\"symbols\": [", "not valid JSON"), ("[]", "expected an object")])
+def test_a_damaged_json_file_of_ours_is_named(tmp_path, capsys, text, problem):
+    from d2v.data.tokenizer import LetterTokenizer
+    from d2v.eval.lm import LanguageModel
+
+    letters = tmp_path / "letters.json"
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "hf").mkdir()
+    for path in (letters, tmp_path / "lm" / "lm.json", tmp_path / "hf" / "config.json"):
+        path.write_text(text)
+    with pytest.raises(ValueError, match=f"{letters}: {problem}"):
+        LetterTokenizer.load(letters)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'lm' / 'lm.json'}: {problem}"):
+        LanguageModel(tmp_path / "lm", ["<blank>", "|"])
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "imported.pt")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'hf' / 'config.json'}: " in err and ("not valid JSON" in err or "model_type None" in err)
+
+
 def test_a_params_file_that_is_not_yaml_or_comes_without_a_profile_is_refused(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("profile: embedded\nprofiles:\n  embedded: [\n")

@@ -7,7 +7,6 @@ SentencePiece model of N-1 pieces. Training is deterministic for a fixed `num_th
 from __future__ import annotations
 
 import io
-import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pydantic import Field
 from d2v.config import StrictModel
 from d2v.data.download import bytes_sha256
 from d2v.data.manifest import read_manifest
-from d2v.io import atomic_write_bytes, atomic_write_json
+from d2v.io import atomic_write_bytes, atomic_write_json, read_json
 
 BLANK, WORD_SEP = "<blank>", "|"
 
@@ -126,7 +125,11 @@ class LetterTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: letter vocabulary missing (run `d2v tokenizer` first)")
-        return cls(json.loads(path.read_text())["symbols"])
+        vocab = read_json(path, "the letter vocabulary `d2v tokenizer` writes")
+        if not isinstance(vocab, dict) or not isinstance(vocab.get("symbols"), list):
+            raise ValueError(f"{path}: expected an object with a 'symbols' list (the letter vocabulary); "
+                             "run `d2v tokenizer` again")
+        return cls(vocab["symbols"])
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, {"symbols": self.symbols})

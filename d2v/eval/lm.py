@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -27,7 +26,7 @@ from pydantic import Field, model_validator
 from d2v.config import StrictModel
 from d2v.data.manifest import LM_SPLIT, read_manifest
 from d2v.eval.metrics import cer, greedy_transcripts, wer
-from d2v.io import atomic_write, atomic_write_json, atomic_write_text
+from d2v.io import atomic_write, atomic_write_json, atomic_write_text, read_json
 from d2v.processes import forked_pool, usable_cpus
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -249,7 +248,9 @@ class LanguageModel:
         if workers < 1:
             raise ValueError(f"decode workers: {workers}; expected at least 1")
         raw = meta_file.read_bytes()
-        self.meta = json.loads(raw)
+        self.meta = read_json(meta_file, "the language model's description `d2v lm` writes", raw)
+        if not isinstance(self.meta, dict) or not {"config", "arpa"} <= self.meta.keys():
+            raise ValueError(f"{meta_file}: expected an object with 'config' and 'arpa' (run `d2v lm` again)")
         self.digest = hashlib.sha256(raw).hexdigest()[:16]  # which model decoded a result
         self.cfg = LanguageModelConfig.model_validate(self.meta["config"])
         self.arpa = self.folder / self.meta["arpa"]

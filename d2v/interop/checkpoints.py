@@ -9,7 +9,7 @@ from pathlib import Path
 
 from d2v.interop.layouts import InteropError
 from d2v.interop.hf_export import export_classifier, export_encoder, save_pretrained
-from d2v.io import atomic_torch_save, read_torch
+from d2v.io import atomic_torch_save, read_json, read_torch
 from d2v.train.tasks import Regularization
 
 TRAINING_ONLY = (*Regularization.model_fields, "init")  # encoder fields that are not architecture
@@ -125,7 +125,8 @@ def _from_hf(folder: Path, kind: str | None):
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    config = read_json(config_file, "a Hugging Face model config")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in HF_MODEL_TYPES:
         raise InteropError(f"{config_file}: model_type {model_type!r} is not one of {sorted(HF_MODEL_TYPES)}")
     kind = kind or HF_MODEL_TYPES[model_type]
