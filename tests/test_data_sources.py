@@ -301,6 +301,18 @@ def test_manifest_errors_name_the_file(tmp_path):
     (tmp_path / "manifest.csv").write_text("id,path\nx,y\n")
     with pytest.raises(ManifestError, match=r"manifest.csv: missing columns \['split'"):
         read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text('id,path\n1,"x\n')
+    with pytest.raises(ManifestError, match=r"manifest.csv: not a readable manifest CSV \(.*EOF inside string"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text("")
+    with pytest.raises(ManifestError, match=r"manifest.csv: not a readable manifest CSV \(No columns"):
+        read_manifest(tmp_path)
+    header = "id,path,split,bytes,duration,label,text,text_b,sha256\n"
+    (tmp_path / "manifest.csv").write_text(header + "a,p,train,3,,1,t,,h\nb,p,train,3,,one,t,,h\n")
+    with pytest.raises(ManifestError, match=r"manifest.csv: label 'one' of id 'b' is not a number"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.csv").write_text(header + "a,p,train,3,,1,t,,h\nb,p,train,3,,,t,,h\n")
+    assert read_manifest(tmp_path)["label"].isna().tolist() == [False, True]  # an empty number is missing, not bad
 
 
 def test_tar_fixture_is_a_real_gzip_tar():

@@ -71,11 +71,20 @@ def read_manifest(folder_or_file: str | Path, split: str | None = None) -> pd.Da
         path = path / MANIFEST
     if not path.is_file():
         raise ManifestError(f"{path}: manifest missing (run `d2v prepare` for this source first)")
-    df = pd.read_csv(path, dtype={c: t for c, t in COLUMNS.items() if t == "string"}, keep_default_na=False,
-                     na_values={c: [""] for c, t in COLUMNS.items() if t != "string"})
+    try:
+        df = pd.read_csv(path, dtype={c: t for c, t in COLUMNS.items() if t == "string"}, keep_default_na=False,
+                         na_values={c: [""] for c, t in COLUMNS.items() if t != "string"})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not a readable manifest CSV ({err}); run `d2v prepare` again") from err
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing columns {missing}; expected at least {list(COLUMNS)}")
+    for column in (c for c, t in COLUMNS.items() if t != "string"):
+        numbers = pd.to_numeric(df[column], errors="coerce")
+        bad = df[column].notna() & numbers.isna()
+        if bad.any():
+            row = df[bad].iloc[0]
+            raise ManifestError(f"{path}: {column} {row[column]!r} of id {row['id']!r} is not a number")
     if split is not None:  # 'a+b' is the union of splits a and b (e.g. LibriSpeech's 960 h)
         wanted = split.split("+")
         missing = [s for s in wanted if s not in set(df["split"])]
