@@ -92,6 +92,17 @@ def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys,
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_checkpoint_that_is_not_a_pretraining_is_refused_as_one(tmp_path):
+    from d2v.train.pretrain import load_final
+
+    fine_tuned = atomic_torch_save(tmp_path / "best.pt", {"model": {}, "config": {}, "step": 3})
+    other = atomic_torch_save(tmp_path / "other.pt", {"weights": torch.zeros(2)})
+    with pytest.raises(ValueError, match=f"finetune: {fine_tuned} holds a fine-tuned model, not a pretraining"):
+        load_final(fine_tuned, "text", "embedded", "v1", "finetune")
+    with pytest.raises(ValueError, match=f"finetune: {other} holds no pretrained encoder, not a pretraining"):
+        load_final(other, "text", "embedded", "v1", "finetune")
+
+
 @pytest.mark.parametrize("text, problem", [("{\"symbols\": [", "not valid JSON"), ("[]", "expected an object")])
 def test_a_damaged_json_file_of_ours_is_named(tmp_path, capsys, text, problem):
     from d2v.data.tokenizer import LetterTokenizer
