@@ -92,7 +92,8 @@ def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys,
     assert not (tmp_path / "hf").exists()
 
 
-def test_a_checkpoint_that_is_not_a_pretraining_is_refused_as_one(tmp_path):
+def test_a_checkpoint_of_the_other_kind_is_refused_as_one(tmp_path):
+    from d2v.train.finetune import load_finetuned
     from d2v.train.pretrain import load_final
 
     fine_tuned = atomic_torch_save(tmp_path / "best.pt", {"model": {}, "config": {}, "step": 3})
@@ -101,6 +102,11 @@ def test_a_checkpoint_that_is_not_a_pretraining_is_refused_as_one(tmp_path):
         load_final(fine_tuned, "text", "embedded", "v1", "finetune")
     with pytest.raises(ValueError, match=f"finetune: {other} holds no pretrained encoder, not a pretraining"):
         load_final(other, "text", "embedded", "v1", "finetune")
+    pretrained = atomic_torch_save(tmp_path / "final.pt", {"encoder": {}, "teacher": {}, "modality": "text"})
+    with pytest.raises(ValueError, match=f"{pretrained} holds a pretraining's encoders, not a fine-tuned checkpoint"):
+        load_finetuned(pretrained)
+    with pytest.raises(ValueError, match=f"{other} holds no fine-tuned model, not a fine-tuned checkpoint"):
+        load_finetuned(other)
 
 
 @pytest.mark.parametrize("text, problem", [("{\"symbols\": [", "not valid JSON"), ("[]", "expected an object")])
