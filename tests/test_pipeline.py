@@ -15,7 +15,7 @@ import yaml
 
 from d2v.config import ConfigError
 from d2v.pipeline.params import load_params, parse_params
-from d2v.pipeline.report import collect, compare, summarize, write_report
+from d2v.pipeline.report import collect, compare, stage_times, summarize, write_report
 from d2v.pipeline.stages import RECIPE_FILE, StageTable, dvc_yaml
 from d2v.train import recipe
 
@@ -447,6 +447,13 @@ def test_summary_means_spreads_and_direction(tmp_path):
     fm, sp = summary.loc[("fashion_mnist", "test", "accuracy")], summary.loc[("speech_1h", "dev_clean", "wer")]
     assert fm.raw == 0.83 and not fm.pretrained_beats_raw and fm.seeds == 2  # the baseline is not a seed
     assert sp.raw == 0.6 and sp.pretrained_beats_raw and sp.pretrained == pytest.approx(0.55)  # WER 0.55 < 0.6
+
+
+def test_stage_times_leave_out_the_report_jobs_own_stale_file(tmp_path):
+    for stage, seconds in [("pretrain_text", 300.5), ("shard_text_corpus_pretrain", 5.0), ("report", 99.0)]:
+        (tmp_path / f"{stage}.tsv").write_text(f"s\th:m:s\n{seconds}\t0:00:00\n")
+    times = stage_times(tmp_path)
+    assert times.set_index("stage")["seconds"].to_dict() == {"pretrain_text": 300.5, "shard_text_corpus_pretrain": 5.0}
 
 
 def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):
