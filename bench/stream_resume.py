@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from shard_throughput import measure
 
-from d2v.data.seekable import index_shards
+from d2v.data.seekable import block_count, index_shards
 from d2v.io import atomic_write_json
 from d2v.train.batches import pretrain_stream
 from d2v.train.config import pretrain_config
@@ -66,7 +66,7 @@ def index_seconds(modality: str) -> dict:
         runs.append(timed())
     passes, found = [seconds for seconds, _ in runs], runs[-1][1]
     samples = found["samples"]
-    blocks = {"blocks": found["tokens"] // (data.block_tokens - 1)} if "tokens" in found else {}  # TokenBlocks' count
+    blocks = {"blocks": block_count(found["tokens"], data.block_tokens)} if "tokens" in found else {}
     return {"shards": found["tars"], "samples": samples, **blocks,
             "seconds": [round(p, 3) for p in passes[:2]], "us_per_sample": [round(1e6 * p / samples, 1)
                                                                               for p in passes[:2]],

@@ -169,7 +169,7 @@ class TokenBlocks:
         self.tokens = int(self.ends[-1]) if len(self.ends) else 0
 
     def __len__(self) -> int:
-        return self.tokens // (self.block_tokens - 1)
+        return block_count(self.tokens, self.block_tokens)
 
     def __getitem__(self, b: int) -> dict:
         if not 0 <= b < len(self):
@@ -194,6 +194,12 @@ def text_chunks(tars: TarIndex) -> list[dict[str, np.ndarray]]:
     chunk arrays are made from it, or cached with it)."""
     tars.index_all()
     return [cached(path, "ids", lambda: chunk_ids(path, tars.table(shard))) for shard, path in enumerate(tars.paths)]
+
+
+def block_count(tokens: int, block_tokens: int) -> int:
+    """How many blocks `TokenBlocks` cuts from a corpus of `tokens` pieces: each holds block_tokens - 1 of them after
+    its <s>, and the remainder is dropped."""
+    return tokens // (block_tokens - 1)
 
 
 def index_shards(shard_dir: str | Path) -> dict[str, int]:

@@ -66,6 +66,18 @@ def latest(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+# The least each kind of checkpoint d2v writes holds: a pretraining's final.pt (`pretrain.encoder_checkpoint`, also
+# what `d2v import` writes) and a fine-tuned model (`finetune`'s best.pt / final.pt).
+PRETRAINED_KEYS = frozenset({"encoder", "modality"})
+FINETUNED_KEYS = frozenset({"model", "config", "step"})
+
+
+def kind_of(state) -> str | None:
+    """"pretraining" or "fine-tuning" by the keys a loaded checkpoint holds; None for anything else."""
+    keys = set(state) if isinstance(state, dict) else set()
+    return "pretraining" if PRETRAINED_KEYS <= keys else "fine-tuning" if FINETUNED_KEYS <= keys else None
+
+
 def load(path: str | Path) -> dict:
     return read_torch(path, "; delete it to resume from the previous one")
 

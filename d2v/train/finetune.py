@@ -441,8 +441,9 @@ def load_finetuned(path: Path) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
     state = read_torch(path)
-    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
-        kind = "a pretraining's encoders" if isinstance(state, dict) and "encoder" in state else "no fine-tuned model"
+    kind = checkpoint.kind_of(state)
+    if kind != "fine-tuning":
+        kind = "a pretraining's encoders" if kind == "pretraining" else "no fine-tuned model"
         raise ValueError(f"{path} holds {kind}, not a fine-tuned checkpoint (`d2v finetune` writes best.pt)")
     cfg = FinetuneConfig.model_validate(state["config"])
     model = build_model(cfg.model_copy(update={"init": "scratch"}))

@@ -94,9 +94,9 @@ def load_final(path: str | Path, modality: str, preset: str, objective: str, nee
     if not Path(path).is_file():
         raise FileNotFoundError(f"{needed_by}: {str(path)!r} is not a pretraining final.pt (run `d2v pretrain` first)")
     state = read_torch(path)
-    if not isinstance(state, dict) or not {"encoder", "modality"} <= state.keys():
-        kind = "a fine-tuned model" if isinstance(state, dict) and "config" in state and "model" in state else \
-            "no pretrained encoder"
+    kind = checkpoint.kind_of(state)
+    if kind != "pretraining":
+        kind = "a fine-tuned model" if kind == "fine-tuning" else "no pretrained encoder"
         raise ValueError(f"{needed_by}: {path} holds {kind}, not a pretraining final.pt (`d2v pretrain` or `d2v "
                          "import` writes one)")
     saved = (state.get("modality"), state.get("preset"), state.get("objective", "v1"))
