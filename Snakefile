@@ -3,10 +3,11 @@
 #   snakemake --cores all                        # the active profile of params.yaml (embedded)
 #   snakemake --cores all --config profile=smoke # another profile
 #   snakemake --profile workflow/profiles/slurm  # a SLURM cluster
-import yaml
+from pathlib import Path
 
 from snakemake.utils import min_version
 
+from d2v.config import load_yaml
 from d2v.pipeline.params import load_params
 from d2v.pipeline.stages import StageTable
 
@@ -17,7 +18,7 @@ configfile: "params.yaml"
 
 
 PARAMS = load_params("params.yaml", config.get("profile"))  # validated before any job runs
-STAGES = StageTable(PARAMS, PARAMS.profile, raw=yaml.safe_load(open("params.yaml")))
+STAGES = StageTable(PARAMS, PARAMS.profile, raw=load_yaml(Path("params.yaml").read_text()))
 
 
 rule all:

@@ -91,14 +91,14 @@ def presets(args: argparse.Namespace) -> int:
 
 def _options(pairs: list[str]) -> dict:
     """`key=value` pairs → kwargs; values are parsed as YAML (numbers, lists, booleans)."""
-    import yaml
+    from d2v.config import load_yaml
 
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        out[key] = load_yaml(value)
     return out
 
 
@@ -286,13 +286,12 @@ def _seekable_shards(profile) -> list[str]:
 def pretrain_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
+    from d2v.config import load_yaml
     from d2v.data2vec import CollapseError
     from d2v.train.config import merge, pretrain_config
     from d2v.train.pretrain import pretrain_main
 
-    overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    overrides = load_yaml(Path(args.config).read_text()) if args.config else {}
     profile = _profile(args)
     if profile is not None:
         if args.modality not in profile.pretrain:
@@ -322,13 +321,12 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
 def finetune_cmd(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import yaml
-
+    from d2v.config import load_yaml
     from d2v.train.config import merge
     from d2v.train.finetune import run_finetune
     from d2v.train.tasks import finetune_config
 
-    overrides = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+    overrides = load_yaml(Path(args.config).read_text()) if args.config else {}
     cli = {"init": args.init, "mode": args.mode, "seed": args.seed}
     if args.pretrained:
         cli["pretrained"] = args.pretrained
@@ -436,12 +434,14 @@ def report_cmd(args: argparse.Namespace) -> int:
 def pipeline_cmd(args: argparse.Namespace) -> int:
     import yaml
 
+    from d2v.config import load_yaml
     from d2v.io import atomic_write_text
     from d2v.pipeline.params import load_params
     from d2v.pipeline.stages import StageTable, dvc_yaml
 
     params = load_params(args.params, args.profile)
-    raw = yaml.safe_load(open(args.params))
+    with open(args.params) as f:
+        raw = load_yaml(f)
     table = StageTable(params, params.profile, args.params, raw)
     if args.action == "stages":
         for s in table:

@@ -5,9 +5,11 @@ This module imports no torch: `params.yaml` is validated (by Snakemake, DVC and 
 and the task table (`d2v.train.tasks`) without paying for torch's import."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from typing import Literal
+import re
+from typing import IO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -193,15 +195,37 @@ class CTCMaskConfig(StrictModel):
     channel_length: int = Field(16, ge=1)
 
 
-def _parse_overrides(pairs: list[str]):
-    """`a.b=value` command-line pairs → (dotted key, value parsed as YAML)."""
+# YAML 1.2 reads `1e-3` as a number; PyYAML follows YAML 1.1, which wants a dot (`1.0e-3`) and reads `1e-3` as a
+# string, so a learning rate typed the usual way would be a string in recorded overrides and digests
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+
+
+@functools.cache
+def _yaml_loader():
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """PyYAML's safe loader, with YAML 1.2's floats without a dot."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+    return Loader
+
+
+def load_yaml(source: str | IO) -> object:
+    """Parse YAML (a string or an open file) safely, `1e-3` as the number it is. Every YAML d2v reads goes through
+    here: params.yaml, `--config` files and `--set` values."""
+    import yaml
+
+    return yaml.load(source, Loader=_yaml_loader())
+
+
+def _parse_overrides(pairs: list[str]):
+    """`a.b=value` command-line pairs → (dotted key, value parsed as YAML)."""
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not all(part.isidentifier() for part in key.split(".")):
             raise ValueError(f"--set expects key=value (dotted keys allowed), got {pair!r}")
-        yield key, yaml.safe_load(value)
+        yield key, load_yaml(value)
 
 
 def nested_overrides(pairs: list[str]) -> dict:

@@ -3,13 +3,14 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from d2v import cli
 from d2v.cli import main
-from d2v.config import ConfigError, ObjectiveConfig, validate
+from d2v.config import ConfigError, ObjectiveConfig, load_yaml, nested_overrides, validate
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_commit, short_commit
 from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
 from d2v.modalities.speech import frame_lengths
@@ -136,6 +137,20 @@ def test_a_params_file_that_is_not_yaml_or_comes_without_a_profile_is_refused(tm
     assert f"error: {bad}: not valid YAML" in err and f'in "{bad}", line 4' in err
     assert main(["pretrain", "text", "--params", str(bad)]) == 2  # not a run on the embedded defaults
     assert f"--params {bad} takes effect with --profile" in capsys.readouterr().err
+
+
+def test_exponent_floats_read_as_numbers_in_params_config_files_and_sets(tmp_path):
+    """PyYAML alone reads `1e-3` (no dot) as a string; d2v reads it as YAML 1.2 does, everywhere."""
+    from d2v.pipeline.params import load_params
+
+    written = "rt_polarity: {steps: 150, optim: {lr: 1.0e-3,"
+    params = tmp_path / "params.yaml"
+    params.write_text(Path("params.yaml").read_text().replace(written, written.replace("1.0e-3", "1e-3")))
+    assert load_yaml(params.read_text())["profiles"]["embedded"]["finetune"]["rt_polarity"]["optim"]["lr"] == 0.001
+    assert load_params(params).active.finetune["rt_polarity"]["optim"]["lr"] == 0.001  # recorded as given: a number
+    assert nested_overrides(["optim.lr=3e-4", "tag='1e-3'", "steps=2E3"]) == \
+        {"optim": {"lr": 0.0003}, "tag": "1e-3", "steps": 2000.0}
+    assert [load_yaml(v) for v in ["-2.5e+2", ".5e1", "e5", "1e", "[1e-3, 2]"]] == [-250.0, 5.0, "e5", "1e", [0.001, 2]]
 
 
 def test_params_the_stage_graph_and_the_data_stages_import_no_torch():

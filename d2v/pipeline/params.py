@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from d2v.config import ConfigError, Objective, StrictModel, validate
+from d2v.config import ConfigError, Objective, StrictModel, load_yaml, validate
 from d2v.data.sources import SOURCES
 from d2v.eval.lm import LanguageModelConfig
 from d2v.train.config import PretrainConfig, merge, pretrain_config
@@ -306,7 +306,7 @@ def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> P
         raise FileNotFoundError(f"{path}: no params file (expected a YAML with 'profile' and 'profiles')")
     try:
         with path.open() as f:
-            data = yaml.safe_load(f)  # from the file, so that the error marks name it
+            data = load_yaml(f)  # from the file, so that the error marks name it
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(data, dict):
