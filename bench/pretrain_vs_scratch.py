@@ -109,6 +109,15 @@ def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs:
                               "overrides": sets, **{k: summary.get(k) for k in ("first", "last")}}
 
 
+def known_record(old: dict | None, given: dict) -> dict:
+    """The record of a `--pretrained` checkpoint: the output's own record when that pretraining was made by this
+    script into the same file (its time, overrides and first/last statistics, which the checkpoint does not hold),
+    else what the checkpoint records."""
+    same = old is not None and Path(given["checkpoint"]) in {Path(old.get("checkpoint") or "/none"),
+                                                             Path(old.get("run") or "/none", "final.pt")}
+    return {**old, "checkpoint": given["checkpoint"]} if same else given
+
+
 def given_checkpoint(path: str) -> tuple[Path, dict]:
     """A checkpoint named on the command line, and what it records about its pretraining."""
     if not Path(path).is_file():
@@ -198,7 +207,8 @@ def main() -> None:
     checkpoints = {}
     for modality in modalities:
         if modality in given:
-            checkpoints[modality], report["pretrain"][modality] = given[modality]
+            checkpoints[modality], record = given[modality]
+            report["pretrain"][modality] = known_record(report["pretrain"].get(modality), record)
         else:
             checkpoints[modality], report["pretrain"][modality] = pretrain(
                 modality, objectives.get(modality, "v1"), pre_steps.get(modality), pre_sets.get(modality, {}), runs)

@@ -13,7 +13,7 @@ from collapse import arms, earlier_arms  # noqa: E402
 from feature_probe import attention_reach, cosine_agreement, ctc_probe  # noqa: E402
 from mlm_reference import LMHead, train_mlm  # noqa: E402
 import pretrain_vs_scratch  # noqa: E402
-from pretrain_vs_scratch import encoder_presets, parse_sets, summarize  # noqa: E402
+from pretrain_vs_scratch import encoder_presets, known_record, parse_sets, summarize  # noqa: E402
 import runs  # noqa: E402
 from runs import cv_test_metrics, mean_test_metrics, same_config  # noqa: E402
 
@@ -35,6 +35,18 @@ def test_overrides_nest_by_dotted_key_and_parse_yaml_values():
                     "image": {"seed": 1}}
     with pytest.raises(SystemExit, match="expected NAME.FIELD"):
         parse_sets(["text=1"])
+
+
+def test_a_given_checkpoint_keeps_the_record_of_the_pretraining_this_script_made_of_it():
+    made = {"objective": "v2", "steps": 2400, "seconds": 3283.2, "run": "runs/bench-x/pretrain/text-v2",
+            "overrides": {"optim": {"warmup_steps": 240}}, "last": {"target_rank": 30.4}}
+    given = {"objective": "v2", "steps": 2400, "preset": "embedded", "pretraining": "data2vec",
+             "checkpoint": "./runs/bench-x/pretrain/text-v2/final.pt"}
+    assert known_record(made, given) == {**made, "checkpoint": given["checkpoint"]}  # time and statistics kept
+    assert known_record({**made, "run": "runs/other/pretrain/text-v2"}, given) == given  # another pretraining
+    assert known_record(None, given) == given
+    again = known_record(made, given)
+    assert known_record(again, given) == again  # a later run with the same checkpoint keeps it too
 
 
 def test_a_run_written_before_a_field_existed_is_still_reused(tmp_path):
