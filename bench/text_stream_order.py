@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from d2v.data.loaders import _shuffle
+from d2v.data.loaders import shuffle_buffer
 from d2v.data.manifest import read_manifest
 from d2v.data.seekable import RankOrder, TokenBlocks
 from d2v.io import atomic_write_json
@@ -47,7 +47,7 @@ def replay_starts(blocks: TokenBlocks, samples: int, buffer: int, seed: int) -> 
     """Token offsets of the chunks the replay stream reads, in order: the one shard again and again through the
     loaders' shuffle buffer."""
     starts = np.concatenate([[0], blocks.ends[:-1]])
-    chunks = _shuffle(buffer, seed)(itertools.cycle(range(len(starts))))
+    chunks = shuffle_buffer(buffer, seed)(itertools.cycle(range(len(starts))))
     return starts[np.fromiter(itertools.islice(chunks, samples), dtype=np.int64)]
 
 

@@ -196,7 +196,7 @@ class CTCMaskConfig(StrictModel):
 
 
 # YAML 1.2 reads `1e-3` as a number; PyYAML follows YAML 1.1, which wants a dot (`1.0e-3`) and reads `1e-3` as a
-# string, so a learning rate typed the usual way would be a string in recorded overrides and digests
+# string: pydantic then coerces it in the typed configs, but overrides recorded as given keep the string
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
 
 

@@ -15,6 +15,7 @@ from mlm_reference import LMHead, train_mlm  # noqa: E402
 import pretrain_vs_scratch  # noqa: E402
 from pretrain_vs_scratch import encoder_presets, known_record, parse_sets, summarize  # noqa: E402
 import runs  # noqa: E402
+from text_stream_order import replay_starts, shares  # noqa: E402
 from runs import cv_test_metrics, mean_test_metrics, same_config  # noqa: E402
 
 from d2v.data.shards import read_index  # noqa: E402
@@ -47,6 +48,22 @@ def test_a_given_checkpoint_keeps_the_record_of_the_pretraining_this_script_made
     assert known_record(None, given) == given
     again = known_record(made, given)
     assert known_record(again, given) == again  # a later run with the same checkpoint keeps it too
+
+
+def test_stream_order_counts_each_windows_samples_by_the_source_they_start_in():
+    ends = np.array([10.0, 20.0])  # source 0 holds tokens 0-9, source 1 tokens 10-19
+    assert shares(np.array([0, 5, 12, 10, 9, 15]), ends, 2).tolist() == [[1, 0], [0, 1], [0.5, 0.5]]
+
+
+def test_the_replay_order_is_the_loaders_shuffle_buffer_over_the_shard_read_again_and_again():
+    class Chunks:  # 5 chunks of 100 tokens
+        ends = np.arange(1, 6) * 100
+
+    chunks = replay_starts(Chunks(), 15, buffer=3, seed=0) // 100
+    assert chunks.tolist() != [0, 1, 2, 3, 4] * 3 and set(chunks) == set(range(5))  # shuffled, and read again
+    assert chunks[0] in {0, 1, 2} and chunks[1] in {0, 1, 2, 3}  # only from what the 3-chunk buffer holds
+    assert (replay_starts(Chunks(), 15, buffer=3, seed=0) // 100).tolist() == chunks.tolist()  # seeded
+    assert (replay_starts(Chunks(), 15, buffer=1, seed=0) // 100).tolist() == [0, 1, 2, 3, 4] * 3  # no buffer
 
 
 def test_a_run_written_before_a_field_existed_is_still_reused(tmp_path):

@@ -57,7 +57,8 @@ def shard_source(shard_dir: str | Path, resampled: bool, seed: int) -> list:
     return [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
 
 
-def _shuffle(buffer: int, seed: int) -> Callable[[Iterator], Iterator]:
+def shuffle_buffer(buffer: int, seed: int) -> Callable[[Iterator], Iterator]:
+    """A stream stage: keep `buffer` samples and yield one drawn at random as each new one comes in."""
     def stage(src: Iterator) -> Iterator:
         rng = random.Random(int(worker_rng(seed).integers(2 ** 63)))
         pool = []
@@ -75,7 +76,7 @@ def pipeline(shard_dir, stages: list, *, resampled: bool, shuffle: int, seed: in
 
     head = shard_source(shard_dir, resampled, seed) + [wds.tarfile_to_samples(handler=_warn)]
     if shuffle > 1:
-        head.append(_shuffle(shuffle, seed))
+        head.append(shuffle_buffer(shuffle, seed))
     return wds.DataPipeline(*head, *stages)
 
 
