@@ -18,7 +18,7 @@ configfile: "params.yaml"
 
 
 PARAMS = load_params("params.yaml", config.get("profile"))  # validated before any job runs
-STAGES = StageTable(PARAMS, PARAMS.profile, raw=load_yaml(Path("params.yaml").read_text()))
+STAGES = StageTable(PARAMS, PARAMS.profile, raw=load_yaml(Path("params.yaml").read_text(), "params.yaml"))
 
 
 rule all:

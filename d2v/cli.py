@@ -98,7 +98,7 @@ def _options(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key] = load_yaml(value)
+        out[key] = load_yaml(value, f"--set {pair}")
     return out
 
 
@@ -291,7 +291,7 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     from d2v.train.config import merge, pretrain_config
     from d2v.train.pretrain import pretrain_main
 
-    overrides = load_yaml(Path(args.config).read_text()) if args.config else {}
+    overrides = load_yaml(Path(args.config).read_text(), args.config) if args.config else {}
     profile = _profile(args)
     if profile is not None:
         if args.modality not in profile.pretrain:
@@ -326,7 +326,7 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     from d2v.train.finetune import run_finetune
     from d2v.train.tasks import finetune_config
 
-    overrides = load_yaml(Path(args.config).read_text()) if args.config else {}
+    overrides = load_yaml(Path(args.config).read_text(), args.config) if args.config else {}
     cli = {"init": args.init, "mode": args.mode, "seed": args.seed}
     if args.pretrained:
         cli["pretrained"] = args.pretrained
@@ -441,7 +441,7 @@ def pipeline_cmd(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.profile)
     with open(args.params) as f:
-        raw = load_yaml(f)
+        raw = load_yaml(f, args.params)
     table = StageTable(params, params.profile, args.params, raw)
     if args.action == "stages":
         for s in table:

@@ -211,12 +211,16 @@ def _yaml_loader():
     return Loader
 
 
-def load_yaml(source: str | IO) -> object:
-    """Parse YAML (a string or an open file) safely, `1e-3` as the number it is. Every YAML d2v reads goes through
-    here: params.yaml, `--config` files and `--set` values."""
+def load_yaml(source: str | IO, where: str) -> object:
+    """Parse YAML (a string or an open file) safely, `1e-3` as the number it is; text that is not YAML raises a
+    ConfigError naming `where` (and, for a file, the line). Every YAML d2v reads goes through here: params.yaml,
+    `--config` files and `--set` values."""
     import yaml
 
-    return yaml.load(source, Loader=_yaml_loader())
+    try:
+        return yaml.load(source, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: not valid YAML ({err})") from err
 
 
 def _parse_overrides(pairs: list[str]):
@@ -225,7 +229,7 @@ def _parse_overrides(pairs: list[str]):
         key, sep, value = pair.partition("=")
         if not sep or not all(part.isidentifier() for part in key.split(".")):
             raise ValueError(f"--set expects key=value (dotted keys allowed), got {pair!r}")
-        yield key, load_yaml(value)
+        yield key, load_yaml(value, f"--set {pair}")
 
 
 def nested_overrides(pairs: list[str]) -> dict:

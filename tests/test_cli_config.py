@@ -146,11 +146,24 @@ def test_exponent_floats_read_as_numbers_in_params_config_files_and_sets(tmp_pat
     written = "rt_polarity: {steps: 150, optim: {lr: 1.0e-3,"
     params = tmp_path / "params.yaml"
     params.write_text(Path("params.yaml").read_text().replace(written, written.replace("1.0e-3", "1e-3")))
-    assert load_yaml(params.read_text())["profiles"]["embedded"]["finetune"]["rt_polarity"]["optim"]["lr"] == 0.001
+    embedded = load_yaml(params.read_text(), "params")["profiles"]["embedded"]
+    assert embedded["finetune"]["rt_polarity"]["optim"]["lr"] == 0.001
     assert load_params(params).active.finetune["rt_polarity"]["optim"]["lr"] == 0.001  # recorded as given: a number
     assert nested_overrides(["optim.lr=3e-4", "tag='1e-3'", "steps=2E3"]) == \
         {"optim": {"lr": 0.0003}, "tag": "1e-3", "steps": 2000.0}
-    assert [load_yaml(v) for v in ["-2.5e+2", ".5e1", "e5", "1e", "[1e-3, 2]"]] == [-250.0, 5.0, "e5", "1e", [0.001, 2]]
+    assert [load_yaml(v, "v") for v in ["-2.5e+2", ".5e1", "e5", "1e", "[1e-3, 2]"]] == \
+        [-250.0, 5.0, "e5", "1e", [0.001, 2]]
+
+
+def test_a_config_file_or_set_value_that_is_not_yaml_is_named(tmp_path, capsys):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("optim: {lr: [1e-3,\n")
+    assert main(["pretrain", "text", "--config", str(bad)]) == 2
+    assert f"error: {bad}: not valid YAML" in capsys.readouterr().err
+    assert main(["finetune", "rt_polarity", "--config", str(bad)]) == 2
+    assert f"error: {bad}: not valid YAML" in capsys.readouterr().err
+    assert main(["pretrain", "text", "--set", "optim.lr=[1e-3,"]) == 2
+    assert "error: --set optim.lr=[1e-3,: not valid YAML" in capsys.readouterr().err
 
 
 def test_params_the_stage_graph_and_the_data_stages_import_no_torch():

@@ -12,7 +12,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, model_validator
 
 from d2v.config import ConfigError, Objective, StrictModel, load_yaml, validate
@@ -304,11 +303,8 @@ def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> P
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no params file (expected a YAML with 'profile' and 'profiles')")
-    try:
-        with path.open() as f:
-            data = load_yaml(f)  # from the file, so that the error marks name it
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    with path.open() as f:
+        data = load_yaml(f, str(path))  # from the file, so that the error marks name it
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'profile' and 'profiles', got {type(data).__name__}")
     if profile is not None:
