@@ -3,12 +3,9 @@
 #   snakemake --cores all                        # the active profile of params.yaml (embedded)
 #   snakemake --cores all --config profile=smoke # another profile
 #   snakemake --profile workflow/profiles/slurm  # a SLURM cluster
-from pathlib import Path
-
 from snakemake.utils import min_version
 
-from d2v.config import load_yaml
-from d2v.pipeline.params import load_params
+from d2v.pipeline.params import load_params, read_params
 from d2v.pipeline.stages import StageTable
 
 min_version("9.0")
@@ -18,7 +15,7 @@ configfile: "params.yaml"
 
 
 PARAMS = load_params("params.yaml", config.get("profile"))  # validated before any job runs
-STAGES = StageTable(PARAMS, PARAMS.profile, raw=load_yaml(Path("params.yaml").read_text(), "params.yaml"))
+STAGES = StageTable(PARAMS, PARAMS.profile, raw=read_params("params.yaml"))
 
 
 rule all:

@@ -434,15 +434,12 @@ def report_cmd(args: argparse.Namespace) -> int:
 def pipeline_cmd(args: argparse.Namespace) -> int:
     import yaml
 
-    from d2v.config import load_yaml
     from d2v.io import atomic_write_text
-    from d2v.pipeline.params import load_params
+    from d2v.pipeline.params import load_params, read_params
     from d2v.pipeline.stages import StageTable, dvc_yaml
 
     params = load_params(args.params, args.profile)
-    with open(args.params) as f:
-        raw = load_yaml(f, args.params)
-    table = StageTable(params, params.profile, args.params, raw)
+    table = StageTable(params, params.profile, args.params, read_params(args.params))
     if args.action == "stages":
         for s in table:
             print(f"{s.name:48s} {s.cmd}")

@@ -298,8 +298,8 @@ def parse_params(data: dict, where: str = "params") -> Params:
     return params
 
 
-def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> Params:
-    """Read and validate params.yaml; `profile` overrides the active one (e.g. `--config profile=smoke`)."""
+def read_params(path: str | Path = PARAMS_FILE) -> dict:
+    """params.yaml as written, unvalidated (the stage table asks it which keys exist, for DVC)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no params file (expected a YAML with 'profile' and 'profiles')")
@@ -307,6 +307,12 @@ def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> P
         data = load_yaml(f, str(path))  # from the file, so that the error marks name it
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'profile' and 'profiles', got {type(data).__name__}")
+    return data
+
+
+def load_params(path: str | Path = PARAMS_FILE, profile: str | None = None) -> Params:
+    """Read and validate params.yaml; `profile` overrides the active one (e.g. `--config profile=smoke`)."""
+    data = read_params(path)
     if profile is not None:
         data = {**data, "profile": profile}
     return parse_params(data, str(path))
