@@ -7,6 +7,7 @@ after every fine-tune, so a partial run still leaves a table. Finished runs unde
 version (`d2v.train.recipe`) are reused.
 
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
+        [--pretrainings 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
         [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5] [--ft-profile embedded]
@@ -17,7 +18,10 @@ speech.preset=embedded-fbank` is enough). `--tag` names a separate family of run
 GPU at a larger scale. `--pretrained` fine-tunes a given checkpoint (e.g. `mlm_reference.py`'s) instead of
 pretraining that modality. `--folds` scores a task by K-fold cross-validation (lee_sts: by document, each fold 30
 train / 10 dev / 10 test documents): each seed's value is the mean over the folds, fold k's runs are named
-`...-sSEED-fK`. `--ft-profile` starts each task's fine-tuning from the overrides a params.yaml profile gives it
+`...-sSEED-fK`. `--pretrainings N` pretrains each modality N times (seeds seed … seed+N-1; the repeats in
+folders `text-v2-p1`, …) and fine-tunes every one: the pretrained arm pools the N × seeds runs, because at the
+embedded scale one pretraining's fine-tunes can agree to a point while another pretraining lands five away.
+`--ft-profile` starts each task's fine-tuning from the overrides a params.yaml profile gives it
 (embedded: fashion_mnist with flips only, speech_1h behind the log-mel front end), so a bench row can repeat the
 pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on top, and the row records the result.
 Fine-tuning runs are named by task, init and seed only, so another budget under the same `--tag` stops at the first
@@ -79,34 +83,57 @@ def profile_finetune(profile: str | None, params: str) -> dict[str, dict]:
     return load_params(params, profile).active.finetune
 
 
-def summarize(task: str, runs: dict[str, list[float]], metric: str | None = None) -> dict:
+def summarize(task: str, runs: dict[str, list[float]], metric: str | None = None, seeds: int | None = None) -> dict:
+    """Each arm's mean, std and spread, and the verdict. Pretrained values beyond `seeds` come from more
+    pretrainings, pretraining-major (pretraining k's fine-tuning seeds, then k+1's): the arm's spread spans them all,
+    and each pretraining's own mean is listed, since one pretraining's seeds can agree closely while another
+    pretraining of the same recipe lands points away."""
     metric = metric or TASKS[task].metrics[0]
     out = {"metric": metric, "stands_in_for": TASKS[task].stands_in_for}
     for init, values in runs.items():
         out[init] = {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values)),
                      "spread": float(np.max(values) - np.min(values))}
+    seeds = seeds or len(runs.get("pretrained", ())) or 1
+    if len(runs.get("pretrained", ())) > seeds:
+        pretrained = runs["pretrained"]
+        out["pretrained"]["per_pretraining"] = [float(np.mean(pretrained[k:k + seeds]))
+                                                for k in range(0, len(pretrained), seeds)]
     if {"pretrained", "scratch"} <= runs.keys():
         delta = out["pretrained"]["mean"] - out["scratch"]["mean"]
         gain = oriented(metric, delta)
         margin = max(out["pretrained"]["spread"], out["scratch"]["spread"])
         # seed k of both arms shares the fine-tune's data order and head init: count the seeds where pretraining
-        # is ahead, a paired view beside the unpaired `wins` (which one outlying seed can overturn)
-        ahead = sum(oriented(metric, p - s) > 0 for p, s in zip(runs["pretrained"], runs["scratch"]))
+        # is ahead, a paired view beside the unpaired `wins` (which one outlying seed can overturn); every
+        # pretraining's seed k pairs with scratch's seed k
+        scratch = runs["scratch"]
+        pairs = [(p, scratch[i % seeds]) for i, p in enumerate(runs["pretrained"]) if i % seeds < len(scratch)]
+        ahead = sum(oriented(metric, p - s) > 0 for p, s in pairs)
         out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin), seeds_ahead=int(ahead))
     return out
 
 
-def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs: Path) -> tuple[Path, dict]:
-    """Pretrain `modality` (a finished run under the same config is reused): its final checkpoint and a summary."""
+def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs: Path,
+             repeat: int = 0) -> tuple[Path, dict]:
+    """Pretrain `modality` (a finished run under the same config is reused): its final checkpoint and a summary.
+    Repeat k > 0 is another pretraining of the same recipe under seed + k (its data order, masks and init), in a
+    folder of its own (`text-v2-p1`); repeat 0 is the plain run."""
     overrides: dict = {"objective": objective}
     if steps:  # the τ ramp ends with the run
         overrides.update(steps=steps, ema={"tau_steps": steps})
     cfg = pretrain_config(modality, merge(overrides, sets))
-    run = runs / "pretrain" / (modality if objective == "v1" else f"{modality}-{objective}")
+    if repeat:
+        cfg = cfg.model_copy(update={"seed": cfg.seed + repeat})
+    run = runs / "pretrain" / ((modality if objective == "v1" else f"{modality}-{objective}") + repeat_suffix(repeat))
     seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
     summary = json.loads((run / "summary.json").read_text())
     return run / "final.pt", {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run),
-                              "overrides": sets, **{k: summary.get(k) for k in ("first", "last")}}
+                              "seed": cfg.seed, "overrides": sets, **{k: summary.get(k) for k in ("first", "last")}}
+
+
+def repeat_suffix(repeat: int) -> str:
+    """The run-folder suffix of pretraining repeat k: none for the plain run, so that a one-pretraining bench and
+    the first pretraining of a repeated one share their runs."""
+    return f"-p{repeat}" if repeat else ""
 
 
 def known_record(old: dict | None, given: dict) -> dict:
@@ -164,6 +191,8 @@ def main() -> None:
     parser.add_argument("--tasks", default=None, help="default: the chosen modalities' tasks of --ft-profile, or "
                         "without one every embedded recipe's")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--pretrainings", type=int, default=1, help="pretrain each modality this many times (seeds "
+                        "seed, seed+1, ...) and fine-tune --seeds times from each: the pretrained arm pools them all")
     parser.add_argument("--objective", type=per_key(str), default={}, help="per modality, e.g. text=v2 (default v1)")
     parser.add_argument("--pretrain-steps", type=per_key(), default={}, help="per modality, e.g. image=600")
     parser.add_argument("--finetune-steps", type=per_key(), default={}, help="per task, e.g. fashion_mnist=150")
@@ -184,6 +213,9 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
     args = parser.parse_args()
+    if args.pretrainings < 1 or (args.pretrainings > 1 and args.pretrained):
+        raise SystemExit(f"--pretrainings {args.pretrainings}: give 1 or more, and more only where this script "
+                         "pretrains (not with --pretrained)")
     if not torch.cuda.is_available():
         torch.set_num_threads(2)
     modalities = args.modalities.split(",")
@@ -204,15 +236,23 @@ def main() -> None:
     if args.seeds and (missing := missing_shards(tasks, ft_sets, folds)):
         raise SystemExit("no shards (index.json) for\n  " + "\n  ".join(missing) + "\nrun `make run` (or `d2v "
                          "prepare` and `d2v shard`) first, or name the tasks to run with --tasks")
-    checkpoints = {}
+    checkpoints: dict[str, list[Path]] = {}
     for modality in modalities:
         if modality in given:
-            checkpoints[modality], record = given[modality]
+            checkpoint, record = given[modality]
+            checkpoints[modality] = [checkpoint]
             report["pretrain"][modality] = known_record(report["pretrain"].get(modality), record)
-        else:
-            checkpoints[modality], report["pretrain"][modality] = pretrain(
-                modality, objectives.get(modality, "v1"), pre_steps.get(modality), pre_sets.get(modality, {}), runs)
-        atomic_write_json(out, report)
+            atomic_write_json(out, report)
+            continue
+        for repeat in range(args.pretrainings):
+            checkpoint, record = pretrain(modality, objectives.get(modality, "v1"), pre_steps.get(modality),
+                                          pre_sets.get(modality, {}), runs, repeat)
+            checkpoints.setdefault(modality, []).append(checkpoint)
+            if repeat == 0:
+                report["pretrain"][modality] = record
+            else:  # the repeats' own records under the first's
+                report["pretrain"][modality].setdefault("repeats", []).append(record)
+            atomic_write_json(out, report)
     for task in tasks if args.seeds else []:  # --seeds 0: pretrain only
         modality = TASKS[task].modality
         objective = report["pretrain"][modality]["objective"]
@@ -220,25 +260,27 @@ def main() -> None:
         values: dict[str, list[float]] = {}
         every: dict[str, list[dict]] = {}  # all test metrics per seed (CTC: CER moves before WER does)
         versions: dict[str, list[int]] = {}  # the FINETUNE version of each run
-        for init in ("pretrained", "scratch"):
+        pretrainings = len(checkpoints[modality])
+        for init, repeat in [("pretrained", k) for k in range(pretrainings)] + [("scratch", 0)]:
             for seed in range(args.seeds):
                 overrides = {"init": init, "seed": seed, "objective": objective}
                 if presets.get(modality):
                     overrides["preset"] = presets[modality]
                 if init == "pretrained":  # scratch runs name no checkpoint, so they are shared across pretrainings
-                    overrides["pretrained"] = str(checkpoints[modality])
+                    overrides["pretrained"] = str(checkpoints[modality][repeat])
                 # the per-run settings (init, seed, steps…) over the task's overrides, which may come from a profile
                 cfg = finetune_config(task, merge(ft_sets.get(task, {}), overrides))
                 tag = init if objective == "v1" else f"{init}-{objective}"
                 if init == "pretrained" and kind != "data2vec":
                     tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
-                run = runs / "finetune" / f"{task}-{tag}-s{seed}"
+                run = runs / "finetune" / f"{task}-{tag}{repeat_suffix(repeat)}-s{seed}"
                 every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task), args.lm,
                                                                   args.any_finetune_version))
                 versions.setdefault(init, []).append(finetune_version(run, folds.get(task)))
                 headline = scored_metrics(TASKS[task], args.lm)[0]
                 values.setdefault(init, []).append(every[init][-1][headline])
-                report["tasks"][task] = {**summarize(task, values, headline), "objective": objective,
+                report["tasks"][task] = {**summarize(task, values, headline, args.seeds), "objective": objective,
+                                         "pretrainings": pretrainings,
                                          "lm": str(args.lm) if headline == "wer_lm" else None,
                                          "finetune_recipes": versions,
                                          "finetune_steps": cfg.steps, "ft_profile": args.ft_profile,
@@ -246,7 +288,7 @@ def main() -> None:
                                          "folds": folds.get(task),
                                          "test_metrics": every}
                 atomic_write_json(out, report)
-                print(f"{task} {init} seed {seed}: {values[init][-1]:.4f}", flush=True)
+                print(f"{run.name}: {values[init][-1]:.4f}", flush=True)
         if task in folds:  # the same folds' no-learning reference
             report["tasks"][task]["raw_baseline"] = cv_baseline(task, folds[task])
             atomic_write_json(out, report)

@@ -295,6 +295,54 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
     assert behind["seeds_ahead"] == 1
 
 
+def test_several_pretrainings_pool_into_one_arm_and_pair_with_the_scratch_seeds():
+    # pretraining 0's seeds agree to a point, pretraining 1 lands 5 points lower: the pooled spread shows it
+    row = summarize("rt_polarity", {"pretrained": [0.67, 0.68, 0.62, 0.63], "scratch": [0.66, 0.70]}, seeds=2)
+    assert row["pretrained"]["per_pretraining"] == pytest.approx([0.675, 0.625])
+    assert row["pretrained"]["mean"] == pytest.approx(0.65) and row["pretrained"]["spread"] == pytest.approx(0.06)
+    assert row["seeds_ahead"] == 1  # 0.67 > 0.66 only: each pretraining's seed k against scratch's seed k
+    assert not row["wins"] and row["gain"] == pytest.approx(-0.03)
+    partial = summarize("rt_polarity", {"pretrained": [0.67, 0.68, 0.62], "scratch": [0.66]}, seeds=2)
+    assert partial["pretrained"]["per_pretraining"] == pytest.approx([0.675, 0.62]) and partial["seeds_ahead"] == 1
+    assert "per_pretraining" not in summarize("rt_polarity", {"pretrained": [0.7, 0.6], "scratch": [0.6]}, seeds=2)[
+        "pretrained"]
+
+
+def test_each_repeated_pretraining_has_its_seed_and_folder_and_its_own_fine_tunes(tmp_path, monkeypatch):
+    made, tuned = [], []
+
+    def fake_pretraining(cfg, run, tokenizer=None):
+        made.append((run.name, cfg.seed))
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"first": {"loss": 1.0}, "last": {"loss": 0.5}}))
+        return 1.0
+
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain_seconds", fake_pretraining)
+    monkeypatch.setattr(pretrain_vs_scratch, "missing_shards", lambda *a: [])
+    monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics", lambda cfg, run, folds, lm, any_version: tuned.append(
+        (run.name, cfg.pretrained)) or {"accuracy": 0.6 + 0.01 * len(tuned)})
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity",
+                                      "--objective", "text=v2", "--seeds", "2", "--pretrainings", "3",
+                                      "--set", "text.seed=5", "--runs", str(tmp_path), "--out", str(out)])
+    pretrain_vs_scratch.main()
+    assert made == [("text-v2", 5), ("text-v2-p1", 6), ("text-v2-p2", 7)]
+    finals = [str(tmp_path / "pretrain" / name / "final.pt") for name in ("text-v2", "text-v2-p1", "text-v2-p2")]
+    assert tuned == [("rt_polarity-pretrained-v2-s0", finals[0]), ("rt_polarity-pretrained-v2-s1", finals[0]),
+                     ("rt_polarity-pretrained-v2-p1-s0", finals[1]), ("rt_polarity-pretrained-v2-p1-s1", finals[1]),
+                     ("rt_polarity-pretrained-v2-p2-s0", finals[2]), ("rt_polarity-pretrained-v2-p2-s1", finals[2]),
+                     ("rt_polarity-scratch-v2-s0", None), ("rt_polarity-scratch-v2-s1", None)]
+    report = json.loads(out.read_text())
+    assert [r["seed"] for r in report["pretrain"]["text"]["repeats"]] == [6, 7]
+    row = report["tasks"]["rt_polarity"]
+    assert row["pretrainings"] == 3 and len(row["pretrained"]["values"]) == 6
+    assert row["pretrained"]["per_pretraining"] == pytest.approx([0.615, 0.635, 0.655])
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--pretrainings", "2",
+                                      "--pretrained", f"text={finals[0]}", "--out", str(out)])
+    with pytest.raises(SystemExit, match="not with --pretrained"):
+        pretrain_vs_scratch.main()
+
+
 def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(tmp_path, monkeypatch):
     cfg = finetune_config("speech_1h", {"init": "scratch"})
     (tmp_path / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
