@@ -136,6 +136,14 @@ def repeat_suffix(repeat: int) -> str:
     return f"-p{repeat}" if repeat else ""
 
 
+def with_known_repeats(old: dict | None, record: dict) -> dict:
+    """The record of a modality's first pretraining, keeping the output's records of its repeats when they belong to
+    the same pretraining (run folder, steps and overrides): a later run for other tasks, under --pretrainings 1,
+    then does not drop the provenance of rows that pool more pretrainings."""
+    same = old is not None and all(old.get(k) == record[k] for k in ("run", "steps", "overrides"))
+    return {**record, "repeats": old["repeats"]} if same and old.get("repeats") else record
+
+
 def known_record(old: dict | None, given: dict) -> dict:
     """The record of a `--pretrained` checkpoint: the output's own record when that pretraining was made by this
     script into the same file (its time, overrides and first/last statistics, which the checkpoint does not hold),
@@ -249,9 +257,9 @@ def main() -> None:
                                           pre_sets.get(modality, {}), runs, repeat)
             checkpoints.setdefault(modality, []).append(checkpoint)
             if repeat == 0:
-                report["pretrain"][modality] = record
+                report["pretrain"][modality] = with_known_repeats(report["pretrain"].get(modality), record)
             else:  # the repeats' own records under the first's
-                report["pretrain"][modality].setdefault("repeats", []).append(record)
+                report["pretrain"][modality].setdefault("repeats", [])[repeat - 1:repeat] = [record]
             atomic_write_json(out, report)
     for task in tasks if args.seeds else []:  # --seeds 0: pretrain only
         modality = TASKS[task].modality

@@ -337,6 +337,20 @@ def test_each_repeated_pretraining_has_its_seed_and_folder_and_its_own_fine_tune
     row = report["tasks"]["rt_polarity"]
     assert row["pretrainings"] == 3 and len(row["pretrained"]["values"]) == 6
     assert row["pretrained"]["per_pretraining"] == pytest.approx([0.615, 0.635, 0.655])
+    # a later run for another task under one pretraining keeps the repeats' records the pooled row stands on
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "bible_para",
+                                      "--objective", "text=v2", "--seeds", "1", "--set", "text.seed=5",
+                                      "--runs", str(tmp_path), "--out", str(out)])
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain_seconds", lambda cfg, run, tokenizer=None: 1.0)
+    pretrain_vs_scratch.main()
+    report = json.loads(out.read_text())
+    assert [r["seed"] for r in report["pretrain"]["text"]["repeats"]] == [6, 7]
+    assert report["tasks"]["bible_para"]["pretrainings"] == 1 and report["tasks"]["rt_polarity"]["pretrainings"] == 3
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "bible_para",
+                                      "--objective", "text=v2", "--seeds", "1", "--runs", str(tmp_path),
+                                      "--out", str(out)])
+    pretrain_vs_scratch.main()  # another pretraining (seed 0): its record carries no repeats of seed 5's
+    assert "repeats" not in json.loads(out.read_text())["pretrain"]["text"]
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--pretrainings", "2",
                                       "--pretrained", f"text={finals[0]}", "--out", str(out)])
     with pytest.raises(SystemExit, match="not with --pretrained"):
