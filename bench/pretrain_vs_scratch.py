@@ -10,7 +10,7 @@ version (`d2v.train.recipe`) are reused.
         [--pretrainings 3]
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
-        [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5] [--ft-profile embedded]
+        [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5] [--ft-profile embedded] [--weights teacher]
 
 `--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values).
 Fine-tuning, pretrained and scratch, uses the preset of the modality's pretrained encoder (`--set
@@ -21,6 +21,8 @@ train / 10 dev / 10 test documents): each seed's value is the mean over the fold
 `...-sSEED-fK`. `--pretrainings N` pretrains each modality N times (seeds seed … seed+N-1; the repeats in
 folders `text-v2-p1`, …) and fine-tunes every one: the pretrained arm pools the N × seeds runs, because at the
 embedded scale one pretraining's fine-tunes can agree to a point while another pretraining lands five away.
+`--weights teacher` fine-tunes the pretrained arm from each pretraining's EMA teacher instead of its student
+(fairseq's `load_ema`), in runs named `...-pretrained-teacher-sSEED`; the scratch runs are the student rows' own.
 `--ft-profile` starts each task's fine-tuning from the overrides a params.yaml profile gives it
 (embedded: fashion_mnist with flips only, speech_1h behind the log-mel front end), so a bench row can repeat the
 pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on top, and the row records the result.
@@ -215,6 +217,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml", help="the params file --ft-profile reads")
     parser.add_argument("--lm", type=Path, default=None, help="CTC tasks: also decode with this language model "
                         "folder (`d2v lm`), and compare the arms on its WER (wer_lm), the papers' metric")
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="the pretrained arm starts from each pretraining's student, or its EMA teacher")
     parser.add_argument("--any-finetune-version", action="store_true", help="reuse finished fine-tunes of the same "
                         "config made under an older FINETUNE version (scored again; the JSON records each run's)")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
@@ -275,12 +279,14 @@ def main() -> None:
                 if presets.get(modality):
                     overrides["preset"] = presets[modality]
                 if init == "pretrained":  # scratch runs name no checkpoint, so they are shared across pretrainings
-                    overrides["pretrained"] = str(checkpoints[modality][repeat])
+                    overrides.update(pretrained=str(checkpoints[modality][repeat]), weights=args.weights)
                 # the per-run settings (init, seed, steps…) over the task's overrides, which may come from a profile
                 cfg = finetune_config(task, merge(ft_sets.get(task, {}), overrides))
                 tag = init if objective == "v1" else f"{init}-{objective}"
                 if init == "pretrained" and kind != "data2vec":
                     tag += f"-{kind}"  # e.g. rt_polarity-pretrained-mlm-s0
+                if init == "pretrained" and args.weights == "teacher":
+                    tag += "-teacher"
                 run = runs / "finetune" / f"{task}-{tag}{repeat_suffix(repeat)}-s{seed}"
                 every.setdefault(init, []).append(cv_test_metrics(cfg, run, folds.get(task), args.lm,
                                                                   args.any_finetune_version))
@@ -288,7 +294,7 @@ def main() -> None:
                 headline = scored_metrics(TASKS[task], args.lm)[0]
                 values.setdefault(init, []).append(every[init][-1][headline])
                 report["tasks"][task] = {**summarize(task, values, headline, args.seeds), "objective": objective,
-                                         "pretrainings": pretrainings,
+                                         "pretrainings": pretrainings, "weights": args.weights,
                                          "lm": str(args.lm) if headline == "wer_lm" else None,
                                          "finetune_recipes": versions,
                                          "finetune_steps": cfg.steps, "ft_profile": args.ft_profile,

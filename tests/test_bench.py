@@ -351,6 +351,17 @@ def test_each_repeated_pretraining_has_its_seed_and_folder_and_its_own_fine_tune
                                       "--out", str(out)])
     pretrain_vs_scratch.main()  # another pretraining (seed 0): its record carries no repeats of seed 5's
     assert "repeats" not in json.loads(out.read_text())["pretrain"]["text"]
+    # --weights teacher: the pretrained arm in its own runs, from each pretraining's teacher; scratch unchanged
+    started = []
+    monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics", lambda cfg, run, folds, lm, any_version: started.append(
+        (run.name, cfg.weights)) or {"accuracy": 0.6})
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity",
+                                      "--objective", "text=v2", "--seeds", "1", "--pretrainings", "2",
+                                      "--weights", "teacher", "--runs", str(tmp_path), "--out", str(out)])
+    pretrain_vs_scratch.main()
+    assert started == [("rt_polarity-pretrained-v2-teacher-s0", "teacher"),
+                       ("rt_polarity-pretrained-v2-teacher-p1-s0", "teacher"), ("rt_polarity-scratch-v2-s0", "student")]
+    assert json.loads(out.read_text())["tasks"]["rt_polarity"]["weights"] == "teacher"
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--pretrainings", "2",
                                       "--pretrained", f"text={finals[0]}", "--out", str(out)])
     with pytest.raises(SystemExit, match="not with --pretrained"):

@@ -86,6 +86,26 @@ def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
 
 
+def test_weights_teacher_starts_from_the_ema_teacher(toy_image_task, tmp_path):
+    torch.manual_seed(0)
+    student, teacher = build_encoder("image", "tiny"), build_encoder("image", "tiny")
+    final = {"encoder": student.state_dict(), "teacher": teacher.state_dict(), "modality": "image", "preset": "tiny"}
+    torch.save(final, tmp_path / "final.pt")
+    cfg = toy_image_task.model_copy(update={"init": "pretrained", "pretrained": str(tmp_path / "final.pt")})
+    for weights, expected in (("student", student), ("teacher", teacher)):
+        loaded = ft.build_model(cfg.model_copy(update={"weights": weights})).encoder.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items()), weights
+    assert not torch.equal(student.state_dict()["patch_embed.weight"],
+                           teacher.state_dict()["patch_embed.weight"])
+    # an imported checkpoint without an EMA teacher stores the student twice: its "teacher" is refused
+    torch.save({**final, "teacher": final["encoder"], "imported": "fairseq", "has_teacher": False,
+                "source": "release.pt"}, tmp_path / "imported.pt")
+    with pytest.raises(ValueError, match="weights: teacher, but .*imported.pt was imported from release.pt without"):
+        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "imported.pt"), "weights": "teacher"}))
+    with pytest.raises(ValueError, match="weights: teacher needs init: pretrained"):
+        tasks.finetune_config("rt_polarity", {"init": "scratch", "weights": "teacher"})
+
+
 def test_fine_tuning_sets_its_own_regularization_and_still_loads_the_pretrained_encoder(toy_image_task, tmp_path):
     encoder = build_encoder("image", "tiny", "v2")  # pretrained without drop-path, as data2vec 2.0
     torch.save({"encoder": encoder.state_dict(), "modality": "image", "preset": "tiny", "objective": "v2"},

@@ -55,9 +55,7 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     encoder = build_encoder(task.modality, cfg.preset, cfg.objective, **cfg.regularization.overrides())
     if cfg.init == "pretrained":
-        state = load_final(cfg.pretrained or "", task.modality, cfg.preset, cfg.objective,
-                           f"finetune.{cfg.task}.pretrained")
-        encoder.load_state_dict(state["encoder"])
+        encoder.load_state_dict(pretrained_weights(cfg, task.modality))
     if task.modality == "image" and cfg.image is not None:
         require_image_shape(cfg.image.channels, cfg.image.size, encoder.cfg,
                             f"finetune.{cfg.task}.image ({cfg.preset})")
@@ -72,6 +70,19 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     if probe:
         encoder.requires_grad_(False)
     return model
+
+
+def pretrained_weights(cfg: FinetuneConfig, modality: str) -> dict:
+    """The encoder weights `cfg.weights` names in the pretraining's final.pt: the student, or the EMA teacher. An
+    imported checkpoint without an EMA teacher stores the student twice, so its teacher is refused by name."""
+    where = f"finetune.{cfg.task}"
+    state = load_final(cfg.pretrained or "", modality, cfg.preset, cfg.objective, f"{where}.pretrained")
+    if cfg.weights == "student":
+        return state["encoder"]
+    if state.get("has_teacher") is False:
+        raise ValueError(f"{where}.weights: teacher, but {cfg.pretrained} was imported from {state.get('source')} "
+                         "without an EMA teacher (its teacher is a copy of the student)")
+    return state["teacher"]
 
 
 # BEiT's embedding group (layer 0, the most decayed LR); every other non-block parameter trains at the full LR

@@ -112,6 +112,8 @@ class FinetuneConfig(StrictModel):
     init: Literal["pretrained", "scratch"] = "pretrained"
     mode: Literal["full", "probe"] = "full"
     pretrained: str | None = None  # final.pt of a pretraining run
+    # which of its encoders starts the fine-tune: the student, or the EMA teacher (fairseq's `load_ema`)
+    weights: Literal["student", "teacher"] = "student"
     preset: str = "embedded"
     objective: Objective = "v1"  # the encoder architecture: data2vec 1.0's or 2.0's at the preset size
     steps: int = Field(ge=1)
@@ -143,6 +145,13 @@ class FinetuneConfig(StrictModel):
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
     checkpoint: CheckpointConfig = CheckpointConfig()  # resumable state while the run is unfinished
     stream_resume: StreamResume = "replay"  # d2v.train.config.StreamResume
+
+    @model_validator(mode="after")
+    def _teacher_needs_a_pretraining(self):
+        if self.weights == "teacher" and self.init != "pretrained":
+            raise ValueError(f"weights: teacher needs init: pretrained (init is {self.init!r}, which loads no "
+                             "weights)")
+        return self
 
     @model_validator(mode="after")
     def _regularizers_of_the_modality(self):
