@@ -44,6 +44,7 @@ from runs import cv_baseline, cv_test_metrics, finetune_version, pretrain_second
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
 from d2v.io import atomic_write_json, read_torch
+from d2v.ema import init_share
 from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
 
@@ -128,8 +129,11 @@ def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs:
     run = runs / "pretrain" / ((modality if objective == "v1" else f"{modality}-{objective}") + repeat_suffix(repeat))
     seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
     summary = json.loads((run / "summary.json").read_text())
+    # runs older than the summary's teacher_init_share: the schedule gives it (cfg.ema is the recipe's when unset)
+    share = summary.get("teacher_init_share", init_share(cfg.ema, cfg.steps) if cfg.ema else None)
     return run / "final.pt", {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run),
-                              "seed": cfg.seed, "overrides": sets, **{k: summary.get(k) for k in ("first", "last")}}
+                              "seed": cfg.seed, "overrides": sets, "teacher_init_share": share,
+                              **{k: summary.get(k) for k in ("first", "last")}}
 
 
 def repeat_suffix(repeat: int) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -14,6 +15,17 @@ def ema_decay(cfg: EMAConfig, num_updates: int) -> float:
     if num_updates >= cfg.tau_steps:
         return cfg.tau_end
     return cfg.tau_end - (cfg.tau_end - cfg.tau_start) * (1 - num_updates / cfg.tau_steps)
+
+
+def init_share(cfg: EMAConfig, num_updates: int) -> float:
+    """The weight the teacher's averaged parameters still give their starting values after `num_updates` EMA steps:
+    the product of the τs. Near 1, the targets come from a barely trained network; the papers' schedules (τ 0.999
+    and up over 30k+ of 400k+ updates) take it to 0, short embedded runs may not."""
+    ramp = [ema_decay(cfg, n) for n in range(1, min(num_updates, cfg.tau_steps - 1) + 1)]  # the linear part
+    flat = num_updates - len(ramp)  # updates at tau_end
+    if min(ramp, default=1.0) <= 0.0 or (flat and cfg.tau_end <= 0.0):
+        return 0.0
+    return math.exp(math.fsum(map(math.log, ramp)) + flat * math.log(cfg.tau_end))
 
 
 class EMATeacher(nn.Module):

@@ -9,7 +9,7 @@ from conftest import make_objective, synthetic_batch
 from d2v.config import CollapseConfig, EMAConfig, LossConfig
 from d2v.data2vec import (CollapseError, build_targets, center_per_position, check_collapse, effective_rank,
                           instance_norm_over_time, regression_loss, representation_std)
-from d2v.ema import ema_decay
+from d2v.ema import ema_decay, init_share
 
 # ---------------------------------------------------------------- init
 
@@ -54,6 +54,25 @@ def test_ema_schedule_endpoints_and_midpoint():
     assert ema_decay(cfg, 10**6) == 0.9999
     const = EMAConfig.constant(0.9998)
     assert ema_decay(const, 0) == ema_decay(const, 10**6) == 0.9998
+
+
+def test_init_share_is_what_a_teacher_keeps_of_its_start_against_a_zero_student():
+    cfg = EMAConfig(tau_start=0.9, tau_end=0.99, tau_steps=3)
+    obj = make_objective("image", ema=cfg)
+    name = "blocks.0.mlp.fc1.weight"
+    start = dict(obj.teacher.named_parameters())[name].detach().clone()
+    with torch.no_grad():
+        for p in obj.student.parameters():
+            p.zero_()
+    for step in range(1, 6):
+        obj.ema_step(step)
+    kept = dict(obj.teacher.named_parameters())[name]
+    assert init_share(cfg, 5) == pytest.approx(0.93 * 0.96 * 0.99 ** 3)
+    assert torch.allclose(kept, start * init_share(cfg, 5), atol=1e-7)
+    assert init_share(cfg, 0) == 1.0 and init_share(EMAConfig.constant(0.0), 1) == 0.0
+    # the embedded v1 text schedule leaves a quarter of the teacher at its init; the paper's leaves nothing
+    assert init_share(EMAConfig(tau_start=0.998, tau_end=0.9998, tau_steps=1200), 1200) == pytest.approx(0.2671, 1e-3)
+    assert init_share(EMAConfig(tau_start=0.999, tau_end=0.9999, tau_steps=30_000), 400_000) < 1e-10
 
 
 def _perturb(module, seed):

@@ -14,6 +14,7 @@ import torch
 from d2v.config import ConfigError, EMAConfig
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError
+from d2v.ema import init_share
 from d2v.train import checkpoint, recipe
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
@@ -556,6 +557,9 @@ def test_a_checkpoint_from_another_config_or_data_is_never_resumed_silently(tmp_
     summary = run_pretrain(changed, build_objective(changed), synthetic_stream("text"), tmp_path, progress=False,
                            data_digest="aaa", restart_on_change=True)
     assert "discarded (optim); starting afresh" in capsys.readouterr().err and summary["step"] == 6
+    objective = build_objective(changed)  # what the summary says is left of the teacher's init: its schedule's
+    assert summary["teacher_init_share"] == pytest.approx(init_share(objective.ema.cfg, 6))
+    assert 0.0 < summary["teacher_init_share"] < 1.0
     rows = pd.read_csv(tmp_path / "metrics.csv")
     assert rows["step"].tolist() == list(range(1, 7))
     run_pretrain(changed, build_objective(changed), synthetic_stream("text"), tmp_path, progress=False,

@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d2v.data2vec import CollapseError, Data2Vec
+from d2v.ema import init_share
 from d2v.io import atomic_torch_save, atomic_write_json, read_torch
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
@@ -262,7 +263,8 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
 def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded,
             collapsed=False) -> dict:
     summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step,
-               "steps": cfg.steps, "collapsed": collapsed}
+               "steps": cfg.steps, "collapsed": collapsed,
+               "teacher_init_share": init_share(objective.ema.cfg, step)}
     model_state = None
     if step >= cfg.steps or collapsed:
         model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
