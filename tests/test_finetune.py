@@ -102,6 +102,9 @@ def test_weights_teacher_starts_from_the_ema_teacher(toy_image_task, tmp_path):
                 "source": "release.pt"}, tmp_path / "imported.pt")
     with pytest.raises(ValueError, match="weights: teacher, but .*imported.pt was imported from release.pt without"):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "imported.pt"), "weights": "teacher"}))
+    torch.save({k: v for k, v in final.items() if k != "teacher"}, tmp_path / "student_only.pt")
+    with pytest.raises(ValueError, match="student_only.pt holds no teacher"):
+        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "student_only.pt"), "weights": "teacher"}))
     with pytest.raises(ValueError, match="weights: teacher needs init: pretrained"):
         tasks.finetune_config("rt_polarity", {"init": "scratch", "weights": "teacher"})
 

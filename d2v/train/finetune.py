@@ -79,6 +79,8 @@ def pretrained_weights(cfg: FinetuneConfig, modality: str) -> dict:
     state = load_final(cfg.pretrained or "", modality, cfg.preset, cfg.objective, f"{where}.pretrained")
     if cfg.weights == "student":
         return state["encoder"]
+    if "teacher" not in state:
+        raise ValueError(f"{where}.weights: teacher, but {cfg.pretrained} holds no teacher (only the student)")
     if state.get("has_teacher") is False:
         raise ValueError(f"{where}.weights: teacher, but {cfg.pretrained} was imported from {state.get('source')} "
                          "without an EMA teacher (its teacher is a copy of the student)")
