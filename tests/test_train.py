@@ -231,6 +231,20 @@ def test_a_checkpoint_of_other_ranks_resumes_only_at_its_global_batch(tmp_path, 
     assert checkpoint.resume_point(legacy, config, 1, (), 100, world=World(size=8))[1]["batches"] == 10
 
 
+def test_a_config_key_added_since_the_checkpoint_is_no_change_at_its_default_only():
+    """A checkpoint written before `weights` and `optim.tri_stage_phases` existed resumes under today's config at their
+    defaults (read through the model); not from a plain dict, not at another value, not past a key removed since."""
+    cfg = finetune_config("fashion_mnist")
+    saved = cfg.model_dump(mode="json")
+    del saved["weights"], saved["optim"]["tri_stage_phases"]
+    assert checkpoint.changed_since({"config": saved}, cfg, 1, ()) == []
+    assert checkpoint.changed_since({"config": saved}, cfg.model_dump(mode="json"), 1, ()) == ["optim", "weights"]
+    assert checkpoint.changed_since({"config": saved}, cfg.model_copy(update={"stream_resume": "reseed"}), 1,
+                                    ()) == ["stream_resume"]
+    assert checkpoint.changed_since({"config": {**saved, "retired": 1}}, cfg, 2, ()) == ["optim", "retired", "weights",
+                                                                                         "recipe"]
+
+
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import torch
 
 from d2v.io import atomic_torch_save, read_torch
@@ -82,13 +83,17 @@ def load(path: str | Path) -> dict:
     return read_torch(path, "; delete it to resume from the previous one")
 
 
-def changed_since(saved: dict, config: dict, version: int, resumable_across: tuple[str, ...],
+def changed_since(saved: dict, config: dict | pydantic.BaseModel, version: int, resumable_across: tuple[str, ...],
                   data_digest: str | None = None) -> list[str]:
     """What differs between a checkpoint and the run about to resume from it: top-level config keys (but those
     `resumable_across`, which do not change what is computed), 'data' when the training shards changed (their
     index.json lists every shard's sha256), and 'recipe' when it was written under another `version` of its stage
-    kind's recipe (`d2v.train.recipe`)."""
+    kind's recipe (`d2v.train.recipe`). Given the config's model, the saved config is read as today's code reads
+    it: a key added since at its default is no change (a default that computes otherwise moves the recipe version)."""
     before = saved.get("config", {})
+    if isinstance(config, pydantic.BaseModel):
+        before = as_read_now(type(config), before)
+    config = as_dict(config)
     changed = sorted(k for k in config.keys() | before.keys()
                      if k not in resumable_across and before.get(k) != config.get(k))
     if data_digest is not None and saved.get("data_digest") not in (None, data_digest):
@@ -98,9 +103,22 @@ def changed_since(saved: dict, config: dict, version: int, resumable_across: tup
     return changed
 
 
-def resume_point(folder: str | Path, config: dict, version: int, resumable_across: tuple[str, ...], steps: int,
-                 data_digest: str | None = None, restart_on_change: bool = False,
-                 world: World = World()) -> tuple[Path | None, dict | None]:
+def as_dict(config: dict | pydantic.BaseModel) -> dict:
+    return config.model_dump(mode="json") if isinstance(config, pydantic.BaseModel) else config
+
+
+def as_read_now(model: type[pydantic.BaseModel], saved: dict) -> dict:
+    """A saved config with the fields added since at their defaults; as saved when today's model refuses it (a key
+    removed or retyped since, which then shows as changed)."""
+    try:
+        return model.model_validate(saved).model_dump(mode="json")
+    except pydantic.ValidationError:
+        return saved
+
+
+def resume_point(folder: str | Path, config: dict | pydantic.BaseModel, version: int,
+                 resumable_across: tuple[str, ...], steps: int, data_digest: str | None = None,
+                 restart_on_change: bool = False, world: World = World()) -> tuple[Path | None, dict | None]:
     """The newest checkpoint in `folder` and its state, or (None, None) to start afresh. One written under another
     config, data or recipe is never resumed silently: that is an error, or with `restart_on_change` (pipeline
     stages) the folder is discarded, as it is over a finished run. Every rank reads it (a shared file system);
@@ -120,7 +138,7 @@ def resume_point(folder: str | Path, config: dict, version: int, resumable_acros
     if restart_on_change and state["step"] >= steps:
         changed.append("finished run")
     if not changed:
-        return last, rescaled(last, state, config, world) if other_ranks else state
+        return last, rescaled(last, state, as_dict(config), world) if other_ranks else state
     barrier(world)  # a rank still loading the file would find it gone
     if world.is_main:
         print(f"{folder}: discarded ({', '.join(changed)}); starting afresh", file=sys.stderr)

@@ -332,8 +332,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     train_shards = shards_of(cfg, task.train)
     data_digest = shards_digest(train_shards)
     index_first(train_shards, cfg.stream_resume, world)
-    last, state = checkpoint.resume_point(ckpt_dir, cfg.model_dump(mode="json"), recipe.FINETUNE, RESUMABLE_ACROSS,
-                                          cfg.steps, data_digest, restart_on_change, world)
+    last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
+                                          restart_on_change, world)
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))

@@ -142,8 +142,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                         cfg.optim.tri_stage_phases)
     step, consumed = 0, 0
     ckpt_dir = out_dir / "checkpoints"
-    last, resume_state = checkpoint.resume_point(ckpt_dir, cfg.model_dump(mode="json"), recipe.PRETRAIN,
-                                                 RESUMABLE_ACROSS, cfg.steps, data_digest, restart_on_change, world)
+    last, resume_state = checkpoint.resume_point(ckpt_dir, cfg, recipe.PRETRAIN, RESUMABLE_ACROSS, cfg.steps,
+                                                 data_digest, restart_on_change, world)
     if resume_state is not None:
         objective.load_state_dict(resume_state["model"])  # the full state, before any sharding
         step, consumed = resume_state["step"], resume_state["batches"]
