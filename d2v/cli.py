@@ -89,19 +89,6 @@ def presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _options(pairs: list[str]) -> dict:
-    """`key=value` pairs → kwargs; values are parsed as YAML (numbers, lists, booleans)."""
-    from d2v.config import load_yaml
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key] = load_yaml(value, f"--set {pair}")
-    return out
-
-
 def _profile(args: argparse.Namespace):
     """The named profile of params.yaml (validated as a whole), or None when the command runs without one."""
     from d2v.pipeline.params import PARAMS_FILE, load_params
@@ -142,7 +129,7 @@ def prepare(args: argparse.Namespace) -> int:
     if args.source not in SOURCES:
         raise ValueError(f"unknown source {args.source!r}; expected one of {sorted(SOURCES)}")
     source = SOURCES[args.source]
-    kwargs = _options(args.set)
+    kwargs = nested_overrides(args.set)
     profile = _profile(args)
     if profile is not None:
         if args.source not in profile.sources:
@@ -205,7 +192,8 @@ def lm_cmd(args: argparse.Namespace) -> int:
         cfg, letters, out = profile.lm, profile.letters, profile.lm_dir
         corpus_dir = cfg.corpus and profile.raw / cfg.corpus
     else:
-        cfg = validate(lm.LanguageModelConfig, {"corpus": args.corpus, "arpa": args.arpa, **_options(args.set)}, "lm")
+        cfg = validate(lm.LanguageModelConfig, {"corpus": args.corpus, "arpa": args.arpa,
+                                                **nested_overrides(args.set)}, "lm")
         letters, out, corpus_dir = args.letters, args.out, args.corpus
     start = time.perf_counter()
     meta = lm.build(cfg, LetterTokenizer.load(letters).symbols, out, lm.corpus_files(corpus_dir) if corpus_dir else ())

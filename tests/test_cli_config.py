@@ -164,6 +164,9 @@ def test_a_config_file_or_set_value_that_is_not_yaml_is_named(tmp_path, capsys):
     assert f"error: {bad}: not valid YAML" in capsys.readouterr().err
     assert main(["pretrain", "text", "--set", "optim.lr=[1e-3,"]) == 2
     assert "error: --set optim.lr=[1e-3,: not valid YAML" in capsys.readouterr().err
+    for command in (["prepare", "fashion_mnist"], ["lm", "--corpus", "c", "--letters", "l", "--out", "o"]):
+        assert main([*command, "--set", "limit"]) == 2  # the prepare and lm options parse as every stage's
+        assert "error: --set expects key=value (dotted keys allowed), got 'limit'" in capsys.readouterr().err
 
 
 def test_params_the_stage_graph_and_the_data_stages_import_no_torch():
