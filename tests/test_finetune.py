@@ -82,8 +82,10 @@ def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_
     torch.save({"encoder": {}, "modality": "speech", "preset": "tiny"}, tmp_path / "speech.pt")
     with pytest.raises(ValueError, match="speech/tiny/v1 encoder, finetune.toy_image.pretrained needs image/tiny/v1"):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "speech.pt")}))
-    with pytest.raises(FileNotFoundError, match="is not a pretraining final.pt"):
+    with pytest.raises(FileNotFoundError, match="missing.pt' does not exist; expected a pretraining final.pt"):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
+    with pytest.raises(FileNotFoundError, match=r"is a folder \(its run's model is .*/final.pt\); expected a "):
+        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path)}))  # the run, not its final.pt
 
 
 def test_weights_teacher_starts_from_the_ema_teacher(toy_image_task, tmp_path):

@@ -93,7 +93,11 @@ def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str,
 def load_final(path: str | Path, modality: str, preset: str, objective: str, needed_by: str) -> dict:
     """A pretraining `final.pt`, refused unless it holds a `modality`/`preset`/`objective` encoder."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{needed_by}: {str(path)!r} is not a pretraining final.pt (run `d2v pretrain` first)")
+        inside = Path(path) / "final.pt"
+        what = (f"is a folder (its run's model is {inside})" if inside.is_file() else "is a folder") \
+            if Path(path).is_dir() else "does not exist"
+        raise FileNotFoundError(f"{needed_by}: {str(path)!r} {what}; expected a pretraining final.pt (run `d2v "
+                                "pretrain` first)")
     state = read_torch(path)
     kind = checkpoint.kind_of(state)
     if kind != "pretraining":
