@@ -93,11 +93,8 @@ def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str,
 def load_final(path: str | Path, modality: str, preset: str, objective: str, needed_by: str) -> dict:
     """A pretraining `final.pt`, refused unless it holds a `modality`/`preset`/`objective` encoder."""
     if not Path(path).is_file():
-        inside = Path(path) / "final.pt"
-        what = (f"is a folder (its run's model is {inside})" if inside.is_file() else "is a folder") \
-            if Path(path).is_dir() else "does not exist"
-        raise FileNotFoundError(f"{needed_by}: {str(path)!r} {what}; expected a pretraining final.pt (run `d2v "
-                                "pretrain` first)")
+        raise FileNotFoundError(f"{needed_by}: {str(path)!r} {_not_a_file(Path(path))}; expected a pretraining "
+                                "final.pt (run `d2v pretrain` first)")
     state = read_torch(path)
     kind = checkpoint.kind_of(state)
     if kind != "pretraining":
@@ -109,6 +106,12 @@ def load_final(path: str | Path, modality: str, preset: str, objective: str, nee
         raise ValueError(f"{path}: a {'/'.join(map(str, saved))} encoder, {needed_by} needs "
                          f"{modality}/{preset}/{objective} (modality/preset/objective)")
     return state
+
+
+def _not_a_file(path: Path) -> str:
+    if not path.is_dir():
+        return "does not exist"
+    return f"is a folder (its run's model is {path / 'final.pt'})" if (path / "final.pt").is_file() else "is a folder"
 
 
 def start_from(objective: Data2Vec, cfg: PretrainConfig) -> None:
