@@ -110,6 +110,26 @@ def test_a_checkpoint_of_the_other_kind_is_refused_as_one(tmp_path):
         load_finetuned(other)
 
 
+def test_evaluate_says_what_it_was_given_instead_of_a_fine_tuning_run(tmp_path, capsys):
+    from d2v.train import recipe
+
+    missing, pretraining, unfinished = tmp_path / "missing", tmp_path / "pretrain", tmp_path / "finetune"
+    for run, kind in ((pretraining, "pretrain"), (unfinished, "finetune")):
+        run.mkdir()
+        recipe.stamp(run, kind)
+    atomic_torch_save(pretraining / "final.pt", {"encoder": {}, "teacher": {}, "modality": "text"})
+    expected = {missing: f"{missing}: no such run folder",
+                pretraining / "final.pt": f"{pretraining / 'final.pt'} is a file; pass its run folder, and "
+                                          "--checkpoint final.pt",
+                pretraining: f"{pretraining} is a pretraining run; fine-tune it first (`d2v finetune TASK "
+                             f"--pretrained {pretraining / 'final.pt'}`)",
+                unfinished: f"{unfinished / 'best.pt'}: no fine-tuned model (run `d2v finetune` first, or let it "
+                            "finish)"}
+    for run, message in expected.items():
+        assert main(["evaluate", str(run)]) == 2
+        assert f"error: {message}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, problem", [("{\"symbols\": [", "not valid JSON"), ("[]", "expected an object")])
 def test_a_damaged_json_file_of_ours_is_named(tmp_path, capsys, text, problem):
     from d2v.data.tokenizer import LetterTokenizer

@@ -464,6 +464,18 @@ def load_finetuned(path: Path) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
     return model.to(resolve_device(cfg.device)), cfg, state
 
 
+def _no_finetuned_model(run_dir: Path, name: str) -> str:
+    """Why a run folder has no `name` to evaluate, and what to pass instead."""
+    if not run_dir.exists():
+        return f"{run_dir}: no such run folder (pass the folder `d2v finetune --out` wrote)"
+    if run_dir.is_file():
+        return f"{run_dir} is a file; pass its run folder, and --checkpoint {run_dir.name} to score that file"
+    if recipe.kind_of_run(run_dir) == "pretrain":
+        return (f"{run_dir} is a pretraining run; fine-tune it first (`d2v finetune TASK --pretrained "
+                f"{run_dir / 'final.pt'}`) and evaluate that run")
+    return f"{run_dir / name}: no fine-tuned model (run `d2v finetune` first, or let it finish)"
+
+
 def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | None = None,
              checkpoint_name: str = "best.pt", extra: tuple[str, ...] = (), lm: str | Path | None = None,
              decode_workers: int = 1) -> list[dict]:
@@ -475,8 +487,9 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     if launched_size() > 1:
         raise RuntimeError("d2v evaluate runs as one process, not under torchrun (each rank would score its own "
                            "share of the test shards)")
-    run_dir = Path(run_dir)
-    path = run_dir / checkpoint_name
+    path = Path(run_dir) / checkpoint_name
+    if not path.is_file():
+        raise FileNotFoundError(_no_finetuned_model(Path(run_dir), checkpoint_name))
     model, cfg, state = load_finetuned(path)
     require_extra_tests(cfg.task, extra)
     require_ctc_for_lm(cfg.task, lm)

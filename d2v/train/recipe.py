@@ -78,6 +78,14 @@ def recorded(run: str | Path, kind: RunKind) -> int:
     return int(version)
 
 
+def kind_of_run(run: str | Path) -> str | None:
+    """The stage kind a run folder records, or None where it records none readable."""
+    try:
+        return json.loads((Path(run) / RECORD).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def in_result(result: dict, kind: RunKind) -> int:
     """The version of `kind` an evaluation JSON was made under (its "recipe" maps kinds to versions; results
     written before EVALUATE existed held the fine-tune version as a bare number, or nothing)."""
