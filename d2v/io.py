@@ -56,6 +56,16 @@ def read_json(path: str | Path, expected: str, raw: bytes | None = None) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err}); expected {expected}") from err
 
 
+def not_a_file(path: str | Path) -> str:
+    """Why `path`, expected to be a checkpoint file, is none: it does not exist, or it is a run folder (naming the
+    checkpoints inside)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "does not exist"
+    inside = [str(path / name) for name in ("final.pt", "best.pt") if (path / name).is_file()]
+    return f"is a folder (holding {' and '.join(inside)})" if inside else "is a folder"
+
+
 def read_torch(path: str | Path, advice: str = "") -> Any:
     """`torch.load` of a file we or fairseq pickled (configs included, hence not weights-only), on the CPU. A file
     that does not unpickle (truncated, not a checkpoint, a class from a package not installed) is a ValueError that

@@ -130,6 +130,16 @@ def test_evaluate_says_what_it_was_given_instead_of_a_fine_tuning_run(tmp_path, 
         assert f"error: {message}" in capsys.readouterr().err
 
 
+def test_a_checkpoint_argument_that_is_no_file_says_whether_it_is_missing_or_a_run_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    atomic_torch_save(run / "final.pt", {"encoder": {}})
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 2
+    assert f"error: {run} is a folder (holding {run / 'final.pt'}): no checkpoint to export" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "model.pt"), str(tmp_path / "final.pt")]) == 2
+    assert f"error: {tmp_path / 'model.pt'} does not exist: no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "final.pt").exists()
+
+
 @pytest.mark.parametrize("text, problem", [("{\"symbols\": [", "not valid JSON"), ("[]", "expected an object")])
 def test_a_damaged_json_file_of_ours_is_named(tmp_path, capsys, text, problem):
     from d2v.data.tokenizer import LetterTokenizer

@@ -84,7 +84,7 @@ def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "speech.pt")}))
     with pytest.raises(FileNotFoundError, match="missing.pt' does not exist; expected a pretraining final.pt"):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
-    with pytest.raises(FileNotFoundError, match=r"is a folder \(its run's model is .*/final.pt\); expected a "):
+    with pytest.raises(FileNotFoundError, match=r"is a folder \(holding .*/final.pt\); expected a "):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path)}))  # the run, not its final.pt
 
 

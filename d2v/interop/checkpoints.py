@@ -9,7 +9,7 @@ from pathlib import Path
 
 from d2v.interop.layouts import InteropError
 from d2v.interop.hf_export import export_classifier, export_encoder, save_pretrained
-from d2v.io import atomic_torch_save, read_json, read_torch
+from d2v.io import atomic_torch_save, not_a_file, read_json, read_torch
 from d2v.train.tasks import Regularization
 
 TRAINING_ONLY = (*Regularization.model_fields, "init")  # encoder fields that are not architecture
@@ -30,7 +30,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, weights: str = "stu
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint to export")
+        raise FileNotFoundError(f"{path} {not_a_file(path)}: no checkpoint to export")
     state = read_torch(path)
     provenance = {"source": str(path)}
     if {"encoder", "teacher", "modality", "encoder_config"} <= state.keys():  # a pretraining's final.pt

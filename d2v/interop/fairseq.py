@@ -21,7 +21,7 @@ from torch import Tensor
 
 from d2v.config import Objective
 from d2v.interop.layouts import InteropError, KeyTable, drop, fuse_qkv, rename
-from d2v.io import read_torch
+from d2v.io import not_a_file, read_torch
 from d2v.modalities.image import ImageEncoderConfig
 from d2v.modalities.speech import SpeechEncoderConfig
 from d2v.modalities.text import TextEncoderConfig
@@ -77,7 +77,7 @@ class FairseqImport:
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint")
+        raise FileNotFoundError(f"{path} {not_a_file(path)}: no checkpoint")
     return read_torch(path)  # fairseq pickles its omegaconf config
 
 

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d2v.data2vec import CollapseError, Data2Vec
 from d2v.ema import init_share
-from d2v.io import atomic_torch_save, atomic_write_json, read_torch
+from d2v.io import atomic_torch_save, atomic_write_json, not_a_file, read_torch
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
@@ -93,7 +93,7 @@ def encoder_checkpoint(student: dict, teacher: dict, modality: str, preset: str,
 def load_final(path: str | Path, modality: str, preset: str, objective: str, needed_by: str) -> dict:
     """A pretraining `final.pt`, refused unless it holds a `modality`/`preset`/`objective` encoder."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{needed_by}: {str(path)!r} {_not_a_file(Path(path))}; expected a pretraining "
+        raise FileNotFoundError(f"{needed_by}: {str(path)!r} {not_a_file(path)}; expected a pretraining "
                                 "final.pt (run `d2v pretrain` first)")
     state = read_torch(path)
     kind = checkpoint.kind_of(state)
@@ -106,12 +106,6 @@ def load_final(path: str | Path, modality: str, preset: str, objective: str, nee
         raise ValueError(f"{path}: a {'/'.join(map(str, saved))} encoder, {needed_by} needs "
                          f"{modality}/{preset}/{objective} (modality/preset/objective)")
     return state
-
-
-def _not_a_file(path: Path) -> str:
-    if not path.is_dir():
-        return "does not exist"
-    return f"is a folder (its run's model is {path / 'final.pt'})" if (path / "final.pt").is_file() else "is a folder"
 
 
 def start_from(objective: Data2Vec, cfg: PretrainConfig) -> None:
