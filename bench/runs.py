@@ -100,9 +100,12 @@ def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool 
             # scored by other code or LM: the fine-tuned model is still current
             results = evaluate(out, lm=lm, decode_workers=usable_cpus())
     else:
-        if finished:
+        trained = (out / "summary.json").is_file()
+        if trained:
             refuse_another_config(out, cfg)
-        run_finetune(cfg, out, progress=False)
+        # a finished run of this config made under an older recipe is trained again; one this config's code would
+        # still make is reused as it is (its evaluation was missing)
+        run_finetune(cfg, out, progress=False, restart_on_change=trained)
         results = evaluate(out, lm=lm, decode_workers=usable_cpus())
     if task.kind == "ctc":
         results = [r for r in results if r["split"].startswith("test")]

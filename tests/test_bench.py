@@ -430,12 +430,13 @@ def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path,
         run.mkdir()
         (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
         recipe.stamp(run, "finetune")
+        (run / "summary.json").write_text("{}")
         (run / "eval").mkdir()
         (run / "eval" / eval_file_name("fashion_mnist", "test")).write_text(
             json.dumps({"split": "test", "metrics": {"accuracy": 0.8}}))
 
     fine_tuned = []
-    monkeypatch.setattr(runs, "run_finetune", lambda cfg, out, **k: fine_tuned.append(out))
+    monkeypatch.setattr(runs, "run_finetune", lambda cfg, out, **k: fine_tuned.append((out, k["restart_on_change"])))
     monkeypatch.setattr(runs, "evaluate", lambda run, lm=None, **_: [{"split": "test", "metrics": {"accuracy": 0.5}}])
     long = finetune_config("fashion_mnist", {"init": "scratch", "steps": 1000, "optim": {"lr": 1e-3}})
     short = finetune_config("fashion_mnist", {"init": "scratch", "steps": 300, "optim": {"lr": 1e-3}})
@@ -447,11 +448,14 @@ def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path,
     with pytest.raises(SystemExit, match=r"optim.lr: 0.001 -> 0.002"):
         mean_test_metrics(long.model_copy(update={"optim": long.optim.model_copy(update={"lr": 2e-3})}), tmp_path / "a")
     monkeypatch.setattr(recipe, "FINETUNE", recipe.FINETUNE + 1)  # stale, not another config: run again
-    assert mean_test_metrics(long, tmp_path / "a") == {"accuracy": 0.5} and fine_tuned == [tmp_path / "a"]
-    (tmp_path / "b").mkdir()  # unfinished (no evaluation): nothing to lose
+    assert mean_test_metrics(long, tmp_path / "a") == {"accuracy": 0.5} and fine_tuned == [(tmp_path / "a", True)]
+    (tmp_path / "b").mkdir()  # unfinished (no summary, no evaluation): its checkpoints decide (another config: refused)
     (tmp_path / "b" / "config.json").write_text(json.dumps(long.model_dump(mode="json")))
     mean_test_metrics(short, tmp_path / "b")
-    assert fine_tuned[-1] == tmp_path / "b"
+    assert fine_tuned[-1] == (tmp_path / "b", False)
+    (tmp_path / "a" / "eval" / eval_file_name("fashion_mnist", "test")).unlink()  # trained, never scored
+    with pytest.raises(SystemExit, match=r"a: holds a finished fine-tune under another config \(steps: 1000 -> 300\)"):
+        mean_test_metrics(short, tmp_path / "a")
 
 
 def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the_folds(tmp_path, monkeypatch):

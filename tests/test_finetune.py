@@ -332,6 +332,24 @@ def test_an_interrupted_fine_tune_resumes_bit_for_bit_and_refuses_another_config
     assert pd.read_csv(tmp_path / "c" / "metrics.csv")["step"].tolist() == [1]
 
 
+def test_a_finished_fine_tune_started_again_does_nothing_and_is_never_trained_over(toy_image_task, tmp_path,
+                                                                                   capsys):
+    """Its best.pt may already be evaluated: the same config returns the stored summary without touching the folder;
+    another config is refused by name, or trained again with restart_on_change (pipeline stages)."""
+    cfg = toy_image_task.model_copy(update={"steps": 4})
+    run = tmp_path / "run"
+    first = ft.run_finetune(cfg, run, progress=False)
+    written = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    assert ft.run_finetune(cfg, run, progress=False) == first
+    assert f"{run}: finished already under this config; nothing to do" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()} == written
+    other = cfg.model_copy(update={"steps": 5})
+    with pytest.raises(ValueError, match=r"run: holds a finished run of another config or recipe \(steps changed\)"):
+        ft.run_finetune(other, run, progress=False)
+    assert ft.run_finetune(other, run, progress=False, restart_on_change=True)["steps"] == 5
+    assert torch.load(run / "final.pt", weights_only=False)["step"] == 5
+
+
 def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_image_task, tmp_path, monkeypatch):
     """`stream_resume: reseed`: the resumed run reads one fresh batch per micro-batch, from the stream of
     `resumed_seed(seed, consumed)`, and finishes; `replay` would decode the 6 consumed batches first."""
