@@ -1,5 +1,6 @@
 """Training engine: exact resume, DDP over gloo vs gradient accumulation, schedules, checkpoint hygiene."""
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -76,6 +77,24 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
+def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_path, capsys):
+    """Its final.pt may already be fine-tuned from: started again with the checkpoints deleted, the same config does
+    nothing; another config is refused by name, or trained again with restart_on_change (pipeline stages)."""
+    cfg, run = tiny_cfg("text", steps=3), tmp_path / "run"
+    first = run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), run, progress=False)
+    shutil.rmtree(run / "checkpoints")
+    final = (run / "final.pt").stat().st_mtime_ns
+    assert run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), run, progress=False) == \
+        json.loads((run / "summary.json").read_text()) and first["steps"] == 3
+    assert f"{run}: finished already under this config; nothing to do" in capsys.readouterr().err
+    assert (run / "final.pt").stat().st_mtime_ns == final and not (run / "checkpoints").exists()
+    other = tiny_cfg("text", steps=3, seed=4)
+    with pytest.raises(ValueError, match=r"run: holds a finished run of another config or recipe \(seed changed\)"):
+        run_pretrain(other, build_objective(other), synthetic_stream("text"), run, progress=False)
+    run_pretrain(other, build_objective(other), synthetic_stream("text"), run, progress=False, restart_on_change=True)
+    assert json.loads((run / "config.json").read_text())["seed"] == 4
+
+
 @pytest.mark.parametrize("objective", ["v1", "v2"])
 def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_schedule_restarted(tmp_path, objective,
                                                                                                monkeypatch):
@@ -103,7 +122,8 @@ def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_sch
     assert two["lr"].iloc[0] == one["lr"].iloc[0] < one["lr"].max()  # the warm-up again, from step 1
     assert list(two["step"]) == [1, 2, 3, 4] and set(two["tau"]) == {0.9999}
     # what it cannot continue, by name
-    with pytest.raises(FileNotFoundError, match="pretrain.image.init_from: .*missing.pt' is not a pretraining"):
+    with pytest.raises(FileNotFoundError, match="pretrain.image.init_from: .*missing.pt' does not exist; expected a "
+                                                "pretraining"):
         start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "missing.pt")}))
     torch.save({**final, "modality": "text"}, tmp_path / "text.pt")
     with pytest.raises(ValueError, match=f"a text/tiny/{objective} encoder, pretrain.image.init_from needs image"):

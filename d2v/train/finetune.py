@@ -32,7 +32,7 @@ from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats
-from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_json, read_torch
+from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_torch
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.image import require_image_shape
@@ -325,7 +325,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     discarded."""
     task = TASKS[cfg.task]
     out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
-    if (done := finished_run(out_dir, cfg, restart_on_change)) is not None:
+    if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, restart_on_change)) is not None:
         return done
     device = resolve_device(cfg.device)
     world = init(cfg.device)
@@ -413,25 +413,6 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier(world)  # the run folder is complete when any rank returns
     return summary
-
-
-def finished_run(out_dir: Path, cfg: FinetuneConfig, restart_on_change: bool) -> dict | None:
-    """The summary of a run that finished in `out_dir` under `cfg`, which started again has nothing to do; None to
-    train. A finished run is never retrained over silently (its best.pt may already be evaluated): one of another
-    config or recipe is an error, or with `restart_on_change` (pipeline stages) trained again."""
-    summary, config = out_dir / "summary.json", out_dir / "config.json"
-    if not all(f.is_file() for f in (summary, config, out_dir / "final.pt")) or (out_dir / "checkpoints").exists():
-        return None
-    saved = {"config": read_json(config, "the run's fine-tuning config"),
-             "recipe": recipe.recorded(out_dir, "finetune")}
-    changed = checkpoint.changed_since(saved, cfg, recipe.FINETUNE, RESUMABLE_ACROSS)
-    if not changed:
-        print(f"{out_dir}: finished already under this config; nothing to do", file=sys.stderr)
-        return read_json(summary, "the run's summary")
-    if restart_on_change:
-        return None
-    raise ValueError(f"{out_dir}: holds a finished run of another config or recipe ({', '.join(changed)} changed); "
-                     "use another --out, delete it, or pass --restart-on-change")
 
 
 def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int) -> None:

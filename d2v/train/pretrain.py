@@ -136,6 +136,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     `restart_on_change` (pipeline stages) the old checkpoints are discarded. Pipeline stages also start afresh
     over a finished run: Snakemake or DVC rerun a stage only when asked to or when its inputs changed."""
     out_dir = Path(out_dir)
+    if (done := checkpoint.finished_run(out_dir, cfg, "pretrain", RESUMABLE_ACROSS, restart_on_change)) is not None:
+        return done
     objective.to(world.device)
     collapse = objective.cfg.collapse.model_copy(update={"warmup_steps": int(cfg.collapse_warmup * cfg.steps)})
     objective.cfg = objective.cfg.model_copy(update={"collapse": collapse})
