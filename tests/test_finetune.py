@@ -344,7 +344,8 @@ def test_a_finished_fine_tune_started_again_does_nothing_and_is_never_trained_ov
     assert f"{run}: finished already under this config; nothing to do" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()} == written
     other = cfg.model_copy(update={"steps": 5})
-    with pytest.raises(ValueError, match=r"run: holds a finished run of another config or recipe \(steps changed\)"):
+    with pytest.raises(ValueError, match=r"run: holds a finished run of another config, data or recipe "
+                                         r"\(steps changed\)"):
         ft.run_finetune(other, run, progress=False)
     assert ft.run_finetune(other, run, progress=False, restart_on_change=True)["steps"] == 5
     assert torch.load(run / "final.pt", weights_only=False)["step"] == 5

@@ -89,7 +89,8 @@ def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_
     assert f"{run}: finished already under this config; nothing to do" in capsys.readouterr().err
     assert (run / "final.pt").stat().st_mtime_ns == final and not (run / "checkpoints").exists()
     other = tiny_cfg("text", steps=3, seed=4)
-    with pytest.raises(ValueError, match=r"run: holds a finished run of another config or recipe \(seed changed\)"):
+    with pytest.raises(ValueError, match=r"run: holds a finished run of another config, data or recipe "
+                                         r"\(seed changed\)"):
         run_pretrain(other, build_objective(other), synthetic_stream("text"), run, progress=False)
     run_pretrain(other, build_objective(other), synthetic_stream("text"), run, progress=False, restart_on_change=True)
     assert json.loads((run / "config.json").read_text())["seed"] == 4
@@ -263,6 +264,24 @@ def test_a_config_key_added_since_the_checkpoint_is_no_change_at_its_default_onl
                                     ()) == ["stream_resume"]
     assert checkpoint.changed_since({"config": {**saved, "retired": 1}}, cfg, 2, ()) == ["optim", "retired", "weights",
                                                                                          "recipe"]
+
+
+def test_a_finished_run_under_other_shards_is_refused_and_an_older_summary_is_taken_on_trust(tmp_path):
+    cfg, run = tiny_cfg("text"), tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json")))
+    (run / "final.pt").write_bytes(b"")
+    recipe.stamp(run, "pretrain")
+    (run / "summary.json").write_text(json.dumps({"steps": 6, "data_digest": "abc"}))
+    finished = lambda digest: checkpoint.finished_run(run, cfg, "pretrain", (), digest, False)  # noqa: E731
+    assert finished("abc")["steps"] == 6
+    with pytest.raises(ValueError, match=r"another config, data or recipe \(data changed\)"):
+        finished("def")
+    (run / "summary.json").write_text(json.dumps({"steps": 6}))  # written before summaries named their data
+    assert finished("def")["steps"] == 6
+    (run / "checkpoints").mkdir()
+    checkpoint.save(run / "checkpoints", 6, {"config": cfg.model_dump(mode="json")})
+    assert finished("def") is None  # a checkpoint is left: resume_point decides
 
 
 DDP_SCRIPT = """

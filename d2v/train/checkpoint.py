@@ -148,22 +148,25 @@ def resume_point(folder: str | Path, config: dict | pydantic.BaseModel, version:
 
 
 def finished_run(out_dir: Path, config: pydantic.BaseModel, kind: recipe.RunKind, resumable_across: tuple[str, ...],
-                 restart_on_change: bool) -> dict | None:
+                 data_digest: str | None, restart_on_change: bool) -> dict | None:
     """The summary of a run that finished in `out_dir` under `config` and left no checkpoint to resume from (a
     fine-tune removes its own; a pretraining's may have been deleted): started again, it has nothing to do. None to
     train. A finished run is never trained over silently, since its final.pt or best.pt may already be in use: one of
-    another config or recipe is an error, or with `restart_on_change` (pipeline stages) trained again."""
+    another config, data or recipe is an error, or with `restart_on_change` (pipeline stages) trained again."""
     summary, saved_config = out_dir / "summary.json", out_dir / "config.json"
     if latest(out_dir / "checkpoints") or not all(f.is_file() for f in (summary, saved_config, out_dir / "final.pt")):
         return None
-    saved = {"config": read_json(saved_config, f"the run's {kind} config"), "recipe": recipe.recorded(out_dir, kind)}
-    changed = changed_since(saved, config, recipe.current(kind), resumable_across)
+    done = read_json(summary, f"the {kind} run's summary")
+    saved = {"config": read_json(saved_config, f"the run's {kind} config"), "recipe": recipe.recorded(out_dir, kind),
+             "data_digest": done.get("data_digest")}  # None in summaries before it: not compared
+    changed = changed_since(saved, config, recipe.current(kind), resumable_across, data_digest)
     if not changed:
         print(f"{out_dir}: finished already under this config; nothing to do", file=sys.stderr)
-        return read_json(summary, f"the {kind} run's summary")
+        return done
     if restart_on_change:
         return None
-    raise ValueError(f"{out_dir}: holds a finished run of another config or recipe ({', '.join(changed)} changed); "
+    raise ValueError(f"{out_dir}: holds a finished run of another config, data or recipe ({', '.join(changed)} "
+                     "changed); "
                      "use another --out, delete it, or pass --restart-on-change")
 
 

@@ -325,14 +325,15 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     discarded."""
     task = TASKS[cfg.task]
     out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
-    if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, restart_on_change)) is not None:
-        return done
     device = resolve_device(cfg.device)
     world = init(cfg.device)
     if world.distributed:
         device = world.device
     train_shards = shards_of(cfg, task.train)
     data_digest = shards_digest(train_shards)
+    if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, data_digest,
+                                        restart_on_change)) is not None:
+        return done
     index_first(train_shards, cfg.stream_resume, world)
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
                                           restart_on_change, world)
@@ -407,7 +408,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     if bar is not None:
         bar.close()
     summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
-               "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics}
+               "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics, "data_digest": data_digest}
     if world.is_main and step >= cfg.steps:
         _write_run(model, cfg, out_dir, log, summary, best_metrics is None)
         shutil.rmtree(ckpt_dir, ignore_errors=True)

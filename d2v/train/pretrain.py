@@ -136,7 +136,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     `restart_on_change` (pipeline stages) the old checkpoints are discarded. Pipeline stages also start afresh
     over a finished run: Snakemake or DVC rerun a stage only when asked to or when its inputs changed."""
     out_dir = Path(out_dir)
-    if (done := checkpoint.finished_run(out_dir, cfg, "pretrain", RESUMABLE_ACROSS, restart_on_change)) is not None:
+    if (done := checkpoint.finished_run(out_dir, cfg, "pretrain", RESUMABLE_ACROSS, data_digest,
+                                        restart_on_change)) is not None:
         return done
     objective.to(world.device)
     collapse = objective.cfg.collapse.model_copy(update={"warmup_steps": int(cfg.collapse_warmup * cfg.steps)})
@@ -267,7 +268,7 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
             collapsed=False) -> dict:
     summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step,
                "steps": cfg.steps, "collapsed": collapsed,
-               "teacher_init_share": init_share(objective.ema.cfg, step)}
+               "teacher_init_share": init_share(objective.ema.cfg, step), "data_digest": data_digest}
     model_state = None
     if step >= cfg.steps or collapsed:
         model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
