@@ -115,7 +115,8 @@ def _add_lm(p: argparse.ArgumentParser) -> None:
 
 def _add_restart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart-on-change", action="store_true",
-                   help="discard checkpoints written under a different config instead of stopping (on with --profile)")
+                   help="discard checkpoints, or train over a finished run, of another config, data or recipe "
+                        "instead of stopping (on with --profile)")
 
 
 def prepare(args: argparse.Namespace) -> int:
