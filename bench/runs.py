@@ -103,9 +103,9 @@ def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool 
         trained = (out / "summary.json").is_file()
         if trained:
             refuse_another_config(out, cfg)
-        # a finished run of this config made under an older recipe is trained again; one this config's code would
-        # still make is reused as it is (its evaluation was missing)
-        run_finetune(cfg, out, progress=False, restart_on_change=trained)
+        # a finished run of this config made under an older recipe is trained again; one the code would still make
+        # is reused as it is (only its evaluation was missing)
+        run_finetune(cfg, out, progress=False, restart_on_change=trained and not same_config(out, cfg, any_version))
         results = evaluate(out, lm=lm, decode_workers=usable_cpus())
     if task.kind == "ctc":
         results = [r for r in results if r["split"].startswith("test")]

@@ -152,22 +152,20 @@ def finished_run(out_dir: Path, config: pydantic.BaseModel, kind: recipe.RunKind
     """The summary of a run that finished in `out_dir` under `config` and left no checkpoint to resume from (a
     fine-tune removes its own; a pretraining's may have been deleted): started again, it has nothing to do. None to
     train. A finished run is never trained over silently, since its final.pt or best.pt may already be in use: one of
-    another config, data or recipe is an error, or with `restart_on_change` (pipeline stages) trained again."""
+    another config, data or recipe is an error. With `restart_on_change` (pipeline stages, which delete their outputs
+    first) the caller starts afresh, as `resume_point` does over a finished checkpoint."""
     summary, saved_config = out_dir / "summary.json", out_dir / "config.json"
-    if latest(out_dir / "checkpoints") or not all(f.is_file() for f in (summary, saved_config, out_dir / "final.pt")):
+    if restart_on_change or latest(out_dir / "checkpoints") or \
+            not all(f.is_file() for f in (summary, saved_config, out_dir / "final.pt")):
         return None
     done = read_json(summary, f"the {kind} run's summary")
     saved = {"config": read_json(saved_config, f"the run's {kind} config"), "recipe": recipe.recorded(out_dir, kind),
              "data_digest": done.get("data_digest")}  # None in summaries before it: not compared
-    changed = changed_since(saved, config, recipe.current(kind), resumable_across, data_digest)
-    if not changed:
-        print(f"{out_dir}: finished already under this config; nothing to do", file=sys.stderr)
-        return done
-    if restart_on_change:
-        return None
-    raise ValueError(f"{out_dir}: holds a finished run of another config, data or recipe ({', '.join(changed)} "
-                     "changed); "
-                     "use another --out, delete it, or pass --restart-on-change")
+    if changed := changed_since(saved, config, recipe.current(kind), resumable_across, data_digest):
+        raise ValueError(f"{out_dir}: holds a finished run of another config, data or recipe ({', '.join(changed)} "
+                         "changed); use another --out, delete it, or pass --restart-on-change")
+    print(f"{out_dir}: finished already under this config; nothing to do", file=sys.stderr)
+    return done
 
 
 def rescaled(last: Path, state: dict, config: dict, world: World) -> dict:
