@@ -16,7 +16,8 @@ from d2v.config import ConfigError, EMAConfig
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError
 from d2v.ema import init_share
-from d2v.train import checkpoint, recipe
+from d2v.train import checkpoint, pretrain, recipe
+from d2v.train.distributed import World
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
@@ -77,7 +78,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
-def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_path, capsys):
+def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_path, capsys, monkeypatch):
     """Its final.pt may already be fine-tuned from: started again with the checkpoints deleted, the same config does
     nothing; another config is refused by name, or trained again with restart_on_change (pipeline stages)."""
     cfg, run = tiny_cfg("text", steps=3), tmp_path / "run"
@@ -88,6 +89,12 @@ def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_
         json.loads((run / "summary.json").read_text()) and first["steps"] == 3
     assert f"{run}: finished already under this config; nothing to do" in capsys.readouterr().err
     assert (run / "final.pt").stat().st_mtime_ns == final and not (run / "checkpoints").exists()
+    # the CLI's entry answers before it builds a model or indexes shards; another rank reads alike and says nothing
+    monkeypatch.setattr(pretrain, "build_objective", lambda cfg: pytest.fail("built a model for a finished run"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert pretrain.pretrain_main(cfg, run, progress=False) == summary
+    assert checkpoint.finished_run(run, cfg, "pretrain", (), None, False, World(rank=1, size=2)) == summary
+    assert capsys.readouterr().err.count("nothing to do") == 1
     other = tiny_cfg("text", steps=3, seed=4)
     with pytest.raises(ValueError, match=r"run: holds a finished run of another config, data or recipe "
                                          r"\(seed changed\)"):

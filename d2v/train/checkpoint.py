@@ -148,12 +148,13 @@ def resume_point(folder: str | Path, config: dict | pydantic.BaseModel, version:
 
 
 def finished_run(out_dir: Path, config: pydantic.BaseModel, kind: recipe.RunKind, resumable_across: tuple[str, ...],
-                 data_digest: str | None, restart_on_change: bool) -> dict | None:
+                 data_digest: str | None, restart_on_change: bool, world: World = World()) -> dict | None:
     """The summary of a run that finished in `out_dir` under `config` and left no checkpoint to resume from (a
     fine-tune removes its own; a pretraining's may have been deleted): started again, it has nothing to do. None to
     train. A finished run is never trained over silently, since its final.pt or best.pt may already be in use: one of
     another config, data or recipe is an error. With `restart_on_change` (pipeline stages, which delete their outputs
-    first) the caller starts afresh, as `resume_point` does over a finished checkpoint."""
+    first) the caller starts afresh, as `resume_point` does over a finished checkpoint. Every rank reads the same
+    files and returns alike; the main rank says so."""
     summary, saved_config = out_dir / "summary.json", out_dir / "config.json"
     if restart_on_change or latest(out_dir / "checkpoints") or \
             not all(f.is_file() for f in (summary, saved_config, out_dir / "final.pt")):
@@ -164,7 +165,8 @@ def finished_run(out_dir: Path, config: pydantic.BaseModel, kind: recipe.RunKind
     if changed := changed_since(saved, config, recipe.current(kind), resumable_across, data_digest):
         raise ValueError(f"{out_dir}: holds a finished run of another config, data or recipe ({', '.join(changed)} "
                          "changed); use another --out, delete it, or pass --restart-on-change")
-    print(f"{out_dir}: finished already under this config; nothing to do", file=sys.stderr)
+    if world.is_main:
+        print(f"{out_dir}: finished already under this config; nothing to do", file=sys.stderr)
     return done
 
 

@@ -332,7 +332,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     train_shards = shards_of(cfg, task.train)
     data_digest = shards_digest(train_shards)
     if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, data_digest,
-                                        restart_on_change)) is not None:
+                                        restart_on_change, world)) is not None:
         return done
     index_first(train_shards, cfg.stream_resume, world)
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,

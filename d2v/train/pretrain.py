@@ -137,7 +137,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     over a finished run: Snakemake or DVC rerun a stage only when asked to or when its inputs changed."""
     out_dir = Path(out_dir)
     if (done := checkpoint.finished_run(out_dir, cfg, "pretrain", RESUMABLE_ACROSS, data_digest,
-                                        restart_on_change)) is not None:
+                                        restart_on_change, world)) is not None:
         return done
     objective.to(world.device)
     collapse = objective.cfg.collapse.model_copy(update={"warmup_steps": int(cfg.collapse_warmup * cfg.steps)})
@@ -361,11 +361,16 @@ def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Pat
 
     world = init(cfg.device)
     try:
+        data_digest = shards_digest(cfg.data.shards)
+        # before the model is built (minutes for ViT-H on CPU); run_pretrain asks again, for its direct callers
+        if (done := checkpoint.finished_run(Path(out_dir), cfg, "pretrain", RESUMABLE_ACROSS, data_digest,
+                                            restart_on_change, world)) is not None:
+            return done
         objective = build_objective(cfg)
         check_text_vocabulary(cfg, objective, tokenizer)
         index_first(cfg.data.shards, cfg.stream_resume, world)
         stream = pretrain_stream(cfg.modality, cfg.data, cfg.seed, cfg.stream_resume)
         return run_pretrain(cfg, objective, stream, out_dir, world, progress=progress,
-                            restart_on_change=restart_on_change, data_digest=shards_digest(cfg.data.shards))
+                            restart_on_change=restart_on_change, data_digest=data_digest)
     finally:
         shutdown()
