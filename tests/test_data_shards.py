@@ -1,5 +1,6 @@
 """Shards, readers and tokenizers on small prepared sources built in the test."""
 import io
+import itertools
 import json
 import os
 
@@ -179,6 +180,31 @@ def test_corrupt_audio_in_a_shard_is_skipped_with_a_warning(tmp_path, caplog):
         {"name": tar.name, "bytes": os.path.getsize(tar), "count": 2, "sha256": file_digest(tar)}]}))
     out = list(speech_loader(tmp_path / "s", AudioConfig(min_samples=0), "eval", 4))
     assert out[0]["text"] == ["A"] and "skipping bad" in caplog.text
+
+
+def test_a_shard_cut_short_by_a_corrupt_tar_header_is_an_error_not_a_smaller_dataset(tmp_path):
+    """Python's tarfile ends a stream silently at a bad header; the reader compares each shard with index.json."""
+    import tarfile
+
+    import webdataset as wds
+    (tmp_path / "s").mkdir()
+    tar = tmp_path / "s" / "shard-000000.tar"
+    with wds.TarWriter(str(tar)) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"u{i}", "flac": flac_bytes(0.5), "txt": "A"})
+    (tmp_path / "s" / "index.json").write_text(json.dumps({"shards": [
+        {"name": tar.name, "bytes": os.path.getsize(tar), "count": 5, "sha256": file_digest(tar)}]}))
+    assert len(list(speech_loader(tmp_path / "s", AudioConfig(min_samples=0), "eval", 1))) == 5
+    with tarfile.open(tar) as t:
+        header = [m.offset for m in t if m.name.startswith("u2.")][0]
+    with open(tar, "r+b") as f:  # same size, so the index's byte count still matches: the name field overwritten
+        f.seek(header)
+        f.write(b"garbage" * 8)
+    for mode in ("eval", "pretrain"):  # a single pass, and the resampled stream of pretraining
+        batches = speech_loader(tmp_path / "s", AudioConfig(min_samples=0), mode, 1)
+        with pytest.raises(ShardError, match=r"shard-000000.tar: 2 samples read, index.json says 5; the tar is "
+                                             r"corrupt"):
+            list(itertools.islice(batches, 10))
 
 
 def test_text_packing_and_tasks(tmp_path):
