@@ -125,6 +125,8 @@ def effective_rank(x: Tensor) -> Tensor:
     `representation_std` cannot see a collapse onto a few dimensions; this can. One D x D eigendecomposition: the
     loop computes it at log steps only."""
     x = x.detach().float().reshape(-1, x.shape[-1])
+    if not torch.isfinite(x).all():  # a diverged run (LAPACK fails on NaN): NaN, and the loss check names it
+        return torch.tensor(float("nan"), device=x.device)
     x = x - x.mean(0)
     eig = torch.linalg.eigvalsh((x.T @ x).double()).clamp_min(0)
     p = eig / eig.sum().clamp_min(1e-300)

@@ -351,6 +351,24 @@ def test_a_finished_fine_tune_started_again_does_nothing_and_is_never_trained_ov
     assert torch.load(run / "final.pt", weights_only=False)["step"] == 5
 
 
+def test_a_diverged_fine_tune_stops_before_it_saves_nan_weights(toy_image_task, tmp_path, monkeypatch):
+    from d2v.train.optim import DivergenceError
+
+    real = ft.optimizer_step
+
+    def poisoning(optimizer, trainable, encoder_params, cfg, step):  # an update that leaves a weight NaN
+        real(optimizer, trainable, encoder_params, cfg, step)
+        if step == 2:
+            trainable[0].data.fill_(float("nan"))
+    monkeypatch.setattr(ft, "optimizer_step", poisoning)
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "steps": 6,
+                                               "checkpoint": {"every": 2, "keep": 3}})
+    with pytest.raises(DivergenceError, match=r"training diverged at step 3 \(loss=nan\)"):
+        ft.run_finetune(cfg, tmp_path, progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
+    assert not (tmp_path / "final.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
 def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_image_task, tmp_path, monkeypatch):
     """`stream_resume: reseed`: the resumed run reads one fresh batch per micro-batch, from the stream of
     `resumed_seed(seed, consumed)`, and finishes; `replay` would decode the 6 consumed batches first."""

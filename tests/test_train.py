@@ -103,6 +103,32 @@ def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_
     assert json.loads((run / "config.json").read_text())["seed"] == 4
 
 
+def poisoned(stream, at: int):
+    """The stream with batch `at` (0-based) turned to NaN, as a corrupt input or an overflow would."""
+    import dataclasses
+
+    def start(k: int):
+        for i, batch in enumerate(stream(k), start=k):
+            yield dataclasses.replace(batch, source=batch.source * float("nan")) if i == at else batch
+    return start
+
+
+@pytest.mark.parametrize("log_every, caught", [(1, r"step 5 \(loss=nan, grad_norm=nan\)"),
+                                                (100, r"step 6 \(grad_norm=nan\)")])
+def test_a_diverged_pretraining_stops_before_it_writes_nan_weights(tmp_path, log_every, caught):
+    """A NaN loss at step 5 stops the run at its next log step, or at a checkpoint between log steps (6), which is
+    then not written; the step-3 checkpoint is kept, finite, and no final.pt is made."""
+    from d2v.train.optim import DivergenceError
+
+    cfg = tiny_cfg("speech", steps=8, log_every=log_every)
+    with pytest.raises(DivergenceError, match=rf"training diverged at {caught}; no checkpoint is written from here"):
+        run_pretrain(cfg, build_objective(cfg), poisoned(synthetic_stream("speech"), at=4), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")) == ["step-00000003.pt"]
+    kept = checkpoint.load(tmp_path / "checkpoints" / "step-00000003.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in kept.values() if v.is_floating_point())
+    assert not (tmp_path / "final.pt").exists() and not (tmp_path / "summary.json").exists()
+
+
 @pytest.mark.parametrize("objective", ["v1", "v2"])
 def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_schedule_restarted(tmp_path, objective,
                                                                                                monkeypatch):

@@ -43,7 +43,7 @@ from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
-from d2v.train.optim import adamw, layer_decay_groups, schedule_fn, set_lr
+from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
@@ -386,6 +386,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         consumed += cfg.accum_steps
         optimizer_step(optimizer, trainable, encoder_params, cfg, step)
         row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
+        require_finite(step, row)  # the same on every rank: the loss is their mean
         if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
             row.update({f"dev_{k}": v for k, v in dev.items()})

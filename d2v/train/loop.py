@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from d2v.data2vec import Data2Vec
 from d2v.modalities.base import Batch
-from d2v.train.optim import adamw, cosine_with_warmup
+from d2v.train.optim import adamw, cosine_with_warmup, require_finite
 
 
 def pretrain(
@@ -40,6 +40,7 @@ def pretrain(
         schedule.step()
         metrics = {**out.scalars(), "step": step, "lr": optimizer.param_groups[0]["lr"]}
         metrics["tau"] = objective.ema_step(step)
+        require_finite(step, metrics)
         objective.check_collapse(step, metrics)
         history.append(metrics)
         if progress is not None:

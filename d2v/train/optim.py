@@ -1,5 +1,6 @@
 """AdamW with decoupled weight decay (none on 1-D parameters), layer-wise LR decay, and the two LR schedules the
-recipes use: cosine with linear warm-up (vision, text) and fairseq's tri-stage (speech fine-tuning)."""
+recipes use: cosine with linear warm-up (vision, text) and fairseq's tri-stage (speech fine-tuning); and the
+divergence guard (fairseq's "gradients are Nan/Inf")."""
 from __future__ import annotations
 
 import math
@@ -7,6 +8,20 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient norm is no longer finite: every update from there on writes NaN into the weights."""
+
+
+def require_finite(step: int, metrics: dict[str, float], keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+    """Stop a run whose loss or gradient norm is NaN or infinite, before it writes a checkpoint of NaN weights. fp16
+    runs skip this: their gradient scaler skips the steps that overflow and lowers the scale."""
+    bad = [f"{k}={metrics[k]}" for k in keys if k in metrics and not math.isfinite(metrics[k])]
+    if bad:
+        raise DivergenceError(f"training diverged at step {step} ({', '.join(bad)}); no checkpoint is written from "
+                              "here and the earlier ones are kept. Lower the LR, lengthen the warm-up or clip the "
+                              "gradients (optim.clip_norm)")
 
 
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6):

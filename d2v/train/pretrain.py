@@ -28,7 +28,7 @@ from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
-from d2v.train.optim import adamw, schedule_fn, set_lr
+from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
 
@@ -224,12 +224,16 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                                 tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
                                 rank=f"{metrics['target_rank']:.1f}",
                                 samples_per_s=f"{throughput:.0f}")
+            if scaler is None:
+                require_finite(step, metrics)
             try:
                 objective.check_collapse(step, metrics)
             except CollapseError:
                 _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
                         sharded, collapsed=True)
                 raise
+        elif step % cfg.checkpoint.every == 0 and scaler is None:  # a checkpoint between log steps: one host sync
+            require_finite(step, {"grad_norm": float(sums["grad_norm"])})
         if bar is not None:
             bar.update(1)
         if step % cfg.checkpoint.every == 0 and step < cfg.steps:
