@@ -47,7 +47,7 @@ class RawFiles(IterableDataset):
                 yield _decode_image({"png": (self.folder / rel).read_bytes(), "cls": 0}, transform)
         elif self.kind == "speech":
             for rel in paths:
-                yield _decode_audio({"flac": (self.folder / rel).read_bytes()}, AUDIO_CFG, False, [], 0)
+                yield _decode_audio({"flac": (self.folder / rel).read_bytes()}, AUDIO_CFG, "eval", [], 0)
         else:
             tok = TextTokenizer(self.tokenizer)
             chunks = ({"ids.npy": np.asarray([i for line in (self.folder / rel).read_text().splitlines()

@@ -152,7 +152,9 @@ def test_speech_reader_normalises_crops_and_pads(tmp_path):
     letters = LetterTokenizer(build_letter_vocab(["WORD A'S", "WORD B'S"]))
     fine = list(speech_loader(tmp_path / "s", cfg, "eval", 8, letters=letters))[0]
     lengths = (~fine["batch"].padding_mask).sum(1).tolist()
-    assert lengths == [16000, 40000, 27200]  # 0.3 s is below min_samples: skipped; eval does not crop
+    assert lengths == [16000, 40000, 4800, 27200]  # eval scores every utterance, uncropped (0.3 s < min_samples)
+    train = speech_loader(tmp_path / "s", cfg, "finetune", 1, letters=letters, resampled=False, shuffle=0)
+    assert [b["batch"].source.shape[1] for b in train] == [16000]  # training drops the too short and too long
     wave = fine["batch"].source[0, :16000]
     assert abs(wave.mean().item()) < 1e-3 and wave.std().item() == pytest.approx(1.0, abs=1e-3)
     assert letters.decode(fine["targets"][:fine["target_lengths"][0]].tolist()) == "WORD A'S"

@@ -183,19 +183,19 @@ def seekable_image_batches(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_siz
 
 # --------------------------------------------------------------------------------------------------------- speech
 
-def _decode_audio(sample: dict, cfg: AudioConfig, crop: bool, rng_holder: list, seed: int,
-                  keep_long: bool = True):
+def _decode_audio(sample: dict, cfg: AudioConfig, mode: Mode, rng_holder: list, seed: int):
     """Waveform (+ transcript). Pretraining crops long utterances; labeled training drops them instead (a crop would
-    cut the audio away from its transcript); evaluation keeps everything."""
+    cut the audio away from its transcript); both drop those under `min_samples`. Evaluation keeps everything: a
+    test set scored in part is not the test set."""
     key = next(k for k in ("flac", "wav") if k in sample)
     wave, rate = sf.read(io.BytesIO(sample[key]), dtype="float32")
     if rate != cfg.sample_rate:
         raise ValueError(f"{rate} Hz, expected {cfg.sample_rate}")
     if wave.ndim != 1:
         wave = wave.mean(axis=1)
-    if len(wave) < cfg.min_samples or (not keep_long and len(wave) > cfg.max_samples):
+    if mode != "eval" and (len(wave) < cfg.min_samples or (mode == "finetune" and len(wave) > cfg.max_samples)):
         return None
-    if crop and len(wave) > cfg.max_samples:
+    if mode == "pretrain" and len(wave) > cfg.max_samples:
         if not rng_holder:
             rng_holder.append(worker_rng(seed))
         start = int(rng_holder[0].integers(len(wave) - cfg.max_samples + 1))
@@ -236,7 +236,7 @@ def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, l
     resampled = mode == "pretrain" if resampled is None else resampled
     partial = mode == "eval" if partial is None else partial
     holder: list = []
-    decode = _map(lambda s: _decode_audio(s, cfg, mode == "pretrain", holder, seed, keep_long=mode != "finetune"))
+    decode = _map(lambda s: _decode_audio(s, cfg, mode, holder, seed))
     if mode == "pretrain":
         collate = lambda items: crop_to_shortest(items, holder[0] if holder else worker_rng(seed))  # noqa: E731
     else:
@@ -250,10 +250,10 @@ def seekable_speech_batches(shard_dir, cfg: AudioConfig, mode: Mode, batch_size:
     """`speech_loader`'s training batches from a seekable stream (d2v.data.seekable), positioned at batch `start`."""
     if mode == "pretrain":
         return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
-                               decode=lambda s, rng: _decode_audio(s, cfg, True, [rng], seed),
+                               decode=lambda s, rng: _decode_audio(s, cfg, "pretrain", [rng], seed),
                                collate=crop_to_shortest)
     return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
-                           decode=lambda s, rng: _decode_audio(s, cfg, False, [], seed, keep_long=False),
+                           decode=lambda s, rng: _decode_audio(s, cfg, "finetune", [], seed),
                            collate=lambda items, rng: pad_waveforms(items, letters))
 
 
