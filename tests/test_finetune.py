@@ -25,10 +25,10 @@ from d2v.train import recipe
 from d2v.train import tasks
 
 
-def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path):
+def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path, capsys):
     ft.run_finetune(toy_image_task, tmp_path / "run", progress=False)
     (result,) = ft.evaluate(tmp_path / "run")
-    assert result["metrics"]["accuracy"] >= 0.9 and result["n"] == 16
+    assert result["metrics"]["accuracy"] >= 0.9 and result["n"] == result["n_split"] == 16
     saved = json.loads((tmp_path / "run" / "eval" / "toy_image-test.json").read_text())
     assert {"metrics", "n", "seed", "commit", "params_digest", "split", "task"} <= saved.keys()
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", saved["commit"])
@@ -36,6 +36,16 @@ def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path
     assert saved["recipe"] == {"finetune": recipe.FINETUNE, "evaluate": recipe.EVALUATE}
     assert saved["predictions"] == {"classes_predicted": 2, "majority_share": 0.5, "degenerate": False}
     assert recipe.in_result(saved, "finetune") == recipe.recorded(tmp_path / "run", "finetune")
+    import tarfile  # an image damaged in its test shard (same size): skipped, and the JSON and stderr say so
+    shard = tmp_path / "shards" / "toy" / "test" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        png = next(m for m in tar if m.name.endswith(".png"))
+    with open(shard, "r+b") as f:
+        f.seek(png.offset_data)
+        f.write(b"not a png")
+    (damaged,) = ft.evaluate(tmp_path / "run")
+    assert (damaged["n"], damaged["n_split"]) == (15, 16)
+    assert "toy_image test: scored 15 of the split's 16 examples" in capsys.readouterr().err
 
 
 def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from d2v.config import Objective, config_digest
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable_image_batches, \
     seekable_speech_batches, seekable_text_task_batches, speech_loader, text_task_loader, web_loader
+from d2v.data.shards import read_index
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats
@@ -254,9 +255,13 @@ def result_record(cfg, split: str, preds: list, refs: list, **fields) -> dict:
     """What every evaluation and baseline JSON holds about a scored split (`cfg`: a fine-tuning or baseline config),
     plus the writer's own `fields`."""
     task = TASKS[cfg.task]
+    size = read_index(shards_of(cfg, split))["count"]
+    if len(refs) != size:  # samples that failed to decode were skipped with a warning each
+        print(f"warning: {cfg.task} {split}: scored {len(refs)} of the split's {size} examples; the score is not "
+              "the whole split's", file=sys.stderr)
     return {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": split, "metrics": score(task, preds, refs),
-            "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "seed": cfg.seed,
-            "commit": git_commit(), "params_digest": config_digest(cfg), **fields}
+            "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "n_split": size,
+            "seed": cfg.seed, "commit": git_commit(), "params_digest": config_digest(cfg), **fields}
 
 
 def require_extra_tests(task_name: str, extra: tuple[str, ...]) -> None:
