@@ -342,10 +342,6 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     index_first(train_shards, cfg.stream_resume, world)
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
                                           restart_on_change, world)
-    if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
-        recipe.stamp(out_dir, "finetune")
     model = build_model(cfg).to(device)
     if task.modality == "text":
         require_vocabulary(TextTokenizer(cfg.tokenizer).vocab_size, model.encoder.cfg, cfg.tokenizer,
@@ -377,6 +373,10 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         checkpoint.set_rng_state(state["rng"])
         if world.is_main:
             print(f"resumed from {last} at step {step}", file=sys.stderr)
+    if world.is_main:  # once the model, its checkpoint and the data have loaded: a failed start leaves no run
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
+        recipe.stamp(out_dir, "finetune")
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step) if world.is_main else None
     model.train()
     if cfg.mode == "probe":
