@@ -418,12 +418,15 @@ def test_speech_runs_are_also_scored_on_real_speech_where_the_profile_prepares_i
 
 # --------------------------------------------------------------------------------------------------- report
 
-def _result(root: Path, task: str, init: str, seed: int, split: str, degenerate: bool | None = None, **metrics):
+def _result(root: Path, task: str, init: str, seed: int, split: str, degenerate: bool | None = None,
+            n: tuple[int, int] | None = None, **metrics):
     path = root / task / f"{init}-s{seed}" / f"{task}-{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = {"task": task, "split": split, "init": init, "seed": seed, "metrics": metrics, "commit": "abc"}
     if degenerate is not None:
         result["predictions"] = {"degenerate": degenerate}
+    if n is not None:
+        result["n"], result["n_split"] = n
     path.write_text(json.dumps(result))
 
 
@@ -473,6 +476,11 @@ def test_report_files_and_compare_across_commits(tmp_path, monkeypatch):
     assert "| 0.7000 ± 0.0000 | 0.6500 ± 0.0000 † | 0.0500 ✓ |" in text and "† At least one seed gave" in text
     assert pd.read_csv(tmp_path / "res/summary.csv")[["pretrained_degenerate", "scratch_degenerate"]].values.tolist() \
         == [[0, 1]]
+    assert "‡" not in text
+    _result(tmp_path / "res", "rt_polarity", "pretrained", 0, "test", n=(1274, 1275), accuracy=0.70)
+    text = write_report(profile, "smoke")
+    assert "| 0.7000 ± 0.0000 ‡ | 0.6500 ± 0.0000 † |" in text and "‡ At least one seed was scored on part" in text
+    _result(tmp_path / "res", "rt_polarity", "pretrained", 0, "test", n=(1275, 1275), accuracy=0.70)
     assert (tmp_path / "res/summary.csv").is_file() and (tmp_path / "res/plots/finetune.png").stat().st_size > 0
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git[:1] + ["init", "-q"], check=True)

@@ -46,23 +46,27 @@ PAPER = {
 
 COLUMNS = ["task", "stands_in_for", "split", "metric", "pretrained", "pretrained_std", "scratch", "scratch_std",
            "delta", "pretrained_better", "seeds", "raw", "pretrained_beats_raw", "paper", "commit",
-           "pretrained_degenerate", "scratch_degenerate"]  # seeds whose outputs ignore the input
+           "pretrained_degenerate", "scratch_degenerate",  # seeds whose outputs ignore the input
+           "pretrained_partial", "scratch_partial"]  # seeds scored on part of the split (samples failed to decode)
 
 
 def collect(results_dir: str | Path) -> pd.DataFrame:
     """One row per (task, split, init, seed, metric) from `RESULTS/TASK/INIT-sSEED/TASK-SPLIT.json`; `degenerate`
-    when the model gave every test example the same output (`prediction_stats`; absent in older JSONs)."""
+    when the model gave every test example the same output (`prediction_stats`), `partial` when it scored fewer
+    examples than the split holds (`n_split`; both absent in older JSONs)."""
     rows = []
     for path in sorted(Path(results_dir).glob("*/*/*.json")):
         try:
             r = json.loads(path.read_text())
             rows += [dict(task=r["task"], split=r["split"], init=r["init"], seed=r["seed"], metric=k, value=v,
                           commit=r.get("commit", "unknown"),
-                          degenerate=bool(r.get("predictions", {}).get("degenerate", False)))
+                          degenerate=bool(r.get("predictions", {}).get("degenerate", False)),
+                          partial=r["n"] < r["n_split"] if "n_split" in r else False)
                      for k, v in r["metrics"].items()]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not an evaluation result ({err})") from None
-    return pd.DataFrame(rows, columns=["task", "split", "init", "seed", "metric", "value", "commit", "degenerate"])
+    return pd.DataFrame(rows, columns=["task", "split", "init", "seed", "metric", "value", "commit", "degenerate",
+                                       "partial"])
 
 
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
@@ -76,6 +80,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
             v = arm["value"]
             row[init], row[f"{init}_std"] = (v.mean(), v.std(ddof=0)) if len(v) else (np.nan, np.nan)
             row[f"{init}_degenerate"] = int(arm["degenerate"].sum())
+            row[f"{init}_partial"] = int(arm["partial"].sum())
         raw = g.loc[g["init"] == RAW, "value"]
         row["raw"] = raw.mean() if len(raw) else np.nan
         row["seeds"] = int(g.loc[g["init"] != RAW, "seed"].nunique())
@@ -123,18 +128,21 @@ def markdown(summary: pd.DataFrame, profile_name: str, pretrain: pd.DataFrame,
     def mark(better):
         return "" if better is None else (" ✓" if better else " ✗")
 
-    def dagger(seeds):
-        return " †" if seeds > 0 else ""
+    def dagger(seeds, partial):
+        return (" †" if seeds > 0 else "") + (" ‡" if partial > 0 else "")
 
     for r in summary.itertuples():
         lines.append(f"| {r.task} ({r.stands_in_for}) | {r.split} | {r.metric} | {fmt(r.pretrained)} ± "
-                     f"{fmt(r.pretrained_std)}{dagger(r.pretrained_degenerate)} | {fmt(r.scratch)} ± "
-                     f"{fmt(r.scratch_std)}{dagger(r.scratch_degenerate)} | "
+                     f"{fmt(r.pretrained_std)}{dagger(r.pretrained_degenerate, r.pretrained_partial)} | "
+                     f"{fmt(r.scratch)} ± {fmt(r.scratch_std)}{dagger(r.scratch_degenerate, r.scratch_partial)} | "
                      f"{fmt(r.delta)}{mark(r.pretrained_better)} | {r.seeds} | "
                      f"{fmt(r.raw)}{mark(r.pretrained_beats_raw)} | {fmt(r.paper)} |")
     if (summary[["pretrained_degenerate", "scratch_degenerate"]] > 0).any(axis=None):
         lines += ["", "† At least one seed gave every test example the same output (one class, one transcript or one "
                   "score): that number measures the labels, not a learned model."]
+    if (summary[["pretrained_partial", "scratch_partial"]] > 0).any(axis=None):
+        lines += ["", "‡ At least one seed was scored on part of the split: samples that failed to decode were "
+                  "skipped (the evaluation log names them), so the number is not the whole split's."]
     if not pretrain.empty:
         lines += ["", "## Pretraining", "", "| modality | steps | loss first → last | target_var | pred_var | "
                   "samples/s |", "|---|---|---|---|---|---|"]
