@@ -10,7 +10,7 @@ from fixtures import FileServer, deb_bytes, flac_bytes, gz, idx_bytes, librispee
 from PIL import Image
 
 from d2v.data.download import Artifact, ChecksumError
-from d2v.data.manifest import ManifestError, read_manifest
+from d2v.data.manifest import ManifestError, make_manifest, read_manifest, write_manifest
 from d2v.data.sources import Context, austen, fashion_mnist, glue, imagenet, librispeech, mini_librispeech, \
     real_speech, text
 from d2v.data.sources.base import Member
@@ -173,7 +173,7 @@ def test_imagenet_from_official_tars(tmp_path):
     from scipy.io import savemat
 
     wnids = ["n01440764", "n01443537"]
-    inner = {w: tar_bytes({f"{w}_{i}.JPEG": _jpeg(i) for i in range(2)}, "w") for w in wnids}
+    inner = {w: tar_bytes({f"{w}_{i}.v2.JPEG": _jpeg(i) for i in range(2)}, "w") for w in wnids}  # a dotted stem
     inner["n01443537"] = tar_bytes({"n01443537_0.JPEG": _jpeg(5), "n01443537_1.JPEG": b"\xff\xd8broken"}, "w")
     train = tar_bytes({f"{w}.tar": data for w, data in inner.items()}, "w")
     val = tar_bytes({f"ILSVRC2012_val_{i:08d}.JPEG": _jpeg(10 + i) for i in (1, 2, 3)}, "w")
@@ -198,6 +198,7 @@ def test_imagenet_from_official_tars(tmp_path):
     assert list(val_rows["text"]) == ["n01440764", "n01443537", "n01443537"]  # ground truth ids 2, 1, 1
     assert list(val_rows["label"]) == [0.0, 1.0, 1.0]
     assert (df["split"] == "train").sum() == 3  # the broken JPEG is skipped, named and counted
+    assert "train/n01440764_0_v2" in set(df["id"])  # a shard key holds no '.'
     bad = dict(md5, **{"ILSVRC2012_img_val.tar": "0" * 32})
     with pytest.raises(ChecksumError, match="ILSVRC2012_img_val.tar: md5 mismatch"):
         imagenet.prepare(Context(tmp_path / "cache", tmp_path / "in2"), archives=archives, md5=bad)
@@ -313,6 +314,12 @@ def test_manifest_errors_name_the_file(tmp_path):
         read_manifest(tmp_path)
     (tmp_path / "manifest.csv").write_text(header + "a,p,train,3,,1,t,,h\nb,p,train,3,,,t,,h\n")
     assert read_manifest(tmp_path)["label"].isna().tolist() == [False, True]  # an empty number is missing, not bad
+    rows = [dict(id="pride.and.prejudice-0", path="a", split="train"), dict(id="pride.and.prejudice-1", path="b",
+                                                                             split="train")]
+    with pytest.raises(ManifestError, match=r"manifest.csv: id 'pride.and.prejudice-0' holds a '.', where a shard "
+                                            r"would cut the sample's key"):
+        write_manifest(tmp_path / "dotted", make_manifest(rows))
+    assert not (tmp_path / "dotted" / "manifest.csv").exists()
 
 
 def test_tar_fixture_is_a_real_gzip_tar():

@@ -57,6 +57,10 @@ def write_manifest(folder: str | Path, df: pd.DataFrame, **meta) -> Path:
     if df["id"].duplicated().any():
         dup = df.loc[df["id"].duplicated(), "id"].iloc[0]
         raise ManifestError(f"{folder / MANIFEST}: duplicate id {dup!r}")
+    dotted = df["id"].astype(str).str.contains(".", regex=False)
+    if dotted.any():  # WebDataset groups a tar's files into samples by the name up to the first dot
+        raise ManifestError(f"{folder / MANIFEST}: id {df.loc[dotted, 'id'].iloc[0]!r} holds a '.', where a shard "
+                            "would cut the sample's key (samples sharing the part before it would merge); use '_'")
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_text(folder / MANIFEST, buf.getvalue())

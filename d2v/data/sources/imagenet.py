@@ -86,7 +86,8 @@ def index_tree(tree: Path, out_dir: Path, skipped: Skipped, verify_images: bool 
                 except Exception as err:
                     skipped.add(rel, f"unreadable image: {err}", log)
                     continue
-            rows.append(dict(id=f"{split}/{path.stem}", path=rel, split=split, bytes=len(data), label=label[wnid],
+            key = path.stem.replace(".", "_")  # a WebDataset key ends at its first dot
+            rows.append(dict(id=f"{split}/{key}", path=rel, split=split, bytes=len(data), label=label[wnid],
                              text=wnid, sha256=bytes_sha256(data)))
     return rows, wnids
 
