@@ -111,6 +111,10 @@ def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool 
         results = [r for r in results if r["split"].startswith("test")]
     else:
         results = results[-1:]
+    for r in results:  # a split scored in part (samples failed to decode) is not the arm's number
+        if r.get("n", 0) < r.get("n_split", 0):
+            raise SystemExit(f"{out}: {r['split']} scored {r['n']} of its {r['n_split']} examples; repair the "
+                             "split's shards (the evaluation warned which samples failed)")
     return {m: float(np.mean([r["metrics"][m] for r in results])) for m in scored_metrics(task, lm)}
 
 

@@ -385,6 +385,9 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
     monkeypatch.setattr(runs, "evaluate", lambda run, lm=None, **_: rescored if run == tmp_path else pytest.fail(run))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.5, "cer": 0.1})
     assert recipe.in_result({"recipe": 2}, "finetune") == 2 and recipe.in_result({"recipe": 2}, "evaluate") == 1
+    rescored[1].update(n=99, n_split=100)  # one utterance failed to decode: no number for the arm
+    with pytest.raises(SystemExit, match=r"test_other scored 99 of its 100 examples"):
+        mean_test_metrics(cfg, tmp_path)
 
 
 def test_with_a_language_model_ctc_runs_are_decoded_again_once_and_compared_on_wer_lm(tmp_path, monkeypatch):
