@@ -376,7 +376,7 @@ def test_ctc_test_metrics_average_the_test_splits_only_and_reuse_the_evaluation(
     for split, wer, cer in [("dev_clean", 0.1, 0.05), ("dev_other", 0.1, 0.05), ("test_clean", 0.6, 0.2),
                             ("test_other", 0.8, 0.4)]:
         (tmp_path / "eval" / f"speech_1h-{split}.json").write_text(
-            json.dumps({"split": split, "metrics": {"wer": wer, "cer": cer}}))
+            json.dumps({"split": split, "metrics": {"wer": wer, "cer": cer}, "recipe": {"evaluate": recipe.EVALUATE}}))
     assert mean_test_metrics(cfg, tmp_path) == pytest.approx({"wer": 0.7, "cer": 0.3})  # no fine-tuning was run
     # evaluation code bumped: the same fine-tuned model is scored again, not trained again
     monkeypatch.setattr(recipe, "EVALUATE", recipe.EVALUATE + 1)
@@ -436,7 +436,7 @@ def test_a_finished_fine_tune_of_another_config_is_not_fine_tuned_over(tmp_path,
         (run / "summary.json").write_text("{}")
         (run / "eval").mkdir()
         (run / "eval" / eval_file_name("fashion_mnist", "test")).write_text(
-            json.dumps({"split": "test", "metrics": {"accuracy": 0.8}}))
+            json.dumps({"split": "test", "metrics": {"accuracy": 0.8}, "recipe": {"evaluate": recipe.EVALUATE}}))
 
     fine_tuned = []
     monkeypatch.setattr(runs, "run_finetune", lambda cfg, out, **k: fine_tuned.append((out, k["restart_on_change"])))
@@ -485,7 +485,7 @@ def test_cross_validation_scores_each_fold_on_its_own_documents_and_averages_the
         (run / "config.json").write_text(json.dumps(cfg.model_dump(mode="json") | {"data_root": str(root)}))
         recipe.stamp(run, "finetune")
         (run / "eval" / "lee_sts-test.json").write_text(json.dumps({"split": "test", "metrics": {
-            "pearson": pearson, "spearman": pearson / 2}}))
+            "pearson": pearson, "spearman": pearson / 2}, "recipe": {"evaluate": recipe.EVALUATE}}))
     assert sorted(tested) == list(range(9))
     metrics = cv_test_metrics(cfg, out, 3)
     assert (metrics["pearson"], metrics["spearman"]) == pytest.approx((0.3, 0.15))

@@ -95,6 +95,30 @@ def test_limit_keeps_the_first_rows_or_a_seeded_sample_in_manifest_order(tmp_pat
     assert not (tmp_path / "x").exists()
 
 
+def test_image_transforms_keep_colour_at_three_channels_and_take_luminance_at_one():
+    """A pure red image stays red for a 3-channel encoder in every mode (the transforms once turned it grey), a grey
+    one is repeated over the channels, and a 1-channel encoder sees the red image's luminance."""
+    from d2v.data.loaders import _decode_image, image_transform
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        return {"png": buf.getvalue(), "cls": 0}
+
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    rgb = ImageAugConfig(size=16, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, color_jitter=0.0,
+                         randaugment_magnitude=0, random_erasing=0.0)
+    for mode in ("eval", "finetune", "pretrain"):
+        x, _ = _decode_image(png(red), image_transform(rgb, mode))
+        assert x.shape == (3, 16, 16) and torch.allclose(x.mean((1, 2)), torch.tensor([1.0, -1.0, -1.0])), mode
+    grey, _ = _decode_image(png(np.full((32, 32), 51, np.uint8)), image_transform(rgb, "eval"))
+    assert torch.allclose(grey, torch.full((3, 16, 16), 51 / 255 / 0.5 - 1))
+    one = ImageAugConfig(size=16, channels=1, mean=(0.5,), std=(0.5,), crop_pct=1.0)
+    luma, _ = _decode_image(png(red), image_transform(one, "eval"))
+    assert luma.shape == (1, 16, 16) and luma.mean().item() == pytest.approx(76 / 255 / 0.5 - 1, abs=0.01)
+
+
 def test_image_reader_eval_pass_is_complete_and_ordered(tmp_path):
     src = _image_source(tmp_path / "src", n=20)
     write_shards(src, "train", tmp_path / "s", ShardConfig(max_count=6))

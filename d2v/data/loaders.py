@@ -133,8 +133,8 @@ def image_transform(cfg: ImageAugConfig, mode: Mode):
     from torchvision.transforms import v2
 
     bicubic = v2.InterpolationMode.BICUBIC
-    first = [v2.ToImage()] + ([v2.Grayscale(num_output_channels=3)] if cfg.channels == 3 else
-                              [v2.Grayscale(num_output_channels=1)])
+    # 3 channels: RGB kept, grayscale repeated (ImageNet holds a few of those); 1 channel: luminance
+    first = [v2.ToImage(), v2.RGB() if cfg.channels == 3 else v2.Grayscale(num_output_channels=1)]
     ImageAugConfig.model_validate(cfg.model_dump())  # a copy made with `model_copy(update=...)` skipped its checks
     last = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.mean, cfg.std)]
     if mode == "eval":

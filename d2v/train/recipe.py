@@ -23,6 +23,9 @@ PRETRAIN history
      fairseq (BERT's init reaches only the Transformer), not N(0, 0.02) with zero bias.
   5: data2vec 2.0 with the large preset takes the released Large recipes (masks, clones, decoder, τ, K, text's
      LN → IN targets, no LayerDrop for speech), not Base's at Large size. Base and smaller presets are unchanged.
+  6: 3-channel images (ImageNet, every paper profile) keep their colours: the image transforms turned every image
+     grey (torchvision's Grayscale with 3 output channels) since the first data commit. 1-channel data (the
+     embedded Fashion-MNIST) is unchanged.
 FINETUNE history
   2: layer-wise LR decay per recipe (BEiT's layer ids for v1, blocks only for v2); none from scratch.
   3: v2 images: the sin-cos fix above; v2 speech: CTC time masks fill frames with N(0, 0.01²) noise, as fairseq
@@ -30,6 +33,9 @@ FINETUNE history
   4: v2 images from scratch: PRETRAIN 3's init.
   5: speech from scratch: PRETRAIN 4's init of the feature projection.
   6: data2vec 2.0 large speech: no LayerDrop (PRETRAIN 5). Other presets are unchanged.
+  7: 3-channel images keep their colours (PRETRAIN 6).
+EVALUATE history
+  2: 3-channel images keep their colours in the evaluation transform too (PRETRAIN 6).
 """
 from __future__ import annotations
 
@@ -39,9 +45,9 @@ from typing import Literal, get_args
 
 from d2v.io import atomic_write_json, git_commit
 
-PRETRAIN = 5
-FINETUNE = 6
-EVALUATE = 1
+PRETRAIN = 6
+FINETUNE = 7
+EVALUATE = 2
 BASELINE = 1
 
 RunKind = Literal["pretrain", "finetune", "evaluate", "baseline"]
