@@ -379,6 +379,17 @@ def test_a_diverged_fine_tune_stops_before_it_saves_nan_weights(toy_image_task, 
     assert not (tmp_path / "final.pt").exists() and not (tmp_path / "best.pt").exists()
 
 
+def test_ctc_fine_tuning_without_an_audio_config_keeps_every_labelled_utterance(monkeypatch):
+    """As fairseq's fine-tuning task: no 2 s minimum and no 20 s maximum (AudioConfig's pretraining defaults), so
+    a paper-profile LibriSpeech fine-tune trains on every utterance of its labelled split."""
+    seen = []
+    monkeypatch.setattr(ft, "speech_loader", lambda shards, audio, *a, **k: seen.append(audio) or [])
+    monkeypatch.setattr(ft.LetterTokenizer, "load", lambda path: None)
+    cfg = tasks.FinetuneConfig(task="librispeech_1h", init="scratch", steps=1, batch_size=2, optim={"lr": 1e-4})
+    ft.loader(cfg, "train", train=True)
+    assert (seen[0].min_samples, seen[0].max_samples) == (0, 960_000)
+
+
 def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_image_task, tmp_path, monkeypatch):
     """`stream_resume: reseed`: the resumed run reads one fresh batch per micro-batch, from the stream of
     `resumed_seed(seed, consumed)`, and finishes; `replay` would decode the 6 consumed batches first."""

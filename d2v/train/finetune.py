@@ -124,6 +124,11 @@ def shards_of(cfg: FinetuneConfig, split: str) -> Path:
     return Path(cfg.data_root) / "shards" / TASKS[cfg.task].shard_key(split)
 
 
+# fairseq's CTC fine-tuning neither drops nor crops labelled utterances (no min/max_sample_size); LibriSpeech's
+# longest is 35 s. AudioConfig's own defaults (2 to 20 s) are the pretraining crop's.
+FINETUNE_AUDIO = AudioConfig(min_samples=0, max_samples=60 * 16_000)
+
+
 def loader(cfg: FinetuneConfig, split: str, train: bool):
     task = TASKS[cfg.task]
     shards = shards_of(cfg, split)
@@ -132,7 +137,7 @@ def loader(cfg: FinetuneConfig, split: str, train: bool):
         ds = image_loader(shards, cfg.image or ImageAugConfig(), mode, cfg.batch_size, resampled=train,
                           seed=cfg.seed, partial=not train)
     elif task.modality == "speech":
-        ds = speech_loader(shards, cfg.audio or AudioConfig(), mode, cfg.batch_size, resampled=train,
+        ds = speech_loader(shards, cfg.audio or FINETUNE_AUDIO, mode, cfg.batch_size, resampled=train,
                            letters=LetterTokenizer.load(cfg.letters), seed=cfg.seed, partial=not train)
     else:
         ds = text_task_loader(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens, mode,
@@ -147,7 +152,7 @@ def seekable_loader(cfg: FinetuneConfig, start: int):
         ds = seekable_image_batches(shards, cfg.image or ImageAugConfig(), "finetune", cfg.batch_size, seed=cfg.seed,
                                     start=start)
     elif task.modality == "speech":
-        ds = seekable_speech_batches(shards, cfg.audio or AudioConfig(), "finetune", cfg.batch_size, seed=cfg.seed,
+        ds = seekable_speech_batches(shards, cfg.audio or FINETUNE_AUDIO, "finetune", cfg.batch_size, seed=cfg.seed,
                                      start=start, letters=LetterTokenizer.load(cfg.letters))
     else:
         ds = seekable_text_task_batches(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens,

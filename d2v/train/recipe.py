@@ -33,7 +33,8 @@ FINETUNE history
   4: v2 images from scratch: PRETRAIN 3's init.
   5: speech from scratch: PRETRAIN 4's init of the feature projection.
   6: data2vec 2.0 large speech: no LayerDrop (PRETRAIN 5). Other presets are unchanged.
-  7: 3-channel images keep their colours (PRETRAIN 6).
+  7: 3-channel images keep their colours (PRETRAIN 6); CTC tasks without an `audio` config (the paper profiles'
+     LibriSpeech fine-tunes) train on every labelled utterance up to 60 s, as fairseq, not only those of 2 to 20 s.
 EVALUATE history
   2: 3-channel images keep their colours in the evaluation transform too (PRETRAIN 6).
 """
