@@ -17,6 +17,7 @@ from d2v.data.sources import SOURCES, Context
 from d2v.data.tokenizer import LetterTokenizer
 from d2v.eval.baselines import run_baseline
 from d2v.eval.lm import LanguageModel
+from d2v.eval.metrics import scored_in_part
 from d2v.io import atomic_write_json
 from d2v.processes import usable_cpus
 from d2v.train import recipe
@@ -112,7 +113,7 @@ def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool 
     else:
         results = results[-1:]
     for r in results:  # a split scored in part (samples failed to decode) is not the arm's number
-        if r.get("n", 0) < r.get("n_split", 0):
+        if scored_in_part(r):
             raise SystemExit(f"{out}: {r['split']} scored {r['n']} of its {r['n_split']} examples; repair the "
                              "split's shards (the evaluation warned which samples failed)")
     return {m: float(np.mean([r["metrics"][m] for r in results])) for m in scored_metrics(task, lm)}

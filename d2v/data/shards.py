@@ -229,9 +229,3 @@ def checked_shard_list(index, path: Path) -> list[dict]:
             raise ShardError(f"{path}: shards[{i}] has no valid {', '.join(bad)} (each entry needs {need}); "
                              "run `d2v shard` again")
     return shards
-
-
-def shard_paths(shard_dir: str | Path, verify: bool = False) -> list[str]:
-    shard_dir = Path(shard_dir)
-    return [str(shard_dir / s["name"]) for s in read_index(shard_dir, verify)["shards"]]
-

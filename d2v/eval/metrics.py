@@ -155,3 +155,9 @@ def prediction_stats(kind: str, preds: Sequence, refs: Sequence) -> dict:
     else:
         raise ValueError(f"unknown task kind {kind!r}; expected classification, ctc or regression")
     return stats
+
+
+def scored_in_part(result: dict) -> bool:
+    """Whether an evaluation JSON scored other than its whole split (`n` against the index's `n_split`): samples
+    that failed to decode were skipped. JSONs written before `n_split` existed are taken as whole."""
+    return "n_split" in result and result["n"] != result["n_split"]

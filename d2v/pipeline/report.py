@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from d2v.eval.metrics import oriented
+from d2v.eval.metrics import oriented, scored_in_part
 from d2v.io import atomic_write_text, git_commit, short_commit
 from d2v.pipeline.params import Profile
 from d2v.train.tasks import RAW, TASKS
@@ -61,7 +61,7 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
             rows += [dict(task=r["task"], split=r["split"], init=r["init"], seed=r["seed"], metric=k, value=v,
                           commit=r.get("commit", "unknown"),
                           degenerate=bool(r.get("predictions", {}).get("degenerate", False)),
-                          partial=r["n"] < r["n_split"] if "n_split" in r else False)
+                          partial=scored_in_part(r))
                      for k, v in r["metrics"].items()]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: not an evaluation result ({err})") from None

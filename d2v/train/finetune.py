@@ -32,7 +32,7 @@ from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable
 from d2v.data.shards import read_index
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
-from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats
+from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats, scored_in_part
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_torch
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
@@ -260,13 +260,14 @@ def result_record(cfg, split: str, preds: list, refs: list, **fields) -> dict:
     """What every evaluation and baseline JSON holds about a scored split (`cfg`: a fine-tuning or baseline config),
     plus the writer's own `fields`."""
     task = TASKS[cfg.task]
-    size = read_index(shards_of(cfg, split))["count"]
-    if len(refs) != size:  # samples that failed to decode were skipped with a warning each
-        print(f"warning: {cfg.task} {split}: scored {len(refs)} of the split's {size} examples; the score is not "
-              "the whole split's", file=sys.stderr)
-    return {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": split, "metrics": score(task, preds, refs),
-            "predictions": prediction_stats(task.kind, preds, refs), "n": len(refs), "n_split": size,
-            "seed": cfg.seed, "commit": git_commit(), "params_digest": config_digest(cfg), **fields}
+    record = {"task": cfg.task, "stands_in_for": task.stands_in_for, "split": split,
+              "metrics": score(task, preds, refs), "predictions": prediction_stats(task.kind, preds, refs),
+              "n": len(refs), "n_split": read_index(shards_of(cfg, split))["count"], "seed": cfg.seed,
+              "commit": git_commit(), "params_digest": config_digest(cfg), **fields}
+    if scored_in_part(record):  # samples that failed to decode were skipped with a warning each
+        print(f"warning: {cfg.task} {split}: scored {record['n']} of the split's {record['n_split']} examples; the "
+              "score is not the whole split's", file=sys.stderr)
+    return record
 
 
 def require_extra_tests(task_name: str, extra: tuple[str, ...]) -> None:
