@@ -166,10 +166,11 @@ def tokenizer(args: argparse.Namespace) -> int:
         args.corpus = tok.corpus and str(profile.raw / tok.corpus)
         args.letters = tok.letters and str(profile.raw / tok.letters)
         args.letters_split, args.vocab_size, args.num_threads = tok.letters_split, tok.vocab_size, tok.num_threads
+        args.sample_lines = tok.sample_lines
         args.out = str(profile.spm_model.parent)
     if args.corpus:
         cfg = SentencePieceConfig(vocab_size=args.vocab_size, model_type=args.model_type,
-                                  num_threads=args.num_threads)
+                                  num_threads=args.num_threads, sample_lines=args.sample_lines)
         path = train_sentencepiece(corpus_lines(args.corpus), Path(args.out) / "spm.model", cfg)
         print(f"sentencepiece ({cfg.vocab_size} ids incl. <mask>) -> {path}")
     if args.letters:
@@ -513,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"))
     p.add_argument("--num-threads", type=int, default=2)
+    p.add_argument("--sample-lines", type=int, default=0, metavar="N",
+                   help="train SentencePiece on a seeded sample of N corpus lines (default 0: every line)")
     p.set_defaults(func=tokenizer)
     _add_profile(p)
     p = sub.add_parser("lm", help="a word n-gram language model and letter lexicon for CTC beam search")

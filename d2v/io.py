@@ -1,5 +1,5 @@
-"""Atomic file output: write to a temp file in the same folder, then rename, so no reader sees a partial file; and
-the commit a result was made at."""
+"""Atomic file output: write to a temp file in the same folder, then rename, so no reader sees a partial file; the
+commit a result was made at; and text files cut into lines as file formats define them."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,14 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+
+def text_lines(text: str) -> list[str]:
+    """`text` cut at its line ends only (\\n, \\r\\n, \\r), as csv and pandas read a file. `str.splitlines`
+    also cuts at U+0085, U+2028, form feeds and other separators, which real corpora hold inside a sentence (a
+    cp1252 ellipsis read as latin-1 is U+0085): a TSV row would fall in two and a paragraph gain a false end."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and not lines[-1] else lines  # like splitlines: no empty line after the last end
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

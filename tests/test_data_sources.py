@@ -2,6 +2,7 @@
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -161,6 +162,24 @@ def test_glue_tsv_formats(tmp_path):
         with pytest.raises(ValueError, match=r"glue/sst2: example counts .*'train': \(2, 67349\)"):
             glue.prepare(Context(tmp_path / "cache", tmp_path / "glue2"), tasks=["sst2"], artifacts=arts)
     assert not (tmp_path / "glue2").exists()
+
+
+def test_glue_rows_hold_unicode_line_separators_as_text(tmp_path):
+    """A TSV row ends at \\n or \\r\\n only: U+2028, U+0085 (a cp1252 ellipsis read as latin-1) or a form feed inside
+    a sentence is text, as csv and pandas read it (str.splitlines would cut the row and skip both halves)."""
+    from d2v.io import text_lines
+    odd = "wait\u2028what\x85 and\x0cmore"
+    assert text_lines(f"a\t{odd}\r\nb\rc\n") == ["a\t" + odd, "b", "c"] and text_lines("") == []
+    sst = f"sentence\tlabel\r\n{odd}\t1\r\nplain\t0\r\n"
+    files = {"/SST-2.zip": zip_bytes({"SST-2/train.tsv": sst.encode(), "SST-2/dev.tsv": sst.encode()})}
+    with FileServer(files) as server:
+        arts = {"SST-2.zip": Artifact("SST-2.zip", (server.url("/SST-2.zip"),), unpinned=True)}
+        glue.prepare(Context(tmp_path / "cache", tmp_path / "glue"), tasks=["sst2"], artifacts=arts,
+                     check_sizes=False)
+    df = read_manifest(tmp_path / "glue" / "sst2")
+    assert list(df["text"]) == [odd, "plain"] * 2 and list(df["label"]) == [1.0, 0.0] * 2
+    meta = json.loads((tmp_path / "glue" / "sst2" / "manifest.json").read_text())
+    assert meta["skipped"]["count"] == 0
 
 
 def _jpeg(seed):
@@ -355,6 +374,80 @@ def test_user_text_files_accept_txt_and_wiki_dumps_and_skip_bad_files(tmp_path):
     user_text.prepare(Context(tmp_path / "cache", tmp_path / "out"), paths=[str(tmp_path / "in" / "*")])
     df = read_manifest(tmp_path / "out")
     texts = [(tmp_path / "out" / p).read_text() for p in df["path"]]
-    assert texts == ["First paragraph.\n\nSecond paragraph.\n", "Albedo is a subject.\n"]
+    assert texts == ["First paragraph.\n\nSecond paragraph.\n\n", "Albedo is a subject.\n\n"]
+    assert list(df["documents"]) == [1, 1]
+    assert [Path(o).name for o in df["origin"]] == ["book.txt", "wiki.xml.bz2"]
     meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert meta["skipped"]["count"] == 1 and meta["skipped"]["files"][0]["path"].endswith("bad.txt")
+
+
+def _wiki_dump(titles, tail="</mediawiki>") -> bytes:
+    page = ("<page><title>{t}</title><ns>0</ns><revision><text>'''{t}''' is a [[topic|subject]].\n\n\n\n"
+            "More on {t}.</text></revision></page>")
+    return ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + "".join(page.format(t=t) for t in titles)
+            + tail).encode()
+
+
+def test_user_text_streams_documents_into_volumes_and_holds_every_nth_document_out(tmp_path):
+    """Volumes are cut between lines once they pass volume_mb; read back they give every document in order, the
+    valid split holding documents valid_every-1, 2·valid_every-1, … across files; markup is stripped the same in
+    1 and 2 processes; a U+2028 inside a paragraph stays inside it."""
+    import bz2
+    from d2v.data.sources import user_text
+    (tmp_path / "in").mkdir()
+    books = {f"book{i}.txt": "\n\n".join(f"Book {i} paragraph {j}, \u2028 kept whole." for j in range(40))
+             for i in range(3)}
+    for name, book in books.items():
+        (tmp_path / "in" / name).write_text(book, encoding="utf-8")
+    titles = [f"Topic {i}" for i in range(7)]
+    (tmp_path / "in" / "wiki.xml.bz2").write_bytes(bz2.compress(_wiki_dump(titles)))
+    made = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        user_text.prepare(Context(tmp_path / "cache", out), paths=[str(tmp_path / "in" / "*")], valid_every=4,
+                          volume_mb=600 / (1 << 20), workers=workers)
+        made[workers] = read_manifest(out)
+        sizes = [(out / p).stat().st_size for p in made[workers]["path"]]
+        assert max(sizes) < 600 + 60  # cut at the first line past the limit
+    df = made[1]
+    assert df.equals(made[2].assign(origin=made[2]["origin"].str.replace("out2", "out1")))
+    assert not df["id"].str.contains(".", regex=False).any() and df["id"].is_unique
+    assert (df.groupby("origin").size() > 2).any()  # the books were cut into several volumes
+    expected = [books[n] for n in sorted(books)] + [f"{t} is a subject.\n\nMore on {t}." for t in titles]
+    for split, numbers in (("pretrain", [n for n in range(10) if n % 4 != 3]), ("valid", [3, 7])):
+        rows = df[df["split"] == split]
+        read = "".join((tmp_path / "out1" / p).read_text(encoding="utf-8") for p in rows["path"])
+        assert read == "".join(expected[n] + "\n\n" for n in numbers)
+        assert rows["documents"].sum() == len(numbers)
+    meta = json.loads((tmp_path / "out1" / "manifest.json").read_text())
+    assert meta["documents"] == 10 and meta["skipped"]["count"] == 0
+
+
+@pytest.mark.parametrize("bad", ["utf8", "xml"])
+def test_user_text_skips_a_file_that_breaks_midway_whole(tmp_path, monkeypatch, bad):
+    """A file found unreadable after it has filled volumes leaves nothing behind, and the documents after it are
+    numbered as if it were absent."""
+    import bz2
+    from d2v.data.sources import user_text
+    discarded = []
+    discard = user_text.Volumes.discard
+    monkeypatch.setattr(user_text.Volumes, "discard", lambda self: (discarded.append(len(self.done)), discard(self)))
+    (tmp_path / "in").mkdir()
+    if bad == "utf8":  # past the reader's first 8 KiB, so lines were written before the decoder meets the bad bytes
+        good = "\n".join(f"Line {j} of a long first part." for j in range(2000))
+        (tmp_path / "in" / "a_broken.txt").write_bytes(good.encode() + b"\n\xff\xfe then garbage\n")
+    else:
+        (tmp_path / "in" / "a_broken.xml.bz2").write_bytes(bz2.compress(_wiki_dump(["One", "Two"] * 20,
+                                                                                   tail="<page><ti")))
+    for i in range(4):
+        (tmp_path / "in" / f"b{i}.txt").write_text(f"Document {i}.")
+    user_text.prepare(Context(tmp_path / "cache", tmp_path / "out"), paths=[str(tmp_path / "in" / "*")],
+                      valid_every=2, volume_mb=500 / (1 << 20))
+    df = read_manifest(tmp_path / "out")
+    assert [Path(o).name for o in df["origin"]] == ["b0.txt", "b1.txt", "b2.txt", "b3.txt"]
+    assert list(df["split"]) == ["pretrain", "valid", "pretrain", "valid"]
+    assert sorted(p.name for p in (tmp_path / "out" / "docs").iterdir()) == [f"{i:05d}_b{i - 1}_txt"
+                                                                            for i in range(1, 5)]
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert meta["skipped"]["files"][0]["path"].endswith("a_broken." + ("txt" if bad == "utf8" else "xml.bz2"))
+    assert discarded and discarded[0] >= 2  # volumes had been completed, then deleted

@@ -18,7 +18,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,24 +117,35 @@ def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, to
         if problem:
             skipped.add(row.path, problem, log)
             continue
+        if kind == "text_corpus":
+            yield from _token_chunks(path, row.id, cfg.chunk_tokens, tokenizer)
+            continue
         data = path.read_bytes()
         if kind == "image":
             sample = {"__key__": row.id, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"): data}
             if not pd.isna(row.label):
                 sample["cls"] = int(row.label)
             yield sample
-        elif kind == "speech":
+        else:
             yield {"__key__": row.id, path.suffix.lower().lstrip("."): data, "txt": "" if pd.isna(row.text) else
                    row.text, "json": {"duration": float(row.duration), "speaker": getattr(row, "speaker", "")}}
-        else:  # text corpus: tokenize paragraph by paragraph, emit fixed-size chunks
-            ids = []  # documents end every paragraph with </s>; the reader adds <s> to each packed block
-            for line in data.decode("utf-8").splitlines():
-                if line.strip():
-                    ids += [*tokenizer.sp.encode(line.strip()), tokenizer.eos]
-            dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
-            for k in range(math.ceil(len(ids) / cfg.chunk_tokens)):
-                chunk = np.asarray(ids[k * cfg.chunk_tokens:(k + 1) * cfg.chunk_tokens], dtype=dtype)
-                yield {"__key__": f"{row.id}-{k:05d}", "ids.npy": chunk}
+
+
+def _token_chunks(path: Path, key: str, chunk_tokens: int, tokenizer) -> Iterator[dict]:
+    """A text file's paragraphs (its non-blank lines) tokenized, each ending in </s> (the reader adds <s> to each
+    packed block), in samples of `chunk_tokens` ids; read line by line, so a volume of any size takes the memory of a
+    chunk."""
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
+    ids, k = [], 0
+    with open(path, encoding="utf-8") as f:  # universal newlines, as d2v.io.text_lines
+        for line in f:
+            if line.strip():
+                ids += [*tokenizer.sp.encode(line.strip()), tokenizer.eos]
+            while len(ids) >= chunk_tokens:
+                yield {"__key__": f"{key}-{k:05d}", "ids.npy": np.asarray(ids[:chunk_tokens], dtype=dtype)}
+                ids, k = ids[chunk_tokens:], k + 1
+    if ids:
+        yield {"__key__": f"{key}-{k:05d}", "ids.npy": np.asarray(ids, dtype=dtype)}
 
 
 def shard_summary(path: Path) -> dict:

@@ -29,25 +29,31 @@ class SentencePieceConfig(StrictModel):
     num_threads: int = Field(2, ge=1)  # pinned: the trained model depends on it
     max_sentence_length: int = Field(8192, ge=64)
     seed_sentencepiece_size: int = Field(1_000_000, ge=1000)
+    # lines SentencePiece trains on: 0 = all of them; N = a seeded uniform sample of N (the trainer holds its
+    # sentences in memory: a paper-scale corpus of ~100M lines needs a sample)
+    sample_lines: int = Field(0, ge=0)
 
 
 def corpus_lines(corpus_dir: str | Path, split: str = "pretrain") -> Iterator[str]:
     """Non-empty lines (paragraphs) of every document of `split`, in manifest order."""
     corpus_dir = Path(corpus_dir)
     for rel in read_manifest(corpus_dir, split)["path"]:
-        for line in (corpus_dir / rel).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                yield line.strip()
+        with open(corpus_dir / rel, encoding="utf-8") as f:  # line by line: a corpus volume may be large
+            for line in f:  # universal newlines, as d2v.io.text_lines
+                if line.strip():
+                    yield line.strip()
 
 
 def train_sentencepiece(lines: Iterable[str], out_model: str | Path, cfg: SentencePieceConfig) -> Path:
     import sentencepiece as spm
 
     buf = io.BytesIO()
+    spm.set_random_generator_seed(0)  # the sample of `sample_lines` (a reservoir) is the same on every run
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=cfg.vocab_size - 1, model_type=cfg.model_type,
         character_coverage=cfg.character_coverage, num_threads=cfg.num_threads,
-        max_sentence_length=cfg.max_sentence_length, input_sentence_size=0, shuffle_input_sentence=False,
+        max_sentence_length=cfg.max_sentence_length, input_sentence_size=cfg.sample_lines,
+        shuffle_input_sentence=cfg.sample_lines > 0,
         seed_sentencepiece_size=cfg.seed_sentencepiece_size, hard_vocab_limit=True,
         bos_id=0, pad_id=1, eos_id=2, unk_id=3, minloglevel=2)
     model = buf.getvalue()

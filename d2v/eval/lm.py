@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from d2v.config import StrictModel
 from d2v.data.manifest import LM_SPLIT, read_manifest
 from d2v.eval.metrics import cer, greedy_transcripts, wer
-from d2v.io import atomic_write, atomic_write_json, atomic_write_text, read_json
+from d2v.io import atomic_write, atomic_write_json, atomic_write_text, read_json, text_lines
 from d2v.processes import forked_pool, usable_cpus
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -209,7 +209,7 @@ def build(cfg: LanguageModelConfig, letters: Sequence[str], folder: str | Path,
         missing = [str(f) for f in corpus if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"lm.corpus: missing {missing}")
-        model = kneser_ney((line for f in corpus for line in Path(f).read_text("utf-8").splitlines()
+        model = kneser_ney((line for f in corpus for line in text_lines(Path(f).read_text("utf-8"))
                             if line.strip()), cfg.order)
         arpa = write_arpa(model, folder / ARPA)
         meta |= {"corpus": [str(f) for f in corpus], "ngrams": [len(m) for m in model]}

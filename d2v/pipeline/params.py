@@ -63,6 +63,7 @@ class TokenizerSpec(StrictModel):
     letters_split: str = "train_1h"
     vocab_size: int = Field(8000, ge=16)
     num_threads: int = Field(2, ge=1)
+    sample_lines: int = Field(0, ge=0)  # SentencePiece trains on a seeded sample of this many lines (0: all)
 
 
 class Profile(StrictModel):

@@ -17,6 +17,7 @@ import pandas as pd
 from d2v.data.download import Artifact, bytes_sha256, fetch, file_digest
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
 from d2v.data.sources.base import Context, log, register, staged
+from d2v.io import text_lines
 
 BASE = "https://dl.fbaipublicfiles.com/glue/data/"
 SENTEVAL = "https://dl.fbaipublicfiles.com/senteval/senteval_data/"
@@ -75,7 +76,7 @@ def default_artifacts(tasks: Iterable[str]) -> dict[str, Artifact]:
 
 def read_tsv(data: bytes, where: str, task: Task, skipped: Skipped) -> pd.DataFrame:
     """Parse one GLUE TSV (no quoting, as released); rows with a wrong field count are skipped and named."""
-    lines = data.decode("utf-8-sig").splitlines()
+    lines = text_lines(data.decode("utf-8-sig"))
     header = lines[0].split("\t") if task.header else list(task.columns)
     body = lines[1:] if task.header else lines
     rows = []
@@ -115,8 +116,8 @@ def _mrpc_frames(ctx: Context, arts: Mapping[str, Artifact], task: Task, skipped
     """MRPC ships as MSR's train/test files; GLUE's dev split is the listed (#1 ID, #2 ID) pairs of train."""
     read = {s: fetch(arts[f], ctx.cache_dir).read_bytes() for s, f in task.files.items()}
     frames = {s: (read_tsv(b, task.files[s], task, skipped), task.files[s]) for s, b in read.items()}
-    dev_ids = {tuple(line.split("\t")[:2]) for line in fetch(arts[MRPC_DEV_IDS], ctx.cache_dir).read_text()
-               .splitlines() if line.strip()}
+    dev_ids = {tuple(line.split("\t")[:2]) for line in text_lines(fetch(arts[MRPC_DEV_IDS], ctx.cache_dir)
+               .read_text(encoding="utf-8")) if line.strip()}
     train, where = frames["train"]
     is_dev = [(a, b) in dev_ids for a, b in zip(train["#1 ID"], train["#2 ID"])]
     frames["dev"] = (train[is_dev].reset_index(drop=True), where)

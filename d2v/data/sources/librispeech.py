@@ -18,6 +18,7 @@ import soundfile as sf
 from d2v.data.download import Artifact, fetch
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
 from d2v.data.sources.base import Context, log, register
+from d2v.io import text_lines
 
 OPENSLR = ("https://www.openslr.org/resources/12/", "https://us.openslr.org/resources/12/",
            "https://openslr.elda.org/resources/12/")
@@ -66,7 +67,7 @@ def index_transcripts(root: Path, split: str, out_dir: Path, skipped: Skipped,
     rows = []
     for trans in sorted(root.rglob("*.trans.txt")):
         listed = set()
-        for line in trans.read_text().splitlines():
+        for line in text_lines(trans.read_text(encoding="utf-8")):
             if not line.strip():
                 continue
             utt, _, text = line.partition(" ")

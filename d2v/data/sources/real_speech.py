@@ -19,6 +19,7 @@ from d2v.data.download import bytes_sha256
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
 from d2v.data.sources.austen import normalize_transcript
 from d2v.data.sources.base import Context, Member, debian, log, register, staged
+from d2v.io import text_lines
 
 SAMPLE_RATE = 16_000
 G722 = debian("asterisk-core-sounds-en-g722_1.6.1-1_all.deb", "a/asterisk-core-sounds/",
@@ -60,7 +61,7 @@ def spoken_form(text: str) -> str:
 def parse_prompts(text: str) -> dict[str, str]:
     """`name: text` lines (comments start with ';'); a name may contain '/' (sub-folders)."""
     prompts = {}
-    for line in text.splitlines():
+    for line in text_lines(text):
         if not line.strip() or line.startswith(";") or ":" not in line:
             continue
         name, said = line.split(":", 1)
@@ -83,7 +84,7 @@ def decode_g722(data: bytes) -> np.ndarray:
 def parse_sphinx_transcription(text: str) -> dict[str, str]:
     """`<s> words </s> (utterance-id)` lines."""
     out = {}
-    for line in text.splitlines():
+    for line in text_lines(text):
         m = re.match(r"\s*<s>(.*)</s>\s*\((\S+)\)\s*$", line)
         if m:
             out[m.group(2)] = normalize_transcript(m.group(1))

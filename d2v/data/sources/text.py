@@ -17,7 +17,9 @@ import io
 import json
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -26,6 +28,7 @@ from d2v.data.download import bytes_sha256
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
 from d2v.data.sources import austen
 from d2v.data.sources.base import Context, Member, log, pypi, register, staged
+from d2v.io import text_lines
 
 GENSIM = pypi("gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
               "d9/fa/85531b39c1beb5a4203929ba83d94d886cec40d0fb0bef8ca05fd1cc7a38",
@@ -70,23 +73,33 @@ def split_by_fraction(n: int, fractions: tuple[float, float], seed: int) -> np.n
 
 # ---------------------------------------------------------------------------------------------- pretraining corpus
 
-def wiki_articles(xml_bz2: bytes) -> list[tuple[str, str]]:
-    """(title, plain text) of the non-redirect main-namespace pages of a MediaWiki XML export."""
-    import mwparserfromhell
-
-    articles = []
-    for _, elem in ET.iterparse(io.BytesIO(bz2.decompress(xml_bz2))):
-        if not elem.tag.endswith("}page"):
+def wiki_pages(stream: BinaryIO) -> Iterator[tuple[str, str]]:
+    """(title, wikitext) of the non-redirect main-namespace pages of a MediaWiki XML export, parsed as a stream: each
+    page leaves the tree once read, so a 90 GB Wikipedia dump takes no more memory than its longest page."""
+    events = ET.iterparse(stream, events=("start", "end"))
+    _, root = next(events)
+    for event, elem in events:
+        if event != "end" or not elem.tag.endswith("}page"):
             continue
         ns = elem.find("./{*}ns")
         text = elem.find("./{*}revision/{*}text")
         redirect = elem.find("./{*}redirect")
         if ns is not None and ns.text == "0" and redirect is None and text is not None and text.text:
-            plain = mwparserfromhell.parse(text.text).strip_code()
-            plain = re.sub(r"\n{3,}", "\n\n", plain).strip()
-            articles.append((elem.find("./{*}title").text, plain))
-        elem.clear()
-    return articles
+            yield elem.find("./{*}title").text, text.text
+        root.clear()  # the pages read so far, which the root would otherwise keep
+
+
+def plain_text(wikitext: str) -> str:
+    """An article's wikitext without markup; paragraphs separated by one blank line."""
+    import mwparserfromhell
+
+    return re.sub(r"\n{3,}", "\n\n", mwparserfromhell.parse(wikitext).strip_code()).strip()
+
+
+def wiki_articles(xml_bz2: bytes) -> list[tuple[str, str]]:
+    """(title, plain text) of the articles of a small bz2-compressed MediaWiki XML export."""
+    with bz2.open(io.BytesIO(xml_bz2)) as stream:
+        return [(title, plain_text(wikitext)) for title, wikitext in wiki_pages(stream)]
 
 
 def slug(title: str) -> str:
@@ -133,7 +146,7 @@ def prepare_rt(ctx: Context, seed: int = 0) -> Path:
 
 def _read_bibles(ctx: Context) -> tuple[dict, dict]:
     kjv = {}
-    for line in ctx.read(KJV).decode().splitlines():
+    for line in text_lines(ctx.read(KJV).decode()):
         v = json.loads(line)
         kjv[(v["book"], v["chapter"], v["verse"])] = v["text"].strip()
     web_df = pd.read_csv(io.BytesIO(gzip.decompress(ctx.read(WEB))), header=None, skiprows=1, dtype=str)
@@ -173,7 +186,7 @@ def prepare_bible(ctx: Context, seed: int = 0) -> Path:
 
 def lee_documents(ctx: Context) -> tuple[list[str], np.ndarray]:
     """The 50 Lee news documents (whitespace normalised) and their 50 × 50 upper-triangular mean human ratings."""
-    docs = [" ".join(line.split()) for line in ctx.read(LEE).decode("latin-1").splitlines() if line.strip()]
+    docs = [" ".join(line.split()) for line in text_lines(ctx.read(LEE).decode("latin-1")) if line.strip()]
     sim = np.loadtxt(io.StringIO(ctx.read(LEE_SIM).decode()))
     if sim.shape != (len(docs), len(docs)):
         raise ValueError(f"lee_sts: similarity matrix {sim.shape} does not match {len(docs)} documents")

@@ -1,50 +1,130 @@
 """A text pretraining corpus from files the user has (paper scale: BookCorpus, Wikipedia dumps, anything else).
 
 Accepts UTF-8 `.txt` files (one document per file; paragraphs separated by blank lines) and MediaWiki XML dumps
-(`.xml` or `.xml.bz2`, e.g. `enwiki-latest-pages-articles.xml.bz2`), whose articles are stripped to plain text. A
-file that is not valid UTF-8 or XML is skipped, named and counted.
+(`.xml` or `.xml.bz2`, e.g. `enwiki-latest-pages-articles.xml.bz2`), whose articles are stripped to plain text in
+`workers` processes. Everything is streamed: each input's documents are written into volumes of about `volume_mb`
+(a blank line between documents, cut only between lines), so a 20 GB dump or a one-file BookCorpus needs the memory
+of a page, not of the corpus, and the tokenizer and shard stages read a few hundred files, not millions. Every
+`valid_every`-th document goes to the `valid` volumes. A file that is not valid UTF-8 or XML is skipped whole (the
+volumes it had begun are deleted), named and counted.
 """
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
-from collections.abc import Iterable
+import hashlib
+import itertools
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from d2v.data.download import bytes_sha256
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
 from d2v.data.sources.base import Context, log, register, staged
-from d2v.data.sources.text import slug, wiki_articles
+from d2v.data.sources.text import plain_text, slug, wiki_pages
+from d2v.processes import forked_pool
+
+WIKI_SUFFIXES = (".xml", ".xml.bz2")
 
 
-def _documents(path: Path) -> list[tuple[str, str]]:
-    if path.name.endswith((".xml", ".xml.bz2")):
-        data = path.read_bytes()
-        return wiki_articles(data if data[:3] == b"BZh" else bz2.compress(data))
-    return [(path.stem, path.read_bytes().decode("utf-8"))]
+def _wiki_documents(path: Path, workers: int) -> Iterator[list[str]]:
+    opener = bz2.open if path.name.endswith(".bz2") else open
+    with opener(path, "rb") as stream, contextlib.ExitStack() as stack:
+        wikitexts = (text for _, text in wiki_pages(stream))
+        if workers > 1:  # mwparserfromhell is the slow part: blocks of pages, stripped in order
+            pool = stack.enter_context(forked_pool(workers))
+            blocks = iter(lambda: list(itertools.islice(wikitexts, 256 * workers)), [])
+            texts = itertools.chain.from_iterable(pool.map(plain_text, block, chunksize=64) for block in blocks)
+        else:
+            texts = map(plain_text, wikitexts)
+        for text in texts:
+            yield text.split("\n")
+
+
+def _text_document(path: Path) -> Iterator[list[str]]:
+    with open(path, encoding="utf-8-sig") as f:  # universal newlines, as d2v.io.text_lines; a BOM dropped
+        yield (line.rstrip("\n") for line in f)
+
+
+def documents(path: Path, workers: int = 1) -> Iterator[Iterable[str]]:
+    """The documents of one input file, each as its lines, read as a stream."""
+    return _wiki_documents(path, workers) if path.name.endswith(WIKI_SUFFIXES) else _text_document(path)
+
+
+class Volumes:
+    """One input's documents appended to `folder/<split>-NNNNN.txt`, a new volume once one holds `limit` bytes."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.done: list[dict] = []  # closed volumes: path, split, bytes, sha256, documents
+        self.current: dict[str, tuple] = {}  # split -> (file, record, hash) of the open volume
+
+    def write(self, split: str, lines: Iterable[str]) -> None:
+        f, record, digest = self._volume(split)
+        for line in itertools.chain(lines, [""]):  # a blank line ends the document
+            data = (line + "\n").encode("utf-8")
+            if record["bytes"] >= self.limit:
+                self._close(split)
+                f, record, digest = self._volume(split)
+            f.write(data)
+            digest.update(data)
+            record["bytes"] += len(data)
+        record["documents"] += 1
+
+    def _volume(self, split: str) -> tuple:
+        if split not in self.current:
+            count = sum(r["split"] == split for r in self.done)
+            path = self.folder / f"{split}-{count:05d}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = dict(path=path, split=split, bytes=0, documents=0)
+            self.current[split] = (open(path, "wb"), record, hashlib.sha256())
+        return self.current[split]
+
+    def _close(self, split: str) -> None:
+        f, record, digest = self.current.pop(split)
+        f.close()
+        self.done.append(record | {"sha256": digest.hexdigest()})
+
+    def close(self) -> list[dict]:
+        for split in list(self.current):
+            self._close(split)
+        return self.done
+
+    def discard(self) -> None:
+        for f, _, _ in self.current.values():
+            f.close()
+        self.current.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @register("text_files", "text", "paper", "a text corpus from user-supplied .txt files and MediaWiki XML dumps")
-def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100) -> Path:
+def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_mb: float = 64.0,
+            workers: int = 1) -> Path:
     files = sorted({Path(p) for pattern in paths for p in glob.glob(str(pattern), recursive=True)})
     if not files:
         raise FileNotFoundError(f"text_files: no files match {list(paths)}")
-    skipped, rows = Skipped(), []
+    if valid_every < 1 or volume_mb <= 0 or workers < 1:
+        raise ValueError(f"text_files: valid_every ({valid_every}) and workers ({workers}) must be at least 1 and "
+                         f"volume_mb ({volume_mb}) above 0")
+    skipped, rows, n_docs = Skipped(), [], 0
     with staged(ctx.out_dir) as out:
-        for f in files:
+        for k, f in enumerate(files):
+            volumes, first = Volumes(out / "docs" / f"{k:05d}_{slug(f.name)}", int(volume_mb * (1 << 20))), n_docs
             try:
-                docs = _documents(f)
-            except Exception as err:  # bad encoding, broken XML: skipped and reported
+                for lines in documents(f, workers):
+                    volumes.write("valid" if n_docs % valid_every == valid_every - 1 else "pretrain", lines)
+                    n_docs += 1
+            except Exception as err:  # bad encoding, broken XML: skipped whole and reported
+                volumes.discard()
+                n_docs = first
                 skipped.add(str(f), f"unreadable: {err}", log)
                 continue
-            for title, text in docs:
-                n = len(rows)
-                rel = f"docs/{n // 1000:04d}/{n:07d}_{slug(title)}.txt"
-                data = (text.strip() + "\n").encode()
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                (out / rel).write_bytes(data)
-                rows.append(dict(id=f"{n:07d}", path=rel, split="valid" if n % valid_every == valid_every - 1
-                                 else "pretrain", bytes=len(data), sha256=bytes_sha256(data), origin=str(f)))
+            for v in volumes.close():
+                rel = v["path"].relative_to(out).as_posix()
+                rows.append(dict(id=rel.removeprefix("docs/").replace("/", "-").removesuffix(".txt"), path=rel,
+                                 split=v["split"], bytes=v["bytes"], sha256=v["sha256"], documents=v["documents"],
+                                 origin=str(f)))
+            log.info("text_files: %s: %d documents", f, n_docs - first)
         write_manifest(out, make_manifest(rows), source="text_files", skipped=skipped.as_json(),
-                       inputs=[str(f) for f in files])
+                       inputs=[str(f) for f in files], documents=n_docs, volume_mb=volume_mb)
     return ctx.out_dir
