@@ -119,6 +119,22 @@ def test_librispeech_and_librilight_download_extract_index(tmp_path):
     assert reasons == ["no transcript line", "unreadable FLAC"]
     light_rows = df[df["split"] == "librilight_10h"].set_index("id")["subsets"].to_dict()
     assert light_rows == {"19-198-0000": "10min|1h|10h", "20-200-0001": "1h|10h", "21-201-0002": "10h"}
+    # every paper profile's LibriSpeech shard sets are cut from splits this manifest has (they asked for
+    # 'dev-clean' where prepare writes 'dev_clean', so no paper profile could shard LibriSpeech)
+    from d2v.data.shards import write_shards
+    from d2v.pipeline.params import load_params
+    archive_splits = {librispeech.manifest_split(s) for s in librispeech.SHA256} | {librispeech.LIBRILIGHT_SPLIT}
+    sharded = set()
+    for name, profile in load_params("params.yaml").profiles.items():
+        for key in (k for k in profile.shard_keys if k.startswith("librispeech/")):
+            spec = profile.shard_spec(key)
+            assert set(spec.split.split("+")) <= archive_splits, (name, key, spec.split)
+            if spec.split in set(df["split"]) and key not in sharded:  # the splits this fixture prepared
+                index = write_shards(tmp_path / "ls", spec.split, tmp_path / "shards" / key, subset=spec.subset)
+                assert index["count"] == len(df[df["split"] == spec.split].query(
+                    "subsets.str.contains(@spec.subset)" if spec.subset else "index == index")), key
+                sharded.add(key)
+    assert {"librispeech/dev-clean", "librispeech/librilight_10h-10min", "librispeech/librilight_10h"} <= sharded
 
 
 def test_librispeech_checksum_mismatch_stops_before_extracting(tmp_path):

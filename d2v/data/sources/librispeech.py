@@ -44,6 +44,11 @@ def librispeech_artifacts(splits: Iterable[str] = tuple(SHA256)) -> dict[str, Ar
     return {s: Artifact(f"{s}.tar.gz", tuple(m + f"{s}.tar.gz" for m in OPENSLR), sha256=SHA256[s]) for s in splits}
 
 
+def manifest_split(archive_split: str) -> str:
+    """The manifest's name of an archive's split (dev-clean -> dev_clean, as mini_librispeech names its splits)."""
+    return archive_split.replace("-", "_")
+
+
 def extract(archive: Path, dest: Path) -> Path:
     """Unpack `archive` into `dest` atomically (temp sibling, then rename); no-op when `dest` exists."""
     if dest.exists():
@@ -110,7 +115,7 @@ def prepare(ctx: Context, splits: Iterable[str] = tuple(SHA256), librilight: boo
     skipped, rows = Skipped(), []
     for split in splits:
         folder = extract(fetch(table[split], ctx.cache_dir), out / "splits" / split)
-        rows += index_transcripts(folder, split.replace("-", "_"), out, skipped)
+        rows += index_transcripts(folder, manifest_split(split), out, skipped)
     if librilight:
         folder = extract(fetch(table["librilight"], ctx.cache_dir), out / "splits" / LIBRILIGHT_SPLIT)
         rows += index_transcripts(folder, LIBRILIGHT_SPLIT, out, skipped, librilight_subsets)
