@@ -237,6 +237,15 @@ def test_imagenet_from_official_tars(tmp_path):
     bad = dict(md5, **{"ILSVRC2012_img_val.tar": "0" * 32})
     with pytest.raises(ChecksumError, match="ILSVRC2012_img_val.tar: md5 mismatch"):
         imagenet.prepare(Context(tmp_path / "cache", tmp_path / "in2"), archives=archives, md5=bad)
+    # a tree whose val folder holds the images unsorted, as the val tar unpacks, is refused before any is read
+    tree = tmp_path / "tree"
+    (tree / "train" / "n01440764").mkdir(parents=True)
+    (tree / "train" / "n01440764" / "a.JPEG").write_bytes(_jpeg(0))
+    (tree / "val").mkdir()
+    (tree / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(_jpeg(1))
+    with pytest.raises(ValueError, match=r"ILSVRC2012_val_00000001.JPEG lies in .*val itself; expected one folder "
+                                         r"per class, .*val/<wnid>/\*.JPEG. Give archives="):
+        imagenet.prepare(Context(tmp_path / "cache", tmp_path / "in3"), tree=tree)
 
 
 class FixtureContext(Context):

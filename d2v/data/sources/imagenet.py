@@ -113,6 +113,11 @@ def prepare(ctx: Context, archives: str | Path | None = None, tree: str | Path |
     for split in ("train", "val"):
         if not (tree / split).is_dir():
             raise FileNotFoundError(f"imagenet: {tree / split} missing; expected {tree}/{{train,val}}/<wnid>/*.JPEG")
+        loose = next((f for f in (tree / split).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), None)
+        if loose is not None:  # the official val tar unpacked as it comes: every image would be skipped
+            raise ValueError(f"imagenet: {loose} lies in {tree / split} itself; expected one folder per class, "
+                             f"{tree / split}/<wnid>/*.JPEG. Give archives=<folder with the three official files> "
+                             "instead (the devkit sorts the validation images), or sort them by class first")
     skipped = Skipped()
     rows, wnids = index_tree(tree, out, skipped, verify_images)
     write_manifest(out, make_manifest(rows), source="imagenet", classes=wnids, tree=str(tree),
