@@ -448,6 +448,28 @@ def test_user_text_streams_documents_into_volumes_and_holds_every_nth_document_o
     assert meta["documents"] == 10 and meta["skipped"]["count"] == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_user_text_skips_an_article_whose_markup_cannot_be_read_not_the_dump(tmp_path, monkeypatch, workers):
+    import bz2
+    from d2v.data.sources import user_text
+
+    def plain_text(wikitext):
+        if "Topic 1" in wikitext:
+            raise RecursionError("maximum recursion depth exceeded")
+        return wikitext.split("'''")[1]
+
+    monkeypatch.setattr(user_text, "plain_text", plain_text)  # before the pool forks: its workers see it too
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "wiki.xml.bz2").write_bytes(bz2.compress(_wiki_dump([f"Topic {i}" for i in range(3)])))
+    user_text.prepare(Context(tmp_path / "cache", tmp_path / "out"), paths=[str(tmp_path / "in" / "*")],
+                      workers=workers)
+    df = read_manifest(tmp_path / "out")
+    assert [(tmp_path / "out" / p).read_text() for p in df["path"]] == ["Topic 0\n\nTopic 2\n\n"]
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (skip,) = meta["skipped"]["files"]
+    assert skip["path"].endswith("wiki.xml.bz2:Topic 1") and "RecursionError" in skip["reason"]
+
+
 @pytest.mark.parametrize("bad", ["utf8", "xml"])
 def test_user_text_skips_a_file_that_breaks_midway_whole(tmp_path, monkeypatch, bad):
     """A file found unreadable after it has filled volumes leaves nothing behind, and the documents after it are

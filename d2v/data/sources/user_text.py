@@ -2,11 +2,12 @@
 
 Accepts UTF-8 `.txt` files (one document per file; paragraphs separated by blank lines) and MediaWiki XML dumps
 (`.xml` or `.xml.bz2`, e.g. `enwiki-latest-pages-articles.xml.bz2`), whose articles are stripped to plain text in
-`workers` processes. Everything is streamed: each input's documents are written into volumes of about `volume_mb`
-(a blank line between documents, cut only between lines), so a 20 GB dump or a one-file BookCorpus needs the memory
-of a page, not of the corpus, and the tokenizer and shard stages read a few hundred files, not millions. Every
-`valid_every`-th document goes to the `valid` volumes. A file that is not valid UTF-8 or XML is skipped whole (the
-volumes it had begun are deleted), named and counted.
+`workers` processes (an article whose markup cannot be read is skipped and named). Everything is streamed: each
+input's documents are written into volumes of about `volume_mb` (a blank line between documents, cut only between
+lines), so a 20 GB dump or a one-file BookCorpus needs the memory of a page, not of the corpus, and the tokenizer
+and shard stages read a few hundred files, not millions. Every `valid_every`-th document goes to the `valid`
+volumes. A file that is not valid UTF-8 or XML is skipped whole (the volumes it had begun are deleted), named and
+counted.
 """
 from __future__ import annotations
 
@@ -27,17 +28,30 @@ from d2v.processes import forked_pool
 WIKI_SUFFIXES = (".xml", ".xml.bz2")
 
 
-def _wiki_documents(path: Path, workers: int) -> Iterator[list[str]]:
+def _strip(page: tuple[str, str]) -> tuple[str, str | None, str | None]:
+    """(title, plain text, None), or (title, None, the error) for a page mwparserfromhell cannot read: one such
+    article costs that article, not the dump."""
+    title, wikitext = page
+    try:
+        return title, plain_text(wikitext), None
+    except Exception as err:
+        return title, None, f"{type(err).__name__}: {err}"
+
+
+def _wiki_documents(path: Path, workers: int, skipped: Skipped) -> Iterator[list[str]]:
     opener = bz2.open if path.name.endswith(".bz2") else open
     with opener(path, "rb") as stream, contextlib.ExitStack() as stack:
-        wikitexts = (text for _, text in wiki_pages(stream))
+        pages = wiki_pages(stream)
         if workers > 1:  # mwparserfromhell is the slow part: blocks of pages, stripped in order
             pool = stack.enter_context(forked_pool(workers))
-            blocks = iter(lambda: list(itertools.islice(wikitexts, 256 * workers)), [])
-            texts = itertools.chain.from_iterable(pool.map(plain_text, block, chunksize=64) for block in blocks)
+            blocks = iter(lambda: list(itertools.islice(pages, 256 * workers)), [])
+            stripped = itertools.chain.from_iterable(pool.map(_strip, block, chunksize=64) for block in blocks)
         else:
-            texts = map(plain_text, wikitexts)
-        for text in texts:
+            stripped = map(_strip, pages)
+        for title, text, error in stripped:
+            if error is not None:
+                skipped.add(f"{path}:{title}", f"markup not readable: {error}", log)
+                continue
             yield text.split("\n")
 
 
@@ -46,9 +60,9 @@ def _text_document(path: Path) -> Iterator[list[str]]:
         yield (line.rstrip("\n") for line in f)
 
 
-def documents(path: Path, workers: int = 1) -> Iterator[Iterable[str]]:
+def documents(path: Path, skipped: Skipped, workers: int = 1) -> Iterator[Iterable[str]]:
     """The documents of one input file, each as its lines, read as a stream."""
-    return _wiki_documents(path, workers) if path.name.endswith(WIKI_SUFFIXES) else _text_document(path)
+    return _wiki_documents(path, workers, skipped) if path.name.endswith(WIKI_SUFFIXES) else _text_document(path)
 
 
 class Volumes:
@@ -111,7 +125,7 @@ def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_m
         for k, f in enumerate(files):
             volumes, first = Volumes(out / "docs" / f"{k:05d}_{slug(f.name)}", int(volume_mb * (1 << 20))), n_docs
             try:
-                for lines in documents(f, workers):
+                for lines in documents(f, skipped, workers):
                     volumes.write("valid" if n_docs % valid_every == valid_every - 1 else "pretrain", lines)
                     n_docs += 1
             except Exception as err:  # bad encoding, broken XML: skipped whole and reported
