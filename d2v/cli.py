@@ -156,6 +156,7 @@ def prepare(args: argparse.Namespace) -> int:
 def tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from d2v.config import validate
     from d2v.data.manifest import read_manifest
     from d2v.data.tokenizer import LetterTokenizer, SentencePieceConfig, build_letter_vocab, corpus_lines, \
         train_sentencepiece
@@ -169,8 +170,9 @@ def tokenizer(args: argparse.Namespace) -> int:
         args.sample_lines = tok.sample_lines
         args.out = str(profile.spm_model.parent)
     if args.corpus:
-        cfg = SentencePieceConfig(vocab_size=args.vocab_size, model_type=args.model_type,
-                                  num_threads=args.num_threads, sample_lines=args.sample_lines)
+        cfg = validate(SentencePieceConfig, dict(vocab_size=args.vocab_size, model_type=args.model_type,
+                                                 num_threads=args.num_threads, sample_lines=args.sample_lines),
+                       "tokenizer")
         path = train_sentencepiece(corpus_lines(args.corpus), Path(args.out) / "spm.model", cfg)
         print(f"sentencepiece ({cfg.vocab_size} ids incl. <mask>) -> {path}")
     if args.letters:

@@ -10,6 +10,7 @@ import torch
 
 from d2v import cli
 from d2v.cli import main
+from d2v.data.manifest import make_manifest, write_manifest
 from d2v.config import ConfigError, ObjectiveConfig, load_yaml, nested_overrides, validate
 from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_commit, short_commit
 from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
@@ -335,3 +336,15 @@ def test_a_result_whose_outputs_ignore_the_input_is_printed_with_a_warning(capsy
     cli._print_result({**result, "predictions": {"classes_predicted": 2, "degenerate": False}}, "scratch, full")
     cli._print_result({k: v for k, v in result.items() if k != "predictions"}, "raw")  # written before the field
     assert capsys.readouterr().err == ""
+
+
+def test_tokenizer_options_are_checked_by_name_before_any_training(tmp_path, capsys):
+    write_manifest(tmp_path / "corpus", make_manifest([dict(id="a", path="a.txt", split="pretrain")]),
+                   source="text_corpus")
+    (tmp_path / "corpus" / "a.txt").write_text("Hello world.\n")
+    assert main(["tokenizer", "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "tok"),
+                 "--num-threads", "0", "--sample-lines", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.num_threads: Input should be greater than or equal to 1 (got 0)" in err
+    assert "tokenizer.sample_lines: Input should be greater than or equal to 0 (got -1)" in err
+    assert not (tmp_path / "tok").exists()

@@ -308,6 +308,17 @@ def test_a_text_corpus_is_read_as_a_stream_from_input_file_to_token_chunks(tmp_p
     assert all(len(c) == 64 for c in chunks[:-1]) and np.array_equal(np.concatenate(chunks), stream)
 
 
+def test_a_vocabulary_larger_than_the_corpus_can_fill_names_the_largest_that_fits(tmp_path):
+    lines = ["Hello world.", "Second line here."]
+    with pytest.raises(ValueError, match=r"vocab_size 200 \(199 SentencePiece pieces \+ <mask>\) is more than this "
+                                         r"corpus can fill; at most (\d+)") as err:
+        train_sentencepiece(lines, tmp_path / "spm.model", SentencePieceConfig(vocab_size=200, num_threads=1))
+    most = int(err.value.args[0].split("at most ")[1].split(" ")[0])
+    model = train_sentencepiece(lines, tmp_path / "spm.model", SentencePieceConfig(vocab_size=most, num_threads=1))
+    assert TextTokenizer(model).vocab_size == most
+    assert json.loads((tmp_path / "spm.json").read_text())["mask_id"] == most - 1
+
+
 def test_text_corpus_needs_a_tokenizer(tmp_path):
     write_manifest(tmp_path, make_manifest([dict(id="a", path="a.txt", split="pretrain")]), source="text_corpus")
     with pytest.raises(ShardError, match="pass the SentencePiece tokenizer"):

@@ -7,6 +7,7 @@ SentencePiece model of N-1 pieces. Training is deterministic for a fixed `num_th
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,13 +50,20 @@ def train_sentencepiece(lines: Iterable[str], out_model: str | Path, cfg: Senten
 
     buf = io.BytesIO()
     spm.set_random_generator_seed(0)  # the sample of `sample_lines` (a reservoir) is the same on every run
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, vocab_size=cfg.vocab_size - 1, model_type=cfg.model_type,
-        character_coverage=cfg.character_coverage, num_threads=cfg.num_threads,
-        max_sentence_length=cfg.max_sentence_length, input_sentence_size=cfg.sample_lines,
-        shuffle_input_sentence=cfg.sample_lines > 0,
-        seed_sentencepiece_size=cfg.seed_sentencepiece_size, hard_vocab_limit=True,
-        bos_id=0, pad_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, vocab_size=cfg.vocab_size - 1, model_type=cfg.model_type,
+            character_coverage=cfg.character_coverage, num_threads=cfg.num_threads,
+            max_sentence_length=cfg.max_sentence_length, input_sentence_size=cfg.sample_lines,
+            shuffle_input_sentence=cfg.sample_lines > 0,
+            seed_sentencepiece_size=cfg.seed_sentencepiece_size, hard_vocab_limit=True,
+            bos_id=0, pad_id=1, eos_id=2, unk_id=3, minloglevel=2)
+    except RuntimeError as err:
+        if (most := re.search(r"Vocabulary size too high.*<= (\d+)", str(err))) is None:
+            raise
+        raise ValueError(f"vocab_size {cfg.vocab_size} ({cfg.vocab_size - 1} SentencePiece pieces + <mask>) is more "
+                         f"than this corpus can fill; at most {int(most.group(1)) + 1} (SentencePiece: "
+                         f"{err})") from None
     model = buf.getvalue()
     atomic_write_bytes(out_model, model)
     atomic_write_json(Path(out_model).with_suffix(".json"),
