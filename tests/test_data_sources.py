@@ -17,6 +17,16 @@ from d2v.data.sources import Context, austen, fashion_mnist, glue, imagenet, lib
 from d2v.data.sources.base import Member
 
 
+def assert_declared_splits(source: str, folder, options: dict | None = None, dataset: str | None = None,
+                           every: bool = True):
+    """The splits `prepare` wrote are the ones its registry entry declares (which params validation checks shard
+    sets against before anything is prepared); `every=False` where a small fixture leaves some empty."""
+    from d2v.data.sources import SOURCES
+    written = set(read_manifest(folder)["split"])
+    declared = SOURCES[source].split_names(options or {}, dataset or source)
+    assert written == declared if every else written <= declared, (source, written, declared)
+
+
 def test_fashion_mnist_from_a_deb_on_a_local_mirror(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (12, 28, 28)), "train-labels-idx1-ubyte":
@@ -32,6 +42,7 @@ def test_fashion_mnist_from_a_deb_on_a_local_mirror(tmp_path, monkeypatch):
         fashion_mnist.prepare(Context(tmp_path / "cache", tmp_path / "fm"))
     df = read_manifest(tmp_path / "fm")
     assert list(df["split"].value_counts().sort_index()) == [5, 12]
+    assert_declared_splits("fashion_mnist", tmp_path / "fm")
     first = df.iloc[0]
     image = np.asarray(Image.open(tmp_path / "fm" / first["path"]))
     np.testing.assert_array_equal(image, arrays["train-images-idx3-ubyte"][0])  # PNG round trip is lossless
@@ -118,6 +129,7 @@ def test_librispeech_and_librilight_download_extract_index(tmp_path):
     reasons = sorted(f["reason"].split(":")[0] for f in meta["skipped"]["files"])
     assert reasons == ["no transcript line", "unreadable FLAC"]
     light_rows = df[df["split"] == "librilight_10h"].set_index("id")["subsets"].to_dict()
+    assert_declared_splits("librispeech", tmp_path / "ls", {"splits": ["dev-clean"]})
     assert light_rows == {"19-198-0000": "10min|1h|10h", "20-200-0001": "1h|10h", "21-201-0002": "10h"}
     # every paper profile's LibriSpeech shard sets are cut from splits this manifest has (they asked for
     # 'dev-clean' where prepare writes 'dev_clean', so no paper profile could shard LibriSpeech)
@@ -174,6 +186,9 @@ def test_glue_tsv_formats(tmp_path):
         assert meta["skipped"]["files"][0]["path"] == "SST-2.zip:SST-2/train.tsv:4"  # the 1-field row, by line
         assert read_manifest(tmp_path / "glue" / "stsb")["label"][0] == 5.0
         mrpc = read_manifest(tmp_path / "glue" / "mrpc")
+        for task in ("sst2", "stsb", "mrpc"):
+            assert_declared_splits("glue", tmp_path / "glue" / task, {"tasks": [task]}, f"glue/{task}",
+                                   every=task != "mrpc")  # the fixture's MRPC test file is its header
         assert dict(zip(mrpc["split"], mrpc["label"])) == {"train": 1.0, "dev": 0.0}  # dev = the listed pair
         with pytest.raises(ValueError, match=r"glue/sst2: example counts .*'train': \(2, 67349\)"):
             glue.prepare(Context(tmp_path / "cache", tmp_path / "glue2"), tasks=["sst2"], artifacts=arts)
@@ -229,6 +244,7 @@ def test_imagenet_from_official_tars(tmp_path):
     df = read_manifest(tmp_path / "in")
     meta = json.loads((tmp_path / "in" / "manifest.json").read_text())
     assert meta["classes"] == wnids and meta["skipped"]["count"] == 1
+    assert_declared_splits("imagenet", tmp_path / "in")
     val_rows = df[df["split"] == "val"].sort_values("id")
     assert list(val_rows["text"]) == ["n01440764", "n01443537", "n01443537"]  # ground truth ids 2, 1, 1
     assert list(val_rows["label"]) == [0.0, 1.0, 1.0]
@@ -270,6 +286,7 @@ def test_lee_sts_cross_validates_by_document(tmp_path):
         ctx = FixtureContext(tmp_path / str(fold), members)
         text.prepare_lee(ctx, folds=3, fold=fold)
         df = read_manifest(ctx.out_dir)
+        assert_declared_splits("lee_sts", ctx.out_dir)
         docs_of = {s: {int(x) for i in df[df["split"] == s]["id"] for x in i.split("-")[1:]}
                    for s in ("train", "dev", "test")}
         assert all(not (docs_of[a] & docs_of[b]) for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")))
@@ -298,6 +315,7 @@ def test_rt_polarity_deduplicates_and_drops_conflicts(tmp_path):
     ctx = FixtureContext(tmp_path, {text.RT.path: bz2.compress(csv.encode())})
     text.prepare_rt(ctx)
     df = read_manifest(ctx.out_dir)
+    assert_declared_splits("rt_polarity", ctx.out_dir, every=False)  # 6 snippets: all drawn for train
     assert sorted(zip(df["text"], df["label"])) == [("a joy", 1.0), ("dull", 0.0)]
 
 
@@ -318,6 +336,7 @@ def test_mini_librispeech_is_deterministic_with_disjoint_books_and_speakers(tmp_
     assert (tmp_path / "a" / "manifest.csv").stat().st_mtime_ns == stamp
     assert a.groupby("split").size().to_dict() == {"dev_clean": 2, "dev_other": 2, "pretrain": 6, "test_clean": 2,
                                                    "test_other": 2, "train_1h": 4}
+    assert_declared_splits("mini_librispeech", tmp_path / "a")
     group = a["split"].str.split("_").str[0].replace({"pretrain": "train"})
     books = a.groupby(group)["book"].agg(set).to_dict()
     assert books["test"] == {"sensesensibility"} and books["dev"] == {"northangerabbey"}

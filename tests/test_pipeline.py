@@ -98,6 +98,25 @@ def _broken(path: list, value):
      "shards.real_speech/test_asterisk: Value error, sample_seed needs a limit"),
     (["profiles", "embedded", "finetune", "speech_1h", "preset"], "embedded",
      "profiles.embedded.finetune.speech_1h: preset 'embedded', but pretrain.speech builds 'embedded-fbank'"),
+    # shard sets, the tokenizer and the LM read splits their source writes (what the paper profiles got wrong for
+    # LibriSpeech: 'dev-clean' where the manifest says 'dev_clean')
+    (["profiles", "paper", "shards", "librispeech/dev-clean"], {"split": "dev-clean"},
+     "profiles.paper.shards.librispeech/dev-clean: split 'dev-clean' is not one that librispeech writes "
+     "(dev_clean, dev_other, librilight_10h, test_clean, test_other, train_clean_100"),
+    (["profiles", "paper", "shards", "librispeech/train-960"], {"split": "train_clean_100+train_other_960"},
+     "split 'train_other_960' is not one that librispeech writes"),
+    (["profiles", "paper", "sources", "librispeech"], {"librilight": False},
+     "profiles.paper.shards.librispeech/librilight_10h-10min (no entry: split[-subset] read from "
+     "'librilight_10h-10min'): split 'librilight_10h' is not one that librispeech writes"),
+    (["profiles", "paper", "sources", "glue"], {"tasks": ["cola", "sst2", "mrpc", "qqp", "stsb", "qnli", "rte"]},
+     "profiles.paper.shards.glue/mnli/train (no entry: split[-subset] read from 'train'): split 'train' is not one "
+     "that glue/mnli writes (none under the options of sources.glue)"),
+    (["profiles", "embedded", "shards", "fashion_mnist/train_6k"], {"split": "training", "limit": 6000},
+     "split 'training' is not one that fashion_mnist writes (test, train)"),
+    (["profiles", "embedded", "tokenizer", "letters_split"], "train_2h",
+     "profiles.embedded.tokenizer.letters_split: split 'train_2h' is not one that mini_librispeech writes"),
+    (["profiles", "embedded", "lm", "corpus"], "mini_librispeech",
+     "profiles.embedded.lm.corpus: split 'lm' is not one that mini_librispeech writes"),
 ])
 def test_bad_params_are_rejected_naming_the_key(path, value, expected):
     with pytest.raises(ConfigError) as err:

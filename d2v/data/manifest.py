@@ -19,6 +19,7 @@ COLUMNS = {"id": "string", "path": "string", "split": "string", "bytes": "int64"
            "label": "float64", "text": "string", "text_b": "string", "sha256": "string"}
 MANIFEST = "manifest.csv"
 META = "manifest.json"
+PRETRAIN_SPLIT = "pretrain"  # the split of a text corpus that SentencePiece trains on and pretraining reads
 LM_SPLIT = "lm"  # a split of language-model text files, one normalised sentence a line (CTC beam search)
 
 

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from d2v.config import StrictModel
 from d2v.data.download import bytes_sha256
-from d2v.data.manifest import read_manifest
+from d2v.data.manifest import PRETRAIN_SPLIT, read_manifest
 from d2v.io import atomic_write_bytes, atomic_write_json, read_json
 
 BLANK, WORD_SEP = "<blank>", "|"
@@ -35,7 +35,7 @@ class SentencePieceConfig(StrictModel):
     sample_lines: int = Field(0, ge=0)
 
 
-def corpus_lines(corpus_dir: str | Path, split: str = "pretrain") -> Iterator[str]:
+def corpus_lines(corpus_dir: str | Path, split: str = PRETRAIN_SPLIT) -> Iterator[str]:
     """Non-empty lines (paragraphs) of every document of `split`, in manifest order."""
     corpus_dir = Path(corpus_dir)
     for rel in read_manifest(corpus_dir, split)["path"]:

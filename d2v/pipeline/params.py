@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from d2v.config import ConfigError, Objective, StrictModel, load_yaml, validate
+from d2v.data.manifest import LM_SPLIT, PRETRAIN_SPLIT
 from d2v.data.sources import SOURCES
 from d2v.eval.lm import LanguageModelConfig
 from d2v.train.config import PretrainConfig, merge, pretrain_config
@@ -265,9 +266,12 @@ def check_profile(name: str, profile: Profile) -> None:
     for task in profile.baselines:
         _checked(lambda: profile.baseline_config(task), f"{where}.baselines.{task}")
     for key in profile.shard_keys:
-        dataset = key.split("/")[0]
-        if dataset not in profile.sources:
-            raise ConfigError(f"{where}.sources: shard set {key} needs source {dataset!r}, which is not prepared")
+        source = key.split("/")[0]
+        if source not in profile.sources:
+            raise ConfigError(f"{where}.sources: shard set {key} needs source {source!r}, which is not prepared")
+        dataset, name = key.rsplit("/", 1)
+        named = "" if key in profile.shards else f" (no entry: split[-subset] read from {name!r})"
+        _require_splits(f"{where}.shards.{key}{named}", profile, source, dataset, profile.shard_spec(key).split)
     needs_spm = "text" in profile.pretrain or any(TASKS[t].modality == "text" for t in profile.finetune)
     needs_letters = any(TASKS[t].kind == "ctc" for t in profile.finetune)
     for needed, field in ((needs_spm, "corpus"), (needs_letters, "letters")):
@@ -276,11 +280,30 @@ def check_profile(name: str, profile: Profile) -> None:
             raise ConfigError(f"{where}.tokenizer.{field}: required by the profile's text/speech stages")
         if source is not None and source not in profile.sources:
             raise ConfigError(f"{where}.tokenizer.{field}: source {source!r} is not in {where}.sources")
+    tok = profile.tokenizer
+    if tok.corpus is not None:  # SentencePiece trains on the corpus's pretraining split
+        _require_splits(f"{where}.tokenizer.corpus", profile, tok.corpus, tok.corpus, PRETRAIN_SPLIT)
+    if tok.letters is not None:
+        _require_splits(f"{where}.tokenizer.letters_split", profile, tok.letters, tok.letters, tok.letters_split)
     if profile.lm is not None:
         if not needs_letters:
             raise ConfigError(f"{where}.lm: a language model decodes CTC tasks, and the profile fine-tunes none")
         if profile.lm.corpus is not None and profile.lm.corpus not in profile.sources:
             raise ConfigError(f"{where}.lm.corpus: source {profile.lm.corpus!r} is not in {where}.sources")
+        if profile.lm.corpus is not None:
+            _require_splits(f"{where}.lm.corpus", profile, profile.lm.corpus, profile.lm.corpus, LM_SPLIT)
+
+
+def _require_splits(where: str, profile: Profile, source: str, dataset: str, splits: str) -> None:
+    """`splits` ('a' or 'a+b') must be ones the source writes for `dataset`: caught here, not after hours of
+    downloads."""
+    if source not in SOURCES:
+        raise ConfigError(f"{where}: no source {source!r}; `d2v prepare` knows {sorted(SOURCES)}")
+    written = SOURCES[source].split_names(profile.sources.get(source) or {}, dataset)
+    for split in splits.split("+"):
+        if split not in written:
+            raise ConfigError(f"{where}: split {split!r} is not one that {dataset} writes "
+                              f"({', '.join(sorted(written)) or f'none under the options of sources.{source}'})")
 
 
 def _checked(build, where: str):

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,14 +87,20 @@ class Source:
     description: str
     # sub-datasets with a manifest each (GLUE: one per task), given the prepare options; None: one manifest
     datasets: Callable[[dict], list[str]] | None = None
+    # the manifest splits `prepare` writes: names, or a function of (prepare options, dataset)
+    splits: Collection[str] | Callable[[dict, str], Collection[str]] = ()
+
+    def split_names(self, options: dict, dataset: str) -> set[str]:
+        """The splits a shard set of `dataset` can be cut from, before anything is prepared."""
+        return set(self.splits(options, dataset) if callable(self.splits) else self.splits)
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register(name: str, modality: str, scale: str, description: str,
+def register(name: str, modality: str, scale: str, description: str, splits: Collection[str] | Callable,
              datasets: Callable[[dict], list[str]] | None = None):
     def wrap(fn):
-        SOURCES[name] = Source(name, modality, scale, fn, description, datasets)
+        SOURCES[name] = Source(name, modality, scale, fn, description, datasets, splits)
         return fn
     return wrap

@@ -77,7 +77,8 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@register("fashion_mnist", "image", "embedded", "Fashion-MNIST 60k/10k, ImageNet stand-in (Debian package)")
+@register("fashion_mnist", "image", "embedded", "Fashion-MNIST 60k/10k, ImageNet stand-in (Debian package)",
+          splits=("train", "test"))
 def prepare(ctx: Context, limit: int | None = None) -> Path:
     """Write PNGs + manifest. `limit` keeps the first N images per split (for smoke runs)."""
     raw = load_payloads(ctx)

@@ -61,6 +61,14 @@ TASKS: dict[str, Task] = {
 MRPC_DEV_IDS = "mrpc_dev_ids.tsv"
 
 
+def glue_splits(task: str, prepared: Iterable[str] = tuple(TASKS)) -> list[str]:
+    """The splits a task's manifest holds, where `prepared` holds the task: its files', and MRPC's dev, cut from its
+    train file."""
+    if task not in TASKS or task not in prepared:
+        return []
+    return [*TASKS[task].files, *([] if TASKS[task].archive else ["dev"])]
+
+
 def default_artifacts(tasks: Iterable[str]) -> dict[str, Artifact]:
     arts = {}
     for name in tasks:
@@ -126,7 +134,8 @@ def _mrpc_frames(ctx: Context, arts: Mapping[str, Artifact], task: Task, skipped
 
 
 @register("glue", "text", "paper", "GLUE CoLA, SST-2, MRPC, QQP, STS-B, MNLI-m/mm, QNLI, RTE (released TSVs)",
-          datasets=lambda options: [f"glue/{t}" for t in options.get("tasks", TASKS)])
+          datasets=lambda options: [f"glue/{t}" for t in options.get("tasks", TASKS)],
+          splits=lambda options, dataset: glue_splits(dataset.removeprefix("glue/"), options.get("tasks", TASKS)))
 def prepare(ctx: Context, tasks: Iterable[str] = tuple(TASKS), artifacts: Mapping[str, Artifact] | None = None,
             check_sizes: bool = True) -> Path:
     tasks = list(tasks)

@@ -92,7 +92,8 @@ def index_tree(tree: Path, out_dir: Path, skipped: Skipped, verify_images: bool 
     return rows, wnids
 
 
-@register("imagenet", "image", "paper", "ImageNet-1K from the official tars or an extracted train/val tree")
+@register("imagenet", "image", "paper", "ImageNet-1K from the official tars or an extracted train/val tree",
+          splits=("train", "val"))
 def prepare(ctx: Context, archives: str | Path | None = None, tree: str | Path | None = None,
             md5: Mapping[str, str] = MD5, verify_images: bool = True) -> Path:
     """Give `archives` (folder with the three official files) or `tree` (extracted ImageFolder layout)."""

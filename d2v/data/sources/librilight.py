@@ -92,7 +92,8 @@ def unpack(archive: Path, dest: Path) -> Path:
                          "again") from err
 
 
-@register("librilight", "speech", "paper", "Libri-light unlab-60k (small/medium/large), cut by voice activity")
+@register("librilight", "speech", "paper", "Libri-light unlab-60k (small/medium/large), cut by voice activity",
+          splits=lambda options, dataset: options.get("subsets", SUBSETS))
 def prepare(ctx: Context, subsets: Iterable[str] = SUBSETS, root: str | Path | None = None,
             target_seconds: float = TARGET_SECONDS, artifacts: Mapping[str, Artifact] | None = None) -> Path:
     """`root`: a folder with the extracted subsets, indexed in place; else each subset's tar is downloaded and

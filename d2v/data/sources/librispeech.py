@@ -103,7 +103,9 @@ def librilight_subsets(rel: str) -> str:
     return "10h"
 
 
-@register("librispeech", "speech", "paper", "LibriSpeech 960 h + dev/test (OpenSLR 12) and Libri-light 10min/1h/10h")
+@register("librispeech", "speech", "paper", "LibriSpeech 960 h + dev/test (OpenSLR 12) and Libri-light 10min/1h/10h",
+          splits=lambda options, dataset: [*map(manifest_split, options.get("splits", SHA256)),
+                                           *([LIBRILIGHT_SPLIT] if options.get("librilight", True) else [])])
 def prepare(ctx: Context, splits: Iterable[str] = tuple(SHA256), librilight: bool = True,
             artifacts: Mapping[str, Artifact] | None = None) -> Path:
     """`artifacts` overrides the official table (split name or 'librilight' → Artifact), e.g. for a local mirror."""

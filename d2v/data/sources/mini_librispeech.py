@@ -40,6 +40,8 @@ DEV_ACCENT, TEST_ACCENT, DEV_VARIANT, TEST_VARIANT = "en-029", "en-us-nyc", "f5"
 BOOKS = {"train": ("emma", "mansfieldpark", "prideprejudice", "persuasion"), "dev": ("northangerabbey",),
          "test": ("sensesensibility",)}
 
+SPLITS = ("pretrain", "train_1h", "dev_clean", "dev_other", "test_clean", "test_other")  # what `plan` draws
+
 
 class MiniLibriSpeechConfig(StrictModel):
     """Utterance counts per split (defaults: about 1.7 h pretrain, 1 h labeled, 8 min per dev/test split)."""
@@ -152,7 +154,8 @@ def recipe_digest(cfg: MiniLibriSpeechConfig) -> str:
 
 
 @register("mini_librispeech", "speech", "embedded",
-          "Austen sentences read by espeak-ng voices: pretrain / train_1h (10min subset) / dev,test clean,other")
+          "Austen sentences read by espeak-ng voices: pretrain / train_1h (10min subset) / dev,test clean,other",
+          splits=SPLITS)
 def prepare(ctx: Context, cfg: MiniLibriSpeechConfig | None = None) -> Path:
     cfg = cfg or MiniLibriSpeechConfig()
     digest = recipe_digest(cfg)
@@ -184,7 +187,8 @@ def prepare(ctx: Context, cfg: MiniLibriSpeechConfig | None = None) -> Path:
 
 
 @register("mini_librispeech_lm", "speech", "embedded",
-          "the training books' sentences as transcripts: the word n-gram corpus (librispeech-lm-norm stand-in)")
+          "the training books' sentences as transcripts: the word n-gram corpus (librispeech-lm-norm stand-in)",
+          splits=(LM_SPLIT,))
 def prepare_lm_corpus(ctx: Context) -> Path:
     """Every sentence of the training books, normalised as the transcripts are (not only the ones read aloud, as
     LibriSpeech's LM corpus holds whole books); the dev and test books stay out, as LibriSpeech's do."""

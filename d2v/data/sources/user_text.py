@@ -111,7 +111,8 @@ class Volumes:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-@register("text_files", "text", "paper", "a text corpus from user-supplied .txt files and MediaWiki XML dumps")
+@register("text_files", "text", "paper", "a text corpus from user-supplied .txt files and MediaWiki XML dumps",
+          splits=("pretrain", "valid"))
 def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_mb: float = 64.0,
             workers: int = 1) -> Path:
     files = sorted({Path(p) for pattern in paths for p in glob.glob(str(pattern), recursive=True)})
