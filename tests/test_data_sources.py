@@ -489,6 +489,29 @@ def test_user_text_skips_an_article_whose_markup_cannot_be_read_not_the_dump(tmp
     assert skip["path"].endswith("wiki.xml.bz2:Topic 1") and "RecursionError" in skip["reason"]
 
 
+def test_user_text_stops_on_a_full_disk_instead_of_blaming_the_input(tmp_path, monkeypatch):
+    """A volume that cannot be written stops the run (and leaves no prepared folder); it is not an unreadable input
+    to skip, which would finish with a corpus short of that file."""
+    import builtins
+    import errno
+    from d2v.data.sources import user_text
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > 300:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    real_open = builtins.open
+    monkeypatch.setattr(user_text, "open", lambda path, mode="r", **kw: FullDisk() if mode == "wb"
+                        else real_open(path, mode, **kw), raising=False)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("\n".join(f"Line {i} of the book." for i in range(100)))
+    with pytest.raises(user_text.WriteFailed, match=r"writing a volume under .*00000_a_txt failed: .*No space left"):
+        user_text.prepare(Context(tmp_path / "cache", tmp_path / "out"), paths=[str(tmp_path / "in" / "*")])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
 @pytest.mark.parametrize("bad", ["utf8", "xml"])
 def test_user_text_skips_a_file_that_breaks_midway_whole(tmp_path, monkeypatch, bad):
     """A file found unreadable after it has filled volumes leaves nothing behind, and the documents after it are

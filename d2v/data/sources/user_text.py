@@ -65,6 +65,10 @@ def documents(path: Path, skipped: Skipped, workers: int = 1) -> Iterator[Iterab
     return _wiki_documents(path, workers, skipped) if path.name.endswith(WIKI_SUFFIXES) else _text_document(path)
 
 
+class WriteFailed(RuntimeError):
+    """A volume could not be written (a full disk): the run stops; the input is not to blame."""
+
+
 class Volumes:
     """One input's documents appended to `folder/<split>-NNNNN.txt`, a new volume once one holds `limit` bytes."""
 
@@ -74,16 +78,21 @@ class Volumes:
         self.current: dict[str, tuple] = {}  # split -> (file, record, hash) of the open volume
 
     def write(self, split: str, lines: Iterable[str]) -> None:
-        f, record, digest = self._volume(split)
+        """One document. Reading `lines` may fail (the input's fault: skipped); writing raises WriteFailed."""
         for line in itertools.chain(lines, [""]):  # a blank line ends the document
-            data = (line + "\n").encode("utf-8")
-            if record["bytes"] >= self.limit:
+            self._append(split, (line + "\n").encode("utf-8"))
+        self.current[split][1]["documents"] += 1
+
+    def _append(self, split: str, data: bytes) -> None:
+        try:
+            if split in self.current and self.current[split][1]["bytes"] >= self.limit:
                 self._close(split)
-                f, record, digest = self._volume(split)
+            f, record, digest = self._volume(split)
             f.write(data)
-            digest.update(data)
-            record["bytes"] += len(data)
-        record["documents"] += 1
+        except OSError as err:
+            raise WriteFailed(f"text_files: writing a volume under {self.folder} failed: {err}") from err
+        digest.update(data)
+        record["bytes"] += len(data)
 
     def _volume(self, split: str) -> tuple:
         if split not in self.current:
@@ -129,7 +138,10 @@ def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_m
                 for lines in documents(f, skipped, workers):
                     volumes.write("valid" if n_docs % valid_every == valid_every - 1 else "pretrain", lines)
                     n_docs += 1
-            except Exception as err:  # bad encoding, broken XML: skipped whole and reported
+            except WriteFailed:
+                volumes.discard()
+                raise
+            except Exception as err:  # bad encoding, broken XML or bz2: skipped whole and reported
                 volumes.discard()
                 n_docs = first
                 skipped.add(str(f), f"unreadable: {err}", log)
