@@ -489,6 +489,29 @@ def test_user_text_skips_an_article_whose_markup_cannot_be_read_not_the_dump(tmp
     assert skip["path"].endswith("wiki.xml.bz2:Topic 1") and "RecursionError" in skip["reason"]
 
 
+def test_user_text_reads_compressed_inputs_and_skips_a_truncated_one(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+    from d2v.data.sources import user_text
+    (tmp_path / "in").mkdir()
+    book = "\ufeffFirst paragraph.\r\n\r\nSecond \u2028 paragraph.\n"
+    for name, pack in (("a.txt", bytes), ("b.txt.gz", gzip.compress), ("c.txt.bz2", bz2.compress),
+                       ("d.txt.xz", lzma.compress)):
+        (tmp_path / "in" / name).write_bytes(pack(book.encode()))
+    (tmp_path / "in" / "e.txt.gz").write_bytes(gzip.compress(book.encode() * 50)[:-20])  # cut short
+    (tmp_path / "in" / "f.xml.xz").write_bytes(lzma.compress(_wiki_dump(["Albedo"])))
+    user_text.prepare(Context(tmp_path / "cache", tmp_path / "out"), paths=[str(tmp_path / "in" / "*")])
+    df = read_manifest(tmp_path / "out")
+    texts = {Path(o).name: (tmp_path / "out" / p).read_text(encoding="utf-8") for o, p in zip(df["origin"], df["path"])}
+    plain = "First paragraph.\n\nSecond \u2028 paragraph.\n\n"  # BOM dropped, \r\n read as \n, U+2028 kept
+    assert texts == {"a.txt": plain, "b.txt.gz": plain, "c.txt.bz2": plain, "d.txt.xz": plain,
+                     "f.xml.xz": "Albedo is a subject.\n\nMore on Albedo.\n\n"}
+    meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (skip,) = meta["skipped"]["files"]
+    assert skip["path"].endswith("e.txt.gz") and "end-of-stream" in skip["reason"]
+
+
 def test_user_text_stops_on_a_full_disk_instead_of_blaming_the_input(tmp_path, monkeypatch):
     """A volume that cannot be written stops the run (and leaves no prepared folder); it is not an unreadable input
     to skip, which would finish with a corpus short of that file."""

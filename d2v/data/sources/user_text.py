@@ -1,21 +1,23 @@
 """A text pretraining corpus from files the user has (paper scale: BookCorpus, Wikipedia dumps, anything else).
 
-Accepts UTF-8 `.txt` files (one document per file; paragraphs separated by blank lines) and MediaWiki XML dumps
-(`.xml` or `.xml.bz2`, e.g. `enwiki-latest-pages-articles.xml.bz2`), whose articles are stripped to plain text in
-`workers` processes (an article whose markup cannot be read is skipped and named). Everything is streamed: each
-input's documents are written into volumes of about `volume_mb` (a blank line between documents, cut only between
-lines), so a 20 GB dump or a one-file BookCorpus needs the memory of a page, not of the corpus, and the tokenizer
-and shard stages read a few hundred files, not millions. Every `valid_every`-th document goes to the `valid`
-volumes. A file that is not valid UTF-8 or XML is skipped whole (the volumes it had begun are deleted), named and
-counted.
+Accepts UTF-8 text files (one document per file; paragraphs separated by blank lines) and MediaWiki XML dumps
+(`*.xml`, e.g. `enwiki-latest-pages-articles.xml.bz2`), plain or compressed (`.gz`, `.bz2`, `.xz`); a dump's articles
+are stripped to plain text in `workers` processes (an article whose markup cannot be read is skipped and named).
+Everything is streamed: each input's documents are written into volumes of about `volume_mb` (a blank line between
+documents, cut only between lines), so a 20 GB dump or a one-file BookCorpus needs the memory of a page, not of the
+corpus, and the tokenizer and shard stages read a few hundred files, not millions. Every `valid_every`-th document
+goes to the `valid` volumes. A file that is not valid UTF-8, XML or compressed data is skipped whole (the volumes it
+had begun are deleted), named and counted.
 """
 from __future__ import annotations
 
 import bz2
 import contextlib
 import glob
+import gzip
 import hashlib
 import itertools
+import lzma
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -25,7 +27,18 @@ from d2v.data.sources.base import Context, log, register, staged
 from d2v.data.sources.text import plain_text, slug, wiki_pages
 from d2v.processes import forked_pool
 
-WIKI_SUFFIXES = (".xml", ".xml.bz2")
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # by the file's last suffix
+
+
+def _is_wiki_dump(path: Path) -> bool:
+    return path.name.removesuffix(path.suffix if path.suffix in COMPRESSED else "").endswith(".xml")
+
+
+def _open(path: Path, mode: str):
+    """A plain or compressed input; text mode reads UTF-8 with universal newlines (as d2v.io.text_lines), a BOM
+    dropped."""
+    opener = COMPRESSED.get(path.suffix, open)
+    return opener(path, mode, **({"encoding": "utf-8-sig"} if "t" in mode else {}))
 
 
 def _strip(page: tuple[str, str]) -> tuple[str, str | None, str | None]:
@@ -39,8 +52,7 @@ def _strip(page: tuple[str, str]) -> tuple[str, str | None, str | None]:
 
 
 def _wiki_documents(path: Path, workers: int, skipped: Skipped) -> Iterator[list[str]]:
-    opener = bz2.open if path.name.endswith(".bz2") else open
-    with opener(path, "rb") as stream, contextlib.ExitStack() as stack:
+    with _open(path, "rb") as stream, contextlib.ExitStack() as stack:
         pages = wiki_pages(stream)
         if workers > 1:  # mwparserfromhell is the slow part: blocks of pages, stripped in order
             pool = stack.enter_context(forked_pool(workers))
@@ -56,13 +68,13 @@ def _wiki_documents(path: Path, workers: int, skipped: Skipped) -> Iterator[list
 
 
 def _text_document(path: Path) -> Iterator[list[str]]:
-    with open(path, encoding="utf-8-sig") as f:  # universal newlines, as d2v.io.text_lines; a BOM dropped
+    with _open(path, "rt") as f:
         yield (line.rstrip("\n") for line in f)
 
 
 def documents(path: Path, skipped: Skipped, workers: int = 1) -> Iterator[Iterable[str]]:
     """The documents of one input file, each as its lines, read as a stream."""
-    return _wiki_documents(path, workers, skipped) if path.name.endswith(WIKI_SUFFIXES) else _text_document(path)
+    return _wiki_documents(path, workers, skipped) if _is_wiki_dump(path) else _text_document(path)
 
 
 class WriteFailed(RuntimeError):
