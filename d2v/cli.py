@@ -641,8 +641,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
+
+
+def error_message(err: BaseException) -> str:
+    """The error in its own words. torch re-raises a data loader worker's exception with the worker's traceback as
+    its message ("Caught ShardError in DataLoader worker process 0. Original Traceback ..."): keep what the error
+    said, and where."""
+    text = str(err)
+    first, _, rest = text.partition("\n")
+    said = rest.rfind(f"{type(err).__name__}: ")
+    if not (first.startswith("Caught ") and rest.startswith("Original Traceback") and said >= 0):
+        return text
+    return f"{rest[said + len(type(err).__name__) + 2:].rstrip()} ({first.removeprefix('Caught ').rstrip('.')})"
 
 
 if __name__ == "__main__":

@@ -348,3 +348,21 @@ def test_tokenizer_options_are_checked_by_name_before_any_training(tmp_path, cap
     assert "tokenizer.num_threads: Input should be greater than or equal to 1 (got 0)" in err
     assert "tokenizer.sample_lines: Input should be greater than or equal to 0 (got -1)" in err
     assert not (tmp_path / "tok").exists()
+
+
+def test_a_loader_workers_error_is_printed_in_its_own_words():
+    """torch re-raises an exception from a DataLoader worker with the worker's traceback as its message; the CLI
+    prints what the error said and where, as it does for the same error raised in the main process."""
+    from d2v.cli import error_message
+    from d2v.data.shards import ShardError
+
+    class Broken(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            raise ShardError("/d/shard-000000.tar: 10 samples read, index.json says 10000;\nwrite the split again")
+
+    with pytest.raises(ShardError) as err:
+        next(iter(torch.utils.data.DataLoader(Broken(), num_workers=1)))
+    assert str(err.value).startswith("Caught ShardError in DataLoader worker process 0.")
+    assert error_message(err.value) == ("/d/shard-000000.tar: 10 samples read, index.json says 10000;\nwrite the "
+                                        "split again (ShardError in DataLoader worker process 0)")
+    assert error_message(ShardError("in the main process")) == "in the main process"
