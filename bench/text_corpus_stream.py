@@ -6,7 +6,8 @@ The dump is real Wikipedia markup: the embedded corpus's 106-article sample (gen
 its pages repeated `--copies` times under new titles, bz2-compressed as the real dump is. Each measurement runs in a
 fresh process and records its wall time and peak resident memory (with its worker processes): `prepare` at each
 worker count, then `shard` with the embedded SentencePiece model. Streaming shows as a peak that does not grow with
-the dump; every worker count must write the same volumes.
+the dump; every worker count must write the same volumes. Reading the dump alone (bz2 and XML, which stay in the
+main process) gives the rate no number of workers can pass.
 
     python bench/text_corpus_stream.py [--copies 10,40] [--workers 1,2]
                                        [--out results/bench/text_corpus_stream_cpu.json]
@@ -73,7 +74,12 @@ def run_step() -> dict:
 
     step, *rest = sys.argv[1:]
     imported, start = _rss_mb(), time.perf_counter()
-    if step == "prepare":
+    if step == "read":  # the part that stays in the main process: bz2, XML, pages handed out unstripped
+        from d2v.data.sources.text import wiki_pages
+
+        with bz2.open(rest[0], "rb") as stream:
+            done = {"articles": sum(1 for _ in wiki_pages(stream))}
+    elif step == "prepare":
         dump, out, workers = Path(rest[0]), Path(rest[1]), int(rest[2])
         user_text.prepare(Context(out / "cache", out), paths=[str(dump)], workers=workers)
         df = read_manifest(out)
@@ -100,6 +106,10 @@ def main() -> None:
         for copies in map(int, args.copies.split(",")):
             dump = Path(tmp) / f"enwiki-{copies}.xml.bz2"
             row = {"copies": copies, **write_dump(sample, copies, dump), "prepare": {}}
+            row["read"] = got = child("read", [str(dump)])
+            got["xml_mb_per_s"] = row["xml_mb"] / got["seconds"]
+            print(f"{copies} copies: pages read (bz2 + XML, not stripped) at {got['xml_mb_per_s']:.1f} MB/s: the "
+                  f"ceiling of the main process, whatever the workers", flush=True)
             for workers in map(int, args.workers.split(",")):
                 got = child("prepare", [str(dump), str(Path(tmp) / f"c{copies}-w{workers}"), str(workers)])
                 got["xml_mb_per_s"] = row["xml_mb"] / got["seconds"]

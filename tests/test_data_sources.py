@@ -489,6 +489,26 @@ def test_user_text_skips_an_article_whose_markup_cannot_be_read_not_the_dump(tmp
     assert skip["path"].endswith("wiki.xml.bz2:Topic 1") and "RecursionError" in skip["reason"]
 
 
+def test_user_text_reads_the_next_block_of_pages_while_the_workers_strip_this_one(tmp_path):
+    import bz2
+    from d2v.data.sources import user_text
+    taken = []  # blocks taken from the dump and handed out (pool.map submits when called)
+    blocks = (taken.append(k) or iter([f"{k}.0", f"{k}.1"]) for k in range(3))
+    seen = [(item, list(taken)) for item in user_text._one_block_ahead(blocks)]
+    assert [item for item, _ in seen] == ["0.0", "0.1", "1.0", "1.1", "2.0", "2.1"]
+    assert [t for _, t in seen] == [[0, 1], [0, 1], [0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 1, 2]]  # one ahead
+    # several blocks of 512 pages (2 workers) come out in dump order, as from one process
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "wiki.xml.bz2").write_bytes(bz2.compress(_wiki_dump([f"T{i}" for i in range(1100)])))
+    texts = []
+    for workers in (1, 2):
+        user_text.prepare(Context(tmp_path / "cache", tmp_path / f"out{workers}"), paths=[str(tmp_path / "in" / "*")],
+                          workers=workers, valid_every=1000)
+        texts.append("".join((tmp_path / f"out{workers}" / p).read_text() for p in read_manifest(tmp_path /
+                                                                                              f"out{workers}")["path"]))
+    assert texts[0] == texts[1] and texts[0].index("T0 is") < texts[0].index("T600 is") < texts[0].index("T1099 is")
+
+
 def test_user_text_reads_compressed_inputs_and_skips_a_truncated_one(tmp_path):
     import bz2
     import gzip

@@ -57,7 +57,7 @@ def _wiki_documents(path: Path, workers: int, skipped: Skipped) -> Iterator[list
         if workers > 1:  # mwparserfromhell is the slow part: blocks of pages, stripped in order
             pool = stack.enter_context(forked_pool(workers))
             blocks = iter(lambda: list(itertools.islice(pages, 256 * workers)), [])
-            stripped = itertools.chain.from_iterable(pool.map(_strip, block, chunksize=64) for block in blocks)
+            stripped = _one_block_ahead(pool.map(_strip, block, chunksize=64) for block in blocks)
         else:
             stripped = map(_strip, pages)
         for title, text, error in stripped:
@@ -65,6 +65,16 @@ def _wiki_documents(path: Path, workers: int, skipped: Skipped) -> Iterator[list
                 skipped.add(f"{path}:{title}", f"markup not readable: {error}", log)
                 continue
             yield text.split("\n")
+
+
+def _one_block_ahead(blocks: Iterator[Iterator]) -> Iterator:
+    """The items of each block, with the next block taken (read and handed to the workers) before this one's
+    results are waited for: the main process parses the dump while the workers strip."""
+    pending = next(blocks, None)
+    while pending is not None:
+        following = next(blocks, None)
+        yield from pending
+        pending = following
 
 
 def _text_document(path: Path) -> Iterator[list[str]]:
