@@ -354,3 +354,23 @@ def test_cli_shard_and_prepare_errors(tmp_path, capsys):
     assert "lee_sts: unknown option(s) ['colour']" in capsys.readouterr().err
     assert main(["prepare", "imagenet", "--root", str(tmp_path)]) == 2
     assert "give exactly one of archives=" in capsys.readouterr().err
+
+
+def test_a_subset_no_row_has_is_an_error_not_an_empty_shard_set(tmp_path):
+    rows = [dict(id=f"t{i}", split="train", label=0.0, text="tea", subsets=tags)
+            for i, tags in enumerate(["10min|1h|10h", "1h|10h", "10h"])]
+    write_manifest(tmp_path / "task", make_manifest(rows), source="rt_polarity", task="single_sentence_classification")
+    counts = {s: write_shards(tmp_path / "task", "train", tmp_path / s, subset=s)["count"] for s in ("10min", "1h")}
+    assert counts == {"10min": 1, "1h": 2}
+    with pytest.raises(ShardError, match=r"train: no row has subset '1hr'; its subsets are \['10h', '10min', '1h'\]"):
+        write_shards(tmp_path / "task", "train", tmp_path / "1hr", subset="1hr")
+    assert not (tmp_path / "1hr").exists()
+
+
+def test_a_split_whose_every_sample_is_skipped_is_an_error_not_an_empty_shard_set(tmp_path):
+    rows = [dict(id=f"i{k}", path=f"img/{k}.png", split="train", label=0.0) for k in range(2)]
+    write_manifest(tmp_path / "src", make_manifest(rows), source="fashion_mnist")
+    with pytest.raises(ShardError, match=r"src/train: no sample could be written \(2 rows, 2 skipped; the first: "
+                                         r"img/0.png: missing\)"):
+        write_shards(tmp_path / "src", "train", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

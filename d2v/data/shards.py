@@ -172,7 +172,12 @@ def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: S
     if subset:
         if "subsets" not in df:
             raise ShardError(f"{source_dir}: manifest has no 'subsets' column; cannot select subset {subset!r}")
-        df = df[df["subsets"].fillna("").str.split("|").map(lambda tags: subset in tags)].reset_index(drop=True)
+        tags = df["subsets"].fillna("").str.split("|")
+        if not (chosen := tags.map(lambda t: subset in t)).any():
+            present = sorted({t for row in tags for t in row if t})
+            raise ShardError(f"{source_dir}/{split}: no row has subset {subset!r}; its subsets are {present} (an "
+                             "empty shard set would train or score on nothing)")
+        df = df[chosen].reset_index(drop=True)
     if sample_seed is not None and limit is None:
         raise ShardError(f"{source_dir}/{split}: sample_seed={sample_seed} needs a limit (how many rows to draw)")
     if limit is not None:
@@ -186,6 +191,11 @@ def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: S
             for sample in _samples(source_dir, df, kind, cfg, tokenizer, skipped, workers):
                 sink.write(sample)
         shards = [shard_summary(p) for p in sorted(tmp.glob("shard-*.tar"))]
+        if not any(s["count"] for s in shards):  # the writer leaves one empty tar then
+            lost = skipped.as_json()
+            first = f"; the first: {lost['files'][0]['path']}: {lost['files'][0]['reason']}" if lost["files"] else ""
+            raise ShardError(f"{source_dir}/{split}: no sample could be written ({len(df)} rows, {lost['count']} "
+                             f"skipped{first})")
         index = {"source": str(source_dir), "split": split, "subset": subset, "kind": kind,
                  "manifest_sha256": file_digest(source_dir / "manifest.csv"), "rows": len(df),
                  "limit": limit, "sample_seed": sample_seed,
