@@ -22,9 +22,11 @@ def assert_declared_splits(source: str, folder, options: dict | None = None, dat
     """The splits `prepare` wrote are the ones its registry entry declares (which params validation checks shard
     sets against before anything is prepared); `every=False` where a small fixture leaves some empty."""
     from d2v.data.sources import SOURCES
-    written = set(read_manifest(folder)["split"])
-    declared = SOURCES[source].split_names(options or {}, dataset or source)
+    df = read_manifest(folder)
+    written, declared = set(df["split"]), SOURCES[source].split_names(options or {}, dataset or source)
     assert written == declared if every else written <= declared, (source, written, declared)
+    tags = {t for row in df["subsets"].dropna() for t in str(row).split("|") if t} if "subsets" in df else set()
+    assert tags <= SOURCES[source].subset_names(options or {}, dataset or source), (source, tags)
 
 
 def test_fashion_mnist_from_a_deb_on_a_local_mirror(tmp_path, monkeypatch):

@@ -117,6 +117,9 @@ def _broken(path: list, value):
      "profiles.embedded.tokenizer.letters_split: split 'train_2h' is not one that mini_librispeech writes"),
     (["profiles", "embedded", "lm", "corpus"], "mini_librispeech",
      "profiles.embedded.lm.corpus: split 'lm' is not one that mini_librispeech writes"),
+    (["profiles", "smoke", "shards", "mini_librispeech/train_1h-10min"], {"split": "train_1h", "subset": "10mn"},
+     "profiles.smoke.shards.mini_librispeech/train_1h-10min: subset '10mn' is not one that mini_librispeech tags "
+     "(10min, 1h)"),
 ])
 def test_bad_params_are_rejected_naming_the_key(path, value, expected):
     with pytest.raises(ConfigError) as err:

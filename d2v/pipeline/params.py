@@ -271,7 +271,12 @@ def check_profile(name: str, profile: Profile) -> None:
             raise ConfigError(f"{where}.sources: shard set {key} needs source {source!r}, which is not prepared")
         dataset, name = key.rsplit("/", 1)
         named = "" if key in profile.shards else f" (no entry: split[-subset] read from {name!r})"
-        _require_splits(f"{where}.shards.{key}{named}", profile, source, dataset, profile.shard_spec(key).split)
+        spec = profile.shard_spec(key)
+        _require_splits(f"{where}.shards.{key}{named}", profile, source, dataset, spec.split)
+        tags = SOURCES[source].subset_names(profile.sources.get(source) or {}, dataset)
+        if spec.subset is not None and spec.subset not in tags:
+            raise ConfigError(f"{where}.shards.{key}{named}: subset {spec.subset!r} is not one that {dataset} tags "
+                              f"({', '.join(sorted(tags)) or f'none under the options of sources.{source}'})")
     needs_spm = "text" in profile.pretrain or any(TASKS[t].modality == "text" for t in profile.finetune)
     needs_letters = any(TASKS[t].kind == "ctc" for t in profile.finetune)
     for needed, field in ((needs_spm, "corpus"), (needs_letters, "letters")):

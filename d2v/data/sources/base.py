@@ -89,18 +89,23 @@ class Source:
     datasets: Callable[[dict], list[str]] | None = None
     # the manifest splits `prepare` writes: names, or a function of (prepare options, dataset)
     splits: Collection[str] | Callable[[dict, str], Collection[str]] = ()
+    # the tags of its `subsets` column (Libri-light's 10min / 1h / 10h), the same way
+    subsets: Collection[str] | Callable[[dict, str], Collection[str]] = ()
 
     def split_names(self, options: dict, dataset: str) -> set[str]:
         """The splits a shard set of `dataset` can be cut from, before anything is prepared."""
         return set(self.splits(options, dataset) if callable(self.splits) else self.splits)
+
+    def subset_names(self, options: dict, dataset: str) -> set[str]:
+        return set(self.subsets(options, dataset) if callable(self.subsets) else self.subsets)
 
 
 SOURCES: dict[str, Source] = {}
 
 
 def register(name: str, modality: str, scale: str, description: str, splits: Collection[str] | Callable,
-             datasets: Callable[[dict], list[str]] | None = None):
+             datasets: Callable[[dict], list[str]] | None = None, subsets: Collection[str] | Callable = ()):
     def wrap(fn):
-        SOURCES[name] = Source(name, modality, scale, fn, description, datasets, splits)
+        SOURCES[name] = Source(name, modality, scale, fn, description, datasets, splits, subsets)
         return fn
     return wrap

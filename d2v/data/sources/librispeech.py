@@ -35,6 +35,7 @@ LIBRILIGHT = Artifact("librispeech_finetuning.tgz",
                       ("https://dl.fbaipublicfiles.com/librilight/data/librispeech_finetuning.tgz",),
                       sha256="5d1efdc777b548194d7e09ba89126e2188026df9fd57aa57eb14408d2b2342af")
 LIBRILIGHT_SPLIT = "librilight_10h"
+LIBRILIGHT_SUBSETS = ("10min", "1h", "10h")  # the tags of librilight_subsets
 
 
 def librispeech_artifacts(splits: Iterable[str] = tuple(SHA256)) -> dict[str, Artifact]:
@@ -105,7 +106,8 @@ def librilight_subsets(rel: str) -> str:
 
 @register("librispeech", "speech", "paper", "LibriSpeech 960 h + dev/test (OpenSLR 12) and Libri-light 10min/1h/10h",
           splits=lambda options, dataset: [*map(manifest_split, options.get("splits", SHA256)),
-                                           *([LIBRILIGHT_SPLIT] if options.get("librilight", True) else [])])
+                                           *([LIBRILIGHT_SPLIT] if options.get("librilight", True) else [])],
+          subsets=lambda options, dataset: LIBRILIGHT_SUBSETS if options.get("librilight", True) else ())
 def prepare(ctx: Context, splits: Iterable[str] = tuple(SHA256), librilight: bool = True,
             artifacts: Mapping[str, Artifact] | None = None) -> Path:
     """`artifacts` overrides the official table (split name or 'librilight' → Artifact), e.g. for a local mirror."""

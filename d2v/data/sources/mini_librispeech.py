@@ -155,7 +155,7 @@ def recipe_digest(cfg: MiniLibriSpeechConfig) -> str:
 
 @register("mini_librispeech", "speech", "embedded",
           "Austen sentences read by espeak-ng voices: pretrain / train_1h (10min subset) / dev,test clean,other",
-          splits=SPLITS)
+          splits=SPLITS, subsets=("10min", "1h"))
 def prepare(ctx: Context, cfg: MiniLibriSpeechConfig | None = None) -> Path:
     cfg = cfg or MiniLibriSpeechConfig()
     digest = recipe_digest(cfg)
