@@ -23,10 +23,10 @@ def assert_declared_splits(source: str, folder, options: dict | None = None, dat
     sets against before anything is prepared); `every=False` where a small fixture leaves some empty."""
     from d2v.data.sources import SOURCES
     df = read_manifest(folder)
-    written, declared = set(df["split"]), SOURCES[source].split_names(options or {}, dataset or source)
+    written, declared = set(df["split"]), SOURCES[source].declared("splits", options or {}, dataset or source)
     assert written == declared if every else written <= declared, (source, written, declared)
     tags = {t for row in df["subsets"].dropna() for t in str(row).split("|") if t} if "subsets" in df else set()
-    assert tags <= SOURCES[source].subset_names(options or {}, dataset or source), (source, tags)
+    assert tags <= SOURCES[source].declared("subsets", options or {}, dataset or source), (source, tags)
 
 
 def test_fashion_mnist_from_a_deb_on_a_local_mirror(tmp_path, monkeypatch):

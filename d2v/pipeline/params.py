@@ -272,11 +272,9 @@ def check_profile(name: str, profile: Profile) -> None:
         dataset, name = key.rsplit("/", 1)
         named = "" if key in profile.shards else f" (no entry: split[-subset] read from {name!r})"
         spec = profile.shard_spec(key)
-        _require_splits(f"{where}.shards.{key}{named}", profile, source, dataset, spec.split)
-        tags = SOURCES[source].subset_names(profile.sources.get(source) or {}, dataset)
-        if spec.subset is not None and spec.subset not in tags:
-            raise ConfigError(f"{where}.shards.{key}{named}: subset {spec.subset!r} is not one that {dataset} tags "
-                              f"({', '.join(sorted(tags)) or f'none under the options of sources.{source}'})")
+        _require_declared(f"{where}.shards.{key}{named}", profile, source, dataset, "splits", spec.split.split("+"))
+        if spec.subset is not None:
+            _require_declared(f"{where}.shards.{key}{named}", profile, source, dataset, "subsets", [spec.subset])
     needs_spm = "text" in profile.pretrain or any(TASKS[t].modality == "text" for t in profile.finetune)
     needs_letters = any(TASKS[t].kind == "ctc" for t in profile.finetune)
     for needed, field in ((needs_spm, "corpus"), (needs_letters, "letters")):
@@ -287,28 +285,32 @@ def check_profile(name: str, profile: Profile) -> None:
             raise ConfigError(f"{where}.tokenizer.{field}: source {source!r} is not in {where}.sources")
     tok = profile.tokenizer
     if tok.corpus is not None:  # SentencePiece trains on the corpus's pretraining split
-        _require_splits(f"{where}.tokenizer.corpus", profile, tok.corpus, tok.corpus, PRETRAIN_SPLIT)
+        _require_declared(f"{where}.tokenizer.corpus", profile, tok.corpus, tok.corpus, "splits", [PRETRAIN_SPLIT])
     if tok.letters is not None:
-        _require_splits(f"{where}.tokenizer.letters_split", profile, tok.letters, tok.letters, tok.letters_split)
+        _require_declared(f"{where}.tokenizer.letters_split", profile, tok.letters, tok.letters, "splits",
+                          [tok.letters_split])
     if profile.lm is not None:
         if not needs_letters:
             raise ConfigError(f"{where}.lm: a language model decodes CTC tasks, and the profile fine-tunes none")
         if profile.lm.corpus is not None and profile.lm.corpus not in profile.sources:
             raise ConfigError(f"{where}.lm.corpus: source {profile.lm.corpus!r} is not in {where}.sources")
         if profile.lm.corpus is not None:
-            _require_splits(f"{where}.lm.corpus", profile, profile.lm.corpus, profile.lm.corpus, LM_SPLIT)
+            _require_declared(f"{where}.lm.corpus", profile, profile.lm.corpus, profile.lm.corpus, "splits",
+                              [LM_SPLIT])
 
 
-def _require_splits(where: str, profile: Profile, source: str, dataset: str, splits: str) -> None:
-    """`splits` ('a' or 'a+b') must be ones the source writes for `dataset`: caught here, not after hours of
-    downloads."""
+def _require_declared(where: str, profile: Profile, source: str, dataset: str, kind: Literal["splits", "subsets"],
+                      wanted: list[str]) -> None:
+    """Splits (or subset tags) a stage reads must be ones the source writes for `dataset`: caught here, not after
+    hours of downloads."""
     if source not in SOURCES:
         raise ConfigError(f"{where}: no source {source!r}; `d2v prepare` knows {sorted(SOURCES)}")
-    written = SOURCES[source].split_names(profile.sources.get(source) or {}, dataset)
-    for split in splits.split("+"):
-        if split not in written:
-            raise ConfigError(f"{where}: split {split!r} is not one that {dataset} writes "
-                              f"({', '.join(sorted(written)) or f'none under the options of sources.{source}'})")
+    declared = SOURCES[source].declared(kind, profile.sources.get(source) or {}, dataset)
+    noun, verb = {"splits": ("split", "writes"), "subsets": ("subset", "tags")}[kind]
+    for name in wanted:
+        if name not in declared:
+            raise ConfigError(f"{where}: {noun} {name!r} is not one that {dataset} {verb} "
+                              f"({', '.join(sorted(declared)) or f'none under the options of sources.{source}'})")
 
 
 def _checked(build, where: str):

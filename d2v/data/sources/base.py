@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from d2v.data.archives import Package
 from d2v.data.download import Artifact, ChecksumError, bytes_sha256, fetch
@@ -92,12 +93,10 @@ class Source:
     # the tags of its `subsets` column (Libri-light's 10min / 1h / 10h), the same way
     subsets: Collection[str] | Callable[[dict, str], Collection[str]] = ()
 
-    def split_names(self, options: dict, dataset: str) -> set[str]:
-        """The splits a shard set of `dataset` can be cut from, before anything is prepared."""
-        return set(self.splits(options, dataset) if callable(self.splits) else self.splits)
-
-    def subset_names(self, options: dict, dataset: str) -> set[str]:
-        return set(self.subsets(options, dataset) if callable(self.subsets) else self.subsets)
+    def declared(self, kind: Literal["splits", "subsets"], options: dict, dataset: str) -> set[str]:
+        """The splits (or subset tags) a shard set of `dataset` can be cut from, before anything is prepared."""
+        names = getattr(self, kind)
+        return set(names(options, dataset) if callable(names) else names)
 
 
 SOURCES: dict[str, Source] = {}
