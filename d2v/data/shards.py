@@ -33,6 +33,7 @@ from d2v.data.download import file_digest
 from d2v.data.manifest import META, Skipped, read_manifest
 from d2v.data.segments import cut_piece
 from d2v.data.sources.base import staged
+from d2v.data.tokenizer import paragraphs
 from d2v.io import atomic_write_json
 from d2v.processes import forked_pool
 
@@ -132,18 +133,16 @@ def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, to
 
 
 def _token_chunks(path: Path, key: str, chunk_tokens: int, tokenizer) -> Iterator[dict]:
-    """A text file's paragraphs (its non-blank lines) tokenized, each ending in </s> (the reader adds <s> to each
+    """A text file's paragraphs (`tokenizer.paragraphs`) tokenized, each ending in </s> (the reader adds <s> to each
     packed block), in samples of `chunk_tokens` ids; read line by line, so a volume of any size takes the memory of a
     chunk."""
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
     ids, k = [], 0
-    with open(path, encoding="utf-8") as f:  # universal newlines, as d2v.io.text_lines
-        for line in f:
-            if line.strip():
-                ids += [*tokenizer.sp.encode(line.strip()), tokenizer.eos]
-            while len(ids) >= chunk_tokens:
-                yield {"__key__": f"{key}-{k:05d}", "ids.npy": np.asarray(ids[:chunk_tokens], dtype=dtype)}
-                ids, k = ids[chunk_tokens:], k + 1
+    for paragraph in paragraphs(path):
+        ids += [*tokenizer.sp.encode(paragraph), tokenizer.eos]
+        while len(ids) >= chunk_tokens:
+            yield {"__key__": f"{key}-{k:05d}", "ids.npy": np.asarray(ids[:chunk_tokens], dtype=dtype)}
+            ids, k = ids[chunk_tokens:], k + 1
     if ids:
         yield {"__key__": f"{key}-{k:05d}", "ids.npy": np.asarray(ids, dtype=dtype)}
 

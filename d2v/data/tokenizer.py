@@ -35,14 +35,20 @@ class SentencePieceConfig(StrictModel):
     sample_lines: int = Field(0, ge=0)
 
 
+def paragraphs(path: str | Path) -> Iterator[str]:
+    """A corpus file's non-blank lines, stripped: what SentencePiece trains on and the shards store, each then
+    ending in </s>. Read line by line (a corpus volume may be large), with universal newlines as d2v.io.text_lines."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line.strip()
+
+
 def corpus_lines(corpus_dir: str | Path, split: str = PRETRAIN_SPLIT) -> Iterator[str]:
-    """Non-empty lines (paragraphs) of every document of `split`, in manifest order."""
+    """The paragraphs of every document of `split`, in manifest order."""
     corpus_dir = Path(corpus_dir)
     for rel in read_manifest(corpus_dir, split)["path"]:
-        with open(corpus_dir / rel, encoding="utf-8") as f:  # line by line: a corpus volume may be large
-            for line in f:  # universal newlines, as d2v.io.text_lines
-                if line.strip():
-                    yield line.strip()
+        yield from paragraphs(corpus_dir / rel)
 
 
 def train_sentencepiece(lines: Iterable[str], out_model: str | Path, cfg: SentencePieceConfig) -> Path:
