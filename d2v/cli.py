@@ -281,6 +281,7 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     from d2v.config import load_yaml
     from d2v.data2vec import CollapseError
     from d2v.train.config import merge, pretrain_config
+    from d2v.train.preemption import Interrupted, report
     from d2v.train.pretrain import pretrain_main
 
     overrides = load_yaml(Path(args.config).read_text(), args.config) if args.config else {}
@@ -304,6 +305,8 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     except CollapseError as err:
         print(f"error: {args.modality}: {err}", file=sys.stderr)
         return 3
+    except Interrupted as err:  # SIGTERM / SIGUSR1 after a checkpoint: the same command resumes
+        return report(err, f"pretrain {args.modality}")
     last = summary.get("last", {})
     print(f"{args.modality}: {summary['step']} steps, loss {summary.get('first', {}).get('loss', float('nan')):.3f}"
           f" -> {last.get('loss', float('nan')):.3f}, {last.get('samples_per_s', 0):.1f} samples/s -> {out}")
@@ -316,6 +319,7 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     from d2v.config import load_yaml
     from d2v.train.config import merge
     from d2v.train.finetune import run_finetune
+    from d2v.train.preemption import Interrupted, report
     from d2v.train.tasks import finetune_config
 
     overrides = load_yaml(Path(args.config).read_text(), args.config) if args.config else {}
@@ -337,6 +341,8 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     try:
         summary = run_finetune(cfg, out, progress=not args.quiet,  # under torchrun: DDP
                                restart_on_change=args.restart_on_change or profile is not None)
+    except Interrupted as err:  # SIGTERM / SIGUSR1 after a checkpoint: the same command resumes
+        return report(err, f"finetune {args.task}")
     finally:
         shutdown()
     print(f"{args.task}: {summary['steps']} steps in {summary['seconds']}s, best dev {summary['best_dev']} -> {out}")

@@ -1,12 +1,35 @@
-"""Worker processes for CPU-bound C code (beam search, FLAC cutting): how many CPUs there are, and a forked pool."""
+"""Worker processes: how many CPUs there are, a forked pool for CPU-bound C code (beam search, FLAC cutting), and the
+signals a training run's workers leave to their main process."""
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+
+
+# what a scheduler sends to stop a job (SLURM at the time limit or on preemption; some sites SIGUSR1 ahead of it)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def leave_stop_signals_to(main_pid: int, worker_id: int | None = None) -> None:
+    """In a DataLoader worker (its `worker_init_fn`): the stop signals, which SLURM and torchrun send to every process
+    of a job, are for the main process, which finishes its step and writes a checkpoint on them
+    (d2v.train.preemption); a worker dead of SIGTERM would fail that step. A thread takes them instead, and ends the
+    worker only on one the main process sent: the DataLoader, or multiprocessing at exit, terminating it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started from here on inherit the mask
+
+    def take() -> None:
+        while True:
+            received = signal.sigwaitinfo(STOP_SIGNALS)
+            if received.si_pid == main_pid:
+                os._exit(128 + received.si_signo)
+
+    threading.Thread(target=take, name="stop-signals", daemon=True).start()
 
 
 def usable_cpus() -> int:

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -340,6 +341,46 @@ def test_an_interrupted_fine_tune_resumes_bit_for_bit_and_refuses_another_config
     ft.run_finetune(other, tmp_path / "c", progress=False, stop_after=1, restart_on_change=True)
     assert "discarded (optim); starting afresh" in capsys.readouterr().err
     assert pd.read_csv(tmp_path / "c" / "metrics.csv")["step"].tolist() == [1]
+
+
+def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_for_bit(toy_image_task, tmp_path,
+                                                                                      monkeypatch):
+    """SIGTERM during step 5 (a scheduler's time limit): the step ends, its checkpoint (weights, AdamW, stream
+    position, best dev so far) is written beside the periodic step-4 one, and the run stops with status 143; started
+    again it ends with the uninterrupted run's best and final models and log, the log restored from the checkpoint."""
+    from d2v.train.preemption import Interrupted
+
+    monkeypatch.setitem(tasks.TASKS, "toy_dev", tasks.Task("image", "classification", "toy", "train", "test",
+                                                           ("test",), ("accuracy",), 2, "ImageNet"))
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "task": "toy_dev", "steps": 8,
+                                               "batch_size": 8, "accum_steps": 2, "eval_every": 3,
+                                               "checkpoint": {"every": 4, "keep": 3}})
+    straight = ft.run_finetune(cfg, tmp_path / "a", progress=False)
+    real = ft.optimizer_step
+
+    def signalled(optimizer, trainable, encoder_params, cfg, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real(optimizer, trainable, encoder_params, cfg, step)
+    monkeypatch.setattr(ft, "optimizer_step", signalled)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM after step 5") as stopped:
+        ft.run_finetune(cfg, tmp_path / "b", progress=False)
+    assert stopped.value.exit_code == 143
+    monkeypatch.setattr(ft, "optimizer_step", real)
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*.pt"))
+    assert checkpoints == ["step-00000004.pt", "step-00000005.pt"]
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    assert (saved["step"], saved["batches"]) == (5, 10) and saved["best_metrics"] is not None
+    assert not (tmp_path / "b" / "final.pt").exists()
+    (tmp_path / "b" / "metrics.csv").unlink()  # the pipeline deletes a failed job's outputs; the checkpoint has it
+    resumed = ft.run_finetune(cfg, tmp_path / "b", progress=False)
+    for name in ("final.pt", "best.pt"):
+        a, b = (torch.load(tmp_path / run / name, weights_only=False) for run in ("a", "b"))
+        assert a["step"] == b["step"]
+        for k, v in a["model"].items():
+            assert torch.equal(b["model"][k], v), (name, k)
+    pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "metrics.csv") for run in ("a", "b")))
+    assert resumed["best_dev"] == straight["best_dev"]
 
 
 def test_a_finished_fine_tune_started_again_does_nothing_and_is_never_trained_over(toy_image_task, tmp_path,

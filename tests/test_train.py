@@ -2,9 +2,12 @@
 import itertools
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
 from d2v.train.optim import cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
+from d2v.train.preemption import Interrupted
 from d2v.train.pretrain import build_objective, run_pretrain, start_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +80,82 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert list(log_b["step"]) == list(range(1, 7))  # rows after the checkpoint were replaced, not duplicated
     np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
+
+
+def signalling(stream, at: int, signum: int = signal.SIGTERM):
+    """`stream`, sending this process `signum` as it hands out batch `at`: in the middle of a step, as a scheduler's
+    signal comes."""
+    def positioned(start: int):
+        for k, batch in enumerate(stream(start), start):
+            if k == at:
+                os.kill(os.getpid(), signum)
+            yield batch
+    return positioned
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_the_step_it_came_in_and_the_run_resumes_bit_identical(tmp_path, signum):
+    """SLURM's SIGTERM (time limit, preemption) or a site's SIGUSR1 in the first micro-batch of step 4: the step
+    finishes, a checkpoint of step 4 joins the periodic one of step 3, and the run stops with the signal's exit
+    status instead of dying with the step-3 checkpoint as its last. Started again, it ends as the uninterrupted run,
+    its log restored from the checkpoint where the pipeline deleted it."""
+    cfg = tiny_cfg("speech", accum_steps=2)  # 6 steps, a checkpoint every 3
+    straight = build_objective(cfg)
+    run_pretrain(cfg, straight, synthetic_stream("speech"), tmp_path / "a", progress=False)
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted, match=rf"stopped by {signum.name} after step 4; its checkpoint in \S+checkpoints "
+                                          "resumes the run") as stopped:
+        run_pretrain(cfg, build_objective(cfg), signalling(synthetic_stream("speech"), at=6, signum=signum),
+                     tmp_path / "b", progress=False)  # batches 6 and 7 make step 4
+    assert stopped.value.exit_code == 128 + signum and signal.getsignal(signum) is before
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000003.pt",
+                                                                                       "step-00000004.pt"]
+    assert checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")["batches"] == 8
+    assert not (tmp_path / "b" / "final.pt").exists()
+    (tmp_path / "b" / "metrics.csv").unlink()  # Snakemake and DVC delete a failed job's outputs: the checkpoint has it
+    resumed = build_objective(cfg)
+    run_pretrain(cfg, resumed, synthetic_stream("speech"), tmp_path / "b", progress=False)
+    for k, v in params_of(straight).items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
+    assert list(log_b["step"]) == list(range(1, 7))
+    np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
+
+
+def test_the_cli_stops_on_a_schedulers_sigterm_to_its_process_group_and_the_same_command_resumes(tmp_path):
+    """SLURM and torchrun signal the whole process group, DataLoader workers included. The worker ignores it and
+    keeps serving the step the main process finishes (a worker dead of SIGTERM would fail that step); `d2v pretrain`
+    writes the checkpoint, says how to go on and exits with 143; the same command resumes there and finishes."""
+    from conftest import _image_shards
+
+    _image_shards(tmp_path)
+    image = dict(size=32, channels=1, mean=[0.5], std=[0.5], min_scale=0.3)
+    config = dict(preset="tiny", steps=200, seed=3, log_every=1, stream_resume="seek", checkpoint=dict(every=100),
+                  optim=dict(lr=1e-3, warmup_steps=2), ema=dict(tau_start=0.9, tau_end=0.99, tau_steps=6),
+                  data=dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image,
+                            num_workers=1))
+    (tmp_path / "cfg.yaml").write_text(json.dumps(config))
+    command = [sys.executable, "-m", "d2v.cli", "pretrain", "image", "--config", str(tmp_path / "cfg.yaml"),
+               "--out", str(tmp_path / "run"), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = tmp_path / "run" / "metrics.csv", time.monotonic() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 4) and run.poll() is None:
+        assert time.monotonic() < deadline, "no training steps logged within 2 minutes"
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGTERM)  # the main process and its loader worker
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 128 + signal.SIGTERM, err
+    stopped = int(re.search(r"pretrain image: stopped by SIGTERM after step (\d+); its checkpoint in \S+ resumes",
+                            err).group(1))
+    assert 3 <= stopped < 100
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{stopped:08d}.pt"]
+    finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{stopped:08d}.pt'} at step {stopped}" in \
+        finished.stderr
+    assert pd.read_csv(metrics)["step"].tolist() == list(range(1, 201))
+    assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["steps"] == 200
 
 
 def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_path, capsys, monkeypatch):
@@ -367,6 +447,44 @@ def test_two_process_gloo_ddp_matches_one_process_with_accumulation(tmp_path):
     assert pd.read_csv(tmp_path / "ddp-one" / "metrics.csv")["step"].tolist() == [4]
     for k, v in single.state_dict().items():
         torch.testing.assert_close(one.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+STOP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_train import signalling, synthetic_stream, tiny_cfg
+from d2v.train.distributed import barrier, init, shutdown
+from d2v.train.preemption import Interrupted
+from d2v.train.pretrain import build_objective, run_pretrain
+world = init("cpu")
+cfg = tiny_cfg("speech")  # 6 steps, a checkpoint every 3
+stream = synthetic_stream("speech", rank=world.rank, world=world.size)
+run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/straight", world, progress=False)
+try:  # the signal reaches rank 1 alone, in step 4 (its batch 3)
+    run_pretrain(cfg, build_objective(cfg), signalling(stream, at=3) if world.rank == 1 else stream,
+                 {out!r} + "/stopped", world, progress=False)
+except Interrupted as err:
+    json.dump([err.step, err.signum], open({out!r} + f"/rank{{world.rank}}.json", "w"))
+barrier(world)
+run_pretrain(cfg, build_objective(cfg), stream, {out!r} + "/stopped", world, progress=False)
+shutdown()
+"""
+
+
+def test_under_torchrun_every_rank_stops_at_the_step_one_rank_was_signalled_in(tmp_path):
+    """SIGTERM reaches one rank of two (the writer learns of it from the other): both finish step 4, rank 0 writes
+    its checkpoint, both stop; the relaunch resumes there and ends bit-identical to the uninterrupted 2-rank run."""
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=ROOT, timeout=300)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[4, signal.SIGTERM]] * 2
+    assert (tmp_path / "stopped" / "checkpoints" / "step-00000004.pt").is_file()
+    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False) for run in ("straight", "stopped"))
+    for part in ("encoder", "teacher"):
+        for k, v in a[part].items():
+            assert torch.equal(b[part][k], v), (part, k)
 
 
 FSDP_SCRIPT = """

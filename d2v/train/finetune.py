@@ -45,6 +45,7 @@ from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
+from d2v.train.preemption import Interrupted, StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
@@ -383,49 +384,59 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
         recipe.stamp(out_dir, "finetune")
-    log = MetricsLog(out_dir / "metrics.csv", resume_step=step) if world.is_main else None
+    saved_log = state.get("metrics_csv") if state is not None else None
+    log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
     bar = _progress_bar(cfg, step) if progress and world.is_main else None
     start = time.perf_counter()
-    while step < cfg.steps and (stop_after is None or step < stop_after):
-        step += 1
-        lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-        optimizer.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, world, step, device)
-        consumed += cfg.accum_steps
-        optimizer_step(optimizer, trainable, encoder_params, cfg, step)
-        row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
-        require_finite(step, row)  # the same on every rank: the loss is their mean
-        if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
-            row.update({f"dev_{k}": v for k, v in dev.items()})
-            key = selection_key(task, dev)
-            if best is None or key > best:
-                best, best_metrics = key, dev
-                if world.is_main:
-                    _save(model, cfg, out_dir / "best.pt", step)
-        if log is not None:
-            log.write(row)
+    with StopSignals(world) as stop:  # a scheduler's SIGTERM / SIGUSR1: a checkpoint at this step, then stop
+        while step < cfg.steps and (stop_after is None or step < stop_after):
+            step += 1
+            lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
+            optimizer.zero_grad(set_to_none=True)
+            loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, world, step, device)
+            consumed += cfg.accum_steps
+            optimizer_step(optimizer, trainable, encoder_params, cfg, step)
+            row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
+            require_finite(step, row)  # the same on every rank: the loss is their mean
+            if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
+                row.update({f"dev_{k}": v for k, v in dev.items()})
+                key = selection_key(task, dev)
+                if best is None or key > best:
+                    best, best_metrics = key, dev
+                    if world.is_main:
+                        _save(model, cfg, out_dir / "best.pt", step)
+            if log is not None:
+                log.write(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+            signum = stop.requested() if step < cfg.steps else None  # collective: all ranks stop at one step
+            if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
+                checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                 "batches": consumed, "best": best, "best_metrics": best_metrics,
+                                                 "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
+                                                 "recipe": recipe.FINETUNE, "ranks": world.size,
+                                                 "metrics_csv": log.text()},
+                                keep=cfg.checkpoint.keep)
+            if signum is not None:
+                if bar is not None:
+                    bar.close()
+                barrier(world)  # the checkpoint is written before any rank stops
+                raise Interrupted(signum, step, str(ckpt_dir))
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
-        if step % cfg.checkpoint.every == 0 and step < cfg.steps and world.is_main:
-            checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                             "batches": consumed, "best": best, "best_metrics": best_metrics,
-                                             "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
-                                             "recipe": recipe.FINETUNE, "ranks": world.size},
-                            keep=cfg.checkpoint.keep)
-    if bar is not None:
-        bar.close()
-    summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
-               "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics, "data_digest": data_digest}
-    if world.is_main and step >= cfg.steps:
-        _write_run(model, cfg, out_dir, log, summary, best_metrics is None)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    barrier(world)  # the run folder is complete when any rank returns
-    return summary
+            bar.close()
+        summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
+                   "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics,
+                   "data_digest": data_digest}
+        if world.is_main and step >= cfg.steps:  # a signal from here on waits until the run folder is complete
+            _write_run(model, cfg, out_dir, log, summary, best_metrics is None)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        barrier(world)  # the run folder is complete when any rank returns
+        return summary
 
 
 def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int) -> None:

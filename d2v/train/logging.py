@@ -3,6 +3,7 @@ summary, and PNG curves drawn with matplotlib."""
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -11,12 +12,16 @@ from d2v.io import atomic_write_text
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path, resume_step: int = 0):
+    """`resume_step`: the step of the checkpoint a run resumes from; rows logged after it are dropped. `saved`: the
+    log as that checkpoint holds it (`text()`), which restores the rows up to it, since a pipeline deletes a failed or
+    stopped job's outputs, this file among them, while the checkpoints stay."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0, saved: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and resume_step > 0:  # drop rows logged after the checkpoint we resume from
-            old = pd.read_csv(self.path)
-            old[old["step"] <= resume_step].to_csv(self.path, index=False)
+        if resume_step > 0 and (saved or self.path.exists()):
+            old = pd.read_csv(io.StringIO(saved) if saved else self.path)
+            atomic_write_text(self.path, old[old["step"] <= resume_step].to_csv(index=False))
         elif self.path.exists():
             self.path.unlink()
         self.fields: list[str] | None = None
@@ -40,6 +45,10 @@ class MetricsLog:
 
     def frame(self) -> pd.DataFrame:
         return pd.read_csv(self.path) if self.path.exists() else pd.DataFrame()
+
+    def text(self) -> str | None:
+        """The rows so far, for a checkpoint to carry."""
+        return self.path.read_text() if self.path.exists() else None
 
 
 def plot_curves(df: pd.DataFrame, out: str | Path, columns: list[str], title: str) -> Path | None:

@@ -26,9 +26,10 @@ from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
-from d2v.train.distributed import World, mean_over_ranks
+from d2v.train.distributed import World, barrier, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
+from d2v.train.preemption import Interrupted, StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
 
@@ -176,71 +177,82 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         checkpoint.set_rng_state(resume_state["rng"])  # after the fast-forward, which may have drawn numbers
         if world.is_main:
             print(f"resumed from {last} at step {step}", file=sys.stderr)
-    log = MetricsLog(out_dir / "metrics.csv", resume_step=step) if world.is_main else None
+    saved_log = resume_state.get("metrics_csv") if resume_state is not None else None
+    log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
     start, seen = time.perf_counter(), 0
-    while step < cfg.steps and (stop_after is None or step < stop_after):
-        step += 1
-        lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-        sums: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.accum_steps):
-            batch = to_device(next(stream), world.device)
-            consumed += 1
-            seen += batch.source.shape[0]
-            rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
-            sync = micro == cfg.accum_steps - 1 or not world.distributed
-            if sharded:
-                objective.set_requires_gradient_sync(sync)
-                fsdp.share_layerdrop(objective.student, cfg.seed, step, micro)
-            with (contextlib.nullcontext() if sync or sharded else model.no_sync()), amp:
-                out = model(batch, rng)
-            loss = out.loss / cfg.accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
-        if scaler:
-            scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
-        sums["grad_norm"] = fsdp.local_value(norm)  # FSDP: a DTensor over the shards
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tau = objective.ema_step(step)
-        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:  # the only host sync of a step
-            sums.update(out.ranks())  # of the last micro-batch
-            keys = list(sums)
-            metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
-            metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
-            elapsed = time.perf_counter() - start
-            metrics["samples_per_s"] = throughput = seen * world.size / max(elapsed, 1e-9)
-            if log is not None:
-                log.write({"step": step, **metrics})
+    # SIGTERM / SIGUSR1 (a scheduler's time limit or preemption): a checkpoint at the end of the step, then Interrupted
+    with StopSignals(world) as stop:
+        while step < cfg.steps and (stop_after is None or step < stop_after):
+            step += 1
+            lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.accum_steps):
+                batch = to_device(next(stream), world.device)
+                consumed += 1
+                seen += batch.source.shape[0]
+                rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
+                sync = micro == cfg.accum_steps - 1 or not world.distributed
+                if sharded:
+                    objective.set_requires_gradient_sync(sync)
+                    fsdp.share_layerdrop(objective.student, cfg.seed, step, micro)
+                with (contextlib.nullcontext() if sync or sharded else model.no_sync()), amp:
+                    out = model(batch, rng)
+                loss = out.loss / cfg.accum_steps
+                (scaler.scale(loss) if scaler else loss).backward()
+                for k, v in out.metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
+            sums["grad_norm"] = fsdp.local_value(norm)  # FSDP: a DTensor over the shards
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tau = objective.ema_step(step)
+            logged = step % cfg.log_every == 0 or step == cfg.steps or step == 1
+            if logged:  # the only host sync of a step
+                sums.update(out.ranks())  # of the last micro-batch
+                keys = list(sums)
+                metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
+                metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
+                elapsed = time.perf_counter() - start
+                metrics["samples_per_s"] = throughput = seen * world.size / max(elapsed, 1e-9)
+                if log is not None:
+                    log.write({"step": step, **metrics})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
+                                    tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
+                                    rank=f"{metrics['target_rank']:.1f}",
+                                    samples_per_s=f"{throughput:.0f}")
+                if scaler is None:
+                    require_finite(step, metrics)
+                try:
+                    objective.check_collapse(step, metrics)
+                except CollapseError:
+                    _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
+                            sharded, collapsed=True)
+                    raise
+            signum = stop.requested() if step < cfg.steps else None  # collective: all ranks stop at one step
+            save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
+            if save and not logged and scaler is None:  # a checkpoint between log steps: one host sync
+                require_finite(step, {"grad_norm": float(sums["grad_norm"])})
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
-                                tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
-                                rank=f"{metrics['target_rank']:.1f}",
-                                samples_per_s=f"{throughput:.0f}")
-            if scaler is None:
-                require_finite(step, metrics)
-            try:
-                objective.check_collapse(step, metrics)
-            except CollapseError:
-                _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
-                        sharded, collapsed=True)
-                raise
-        elif step % cfg.checkpoint.every == 0 and scaler is None:  # a checkpoint between log steps: one host sync
-            require_finite(step, {"grad_norm": float(sums["grad_norm"])})
+                bar.update(1)
+            if save:
+                _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log)
+            if signum is not None:
+                if bar is not None:
+                    bar.close()
+                barrier(world)  # the checkpoint is written before any rank stops
+                raise Interrupted(signum, step, str(ckpt_dir))
         if bar is not None:
-            bar.update(1)
-        if step % cfg.checkpoint.every == 0 and step < cfg.steps:
-            _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
-    if bar is not None:
-        bar.close()
-    return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded)
+            bar.close()
+        return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded)
 
 
 def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
@@ -253,7 +265,7 @@ def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
 
 
 def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig,
-          data_digest: str | None, world: World, sharded: bool) -> dict | None:
+          data_digest: str | None, world: World, sharded: bool, log: MetricsLog | None) -> dict | None:
     """Every rank calls it (FSDP gathers the full state collectively); the main rank writes the checkpoint and gets
     the objective's full state dict back."""
     if sharded:
@@ -264,7 +276,8 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
         return None
     checkpoint.save(folder, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
                                    "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
-                                   "recipe": recipe.PRETRAIN, "ranks": world.size}, keep=cfg.checkpoint.keep)
+                                   "recipe": recipe.PRETRAIN, "ranks": world.size, "metrics_csv": log.text()},
+                    keep=cfg.checkpoint.keep)
     return model_state
 
 
@@ -275,7 +288,7 @@ def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, w
                "teacher_init_share": init_share(objective.ema.cfg, step), "data_digest": data_digest}
     model_state = None
     if step >= cfg.steps or collapsed:
-        model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded)
+        model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log)
     if world.is_main:
         if step >= cfg.steps:  # the student and teacher out of the objective's (full) state dict
             student, teacher = ({k[len(p):]: v for k, v in model_state.items() if k.startswith(p)}
