@@ -347,7 +347,8 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
                                                                                       monkeypatch):
     """SIGTERM during step 5 (a scheduler's time limit): the step ends, its checkpoint (weights, AdamW, stream
     position, best dev so far) is written beside the periodic step-4 one, and the run stops with status 143; started
-    again it ends with the uninterrupted run's best and final models and log, the log restored from the checkpoint."""
+    again it ends with the uninterrupted run's best and final models and log, where the pipeline had deleted the
+    job's outputs: the checkpoint restores the log and best.pt (the best dev model so far, of step 3)."""
     from d2v.train.preemption import Interrupted
 
     monkeypatch.setitem(tasks.TASKS, "toy_dev", tasks.Task("image", "classification", "toy", "train", "test",
@@ -372,7 +373,12 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
     saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
     assert (saved["step"], saved["batches"]) == (5, 10) and saved["best_metrics"] is not None
     assert not (tmp_path / "b" / "final.pt").exists()
-    (tmp_path / "b" / "metrics.csv").unlink()  # the pipeline deletes a failed job's outputs; the checkpoint has it
+    for output in ("metrics.csv", "best.pt"):  # the pipeline deletes a failed job's outputs; the checkpoint has them
+        (tmp_path / "b" / output).unlink()
+    ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=5)  # resumed at step 5, no step taken
+    restored = torch.load(tmp_path / "b" / "best.pt", weights_only=False)
+    assert restored["step"] == 3 and (tmp_path / "b" / "best.pt").read_bytes() == saved["best_pt"]
+    assert pd.read_csv(tmp_path / "b" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4, 5]
     resumed = ft.run_finetune(cfg, tmp_path / "b", progress=False)
     for name in ("final.pt", "best.pt"):
         a, b = (torch.load(tmp_path / run / name, weights_only=False) for run in ("a", "b"))

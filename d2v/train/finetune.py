@@ -33,7 +33,7 @@ from d2v.data.shards import read_index
 from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats, scored_in_part
-from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_torch
+from d2v.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, git_commit, read_torch
 from d2v.modalities.base import Batch
 from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
 from d2v.modalities.image import require_image_shape
@@ -366,10 +366,11 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
-    step, consumed, best, best_metrics = 0, 0, None, None
+    step, consumed, best, best_metrics, best_file = 0, 0, None, None, None
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step, consumed, best, best_metrics = state["step"], state["batches"], state["best"], state["best_metrics"]
+        best_file = state.get("best_pt")  # best.pt as of the checkpoint (absent from older checkpoints)
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
                         cfg.optim.tri_stage_phases)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -386,6 +387,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         recipe.stamp(out_dir, "finetune")
     saved_log = state.get("metrics_csv") if state is not None else None
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
+    if best_file is not None and world.is_main:  # a pipeline deletes a stopped job's outputs, best.pt among them
+        atomic_write_bytes(out_dir / "best.pt", best_file)
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
@@ -409,6 +412,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
                     best, best_metrics = key, dev
                     if world.is_main:
                         _save(model, cfg, out_dir / "best.pt", step)
+                        best_file = (out_dir / "best.pt").read_bytes()  # for the checkpoints to carry
             if log is not None:
                 log.write(row)
             if bar is not None:
@@ -418,6 +422,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                  "batches": consumed, "best": best, "best_metrics": best_metrics,
+                                                 "best_pt": best_file,
                                                  "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
                                                  "recipe": recipe.FINETUNE, "ranks": world.size,
                                                  "metrics_csv": log.text()},
