@@ -187,22 +187,9 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         while step < cfg.steps and (stop_after is None or step < stop_after):
             step += 1
             lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
-            sums: dict[str, torch.Tensor] = {}
-            for micro in range(cfg.accum_steps):
-                batch = to_device(next(stream), world.device)
-                consumed += 1
-                seen += batch.source.shape[0]
-                rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
-                sync = micro == cfg.accum_steps - 1 or not world.distributed
-                if sharded:
-                    objective.set_requires_gradient_sync(sync)
-                    fsdp.share_layerdrop(objective.student, cfg.seed, step, micro)
-                with (contextlib.nullcontext() if sync or sharded else model.no_sync()), amp:
-                    out = model(batch, rng)
-                loss = out.loss / cfg.accum_steps
-                (scaler.scale(loss) if scaler else loss).backward()
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
+            sums, out, samples = _backward(cfg, objective, model, stream, step, world, amp, scaler, sharded)
+            consumed += cfg.accum_steps
+            seen += samples
             if scaler:
                 scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
@@ -220,8 +207,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 keys = list(sums)
                 metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
                 metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
-                elapsed = time.perf_counter() - start
-                metrics["samples_per_s"] = throughput = seen * world.size / max(elapsed, 1e-9)
+                metrics["samples_per_s"] = throughput = seen * world.size / max(time.perf_counter() - start, 1e-9)
                 if log is not None:
                     log.write({"step": step, **metrics})
                 if bar is not None:
@@ -253,6 +239,29 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         if bar is not None:
             bar.close()
         return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded)
+
+
+def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int, world: World, amp, scaler,
+              sharded: bool) -> tuple[dict[str, torch.Tensor], object, int]:
+    """Forward and backward of the step's `accum_steps` micro-batches, gradients synchronised over the ranks on the
+    last; returns their mean metrics (on the device), the last one's output and the samples read."""
+    sums: dict[str, torch.Tensor] = {}
+    samples = 0
+    for micro in range(cfg.accum_steps):
+        batch = to_device(next(stream), world.device)
+        samples += batch.source.shape[0]
+        rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
+        sync = micro == cfg.accum_steps - 1 or not world.distributed
+        if sharded:
+            objective.set_requires_gradient_sync(sync)
+            fsdp.share_layerdrop(objective.student, cfg.seed, step, micro)
+        with (contextlib.nullcontext() if sync or sharded else model.no_sync()), amp:
+            out = model(batch, rng)
+        loss = out.loss / cfg.accum_steps
+        (scaler.scale(loss) if scaler else loss).backward()
+        for k, v in out.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
+    return sums, out, samples
 
 
 def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
