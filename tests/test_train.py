@@ -130,7 +130,7 @@ def test_the_cli_stops_on_a_schedulers_sigterm_to_its_process_group_and_the_same
 
     _image_shards(tmp_path)
     image = dict(size=32, channels=1, mean=[0.5], std=[0.5], min_scale=0.3)
-    config = dict(preset="tiny", steps=200, seed=3, log_every=1, stream_resume="seek", checkpoint=dict(every=100),
+    config = dict(preset="tiny", steps=60, seed=3, log_every=1, stream_resume="seek", checkpoint=dict(every=100),
                   optim=dict(lr=1e-3, warmup_steps=2), ema=dict(tau_start=0.9, tau_end=0.99, tau_steps=6),
                   data=dict(shards=str(tmp_path / "shards" / "toy" / "train"), batch_size=4, image=image,
                             num_workers=1))
@@ -148,14 +148,14 @@ def test_the_cli_stops_on_a_schedulers_sigterm_to_its_process_group_and_the_same
     assert run.returncode == 128 + signal.SIGTERM, err
     stopped = int(re.search(r"pretrain image: stopped by SIGTERM after step (\d+); its checkpoint in \S+ resumes",
                             err).group(1))
-    assert 3 <= stopped < 100
+    assert 3 <= stopped < 60
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{stopped:08d}.pt"]
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step-{stopped:08d}.pt'} at step {stopped}" in \
         finished.stderr
-    assert pd.read_csv(metrics)["step"].tolist() == list(range(1, 201))
-    assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["steps"] == 200
+    assert pd.read_csv(metrics)["step"].tolist() == list(range(1, 61))
+    assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["steps"] == 60
 
 
 def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_path, capsys, monkeypatch):
