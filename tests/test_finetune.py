@@ -306,16 +306,22 @@ def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined
     assert ft.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25
 
 
+def toy_dev_config(toy_image_task, monkeypatch, steps: int, keep: int) -> tasks.FinetuneConfig:
+    """The toy image task with a dev split (its test shards), 2 micro-batches a step, dev every 3 steps and a
+    checkpoint every 4."""
+    monkeypatch.setitem(tasks.TASKS, "toy_dev", tasks.Task("image", "classification", "toy", "train", "test",
+                                                           ("test",), ("accuracy",), 2, "ImageNet"))
+    return tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "task": "toy_dev", "steps": steps,
+                                                "batch_size": 8, "accum_steps": 2, "eval_every": 3,
+                                                "checkpoint": {"every": 4, "keep": keep}})
+
+
 def test_an_interrupted_fine_tune_resumes_bit_for_bit_and_refuses_another_config(toy_image_task, tmp_path,
                                                                                 monkeypatch, capsys):
     """Killed after step 6 with its step-4 checkpoint on disk, the run resumes (weights, AdamW, stream position with
     its random crops, best dev so far, RNG) to the uninterrupted run's models and log; finished, it drops the
     checkpoints. A checkpoint of another config is refused by name, or discarded with restart_on_change."""
-    monkeypatch.setitem(tasks.TASKS, "toy_dev", tasks.Task("image", "classification", "toy", "train", "test",
-                                                           ("test",), ("accuracy",), 2, "ImageNet"))
-    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "task": "toy_dev", "steps": 10,
-                                               "batch_size": 8, "accum_steps": 2, "eval_every": 3,
-                                               "checkpoint": {"every": 4, "keep": 2}})
+    cfg = toy_dev_config(toy_image_task, monkeypatch, steps=10, keep=2)
     straight = ft.run_finetune(cfg, tmp_path / "a", progress=False)
     ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=6)
     saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
@@ -351,11 +357,7 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
     job's outputs: the checkpoint restores the log and best.pt (the best dev model so far, of step 3)."""
     from d2v.train.preemption import Interrupted
 
-    monkeypatch.setitem(tasks.TASKS, "toy_dev", tasks.Task("image", "classification", "toy", "train", "test",
-                                                           ("test",), ("accuracy",), 2, "ImageNet"))
-    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "task": "toy_dev", "steps": 8,
-                                               "batch_size": 8, "accum_steps": 2, "eval_every": 3,
-                                               "checkpoint": {"every": 4, "keep": 3}})
+    cfg = toy_dev_config(toy_image_task, monkeypatch, steps=8, keep=3)
     straight = ft.run_finetune(cfg, tmp_path / "a", progress=False)
     real = ft.optimizer_step
 
