@@ -292,11 +292,10 @@ def check_profile(name: str, profile: Profile) -> None:
     if profile.lm is not None:
         if not needs_letters:
             raise ConfigError(f"{where}.lm: a language model decodes CTC tasks, and the profile fine-tunes none")
-        if profile.lm.corpus is not None and profile.lm.corpus not in profile.sources:
-            raise ConfigError(f"{where}.lm.corpus: source {profile.lm.corpus!r} is not in {where}.sources")
-        if profile.lm.corpus is not None:
-            _require_declared(f"{where}.lm.corpus", profile, profile.lm.corpus, profile.lm.corpus, "splits",
-                              [LM_SPLIT])
+        if (corpus := profile.lm.corpus) is not None:
+            if corpus not in profile.sources:
+                raise ConfigError(f"{where}.lm.corpus: source {corpus!r} is not in {where}.sources")
+            _require_declared(f"{where}.lm.corpus", profile, corpus, corpus, "splits", [LM_SPLIT])
 
 
 def _require_declared(where: str, profile: Profile, source: str, dataset: str, kind: Literal["splits", "subsets"],

@@ -45,7 +45,7 @@ from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
-from d2v.train.preemption import Interrupted, StopSignals
+from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
@@ -430,8 +430,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             if signum is not None:
                 if bar is not None:
                     bar.close()
-                barrier(world)  # the checkpoint is written before any rank stops
-                raise Interrupted(signum, step, str(ckpt_dir))
+                stop.halt(signum, step, ckpt_dir)
         if bar is not None:
             bar.close()
         summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,

@@ -10,6 +10,8 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -67,3 +69,10 @@ class StopSignals:
         flag = torch.tensor([self.signum or 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return int(flag.item()) or None
+
+    def halt(self, signum: int, step: int, checkpoints: Path) -> NoReturn:
+        """End the run after the checkpoint of `step` is written: every rank waits for rank 0's write (a rank that
+        left first would have torchrun kill the writer), then raises `Interrupted`."""
+        if self.world.distributed:
+            dist.barrier()
+        raise Interrupted(signum, step, str(checkpoints))

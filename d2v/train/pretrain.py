@@ -26,10 +26,10 @@ from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
-from d2v.train.distributed import World, barrier, mean_over_ranks
+from d2v.train.distributed import World, mean_over_ranks
 from d2v.train.logging import MetricsLog, plot_curves
 from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
-from d2v.train.preemption import Interrupted, StopSignals
+from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
 
@@ -234,8 +234,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             if signum is not None:
                 if bar is not None:
                     bar.close()
-                barrier(world)  # the checkpoint is written before any rank stops
-                raise Interrupted(signum, step, str(ckpt_dir))
+                stop.halt(signum, step, ckpt_dir)
         if bar is not None:
             bar.close()
         return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded)
