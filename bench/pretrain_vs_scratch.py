@@ -116,7 +116,7 @@ def summarize(task: str, runs: dict[str, list[float]], metric: str | None = None
 
 
 def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs: Path,
-             repeat: int = 0) -> tuple[Path, dict]:
+             repeat: int = 0, tokenizer: str = "data/tokenizer/spm.model") -> tuple[Path, dict]:
     """Pretrain `modality` (a finished run under the same config is reused): its final checkpoint and a summary.
     Repeat k > 0 is another pretraining of the same recipe under seed + k (its data order, masks and init), in a
     folder of its own (`text-v2-p1`); repeat 0 is the plain run."""
@@ -127,12 +127,13 @@ def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs:
     if repeat:
         cfg = cfg.model_copy(update={"seed": cfg.seed + repeat})
     run = runs / "pretrain" / ((modality if objective == "v1" else f"{modality}-{objective}") + repeat_suffix(repeat))
-    seconds = pretrain_seconds(cfg, run, tokenizer="data/tokenizer/spm.model" if modality == "text" else None)
+    seconds = pretrain_seconds(cfg, run, tokenizer=tokenizer if modality == "text" else None)
     summary = json.loads((run / "summary.json").read_text())
     # runs older than the summary's teacher_init_share: the schedule gives it (cfg.ema is the recipe's when unset)
     share = summary.get("teacher_init_share", init_share(cfg.ema, cfg.steps) if cfg.ema else None)
     return run / "final.pt", {"objective": objective, "steps": cfg.steps, "seconds": seconds, "run": str(run),
                               "seed": cfg.seed, "overrides": sets, "teacher_init_share": share,
+                              **({"tokenizer": tokenizer} if modality == "text" else {}),
                               **{k: summary.get(k) for k in ("first", "last")}}
 
 
@@ -226,6 +227,9 @@ def main() -> None:
     parser.add_argument("--any-finetune-version", action="store_true", help="reuse finished fine-tunes of the same "
                         "config made under an older FINETUNE version (scored again; the JSON records each run's)")
     parser.add_argument("--tag", default="", help="run-folder suffix for a separate family of runs")
+    parser.add_argument("--tokenizer", default=None, help="text: the SentencePiece model the pretraining's shards were "
+                        "cut with and the fine-tunes read their text with (default: the pipeline's, "
+                        "data/tokenizer/spm.model); its vocabulary must be the text preset's")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
     args = parser.parse_args()
@@ -243,6 +247,8 @@ def main() -> None:
     pre_sets = parse_sets(args.set)
     # --finetune-steps last: the recorded overrides are then the ones each fine-tune ran under
     ft_sets = merge(merge(profile, parse_sets(args.ft_set)), {t: {"steps": n} for t, n in ft_steps.items()})
+    if args.tokenizer:  # before the text tasks' own --ft-set, which may name another
+        ft_sets = merge({t: {"tokenizer": args.tokenizer} for t in tasks if TASKS[t].modality == "text"}, ft_sets)
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
                                                                 "tasks": {}}
@@ -262,7 +268,8 @@ def main() -> None:
             continue
         for repeat in range(args.pretrainings):
             checkpoint, record = pretrain(modality, objectives.get(modality, "v1"), pre_steps.get(modality),
-                                          pre_sets.get(modality, {}), runs, repeat)
+                                          pre_sets.get(modality, {}), runs, repeat,
+                                          **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
             checkpoints.setdefault(modality, []).append(checkpoint)
             if repeat == 0:
                 report["pretrain"][modality] = with_known_repeats(report["pretrain"].get(modality), record)

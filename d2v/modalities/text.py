@@ -49,6 +49,12 @@ TEXT_PRESETS = {
     # not in the papers: 1.5 times the embedded width and depth (2.6 times its parameters), the other direction
     "embedded-large": TextEncoderConfig(vocab_size=8000, dim=384, depth=6, num_heads=6, ffn_dim=1536,
                                         max_positions=128),
+    # not in the papers: the embedded size over smaller SentencePiece vocabularies (train the tokenizer with
+    # `d2v tokenizer --vocab-size 1000`/`2000`), the vocabulary question of issue 4 (docs/findings.md, text)
+    "embedded-vocab1k": TextEncoderConfig(vocab_size=1000, dim=256, depth=4, num_heads=4, ffn_dim=1024,
+                                          max_positions=128),
+    "embedded-vocab2k": TextEncoderConfig(vocab_size=2000, dim=256, depth=4, num_heads=4, ffn_dim=1024,
+                                          max_positions=128),
     "tiny": TextEncoderConfig(vocab_size=64, dim=64, depth=3, num_heads=4, ffn_dim=128, max_positions=64,
                               dropout=0.0, attn_dropout=0.0),
 }
