@@ -12,15 +12,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
 
-# what a scheduler sends to stop a job (SLURM at the time limit or on preemption; some sites SIGUSR1 ahead of it)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# what a scheduler sends to stop a job (SLURM at the time limit or on preemption; some sites SIGUSR1 ahead of it),
+# and Ctrl-C (SIGINT: a terminal sends it to its foreground process group, torchrun passes it on to its workers)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def leave_stop_signals_to(main_pid: int, worker_id: int | None = None) -> None:
     """In a DataLoader worker (its `worker_init_fn`): the stop signals, which SLURM and torchrun send to every process
-    of a job, are for the main process, which finishes its step and writes a checkpoint on them
-    (d2v.train.preemption); a worker dead of SIGTERM would fail that step. A thread takes them instead, and ends the
-    worker only on one the main process sent: the DataLoader, or multiprocessing at exit, terminating it."""
+    of a job and a terminal's Ctrl-C to every process in its foreground, are for the main process, which finishes its
+    step and writes a checkpoint on them (d2v.train.preemption); a worker dead of SIGTERM (or ended by
+    KeyboardInterrupt) would fail that step. A thread takes them instead, and ends the worker only on one the main
+    process sent: the DataLoader, or multiprocessing at exit, terminating it."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started from here on inherit the mask
 
     def take() -> None:

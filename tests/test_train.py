@@ -93,12 +93,26 @@ def signalling(stream, at: int, signum: int = signal.SIGTERM):
     return positioned
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_stop_signal_checkpoints_the_step_it_came_in_and_the_run_resumes_bit_identical(tmp_path, signum):
-    """SLURM's SIGTERM (time limit, preemption) or a site's SIGUSR1 in the first micro-batch of step 4: the step
-    finishes, a checkpoint of step 4 joins the periodic one of step 3, and the run stops with the signal's exit
-    status instead of dying with the step-3 checkpoint as its last. Started again, it ends as the uninterrupted run,
-    its log restored from the checkpoint where the pipeline deleted it."""
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT as Python sets it up in a terminal: a test run in a script's background inherits it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def with_sigint_default() -> None:
+    """A child's SIGINT at its default, which Python turns into KeyboardInterrupt (a background job ignores it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stop_signal_checkpoints_the_step_it_came_in_and_the_run_resumes_bit_identical(tmp_path, signum,
+                                                                                       ctrl_c_interrupts):
+    """SLURM's SIGTERM (time limit, preemption), a site's SIGUSR1 or a first Ctrl-C in the first micro-batch of step
+    4: the step finishes, a checkpoint of step 4 joins the periodic one of step 3, and the run stops with the signal's
+    exit status instead of dying with the step-3 checkpoint as its last. Started again, it ends as the uninterrupted
+    run, its log restored from the checkpoint where the pipeline deleted it."""
     cfg = tiny_cfg("speech", accum_steps=2)  # 6 steps, a checkpoint every 3
     straight = build_objective(cfg)
     run_pretrain(cfg, straight, synthetic_stream("speech"), tmp_path / "a", progress=False)
@@ -122,10 +136,56 @@ def test_a_stop_signal_checkpoints_the_step_it_came_in_and_the_run_resumes_bit_i
     np.testing.assert_array_equal(log_a["loss"].to_numpy(), log_b["loss"].to_numpy())
 
 
-def test_the_cli_stops_on_a_schedulers_sigterm_to_its_process_group_and_the_same_command_resumes(tmp_path):
-    """SLURM and torchrun signal the whole process group, DataLoader workers included. The worker ignores it and
-    keeps serving the step the main process finishes (a worker dead of SIGTERM would fail that step); `d2v pretrain`
-    writes the checkpoint, says how to go on and exits with 143; the same command resumes there and finishes."""
+def test_a_second_ctrl_c_aborts_the_step_at_once_and_an_ignored_one_changes_nothing(tmp_path, ctrl_c_interrupts,
+                                                                                      capfd):
+    """The first Ctrl-C asks for a stop after the step and says so; a second, in the same step, is KeyboardInterrupt
+    as without d2v (a way out of a long step), leaving the periodic checkpoint the last. A process that ignores
+    SIGINT (a script's background job) trains on through it."""
+    cfg = tiny_cfg("speech", accum_steps=2)  # 6 steps, a checkpoint every 3
+    twice = signalling(signalling(synthetic_stream("speech"), at=6, signum=signal.SIGINT), at=7, signum=signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(cfg, build_objective(cfg), twice, tmp_path / "a", progress=False)
+    assert "Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)" in \
+        capfd.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [p.name for p in checkpoint.checkpoints(tmp_path / "a" / "checkpoints")] == ["step-00000003.pt"]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    summary = run_pretrain(cfg, build_objective(cfg), signalling(synthetic_stream("speech"), at=6,
+                                                                 signum=signal.SIGINT), tmp_path / "b", progress=False)
+    assert summary["steps"] == 6 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def _loader_worker(main_pid: int) -> None:
+    from d2v.processes import leave_stop_signals_to
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a DataLoader worker forked from a terminal's process has it
+    leave_stop_signals_to(main_pid)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
+def test_a_loader_worker_outlives_a_stop_signal_from_anyone_but_its_main_process(signum):
+    """A scheduler's signal (or a terminal's Ctrl-C, from the kernel) reaches the worker beside its main process:
+    the worker must go on serving the step the main process finishes. Only its main process ends it."""
+    import multiprocessing
+
+    worker = multiprocessing.get_context("fork").Process(target=_loader_worker, args=(os.getpid(),), daemon=True)
+    worker.start()
+    time.sleep(0.5)  # its hook installed
+    subprocess.run(["kill", f"-{signum.name[3:]}", str(worker.pid)], check=True)  # another process's signal
+    worker.join(1.0)
+    assert worker.is_alive(), f"the worker died of {signum.name} from another process"
+    os.kill(worker.pid, signum)
+    worker.join(10)
+    assert worker.exitcode == 128 + signum
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_the_cli_stops_on_a_signal_to_its_process_group_and_the_same_command_resumes(tmp_path, signum):
+    """SLURM and torchrun signal the whole process group, DataLoader workers included, as a terminal's Ctrl-C does its
+    foreground. The worker ignores it and keeps serving the step the main process finishes (a worker dead of SIGTERM,
+    or ended by KeyboardInterrupt, would fail that step); `d2v pretrain` writes the checkpoint, says how to go on
+    and exits with 128 + the signal; the same command resumes there and finishes."""
     from conftest import _image_shards
 
     _image_shards(tmp_path)
@@ -138,16 +198,17 @@ def test_the_cli_stops_on_a_schedulers_sigterm_to_its_process_group_and_the_same
     command = [sys.executable, "-m", "d2v.cli", "pretrain", "image", "--config", str(tmp_path / "cfg.yaml"),
                "--out", str(tmp_path / "run"), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=with_sigint_default)
     metrics, deadline = tmp_path / "run" / "metrics.csv", time.monotonic() + 120
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 4) and run.poll() is None:
         assert time.monotonic() < deadline, "no training steps logged within 2 minutes"
         time.sleep(0.05)
-    os.killpg(run.pid, signal.SIGTERM)  # the main process and its loader worker
+    os.killpg(run.pid, signum)  # the main process and its loader worker
     err = run.communicate(timeout=120)[1]
-    assert run.returncode == 128 + signal.SIGTERM, err
-    stopped = int(re.search(r"pretrain image: stopped by SIGTERM after step (\d+); its checkpoint in \S+ resumes",
-                            err).group(1))
+    assert run.returncode == 128 + signum, err
+    stopped = int(re.search(rf"pretrain image: stopped by {signum.name} after step (\d+); its checkpoint in \S+ "
+                            "resumes", err).group(1))
     assert 3 <= stopped < 60
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "run" / "checkpoints")] == [f"step-{stopped:08d}.pt"]
     finished = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -3,7 +3,7 @@ its KillWait (often 30 s); torchrun forwards SIGTERM to its workers and kills th
 `StopSignals` records the signal instead of dying of it, finishes the step it is in, writes a checkpoint there (every
 rank at the same step) and raises `Interrupted`: the resubmitted job resumes from that step instead of from the last
 periodic checkpoint, up to `checkpoint.every` steps back. SIGUSR1 does the same, for sites that send it ahead of
-the limit."""
+the limit, and so does the first Ctrl-C (SIGINT) at a terminal; a second Ctrl-C aborts at once, as without d2v."""
 from __future__ import annotations
 
 import os
@@ -39,7 +39,8 @@ def report(err: Interrupted, stage: str) -> int:
 
 
 class StopSignals:
-    """While entered, SIGTERM and SIGUSR1 are recorded, not fatal. `requested()` is collective: every rank calls it
+    """While entered, SIGTERM, SIGUSR1 and a first SIGINT are recorded, not fatal; a signal the process ignores
+    (a script's background job ignores Ctrl-C) stays ignored. `requested()` is collective: every rank calls it
     once per step, and all get the signal once any rank has caught one, so they stop at the same step. The flag
     travels over a gloo group of its own, on the host: asking costs no device synchronisation under NCCL."""
 
@@ -50,7 +51,8 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # Python takes signals in the main thread only
-            self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+            self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:
@@ -61,6 +63,10 @@ class StopSignals:
     def _record(self, signum: int, frame) -> None:
         if self.signum is None:
             self.signum = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C is KeyboardInterrupt: a way out of a long step
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.world.rank == 0:  # os.write: print() could re-enter the stream a progress bar is writing
+                os.write(2, b"\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)\n")
 
     def requested(self) -> int | None:
         """The signal that stops the run, once this rank or any other has caught one; None to go on."""
