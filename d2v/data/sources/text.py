@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from d2v.data.download import bytes_sha256
-from d2v.data.manifest import Skipped, make_manifest, write_manifest
+from d2v.data.manifest import PRETRAIN_SPLIT, Skipped, make_manifest, write_manifest
 from d2v.data.sources import austen
 from d2v.data.sources.base import Context, Member, log, pypi, register, staged
 from d2v.io import text_lines
@@ -110,14 +110,14 @@ def slug(title: str) -> str:
 
 
 @register("text_corpus", "text", "embedded", "Austen's six novels + a 106-article Wikipedia sample (~1.7M tokens)",
-          splits=("pretrain", "valid"))
+          splits=(PRETRAIN_SPLIT, "valid"))
 def prepare_corpus(ctx: Context, valid_every: int = 20) -> Path:
     """Documents as UTF-8 .txt (paragraphs separated by blank lines); every `valid_every`-th article is held out."""
-    docs = [(f"austen/{k}.txt", "\n\n".join(austen.paragraphs(lines)), "pretrain")
+    docs = [(f"austen/{k}.txt", "\n\n".join(austen.paragraphs(lines)), PRETRAIN_SPLIT)
             for k, lines in austen.read_novels(ctx).items()]
     for i, (title, text) in enumerate(wiki_articles(ctx.read(ENWIKI))):
         docs.append((f"wiki/{i:03d}_{slug(title)}.txt", text, "valid" if i % valid_every == valid_every - 1
-                     else "pretrain"))
+                     else PRETRAIN_SPLIT))
     rows = []
     with staged(ctx.out_dir) as out:
         for rel, text, split in docs:

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from d2v.data.manifest import Skipped, make_manifest, write_manifest
+from d2v.data.manifest import PRETRAIN_SPLIT, Skipped, make_manifest, write_manifest
 from d2v.data.sources.base import Context, log, register, staged
 from d2v.data.sources.text import plain_text, slug, wiki_pages
 from d2v.processes import forked_pool
@@ -143,7 +143,7 @@ class Volumes:
 
 
 @register("text_files", "text", "paper", "a text corpus from user-supplied .txt files and MediaWiki XML dumps",
-          splits=("pretrain", "valid"))
+          splits=(PRETRAIN_SPLIT, "valid"))
 def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_mb: float = 64.0,
             workers: int = 1) -> Path:
     files = sorted({Path(p) for pattern in paths for p in glob.glob(str(pattern), recursive=True)})
@@ -158,7 +158,7 @@ def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_m
             volumes, first = Volumes(out / "docs" / f"{k:05d}_{slug(f.name)}", int(volume_mb * (1 << 20))), n_docs
             try:
                 for lines in documents(f, skipped, workers):
-                    volumes.write("valid" if n_docs % valid_every == valid_every - 1 else "pretrain", lines)
+                    volumes.write("valid" if n_docs % valid_every == valid_every - 1 else PRETRAIN_SPLIT, lines)
                     n_docs += 1
             except WriteFailed:
                 volumes.discard()
