@@ -231,9 +231,13 @@ def load_encoders(task, state: dict, names: list[str]):
         yield name, encoder
 
 
+def text_tokenizer(args) -> str:
+    return args.tokenizer or f"{args.data_root}/tokenizer/spm.model"
+
+
 def classification_probes(args, task, state: dict, report: dict) -> None:
     cfg = finetune_config(args.task, {"batch_size": 64, "data_root": args.data_root,
-                                      "tokenizer": f"{args.data_root}/tokenizer/spm.model"})
+                                      "tokenizer": text_tokenizer(args)})
     pooled = {"mean": "mean-pooled features", "first": "the first token's features (<s>, as the head reads)"}
     report["probe"] = f"logistic regression on standardised {pooled[args.pool]} (sklearn, C=1)"
     for name, encoder in load_encoders(task, state, args.encoders.split(",")):
@@ -303,7 +307,7 @@ def zero_shot_similarity(args, task, state: dict, report: dict) -> None:
     def agreement(features) -> dict[str, float]:
         return cosine_agreement(features, ratings)
 
-    tokenizer = TextTokenizer(f"{args.data_root}/tokenizer/spm.model")
+    tokenizer = TextTokenizer(text_tokenizer(args))
     report["probe"] = "zero-shot: cosine of mean-pooled features (embeddings first) vs mean human rating"
     encoders = list(load_encoders(task, state, args.encoders.split(",")))
     if not encoders:
@@ -335,6 +339,8 @@ def main() -> None:
     parser.add_argument("--pretrained", required=True)
     parser.add_argument("--train", type=int, default=4000, help="at most this many training examples")
     parser.add_argument("--data-root", default="data")
+    parser.add_argument("--tokenizer", default=None, help="text: the encoder's SentencePiece model (default: the "
+                        "data root's tokenizer/spm.model)")
     parser.add_argument("--encoders", default="random,student,teacher")
     parser.add_argument("--ctc-epochs", type=int, default=60)
     parser.add_argument("--ctc-lr", type=float, default=2e-3)

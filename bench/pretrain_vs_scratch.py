@@ -11,6 +11,8 @@ version (`d2v.train.recipe`) are reused.
         [--objective text=v2] [--pretrain-steps text=600,...] [--finetune-steps lee_sts=300,...]
         [--set text.data.batch_size=256 ...] [--ft-set rt_polarity.num_workers=2 ...] [--tag gpu]
         [--pretrained text=runs/mlm/text/final.pt] [--folds lee_sts=5] [--ft-profile embedded] [--weights teacher]
+        [--tokenizer data/bench/vocab1000/tokenizer/spm.model --set text.preset=embedded-vocab1k
+         --set text.data.shards=data/bench/vocab1000/text_corpus/pretrain]
 
 `--set`/`--ft-set` override any config field of a modality's pretraining / a task's fine-tuning (YAML values).
 Fine-tuning, pretrained and scratch, uses the preset of the modality's pretrained encoder (`--set
@@ -23,8 +25,10 @@ folders `text-v2-p1`, …) and fine-tunes every one: the pretrained arm pools th
 embedded scale one pretraining's fine-tunes can agree to a point while another pretraining lands five away.
 `--weights teacher` fine-tunes the pretrained arm from each pretraining's EMA teacher instead of its student
 (fairseq's `load_ema`), in runs named `...-pretrained-teacher-sSEED`; the scratch runs are the student rows' own.
-`--ft-profile` starts each task's fine-tuning from the overrides a params.yaml profile gives it
-(embedded: fashion_mnist with flips only, speech_1h behind the log-mel front end), so a bench row can repeat the
+`--tokenizer` pretrains and fine-tunes text over another SentencePiece model (its vocabulary the preset's; the
+pretraining's shards cut with it, `d2v shard --tokenizer`). `--ft-profile` starts each task's fine-tuning from the
+overrides a params.yaml profile gives it (embedded: fashion_mnist with flips only, speech_1h behind the log-mel front
+end), so a bench row can repeat the
 pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on top, and the row records the result.
 Fine-tuning runs are named by task, init and seed only, so another budget under the same `--tag` stops at the first
 finished run of the other budget rather than fine-tune over it: give it its own `--tag`, and `--pretrained
