@@ -684,3 +684,42 @@ def test_the_recorded_fine_tuning_overrides_are_the_ones_each_run_used(tmp_path,
     assert row["finetune_steps"] == row["overrides"]["steps"] == 40
     assert row["overrides"]["optim"]["lr"] == used[0].optim.lr == 1e-3  # the profile's recipe, recorded as run
     assert row["scratch"]["values"] == [0.6, 0.61]
+
+
+def test_a_tokenizer_reaches_the_text_pretraining_and_every_text_fine_tune_unless_a_task_names_its_own(tmp_path,
+                                                                                                       monkeypatch):
+    """A smaller vocabulary (preset embedded-vocab1k) must be read by the pretraining's vocabulary check and by
+    every fine-tune's loader, or the encoder meets ids of the pipeline's 8,000-piece model."""
+    asked, used, real_pretrain = [], [], pretrain_vs_scratch.pretrain
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain",
+                        lambda *a, **kw: asked.append(kw) or (tmp_path / "final.pt", {"objective": "v1"}))
+    monkeypatch.setattr(pretrain_vs_scratch, "missing_shards", lambda *a: [])
+    monkeypatch.setattr(pretrain_vs_scratch, "cv_test_metrics",
+                        lambda cfg, run, folds, lm, any_version: used.append(cfg) or {"accuracy": 0.6, "mcc": 0.1})
+    spm = str(tmp_path / "vocab1000" / "spm.model")
+    argv = ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "rt_polarity,bible_para", "--seeds", "1",
+            "--tokenizer", spm, "--set", "text.preset=embedded-vocab1k", "--runs", str(tmp_path),
+            "--out", str(tmp_path / "out.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    pretrain_vs_scratch.main()
+    assert asked == [{"tokenizer": spm}]
+    assert [(c.task, c.init, c.tokenizer, c.preset) for c in used] == [
+        (task, init, spm, "embedded-vocab1k") for task in ("rt_polarity", "bible_para")
+        for init in ("pretrained", "scratch")]
+    used.clear()
+    monkeypatch.setattr(sys, "argv", argv[:-1] + [str(tmp_path / "own.json"), "--ft-set",
+                                                  "bible_para.tokenizer=other.model"])
+    pretrain_vs_scratch.main()
+    assert [c.tokenizer for c in used] == [spm, spm, "other.model", "other.model"]
+
+    # the pretraining itself: its vocabulary check reads the given model, and the record names it
+    checked = []
+    monkeypatch.setattr(pretrain_vs_scratch, "pretrain_seconds",
+                        lambda cfg, run, tokenizer: checked.append(tokenizer) or 1.0)
+    for modality in ("text", "image"):
+        (tmp_path / "runs" / "pretrain" / modality).mkdir(parents=True)
+        (tmp_path / "runs" / "pretrain" / modality / "summary.json").write_text(json.dumps({"first": {}, "last": {}}))
+    _, record = real_pretrain("text", "v1", None, {"preset": "embedded-vocab1k"}, tmp_path / "runs", tokenizer=spm)
+    assert checked == [spm] and record["tokenizer"] == spm
+    real_pretrain("image", "v1", None, {}, tmp_path / "runs")  # no tokenizer for another modality
+    assert checked == [spm, None]
