@@ -28,11 +28,10 @@ embedded scale one pretraining's fine-tunes can agree to a point while another p
 `--tokenizer` pretrains and fine-tunes text over another SentencePiece model (its vocabulary the preset's; the
 pretraining's shards cut with it, `d2v shard --tokenizer`). `--ft-profile` starts each task's fine-tuning from the
 overrides a params.yaml profile gives it (embedded: fashion_mnist with flips only, speech_1h behind the log-mel front
-end), so a bench row can repeat the
-pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on top, and the row records the result.
-Fine-tuning runs are named by task, init and seed only, so another budget under the same `--tag` stops at the first
-finished run of the other budget rather than fine-tune over it: give it its own `--tag`, and `--pretrained
-MODALITY=…/final.pt` to reuse the pretraining.
+end), so a bench row can repeat the pipeline's recipe at other budgets; `--finetune-steps` and `--ft-set` apply on
+top, and the row records the result. Fine-tuning runs are named by task, init and seed only, so another budget under
+the same `--tag` stops at the first finished run of the other budget rather than fine-tune over it: give it its own
+`--tag`, and `--pretrained MODALITY=…/final.pt` to reuse the pretraining.
 """
 from __future__ import annotations
 
