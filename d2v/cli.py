@@ -305,7 +305,7 @@ def pretrain_cmd(args: argparse.Namespace) -> int:
     except CollapseError as err:
         print(f"error: {args.modality}: {err}", file=sys.stderr)
         return 3
-    except Interrupted as err:  # SIGTERM / SIGUSR1 after a checkpoint: the same command resumes
+    except Interrupted as err:  # SIGTERM, SIGUSR1 or Ctrl-C after a checkpoint: the same command resumes
         return report(err, f"pretrain {args.modality}")
     last = summary.get("last", {})
     print(f"{args.modality}: {summary['step']} steps, loss {summary.get('first', {}).get('loss', float('nan')):.3f}"
@@ -341,7 +341,7 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     try:
         summary = run_finetune(cfg, out, progress=not args.quiet,  # under torchrun: DDP
                                restart_on_change=args.restart_on_change or profile is not None)
-    except Interrupted as err:  # SIGTERM / SIGUSR1 after a checkpoint: the same command resumes
+    except Interrupted as err:  # SIGTERM, SIGUSR1 or Ctrl-C after a checkpoint: the same command resumes
         return report(err, f"finetune {args.task}")
     finally:
         shutdown()

@@ -394,7 +394,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         model.encoder.eval()
     bar = _progress_bar(cfg, step) if progress and world.is_main else None
     start = time.perf_counter()
-    with StopSignals(world) as stop:  # a scheduler's SIGTERM / SIGUSR1: a checkpoint at this step, then stop
+    with StopSignals(world) as stop:  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint at this step, then stop
         while step < cfg.steps and (stop_after is None or step < stop_after):
             step += 1
             lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))

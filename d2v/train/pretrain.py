@@ -182,7 +182,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
     start, seen = time.perf_counter(), 0
-    # SIGTERM / SIGUSR1 (a scheduler's time limit or preemption): a checkpoint at the end of the step, then Interrupted
+    # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
     with StopSignals(world) as stop:
         while step < cfg.steps and (stop_after is None or step < stop_after):
             step += 1
