@@ -418,7 +418,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
-            signum = stop.requested() if step < cfg.steps else None  # collective: all ranks stop at one step
+            signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                  "batches": consumed, "best": best, "best_metrics": best_metrics,

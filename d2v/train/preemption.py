@@ -76,6 +76,11 @@ class StopSignals:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return int(flag.item()) or None
 
+    def after_step(self, step: int, steps: int) -> int | None:
+        """`requested()` at the end of `step` of `steps`. None after the last step, on every rank alike without asking:
+        a run that has finished its steps writes its outputs rather than stopping short of them."""
+        return self.requested() if step < steps else None
+
     def halt(self, signum: int, step: int, checkpoints: Path) -> NoReturn:
         """End the run after the checkpoint of `step` is written: every rank waits for rank 0's write (a rank that
         left first would have torchrun kill the writer), then raises `Interrupted`."""

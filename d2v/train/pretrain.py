@@ -223,7 +223,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                     _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
                             sharded, collapsed=True)
                     raise
-            signum = stop.requested() if step < cfg.steps else None  # collective: all ranks stop at one step
+            signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
             if save and not logged and scaler is None:  # a checkpoint between log steps: one host sync
                 require_finite(step, {"grad_norm": float(sums["grad_norm"])})
