@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from d2v.io import atomic_write_json
-from d2v.pipeline.params import load_params
+from d2v.pipeline.params import Profile, load_params
 from d2v.train import checkpoint
 from d2v.train.optim import adamw
 from d2v.train.pretrain import build_objective
@@ -61,9 +61,9 @@ def flag_cost(ranks: int, calls: int) -> dict:
         return json.loads(out.read_text())
 
 
-def checkpoint_cost(profile: str, modality: str, folder: Path) -> dict:
+def checkpoint_cost(profile: Profile, name: str, modality: str, folder: Path) -> dict:
     """A pretraining's checkpoint as `_save` writes it, AdamW's moments filled by one step of zero gradients."""
-    cfg = load_params(profile=profile).active.pretrain_config(modality)
+    cfg = profile.pretrain_config(modality)
     objective = build_objective(cfg)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
@@ -74,7 +74,7 @@ def checkpoint_cost(profile: str, modality: str, folder: Path) -> dict:
     path = checkpoint.save(folder / modality, 1, {"model": objective.state_dict(), "optimizer": optimizer.state_dict(),
                                                   "batches": 1, "config": cfg.model_dump(mode="json")}, keep=1)
     seconds = time.perf_counter() - began
-    return {"profile": profile, "modality": modality, "preset": cfg.preset, "objective": cfg.objective,
+    return {"profile": name, "modality": modality, "preset": cfg.preset, "objective": cfg.objective,
             "student_parameters": sum(p.numel() for p in params),
             "checkpoint_gb": round(path.stat().st_size / 1e9, 3), "write_seconds": round(seconds, 2)}
 
@@ -97,7 +97,7 @@ def main() -> None:
     profile = load_params(profile=args.profile).active
     modalities = args.modalities.split(",") if args.modalities else list(profile.pretrain)
     with tempfile.TemporaryDirectory(dir=args.folder) as tmp:
-        result["checkpoints"] = [checkpoint_cost(args.profile, m, Path(tmp)) for m in modalities]
+        result["checkpoints"] = [checkpoint_cost(profile, args.profile, m, Path(tmp)) for m in modalities]
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=1))
 
