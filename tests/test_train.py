@@ -158,7 +158,7 @@ def test_a_second_ctrl_c_aborts_the_step_at_once_and_an_ignored_one_changes_noth
 def _loader_worker(main_pid: int) -> None:
     from d2v.processes import leave_stop_signals_to
 
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a DataLoader worker forked from a terminal's process has it
+    with_sigint_default()  # as a DataLoader worker forked from a terminal's process has it
     leave_stop_signals_to(main_pid)
     time.sleep(60)
 
