@@ -585,3 +585,39 @@ def test_user_text_skips_a_file_that_breaks_midway_whole(tmp_path, monkeypatch, 
     meta = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert meta["skipped"]["files"][0]["path"].endswith("a_broken." + ("txt" if bad == "utf8" else "xml.bz2"))
     assert discarded and discarded[0] >= 2  # volumes had been completed, then deleted
+
+
+def test_bible_para_pairs_each_verse_with_its_paraphrase_or_the_nearest_other_one(tmp_path):
+    import gzip
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    books, kjv, web = ("Genesis", "Exodus"), [], ["field,field,field,field,field"]
+    for n in range(300):  # more verses than one chunk of the similarity search
+        book, chapter, verse = books[n // 150], 1 + n % 150 // 50, 1 + n % 50
+        kjv_text = " ".join(rng.choice(words, 8))
+        web_text = kjv_text if n % 97 == 5 else f"{kjv_text} {rng.choice(words)} {{a footnote}}"  # some identical
+        kjv.append(json.dumps({"book": book, "chapter": chapter, "verse": verse, "text": kjv_text}))
+        web.append(f"{n},{books.index(book) + 1},{chapter},{verse},{web_text}")
+    ctx = FixtureContext(tmp_path, {text.KJV.path: "\n".join(kjv).encode(),
+                                    text.WEB.path: gzip.compress("\n".join(web).encode())})
+    text.prepare_bible(ctx)
+    df = read_manifest(ctx.out_dir)
+    assert_declared_splits("bible_para", ctx.out_dir)
+    assert len(df) == 300 - 4 and "a footnote" not in " ".join(df["text_b"])  # identical verses dropped, {…} cut
+    kjv_of = {json.loads(v)["text"]: json.loads(v) for v in kjv}
+    web_of = {f"{b} {c}:{v}": t.replace(" {a footnote}", "") for b, c, v, t in
+              ((books[int(r.split(",")[1]) - 1], *r.split(",")[2:]) for r in web[1:])}
+    df = df.sort_values("id")
+    left, right = list(df["text"]), [web_of[c] for c in df["citation"]]
+    vec = TfidfVectorizer(sublinear_tf=True).fit(left + right)
+    sim = cosine_similarity(vec.transform(left), vec.transform(right))
+    np.fill_diagonal(sim, -1.0)
+    for i, row in enumerate(df.itertuples()):
+        assert f"{kjv_of[row.text]['book']} {kjv_of[row.text]['chapter']}:{kjv_of[row.text]['verse']}" == row.citation
+        expected = right[i] if row.label == 1.0 else right[int(sim[i].argmax())]
+        assert row.text_b == expected, row.citation
+    assert 0.4 < df["label"].mean() < 0.6
