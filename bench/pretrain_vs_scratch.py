@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runs import cv_baseline, cv_test_metrics, finetune_version, pretrain_seconds, scored_metrics
+from runs import cv_baseline, cv_test_metrics, finetune_version, pretrain_seconds, scored_metrics, \
+    stops_with_a_checkpoint
 
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
@@ -324,4 +325,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stops_with_a_checkpoint(main)()

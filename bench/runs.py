@@ -8,6 +8,7 @@ import inspect
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from d2v.io import atomic_write_json
 from d2v.processes import usable_cpus
 from d2v.train import recipe
 from d2v.train.finetune import evaluate, run_finetune
+from d2v.train.preemption import Interrupted, report
 from d2v.train.pretrain import pretrain_main
 from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, eval_file_name
 
@@ -71,15 +73,36 @@ def changed_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | None:
     """Wall time of a pretraining run; a finished run under the same config is reused with its recorded time (None
-    when it was not recorded)."""
-    timing = run / "timing.json"
+    when it was not recorded). A call that stops (Ctrl-C, SIGTERM, an error) leaves its seconds in
+    timing.partial.json and the call that resumes the run adds them: the time of a run stopped by a signal is whole,
+    and a crashed one's includes the steps after its last checkpoint that the resumed run takes again."""
+    timing, partial = run / "timing.json", run / "timing.partial.json"
     if (run / "final.pt").is_file() and same_config(run, cfg):
         return json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    before = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
     start = time.perf_counter()
-    pretrain_main(cfg, run, tokenizer=tokenizer, progress=False)
-    seconds = time.perf_counter() - start
+    try:
+        pretrain_main(cfg, run, tokenizer=tokenizer, progress=False)
+    except BaseException:
+        if run.is_dir():
+            atomic_write_json(partial, {"seconds": before + time.perf_counter() - start})
+        raise
+    seconds = before + time.perf_counter() - start
     atomic_write_json(timing, {"seconds": seconds})
+    partial.unlink(missing_ok=True)
     return seconds
+
+
+def stops_with_a_checkpoint(main: Callable[[], object]) -> Callable[[], None]:
+    """A bench's entry point: when a pretraining or fine-tune it runs is stopped by SIGTERM, SIGUSR1 or Ctrl-C
+    (`Interrupted`, after a checkpoint), the bench ends as the `d2v` CLI does, with the signal's exit status and how
+    to resume (the same command), not a traceback."""
+    def entry() -> None:
+        try:
+            main()
+        except Interrupted as err:
+            sys.exit(report(err, Path(sys.argv[0]).name))
+    return entry
 
 
 def mean_test_metrics(cfg, out: Path, lm: Path | None = None, any_version: bool = False) -> dict[str, float]:

@@ -304,4 +304,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from runs import stops_with_a_checkpoint
+
+    stops_with_a_checkpoint(main)()

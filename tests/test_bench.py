@@ -723,3 +723,37 @@ def test_a_tokenizer_reaches_the_text_pretraining_and_every_text_fine_tune_unles
     assert checked == [spm] and record["tokenizer"] == spm
     real_pretrain("image", "v1", None, {}, tmp_path / "runs")  # no tokenizer for another modality
     assert checked == [spm, None]
+
+
+def test_a_stopped_bench_pretraining_hands_its_time_to_the_call_that_resumes_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM stops a bench's pretraining after a checkpoint (Interrupted): the bench ends as the CLI does,
+    and the call that resumes the run records the time of both parts, not the resumed part's alone."""
+    import signal
+
+    from d2v.train.preemption import Interrupted
+
+    now, run = [0.0], tmp_path / "run"
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: now[0])
+
+    def stopped_after_30_seconds(cfg, out, tokenizer=None, progress=True):
+        out.mkdir(parents=True, exist_ok=True)
+        now[0] += 30.0
+        raise Interrupted(signal.SIGINT, 4, str(out / "checkpoints"))
+
+    def finished_after_20_seconds(cfg, out, tokenizer=None, progress=True):
+        now[0] += 20.0
+        (out / "final.pt").write_bytes(b"")
+
+    cfg = pretrain_config("text", {"steps": 6})
+    monkeypatch.setattr(runs, "pretrain_main", stopped_after_30_seconds)
+    monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py"])
+    with pytest.raises(SystemExit) as ended:
+        runs.stops_with_a_checkpoint(lambda: runs.pretrain_seconds(cfg, run))()
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == ("pretrain_vs_scratch.py: stopped by SIGINT after step 4; its checkpoint in "
+                                       f"{run / 'checkpoints'} resumes the run: start the same command again\n")
+    assert json.loads((run / "timing.partial.json").read_text()) == {"seconds": 30.0}
+    monkeypatch.setattr(runs, "pretrain_main", finished_after_20_seconds)
+    assert runs.pretrain_seconds(cfg, run) == 50.0
+    assert json.loads((run / "timing.json").read_text()) == {"seconds": 50.0}
+    assert not (run / "timing.partial.json").exists()

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -374,14 +375,17 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
     assert checkpoints == ["step-00000004.pt", "step-00000005.pt"]
     saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
     assert (saved["step"], saved["batches"]) == (5, 10) and saved["best_metrics"] is not None
-    assert not (tmp_path / "b" / "final.pt").exists()
+    assert not (tmp_path / "b" / "final.pt").exists() and saved["seconds"] > 0
+    torch.save({**saved, "seconds": 1000.0}, tmp_path / "b" / "checkpoints" / "last.pt")  # as if 1000 s before
     for output in ("metrics.csv", "best.pt"):  # the pipeline deletes a failed job's outputs; the checkpoint has them
         (tmp_path / "b" / output).unlink()
     ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=5)  # resumed at step 5, no step taken
     restored = torch.load(tmp_path / "b" / "best.pt", weights_only=False)
     assert restored["step"] == 3 and (tmp_path / "b" / "best.pt").read_bytes() == saved["best_pt"]
     assert pd.read_csv(tmp_path / "b" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4, 5]
+    start = time.perf_counter()
     resumed = ft.run_finetune(cfg, tmp_path / "b", progress=False)
+    assert 1000.0 <= resumed["seconds"] <= 1000.0 + time.perf_counter() - start + 0.1  # the whole run's time
     for name in ("final.pt", "best.pt"):
         a, b = (torch.load(tmp_path / run / name, weights_only=False) for run in ("a", "b"))
         assert a["step"] == b["step"]

@@ -124,11 +124,14 @@ def test_a_stop_signal_checkpoints_the_step_it_came_in_and_the_run_resumes_bit_i
     assert stopped.value.exit_code == 128 + signum and signal.getsignal(signum) is before
     assert [p.name for p in checkpoint.checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000003.pt",
                                                                                        "step-00000004.pt"]
-    assert checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")["batches"] == 8
+    stop_state = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert stop_state["batches"] == 8 and stop_state["seconds"] > 0
     assert not (tmp_path / "b" / "final.pt").exists()
     (tmp_path / "b" / "metrics.csv").unlink()  # Snakemake and DVC delete a failed job's outputs: the checkpoint has it
-    resumed = build_objective(cfg)
-    run_pretrain(cfg, resumed, synthetic_stream("speech"), tmp_path / "b", progress=False)
+    torch.save({**stop_state, "seconds": 1000.0}, tmp_path / "b" / "checkpoints" / "last.pt")  # as if 1000 s before
+    resumed, start = build_objective(cfg), time.perf_counter()
+    summary = run_pretrain(cfg, resumed, synthetic_stream("speech"), tmp_path / "b", progress=False)
+    assert 1000.0 <= summary["seconds"] <= 1000.0 + time.perf_counter() - start + 0.1  # the whole run's time
     for k, v in params_of(straight).items():
         assert torch.equal(resumed.state_dict()[k], v), k
     log_a, log_b = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")

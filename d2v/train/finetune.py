@@ -17,7 +17,6 @@ import contextlib
 import math
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
-from d2v.train.logging import MetricsLog, plot_curves
+from d2v.train.logging import MetricsLog, TrainingClock, plot_curves
 from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
@@ -393,7 +392,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     if cfg.mode == "probe":
         model.encoder.eval()
     bar = _progress_bar(cfg, step) if progress and world.is_main else None
-    start = time.perf_counter()
+    clock = TrainingClock(state)
     with StopSignals(world) as stop:  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint at this step, then stop
         while step < cfg.steps and (stop_after is None or step < stop_after):
             step += 1
@@ -425,7 +424,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
                                                  "best_pt": best_file,
                                                  "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
                                                  "recipe": recipe.FINETUNE, "ranks": world.size,
-                                                 "metrics_csv": log.text()},
+                                                 "metrics_csv": log.text(), "seconds": clock.seconds()},
                                 keep=cfg.checkpoint.keep)
             if signum is not None:
                 if bar is not None:
@@ -434,7 +433,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if bar is not None:
             bar.close()
         summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
-                   "seconds": round(time.perf_counter() - start, 1), "best_dev": best_metrics,
+                   "seconds": round(clock.seconds(), 1), "best_dev": best_metrics,
                    "data_digest": data_digest}
         if world.is_main and step >= cfg.steps:  # a signal from here on waits until the run folder is complete
             _write_run(model, cfg, out_dir, log, summary, best_metrics is None)

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from d2v.io import atomic_write_text
+
+
+class TrainingClock:
+    """Seconds spent in the training loop over every run of a resumed training: each checkpoint carries them
+    (`seconds`), so a run stopped and resumed any number of times reports its whole time, not its last part's."""
+
+    def __init__(self, state: dict | None = None):
+        self.before = float(state.get("seconds", 0.0)) if state is not None else 0.0  # older checkpoints: none
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.start
 
 
 class MetricsLog:

@@ -27,7 +27,7 @@ from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, mean_over_ranks
-from d2v.train.logging import MetricsLog, plot_curves
+from d2v.train.logging import MetricsLog, TrainingClock, plot_curves
 from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
@@ -181,7 +181,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
-    start, seen = time.perf_counter(), 0
+    clock, start, seen = TrainingClock(resume_state), time.perf_counter(), 0
     # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
     with StopSignals(world) as stop:
         while step < cfg.steps and (stop_after is None or step < stop_after):
@@ -221,7 +221,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                     objective.check_collapse(step, metrics)
                 except CollapseError:
                     _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
-                            sharded, collapsed=True)
+                            sharded, clock, collapsed=True)
                     raise
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
@@ -230,14 +230,15 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             if bar is not None:
                 bar.update(1)
             if save:
-                _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log)
+                _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log, clock)
             if signum is not None:
                 if bar is not None:
                     bar.close()
                 stop.halt(signum, step, ckpt_dir)
         if bar is not None:
             bar.close()
-        return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded)
+        return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded,
+                       clock)
 
 
 def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int, world: World, amp, scaler,
@@ -273,7 +274,8 @@ def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
 
 
 def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig,
-          data_digest: str | None, world: World, sharded: bool, log: MetricsLog | None) -> dict | None:
+          data_digest: str | None, world: World, sharded: bool, log: MetricsLog | None,
+          clock: TrainingClock) -> dict | None:
     """Every rank calls it (FSDP gathers the full state collectively); the main rank writes the checkpoint and gets
     the objective's full state dict back."""
     if sharded:
@@ -284,19 +286,21 @@ def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path
         return None
     checkpoint.save(folder, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
                                    "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
-                                   "recipe": recipe.PRETRAIN, "ranks": world.size, "metrics_csv": log.text()},
+                                   "recipe": recipe.PRETRAIN, "ranks": world.size, "metrics_csv": log.text(),
+                                   "seconds": clock.seconds()},
                     keep=cfg.checkpoint.keep)
     return model_state
 
 
 def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded,
-            collapsed=False) -> dict:
+            clock: TrainingClock, collapsed=False) -> dict:
     summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step,
-               "steps": cfg.steps, "collapsed": collapsed,
+               "steps": cfg.steps, "collapsed": collapsed, "seconds": round(clock.seconds(), 1),
                "teacher_init_share": init_share(objective.ema.cfg, step), "data_digest": data_digest}
     model_state = None
     if step >= cfg.steps or collapsed:
-        model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log)
+        model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log,
+                            clock)
     if world.is_main:
         if step >= cfg.steps:  # the student and teacher out of the objective's (full) state dict
             student, teacher = ({k[len(p):]: v for k, v in model_state.items() if k.startswith(p)}
