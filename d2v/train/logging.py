@@ -20,8 +20,12 @@ class TrainingClock:
         self.before = float(state.get("seconds", 0.0)) if state is not None else 0.0  # older checkpoints: none
         self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        """This run's part alone (what its throughput is measured over)."""
+        return time.perf_counter() - self.start
+
     def seconds(self) -> float:
-        return self.before + time.perf_counter() - self.start
+        return self.before + self.elapsed()
 
 
 class MetricsLog:

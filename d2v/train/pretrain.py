@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -181,7 +180,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
-    clock, start, seen = TrainingClock(resume_state), time.perf_counter(), 0
+    clock, seen = TrainingClock(resume_state), 0
     # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
     with StopSignals(world) as stop:
         while step < cfg.steps and (stop_after is None or step < stop_after):
@@ -207,7 +206,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 keys = list(sums)
                 metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
                 metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
-                metrics["samples_per_s"] = throughput = seen * world.size / max(time.perf_counter() - start, 1e-9)
+                metrics["samples_per_s"] = throughput = seen * world.size / max(clock.elapsed(), 1e-9)
                 if log is not None:
                     log.write({"step": step, **metrics})
                 if bar is not None:
