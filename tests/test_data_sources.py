@@ -621,3 +621,17 @@ def test_bible_para_pairs_each_verse_with_its_paraphrase_or_the_nearest_other_on
         expected = right[i] if row.label == 1.0 else right[int(sim[i].argmax())]
         assert row.text_b == expected, row.citation
     assert 0.4 < df["label"].mean() < 0.6
+    # a smoke run's limit: the first 100 pairs in canonical order, each negative the nearest among those 100
+    small = FixtureContext(tmp_path / "limit", ctx.members)
+    text.prepare_bible(small, limit=100)
+    head = read_manifest(small.out_dir).sort_values("id")
+    assert list(head["citation"]) == list(df["citation"][:100]) and list(head["text"]) == left[:100]
+    vec = TfidfVectorizer(sublinear_tf=True).fit(left[:100] + right[:100])  # the weights of those 100 only
+    sim = cosine_similarity(vec.transform(left[:100]), vec.transform(right[:100]))
+    np.fill_diagonal(sim, -1.0)
+    for i, row in enumerate(head.itertuples()):
+        assert row.text_b == (right[i] if row.label == 1.0 else right[int(sim[i].argmax())]), row.citation
+    assert (head["label"] == 0.0).any() and set(head["text_b"]) <= set(right[:100])
+    with pytest.raises(ValueError, match=r"bible_para.limit: expected a whole number of at least 10 verse pairs .* "
+                                         r"got 0"):
+        text.prepare_bible(small, limit=0)

@@ -165,11 +165,16 @@ def _read_bibles(ctx: Context) -> tuple[dict, dict]:
 
 @register("bible_para", "text", "embedded", "KJV/WEB verse paraphrase pairs with hard negatives (stand-in for MRPC)",
           splits=TASK_SPLITS)
-def prepare_bible(ctx: Context, seed: int = 0) -> Path:
+def prepare_bible(ctx: Context, seed: int = 0, limit: int | None = None) -> Path:
+    """`limit` keeps the first N verse pairs in canonical order (for smoke runs); the negatives are found among them,
+    so the search costs (N / 30,837)² of the full one's 20 s."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    if limit is not None and (not isinstance(limit, int) or limit < 10):
+        raise ValueError(f"bible_para.limit: expected a whole number of at least 10 verse pairs (train, dev and test "
+                         f"each need some), got {limit!r}")
     kjv, web = _read_bibles(ctx)
-    keys = [k for k in kjv if k in web and kjv[k] and web[k] and kjv[k] != web[k]]
+    keys = [k for k in kjv if k in web and kjv[k] and web[k] and kjv[k] != web[k]][:limit]
     left, right = [kjv[k] for k in keys], [web[k] for k in keys]
     vec = TfidfVectorizer(sublinear_tf=True).fit(left + right)
     a, b = vec.transform(left), vec.transform(right)
