@@ -10,7 +10,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: venv run repro smoke test test-torch2.11 clean
+.PHONY: venv run repro smoke test test-fast test-torch2.11 clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ repro: $(STAMP)
 smoke: $(STAMP)
 	snakemake --profile workflow/profiles/local --config profile=smoke
 
+# Every test: the quick suite and the ones marked slow (pyproject's addopts leave those out of a bare `pytest`).
 test: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+test-fast: $(STAMP)
 	$(PY) -m pytest -q
 
 # The GPU machines' stack (torch 2.11.0, torchvision 0.26, torchaudio 2.11) in a venv of its own, from PyPI (some
@@ -47,7 +51,7 @@ $(COMPAT)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 test-torch2.11: $(COMPAT)/.installed
-	PATH=$(abspath $(COMPAT))/bin:$$PATH $(COMPAT)/bin/python -m pytest -q
+	PATH=$(abspath $(COMPAT))/bin:$$PATH $(COMPAT)/bin/python -m pytest -q -m "slow or not slow"
 
 clean:
 	rm -rf runs logs benchmarks .snakemake .pytest_cache

@@ -649,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop, or a second one inside a step: no traceback
+        if os.environ.get("RANK", "0") == "0":  # once under torchrun
+            print(f"\nd2v {args.command}: interrupted. Outputs are renamed into place only once complete, so nothing "
+                  "is half-written: the same command starts again (a training run from its last checkpoint)",
+                  file=sys.stderr)
+        return 130  # 128 + SIGINT, as the shell reports a process Ctrl-C ended
 
 
 def error_message(err: BaseException) -> str:

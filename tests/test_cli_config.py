@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -24,6 +25,30 @@ def test_demo_writes_summary_atomically(tmp_path):
     assert summary["steps"] == 12 and summary["inputs"] == "synthetic"
     assert len(json.loads((tmp_path / "text" / "history.json").read_text())) == 12
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_ctrl_c_ends_a_command_with_a_line_and_130_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """Outside a training loop's stop handling (here the demo's), Ctrl-C is KeyboardInterrupt: the CLI says what it
+    means and exits as the shell reports a process Ctrl-C ended, and nothing half-written is left behind."""
+    from d2v.data import synthetic
+
+    def batches_until_ctrl_c(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield batch
+
+    real = synthetic.batches
+    monkeypatch.setattr(synthetic, "batches", batches_until_ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background test run inherits it ignored
+    try:
+        code = main(["demo", "--modality", "text", "--preset", "tiny", "--steps", "12", "--out", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert code == 130
+    assert "d2v demo: interrupted. Outputs are renamed into place only once complete, so nothing is half-written: " \
+           "the same command starts again" in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
 def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):

@@ -183,6 +183,7 @@ def test_a_loader_worker_outlives_a_stop_signal_from_anyone_but_its_main_process
     assert worker.exitcode == 128 + signum
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_the_cli_stops_on_a_signal_to_its_process_group_and_the_same_command_resumes(tmp_path, signum):
     """SLURM and torchrun signal the whole process group, DataLoader workers included, as a terminal's Ctrl-C does its
@@ -536,6 +537,7 @@ shutdown()
 """
 
 
+@pytest.mark.slow
 def test_under_torchrun_every_rank_stops_at_the_step_one_rank_was_signalled_in(tmp_path):
     """SIGTERM reaches one rank of two (the writer learns of it from the other): both finish step 4, rank 0 writes
     its checkpoint, both stop; the relaunch resumes there and ends bit-identical to the uninterrupted 2-rank run."""
