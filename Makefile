@@ -1,6 +1,7 @@
 # Two entry points: `make run` (the whole embedded benchmark through Snakemake: prepare → tokenizer → shard →
 # pretrain → finetune → evaluate → report) and `make test`. Both create .venv from the pinned lock file when it
-# is missing. `make repro` runs the same stage graph through DVC; `make smoke` the CI-sized profile.
+# is missing. `make repro` runs the same stage graph through DVC; `make smoke` the CI-sized profile; `make test-fast`
+# the tests not marked slow.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
