@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from d2v.io import atomic_write_json
 from d2v.processes import usable_cpus
 from d2v.train import recipe
 from d2v.train.finetune import evaluate, run_finetune
+from d2v.train.logging import TrainingClock
 from d2v.train.preemption import Interrupted, report
 from d2v.train.pretrain import pretrain_main
 from d2v.train.tasks import TASKS, BaselineConfig, FinetuneConfig, eval_file_name
@@ -79,15 +79,14 @@ def pretrain_seconds(cfg, run: Path, tokenizer: str | None = None) -> float | No
     timing, partial = run / "timing.json", run / "timing.partial.json"
     if (run / "final.pt").is_file() and same_config(run, cfg):
         return json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-    before = json.loads(partial.read_text())["seconds"] if partial.is_file() else 0.0
-    start = time.perf_counter()
+    clock = TrainingClock(json.loads(partial.read_text()) if partial.is_file() else None)  # the stopped calls' time
     try:
         pretrain_main(cfg, run, tokenizer=tokenizer, progress=False)
     except BaseException:
         if run.is_dir():
-            atomic_write_json(partial, {"seconds": before + time.perf_counter() - start})
+            atomic_write_json(partial, {"seconds": clock.seconds()})
         raise
-    seconds = before + time.perf_counter() - start
+    seconds = clock.seconds()
     atomic_write_json(timing, {"seconds": seconds})
     partial.unlink(missing_ok=True)
     return seconds

@@ -733,7 +733,7 @@ def test_a_stopped_bench_pretraining_hands_its_time_to_the_call_that_resumes_it(
     from d2v.train.preemption import Interrupted
 
     now, run = [0.0], tmp_path / "run"
-    monkeypatch.setattr(runs.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr("d2v.train.logging.time.perf_counter", lambda: now[0])  # the clock pretrain_seconds reads
 
     def stopped_after_30_seconds(cfg, out, tokenizer=None, progress=True):
         out.mkdir(parents=True, exist_ok=True)
