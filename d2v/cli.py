@@ -120,7 +120,6 @@ def _add_restart(p: argparse.ArgumentParser) -> None:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    import inspect
     import logging
     from pathlib import Path
 
@@ -137,15 +136,7 @@ def prepare(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.source}: not a source of profile {args.profile!r} (see {args.params})")
         kwargs = {**(profile.sources[args.source] or {}), **kwargs}
         args.root, args.cache, args.out = profile.data_root, profile.cache, str(profile.raw / args.source)
-    accepted = set(inspect.signature(source.prepare).parameters) - {"ctx"}
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        raise ValueError(f"{args.source}: unknown option(s) {unknown}; it accepts {sorted(accepted)}")
-    if "cfg" in kwargs:
-        from d2v.config import validate
-        from d2v.data.sources.mini_librispeech import MiniLibriSpeechConfig
-
-        kwargs["cfg"] = validate(MiniLibriSpeechConfig, kwargs["cfg"], f"{args.source}.cfg")
+    kwargs = source.options(kwargs, args.source)
     out = Path(args.out or Path(args.root) / "raw" / args.source)
     start = time.perf_counter()
     source.prepare(Context(Path(args.cache), out), **kwargs)

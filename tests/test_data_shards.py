@@ -352,6 +352,8 @@ def test_cli_shard_and_prepare_errors(tmp_path, capsys):
     assert "no rows with split 'dev'" in capsys.readouterr().err
     assert main(["prepare", "lee_sts", "--set", "fold=x=1", "--set", "colour=red"]) == 2
     assert "lee_sts: unknown option(s) ['colour']" in capsys.readouterr().err
+    assert main(["prepare", "lee_sts", "--set", "folds=five"]) == 2  # checked before anything is read or written
+    assert "lee_sts.folds: Input should be a valid integer" in capsys.readouterr().err
     assert main(["prepare", "imagenet", "--root", str(tmp_path)]) == 2
     assert "give exactly one of archives=" in capsys.readouterr().err
 

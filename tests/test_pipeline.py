@@ -87,6 +87,16 @@ def _broken(path: list, value):
     (["profiles", "embedded", "finetune", "lee_sts", "steps"], "many", "finetune.lee_sts"),
     (["profiles", "embedded", "sources", "imagenet_typo"], {}, "sources.imagenet_typo: unknown source"),
     (["profiles", "embedded", "sources", "fashion_mnist"], {"limt": 5}, "unknown option(s) ['limt']"),
+    # each option is checked against the type `prepare` declares, before any job starts
+    (["profiles", "smoke", "sources", "fashion_mnist", "limit"], "a few",
+     "profiles.smoke.sources.fashion_mnist.limit: Input should be a valid integer"),
+    (["profiles", "smoke", "sources", "fashion_mnist", "limit"], 0,
+     "profiles.smoke.sources.fashion_mnist.limit: Input should be greater than 0"),
+    # one split written as a string would be read as a list of its letters
+    (["profiles", "paper", "sources", "librispeech"], {"splits": "dev-clean"},
+     "profiles.paper.sources.librispeech.splits: 'str' instances are not allowed as a Sequence value"),
+    (["profiles", "paper", "sources", "text_files"], {"workers": 8},
+     "profiles.paper.sources.text_files.paths: Field required"),
     (["profiles", "embedded", "finetune", "no_such_task"], {}, "finetune.no_such_task: unknown task"),
     (["profiles", "embedded", "resources", "pretrain", "threads"], 0, "resources.pretrain.threads"),
     (["profiles", "smoke", "sources", "mini_librispeech", "cfg", "dev"], -1, "sources.mini_librispeech.cfg.dev"),

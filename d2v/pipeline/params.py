@@ -7,7 +7,6 @@ value fails at `snakemake`/`dvc repro` parse time with its full key, e.g. `profi
 """
 from __future__ import annotations
 
-import inspect
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -94,10 +93,6 @@ class Profile(StrictModel):
         for name, options in self.sources.items():
             if name not in SOURCES:
                 raise ValueError(f"sources.{name}: unknown source; expected one of {sorted(SOURCES)}")
-            accepted = set(inspect.signature(SOURCES[name].prepare).parameters) - {"ctx"}
-            unknown = sorted(set(options or {}) - accepted)
-            if unknown:
-                raise ValueError(f"sources.{name}: unknown option(s) {unknown}; it accepts {sorted(accepted)}")
         for task in self.finetune:
             if task not in TASKS:
                 raise ValueError(f"finetune.{task}: unknown task; expected one of {sorted(TASKS)}")
@@ -250,10 +245,7 @@ def check_profile(name: str, profile: Profile) -> None:
     """Build every config a stage will build, and check the stage graph is closed (inputs have producers)."""
     where = f"profiles.{name}"
     for source, options in profile.sources.items():
-        if "cfg" in (options or {}):  # the synthesized corpus takes a typed recipe
-            from d2v.data.sources.mini_librispeech import MiniLibriSpeechConfig
-
-            validate(MiniLibriSpeechConfig, options["cfg"], f"{where}.sources.{source}.cfg")
+        SOURCES[source].options(options, f"{where}.sources.{source}")
     for modality in profile.pretrain:
         for stage in profile.pretrain_stages(modality):
             _checked(lambda: profile.pretrain_config(modality, stage), f"{where}.pretrain.{modality}")

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import shutil
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from pydantic import create_model
+
+from d2v.config import ConfigError, StrictModel, validate
 from d2v.data.archives import Package
 from d2v.data.download import Artifact, ChecksumError, bytes_sha256, fetch
 
@@ -93,10 +98,31 @@ class Source:
     # the tags of its `subsets` column (Libri-light's 10min / 1h / 10h), the same way
     subsets: Collection[str] | Callable[[dict, str], Collection[str]] = ()
 
+    def options(self, given: dict | None, where: str) -> dict:
+        """`given` (params.yaml's `sources.NAME`, or `--set`s) checked against `prepare`'s signature: unknown names,
+        and each value against its annotation (a string where a list of splits is expected, a word for a count),
+        with errors that name `where.KEY`. Returns the given options as `prepare` takes them."""
+        given = dict(given or {})
+        accepted = sorted(_options_model(self.prepare).model_fields)
+        unknown = sorted(set(given) - set(accepted))
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {unknown}; it accepts {accepted}")
+        checked = validate(_options_model(self.prepare), given, where)
+        return {name: getattr(checked, name) for name in given}
+
     def declared(self, kind: Literal["splits", "subsets"], options: dict, dataset: str) -> set[str]:
         """The splits (or subset tags) a shard set of `dataset` can be cut from, before anything is prepared."""
         names = getattr(self, kind)
         return set(names(options, dataset) if callable(names) else names)
+
+
+@functools.cache
+def _options_model(prepare: Callable[..., Path]) -> type[StrictModel]:
+    """A strict model of `prepare`'s keyword options (all but `ctx`), from its annotations and defaults."""
+    fields = {name: (Any if p.annotation is inspect.Parameter.empty else p.annotation,
+                     ... if p.default is inspect.Parameter.empty else p.default)
+              for name, p in inspect.signature(prepare, eval_str=True).parameters.items() if name != "ctx"}
+    return create_model(f"{prepare.__module__}.{prepare.__name__}.options", __base__=StrictModel, **fields)
 
 
 SOURCES: dict[str, Source] = {}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydantic import PositiveInt
 
 from d2v.data.download import Artifact, ChecksumError, DownloadError, bytes_sha256, fetch
 from d2v.data.manifest import make_manifest, write_manifest
@@ -79,7 +80,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 @register("fashion_mnist", "image", "embedded", "Fashion-MNIST 60k/10k, ImageNet stand-in (Debian package)",
           splits=("train", "test"))
-def prepare(ctx: Context, limit: int | None = None) -> Path:
+def prepare(ctx: Context, limit: PositiveInt | None = None) -> Path:
     """Write PNGs + manifest. `limit` keeps the first N images per split (for smoke runs)."""
     raw = load_payloads(ctx)
     rows = []

@@ -8,7 +8,7 @@ every archive is recorded in the manifest so later runs and commits can be compa
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,7 +136,7 @@ def _mrpc_frames(ctx: Context, arts: Mapping[str, Artifact], task: Task, skipped
 @register("glue", "text", "paper", "GLUE CoLA, SST-2, MRPC, QQP, STS-B, MNLI-m/mm, QNLI, RTE (released TSVs)",
           datasets=lambda options: [f"glue/{t}" for t in options.get("tasks", TASKS)],
           splits=lambda options, dataset: glue_splits(dataset.removeprefix("glue/"), options.get("tasks", TASKS)))
-def prepare(ctx: Context, tasks: Iterable[str] = tuple(TASKS), artifacts: Mapping[str, Artifact] | None = None,
+def prepare(ctx: Context, tasks: Sequence[str] = tuple(TASKS), artifacts: Mapping[str, Artifact] | None = None,
             check_sizes: bool = True) -> Path:
     tasks = list(tasks)
     unknown = sorted(set(tasks) - set(TASKS))

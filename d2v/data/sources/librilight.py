@@ -17,7 +17,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import soundfile as sf
@@ -94,7 +94,7 @@ def unpack(archive: Path, dest: Path) -> Path:
 
 @register("librilight", "speech", "paper", "Libri-light unlab-60k (small/medium/large), cut by voice activity",
           splits=lambda options, dataset: options.get("subsets", SUBSETS))
-def prepare(ctx: Context, subsets: Iterable[str] = SUBSETS, root: str | Path | None = None,
+def prepare(ctx: Context, subsets: Sequence[str] = SUBSETS, root: str | Path | None = None,
             target_seconds: float = TARGET_SECONDS, artifacts: Mapping[str, Artifact] | None = None) -> Path:
     """`root`: a folder with the extracted subsets, indexed in place; else each subset's tar is downloaded and
     unpacked under the prepared folder. `artifacts` overrides the download table (e.g. a local mirror)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import soundfile as sf
@@ -108,7 +108,7 @@ def librilight_subsets(rel: str) -> str:
           splits=lambda options, dataset: [*map(manifest_split, options.get("splits", SHA256)),
                                            *([LIBRILIGHT_SPLIT] if options.get("librilight", True) else [])],
           subsets=lambda options, dataset: LIBRILIGHT_SUBSETS if options.get("librilight", True) else ())
-def prepare(ctx: Context, splits: Iterable[str] = tuple(SHA256), librilight: bool = True,
+def prepare(ctx: Context, splits: Sequence[str] = tuple(SHA256), librilight: bool = True,
             artifacts: Mapping[str, Artifact] | None = None) -> Path:
     """`artifacts` overrides the official table (split name or 'librilight' → Artifact), e.g. for a local mirror."""
     splits = list(splits)

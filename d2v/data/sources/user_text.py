@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import lzma
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from d2v.data.manifest import PRETRAIN_SPLIT, Skipped, make_manifest, write_manifest
@@ -144,7 +144,7 @@ class Volumes:
 
 @register("text_files", "text", "paper", "a text corpus from user-supplied .txt files and MediaWiki XML dumps",
           splits=(PRETRAIN_SPLIT, "valid"))
-def prepare(ctx: Context, paths: Iterable[str], valid_every: int = 100, volume_mb: float = 64.0,
+def prepare(ctx: Context, paths: Sequence[str], valid_every: int = 100, volume_mb: float = 64.0,
             workers: int = 1) -> Path:
     files = sorted({Path(p) for pattern in paths for p in glob.glob(str(pattern), recursive=True)})
     if not files:
