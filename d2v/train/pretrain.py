@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -180,7 +181,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
-    clock, seen = TrainingClock(resume_state), 0
+    run = _Run(cfg, objective, optimizer, world, sharded, out_dir, data_digest, log, TrainingClock(resume_state))
+    seen = 0
     # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
     with StopSignals(world) as stop:
         while step < cfg.steps and (stop_after is None or step < stop_after):
@@ -206,7 +208,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 keys = list(sums)
                 metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
                 metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
-                metrics["samples_per_s"] = throughput = seen * world.size / max(clock.elapsed(), 1e-9)
+                metrics["samples_per_s"] = throughput = seen * world.size / max(run.clock.elapsed(), 1e-9)
                 if log is not None:
                     log.write({"step": step, **metrics})
                 if bar is not None:
@@ -219,8 +221,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 try:
                     objective.check_collapse(step, metrics)
                 except CollapseError:
-                    _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest,
-                            sharded, clock, collapsed=True)
+                    _finish(run, step, consumed, collapsed=True)
                     raise
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
@@ -229,15 +230,14 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             if bar is not None:
                 bar.update(1)
             if save:
-                _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log, clock)
+                _save(run, step, consumed)
             if signum is not None:
                 if bar is not None:
                     bar.close()
                 stop.halt(signum, step, ckpt_dir)
         if bar is not None:
             bar.close()
-        return _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded,
-                       clock)
+        return _finish(run, step, consumed)
 
 
 def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int, world: World, amp, scaler,
@@ -272,41 +272,58 @@ def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
                 dynamic_ncols=True)
 
 
-def _save(objective: Data2Vec, optimizer, step: int, consumed: int, folder: Path, cfg: PretrainConfig,
-          data_digest: str | None, world: World, sharded: bool, log: MetricsLog | None,
-          clock: TrainingClock) -> dict | None:
+@dataclass(frozen=True)
+class _Run:
+    """What writing a checkpoint or finishing needs besides the step: fixed once the loop starts."""
+
+    cfg: PretrainConfig
+    objective: Data2Vec
+    optimizer: torch.optim.Optimizer
+    world: World
+    sharded: bool  # FSDP: the states are gathered from every rank
+    out_dir: Path
+    data_digest: str | None
+    log: MetricsLog | None  # the main rank's
+    clock: TrainingClock
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def _save(run: _Run, step: int, consumed: int) -> dict | None:
     """Every rank calls it (FSDP gathers the full state collectively); the main rank writes the checkpoint and gets
     the objective's full state dict back."""
-    if sharded:
-        model_state, optim_state = fsdp.full_state(objective, optimizer)
-    elif world.is_main:
-        model_state, optim_state = objective.state_dict(), optimizer.state_dict()
-    if not world.is_main:
+    if run.sharded:
+        model_state, optim_state = fsdp.full_state(run.objective, run.optimizer)
+    elif run.world.is_main:
+        model_state, optim_state = run.objective.state_dict(), run.optimizer.state_dict()
+    if not run.world.is_main:
         return None
-    checkpoint.save(folder, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
-                                   "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
-                                   "recipe": recipe.PRETRAIN, "ranks": world.size, "metrics_csv": log.text(),
-                                   "seconds": clock.seconds()},
-                    keep=cfg.checkpoint.keep)
+    checkpoint.save(run.ckpt_dir, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
+                                         "config": run.cfg.model_dump(mode="json"), "data_digest": run.data_digest,
+                                         "recipe": recipe.PRETRAIN, "ranks": run.world.size,
+                                         "metrics_csv": run.log.text(), "seconds": run.clock.seconds()},
+                    keep=run.cfg.checkpoint.keep)
     return model_state
 
 
-def _finish(cfg, objective, optimizer, step, consumed, ckpt_dir, log, out_dir, world, data_digest, sharded,
-            clock: TrainingClock, collapsed=False) -> dict:
+def _finish(run: _Run, step: int, consumed: int, collapsed: bool = False) -> dict:
+    cfg, out_dir = run.cfg, run.out_dir
     summary = {"modality": cfg.modality, "preset": cfg.preset, "objective": cfg.objective, "step": step,
-               "steps": cfg.steps, "collapsed": collapsed, "seconds": round(clock.seconds(), 1),
-               "teacher_init_share": init_share(objective.ema.cfg, step), "data_digest": data_digest}
+               "steps": cfg.steps, "collapsed": collapsed, "seconds": round(run.clock.seconds(), 1),
+               "teacher_init_share": init_share(run.objective.ema.cfg, step), "data_digest": run.data_digest}
     model_state = None
     if step >= cfg.steps or collapsed:
-        model_state = _save(objective, optimizer, step, consumed, ckpt_dir, cfg, data_digest, world, sharded, log,
-                            clock)
-    if world.is_main:
+        model_state = _save(run, step, consumed)
+    if run.world.is_main:
         if step >= cfg.steps:  # the student and teacher out of the objective's (full) state dict
             student, teacher = ({k[len(p):]: v for k, v in model_state.items() if k.startswith(p)}
                                 for p in ("student.", "ema.model."))
             predictor = {k: v for k, v in model_state.items() if not k.startswith(("student.", "ema."))}
-            save_encoder(out_dir, cfg, student, teacher, step, encoder_cfg=objective.student.cfg, predictor=predictor)
-        df = log.frame()
+            save_encoder(out_dir, cfg, student, teacher, step, encoder_cfg=run.objective.student.cfg,
+                         predictor=predictor)
+        df = run.log.frame()
         if not df.empty:
             shown = ("loss", "target_var", "pred_var", "target_rank", "local_rank")
             summary["first"] = {k: float(df[k].iloc[0]) for k in shown if k in df}
