@@ -15,6 +15,7 @@ What a sample holds, per kind:
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import logging
@@ -29,7 +30,7 @@ from PIL import Image
 from pydantic import Field
 
 from d2v.config import StrictModel
-from d2v.data.download import file_digest
+from d2v.data.download import bytes_sha256, file_digest
 from d2v.data.manifest import META, Skipped, read_manifest
 from d2v.data.segments import cut_piece
 from d2v.data.sources.base import staged
@@ -65,22 +66,24 @@ def infer_kind(source_dir: Path) -> str:
     return modality
 
 
-def _check_file(path: Path, row, kind: str) -> str | None:
-    """Why a manifest file cannot go into a shard, or None when it is fine."""
+def _read_checked(path: Path, row, kind: str) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, why it cannot go into a shard). An image or a recording is read once, for
+    the hash, the decode check and the shard; a text volume is only hashed (it is tokenized line by line)."""
     if not path.is_file():
-        return "missing"
-    if isinstance(row.sha256, str) and row.sha256 and file_digest(path) != row.sha256:
-        return "sha256 differs from the manifest (file changed or corrupt since prepare)"
+        return None, "missing"
+    data = None if kind == "text_corpus" else path.read_bytes()
+    expected = row.sha256 if isinstance(row.sha256, str) and row.sha256 else None
+    if expected and (file_digest(path) if data is None else bytes_sha256(data)) != expected:
+        return None, "sha256 differs from the manifest (file changed or corrupt since prepare)"
     try:
         if kind == "image":
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 im.verify()
-        elif kind == "speech":
-            if sf.info(path).frames == 0:
-                return "no audio frames"
+        elif kind == "speech" and sf.info(io.BytesIO(data)).frames == 0:
+            return None, "no audio frames"
     except Exception as err:
-        return f"undecodable: {err}"
-    return None
+        return None, f"undecodable: {err}"
+    return data, None
 
 
 def _pieces(source_dir: Path, df: pd.DataFrame, skipped: Skipped, workers: int) -> Iterator[dict]:
@@ -114,14 +117,13 @@ def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, to
             yield {"__key__": row.id, "json": {"text": row.text, "text_b": text_b, "label": label}}
             continue
         path = source_dir / row.path
-        problem = _check_file(path, row, kind)
+        data, problem = _read_checked(path, row, kind)
         if problem:
             skipped.add(row.path, problem, log)
             continue
         if kind == "text_corpus":
             yield from _token_chunks(path, row.id, cfg.chunk_tokens, tokenizer)
             continue
-        data = path.read_bytes()
         if kind == "image":
             sample = {"__key__": row.id, path.suffix.lower().lstrip(".").replace("jpeg", "jpg"): data}
             if not pd.isna(row.label):
@@ -185,8 +187,9 @@ def write_shards(source_dir: str | Path, split: str, out_dir: str | Path, cfg: S
             df.sample(n=rows, random_state=sample_seed).sort_index().reset_index(drop=True)
     skipped = Skipped()
     with staged(out_dir) as tmp:
+        # mtime an int: tarfile gives every member with a float one a PAX header, 1 KB more per file (a 1-byte label)
         with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=cfg.max_count, maxsize=cfg.max_bytes,
-                             verbose=0, mtime=0.0) as sink:
+                             verbose=0, mtime=0) as sink:
             for sample in _samples(source_dir, df, kind, cfg, tokenizer, skipped, workers):
                 sink.write(sample)
         shards = [shard_summary(p) for p in sorted(tmp.glob("shard-*.tar"))]
