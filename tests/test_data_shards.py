@@ -3,6 +3,7 @@ import io
 import itertools
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -46,6 +47,10 @@ def test_image_shards_are_deterministic_indexed_and_skip_bad_files(tmp_path, cap
     b = write_shards(src, "train", tmp_path / "b", cfg)
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]  # byte-identical
     assert a["count"] == 27 and [s["count"] for s in a["shards"]] == [8, 8, 8, 3]
+    with tarfile.open(tmp_path / "a" / "shard-000000.tar") as tar:  # plain ustar members, no PAX header each (1 KB)
+        members = tar.getmembers()
+    assert len(members) == 16 and not any(m.pax_headers for m in members) and {m.mtime for m in members} == {0}
+    assert members[1].offset_data == members[1].offset + 512
     reasons = {f["path"].split("/")[-1]: f["reason"].split(":")[0].split(" (")[0] for f in a["skipped"]["files"]}
     assert reasons == {"img_003.png": "undecodable", "img_005.png": "missing",
                        "img_007.png": "sha256 differs from the manifest"}
