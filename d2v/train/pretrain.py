@@ -181,7 +181,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
-    run = _Run(cfg, objective, optimizer, world, sharded, out_dir, data_digest, log, TrainingClock(resume_state))
+    run = _Run(cfg, objective, optimizer, world, sharded, out_dir, ckpt_dir, data_digest, log,
+               TrainingClock(resume_state))
     seen = 0
     # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
     with StopSignals(world) as stop:
@@ -282,13 +283,10 @@ class _Run:
     world: World
     sharded: bool  # FSDP: the states are gathered from every rank
     out_dir: Path
+    ckpt_dir: Path
     data_digest: str | None
     log: MetricsLog | None  # the main rank's
     clock: TrainingClock
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.out_dir / "checkpoints"
 
 
 def _save(run: _Run, step: int, consumed: int) -> dict | None:

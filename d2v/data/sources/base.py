@@ -102,12 +102,12 @@ class Source:
         """`given` (params.yaml's `sources.NAME`, or `--set`s) checked against `prepare`'s signature: unknown names,
         and each value against its annotation (a string where a list of splits is expected, a word for a count),
         with errors that name `where.KEY`. Returns the given options as `prepare` takes them."""
-        given = dict(given or {})
-        accepted = sorted(_options_model(self.prepare).model_fields)
+        given, model = dict(given or {}), _options_model(self.prepare)
+        accepted = sorted(model.model_fields)
         unknown = sorted(set(given) - set(accepted))
         if unknown:
             raise ConfigError(f"{where}: unknown option(s) {unknown}; it accepts {accepted}")
-        checked = validate(_options_model(self.prepare), given, where)
+        checked = validate(model, given, where)
         return {name: getattr(checked, name) for name in given}
 
     def declared(self, kind: Literal["splits", "subsets"], options: dict, dataset: str) -> set[str]:
