@@ -3,7 +3,9 @@ signals a training run's workers leave to their main process."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -32,6 +34,15 @@ def leave_stop_signals_to(main_pid: int, worker_id: int | None = None) -> None:
                 os._exit(128 + received.si_signo)
 
     threading.Thread(target=take, name="stop-signals", daemon=True).start()
+
+
+def worker_init_for_stops() -> Callable[[int], None]:
+    """A DataLoader's `worker_init_fn` that leaves the stop signals to this process (`leave_stop_signals_to`). It
+    makes multiprocessing's temp dir here first: a worker sends batches through a socket in that dir, and forked
+    workers then share this process's, which its exit removes. A worker's own would stay behind in /tmp: at this
+    process's exit multiprocessing terminates its daemonic workers, and `os._exit` skips their finalizers."""
+    multiprocessing.util.get_temp_dir()
+    return functools.partial(leave_stop_signals_to, os.getpid())
 
 
 def usable_cpus() -> int:

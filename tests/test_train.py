@@ -201,7 +201,9 @@ def test_the_cli_stops_on_a_signal_to_its_process_group_and_the_same_command_res
     (tmp_path / "cfg.yaml").write_text(json.dumps(config))
     command = [sys.executable, "-m", "d2v.cli", "pretrain", "image", "--config", str(tmp_path / "cfg.yaml"),
                "--out", str(tmp_path / "run"), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    temp = tmp_path / "temp"  # multiprocessing's temp dirs (pymp-*)
+    temp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(temp)}
     run = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
                            preexec_fn=with_sigint_default)
     metrics, deadline = tmp_path / "run" / "metrics.csv", time.monotonic() + 120
@@ -221,6 +223,9 @@ def test_the_cli_stops_on_a_signal_to_its_process_group_and_the_same_command_res
         finished.stderr
     assert pd.read_csv(metrics)["step"].tolist() == list(range(1, 61))
     assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["steps"] == 60
+    # the worker, stopped by its main process at the end of either run, had its socket in the main process's temp
+    # dir, which that process's exit removed
+    assert list(temp.glob("pymp-*")) == []
 
 
 def test_a_finished_pretraining_without_its_checkpoints_is_not_trained_over(tmp_path, capsys, monkeypatch):

@@ -12,11 +12,9 @@ shard that ends short of the samples its index.json records (a corrupt tar heade
 """
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ from d2v.config import AudioConfig, ImageAugConfig
 from d2v.data.seekable import SeekableBatches, TarIndex, TokenBlocks, with_torch_seed
 from d2v.data.shards import ShardError, read_index
 from d2v.modalities.base import Batch
-from d2v.processes import leave_stop_signals_to
+from d2v.processes import worker_init_for_stops
 
 log = logging.getLogger("d2v.data")
 
@@ -334,4 +332,4 @@ def web_loader(dataset, num_workers: int = 0, seed: int | None = None):
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       prefetch_factor=4 if num_workers else None, generator=generator,
-                      worker_init_fn=functools.partial(leave_stop_signals_to, os.getpid()) if num_workers else None)
+                      worker_init_fn=worker_init_for_stops() if num_workers else None)
