@@ -310,7 +310,7 @@ def test_a_second_stage_continues_the_student_with_the_teacher_reset_and_the_sch
                                                 "pretraining"):
         start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "missing.pt")}))
     torch.save({**final, "modality": "text"}, tmp_path / "text.pt")
-    with pytest.raises(ValueError, match=f"a text/tiny/{objective} encoder, pretrain.image.init_from needs image"):
+    with pytest.raises(ValueError, match=f"the encoder text/tiny/{objective}, pretrain.image.init_from needs image"):
         start_from(continued, second.model_copy(update={"init_from": str(tmp_path / "text.pt")}))
     torch.save({k: v for k, v in final.items() if k != "predictor"}, tmp_path / "imported.pt")
     with pytest.raises(ValueError, match="no predictor .* an imported encoder"):

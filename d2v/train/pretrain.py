@@ -104,7 +104,7 @@ def load_final(path: str | Path, modality: str, preset: str, objective: str, nee
                          "import` writes one)")
     saved = (state.get("modality"), state.get("preset"), state.get("objective", "v1"))
     if saved != (modality, preset, objective):
-        raise ValueError(f"{path}: a {'/'.join(map(str, saved))} encoder, {needed_by} needs "
+        raise ValueError(f"{path}: holds the encoder {'/'.join(map(str, saved))}, {needed_by} needs "
                          f"{modality}/{preset}/{objective} (modality/preset/objective)")
     return state
 
