@@ -312,7 +312,7 @@ def test_objective_v2_selects_the_v2_recipe_and_architecture(tmp_path):
                                            "image": None})
     model = build_model(ft)
     assert torch.equal(model.encoder.patch_embed.weight, obj.student.patch_embed.weight)
-    with pytest.raises(ValueError, match="image/tiny/v2 encoder"):
+    with pytest.raises(ValueError, match="the encoder image/tiny/v2"):
         build_model(ft.model_copy(update={"objective": "v1"}))
 
 
