@@ -13,11 +13,15 @@ from d2v.train import tasks
 
 
 @pytest.fixture(autouse=True)
-def _shard_index_cache(tmp_path_factory):
-    """The seekable streams' index cache (d2v.data.index_cache) under the session's temp folder, not ~/.cache;
-    subprocesses (torchrun) inherit it. Its own MonkeyPatch: a test's `monkeypatch.undo()` leaves it in place."""
+def _caches_in_the_session_folder(tmp_path_factory):
+    """The seekable streams' index cache (d2v.data.index_cache) under the session's temp folder, not ~/.cache, and
+    the temp folder of subprocesses (the CLI, torchrun) there too: torchrun leaves a `torchelastic_*` log folder in
+    it after every launch. Its own MonkeyPatch: a test's `monkeypatch.undo()` leaves both in place."""
+    base = tmp_path_factory.getbasetemp()
+    (base / "subprocess-tmp").mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("D2V_INDEX_CACHE", str(tmp_path_factory.getbasetemp() / "shard-index"))
+        patch.setenv("D2V_INDEX_CACHE", str(base / "shard-index"))
+        patch.setenv("TMPDIR", str(base / "subprocess-tmp"))
         yield
 
 
