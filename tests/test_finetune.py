@@ -92,7 +92,8 @@ def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_
     for k, v in encoder.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[k], v)
     torch.save({"encoder": {}, "modality": "speech", "preset": "tiny"}, tmp_path / "speech.pt")
-    with pytest.raises(ValueError, match="the encoder speech/tiny/v1, finetune.toy_image.pretrained needs image/tiny"):
+    with pytest.raises(ValueError, match="the encoder speech/tiny/v1, finetune.toy_image.pretrained needs "
+                                         "image/tiny/v1"):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "speech.pt")}))
     with pytest.raises(FileNotFoundError, match="missing.pt' does not exist; expected a pretraining final.pt"):
         ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
