@@ -344,6 +344,60 @@ def test_post_ln_drop_path_is_data2vec2s_alt_block():
     assert not torch.allclose(out, block(x)[0])  # some samples dropped a branch in training
 
 
+def test_deepnorm_blocks_scale_the_residual_by_alpha_inside_the_norms():
+    """DeepNorm (data2vec's AudioSet recipe, spec §2.1): x = LN1(α·x + Attn(x)); out = LN2(α·x + FFN(x)), with the
+    FFN output before the residual still the target tap; α = (2N)^¼ and β = (8N)^-¼ are fairseq's width-keyed
+    constants at Base (768, N=12) and Large (1024, N=24)."""
+    from d2v.nn.blocks import PostLNBlock, deepnorm_constants, make_block
+
+    assert deepnorm_constants(12) == pytest.approx((24 ** 0.25, (8 * 12) ** -0.25))
+    assert deepnorm_constants(24) == pytest.approx((48 ** 0.25, (8 * 24) ** -0.25))
+    block = make_block(False, 32, 4, 64, "qkv", 1e-5, residual_scale=1.7).eval()
+    assert isinstance(block, PostLNBlock)
+    x = torch.randn(3, 5, 32)
+    h = block.norm1(1.7 * x + block.attn(x))
+    t = block.mlp(h)
+    torch.testing.assert_close(block(x), (block.norm2(1.7 * h + t), t))
+    plain = make_block(False, 32, 4, 64, "qkv", 1e-5).eval()
+    plain.load_state_dict(block.state_dict())  # α is a constant, not a parameter
+    assert not torch.allclose(plain(x)[0], block(x)[0])
+    with pytest.raises(ValueError, match="only implemented for post-LN"):
+        make_block(True, 32, 4, 64, "qkv", 1e-5, residual_scale=1.7)
+    with pytest.raises(ConfigError, match="deepnorm.*norm_first: false"):
+        validate(type(SPEECH_PRESETS["base"]), {"deepnorm": True, "norm_first": True}, "encoder")
+
+
+def test_the_audioset_preset_is_base_with_deepnorm_init_and_its_own_v1_recipe():
+    """audio/pretraining/audioset.yaml: Base size, DeepNorm blocks, K=12 instance-normed FFN taps whose average is
+    layer-normalised, L2/√D, τ 0.999 → 0.9999 over 30k. DeepNet init: Xavier-normal, gain β for v, out, fc1, fc2 and
+    1 for q, k; biases zero (BERT init first)."""
+    from d2v.modalities.registry import build_encoder, build_modality
+
+    torch.manual_seed(0)
+    modality, recipe = build_modality("speech", "audioset")
+    encoder = modality.encoder
+    assert sum(p.numel() for p in encoder.parameters()) == 93_164_288  # Base's parameters: α adds none
+    base = build_modality("speech", "base")[1]
+    assert (recipe.top_k, recipe.layer_norm_targets, recipe.final_norm) == (12, "instance", "layer")
+    assert recipe.model_dump(exclude={"top_k", "final_norm"}) == base.model_dump(exclude={"top_k", "final_norm"})
+    alpha, beta = 24 ** 0.25, 96 ** -0.25
+    assert all(b.residual_scale == alpha for b in encoder.blocks)
+    assert all(b.residual_scale == 1.0 for b in build_encoder("speech", "base").blocks)
+    D, F = 768, 3072
+    block = encoder.blocks[5]
+    q, k, v = block.attn.qkv.weight.detach().split(D)
+    xavier = {"q": (q, (1 / D) ** 0.5), "k": (k, (1 / D) ** 0.5), "v": (v, beta * (1 / D) ** 0.5),
+              "out": (block.attn.proj.weight.detach(), beta * (1 / D) ** 0.5),
+              "fc1": (block.mlp.fc1.weight.detach(), beta * (2 / (D + F)) ** 0.5),
+              "fc2": (block.mlp.fc2.weight.detach(), beta * (2 / (D + F)) ** 0.5)}
+    for name, (weight, std) in xavier.items():
+        assert abs(weight.std().item() - std) < 0.01 * std, name
+        assert abs(weight.mean().item()) < 0.01 * std, name
+    assert not block.mlp.fc1.bias.any() and not block.attn.q_bias.any() and not block.attn.proj.bias.any()
+    with pytest.raises(ValueError, match=r"no DeepNorm .*\(objective: v1\)"):
+        build_encoder("speech", "audioset", "v2")
+
+
 def test_registry_caps_top_k_at_the_preset_depth():
     from d2v.modalities.registry import build_modality
 

@@ -143,6 +143,31 @@ def test_fairseq_audio_finetuned_checkpoint_and_bad_inputs(tmp_path):
         load_fairseq({"model": {"decoder.weight": torch.zeros(1)}})
 
 
+def test_a_deepnorm_audio_checkpoint_imports_as_the_audioset_architecture():
+    """data2vec's AudioSet config sets self_attn_norm_type and final_norm_type to deepnorm; the weights are laid out
+    as any data2vec audio model's, and the import keeps the residual scale. fairseq keys α on the width (24^¼ for
+    768), d2v on the depth: where the two disagree, or only one norm type is deepnorm, the import refuses."""
+    torch.manual_seed(0)
+    plain = SpeechEncoder(encoder_config("speech", "base"))  # the HF layout has no DeepNorm; the weights are the same
+    model = renamed(hf_state("speech", plain), HF_TO_FAIRSEQ_AUDIO)
+    deepnorm = {"self_attn_norm_type": "deepnorm", "final_norm_type": "deepnorm"}
+    imported = load_fairseq({"model": model, "cfg": {"model": {"encoder_attention_heads": 12, **deepnorm}}})
+    assert imported.cfg == encoder_config("speech", "audioset")  # every field the audioset preset's
+    assert same_weights(imported.student, plain.state_dict())
+    ours = SpeechEncoder(imported.cfg)
+    ours.load_state_dict(imported.student)
+    assert all(b.residual_scale == 24 ** 0.25 for b in ours.blocks)
+    wav = torch.randn(1, 8000)
+    with torch.no_grad():
+        assert not torch.allclose(ours.eval()(wav).x, plain.eval()(wav).x)  # the scale is in the forward pass
+
+    tiny = renamed(hf_state("speech", SpeechEncoder(encoder_config("speech", "tiny"))), HF_TO_FAIRSEQ_AUDIO)
+    with pytest.raises(InteropError, match="width 64 and 2 layers: fairseq picks α by width"):
+        load_fairseq({"model": tiny, "cfg": {"model": deepnorm}})
+    with pytest.raises(InteropError, match=r"\('deepnorm', 'layer'\).*one of them deepnorm"):
+        load_fairseq({"model": model, "cfg": {"model": {"self_attn_norm_type": "deepnorm"}}})
+
+
 def test_fairseq_text_checkpoint_with_heads_and_ema(tmp_path):
     cfg = encoder_config("text", "tiny")
     student, teacher = randomize(TextEncoder(cfg), 1), randomize(TextEncoder(cfg), 2)

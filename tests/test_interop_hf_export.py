@@ -118,6 +118,7 @@ def test_text_export_matches_with_padding_and_imports_back(tmp_path):
     ("image", encoder_config("image", "tiny", "v2"), "norm_first"),
     ("speech", encoder_config("speech", "tiny-fbank"), "frontend"),
     ("speech", encoder_config("speech", "tiny", "v2"), "alibi"),
+    ("speech", encoder_config("speech", "tiny", deepnorm=True), "deepnorm"),
     ("text", TEXT_TINY.model_copy(update={"norm_first": True}), "norm_first"),
     ("text", TEXT_TINY.model_copy(update={"alibi": True}), "alibi"),
 ])

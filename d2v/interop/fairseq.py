@@ -142,7 +142,7 @@ def _speech(model: dict, args: dict) -> FairseqImport:
         conv_layers=conv_layers(model, "feature_extractor.", args.get("conv_feature_layers")), dim=dim, depth=depth,
         num_heads=args.get("encoder_attention_heads", dim // 64), ffn_dim=model["encoder.layers.0.fc1.weight"].shape[0],
         norm_first=bool(args.get("layer_norm_first", False)), pos_conv_depth=_count(model, "encoder.pos_conv."),
-        pos_conv_kernel=pos.shape[-1], pos_conv_groups=dim // pos.shape[1],
+        pos_conv_kernel=pos.shape[-1], pos_conv_groups=dim // pos.shape[1], deepnorm=_deepnorm(args, dim, depth),
         **_dropouts(args, dropout="dropout", attn_dropout="attention_dropout",
                     activation_dropout="activation_dropout", layerdrop="encoder_layerdrop"),
     )
@@ -152,6 +152,24 @@ def _speech(model: dict, args: dict) -> FairseqImport:
         ema = {(k if k.startswith("encoder.") else f"encoder.{k}"): v for k, v in ema.items()}
         teacher = {**student, **_map("speech", ema, SPEECH_KEYS, depth)}
     return FairseqImport("speech", cfg, student, teacher)
+
+
+# the widths for which fairseq's DeepNorm layer has constants, and the depths d2v's (2N)^¼ needs to agree with them
+DEEPNORM_DEPTH_OF_WIDTH = {768: 12, 1024: 24}
+
+
+def _deepnorm(args: dict, dim: int, depth: int) -> bool:
+    """Whether the checkpoint's blocks are DeepNorm's (the AudioSet recipe sets both norm types to deepnorm)."""
+    kinds = (args.get("self_attn_norm_type", "layer"), args.get("final_norm_type", "layer"))
+    if "deepnorm" not in kinds:
+        return False
+    if kinds != ("deepnorm", "deepnorm"):
+        raise InteropError(f"self_attn_norm_type/final_norm_type {kinds}: d2v's DeepNorm scales both residuals; "
+                           "a checkpoint with one of them deepnorm has no d2v encoder")
+    if DEEPNORM_DEPTH_OF_WIDTH.get(dim) != depth:
+        raise InteropError(f"a DeepNorm encoder of width {dim} and {depth} layers: fairseq picks α by width "
+                           f"({DEEPNORM_DEPTH_OF_WIDTH} layers), d2v by depth, and they disagree here")
+    return True
 
 
 def _text(model: dict, args: dict) -> FairseqImport:

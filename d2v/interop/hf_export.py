@@ -80,6 +80,8 @@ def speech_config_to_hf(cfg: SpeechEncoderConfig) -> dict:
         raise _unsupported("speech", "norm_first", True, "HF's audio model is post-LN")
     if cfg.alibi:
         raise _unsupported("speech", "alibi", True, "data2vec 2.0's ALiBi speech encoder is not in transformers")
+    if cfg.deepnorm:
+        raise _unsupported("speech", "deepnorm", True, "HF's audio layers do not scale the residual (DeepNorm)")
     channels, kernels, strides = (list(c) for c in zip(*cfg.conv_layers))
     return dict(
         conv_dim=channels, conv_kernel=kernels, conv_stride=strides, num_feat_extract_layers=len(channels),

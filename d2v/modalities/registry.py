@@ -17,6 +17,8 @@ ENCODER_CONFIGS = {name: type(presets["base"]) for name, (presets, _) in ENCODER
 # data2vec 2.0 keeps each preset's size and changes the architecture where the v2 recipe does
 V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text": lambda cfg, size="base": cfg}
 V1_RECIPES = {"image": image_objective, "speech": speech_objective, "text": text_objective}
+# presets that come with their own data2vec 1.0 recipe, not the modality's
+V1_PRESET_RECIPES = {("speech", "audioset"): speech.speech_objective_audioset}
 V2_RECIPES = {"image": image.image_objective_v2, "speech": speech.speech_objective_v2,
               "text": text.text_objective_v2}
 
@@ -53,7 +55,7 @@ def build_modality(name: str, preset: str = "base", objective: Objective = "v1")
     if objective == "v2":
         recipe = V2_RECIPES[name](encoder.dim, size=v2_recipe_size(preset))
         return modality, recipe.model_copy(update={"top_k": v2_top_k(name, recipe.top_k, encoder.cfg.depth)})
-    recipe = V1_RECIPES[name]()
+    recipe = V1_PRESET_RECIPES.get((name, preset), V1_RECIPES[name])()
     return modality, recipe.model_copy(update={"top_k": min(recipe.top_k, encoder.cfg.depth)})
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
@@ -20,7 +20,7 @@ from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, Ob
 from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
                                  replace_masked, require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks
-from d2v.nn import bert_init, make_block
+from d2v.nn import bert_init, deepnorm_constants, deepnorm_init, make_block
 from d2v.nn.layers import alibi_bias, alibi_slopes, scale_grad
 
 BASE_CONV = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2  # 320-sample hop, 400-sample field
@@ -58,9 +58,17 @@ class SpeechEncoderConfig(StrictModel):
     activation_dropout: float = Field(0.0, ge=0, lt=1)
     layerdrop: float = Field(0.05, ge=0, lt=1)
     alibi: bool = False  # data2vec 2.0: symmetric ALiBi attention bias with a learned per-head scale
+    # DeepNorm (data2vec's AudioSet recipe, spec §2.1): post-LN blocks LN(α·x + f(x)) with DeepNet's init
+    deepnorm: bool = False
     # what fills the frames a fine-tuning time mask hides: the mask embedding (None), or N(0, σ²) noise, as fairseq
     # fine-tunes data2vec 2.0 models, which have no mask embedding (spec §9.2)
     mask_noise_std: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _deepnorm_is_post_ln(self):
+        if self.deepnorm and self.norm_first:
+            raise ValueError("deepnorm: DeepNorm scales the residual of post-LN blocks; it needs norm_first: false")
+        return self
 
 
 def _conv(channels: int) -> tuple[tuple[int, int, int], ...]:
@@ -70,6 +78,8 @@ def _conv(channels: int) -> tuple[tuple[int, int, int], ...]:
 SPEECH_PRESETS = {
     "base": SpeechEncoderConfig(),
     "large": SpeechEncoderConfig(dim=1024, depth=24, num_heads=16, ffn_dim=4096),  # heads: wav2vec2 convention
+    # data2vec 1.0's AudioSet recipe (spec §2.1): Base with DeepNorm blocks; its objective is speech_objective_audioset
+    "audioset": SpeechEncoderConfig(deepnorm=True),
     "embedded": SpeechEncoderConfig(conv_layers=_conv(128), dim=256, depth=4, num_heads=4, ffn_dim=1024,
                                     pos_conv_groups=16),
     "embedded-fbank": SpeechEncoderConfig(frontend="fbank", dim=256, depth=4, num_heads=4, ffn_dim=1024,
@@ -86,6 +96,9 @@ def v2_encoder(cfg: SpeechEncoderConfig, size: str = "base") -> SpeechEncoderCon
     """The data2vec 2.0 audio encoder of the same size (spec §8.4): v1's CNN, conv positions and post-LN blocks,
     plus ALiBi with a learned per-head scale; fine-tuning masks fill frames with N(0, 0.01²) noise. Large (8 prenet +
     16 main blocks, here one stack of 24) trains without LayerDrop."""
+    if cfg.deepnorm:
+        raise ValueError("deepnorm: data2vec 2.0 published no DeepNorm (AudioSet) speech recipe; the audioset preset "
+                         "is data2vec 1.0's (objective: v1)")
     large = size == "large"
     return cfg.model_copy(update={"alibi": True, "mask_noise_std": 0.01, **({"layerdrop": 0.0} if large else {})})
 
@@ -240,14 +253,18 @@ class SpeechEncoder(Encoder):
         if cfg.alibi:  # the slopes are fixed; the per-head scale is learned (init 1, clamped >= 0, no weight decay)
             self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_heads), persistent=False)
             self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads))
+        alpha, beta = deepnorm_constants(cfg.depth) if cfg.deepnorm else (1.0, None)
         self.blocks = nn.ModuleList(
             make_block(cfg.norm_first, cfg.dim, cfg.num_heads, cfg.ffn_dim, "qkv", cfg.eps, cfg.dropout,
-                       cfg.attn_dropout, cfg.activation_dropout)
+                       cfg.attn_dropout, cfg.activation_dropout, residual_scale=alpha)
             for _ in range(cfg.depth)
         )
         # BERT init for the Transformer only: fairseq's data2vec_audio applies it inside its TransformerEncoder, and
-        # data2vec 2.0's AudioEncoder resets project_features, so the projection keeps PyTorch's default init
+        # data2vec 2.0's AudioEncoder resets project_features, so the projection keeps PyTorch's default init.
+        # DeepNorm then re-initialises the block weights, as its layer's custom_init follows init_bert_params
         bert_init(self.blocks)
+        if beta is not None:
+            deepnorm_init(self.blocks, beta)
         self.local_grad_mult = 1.0
 
     @property
@@ -360,6 +377,13 @@ def speech_objective(steps_hint: int = 5000) -> ObjectiveConfig:
         ema=EMAConfig(tau_start=0.999, tau_end=0.9999, tau_steps=30_000),
         collapse=CollapseConfig(warmup_steps=steps_hint, min_local_var=0.01),
     )
+
+
+def speech_objective_audioset(steps_hint: int = 5000) -> ObjectiveConfig:
+    """data2vec 1.0 on AudioSet (spec §2.1, `audio/pretraining/audioset.yaml`): base_librispeech's recipe with all 12
+    layers averaged (K=12) and the average layer-normalised (`layer_norm_targets`) after the per-layer instance
+    norm; the encoder is the `audioset` preset (DeepNorm)."""
+    return speech_objective(steps_hint).model_copy(update={"top_k": 12, "final_norm": "layer"})
 
 
 def speech_objective_v2(dim: int, steps_hint: int = 5000, size: str = "base") -> ObjectiveConfig:

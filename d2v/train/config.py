@@ -126,7 +126,7 @@ def merge(base: dict, override: dict) -> dict:
 # The papers' model sizes. Their runs start from the typed defaults above (the papers' values; None fields are the
 # modality recipe's), never from the CPU-scale embedded recipes: a field a GPU profile leaves out would otherwise
 # inherit Fashion-MNIST's statistics, or a τ schedule and clone count sized for a few hundred CPU steps.
-PAPER_PRESETS = frozenset({"base", "large", "huge"})
+PAPER_PRESETS = frozenset({"base", "large", "huge", "audioset"})
 
 
 def recipe_defaults(modality: str, preset: str, objective: str | None) -> dict:
