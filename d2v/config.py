@@ -186,8 +186,9 @@ class TokenMaskConfig(StrictModel):
         return self
 
 
-class CTCMaskConfig(StrictModel):
-    """Fine-tuning masks (wav2vec 2.0 §4: time spans with the mask embedding, channel spans zeroed)."""
+class SpeechMaskConfig(StrictModel):
+    """Speech fine-tuning masks (wav2vec 2.0 §4: time spans with the mask embedding, channel spans zeroed); CTC's
+    defaults."""
 
     time_prob: float = Field(0.3, ge=0, lt=1)
     time_length: int = Field(10, ge=1)

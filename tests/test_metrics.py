@@ -99,5 +99,36 @@ def test_prediction_stats_flag_outputs_that_ignore_the_input():
     assert prediction_stats("regression", [0.3, 0.3], [1.0, 2.0]) == {"std": 0.0, "reference_std": 0.5,
                                                                       "degenerate": True}
     assert not prediction_stats("regression", [0.3, 0.4], [1.0, 2.0])["degenerate"]
-    with pytest.raises(ValueError, match="unknown task kind 'tagging'"):
-        prediction_stats("tagging", [0], [0])
+    with pytest.raises(ValueError, match="unknown task kind 'ranking'"):
+        prediction_stats("ranking", [0], [0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tagging_map_and_auc_match_sklearn_including_ties_and_classes_without_positives(seed):
+    """AudioSet's metrics: per-class AP and ROC AUC averaged over the classes that have positives (and, for AUC,
+    negatives); scores rounded to one decimal so that many clips tie."""
+    from d2v.eval.metrics import mean_average_precision, mean_roc_auc
+
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((60, 7)) < 0.2).astype(int)
+    targets[:, 3] = 0  # no positive: left out of both means
+    targets[:, 5] = 1  # no negative: in the mAP, not in the AUC
+    scores = np.round(rng.random((60, 7)) + 0.5 * targets, 1)
+    scored = [c for c in range(7) if targets[:, c].any()]
+    ap = np.mean([skm.average_precision_score(targets[:, c], scores[:, c]) for c in scored])
+    auc = np.mean([skm.roc_auc_score(targets[:, c], scores[:, c]) for c in scored if not targets[:, c].all()])
+    assert mean_average_precision(scores, targets) == pytest.approx(ap, abs=1e-12)
+    assert mean_roc_auc(scores, targets) == pytest.approx(auc, abs=1e-12)
+    assert TASK_METRICS["map"](list(scores), list(targets)) == pytest.approx(ap, abs=1e-12)  # lists of clip rows
+    assert mean_average_precision(targets, targets) == 1.0  # perfect ranking
+    with pytest.raises(ValueError, match="one shape"):
+        mean_average_precision(scores, targets[:, :6])
+    with pytest.raises(ValueError, match="no class has a positive clip"):
+        mean_average_precision(scores, np.zeros_like(targets))
+
+
+def test_prediction_stats_of_tagging_count_labels_and_see_constant_scores():
+    refs = [[1, 0, 1], [0, 0, 1], [0, 0, 0]]
+    stats = prediction_stats("tagging", [[0.1, 0.2, 0.3]] * 3, refs)
+    assert stats == {"labels_per_clip": 1.0, "classes_with_positives": 2, "degenerate": True}
+    assert not prediction_stats("tagging", [[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.1, 0.2, 0.3]], refs)["degenerate"]

@@ -37,8 +37,8 @@ def run(cmd: list[str], cwd: Path = ROOT, check: bool = True, timeout: int = 600
 
 def test_every_profile_validates_and_builds_a_closed_graph():
     params = load_params(ROOT / "params.yaml")
-    assert params.profile == "embedded" and set(params.profiles) == {"embedded", "smoke", "paper", "paper-v2",
-                                                                     "paper-v2-large", "paper-large", "paper-v2-huge"}
+    assert params.profile == "embedded" and set(params.profiles) == {
+        "embedded", "smoke", "paper", "paper-v2", "paper-v2-large", "paper-large", "paper-v2-huge", "paper-audioset"}
     for name in params.profiles:
         table = StageTable(params, name, raw=RAW)
         produced = {o for s in table for o in s.outs}
@@ -323,6 +323,30 @@ def test_paper_profiles_hold_the_published_recipes():
         assert [profile.pretrain_config(m).stream_resume for m in ("image", "speech", "text")] == ["seek"] * 3
         assert [profile.finetune_config(t).stream_resume for t in ("imagenet", "librispeech_1h", "glue_rte")] == \
             ["seek", "replay", "replay"]
+
+
+def test_the_audioset_profile_holds_data2vecs_audioset_recipe():
+    """Spec §2.1 and fairseq's audioset.yaml: the DeepNorm preset with K=12 and layer-normalised targets, 200k
+    updates of about 85 min of 10 s clips (24 GPUs x 3.4M samples), LR 5e-4 cosine after 10k; fine-tuning 13k updates
+    of 21.3 min, head LR 2e-4 and encoder 3e-5, mixup p 0.7, time masks 0.45 of 4, the CNN frozen."""
+    from d2v.modalities.registry import build_modality
+
+    profile = load_params(ROOT / "params.yaml", "paper-audioset").active
+    gpus = profile.resources_for("pretrain").gpus
+    pre = profile.pretrain_config("speech")
+    assert (pre.preset, pre.objective, pre.steps, pre.optim.lr, pre.optim.schedule, pre.optim.warmup_steps,
+            pre.optim.weight_decay, pre.optim.clip_norm) == ("audioset", "v1", 200_000, 5e-4, "cosine", 10_000, 0.01,
+                                                               None)
+    samples = gpus * pre.accum_steps * pre.data.batch_size * 160_000  # AudioSet's clips are 10 s
+    assert abs(samples / (24 * 3.4e6) - 1) < 0.02
+    modality, recipe = build_modality("speech", pre.preset)
+    assert modality.encoder.cfg.deepnorm and (recipe.top_k, recipe.final_norm) == (12, "layer")
+    ft = profile.finetune_config("audioset")
+    assert (ft.steps, ft.optim.lr, ft.optim.lr * ft.encoder_lr_scale, ft.mix_prob, ft.source_mixup, ft.train_cnn) == \
+        (13_000, 2e-4, pytest.approx(3e-5), 0.7, 0.5, False)
+    assert (ft.tagging_masks.time_prob, ft.tagging_masks.time_length, ft.tagging_masks.channel_prob) == (0.45, 4, 0.0)
+    assert abs(gpus * ft.batch_size * 10 / 60 / 21.3 - 1) < 0.02  # 21.3 min of audio per update
+    assert profile.shard_keys and set(profile.sources) == {"audioset"} and profile.tokenizer.letters is None
 
 
 def v1_sources() -> set[str]:

@@ -18,7 +18,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -184,10 +184,18 @@ def seekable_image_batches(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_siz
 
 # --------------------------------------------------------------------------------------------------------- speech
 
-def _decode_audio(sample: dict, cfg: AudioConfig, mode: Mode, rng_holder: list, seed: int):
-    """Waveform (+ transcript). Pretraining crops long utterances; labeled training drops them instead (a crop would
-    cut the audio away from its transcript); both drop those under `min_samples`. Evaluation keeps everything: a
-    test set scored in part is not the test set."""
+class Clip(NamedTuple):
+    """A decoded speech sample: the waveform, its transcript, and its class ids when it is a tagged clip."""
+
+    wave: torch.Tensor
+    text: str
+    labels: tuple[int, ...] | None = None
+
+
+def _decode_audio(sample: dict, cfg: AudioConfig, mode: Mode, rng_holder: list, seed: int) -> Clip | None:
+    """Waveform, transcript and a tagged clip's labels. Pretraining crops long utterances; labeled training drops
+    them instead (a crop would cut the audio away from its transcript); both drop those under `min_samples`.
+    Evaluation keeps everything: a test set scored in part is not the test set."""
     key = next(k for k in ("flac", "wav") if k in sample)
     wave, rate = sf.read(io.BytesIO(sample[key]), dtype="float32")
     if rate != cfg.sample_rate:
@@ -204,36 +212,57 @@ def _decode_audio(sample: dict, cfg: AudioConfig, mode: Mode, rng_holder: list, 
     if cfg.normalize:
         wave = (wave - wave.mean()) / np.sqrt(wave.var() + 1e-5)  # F.layer_norm over the waveform, as fairseq
     text = sample.get("txt", b"")
-    return torch.from_numpy(np.ascontiguousarray(wave)), text.decode() if isinstance(text, bytes) else text
+    labels = json.loads(sample["json"]).get("labels") if "json" in sample else None
+    return Clip(torch.from_numpy(np.ascontiguousarray(wave)), text.decode() if isinstance(text, bytes) else text,
+                None if labels is None else tuple(labels))
 
 
 def crop_to_shortest(items: list, rng: np.random.Generator) -> Batch:
     """Pretraining batches have no padding: each item is cut to the shortest at a random offset (spec §2.1)."""
-    n = min(len(w) for w, _ in items)
+    n = min(len(w) for w, *_ in items)
     crops = []
-    for w, _ in items:
+    for w, *_ in items:
         start = int(rng.integers(len(w) - n + 1))
         crops.append(w[start:start + n])
     return Batch(source=torch.stack(crops), padding_mask=None)
 
 
-def pad_waveforms(items: list, letters=None) -> dict:
-    """Fine-tuning / eval batches: zero-padded waveforms, a padding mask (True = pad) and CTC targets."""
-    lengths = torch.tensor([len(w) for w, _ in items])
+def pad_waveforms(items: list, letters=None, num_classes: int | None = None) -> dict:
+    """Fine-tuning / eval batches: zero-padded waveforms, a padding mask (True = pad), and CTC targets (`letters`)
+    or multi-hot labels (`num_classes`, tagged clips)."""
+    items = [Clip(*item) for item in items]
+    lengths = torch.tensor([len(c.wave) for c in items])
     source = torch.zeros(len(items), int(lengths.max()))
-    for i, (w, _) in enumerate(items):
-        source[i, :len(w)] = w
+    for i, clip in enumerate(items):
+        source[i, :len(clip.wave)] = clip.wave
     mask = torch.arange(source.shape[1])[None, :] >= lengths[:, None]
-    out = {"batch": Batch(source=source, padding_mask=mask if mask.any() else None), "text": [t for _, t in items]}
+    out = {"batch": Batch(source=source, padding_mask=mask if mask.any() else None), "text": [c.text for c in items]}
+    if num_classes is not None:
+        out["labels"] = multi_hot([c.labels for c in items], num_classes)
     if letters is not None:
-        targets = [torch.from_numpy(letters.encode(t)) for _, t in items]
+        targets = [torch.from_numpy(letters.encode(c.text)) for c in items]
         out["targets"] = torch.cat(targets)
         out["target_lengths"] = torch.tensor([len(t) for t in targets])
     return out
 
 
+def multi_hot(labels: list[tuple[int, ...] | None], num_classes: int) -> torch.Tensor:
+    """(B, num_classes) 0/1 targets of the clips' class ids; a clip without labels, or with an id outside the
+    classes, is an error: tagging shards carry `labels` in every sample's json."""
+    out = torch.zeros(len(labels), num_classes)
+    for i, ids in enumerate(labels):
+        if ids is None:
+            raise ValueError("a clip without `labels` in its json: tagging needs shards of a source with clip labels "
+                             "(audioset)")
+        if any(not 0 <= c < num_classes for c in ids):
+            raise ValueError(f"class ids {sorted(ids)} outside the task's {num_classes} classes")
+        out[i, list(ids)] = 1.0
+    return out
+
+
 def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, letters=None,
-                  resampled: bool | None = None, shuffle: int = 500, seed: int = 0, partial: bool | None = None):
+                  num_classes: int | None = None, resampled: bool | None = None, shuffle: int = 500, seed: int = 0,
+                  partial: bool | None = None):
     resampled = mode == "pretrain" if resampled is None else resampled
     partial = mode == "eval" if partial is None else partial
     holder: list = []
@@ -241,13 +270,13 @@ def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, l
     if mode == "pretrain":
         collate = lambda items: crop_to_shortest(items, holder[0] if holder else worker_rng(seed))  # noqa: E731
     else:
-        collate = lambda items: pad_waveforms(items, letters)  # noqa: E731
+        collate = lambda items: pad_waveforms(items, letters, num_classes)  # noqa: E731
     return pipeline(shard_dir, [decode, _batched(batch_size, collate, partial)], resampled=resampled,
                     shuffle=0 if mode == "eval" else shuffle, seed=seed)
 
 
 def seekable_speech_batches(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, seed: int, start: int,
-                            letters=None):
+                            letters=None, num_classes: int | None = None):
     """`speech_loader`'s training batches from a seekable stream (d2v.data.seekable), positioned at batch `start`."""
     if mode == "pretrain":
         return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
@@ -255,7 +284,7 @@ def seekable_speech_batches(shard_dir, cfg: AudioConfig, mode: Mode, batch_size:
                                collate=crop_to_shortest)
     return SeekableBatches(TarIndex(shard_dir).index_all(), batch_size, seed, start,
                            decode=lambda s, rng: _decode_audio(s, cfg, "finetune", [], seed),
-                           collate=lambda items, rng: pad_waveforms(items, letters))
+                           collate=lambda items, rng: pad_waveforms(items, letters, num_classes))
 
 
 # ----------------------------------------------------------------------------------------------------------- text

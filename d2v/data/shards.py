@@ -7,8 +7,9 @@ warning and counted in `index.json`.
 
 What a sample holds, per kind:
 - image: `<ext>` the encoded image bytes as prepared (png/jpeg), `cls` the class index;
-- speech: `flac` (or `wav`) bytes, `txt` the transcript, `json` {duration, speaker}; a row with `segments` (a piece
-  of a long recording, `d2v.data.segments`) is stored as a FLAC of those samples, cut in `workers` processes;
+- speech: `flac` (or `wav`) bytes, `txt` the transcript, `json` {duration, speaker, and for a tagged clip `labels`,
+  its class ids}; a row with `segments` (a piece of a long recording, `d2v.data.segments`) is stored as a FLAC of
+  those samples, cut in `workers` processes;
 - text corpus: `ids.npy` a chunk of at most `chunk_tokens` token ids (paragraphs tokenized, each ending in </s>);
 - text task: `json` {text, text_b, label}.
 """
@@ -131,7 +132,17 @@ def _samples(source_dir: Path, df: pd.DataFrame, kind: str, cfg: ShardConfig, to
             yield sample
         else:
             yield {"__key__": row.id, path.suffix.lower().lstrip("."): data, "txt": "" if pd.isna(row.text) else
-                   row.text, "json": {"duration": float(row.duration), "speaker": getattr(row, "speaker", "")}}
+                   row.text, "json": {"duration": float(row.duration), "speaker": getattr(row, "speaker", ""),
+                                      **clip_labels(row)}}
+
+
+def clip_labels(row) -> dict:
+    """A tagged clip's class ids, from the manifest's `labels` column ("0;137"), as {"labels": [0, 137]}; nothing
+    for a manifest without the column."""
+    labels = getattr(row, "labels", None)
+    if labels is None or pd.isna(labels):
+        return {}
+    return {"labels": [int(c) for c in str(labels).split(";") if c]}
 
 
 def _token_chunks(path: Path, key: str, chunk_tokens: int, tokenizer) -> Iterator[dict]:

@@ -1,6 +1,7 @@
 """Benchmark metrics, implemented here (numpy only) and checked in tests against jiwer, scikit-learn and scipy:
-top-1 accuracy, WER, Matthews correlation, F1, Pearson and Spearman; plus greedy CTC decoding and a check for
-outputs that ignore the input (`prediction_stats`)."""
+top-1 accuracy, WER, Matthews correlation, F1, Pearson and Spearman, and for multi-label tagging (AudioSet) mean
+average precision and mean ROC AUC; plus greedy CTC decoding and a check for outputs that ignore the input
+(`prediction_stats`)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -56,6 +57,60 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(x, y) -> float:
     return pearson(_ranks(np.asarray(x, np.float64)), _ranks(np.asarray(y, np.float64)))
+
+
+def _scored_classes(scores, targets) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) scores and 0/1 targets as arrays, checked."""
+    scores, targets = np.asarray(scores, np.float64), np.asarray(targets)
+    if scores.ndim != 2 or scores.shape != targets.shape:
+        raise ValueError(f"expected (clips, classes) scores and targets of one shape, got {scores.shape} and "
+                         f"{targets.shape}")
+    _same_length(scores, targets)
+    return scores, targets > 0.5
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the precision-recall steps of one class: Σ (R_n − R_n−1)·P_n over the distinct score thresholds
+    (tied scores form one threshold), as sklearn's average_precision_score. NaN when the class has no positive."""
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tp = np.cumsum(positive)[last_of_tie]
+    precision, recall = tp / (last_of_tie + 1), tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores, targets) -> float:
+    """AudioSet's mAP: the mean AP over the classes with at least one positive clip (a class without one has no
+    AP; the eval set has positives for all 527)."""
+    scores, positive = _scored_classes(scores, targets)
+    per_class = [average_precision(scores[:, c], positive[:, c]) for c in range(scores.shape[1])]
+    return _mean_defined(per_class, "positive")
+
+
+def mean_roc_auc(scores, targets) -> float:
+    """Mean ROC AUC over the classes with positives and negatives: per class, the Mann-Whitney U of the positive
+    clips' score ranks (ties share ranks) over positives × negatives."""
+    scores, positive = _scored_classes(scores, targets)
+    per_class = []
+    for c in range(scores.shape[1]):
+        pos = int(positive[:, c].sum())
+        neg = len(scores) - pos
+        if pos == 0 or neg == 0:
+            per_class.append(float("nan"))
+            continue
+        ranks = _ranks(scores[:, c])
+        per_class.append(float((ranks[positive[:, c]].sum() - pos * (pos + 1) / 2) / (pos * neg)))
+    return _mean_defined(per_class, "positive and a negative")
+
+
+def _mean_defined(per_class: list[float], needs: str) -> float:
+    defined = [v for v in per_class if not np.isnan(v)]
+    if not defined:
+        raise ValueError(f"no class has a {needs} clip: nothing to score")
+    return float(np.mean(defined))
 
 
 def edit_distance(a: Sequence, b: Sequence) -> int:
@@ -133,6 +188,9 @@ TASK_METRICS = {
     # GLUE's combined scores (spec §9.3): MRPC and QQP report the mean of accuracy and F1, STS-B of the correlations
     "acc_and_f1": lambda p, g: (accuracy(p, g) + f1_binary(p, g)) / 2,
     "pearson_and_spearman": lambda p, g: (pearson(p, g) + spearman(p, g)) / 2,
+    # tagging: (per-clip class scores, per-clip 0/1 targets)
+    "map": mean_average_precision,
+    "mauc": mean_roc_auc,
 }
 
 
@@ -147,13 +205,18 @@ def prediction_stats(kind: str, preds: Sequence, refs: Sequence) -> dict:
     elif kind == "ctc":
         stats = {"empty_share": sum(not h.strip() for h in preds) / len(preds)}
         stats["degenerate"] = len(set(preds)) == 1
+    elif kind == "tagging":  # per-clip score vectors: the mean number of labels beside how many clips differ
+        scores = np.asarray(preds, np.float64)
+        stats = {"labels_per_clip": float(np.asarray(refs).sum(1).mean()),
+                 "classes_with_positives": int((np.asarray(refs).sum(0) > 0).sum())}
+        stats["degenerate"] = bool(len(scores) > 1 and np.all(scores == scores[0]))
     elif kind == "regression":
         # a correlation ignores scale, so a small spread can still rank well; the labels' spread is beside it
         stats = {"std": float(np.std(np.asarray(preds, dtype=np.float64))),
                  "reference_std": float(np.std(np.asarray(refs, dtype=np.float64)))}
         stats["degenerate"] = stats["std"] == 0.0
     else:
-        raise ValueError(f"unknown task kind {kind!r}; expected classification, ctc or regression")
+        raise ValueError(f"unknown task kind {kind!r}; expected classification, ctc, regression or tagging")
     return stats
 
 

@@ -174,6 +174,10 @@ def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, 
         waves = synthetic.waveforms(rng, batch, seconds=seconds)
         return pad_waveforms([(w[: len(w) // (1 + i % 2)], "A CAT'S TALE") for i, w in enumerate(waves.source)],
                              letters)
+    if task.kind == "tagging":  # one or two classes per clip
+        waves = synthetic.waveforms(rng, batch, seconds=seconds)
+        return pad_waveforms([(w[: len(w) // (1 + i % 2)], "", tuple({i % task.num_outputs, 2 * i % task.num_outputs}))
+                              for i, w in enumerate(waves.source)], num_classes=task.num_outputs)
     ids = synthetic.tokens(rng, batch, cfg.max_tokens, encoder_cfg.vocab_size).source
     return pad_tokens([(x[: len(x) // (1 + i % 2)], float(i % max(task.num_outputs, 1))) for i, x in enumerate(ids)],
                       encoder_cfg.pad_idx)

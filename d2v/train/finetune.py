@@ -34,7 +34,8 @@ from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats, scored_in_part
 from d2v.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, git_commit, read_torch
 from d2v.modalities.base import Batch
-from d2v.modalities.heads import CTCModel, ImageClassifier, TextClassifier, ctc_loss
+from d2v.modalities.heads import AudioTagger, CTCModel, ImageClassifier, TextClassifier, ctc_loss, mix_clips, \
+    tagging_loss
 from d2v.modalities.image import require_image_shape
 from d2v.modalities.registry import build_encoder
 from d2v.modalities.text import require_vocabulary
@@ -64,6 +65,9 @@ def build_model(cfg: FinetuneConfig) -> torch.nn.Module:
     if task.kind == "ctc":
         model = CTCModel(encoder, len(LetterTokenizer.load(cfg.letters).symbols), cfg.ctc_masks, linear_probe=probe,
                          freeze_cnn=not cfg.train_cnn)
+    elif task.kind == "tagging":
+        model = AudioTagger(encoder, task.num_outputs, cfg.tagging_masks, linear_probe=probe,
+                            freeze_cnn=not cfg.train_cnn)
     elif task.modality == "image":
         model = ImageClassifier(encoder, task.num_outputs, linear_probe=probe)
     else:
@@ -114,8 +118,14 @@ def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
         depth = model.encoder.cfg.depth
         return layer_decay_groups(model.named_parameters(), lambda name: vit_layer_id(name, depth, cfg.objective),
                                   depth, cfg.layer_decay, cfg.optim.weight_decay)
-    return adamw([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
-                 cfg.optim.betas, cfg.optim.eps).param_groups
+    groups = adamw([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
+                   cfg.optim.betas, cfg.optim.eps).param_groups
+    if cfg.encoder_lr_scale == 1.0 or cfg.mode == "probe":
+        return groups
+    encoder = {id(p) for p in model.encoder.parameters()}  # the encoder at a share of the head's LR
+    return [{**group, "params": [p for p in group["params"] if (id(p) in encoder) == in_encoder],
+             "lr_scale": cfg.encoder_lr_scale if in_encoder else 1.0}
+            for group in groups for in_encoder in (True, False)]
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -138,7 +148,7 @@ def loader(cfg: FinetuneConfig, split: str, train: bool):
                           seed=cfg.seed, partial=not train)
     elif task.modality == "speech":
         ds = speech_loader(shards, cfg.audio or FINETUNE_AUDIO, mode, cfg.batch_size, resampled=train,
-                           letters=LetterTokenizer.load(cfg.letters), seed=cfg.seed, partial=not train)
+                           seed=cfg.seed, partial=not train, **speech_targets(cfg))
     else:
         ds = text_task_loader(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens, mode,
                               seed=cfg.seed, resampled=train)
@@ -153,11 +163,19 @@ def seekable_loader(cfg: FinetuneConfig, start: int):
                                     start=start)
     elif task.modality == "speech":
         ds = seekable_speech_batches(shards, cfg.audio or FINETUNE_AUDIO, "finetune", cfg.batch_size, seed=cfg.seed,
-                                     start=start, letters=LetterTokenizer.load(cfg.letters))
+                                     start=start, **speech_targets(cfg))
     else:
         ds = seekable_text_task_batches(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens,
                                         seed=cfg.seed, start=start)
     return web_loader(ds, cfg.num_workers, seed=cfg.seed)
+
+
+def speech_targets(cfg: FinetuneConfig) -> dict:
+    """What a speech loader adds to its batches: CTC targets from the letter vocabulary, or tagged clips' labels."""
+    task = TASKS[cfg.task]
+    if task.kind == "tagging":
+        return {"num_classes": task.num_outputs}
+    return {"letters": LetterTokenizer.load(cfg.letters)}
 
 
 def as_inputs(item, modality: str, device: torch.device) -> dict:
@@ -200,6 +218,10 @@ def train_loss(model, inputs: dict, task: Task, cfg: FinetuneConfig, mixer, rng)
         logits, lengths = model(inputs["batch"], rng)
         return ctc_loss(logits, lengths, inputs["targets"], inputs["target_lengths"])
     batch, labels = inputs["batch"], inputs["labels"]
+    if task.kind == "tagging":
+        if cfg.source_mixup is not None and cfg.mix_prob > 0:
+            batch, labels = mix_clips(batch, labels, cfg.source_mixup, cfg.mix_prob, rng)
+        return tagging_loss(model(batch, rng), labels)
     if task.kind == "regression":
         return F.mse_loss(model(batch).squeeze(-1), labels.float())
     labels = labels.long()
@@ -246,6 +268,9 @@ def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = Wor
         if task.kind == "regression":
             preds += out.float().squeeze(-1).tolist()
             refs += inputs["labels"].tolist()
+        elif task.kind == "tagging":  # per clip: the classes' probabilities and 0/1 targets
+            preds += list(torch.sigmoid(out.float()).cpu().numpy())
+            refs += list(inputs["labels"].to(torch.uint8).cpu().numpy())
         else:
             preds += out.argmax(-1).tolist()
             refs += inputs["labels"].long().tolist()
