@@ -247,3 +247,51 @@ def test_clip_mixup_is_refused_for_tasks_that_are_not_tagging():
 
     with pytest.raises(ConfigError, match="source_mixup: mixes the clips of a tagging task; speech_1h is ctc"):
         finetune_config("speech_1h", {"source_mixup": 0.5})
+
+
+def tone_bursts(root, rng, splits=(("balanced_train", 48), ("eval", 24))):
+    """A prepared three-class tagging toy: each clip holds bursts of 1-3 tones (300, 800, 2000 Hz) over noise, each
+    burst 0.2 s somewhere in 0.5 s. Bursts, not steady tones: per-utterance CMVN of the log-mels removes a tone that
+    lasts the whole clip."""
+    from d2v.data.manifest import make_manifest, write_manifest
+
+    rows, t = [], np.arange(3200) / 16_000
+    (root / "clips").mkdir(parents=True)
+    for split, n in splits:
+        for i in range(n):
+            labels = [c for c in range(3) if int(rng.integers(1, 8)) >> c & 1] or [0]
+            wave = 0.02 * rng.standard_normal(8000)
+            for c in labels:
+                start = int(rng.integers(0, 4800))
+                wave[start:start + 3200] += 0.2 * np.sin(2 * np.pi * (300, 800, 2000)[c] * t)
+            rel = f"clips/{split}_{i}.flac"
+            write_audio(root / rel, wave, 16_000, "FLAC")
+            rows.append(dict(id=f"{split}_{i}", path=rel, split=split, bytes=(root / rel).stat().st_size,
+                             duration=0.5, labels=";".join(map(str, labels))))
+    write_manifest(root, make_manifest(rows), source="audioset")
+
+
+@pytest.mark.slow
+def test_the_tagger_learns_which_tones_a_clip_holds(tmp_path, monkeypatch):
+    """Fine-tuning from scratch through the pipeline's path (shards, mixup on 70 % of the clips, linear-softmax
+    pooling, BCE) on a three-class toy: mAP and mean AUC far above an untrained model's (about 0.67 and 0.44 here;
+    chance is the labels' prevalence, 0.57, and 0.5). Time masks are off: at 0.45 of 4 frames they hide most 0.2 s
+    bursts of a 0.5 s clip."""
+    import dataclasses
+
+    from d2v.data.shards import write_shards
+    from d2v.train import tasks
+    from d2v.train.finetune import evaluate, run_finetune
+
+    monkeypatch.setitem(tasks.TASKS, "audioset", dataclasses.replace(tasks.TASKS["audioset"], num_outputs=3))
+    tone_bursts(tmp_path / "prepared", np.random.default_rng(0))
+    for split in ("balanced_train", "eval"):
+        write_shards(tmp_path / "prepared", split, tmp_path / "data" / "shards" / "audioset" / split)
+    cfg = tasks.finetune_config("audioset", {
+        "preset": "tiny-fbank", "init": "scratch", "steps": 100, "batch_size": 8, "data_root": str(tmp_path / "data"),
+        "optim": {"lr": 2e-3, "warmup_steps": 5}, "source_mixup": 0.5, "mix_prob": 0.7,
+        "tagging_masks": {"time_prob": 0.0}, "audio": {"min_samples": 0, "max_samples": 16_000}})
+    run_finetune(cfg, tmp_path / "run", progress=False)
+    [result] = evaluate(tmp_path / "run")
+    assert result["n"] == 24 and result["predictions"]["classes_with_positives"] == 3
+    assert result["metrics"]["map"] > 0.8 and result["metrics"]["mauc"] > 0.7, result["metrics"]

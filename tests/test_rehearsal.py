@@ -73,7 +73,7 @@ def test_the_command_reports_each_stage_and_its_configured_batch(capsys, tmp_pat
                "finetune glue_mnli"]),
     ("paper-v2", ["pretrain image", "pretrain speech", "finetune imagenet", "finetune librispeech_1h",
                   "finetune glue_rte"]),
-    ("paper-audioset", ["pretrain speech", "finetune audioset"]),  # DeepNorm, K=12; linear softmax, mixup
+    ("paper-audioset", ["finetune audioset"]),  # the DeepNorm encoder, 527 linear-softmax outputs, clip mixup
 ])
 def test_the_gpu_profiles_rehearse_on_cpu(profile, stages):
     """The published recipes at full model size and input shape (224 px RGB, 2 s of audio, 512-token blocks), one
