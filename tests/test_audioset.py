@@ -102,6 +102,15 @@ def test_prepare_reads_the_official_csvs_resamples_to_16k_mono_and_names_every_s
     assert meta["skipped"]["count"] == 4
 
 
+def test_prepare_in_worker_processes_writes_the_same_manifest_and_clips(prepared, tmp_path):
+    one = prepared / "data" / "prepared" / "audioset"
+    audioset.prepare(Context(tmp_path / "cache", tmp_path / "two"), csvs=prepared / "csvs", audio=prepared / "audio",
+                     workers=2)
+    assert (tmp_path / "two" / "manifest.csv").read_text() == (one / "manifest.csv").read_text()
+    for rel in read_manifest(one)["path"]:
+        assert (tmp_path / "two" / rel).read_bytes() == (one / rel).read_bytes()
+
+
 def test_prepare_refuses_what_it_cannot_read_by_name(tmp_path):
     csvs, audio = make_audioset(tmp_path)
     ctx = Context(tmp_path / "cache", tmp_path / "out")

@@ -4,9 +4,10 @@ AudioSet is published as YouTube ids with labels, not as audio, so `prepare` tak
 official `class_labels_indices.csv` and the segment lists (`balanced_train_segments.csv`, `eval_segments.csv`,
 `unbalanced_train_segments.csv`), and `audio` with one folder per split, `audio/<split>/`, holding the clips named by
 their YouTube id: `<ytid>.<ext>`, PANNs' `Y<ytid>.<ext>`, or `<ytid>_<start>[_<end>].<ext>` (wav, flac, ogg or mp3).
-Each clip is decoded, mixed to mono, resampled to 16 kHz (torchaudio) and stored as FLAC; its labels are the class
-indices of class_labels_indices.csv (the model's output order). Clips that are missing (a share of AudioSet is gone
-from YouTube), unreadable, silent or labelled with a class the index lacks are skipped, named and counted.
+Each clip is decoded, mixed to mono, resampled to 16 kHz (scipy's polyphase filter) and stored as FLAC; its labels
+are the class indices of class_labels_indices.csv (the model's output order). Clips that are missing (a share of
+AudioSet is gone from YouTube), unreadable, silent or labelled with a class the index lacks are skipped, named and
+counted.
 data2vec pretrains on the clips of `unbalanced_train` (labels unused), fine-tunes on `balanced_train` and reports
 mAP on `eval` [P1 Tab.3].
 """
@@ -17,6 +18,7 @@ import csv
 import functools
 import io
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,14 +84,15 @@ def find_clips(folder: Path) -> dict[str, Path]:
 
 
 def to_16k_mono(path: Path) -> np.ndarray:
-    """A clip as float32 mono at 16 kHz."""
+    """A clip as float32 mono at 16 kHz. Resampled by scipy's polyphase filter (Kaiser window), not torchaudio: this
+    runs in forked workers, where a torch kernel can deadlock on the thread pool of a parent that used torch."""
     wave, rate = sf.read(path, dtype="float32", always_2d=True)
     wave = wave.mean(axis=1)
     if rate != SAMPLE_RATE:
-        import torch
-        import torchaudio.functional as AF
+        from scipy.signal import resample_poly
 
-        wave = AF.resample(torch.from_numpy(wave), rate, SAMPLE_RATE).numpy()
+        common = math.gcd(rate, SAMPLE_RATE)
+        wave = resample_poly(wave, SAMPLE_RATE // common, rate // common).astype(np.float32)
     return wave
 
 
@@ -153,7 +156,7 @@ def prepare(ctx: Context, csvs: str | Path, audio: str | Path,
                           skipped)
     missing = sum(reason.startswith("clip missing") for _, reason in skipped.items)
     if missing:  # one line, not one per clip: a large share of the unbalanced list is gone from YouTube
-        log.warning("audioset: %d clips of the segment lists are not in %s (listed in the manifest's skipped files)",
+        log.warning("audioset: %d of the segment lists' clips are not in %s (named in manifest.json's skipped files)",
                     missing, audio)
     if not jobs:
         raise FileNotFoundError(f"audioset: no clip of the {list(splits)} segment lists found under {audio}")
