@@ -221,7 +221,7 @@ def test_the_encoder_learns_at_its_share_of_the_heads_lr():
     assert decays[id(model.head.bias)] == 0.0 and decays[id(model.head.weight)] == cfg.optim.weight_decay
 
 
-def test_finetune_and_evaluate_audioset_end_to_end(shards, tmp_path):
+def test_finetune_and_evaluate_audioset_end_to_end(shards, tmp_path, capsys):
     """A tiny scratch tagger on the fixture: mixup, time masks and the two LRs in training; the eval JSON scores
     the eval split's two clips with mAP and mean AUC."""
     from d2v.train.finetune import evaluate, run_finetune
@@ -240,6 +240,11 @@ def test_finetune_and_evaluate_audioset_end_to_end(shards, tmp_path):
     assert result["predictions"]["labels_per_clip"] == 1.5
     saved = json.loads((tmp_path / "run" / "eval" / "audioset-eval.json").read_text())
     assert saved["metrics"] == result["metrics"]
+    from d2v.cli import main
+
+    assert main(["export", str(tmp_path / "run" / "best.pt"), str(tmp_path / "hf")]) == 2  # transformers has none
+    assert "no Hugging Face task model for a speech tagging head" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_audioset_has_no_raw_feature_baseline(shards, tmp_path):
