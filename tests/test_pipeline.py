@@ -325,6 +325,28 @@ def test_paper_profiles_hold_the_published_recipes():
             ["seek", "replay", "replay"]
 
 
+def test_the_paper_profiles_fine_tune_on_100_and_960_hours_as_wav2vec2s_yamls():
+    """Spec §9.2's last two rows, the 100 h and 960 h columns of [P1 Tab.2]: Base 80k updates at 3e-5 (masks 0.65 /
+    0.5) and 320k at 1e-4 (0.5 / 0.1), Large 80k and 320k at 3e-5 (0.5 / 0.5, 0.5 / 0.25) with 10k frozen updates;
+    on LibriSpeech's train-clean-100 and all 960 h, about 27 min of audio per update (Large 960 h: 32 min)."""
+    from d2v.train.tasks import TASKS
+
+    rows = {("paper", "100h"): (80_000, 3e-5, 0.65, 0.5, 0), ("paper", "960h"): (320_000, 1e-4, 0.5, 0.1, 0),
+            ("paper-v2", "100h"): (80_000, 3e-5, 0.65, 0.5, 0), ("paper-v2", "960h"): (320_000, 1e-4, 0.5, 0.1, 0),
+            ("paper-v2-large", "100h"): (80_000, 3e-5, 0.5, 0.5, 10_000),
+            ("paper-v2-large", "960h"): (320_000, 3e-5, 0.5, 0.25, 10_000)}
+    for (name, hours), (steps, lr, time_p, channel_p, frozen) in rows.items():
+        profile = load_params(ROOT / "params.yaml", name).active
+        ft = profile.finetune_config(f"librispeech_{hours}")
+        assert (ft.steps, ft.optim.lr, ft.ctc_masks.time_prob, ft.ctc_masks.channel_prob, ft.freeze_encoder_steps,
+                ft.optim.schedule, ft.regularization.layerdrop) == (steps, lr, time_p, channel_p, frozen, "tri_stage",
+                                                                    0.1), (name, hours)
+        minutes = profile.resources_for("finetune").gpus * ft.batch_size * ft.accum_steps * 13 / 60
+        assert 25 < minutes < (33 if (name, hours) == ("paper-v2-large", "960h") else 30), (name, hours, minutes)
+        assert profile.shard_spec(f"librispeech/{TASKS[f'librispeech_{hours}'].train}").split == \
+            {"100h": "train_clean_100", "960h": "train_clean_100+train_clean_360+train_other_500"}[hours]
+
+
 def test_the_audioset_profile_holds_data2vecs_audioset_recipe():
     """Spec §2.1 and fairseq's audioset.yaml: the DeepNorm preset with K=12 and layer-normalised targets, 200k
     updates of about 85 min of 10 s clips (24 GPUs x 3.4M samples), LR 5e-4 cosine after 10k; fine-tuning 13k updates

@@ -65,10 +65,12 @@ TASKS: dict[str, Task] = {
     # scored (fairseq picks its best checkpoint on the eval set itself)
     "audioset": Task("speech", "tagging", "audioset", "balanced_train", None, ("eval",), ("map", "mauc"), 527,
                      "AudioSet mAP"),
-    **{f"librispeech_{n}": Task("speech", "ctc", "librispeech", f"librilight_10h-{n}" if n != "10h" else
-                                "librilight_10h", "dev-other", ("dev-clean", "dev-other", "test-clean", "test-other"),
-                                ("wer", "cer"), 0, f"Libri-light {n} → LibriSpeech WER")
-       for n in ("10min", "1h", "10h")},
+    **{f"librispeech_{n}": Task("speech", "ctc", "librispeech", train, "dev-other",
+                                ("dev-clean", "dev-other", "test-clean", "test-other"), ("wer", "cer"), 0,
+                                f"{corpus} {n} → LibriSpeech WER")
+       for n, train, corpus in (("10min", "librilight_10h-10min", "Libri-light"),
+                                ("1h", "librilight_10h-1h", "Libri-light"), ("10h", "librilight_10h", "Libri-light"),
+                                ("100h", "train-clean-100", "LibriSpeech"), ("960h", "train-960", "LibriSpeech"))},
     # GLUE dev sets, as the paper reports them [P1 Tab.4] (test labels are not public): the best checkpoint is
     # chosen on dev, as fairseq does; headline metrics per spec §9.3
     **{f"glue_{name}": Task("text", kind, f"glue/{name}", "train", dev, tests, metrics, len(labels) or 1,
