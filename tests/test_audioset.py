@@ -2,6 +2,7 @@
 shards and loaders, the linear-softmax head, mixup, the per-group LR, and fine-tune + evaluate end to end."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,12 +248,20 @@ def test_finetune_and_evaluate_audioset_end_to_end(shards, tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
-def test_audioset_has_no_raw_feature_baseline(shards, tmp_path):
-    from d2v.eval.baselines import run_baseline
+def test_audioset_has_no_raw_feature_baseline_which_a_profile_learns_before_any_job(tmp_path):
+    import yaml
+
+    from d2v.config import ConfigError
+    from d2v.pipeline.params import load_params
     from d2v.train.tasks import baseline_config
 
-    with pytest.raises(ValueError, match="audioset: no raw-feature baseline for multi-label tagging"):
-        run_baseline(baseline_config("audioset", {"data_root": str(shards)}), tmp_path)
+    with pytest.raises(ConfigError, match="audioset: no raw-feature baseline for multi-label tagging"):
+        baseline_config("audioset")
+    data = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    data["profiles"]["paper-audioset"]["baselines"] = {"audioset": {}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="baselines.audioset.*no raw-feature baseline"):
+        load_params(tmp_path / "params.yaml", "paper-audioset")
 
 
 def test_clip_mixup_is_refused_for_tasks_that_are_not_tagging():

@@ -241,6 +241,13 @@ class BaselineConfig(StrictModel):
     ctc_batch_size: int = Field(16, ge=1)
     ctc_check_every: int = Field(5, ge=1)  # epochs between dev checks
 
+    @model_validator(mode="after")
+    def _a_task_with_a_baseline(self):
+        if self.task in TASKS and TASKS[self.task].kind == "tagging":
+            raise ValueError(f"{self.task}: no raw-feature baseline for multi-label tagging (data2vec compares "
+                             "AudioSet with other pretrained models, not with raw features)")
+        return self
+
     def loader_config(self) -> FinetuneConfig:
         """The task's fine-tuning config, only for its loaders (evaluation mode: no augmentation, every example)."""
         return finetune_config(self.task, {"data_root": self.data_root, "tokenizer": self.tokenizer,
