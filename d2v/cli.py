@@ -78,16 +78,12 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def presets(args: argparse.Namespace) -> int:
-    from d2v.modalities.registry import ENCODERS, OBJECTIVES, build_encoder
+    from d2v.modalities.registry import ENCODERS, build_encoder, objectives_of
 
     for name, (table, _) in ENCODERS.items():
         for preset, cfg in table.items():
-            for objective in OBJECTIVES:
-                try:
-                    n = sum(p.numel() for p in build_encoder(name, preset, objective).parameters())
-                except ValueError as err:  # a preset of one objective's recipe only (speech audioset: v1)
-                    print(f"{name:6s} {preset:14s} {objective}  none: {err}")
-                    continue
+            for objective in objectives_of(name, preset):  # speech audioset: data2vec 1.0's recipe only
+                n = sum(p.numel() for p in build_encoder(name, preset, objective).parameters())
                 print(f"{name:6s} {preset:14s} {objective}  {n / 1e6:8.2f}M  D={cfg.dim} L={cfg.depth} "
                       f"H={cfg.num_heads}")
     return 0

@@ -396,6 +396,12 @@ def test_the_audioset_preset_is_base_with_deepnorm_init_and_its_own_v1_recipe():
     assert not block.mlp.fc1.bias.any() and not block.attn.q_bias.any() and not block.attn.proj.bias.any()
     with pytest.raises(ValueError, match=r"no DeepNorm .*\(objective: v1\)"):
         build_encoder("speech", "audioset", "v2")
+    from d2v.interop.checkpoints import matching_preset
+    from d2v.modalities.registry import objectives_of
+
+    assert objectives_of("speech", "audioset") == ("v1",) and objectives_of("speech", "base") == ("v1", "v2")
+    assert matching_preset("speech", encoder.cfg) == "audioset"  # `d2v import` names it
+    assert matching_preset("speech", build_encoder("speech", "base", "v2").cfg, "v2") == "base"  # v2 skips it
 
 
 def test_registry_caps_top_k_at_the_preset_depth():

@@ -345,7 +345,7 @@ def test_d2v_index_takes_a_profiles_seekable_training_shards():
     assert _seekable_shards(load_params("params.yaml", "embedded").active) == []  # replay throughout
     paper = _seekable_shards(load_params("params.yaml", "paper").active)
     assert set(paper) == {"data/paper/shards/imagenet/train", "data/paper/shards/librispeech/train-960",
-                          "data/paper/shards/text_files/pretrain"}
+                          "data/paper/shards/text_files/pretrain", "data/paper/shards/librispeech/train-clean-100"}
 
 
 INDEX_FIRST_SCRIPT = """

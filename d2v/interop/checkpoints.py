@@ -142,7 +142,7 @@ def _from_hf(folder: Path, kind: str | None):
 def matching_preset(kind: str, cfg, objective: str = "v1") -> str:
     """The preset with this architecture under `objective` (regularisation and initialisation aside), so that
     `d2v finetune --set preset=... --set objective=...` builds the same encoder; 'custom' when none has it."""
-    from d2v.modalities.registry import ENCODERS, encoder_config
+    from d2v.modalities.registry import ENCODERS, encoder_config, objectives_of
 
     def architecture(c) -> dict:
         fields = c.model_dump(exclude=set(TRAINING_ONLY) & set(type(c).model_fields))
@@ -150,8 +150,8 @@ def matching_preset(kind: str, cfg, objective: str = "v1") -> str:
             fields["layer_scale_init"] = fields["layer_scale_init"] is not None
         return fields
 
-    return next((name for name in ENCODERS[kind][0]
-                 if architecture(encoder_config(kind, name, objective)) == architecture(cfg)), "custom")
+    return next((name for name in ENCODERS[kind][0] if objective in objectives_of(kind, name)
+                 and architecture(encoder_config(kind, name, objective)) == architecture(cfg)), "custom")
 
 
 def _encoder_class(kind: str):
