@@ -225,14 +225,20 @@ def test_a_config_file_or_set_value_that_is_not_yaml_is_named(tmp_path, capsys):
         assert "error: --set expects key=value (dotted keys allowed), got 'limit'" in capsys.readouterr().err
 
 
-def test_params_the_stage_graph_and_the_data_stages_import_no_torch():
+def test_params_the_stage_graph_and_the_data_stages_import_no_torch(tmp_path):
     """31 of the embedded pipeline's jobs (prepare, shard, tokenizer, report) and every Snakemake/DVC parse load the
-    params and the stage table; torch's import would be most of their start-up."""
+    params and the stage table; torch's import would be most of their start-up. A shard job writes its tars without
+    webdataset, whose package imports torch."""
     code = ("import sys\n"
             "from d2v.cli import main\n"
             "assert main(['pipeline', 'stages', '--profile', 'smoke']) == 0\n"
             "import d2v.data.shards, d2v.data.sources, d2v.data.tokenizer, d2v.pipeline.report\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchaudio', 'torchvision')))")
+            "from d2v.data.manifest import make_manifest, write_manifest\n"
+            f"write_manifest({str(tmp_path)!r}, make_manifest([dict(id='a', split='train', text='t', label=1.0)]), "
+            "source='rt_polarity', task='rt_polarity')\n"
+            f"d2v.data.shards.write_shards({str(tmp_path)!r}, 'train', {str(tmp_path / 'shards')!r})\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchaudio', 'torchvision', "
+            "'webdataset')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "smoke" in run.stdout and run.stdout.splitlines()[-1] == "[]"
 

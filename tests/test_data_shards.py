@@ -62,6 +62,39 @@ def test_image_shards_are_deterministic_indexed_and_skip_bad_files(tmp_path, cap
         read_index(tmp_path / "a")
 
 
+def test_shards_are_byte_for_byte_what_webdatasets_shard_writer_writes(tmp_path):
+    """TarShards stands in for webdataset's ShardWriter (whose import brings torch into every shard job): the same
+    tars for every field type shards hold, and the same cut into tars by sample count and by payload bytes."""
+    from d2v.data.shards import TarShards
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(23):
+        samples += [{"__key__": f"img{i}", "png": rng.bytes(int(rng.integers(10, 400))), "cls": int(i % 10)},
+                    {"__key__": f"utt{i}", "flac": rng.bytes(300), "txt": "A CAT'S TALE ü",
+                     "json": {"duration": 1.5, "speaker": "s", "labels": [0, 137]}},
+                    {"__key__": f"txt{i}", "ids.npy": rng.integers(0, 8000, int(rng.integers(1, 50)))},
+                    {"__key__": f"task{i}", "json": {"text": "ok", "text_b": None, "label": 1.0}}]
+    for maxcount, maxsize in ((10_000, 64 << 20), (7, 64 << 20), (10_000, 2000)):
+        ours, theirs = tmp_path / f"ours-{maxcount}-{maxsize}", tmp_path / f"wds-{maxcount}-{maxsize}"
+        ours.mkdir()
+        theirs.mkdir()
+        with TarShards(str(ours / "shard-%06d.tar"), maxcount, maxsize) as sink:
+            for sample in samples:
+                sink.write(sample)
+        with webdataset.ShardWriter(str(theirs / "shard-%06d.tar"), maxcount=maxcount, maxsize=maxsize, verbose=0,
+                                    mtime=0) as sink:
+            for sample in samples:
+                sink.write(sample)
+        names = sorted(p.name for p in theirs.iterdir())
+        assert len(names) > (1 if (maxcount, maxsize) != (10_000, 64 << 20) else 0)
+        assert sorted(p.name for p in ours.iterdir()) == names
+        assert all((ours / n).read_bytes() == (theirs / n).read_bytes() for n in names)
+    with pytest.raises(ShardError, match=r"no encoding for a .pth field of type dict"):
+        with TarShards(str(tmp_path / "x-%d.tar"), 10, 1000) as sink:
+            sink.write({"__key__": "a", "pth": {"w": 1}})
+
+
 @pytest.mark.parametrize("text, problem", [
     ('{"shards": [', r"not a shard index \(Expecting value"),
     ('[1, 2]', r"not a shard index \(expected an object with a 'shards' list"),
