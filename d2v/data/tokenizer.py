@@ -7,6 +7,9 @@ SentencePiece model of N-1 pieces. Training is deterministic for a fixed `num_th
 from __future__ import annotations
 
 import io
+import itertools
+import math
+import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -30,8 +33,8 @@ class SentencePieceConfig(StrictModel):
     num_threads: int = Field(2, ge=1)  # pinned: the trained model depends on it
     max_sentence_length: int = Field(8192, ge=64)
     seed_sentencepiece_size: int = Field(1_000_000, ge=1000)
-    # lines SentencePiece trains on: 0 = all of them; N = a seeded uniform sample of N (the trainer holds its
-    # sentences in memory: a paper-scale corpus of ~100M lines needs a sample)
+    # lines SentencePiece trains on: 0 = all of them; N = a seeded uniform sample of N, `sample_lines_seeded` (the
+    # trainer holds its sentences in memory: a paper-scale corpus of ~100M lines needs a sample)
     sample_lines: int = Field(0, ge=0)
 
 
@@ -51,17 +54,38 @@ def corpus_lines(corpus_dir: str | Path, split: str = PRETRAIN_SPLIT) -> Iterato
         yield from paragraphs(corpus_dir / rel)
 
 
+def sample_lines_seeded(items: Iterable[str], k: int, seed: int = 0) -> list[str]:
+    """A uniform sample of k items of a stream read once (reservoir sampling, Li's algorithm L: about k·log(n/k)
+    random draws, so skipping most of 100M lines is cheap), in reservoir order; the same for a seed on any run."""
+    rng, it = random.Random(seed), iter(items)
+    reservoir = list(itertools.islice(it, k))
+    if len(reservoir) < k:
+        return reservoir
+    w = math.exp(math.log(rng.random()) / k)
+    while True:
+        skip = math.floor(math.log(rng.random()) / math.log(1 - w))
+        item = next(itertools.islice(it, skip, None), None)
+        if item is None:
+            return reservoir
+        reservoir[rng.randrange(k)] = item
+        w *= math.exp(math.log(rng.random()) / k)
+
+
 def train_sentencepiece(lines: Iterable[str], out_model: str | Path, cfg: SentencePieceConfig) -> Path:
+    """Train on `lines`, or on a seeded sample of `cfg.sample_lines` of them. The sample is drawn here: SentencePiece's
+    own (input_sentence_size with shuffle_input_sentence) gave another model in every process despite
+    set_random_generator_seed (the smoke profile's tokenizer differed on each run)."""
     import sentencepiece as spm
 
+    if cfg.sample_lines:
+        lines = sample_lines_seeded(lines, cfg.sample_lines)
     buf = io.BytesIO()
-    spm.set_random_generator_seed(0)  # the sample of `sample_lines` (a reservoir) is the same on every run
+    spm.set_random_generator_seed(0)  # the trainer's own draws (the embedded tokenizer is the same on every run)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=buf, vocab_size=cfg.vocab_size - 1, model_type=cfg.model_type,
             character_coverage=cfg.character_coverage, num_threads=cfg.num_threads,
-            max_sentence_length=cfg.max_sentence_length, input_sentence_size=cfg.sample_lines,
-            shuffle_input_sentence=cfg.sample_lines > 0,
+            max_sentence_length=cfg.max_sentence_length, input_sentence_size=0, shuffle_input_sentence=False,
             seed_sentencepiece_size=cfg.seed_sentencepiece_size, hard_vocab_limit=True,
             bos_id=0, pad_id=1, eos_id=2, unk_id=3, minloglevel=2)
     except RuntimeError as err:
