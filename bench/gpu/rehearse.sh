@@ -2,7 +2,8 @@
 # The memory pre-flight of the GPU profiles on one H100/H200 through the device tool: every pretraining and
 # fine-tuning stage of paper, paper-v2, paper-v2-large, paper-large, paper-v2-huge and paper-audioset takes one
 # step at its configured per-GPU micro-batch and longest inputs, in bf16 (the profiles' `auto` precision on CUDA),
-# and reports its peak memory. A stage that does not fit one GPU fails here, by name, instead of hours into a cluster run.
+# and reports its peak memory. A stage that does not fit one GPU fails here, by name, instead of hours into a
+# cluster run.
 #   here:       bash bench/gpu/wheelhouse.sh
 #   device run: carry .whl; command: bash bench/gpu/rehearse.sh   (about 2-4 min a profile on an H200)
 # Knobs (environment): PROFILES (default: the six GPU profiles), OUT (default $OUT or results/bench).
