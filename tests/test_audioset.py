@@ -297,7 +297,7 @@ def tone_bursts(root, rng, splits=(("balanced_train", 48), ("eval", 24))):
 @pytest.mark.slow
 def test_the_tagger_learns_which_tones_a_clip_holds(tmp_path, monkeypatch):
     """Fine-tuning from scratch through the pipeline's path (shards, mixup on 70 % of the clips, linear-softmax
-    pooling, BCE) on a three-class toy: mAP and mean AUC far above an untrained model's (about 0.67 and 0.44 here;
+    pooling, BCE) on a three-class toy: mAP and mean AUC far above a 2-step model's (about 0.67 and 0.44 here;
     chance is the labels' prevalence, 0.57, and 0.5). Time masks are off: at 0.45 of 4 frames they hide most 0.2 s
     bursts of a 0.5 s clip."""
     import dataclasses
