@@ -82,6 +82,12 @@ def test_layer_decay_is_beit_for_v1_blocks_only_for_v2_and_off_from_scratch(toy_
     assert scales["encoder.patch_embed.weight"] == pytest.approx(1.0 if objective == "v2" else decay ** (depth + 1))
     if objective == "v1":
         assert scales["encoder.rel_pos_bias.table"] == scales["head.weight"] == 1.0
+    # an encoder LR share multiplies into layer decay: every encoder parameter at 0.15 of its decayed LR
+    shared = cfg.model_copy(update={"encoder_lr_scale": 0.15})
+    shared_of = {id(p): g["lr_scale"] for g in ft.param_groups(model, shared) for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = scales[name] * (0.15 if name.startswith("encoder.") else 1.0)
+        assert shared_of[id(p)] == pytest.approx(expected), name
 
 
 def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_path):

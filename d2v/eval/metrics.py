@@ -206,9 +206,9 @@ def prediction_stats(kind: str, preds: Sequence, refs: Sequence) -> dict:
         stats = {"empty_share": sum(not h.strip() for h in preds) / len(preds)}
         stats["degenerate"] = len(set(preds)) == 1
     elif kind == "tagging":  # per-clip score vectors: the mean number of labels beside how many clips differ
-        scores = np.asarray(preds, np.float64)
-        stats = {"labels_per_clip": float(np.asarray(refs).sum(1).mean()),
-                 "classes_with_positives": int((np.asarray(refs).sum(0) > 0).sum())}
+        scores, targets = np.asarray(preds, np.float64), np.asarray(refs)
+        stats = {"labels_per_clip": float(targets.sum(1).mean()),
+                 "classes_with_positives": int((targets.sum(0) > 0).sum())}
         stats["degenerate"] = bool(len(scores) > 1 and np.all(scores == scores[0]))
     elif kind == "regression":
         # a correlation ignores scale, so a small spread can still rank well; the labels' spread is beside it

@@ -116,16 +116,24 @@ def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
     task = TASKS[cfg.task]
     if task.modality == "image" and cfg.layer_decay < 1.0 and cfg.mode == "full" and cfg.init == "pretrained":
         depth = model.encoder.cfg.depth
-        return layer_decay_groups(model.named_parameters(), lambda name: vit_layer_id(name, depth, cfg.objective),
-                                  depth, cfg.layer_decay, cfg.optim.weight_decay)
-    groups = adamw([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
-                   cfg.optim.betas, cfg.optim.eps).param_groups
-    if cfg.encoder_lr_scale == 1.0 or cfg.mode == "probe":
+        groups = layer_decay_groups(model.named_parameters(), lambda name: vit_layer_id(name, depth, cfg.objective),
+                                    depth, cfg.layer_decay, cfg.optim.weight_decay)
+    else:
+        groups = adamw([p for p in model.parameters() if p.requires_grad], cfg.optim.lr, cfg.optim.weight_decay,
+                       cfg.optim.betas, cfg.optim.eps).param_groups
+    return scaled_encoder_lr(groups, model, cfg.encoder_lr_scale)
+
+
+def scaled_encoder_lr(groups: list[dict], model, scale: float) -> list[dict]:
+    """The encoder's parameters at `scale` of their group's LR (the head keeps it): each group split in two, its
+    `lr_scale` (layer decay's, or 1) multiplied for the encoder's half; empty halves dropped. Unchanged at 1."""
+    if scale == 1.0:
         return groups
-    encoder = {id(p) for p in model.encoder.parameters()}  # the encoder at a share of the head's LR
-    return [{**group, "params": [p for p in group["params"] if (id(p) in encoder) == in_encoder],
-             "lr_scale": cfg.encoder_lr_scale if in_encoder else 1.0}
-            for group in groups for in_encoder in (True, False)]
+    encoder = {id(p) for p in model.encoder.parameters()}
+    split = [{**group, "params": [p for p in group["params"] if (id(p) in encoder) == in_encoder],
+              "lr_scale": group.get("lr_scale", 1.0) * (scale if in_encoder else 1.0)}
+             for group in groups for in_encoder in (True, False)]
+    return [group for group in split if group["params"]]
 
 
 # -------------------------------------------------------------------------------------------------------- data

@@ -13,11 +13,8 @@ mAP on `eval` [P1 Tab.3].
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
-import io
-import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -29,8 +26,7 @@ from pydantic import PositiveInt
 
 from d2v.data.download import bytes_sha256
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
-from d2v.data.sources.base import Context, log, register, staged
-from d2v.processes import forked_pool
+from d2v.data.sources.base import Context, log, pcm16_flac, register, rows_in_blocks, staged
 
 SEGMENT_LISTS = {"balanced_train": "balanced_train_segments.csv", "eval": "eval_segments.csv",
                  "unbalanced_train": "unbalanced_train_segments.csv"}
@@ -76,7 +72,7 @@ def find_clips(folder: Path) -> dict[str, Path]:
     """YouTube id → clip file in `folder` (files named otherwise are ignored; of two files for one id, the first
     in name order)."""
     clips: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+    for path in sorted(folder.iterdir()):
         match = CLIP_NAME.match(path.stem)
         if path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES and match:
             clips.setdefault(match["ytid"], path)
@@ -108,9 +104,7 @@ def _convert(jobs: list[tuple[str, str, Path, str]], out: Path) -> list[dict | t
         if not len(wave) or not np.any(wave):
             done.append((str(path), "no audio (empty or all zeros)"))
             continue
-        buf = io.BytesIO()
-        sf.write(buf, np.clip(wave, -1, 1), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-        data = buf.getvalue()
+        data = pcm16_flac(wave, SAMPLE_RATE)
         rel = f"audio/{split}/{ytid}.flac"
         (out / rel).write_bytes(data)
         done.append(dict(id=f"{split}_{ytid}", path=rel, split=split, bytes=len(data),
@@ -163,17 +157,7 @@ def prepare(ctx: Context, csvs: str | Path, audio: str | Path,
     with staged(ctx.out_dir) as out:
         for split in splits:
             (out / "audio" / split).mkdir(parents=True)
-        convert = functools.partial(_convert, out=out)
-        blocks = [jobs[i:i + CONVERT_BLOCK] for i in range(0, len(jobs), CONVERT_BLOCK)]
-        rows = []
-        with contextlib.ExitStack() as stack:
-            results = map(convert, blocks) if workers == 1 else \
-                stack.enter_context(forked_pool(workers)).map(convert, blocks)
-            for item in itertools.chain.from_iterable(results):
-                if isinstance(item, dict):
-                    rows.append(item)
-                else:
-                    skipped.add(*item, log)
+        rows = rows_in_blocks(functools.partial(_convert, out=out), jobs, CONVERT_BLOCK, workers, skipped)
         df = make_manifest(rows)
         hours = {s: round(float(d) / 3600, 2) for s, d in df.groupby("split")["duration"].sum().items()}
         write_manifest(out, df, source="audioset", classes=names, hours=hours, csvs=str(csvs), audio=str(audio),

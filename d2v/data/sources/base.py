@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
+import itertools
 import logging
 import os
 import shutil
@@ -17,6 +19,8 @@ from pydantic import create_model
 from d2v.config import ConfigError, StrictModel, validate
 from d2v.data.archives import Package
 from d2v.data.download import Artifact, ChecksumError, bytes_sha256, fetch
+from d2v.data.manifest import Skipped
+from d2v.processes import forked_pool
 
 log = logging.getLogger("d2v.prepare")
 
@@ -62,6 +66,33 @@ class Context:
             raise ChecksumError(f"{member.artifact.name}:{member.path}: sha256 mismatch: expected {member.sha256}, "
                                 f"got {got}")
         return data
+
+
+def rows_in_blocks(fn: Callable[[list], list], jobs: list, block: int, workers: int, skipped: Skipped
+                   ) -> list[dict]:
+    """`fn` over blocks of `block` jobs, in `workers` forked processes (one: here). Each job gives its manifest row
+    (a dict) or (path, why it cannot be used); the rows come back in job order whatever the number of workers, the
+    others go to `skipped`, each named in a warning."""
+    blocks = [jobs[i:i + block] for i in range(0, len(jobs), block)]
+    rows = []
+    with contextlib.ExitStack() as stack:
+        results = map(fn, blocks) if workers == 1 else stack.enter_context(forked_pool(workers)).map(fn, blocks)
+        for item in itertools.chain.from_iterable(results):
+            if isinstance(item, dict):
+                rows.append(item)
+            else:
+                skipped.add(*item, log)
+    return rows
+
+
+def pcm16_flac(x, rate: int) -> bytes:
+    """A waveform in [-1, 1] (clipped to it) as 16-bit FLAC bytes."""
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(x, -1, 1), rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
 
 
 @contextlib.contextmanager

@@ -8,10 +8,8 @@ named and counted.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-import itertools
 import os
 import shutil
 import tarfile
@@ -23,8 +21,7 @@ from pydantic import PositiveInt
 
 from d2v.data.download import Artifact, bytes_sha256, verify
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
-from d2v.data.sources.base import Context, log, register
-from d2v.processes import forked_pool
+from d2v.data.sources.base import Context, register, rows_in_blocks
 
 MD5 = {"ILSVRC2012_img_train.tar": "1d675b47d978889d74fa0da5fadfb00e",
        "ILSVRC2012_img_val.tar": "29b22e2961454d5413ddabcf34fc5622",
@@ -104,16 +101,7 @@ def index_tree(tree: Path, out_dir: Path, skipped: Skipped, verify_images: bool 
     files = [(split, path) for split in ("train", "val") for path in sorted((tree / split).rglob("*"))
              if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES]
     index = functools.partial(_index_files, out_dir=out_dir, label=label, verify_images=verify_images)
-    blocks = [files[i:i + INDEX_BLOCK] for i in range(0, len(files), INDEX_BLOCK)]
-    with contextlib.ExitStack() as stack:
-        results = map(index, blocks) if workers == 1 else stack.enter_context(forked_pool(workers)).map(index, blocks)
-        rows = []
-        for item in itertools.chain.from_iterable(results):
-            if isinstance(item, dict):
-                rows.append(item)
-            else:
-                skipped.add(*item, log)
-    return rows, wnids
+    return rows_in_blocks(index, files, INDEX_BLOCK, workers, skipped), wnids
 
 
 @register("imagenet", "image", "paper", "ImageNet-1K from the official tars or an extracted train/val tree",

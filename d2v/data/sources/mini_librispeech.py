@@ -15,21 +15,19 @@ and engine version. Synthetic speech is far easier than read human speech: WERs 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing as mp
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from pydantic import Field
 
 from d2v.config import StrictModel
 from d2v.data.download import bytes_sha256
 from d2v.data.manifest import LM_SPLIT, make_manifest, write_manifest
 from d2v.data.sources import austen
-from d2v.data.sources.base import Context, log, register, staged
+from d2v.data.sources.base import Context, log, pcm16_flac, register, staged
 from d2v.data.sources.tts import ENGINE_VERSION, LOADER_VERSION, Espeak
 
 SAMPLE_RATE = 16_000
@@ -134,10 +132,7 @@ def render(job: dict) -> tuple[dict, bytes, float]:
     x *= 10 ** (job["gain_db"] / 20) * 0.9 / (np.abs(x).max() + 1e-9)
     if job["condition"] == "other":
         x = add_noise(x, job["snr_db"], job["noise"], np.random.default_rng(job["seed"]))
-    x = np.clip(x, -1.0, 1.0)
-    buf = io.BytesIO()
-    sf.write(buf, x, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return job, buf.getvalue(), len(x) / SAMPLE_RATE
+    return job, pcm16_flac(x, SAMPLE_RATE), len(x) / SAMPLE_RATE
 
 
 def render_block(jobs: list[dict]) -> list[tuple[dict, bytes, float]]:

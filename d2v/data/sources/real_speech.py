@@ -18,7 +18,7 @@ import soundfile as sf
 from d2v.data.download import bytes_sha256
 from d2v.data.manifest import Skipped, make_manifest, write_manifest
 from d2v.data.sources.austen import normalize_transcript
-from d2v.data.sources.base import Context, Member, debian, log, register, staged
+from d2v.data.sources.base import Context, Member, debian, log, pcm16_flac, register, staged
 from d2v.io import text_lines
 
 SAMPLE_RATE = 16_000
@@ -91,12 +91,6 @@ def parse_sphinx_transcription(text: str) -> dict[str, str]:
     return out
 
 
-def flac(x: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(x, -1, 1), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
-
-
 def _allison(ctx: Context, skipped: Skipped) -> list[tuple[str, str, np.ndarray, str]]:
     prompts = parse_prompts(gzip.decompress(ctx.read(PROMPTS)).decode("utf-8", "replace"))
     out = []
@@ -144,7 +138,7 @@ def prepare(ctx: Context) -> Path:
     rows = []
     with staged(ctx.out_dir) as out:
         for name, corpus, x, text in utterances:
-            data = flac(x)
+            data = pcm16_flac(x, SAMPLE_RATE)
             rel = f"{corpus}/{name.replace('/', '_')}.flac"
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             (out / rel).write_bytes(data)
