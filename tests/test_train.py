@@ -82,6 +82,24 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
+def test_two_runs_checkpoint_the_same_rng_state_whatever_the_process_drew_before(tmp_path):
+    """Python's and NumPy's global generators start from OS entropy in every process; the checkpoints of two runs
+    of one config must not carry that difference (a library drawing from them would repeat, and a resume restores
+    what the uninterrupted run had)."""
+    import random
+    cfg = tiny_cfg("text", steps=3)
+    states = []
+    for noise in (1, 2):
+        random.seed(noise)
+        np.random.seed(noise)
+        run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path / str(noise), progress=False)
+        states.append(checkpoint.load(tmp_path / str(noise) / "checkpoints" / "last.pt")["rng"])
+    assert states[0]["python"] == states[1]["python"]
+    np.testing.assert_array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
+    assert torch.equal(states[0]["torch"], states[1]["torch"])
+    assert pretrain.step_rng(3, 2).random() == np.random.default_rng([3, 2]).random()  # the masks' key, unchanged
+
+
 def signalling(stream, at: int, signum: int = signal.SIGTERM):
     """`stream`, sending this process `signum` as it hands out batch `at`: in the middle of a step, as a scheduler's
     signal comes."""

@@ -10,6 +10,7 @@ resumed from its checkpoint therefore repeats exactly what the uninterrupted run
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,9 +64,13 @@ RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel", 
 def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
     """The generator for the masks of micro-batch `group` (rank · accum + micro) of `step`; torch's RNG (dropout,
     drop-path, LayerDrop) is re-seeded from the same key. Fine-tuning keys by (seed, step), and the rank under
-    torchrun."""
+    torchrun. Python's and NumPy's global generators are re-seeded from the key as well: d2v draws from neither,
+    but a library that does then repeats too, and two runs checkpoint the same RNG state."""
     key = [seed, step, *group]
-    torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+    words = np.random.SeedSequence(key).generate_state(2)  # words[0] is generate_state(1)'s: torch's seed unchanged
+    torch.manual_seed(int(words[0]))
+    random.seed(int(words[1]))
+    np.random.seed(words[1])
     return np.random.default_rng(key)
 
 
