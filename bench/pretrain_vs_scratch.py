@@ -3,7 +3,8 @@ task from the pretrained encoder and from scratch over several seeds, and compar
 
 A task counts as a win when the pretrained mean beats the scratch mean by more than the seed spread (max - min)
 of either side. Rows of the tasks run are merged into the output file (other tasks' rows are kept) and rewritten
-after every fine-tune, so a partial run still leaves a table. Finished runs under the same config and recipe
+after every fine-tune, so a partial run still leaves a table; the markdown table of the file stands beside it
+(`.md`; `--render` rewrites it from the JSON alone). Finished runs under the same config and recipe
 version (`d2v.train.recipe`) are reused.
 
     python bench/pretrain_vs_scratch.py [--modalities text,image,speech] [--tasks rt_polarity] [--seeds 3]
@@ -47,7 +48,7 @@ from runs import cv_baseline, cv_test_metrics, finetune_version, pretrain_second
 
 from d2v.eval.metrics import oriented
 from d2v.config import nested_overrides
-from d2v.io import atomic_write_json, read_torch
+from d2v.io import atomic_write_json, atomic_write_text, read_torch
 from d2v.ema import init_share
 from d2v.train.config import merge, pretrain_config
 from d2v.train.tasks import EMBEDDED_FINETUNE, TASKS, finetune_config
@@ -117,6 +118,45 @@ def summarize(task: str, runs: dict[str, list[float]], metric: str | None = None
         ahead = sum(oriented(metric, p - s) > 0 for p, s in pairs)
         out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin), seeds_ahead=int(ahead))
     return out
+
+
+def verdict(row: dict) -> str:
+    """Issue 4's test: a win is a gain beyond the larger seed spread (max − min) of the two arms, a loss the same
+    beyond it the other way."""
+    if row["wins"]:
+        return "**win**"
+    if -row["gain"] > row["margin"]:
+        return "**loss**"
+    return "ahead, inside the spread" if row["gain"] > 0 else "behind, inside the spread" if row["gain"] < 0 else "tie"
+
+
+def table(report: dict) -> str:
+    """The JSON as the markdown table the README and the closing notes quote: per task, each arm's mean ± std over
+    its runs, the gain (oriented: positive is better for lower-is-better metrics too), the spread it must beat, the
+    paired seeds ahead and the verdict."""
+    lines = ["| task (stands in for) | metric | pretraining | fine-tune | pretrained | scratch | gain | spread | "
+             "seeds ahead | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for task, row in sorted(report["tasks"].items()):
+        if "scratch" not in row or "pretrained" not in row:
+            continue
+        pre = report["pretrain"].get(TASKS[task].modality, {})
+        runs = len(row["pretrained"]["values"])
+        ahead = "—" if "seeds_ahead" not in row else f"{row['seeds_ahead']} of {runs}"  # older files lack it
+        made = f"{row.get('objective', 'v1')}, {pre.get('steps', '?')} steps" + (
+            f" × {row['pretrainings']}" if row.get("pretrainings", 1) > 1 else "") + (
+            ", teacher" if row.get("weights") == "teacher" else "")
+        tuned = f"{row.get('finetune_steps', '?')} steps" + (f", {row['folds']}-fold" if row.get("folds") else "")
+        lines.append(f"| {task} ({row['stands_in_for']}) | {row['metric']} | {made} | {tuned} | "
+                     f"{row['pretrained']['mean']:.4f} ± {row['pretrained']['std']:.4f} ({runs}) | "
+                     f"{row['scratch']['mean']:.4f} ± {row['scratch']['std']:.4f} ({len(row['scratch']['values'])}) | "
+                     f"{row['gain']:+.4f} | {row['margin']:.4f} | {ahead} | {verdict(row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def save(out: Path, report: dict) -> None:
+    """The JSON and its table beside it (`.md`), each written atomically."""
+    atomic_write_json(out, report)
+    atomic_write_text(out.with_suffix(".md"), table(report))
 
 
 def pretrain(modality: str, objective: str, steps: int | None, sets: dict, runs: Path,
@@ -236,7 +276,11 @@ def main() -> None:
                         "data/tokenizer/spm.model); its vocabulary must be the text preset's")
     parser.add_argument("--runs", default="runs/bench")
     parser.add_argument("--out", default="results/embedded/pretrain_vs_scratch.json")
+    parser.add_argument("--render", action="store_true", help="only write --out's table (.md) from its JSON")
     args = parser.parse_args()
+    if args.render:
+        save(Path(args.out), json.loads(Path(args.out).read_text()))
+        return
     if args.pretrainings < 1 or (args.pretrainings > 1 and args.pretrained):
         raise SystemExit(f"--pretrainings {args.pretrainings}: give 1 or more, and more only where this script "
                          "pretrains (not with --pretrained)")
@@ -268,7 +312,7 @@ def main() -> None:
             checkpoint, record = given[modality]
             checkpoints[modality] = [checkpoint]
             report["pretrain"][modality] = known_record(report["pretrain"].get(modality), record)
-            atomic_write_json(out, report)
+            save(out, report)
             continue
         for repeat in range(args.pretrainings):
             checkpoint, record = pretrain(modality, objectives.get(modality, "v1"), pre_steps.get(modality),
@@ -279,7 +323,7 @@ def main() -> None:
                 report["pretrain"][modality] = with_known_repeats(report["pretrain"].get(modality), record)
             else:  # the repeats' own records under the first's
                 report["pretrain"][modality].setdefault("repeats", [])[repeat - 1:repeat] = [record]
-            atomic_write_json(out, report)
+            save(out, report)
     for task in tasks if args.seeds else []:  # --seeds 0: pretrain only
         modality = TASKS[task].modality
         objective = report["pretrain"][modality]["objective"]
@@ -316,11 +360,11 @@ def main() -> None:
                                          "overrides": ft_sets.get(task, {}),
                                          "folds": folds.get(task),
                                          "test_metrics": every}
-                atomic_write_json(out, report)
+                save(out, report)
                 print(f"{run.name}: {values[init][-1]:.4f}", flush=True)
         if task in folds:  # the same folds' no-learning reference
             report["tasks"][task]["raw_baseline"] = cv_baseline(task, folds[task])
-            atomic_write_json(out, report)
+            save(out, report)
         print(task, report["tasks"][task], flush=True)
 
 

@@ -38,6 +38,25 @@ def test_overrides_nest_by_dotted_key_and_parse_yaml_values():
         parse_sets(["text=1"])
 
 
+def test_the_table_beside_the_json_gives_each_task_its_verdict_by_the_seed_spread(tmp_path):
+    rows = {"fashion_mnist": summarize("fashion_mnist", {"pretrained": [0.86, 0.87], "scratch": [0.82, 0.83]}),
+            "rt_polarity": summarize("rt_polarity", {"pretrained": [0.60, 0.61], "scratch": [0.67, 0.68]}),
+            "lee_sts": summarize("lee_sts", {"pretrained": [0.10, 0.30], "scratch": [0.05, 0.15]}),
+            # lower WER is better: a lower pretrained WER is a positive gain
+            "speech_1h": summarize("speech_1h", {"pretrained": [0.54, 0.55], "scratch": [0.64, 0.66]}, "wer_lm")}
+    for task, row in rows.items():
+        row.update(objective="v2" if task == "speech_1h" else "v1", pretrainings=1, finetune_steps=150)
+    report = {"pretrain": {"image": {"steps": 1000}, "text": {"steps": 1200}}, "tasks": rows}
+    pretrain_vs_scratch.save(tmp_path / "t.json", report)
+    assert json.loads((tmp_path / "t.json").read_text()) == report
+    lines = {line.split(" (")[0].strip("| "): line for line in (tmp_path / "t.md").read_text().splitlines()[2:]}
+    assert lines["fashion_mnist"].endswith("| +0.0400 | 0.0100 | 2 of 2 | **win** |")
+    assert lines["rt_polarity"].endswith("| -0.0700 | 0.0100 | 0 of 2 | **loss** |")
+    assert lines["lee_sts"].endswith("| +0.1000 | 0.2000 | 2 of 2 | ahead, inside the spread |")
+    assert "| wer_lm | v2, ? steps | 150 steps | 0.5450 ± 0.0050 (2) |" in lines["speech_1h"]
+    assert lines["speech_1h"].endswith("| +0.1050 | 0.0200 | 2 of 2 | **win** |")
+
+
 def test_a_given_checkpoint_keeps_the_record_of_the_pretraining_this_script_made_of_it():
     made = {"objective": "v2", "steps": 2400, "seconds": 3283.2, "run": "runs/bench-x/pretrain/text-v2",
             "overrides": {"optim": {"warmup_steps": 240}}, "last": {"target_rank": 30.4}}
