@@ -2,6 +2,7 @@
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -86,7 +87,6 @@ def test_two_runs_checkpoint_the_same_rng_state_whatever_the_process_drew_before
     """Python's and NumPy's global generators start from OS entropy in every process; the checkpoints of two runs
     of one config must not carry that difference (a library drawing from them would repeat, and a resume restores
     what the uninterrupted run had)."""
-    import random
     cfg = tiny_cfg("text", steps=3)
     states = []
     for noise in (1, 2):

@@ -19,13 +19,13 @@ V2_ARCHITECTURE = {"image": image.v2_encoder, "speech": speech.v2_encoder, "text
 V1_RECIPES = {"image": image_objective, "speech": speech_objective, "text": text_objective}
 # presets that come with their own data2vec 1.0 recipe, not the modality's; data2vec 2.0 published none for them
 V1_PRESET_RECIPES = {("speech", "audioset"): speech.speech_objective_audioset}
+V2_RECIPES = {"image": image.image_objective_v2, "speech": speech.speech_objective_v2,
+              "text": text.text_objective_v2}
 
 
 def objectives_of(name: str, preset: str) -> tuple[str, ...]:
     """The objectives a preset has a recipe for: both, or v1 alone for a preset of a v1-only recipe."""
     return ("v1",) if (name, preset) in V1_PRESET_RECIPES else OBJECTIVES
-V2_RECIPES = {"image": image.image_objective_v2, "speech": speech.speech_objective_v2,
-              "text": text.text_objective_v2}
 
 
 def block_mask_for_grid(grid: tuple[int, int]) -> BlockMaskConfig:
