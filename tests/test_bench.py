@@ -5,11 +5,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu"))
 from collapse import arms, earlier_arms  # noqa: E402
+import fit_steps  # noqa: E402
 from feature_probe import attention_reach, cosine_agreement, ctc_probe  # noqa: E402
 from mlm_reference import LMHead, train_mlm  # noqa: E402
 import pretrain_vs_scratch  # noqa: E402
@@ -776,3 +779,32 @@ def test_a_stopped_bench_pretraining_hands_its_time_to_the_call_that_resumes_it(
     assert runs.pretrain_seconds(cfg, run) == 50.0
     assert json.loads((run / "timing.json").read_text()) == {"seconds": 50.0}
     assert not (run / "timing.partial.json").exists()
+
+
+def test_the_probe_times_a_step_without_its_start_up_and_picks_the_longest_run_that_fits(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # a loop that spends 8 s starting up, then 25 ms a step at 16 samples a step: the cumulative throughput it logs
+    steps = np.array([1, *range(10, 201, 10)])
+    elapsed = 8.0 + 0.025 * steps
+    log = pd.DataFrame({"step": steps, "loss": 1.0, "samples_per_s": steps * 16 / elapsed})
+    assert fit_steps.step_seconds(log, 16, skip=50) == pytest.approx(0.025)
+    assert 16 / log.samples_per_s.iloc[-1] == pytest.approx(0.065)  # the loop's average counts the start-up
+    assert fit_steps.longest_fitting([2400, 4800, 9600, 19200], 0.025, budget=300, margin=1.15) == 9600
+    assert fit_steps.longest_fitting([2400, 4800], 0.2, budget=300, margin=1.15) is None
+    with pytest.raises(ValueError, match="two logged steps past step 200"):
+        fit_steps.step_seconds(log, 16, skip=200)
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    log.to_csv(probe / "metrics.csv", index=False)
+    (probe / "config.json").write_text(json.dumps({"data": {"batch_size": 8}, "accum_steps": 2}))
+    record = tmp_path / "probe.json"
+    monkeypatch.setattr(sys, "argv", ["fit_steps.py", str(probe / "metrics.csv"), "--budget", "300",
+                                      "--candidates", "19200,9600,4800,2400", "--out", str(record)])
+    fit_steps.main()
+    assert capsys.readouterr().out.strip() == "9600"
+    assert json.loads(record.read_text())["step_seconds"] == pytest.approx(0.025)
+    monkeypatch.setattr(sys, "argv", ["fit_steps.py", str(probe / "metrics.csv"), "--budget", "30",
+                                      "--candidates", "4800,2400"])
+    with pytest.raises(SystemExit, match="25.0 ms.*not even 2400 steps fit 30 s"):
+        fit_steps.main()
