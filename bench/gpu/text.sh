@@ -5,15 +5,17 @@
 # costs hours there. This continues that series in one device call: a 200-step probe times a step, then the longest
 # pretraining of 19200, 9600, 4800, 2400 steps that fits BUDGET_S runs (warm-up a tenth, τ over the run, as the CPU
 # series), and rt_polarity is fine-tuned SEEDS times from its teacher, its student and from scratch under the
-# pipeline's recipe.
+# pipeline's recipe, and from the teacher of a CONTROL_STEPS (20) pretraining, the null control.
 #   here:       bash bench/gpu/wheelhouse.sh   (data/tokenizer and data/shards exist after `make run`)
 #   device run: carry .whl data/tokenizer data/shards/text_corpus data/shards/rt_polarity;
 #               command: bash bench/gpu/text.sh   (timeout_s 600; the default budget leaves ~4 min for the rest)
 # Knobs (environment): PT_STEPS (skip the probe and pretrain this long), BUDGET_S (pretraining seconds, default
-# 300), CANDIDATES (19200,9600,4800,2400), PROBE_STEPS (200), SEEDS (3), TASKS (rt_polarity), TAG (text-v2-gpu),
-# OUT (default $OUT or results/bench), PY. A CPU rehearsal in minutes: PROBE_STEPS=30 CANDIDATES=20,10 SEEDS=1.
-# Results: $OUT/pretrain_vs_scratch_text_v2_ptSTEPS_gpu{,_teacher}.{json,md}, the pretraining's metrics CSV and
-# the probe's step time ($OUT/text_v2_probe_gpu.json).
+# 300), CANDIDATES (19200,9600,4800,2400), PROBE_STEPS (200), CONTROL_STEPS (20; 0: none), SEEDS (3), TASKS
+# (rt_polarity), TAG (text-v2-gpu), OUT (default $OUT or results/bench), PY. A CPU rehearsal in minutes:
+# PROBE_STEPS=30 CANDIDATES=20,10 CONTROL_STEPS=0 SEEDS=1.
+# Results: $OUT/pretrain_vs_scratch_text_v2_ptSTEPS_gpu{,_teacher}.{json,md}, the control's
+# ..._ptCONTROL_STEPS_gpu_teacher.{json,md}, the pretraining's metrics CSV and the probe's step time
+# ($OUT/text_v2_probe_gpu.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
@@ -43,3 +45,10 @@ common=(--modalities text --tasks "$TASKS" --objective text=v2 --ft-profile embe
 # the teacher first: the steadier start on CPU; the student's fine-tunes then reuse pretraining and scratch runs
 $PY bench/pretrain_vs_scratch.py "${common[@]}" --weights teacher --out "${stem}_teacher.json"
 $PY bench/pretrain_vs_scratch.py "${common[@]}" --weights student --out "${stem}.json"
+# the null control: CONTROL_STEPS of the same recipe leave the teacher ~96 % its initialisation, yet on CPU its
+# fine-tunes matched 2400-4800 steps' (docs/findings.md, text): the long run must beat this row, not only scratch
+if [ "${CONTROL_STEPS:-20}" -gt 0 ]; then
+  $PY bench/pretrain_vs_scratch.py --modalities text --tasks "$TASKS" --objective text=v2 --ft-profile embedded \
+    --seeds "$SEEDS" --pretrain-steps text="$CONTROL_STEPS" --set text.optim.warmup_steps=$((CONTROL_STEPS / 10)) \
+    --tag "$TAG-control" --weights teacher --out "$OUT/pretrain_vs_scratch_text_v2_pt${CONTROL_STEPS}_gpu_teacher.json"
+fi
