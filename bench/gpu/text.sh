@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # Text pretrained vs scratch at GPU scale, on one H100/H200 through the device tool (issue 4). On 2 CPU cores the
-# v2 text teacher's rt_polarity mean rose half a point per doubling of pretraining (600, 2400, 4800 steps of 16
-# blocks × 4 clones: 67.3, 67.8, 68.3 % against 67.1 % from scratch), always inside the seed spread; each doubling
-# costs hours there. This continues that series in one device call: a 200-step probe times a step, then the longest
-# pretraining of 19200, 9600, 4800, 2400 steps that fits BUDGET_S runs (warm-up a tenth, τ over the run, as the CPU
-# series), and rt_polarity is fine-tuned SEEDS times from its teacher, its student and from scratch under the
-# pipeline's recipe, and from the teacher of a CONTROL_STEPS (20) pretraining, the null control.
+# v2 text teachers of 600, 2400 and 4800 steps (16 blocks × 4 clones) fine-tune no better than scratch over ten
+# seeds (67.75 %) or a 20-step control (67.7 %); each doubling costs hours there. This takes the series past that in
+# one device call: a 200-step probe times a step, then the longest pretraining of 19200, 9600, 4800, 2400 steps that
+# fits BUDGET_S runs (warm-up a tenth, τ over the run, as the CPU series), and rt_polarity is fine-tuned SEEDS times
+# from its teacher, its student and from scratch under the pipeline's recipe, and from the teacher of a
+# CONTROL_STEPS (20) pretraining, the null control.
 #   here:       bash bench/gpu/wheelhouse.sh   (data/tokenizer and data/shards exist after `make run`)
 #   device run: carry .whl data/tokenizer data/shards/text_corpus data/shards/rt_polarity;
 #               command: bash bench/gpu/text.sh   (timeout_s 600; the default budget leaves ~4 min for the rest)
 # Knobs (environment): PT_STEPS (skip the probe and pretrain this long), BUDGET_S (pretraining seconds, default
 # 300), CANDIDATES (19200,9600,4800,2400), PROBE_STEPS (200), CONTROL_STEPS (20; 0: none), SEEDS (3), TASKS
 # (rt_polarity), TAG (text-v2-gpu), OUT (default $OUT or results/bench), PY. A CPU rehearsal in minutes:
-# PROBE_STEPS=30 CANDIDATES=20,10 CONTROL_STEPS=0 SEEDS=1.
+# PROBE_STEPS=30 CANDIDATES=20,10 CONTROL_STEPS=20 SEEDS=1 (5.5 min; at 10 steps the collapse guard stops the run).
 # Results: $OUT/pretrain_vs_scratch_text_v2_ptSTEPS_gpu{,_teacher}.{json,md}, the control's
-# ..._ptCONTROL_STEPS_gpu_teacher.{json,md}, the pretraining's metrics CSV and the probe's step time
+# ..._control_ptCONTROL_STEPS_gpu_teacher.{json,md}, the pretraining's metrics CSV and the probe's step time
 # ($OUT/text_v2_probe_gpu.json).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,5 +50,6 @@ $PY bench/pretrain_vs_scratch.py "${common[@]}" --weights student --out "${stem}
 if [ "${CONTROL_STEPS:-20}" -gt 0 ]; then
   $PY bench/pretrain_vs_scratch.py --modalities text --tasks "$TASKS" --objective text=v2 --ft-profile embedded \
     --seeds "$SEEDS" --pretrain-steps text="$CONTROL_STEPS" --set text.optim.warmup_steps=$((CONTROL_STEPS / 10)) \
-    --tag "$TAG-control" --weights teacher --out "$OUT/pretrain_vs_scratch_text_v2_pt${CONTROL_STEPS}_gpu_teacher.json"
+    --tag "$TAG-control" --weights teacher \
+    --out "$OUT/pretrain_vs_scratch_text_v2_control_pt${CONTROL_STEPS}_gpu_teacher.json"
 fi
