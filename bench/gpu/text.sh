@@ -40,16 +40,18 @@ echo "text.sh: pretraining $PT_STEPS steps" >&2
 stem="$OUT/pretrain_vs_scratch_text_v2_pt${PT_STEPS}_gpu"
 copy_metrics() { cp "$RUNS/pretrain/text-v2/metrics.csv" "${stem}_metrics.csv" 2>/dev/null || true; }
 trap copy_metrics EXIT
-common=(--modalities text --tasks "$TASKS" --objective text=v2 --ft-profile embedded --seeds "$SEEDS"
-        --pretrain-steps text="$PT_STEPS" --set text.optim.warmup_steps=$((PT_STEPS / 10)) --tag "$TAG")
+# one point of the series: STEPS of the v2 recipe (warm-up a tenth), its runs under TAG, then the rest of the args
+series() {
+  local steps=$1 tag=$2; shift 2
+  $PY bench/pretrain_vs_scratch.py --modalities text --tasks "$TASKS" --objective text=v2 --ft-profile embedded \
+    --seeds "$SEEDS" --pretrain-steps text="$steps" --set text.optim.warmup_steps=$((steps / 10)) --tag "$tag" "$@"
+}
 # the teacher first: the steadier start on CPU; the student's fine-tunes then reuse pretraining and scratch runs
-$PY bench/pretrain_vs_scratch.py "${common[@]}" --weights teacher --out "${stem}_teacher.json"
-$PY bench/pretrain_vs_scratch.py "${common[@]}" --weights student --out "${stem}.json"
+series "$PT_STEPS" "$TAG" --weights teacher --out "${stem}_teacher.json"
+series "$PT_STEPS" "$TAG" --weights student --out "${stem}.json"
 # the null control: CONTROL_STEPS of the same recipe leave the teacher ~96 % its initialisation, yet on CPU its
 # fine-tunes matched 2400-4800 steps' (docs/findings.md, text): the long run must beat this row, not only scratch
 if [ "${CONTROL_STEPS:-20}" -gt 0 ]; then
-  $PY bench/pretrain_vs_scratch.py --modalities text --tasks "$TASKS" --objective text=v2 --ft-profile embedded \
-    --seeds "$SEEDS" --pretrain-steps text="$CONTROL_STEPS" --set text.optim.warmup_steps=$((CONTROL_STEPS / 10)) \
-    --tag "$TAG-control" --weights teacher \
+  series "$CONTROL_STEPS" "$TAG-control" --weights teacher \
     --out "$OUT/pretrain_vs_scratch_text_v2_control_pt${CONTROL_STEPS}_gpu_teacher.json"
 fi
