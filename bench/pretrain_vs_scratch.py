@@ -300,7 +300,8 @@ def main() -> None:
     runs, out = Path(args.runs + (f"-{args.tag}" if args.tag else "")), Path(args.out)
     report = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain_vs_scratch", "pretrain": {},
                                                                 "tasks": {}}
-    report.update(machine=platform.machine(), seeds=args.seeds,
+    report.pop("seeds", None)  # each row records its own: rows of one file may be run over different seed counts
+    report.update(machine=platform.machine(),
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     presets = encoder_presets(modalities, tasks, pre_sets, ft_sets, given)
     if args.seeds and (missing := missing_shards(tasks, ft_sets, folds)):
@@ -353,7 +354,8 @@ def main() -> None:
                 headline = scored_metrics(TASKS[task], args.lm)[0]
                 values.setdefault(init, []).append(every[init][-1][headline])
                 report["tasks"][task] = {**summarize(task, values, headline, args.seeds), "objective": objective,
-                                         "pretrainings": pretrainings, "weights": args.weights,
+                                         "pretrainings": pretrainings, "seeds": args.seeds,
+                                         "weights": args.weights,
                                          "lm": str(args.lm) if headline == "wer_lm" else None,
                                          "finetune_recipes": versions,
                                          "finetune_steps": cfg.steps, "ft_profile": args.ft_profile,

@@ -368,6 +368,9 @@ def test_each_repeated_pretraining_has_its_seed_and_folder_and_its_own_fine_tune
     report = json.loads(out.read_text())
     assert [r["seed"] for r in report["pretrain"]["text"]["repeats"]] == [6, 7]
     assert report["tasks"]["bible_para"]["pretrainings"] == 1 and report["tasks"]["rt_polarity"]["pretrainings"] == 3
+    # each row keeps the seed count it was run over; the file has none of its own that a later run would overwrite
+    assert report["tasks"]["bible_para"]["seeds"] == 1 and report["tasks"]["rt_polarity"]["seeds"] == 2
+    assert "seeds" not in report
     monkeypatch.setattr(sys, "argv", ["pretrain_vs_scratch.py", "--modalities", "text", "--tasks", "bible_para",
                                       "--objective", "text=v2", "--seeds", "1", "--runs", str(tmp_path),
                                       "--out", str(out)])
