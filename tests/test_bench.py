@@ -60,6 +60,18 @@ def test_the_table_beside_the_json_gives_each_task_its_verdict_by_the_seed_sprea
     assert lines["speech_1h"].endswith("| +0.1050 | 0.0200 | 2 of 2 | **win** |")
 
 
+def test_every_committed_table_is_its_json_rendered():
+    # the README and the closing notes quote the .md tables: one edited by hand, or left behind by a JSON rewritten
+    # since, would quote numbers the results do not hold (`--render` rewrites a table from its JSON)
+    root = Path(__file__).resolve().parents[1] / "results"
+    pairs = [(md, json.loads(md.with_suffix(".json").read_text())) for md in sorted(root.rglob("*.md"))
+             if md.with_suffix(".json").is_file()]
+    tables = [(md, report) for md, report in pairs if report.get("benchmark") == "pretrain_vs_scratch"]
+    assert any(md.parent.name == "embedded" for md, _ in tables)  # the headline table is among them
+    stale = [str(md.relative_to(root)) for md, report in tables if md.read_text() != pretrain_vs_scratch.table(report)]
+    assert not stale, f"tables unlike their JSON (bench/pretrain_vs_scratch.py --render --out JSON): {stale}"
+
+
 def test_a_given_checkpoint_keeps_the_record_of_the_pretraining_this_script_made_of_it():
     made = {"objective": "v2", "steps": 2400, "seconds": 3283.2, "run": "runs/bench-x/pretrain/text-v2",
             "overrides": {"optim": {"warmup_steps": 240}}, "last": {"target_rank": 30.4}}
