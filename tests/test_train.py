@@ -83,6 +83,27 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
+def test_an_fp16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path, monkeypatch):
+    """fp16's gradient scaler is training state: a resume that restarted it at its initial scale would take or skip
+    other steps than the uninterrupted run. On CPU (torch's CPU scaler, in place of the CUDA one a GPU run gets) with
+    the scale moving every step: it doubles to 2^19 by the checkpoint at step 3, step 4 overflows at 2^20 and is
+    skipped; restarted at 2^16, step 4 would not be (this fails without the scaler's state in the checkpoint)."""
+    def fp16_autocast(device, precision):
+        return torch.autocast(device.type, dtype=torch.float16), torch.amp.GradScaler(device.type, growth_interval=1)
+
+    monkeypatch.setattr(pretrain, "autocast", fp16_autocast)
+    cfg = tiny_cfg("text", precision="fp16")
+    straight = build_objective(cfg)
+    run_pretrain(cfg, straight, synthetic_stream("text"), tmp_path / "a", progress=False)
+    run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path / "b", progress=False, stop_after=3)
+    assert checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")["scaler"]["scale"] == 2.0 ** 19
+    resumed = build_objective(cfg)
+    run_pretrain(cfg, resumed, synthetic_stream("text"), tmp_path / "b", progress=False)
+    a, b = params_of(straight), params_of(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_two_runs_checkpoint_the_same_rng_state_whatever_the_process_drew_before(tmp_path):
     """Python's and NumPy's global generators start from OS entropy in every process; the checkpoints of two runs
     of one config must not carry that difference (a library drawing from them would repeat, and a resume restores

@@ -171,12 +171,14 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                     find_unused_parameters=find_unused)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
+    amp, scaler = autocast(world.device, cfg.precision)
     if resume_state is not None:
         if sharded:
             fsdp.load_optimizer_state(objective, optimizer, resume_state["optimizer"])
         else:
             optimizer.load_state_dict(resume_state["optimizer"])
-    amp, scaler = autocast(world.device, cfg.precision)
+        if scaler is not None and resume_state.get("scaler"):  # fp16: the loss scale the run had reached
+            scaler.load_state_dict(resume_state["scaler"])
     stream = batches(consumed)
     if resume_state is not None:
         checkpoint.set_rng_state(resume_state["rng"])  # after the fast-forward, which may have drawn numbers
@@ -186,7 +188,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
     bar = _progress_bar(cfg, step, world, progress)
-    run = _Run(cfg, objective, optimizer, world, sharded, out_dir, ckpt_dir, data_digest, log,
+    run = _Run(cfg, objective, optimizer, scaler, world, sharded, out_dir, ckpt_dir, data_digest, log,
                TrainingClock(resume_state))
     seen = 0
     # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
@@ -285,6 +287,7 @@ class _Run:
     cfg: PretrainConfig
     objective: Data2Vec
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16's: its loss scale is training state, checkpointed
     world: World
     sharded: bool  # FSDP: the states are gathered from every rank
     out_dir: Path
@@ -303,10 +306,12 @@ def _save(run: _Run, step: int, consumed: int) -> dict | None:
         model_state, optim_state = run.objective.state_dict(), run.optimizer.state_dict()
     if not run.world.is_main:
         return None
-    checkpoint.save(run.ckpt_dir, step, {"model": model_state, "optimizer": optim_state, "batches": consumed,
-                                         "config": run.cfg.model_dump(mode="json"), "data_digest": run.data_digest,
-                                         "recipe": recipe.PRETRAIN, "ranks": run.world.size,
-                                         "metrics_csv": run.log.text(), "seconds": run.clock.seconds()},
+    scaler_state = run.scaler.state_dict() if run.scaler is not None else None
+    checkpoint.save(run.ckpt_dir, step, {"model": model_state, "optimizer": optim_state, "scaler": scaler_state,
+                                         "batches": consumed, "config": run.cfg.model_dump(mode="json"),
+                                         "data_digest": run.data_digest, "recipe": recipe.PRETRAIN,
+                                         "ranks": run.world.size, "metrics_csv": run.log.text(),
+                                         "seconds": run.clock.seconds()},
                     keep=run.cfg.checkpoint.keep)
     return model_state
 
