@@ -161,24 +161,12 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         start_from(objective, cfg)
     if cfg.compile:
         compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
-    model, sharded = objective, world.distributed and cfg.parallel == "fsdp"
-    if sharded:
-        # replaces the parameters by their shards: the optimizer comes after
-        fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))
-    elif world.distributed:
-        find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
-        model = DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                    find_unused_parameters=find_unused)
+    model, sharded = _parallel(objective, cfg, world)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     amp, scaler = autocast(world.device, cfg.precision)
     if resume_state is not None:
-        if sharded:
-            fsdp.load_optimizer_state(objective, optimizer, resume_state["optimizer"])
-        else:
-            optimizer.load_state_dict(resume_state["optimizer"])
-        if scaler is not None and resume_state.get("scaler"):  # fp16: the loss scale the run had reached
-            scaler.load_state_dict(resume_state["scaler"])
+        _restore_optimizer(objective, optimizer, scaler, resume_state, sharded)
     stream = batches(consumed)
     if resume_state is not None:
         checkpoint.set_rng_state(resume_state["rng"])  # after the fast-forward, which may have drawn numbers
@@ -199,38 +187,12 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             sums, out, samples = _backward(cfg, objective, model, stream, step, world, amp, scaler, sharded)
             consumed += cfg.accum_steps
             seen += samples
-            if scaler:
-                scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
-            sums["grad_norm"] = fsdp.local_value(norm)  # FSDP: a DTensor over the shards
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] = _optimizer_step(cfg, optimizer, params, scaler)
             tau = objective.ema_step(step)
             logged = step % cfg.log_every == 0 or step == cfg.steps or step == 1
-            if logged:  # the only host sync of a step
+            if logged:
                 sums.update(out.ranks())  # of the last micro-batch
-                keys = list(sums)
-                metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
-                metrics = mean_over_ranks({**metrics, "lr": lr, "tau": tau}, world)
-                metrics["samples_per_s"] = throughput = seen * world.size / max(run.clock.elapsed(), 1e-9)
-                if log is not None:
-                    log.write({"step": step, **metrics})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{lr:.1e}", tau=f"{tau:.4f}",
-                                    tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
-                                    rank=f"{metrics['target_rank']:.1f}",
-                                    samples_per_s=f"{throughput:.0f}")
-                if scaler is None:
-                    require_finite(step, metrics)
-                try:
-                    objective.check_collapse(step, metrics)
-                except CollapseError:
-                    _finish(run, step, consumed, collapsed=True)
-                    raise
+                _log_step(run, bar, step, consumed, sums, {"lr": lr, "tau": tau}, seen)
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
             if save and not logged and scaler is None:  # a checkpoint between log steps: one host sync
@@ -246,6 +208,68 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         if bar is not None:
             bar.close()
         return _finish(run, step, consumed)
+
+
+def _parallel(objective: Data2Vec, cfg: PretrainConfig, world: World) -> tuple[torch.nn.Module, bool]:
+    """The module a step calls, and whether FSDP shards it: under torchrun DDP around the objective, or FSDP sharding
+    the objective in place (its parameters become shards: the optimizer is built after)."""
+    if world.distributed and cfg.parallel == "fsdp":
+        fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))
+        return objective, True
+    if world.distributed:
+        find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
+        return DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+                   find_unused_parameters=find_unused), False
+    return objective, False
+
+
+def _restore_optimizer(objective: Data2Vec, optimizer: torch.optim.Optimizer, scaler, state: dict,
+                       sharded: bool) -> None:
+    """AdamW's moments from a checkpoint (FSDP: each rank's shards of them), and fp16's loss scale."""
+    if sharded:
+        fsdp.load_optimizer_state(objective, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def _optimizer_step(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, params: list, scaler) -> torch.Tensor:
+    """Clip and step (fp16: unscaled first, and skipped by the scaler over an overflow); returns the gradient norm
+    before clipping, on the device."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return fsdp.local_value(norm)  # FSDP: the norm is a DTensor over the shards
+
+
+def _log_step(run: _Run, bar, step: int, consumed: int, sums: dict[str, torch.Tensor], scalars: dict[str, float],
+              seen: int) -> None:
+    """A log step, the only host sync of a step: the metrics averaged over the ranks go to the log and the bar, then
+    the NaN check (fp32, bf16) and the collapse guard, which writes the run's last checkpoint before it stops."""
+    keys = list(sums)
+    metrics = dict(zip(keys, torch.stack([sums[k].detach().float() for k in keys]).tolist()))
+    metrics = mean_over_ranks({**metrics, **scalars}, run.world)
+    metrics["samples_per_s"] = seen * run.world.size / max(run.clock.elapsed(), 1e-9)
+    if run.log is not None:
+        run.log.write({"step": step, **metrics})
+    if bar is not None:
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tau=f"{metrics['tau']:.4f}",
+                        tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
+                        rank=f"{metrics['target_rank']:.1f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
+    if run.scaler is None:
+        require_finite(step, metrics)
+    try:
+        run.objective.check_collapse(step, metrics)
+    except CollapseError:
+        _finish(run, step, consumed, collapsed=True)
+        raise
 
 
 def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int, world: World, amp, scaler,
