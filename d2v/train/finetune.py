@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -381,28 +382,16 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     index_first(train_shards, cfg.stream_resume, world)
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
                                           restart_on_change, world)
-    model = build_model(cfg).to(device)
-    if task.modality == "text":
-        require_vocabulary(TextTokenizer(cfg.tokenizer).vocab_size, model.encoder.cfg, cfg.tokenizer,
-                           f"finetune.{cfg.task} ({cfg.preset})")
-    if state is not None:
-        model.load_state_dict(state["model"])
-    if cfg.compile:
-        compile_regions(model.encoder)
-    train_model = model
-    if world.distributed:  # unused parameters: the unread mask tokens, LayerDrop's skipped blocks
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=True)
+    model = _task_model(cfg, task, device, state)
+    train_model = _ddp(model, device) if world.distributed else model
     amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
-    step, consumed, best, best_metrics, best_file = 0, 0, None, None, None
+    step, consumed, best = 0, 0, _Best()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        step, consumed, best, best_metrics = state["step"], state["batches"], state["best"], state["best_metrics"]
-        best_file = state.get("best_pt")  # best.pt as of the checkpoint (absent from older checkpoints)
+        step, consumed = state["step"], state["batches"]
+        best = _Best(state["best"], state["best_metrics"], state.get("best_pt"))  # best_pt: absent from older ones
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
                         cfg.optim.tri_stage_phases)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -414,13 +403,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if world.is_main:
             print(f"resumed from {last} at step {step}", file=sys.stderr)
     if world.is_main:  # once the model, its checkpoint and the data have loaded: a failed start leaves no run
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
-        recipe.stamp(out_dir, "finetune")
+        _open_run_folder(out_dir, cfg, best)
     saved_log = state.get("metrics_csv") if state is not None else None
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
-    if best_file is not None and world.is_main:  # a pipeline deletes a stopped job's outputs, best.pt among them
-        atomic_write_bytes(out_dir / "best.pt", best_file)
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
@@ -437,14 +422,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
             require_finite(step, row)  # the same on every rank: the loss is their mean
             if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                dev = score(task, *predict(model, cfg, task.dev, amp, world))  # the same on every rank
-                row.update({f"dev_{k}": v for k, v in dev.items()})
-                key = selection_key(task, dev)
-                if best is None or key > best:
-                    best, best_metrics = key, dev
-                    if world.is_main:
-                        _save(model, cfg, out_dir / "best.pt", step)
-                        best_file = (out_dir / "best.pt").read_bytes()  # for the checkpoints to carry
+                row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
             if log is not None:
                 log.write(row)
             if bar is not None:
@@ -453,8 +431,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                 "batches": consumed, "best": best, "best_metrics": best_metrics,
-                                                 "best_pt": best_file,
+                                                 "batches": consumed, "best": best.key, "best_metrics": best.metrics,
+                                                 "best_pt": best.file,
                                                  "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
                                                  "recipe": recipe.FINETUNE, "ranks": world.size,
                                                  "metrics_csv": log.text(), "seconds": clock.seconds()},
@@ -466,13 +444,66 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         if bar is not None:
             bar.close()
         summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
-                   "seconds": round(clock.seconds(), 1), "best_dev": best_metrics,
-                   "data_digest": data_digest}
+                   "seconds": round(clock.seconds(), 1), "best_dev": best.metrics, "data_digest": data_digest}
         if world.is_main and step >= cfg.steps:  # a signal from here on waits until the run folder is complete
-            _write_run(model, cfg, out_dir, log, summary, best_metrics is None)
+            _write_run(model, cfg, out_dir, log, summary, best.metrics is None)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         barrier(world)  # the run folder is complete when any rank returns
         return summary
+
+
+def _task_model(cfg: FinetuneConfig, task: Task, device: torch.device, state: dict | None) -> torch.nn.Module:
+    """The task's model on `device`, from its pretraining or scratch, with a resumed checkpoint's weights; its
+    encoder's blocks compiled on request."""
+    model = build_model(cfg).to(device)
+    if task.modality == "text":
+        require_vocabulary(TextTokenizer(cfg.tokenizer).vocab_size, model.encoder.cfg, cfg.tokenizer,
+                           f"finetune.{cfg.task} ({cfg.preset})")
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if cfg.compile:
+        compile_regions(model.encoder)
+    return model
+
+
+def _open_run_folder(out_dir: Path, cfg: FinetuneConfig, best: _Best) -> None:
+    """The run folder's config and recipe stamp; a resumed run's best.pt put back from its checkpoint (a pipeline
+    deletes a stopped job's outputs, best.pt among them)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "config.json", cfg.model_dump(mode="json"))
+    recipe.stamp(out_dir, "finetune")
+    if best.file is not None:
+        atomic_write_bytes(out_dir / "best.pt", best.file)
+
+
+def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around the model; unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+@dataclass
+class _Best:
+    """The best dev score so far (`selection_key`), its metrics and best.pt's bytes, which the checkpoints carry."""
+
+    key: tuple[float, ...] | None = None
+    metrics: dict[str, float] | None = None
+    file: bytes | None = None
+
+
+def _score_dev(model, cfg: FinetuneConfig, task: Task, amp, world: World, best: _Best, out_dir: Path,
+               step: int) -> dict[str, float]:
+    """Score the dev split (the same on every rank); a better score than `best` updates it and writes best.pt.
+    Returns the metrics as the log row's `dev_` columns."""
+    dev = score(task, *predict(model, cfg, task.dev, amp, world))
+    key = selection_key(task, dev)
+    if best.key is None or key > best.key:
+        best.key, best.metrics = key, dev
+        if world.is_main:
+            _save(model, cfg, out_dir / "best.pt", step)
+            best.file = (out_dir / "best.pt").read_bytes()
+    return {f"dev_{k}": v for k, v in dev.items()}
 
 
 def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int) -> None:
