@@ -44,7 +44,7 @@ from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
-from d2v.train.logging import MetricsLog, TrainingClock, plot_curves
+from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
@@ -409,9 +409,10 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     model.train()
     if cfg.mode == "probe":
         model.encoder.eval()
-    bar = _progress_bar(cfg, step) if progress and world.is_main else None
+    bar = progress_bar(f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", cfg.steps, step,
+                       enabled=progress and world.is_main)
     clock = TrainingClock(state)
-    with StopSignals(world) as stop:  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint at this step, then stop
+    with StopSignals(world) as stop, bar:  # SIGTERM, SIGUSR1, Ctrl-C: a checkpoint at this step, then stop
         while step < cfg.steps and (stop_after is None or step < stop_after):
             step += 1
             lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
@@ -425,9 +426,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
                 row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
             if log is not None:
                 log.write(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -438,11 +438,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
                                                  "metrics_csv": log.text(), "seconds": clock.seconds()},
                                 keep=cfg.checkpoint.keep)
             if signum is not None:
-                if bar is not None:
-                    bar.close()
                 stop.halt(signum, step, ckpt_dir)
-        if bar is not None:
-            bar.close()
+        bar.close()
         summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
                    "seconds": round(clock.seconds(), 1), "best_dev": best.metrics, "data_digest": data_digest}
         if world.is_main and step >= cfg.steps:  # a signal from here on waits until the run folder is complete
@@ -516,13 +513,6 @@ def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: Fi
     if cfg.optim.clip_norm:
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
     optimizer.step()
-
-
-def _progress_bar(cfg: FinetuneConfig, step: int):
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=step, desc=f"finetune {cfg.task} ({cfg.init}, {cfg.mode})", unit="step",
-                file=sys.stderr, dynamic_ncols=True)
 
 
 def _write_run(model, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict, no_dev: bool) -> None:

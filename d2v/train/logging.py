@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from d2v.io import atomic_write_text
+
+
+def progress_bar(desc: str, total: int, initial: int, enabled: bool = True):
+    """A training loop's step bar on stderr (a context manager, closed on any exit); disabled, every call on it does
+    nothing, so the loop need not ask (quiet runs, the other ranks under torchrun)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=not enabled)
 
 
 class TrainingClock:

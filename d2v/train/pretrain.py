@@ -28,7 +28,7 @@ from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, mean_over_ranks
-from d2v.train.logging import MetricsLog, TrainingClock, plot_curves
+from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
@@ -175,12 +175,12 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     saved_log = resume_state.get("metrics_csv") if resume_state is not None else None
     log = MetricsLog(out_dir / "metrics.csv", resume_step=step, saved=saved_log) if world.is_main else None
     objective.train()
-    bar = _progress_bar(cfg, step, world, progress)
     run = _Run(cfg, objective, optimizer, scaler, world, sharded, out_dir, ckpt_dir, data_digest, log,
                TrainingClock(resume_state))
     seen = 0
     # SIGTERM / SIGUSR1 (a time limit, preemption) or Ctrl-C: a checkpoint at the end of the step, then Interrupted
-    with StopSignals(world) as stop:
+    bar = progress_bar(f"pretrain {cfg.modality}", cfg.steps, step, enabled=progress and world.is_main)
+    with StopSignals(world) as stop, bar:
         while step < cfg.steps and (stop_after is None or step < stop_after):
             step += 1
             lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
@@ -197,16 +197,12 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
             if save and not logged and scaler is None:  # a checkpoint between log steps: one host sync
                 require_finite(step, {"grad_norm": float(sums["grad_norm"])})
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             if save:
                 _save(run, step, consumed)
             if signum is not None:
-                if bar is not None:
-                    bar.close()
                 stop.halt(signum, step, ckpt_dir)
-        if bar is not None:
-            bar.close()
+        bar.close()
         return _finish(run, step, consumed)
 
 
@@ -259,10 +255,9 @@ def _log_step(run: _Run, bar, step: int, consumed: int, sums: dict[str, torch.Te
     metrics["samples_per_s"] = seen * run.world.size / max(run.clock.elapsed(), 1e-9)
     if run.log is not None:
         run.log.write({"step": step, **metrics})
-    if bar is not None:
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tau=f"{metrics['tau']:.4f}",
-                        tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
-                        rank=f"{metrics['target_rank']:.1f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tau=f"{metrics['tau']:.4f}",
+                    tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
+                    rank=f"{metrics['target_rank']:.1f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
     if run.scaler is None:
         require_finite(step, metrics)
     try:
@@ -293,15 +288,6 @@ def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
     return sums, out, samples
-
-
-def _progress_bar(cfg: PretrainConfig, step: int, world: World, progress: bool):
-    if not (progress and world.is_main):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=step, desc=f"pretrain {cfg.modality}", unit="step", file=sys.stderr,
-                dynamic_ncols=True)
 
 
 @dataclass(frozen=True)
