@@ -721,6 +721,56 @@ def test_two_process_fsdp_bf16_gathers_bf16_parameters_and_computes_as_one_proce
     assert first[0] == pytest.approx(first[1], rel=1e-5)  # the same forward as one process under autocast
 
 
+FP16_SCRIPT = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_train import tiny_cfg, synthetic_stream
+from d2v.train import pretrain
+from d2v.train.distributed import barrier, init, shutdown
+scales = []  # the loss scale after each optimizer step, this rank's
+update = torch.amp.GradScaler.update
+def recorded_update(scaler, *args):
+    update(scaler, *args)
+    scales.append(scaler.get_scale())
+torch.amp.GradScaler.update = recorded_update
+pretrain.autocast = lambda device, precision: (torch.autocast(device.type, dtype=torch.float16),
+                                               torch.amp.GradScaler(device.type, growth_interval=1))
+world = init("cpu")
+stream = synthetic_stream("text", rank=world.rank, world=world.size)
+for parallel in ("ddp", "fsdp"):
+    cfg = tiny_cfg("text", precision="fp16", parallel=parallel)
+    pretrain.run_pretrain(cfg, pretrain.build_objective(cfg), stream, {out!r} + "/" + parallel, world, progress=False)
+pretrain.run_pretrain(cfg, pretrain.build_objective(cfg), stream, {out!r} + "/resumed", world, progress=False,
+                      stop_after=4)
+barrier(world)  # rank 0 has written the step-3 checkpoint
+pretrain.run_pretrain(cfg, pretrain.build_objective(cfg), stream, {out!r} + "/resumed", world, progress=False)
+json.dump(scales, open({out!r} + f"/scales{{world.rank}}.json", "w"))
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_fp16_ranks_skip_the_same_steps_under_ddp_and_fsdp_and_resume_exactly(tmp_path):
+    """fp16's scaler decides on every rank whether a step overflowed; under FSDP each rank holds a shard of the
+    gradients, so the ranks must still agree, or their shards and loss scales part. 2 gloo ranks, the CPU scaler
+    (growth every step, so steps overflow): both ranks follow one loss scale through an overflow, FSDP ends on DDP's
+    weights, and an FSDP run stopped after its step-3 checkpoint resumes to them bit for bit."""
+    script = tmp_path / "fp16.py"
+    script.write_text(FP16_SCRIPT.format(tests=str(ROOT / "tests"), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=ROOT, timeout=300)
+    ranks = [json.loads((tmp_path / f"scales{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    ddp, fsdp = ranks[0][:6], ranks[0][6:12]
+    assert fsdp == ddp and any(later < earlier for earlier, later in zip(ddp, ddp[1:]))  # an overflow, halved
+    final = {run: torch.load(tmp_path / run / "final.pt", weights_only=False) for run in ("ddp", "fsdp", "resumed")}
+    for k, v in final["ddp"]["encoder"].items():
+        assert torch.equal(final["fsdp"]["encoder"][k], v), k
+        assert torch.equal(final["resumed"]["encoder"][k], v), k
+
+
 @pytest.mark.parametrize("signal", ["target_var", "target_rank"])
 def test_collapse_guard_stops_the_run_and_keeps_a_checkpoint(tmp_path, signal):
     cfg = tiny_cfg("text", collapse_warmup=0.0)
