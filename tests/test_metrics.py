@@ -22,6 +22,7 @@ def test_classification_metrics_match_sklearn(seed):
     assert matthews_corrcoef(pred3, gold3) == pytest.approx(skm.matthews_corrcoef(gold3, pred3))
 
 
+@pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")  # sklearn's, on the case tested
 def test_degenerate_cases_match_sklearn():
     assert matthews_corrcoef([1, 1, 1], [1, 1, 1]) == skm.matthews_corrcoef([1, 1, 1], [1, 1, 1]) == 0.0
     assert f1_binary([0, 0], [0, 0]) == 0.0
