@@ -43,7 +43,9 @@ def resolved_precision(device: torch.device, precision: str) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` (none for fp32) and, for fp16, its gradient scaler."""
+    """The autocast context of `precision` (none for fp32) and, for fp16, its gradient scaler: a CUDA one, which torch
+    disables with a warning on CPU, where fp16 is no default (fp32 is) and an active scaler would change what such a
+    run computes."""
     precision = resolved_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext(), None
