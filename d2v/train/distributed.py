@@ -42,6 +42,14 @@ def init(device: str = "auto") -> World:
     return World(rank, size, local_rank, dev)
 
 
+def ddp(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> torch.nn.Module:
+    """DDP around `module`, pinned to its GPU on CUDA (gloo on CPU takes no device ids)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

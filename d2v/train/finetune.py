@@ -43,7 +43,7 @@ from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
-from d2v.train.distributed import World, barrier, gather_lists, init, launched_size, mean_over_ranks
+from d2v.train.distributed import World, barrier, ddp, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
@@ -383,7 +383,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
                                           restart_on_change, world)
     model = _task_model(cfg, task, device, state)
-    train_model = _ddp(model, device) if world.distributed else model
+    # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
+    train_model = ddp(model, device, find_unused_parameters=True) if world.distributed else model
     amp, _ = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
@@ -471,13 +472,6 @@ def _open_run_folder(out_dir: Path, cfg: FinetuneConfig, best: _Best) -> None:
     recipe.stamp(out_dir, "finetune")
     if best.file is not None:
         atomic_write_bytes(out_dir / "best.pt", best.file)
-
-
-def _ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DDP around the model; unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
 @dataclass

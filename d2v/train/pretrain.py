@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from d2v.data2vec import CollapseError, Data2Vec
 from d2v.ema import init_share
@@ -27,7 +26,7 @@ from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
-from d2v.train.distributed import World, mean_over_ranks
+from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
@@ -215,9 +214,8 @@ def _parallel(objective: Data2Vec, cfg: PretrainConfig, world: World) -> tuple[t
         fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))
         return objective, True
     if world.distributed:
-        find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0
-        return DDP(objective, device_ids=[world.device.index] if world.device.type == "cuda" else None,
-                   find_unused_parameters=find_unused), False
+        find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0  # LayerDrop's skipped blocks
+        return ddp(objective, world.device, find_unused), False
     return objective, False
 
 
