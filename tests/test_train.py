@@ -83,15 +83,18 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
+def cpu_fp16_autocast(device, precision):
+    """`pretrain.autocast` for fp16 tests on CPU: torch's CPU scaler (a GPU run gets the CUDA one), its scale growing
+    at every step so that steps overflow within a few."""
+    return torch.autocast(device.type, dtype=torch.float16), torch.amp.GradScaler(device.type, growth_interval=1)
+
+
 def test_an_fp16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path, monkeypatch):
     """fp16's gradient scaler is training state: a resume that restarted it at its initial scale would take or skip
     other steps than the uninterrupted run. On CPU (torch's CPU scaler, in place of the CUDA one a GPU run gets) with
     the scale moving every step: it doubles to 2^19 by the checkpoint at step 3, step 4 overflows at 2^20 and is
     skipped; restarted at 2^16, step 4 would not be (this fails without the scaler's state in the checkpoint)."""
-    def fp16_autocast(device, precision):
-        return torch.autocast(device.type, dtype=torch.float16), torch.amp.GradScaler(device.type, growth_interval=1)
-
-    monkeypatch.setattr(pretrain, "autocast", fp16_autocast)
+    monkeypatch.setattr(pretrain, "autocast", cpu_fp16_autocast)
     cfg = tiny_cfg("text", precision="fp16")
     straight = build_objective(cfg)
     run_pretrain(cfg, straight, synthetic_stream("text"), tmp_path / "a", progress=False)
@@ -725,7 +728,7 @@ FP16_SCRIPT = """
 import json, sys
 import torch
 sys.path.insert(0, {tests!r})
-from test_train import tiny_cfg, synthetic_stream
+from test_train import cpu_fp16_autocast, tiny_cfg, synthetic_stream
 from d2v.train import pretrain
 from d2v.train.distributed import barrier, init, shutdown
 scales = []  # the loss scale after each optimizer step, this rank's
@@ -734,8 +737,7 @@ def recorded_update(scaler, *args):
     update(scaler, *args)
     scales.append(scaler.get_scale())
 torch.amp.GradScaler.update = recorded_update
-pretrain.autocast = lambda device, precision: (torch.autocast(device.type, dtype=torch.float16),
-                                               torch.amp.GradScaler(device.type, growth_interval=1))
+pretrain.autocast = cpu_fp16_autocast
 world = init("cpu")
 stream = synthetic_stream("text", rank=world.rank, world=world.size)
 for parallel in ("ddp", "fsdp"):
