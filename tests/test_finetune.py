@@ -3,6 +3,7 @@ alone, CTC freezing works and CTC learns to transcribe, pretrained weights load,
 JSON."""
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -369,10 +371,10 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
     straight = ft.run_finetune(cfg, tmp_path / "a", progress=False)
     real = ft.optimizer_step
 
-    def signalled(optimizer, trainable, encoder_params, cfg, step):
+    def signalled(optimizer, trainable, encoder_params, cfg, step, scaler):
         if step == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        real(optimizer, trainable, encoder_params, cfg, step)
+        return real(optimizer, trainable, encoder_params, cfg, step, scaler)
     monkeypatch.setattr(ft, "optimizer_step", signalled)
     with pytest.raises(Interrupted, match="stopped by SIGTERM after step 5") as stopped:
         ft.run_finetune(cfg, tmp_path / "b", progress=False)
@@ -402,6 +404,54 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
     assert resumed["best_dev"] == straight["best_dev"]
 
 
+def test_an_fp16_fine_tune_scales_its_loss_skips_overflows_and_resumes_at_its_loss_scale(toy_image_task, tmp_path,
+                                                                                          monkeypatch):
+    """fp16 fine-tuning steps through a gradient scaler, as pretraining does (it used to step unscaled, where small
+    gradients vanish in fp16). On CPU, torch's CPU scaler (a GPU run gets the CUDA one) with its scale doubling every
+    step: the logged gradient norm is the unscaled one (the fp32 run's at step 1), the steps that overflow are
+    skipped, and a run resumed from its step-4 checkpoint continues at the scale it had reached, ending on the
+    uninterrupted run's weights and log (this fails without the scaler in the checkpoint)."""
+    from test_train import cpu_fp16_autocast
+
+    cfg = toy_dev_config(toy_image_task, monkeypatch, steps=10, keep=2)
+    ft.run_finetune(cfg, tmp_path / "fp32", progress=False)
+    monkeypatch.setattr(ft, "autocast", cpu_fp16_autocast)
+    cfg = cfg.model_copy(update={"precision": "fp16"})
+    ft.run_finetune(cfg, tmp_path / "a", progress=False)
+    log = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    fp32_norm = pd.read_csv(tmp_path / "fp32" / "metrics.csv")["grad_norm"][0]
+    assert log["grad_norm"][0] == pytest.approx(fp32_norm, rel=0.05)
+    overflowed = list(log["step"][~np.isfinite(log["grad_norm"])])
+    assert any(step > 4 for step in overflowed) and len(overflowed) < 5, overflowed  # some after the checkpoint
+    ft.run_finetune(cfg, tmp_path / "b", progress=False, stop_after=6)
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=False)
+    scale = 2.0 ** 16 * math.prod(0.5 if step in overflowed else 2.0 for step in range(1, 5))  # halved or doubled
+    assert saved["step"] == 4 and saved["scaler"]["scale"] == scale
+    ft.run_finetune(cfg, tmp_path / "b", progress=False)
+    a, b = (torch.load(tmp_path / run / "final.pt", weights_only=False)["model"] for run in ("a", "b"))
+    for k, v in a.items():
+        assert torch.equal(b[k], v), k
+    pd.testing.assert_frame_equal(log, pd.read_csv(tmp_path / "b" / "metrics.csv"))
+
+
+def test_a_diverged_last_step_writes_no_final_model(toy_image_task, tmp_path, monkeypatch):
+    """The loss is measured before the update: a gradient that turns NaN at the last step would put NaN weights into
+    final.pt unless its norm is checked too."""
+    from d2v.train.optim import DivergenceError
+
+    real = ft.optimizer_step
+
+    def poisoning(optimizer, trainable, encoder_params, cfg, step, scaler):
+        if step == cfg.steps:
+            trainable[0].grad.fill_(float("nan"))
+        return real(optimizer, trainable, encoder_params, cfg, step, scaler)
+    monkeypatch.setattr(ft, "optimizer_step", poisoning)
+    cfg = toy_image_task.model_copy(update={"steps": 3})
+    with pytest.raises(DivergenceError, match=r"training diverged at step 3 \(grad_norm=nan\)"):
+        ft.run_finetune(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "final.pt").exists()
+
+
 def test_a_finished_fine_tune_started_again_does_nothing_and_is_never_trained_over(toy_image_task, tmp_path,
                                                                                    capsys):
     """Its best.pt may already be evaluated: the same config returns the stored summary without touching the folder;
@@ -426,14 +476,15 @@ def test_a_diverged_fine_tune_stops_before_it_saves_nan_weights(toy_image_task, 
 
     real = ft.optimizer_step
 
-    def poisoning(optimizer, trainable, encoder_params, cfg, step):  # an update that leaves a weight NaN
-        real(optimizer, trainable, encoder_params, cfg, step)
+    def poisoning(optimizer, trainable, encoder_params, cfg, step, scaler):  # an update that leaves a weight NaN
+        norm = real(optimizer, trainable, encoder_params, cfg, step, scaler)
         if step == 2:
             trainable[0].data.fill_(float("nan"))
+        return norm
     monkeypatch.setattr(ft, "optimizer_step", poisoning)
     cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "steps": 6,
                                                "checkpoint": {"every": 2, "keep": 3}})
-    with pytest.raises(DivergenceError, match=r"training diverged at step 3 \(loss=nan\)"):
+    with pytest.raises(DivergenceError, match=r"training diverged at step 3 \(loss=nan, grad_norm=nan\)"):
         ft.run_finetune(cfg, tmp_path, progress=False)
     assert [p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")] == ["step-00000002.pt"]
     assert not (tmp_path / "final.pt").exists() and not (tmp_path / "best.pt").exists()

@@ -5,9 +5,9 @@ Under torchrun, fine-tuning is DDP: each rank trains on its own stream (the shar
 predictions are split over the ranks by shard and gathered, and rank 0 logs and writes.
 
 Run folder: `config.json`, `recipe.json` (the recipe version it is made under, `d2v.train.recipe`), `metrics.csv`
-(train loss and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split), `curves.png`;
-while the run is unfinished, `checkpoints/` (model, AdamW, step, stream position, best dev so far, RNG states), from
-which it resumes bit for bit.
+(train loss, gradient norm and dev metric), `final.pt`, `best.pt` (best dev metric when the task has a dev split),
+`curves.png`; while the run is unfinished, `checkpoints/` (model, AdamW, fp16's loss scale, step, stream position,
+best dev so far, RNG states), from which it resumes bit for bit.
 `evaluate` writes one JSON per (task, split): metric values, number of examples, seed, git commit, recipe versions
 (of the fine-tune and of the evaluation code) and a digest of the run configuration.
 """
@@ -45,7 +45,7 @@ from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import adamw, layer_decay_groups, require_finite, schedule_fn, set_lr
+from d2v.train.optim import adamw, clip_and_step, layer_decay_groups, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
@@ -344,9 +344,10 @@ def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
     return positioned(loader(cfg.model_copy(update={"seed": seed}), task.train, train=True), skip)
 
 
-def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, world: World, step: int,
-                         device: torch.device) -> float:
-    """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last); their mean loss. Masks,
+def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, scaler, world: World,
+                         step: int, device: torch.device) -> float:
+    """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last; fp16 scales the loss
+    first); their mean loss. Masks,
     mixing and dropout are keyed by (seed, step) and, when the update has several micro-batches, by the
     micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
     several = world.distributed or cfg.accum_steps > 1
@@ -357,7 +358,7 @@ def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, m
         with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
             micro_loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer,
                                     rng) / cfg.accum_steps
-        micro_loss.backward()
+        (scaler.scale(micro_loss) if scaler is not None else micro_loss).backward()
         loss += micro_loss.item()
     return loss
 
@@ -385,12 +386,14 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     model = _task_model(cfg, task, device, state)
     # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
     train_model = ddp(model, device, find_unused_parameters=True) if world.distributed else model
-    amp, _ = autocast(device, cfg.precision)
+    amp, scaler = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps)
     step, consumed, best = 0, 0, _Best()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):  # absent from older checkpoints
+            scaler.load_state_dict(state["scaler"])
         step, consumed = state["step"], state["batches"]
         best = _Best(state["best"], state["best_metrics"], state.get("best_pt"))  # best_pt: absent from older ones
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
@@ -418,11 +421,12 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             step += 1
             lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
             optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, world, step, device)
+            loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, scaler, world, step, device)
             consumed += cfg.accum_steps
-            optimizer_step(optimizer, trainable, encoder_params, cfg, step)
-            row = {"step": step, **mean_over_ranks({"loss": loss}, world), "lr": lr}
-            require_finite(step, row)  # the same on every rank: the loss is their mean
+            grad_norm = optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler)
+            row = {"step": step, **mean_over_ranks({"loss": loss, "grad_norm": grad_norm}, world), "lr": lr}
+            if scaler is None:  # fp16's scaler skips the steps that overflow instead
+                require_finite(step, row)  # the same on every rank: the loss is their mean
             if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
             if log is not None:
@@ -432,6 +436,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                 "scaler": scaler.state_dict() if scaler is not None else None,
                                                  "batches": consumed, "best": best.key, "best_metrics": best.metrics,
                                                  "best_pt": best.file,
                                                  "config": cfg.model_dump(mode="json"), "data_digest": data_digest,
@@ -497,16 +502,16 @@ def _score_dev(model, cfg: FinetuneConfig, task: Task, amp, world: World, best: 
     return {f"dev_{k}": v for k, v in dev.items()}
 
 
-def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int) -> None:
-    """Clip and step; while only the output layer trains (fairseq freeze_finetune_updates), the encoder's gradients
-    are dropped first."""
+def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int,
+                   scaler: torch.amp.GradScaler | None = None) -> float:
+    """Clip and step (fp16: skipped by the scaler over an overflow); returns the gradient norm before clipping.
+    While only the output layer trains (fairseq freeze_finetune_updates), the encoder's gradients are dropped
+    first."""
     if step <= cfg.freeze_encoder_steps:
         for p in trainable:
             if id(p) in encoder_params:
                 p.grad = None
-    if cfg.optim.clip_norm:
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_norm)
-    optimizer.step()
+    return clip_and_step(optimizer, trainable, cfg.optim.clip_norm, scaler).item()
 
 
 def _write_run(model, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict, no_dev: bool) -> None:

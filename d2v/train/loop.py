@@ -4,12 +4,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from d2v.data2vec import Data2Vec
 from d2v.modalities.base import Batch
-from d2v.train.optim import adamw, cosine_with_warmup, require_finite
+from d2v.train.optim import adamw, clip_and_step, cosine_with_warmup, require_finite
 
 
 def pretrain(
@@ -34,11 +33,9 @@ def pretrain(
         out = objective(next(batches), rng)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        if clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
-        optimizer.step()
+        grad_norm = clip_and_step(optimizer, params, clip_norm)
         schedule.step()
-        metrics = {**out.scalars(), "step": step, "lr": optimizer.param_groups[0]["lr"]}
+        metrics = {**out.scalars(), "step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm.item()}
         metrics["tau"] = objective.ema_step(step)
         require_finite(step, metrics)
         objective.check_collapse(step, metrics)

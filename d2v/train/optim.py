@@ -24,6 +24,22 @@ def require_finite(step: int, metrics: dict[str, float], keys: tuple[str, ...] =
                               "gradients (optim.clip_norm)")
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_norm: float,
+                  scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Clip the gradients to `clip_norm` (0: unclipped) and step; returns their norm before clipping, on the device.
+    Under fp16 the gradients are unscaled first, and the scaler skips a step whose gradients overflowed (the norm is
+    then infinite) and lowers its loss scale."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf"))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return norm
+
+
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6):
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases, norms, LayerScale, mask embeddings

@@ -28,7 +28,7 @@ from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import adamw, require_finite, schedule_fn, set_lr
+from d2v.train.optim import adamw, clip_and_step, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
@@ -42,14 +42,14 @@ def resolved_precision(device: torch.device, precision: str) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` (none for fp32) and, for fp16, its gradient scaler: a CUDA one, which torch
-    disables with a warning on CPU, where fp16 is no default (fp32 is) and an active scaler would change what such a
-    run computes."""
+    """The autocast context of `precision` (none for fp32) and, for fp16 on CUDA, its gradient scaler. fp16 on CPU
+    gets none: fp32 is CPU's default, and CPU fp16 runs have always stepped unscaled (torch disabled the CUDA scaler
+    they were given), so a scaler there would change what such a run computes."""
     precision = resolved_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
@@ -233,14 +233,7 @@ def _restore_optimizer(objective: Data2Vec, optimizer: torch.optim.Optimizer, sc
 def _optimizer_step(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, params: list, scaler) -> torch.Tensor:
     """Clip and step (fp16: unscaled first, and skipped by the scaler over an overflow); returns the gradient norm
     before clipping, on the device."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm or float("inf"))
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    norm = clip_and_step(optimizer, params, cfg.optim.clip_norm, scaler)
     optimizer.zero_grad(set_to_none=True)
     return fsdp.local_value(norm)  # FSDP: the norm is a DTensor over the shards
 
