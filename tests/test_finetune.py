@@ -1,6 +1,7 @@
 """Fine-tuning on tiny shards (built here, and by conftest.toy_image_task): it learns, probes leave the encoder
 alone, CTC freezing works and CTC learns to transcribe, pretrained weights load, and evaluation writes the promised
 JSON."""
+import functools
 import itertools
 import json
 import math
@@ -448,6 +449,22 @@ def test_a_diverged_last_step_writes_no_final_model(toy_image_task, tmp_path, mo
     monkeypatch.setattr(ft, "optimizer_step", poisoning)
     cfg = toy_image_task.model_copy(update={"steps": 3})
     with pytest.raises(DivergenceError, match=r"training diverged at step 3 \(grad_norm=nan\)"):
+        ft.run_finetune(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "final.pt").exists()
+
+
+def test_an_fp16_fine_tune_whose_every_step_overflows_stops_at_fairseqs_minimum_loss_scale(toy_image_task, tmp_path,
+                                                                                            monkeypatch):
+    """As pretraining's fp16 guard: a scale of 2^-13, doubled over the finite step 1, halved by NaN gradients from
+    step 2, is 2^-14 < 1e-4 at step 3, and the run stops there instead of skipping steps until its scale is zero."""
+    from test_train import cpu_fp16_autocast, nan_gradients_from
+
+    from d2v.train.optim import DivergenceError
+
+    monkeypatch.setattr(ft, "autocast", functools.partial(cpu_fp16_autocast, init_scale=2.0 ** -13))
+    monkeypatch.setattr(ft, "clip_and_step", nan_gradients_from(2, ft.clip_and_step))
+    cfg = toy_image_task.model_copy(update={"precision": "fp16", "steps": 6})
+    with pytest.raises(DivergenceError, match=r"diverged at step 3 \(fp16 loss scale=6.1e-05 < 0.0001\)"):
         ft.run_finetune(cfg, tmp_path, progress=False)
     assert not (tmp_path / "final.pt").exists()
 

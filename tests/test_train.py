@@ -1,4 +1,5 @@
 """Training engine: exact resume, DDP over gloo vs gradient accumulation, schedules, checkpoint hygiene."""
+import functools
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ from d2v.train.distributed import World
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
-from d2v.train.optim import cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
+from d2v.train.optim import DivergenceError, cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
 from d2v.train.preemption import Interrupted
 from d2v.train.pretrain import build_objective, run_pretrain, start_from
 
@@ -83,10 +84,36 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
-def cpu_fp16_autocast(device, precision):
+def cpu_fp16_autocast(device, precision, init_scale: float = 2.0 ** 16):
     """`pretrain.autocast` for fp16 tests on CPU: torch's CPU scaler (a GPU run gets the CUDA one), its scale growing
     at every step so that steps overflow within a few."""
-    return torch.autocast(device.type, dtype=torch.float16), torch.amp.GradScaler(device.type, growth_interval=1)
+    return (torch.autocast(device.type, dtype=torch.float16),
+            torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=1))
+
+
+def nan_gradients_from(step: int, real_step):
+    """`clip_and_step` that makes a gradient NaN at `step` and after: an fp16 run whose every step overflows."""
+    def poisoned(optimizer, params, clip_norm, scaler=None):
+        if poisoned.step >= step:
+            next(p for p in params if p.grad is not None).grad.fill_(float("nan"))
+        poisoned.step += 1
+        return real_step(optimizer, params, clip_norm, scaler)
+    poisoned.step = 1
+    return poisoned
+
+
+def test_an_fp16_run_whose_every_step_overflows_stops_when_its_loss_scale_falls_below_fairseqs_minimum(
+        tmp_path, monkeypatch):
+    """The scaler skips an overflowing step and halves its scale; a run where every step overflows would halve it to
+    zero and then step on zero gradients. Below 1e-4 (fairseq's min_loss_scale) it has diverged: 2^-13 doubles to
+    2^-12 over the finite step 1, NaN gradients from step 2 halve it to 2^-14 at step 3, a checkpoint step between
+    log steps, so no checkpoint is written there."""
+    monkeypatch.setattr(pretrain, "autocast", functools.partial(cpu_fp16_autocast, init_scale=2.0 ** -13))
+    monkeypatch.setattr(pretrain, "clip_and_step", nan_gradients_from(2, pretrain.clip_and_step))
+    cfg = tiny_cfg("text", precision="fp16", log_every=10)
+    with pytest.raises(DivergenceError, match=r"diverged at step 3 \(fp16 loss scale=6.1e-05 < 0.0001\)"):
+        run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False)
+    assert not list((tmp_path / "checkpoints").glob("step-*.pt"))
 
 
 def test_an_fp16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path, monkeypatch):

@@ -425,8 +425,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             consumed += cfg.accum_steps
             grad_norm = optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler)
             row = {"step": step, **mean_over_ranks({"loss": loss, "grad_norm": grad_norm}, world), "lr": lr}
-            if scaler is None:  # fp16's scaler skips the steps that overflow instead
-                require_finite(step, row)  # the same on every rank: the loss is their mean
+            require_finite(step, row, scaler)  # the same on every rank: the loss is their mean, the scale shared
             if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
             if log is not None:

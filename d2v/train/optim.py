@@ -14,10 +14,21 @@ class DivergenceError(RuntimeError):
     """The loss or the gradient norm is no longer finite: every update from there on writes NaN into the weights."""
 
 
-def require_finite(step: int, metrics: dict[str, float], keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
-    """Stop a run whose loss or gradient norm is NaN or infinite, before it writes a checkpoint of NaN weights. fp16
-    runs skip this: their gradient scaler skips the steps that overflow and lowers the scale."""
-    bad = [f"{k}={metrics[k]}" for k in keys if k in metrics and not math.isfinite(metrics[k])]
+MIN_LOSS_SCALE = 1e-4  # fairseq's min_loss_scale: an fp16 run whose scale falls below it has diverged
+
+
+def require_finite(step: int, metrics: dict[str, float], scaler: torch.amp.GradScaler | None = None,
+                   keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+    """Stop a run whose loss or gradient norm is NaN or infinite, before it writes a checkpoint of NaN weights. An
+    fp16 run's scaler skips the steps that overflow and halves its scale instead; such a run has diverged when the
+    scale falls below MIN_LOSS_SCALE (fairseq's rule): no scale makes its steps finite, and at a scale of zero it
+    would step on zero gradients."""
+    if scaler is None:
+        bad = [f"{k}={metrics[k]}" for k in keys if k in metrics and not math.isfinite(metrics[k])]
+    elif (scale := scaler.get_scale()) < MIN_LOSS_SCALE:
+        bad = [f"fp16 loss scale={scale:.3g} < {MIN_LOSS_SCALE:g}"]
+    else:
+        bad = []
     if bad:
         raise DivergenceError(f"training diverged at step {step} ({', '.join(bad)}); no checkpoint is written from "
                               "here and the earlier ones are kept. Lower the LR, lengthen the warm-up or clip the "

@@ -196,8 +196,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 _log_step(run, bar, step, consumed, sums, {"lr": lr, "tau": tau}, seen)
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
-            if save and not logged and scaler is None:  # a checkpoint between log steps: one host sync
-                require_finite(step, {"grad_norm": float(sums["grad_norm"])})
+            if save and not logged:  # a checkpoint between log steps: one host sync
+                require_finite(step, {"grad_norm": float(sums["grad_norm"])}, scaler)
             bar.update(1)
             if save:
                 _save(run, step, consumed)
@@ -251,8 +251,7 @@ def _log_step(run: _Run, bar, step: int, consumed: int, sums: dict[str, torch.Te
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tau=f"{metrics['tau']:.4f}",
                     tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
                     rank=f"{metrics['target_rank']:.1f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
-    if run.scaler is None:
-        require_finite(step, metrics)
+    require_finite(step, metrics, run.scaler)
     try:
         run.objective.check_collapse(step, metrics)
     except CollapseError:
