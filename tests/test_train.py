@@ -116,6 +116,17 @@ def test_an_fp16_run_whose_every_step_overflows_stops_when_its_loss_scale_falls_
     assert not list((tmp_path / "checkpoints").glob("step-*.pt"))
 
 
+@pytest.mark.parametrize("modality,objective,floor", [("image", "v2", 1e-6), ("speech", "v2", 1e-6),
+                                                      ("text", "v2", 1e-4), ("image", "v1", 1e-4),
+                                                      ("speech", "v1", 1e-4), ("text", "v1", 1e-4)])
+def test_the_fp16_divergence_floor_is_the_one_fairseqs_config_for_the_recipe_sets(modality, objective, floor):
+    """fairseq's v2 base_images_only_task and base_audio_only_task set common.min_loss_scale 1e-6; v2 text and the
+    v1 configs keep its default 1e-4. A config's own value wins."""
+    cfg = tiny_cfg(modality, objective=objective)
+    assert pretrain.min_loss_scale(cfg) == floor
+    assert pretrain.min_loss_scale(cfg.model_copy(update={"min_loss_scale": 1e-3})) == 1e-3
+
+
 def test_an_fp16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path, monkeypatch):
     """fp16's gradient scaler is training state: a resume that restarted it at its initial scale would take or skip
     other steps than the uninterrupted run. On CPU (torch's CPU scaler, in place of the CUDA one a GPU run gets) with

@@ -63,6 +63,8 @@ class PretrainConfig(StrictModel):
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # fp16: a run whose loss scale falls below it has diverged (fairseq's min_loss_scale); None: the recipe's
+    min_loss_scale: float | None = Field(None, gt=0)
     compile: bool = False
     # under torchrun: ddp replicates the model on every rank; fsdp shards parameters, gradients and AdamW states
     parallel: Literal["ddp", "fsdp"] = "ddp"

@@ -18,15 +18,15 @@ MIN_LOSS_SCALE = 1e-4  # fairseq's min_loss_scale: an fp16 run whose scale falls
 
 
 def require_finite(step: int, metrics: dict[str, float], scaler: torch.amp.GradScaler | None = None,
-                   keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
+                   min_loss_scale: float = MIN_LOSS_SCALE, keys: tuple[str, ...] = ("loss", "grad_norm")) -> None:
     """Stop a run whose loss or gradient norm is NaN or infinite, before it writes a checkpoint of NaN weights. An
     fp16 run's scaler skips the steps that overflow and halves its scale instead; such a run has diverged when the
-    scale falls below MIN_LOSS_SCALE (fairseq's rule): no scale makes its steps finite, and at a scale of zero it
+    scale falls below `min_loss_scale` (fairseq's rule): no scale makes its steps finite, and at a scale of zero it
     would step on zero gradients."""
     if scaler is None:
         bad = [f"{k}={metrics[k]}" for k in keys if k in metrics and not math.isfinite(metrics[k])]
-    elif (scale := scaler.get_scale()) < MIN_LOSS_SCALE:
-        bad = [f"fp16 loss scale={scale:.3g} < {MIN_LOSS_SCALE:g}"]
+    elif (scale := scaler.get_scale()) < min_loss_scale:
+        bad = [f"fp16 loss scale={scale:.3g} < {min_loss_scale:g}"]
     else:
         bad = []
     if bad:

@@ -28,7 +28,7 @@ from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import adamw, clip_and_step, require_finite, schedule_fn, set_lr
+from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, require_finite, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
@@ -51,6 +51,14 @@ def autocast(device: torch.device, precision: str):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def min_loss_scale(cfg: PretrainConfig) -> float:
+    """fp16's divergence floor: fairseq's data2vec 2.0 image and audio configs set min_loss_scale 1e-6, the others
+    keep its default (spec §12)."""
+    if cfg.min_loss_scale is not None:
+        return cfg.min_loss_scale
+    return 1e-6 if cfg.objective == "v2" and cfg.modality in ("image", "speech") else MIN_LOSS_SCALE
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -197,7 +205,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
             if save and not logged:  # a checkpoint between log steps: one host sync
-                require_finite(step, {"grad_norm": float(sums["grad_norm"])}, scaler)
+                require_finite(step, {"grad_norm": float(sums["grad_norm"])}, scaler, min_loss_scale(cfg))
             bar.update(1)
             if save:
                 _save(run, step, consumed)
@@ -251,7 +259,7 @@ def _log_step(run: _Run, bar, step: int, consumed: int, sums: dict[str, torch.Te
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", tau=f"{metrics['tau']:.4f}",
                     tv=f"{metrics['target_var']:.3f}", pv=f"{metrics['pred_var']:.3f}",
                     rank=f"{metrics['target_rank']:.1f}", samples_per_s=f"{metrics['samples_per_s']:.0f}")
-    require_finite(step, metrics, run.scaler)
+    require_finite(step, metrics, run.scaler, min_loss_scale(run.cfg))
     try:
         run.objective.check_collapse(step, metrics)
     except CollapseError:
