@@ -121,10 +121,14 @@ def test_an_fp16_run_whose_every_step_overflows_stops_when_its_loss_scale_falls_
                                                       ("speech", "v1", 1e-4), ("text", "v1", 1e-4)])
 def test_the_fp16_divergence_floor_is_the_one_fairseqs_config_for_the_recipe_sets(modality, objective, floor):
     """fairseq's v2 base_images_only_task and base_audio_only_task set common.min_loss_scale 1e-6; v2 text and the
-    v1 configs keep its default 1e-4. A config's own value wins."""
+    v1 configs keep its default 1e-4. A config's own value wins, and a run stopped at its floor resumes under a
+    lower one."""
     cfg = tiny_cfg(modality, objective=objective)
     assert pretrain.min_loss_scale(cfg) == floor
-    assert pretrain.min_loss_scale(cfg.model_copy(update={"min_loss_scale": 1e-3})) == 1e-3
+    lower = cfg.model_copy(update={"min_loss_scale": 1e-8})
+    assert pretrain.min_loss_scale(lower) == 1e-8
+    saved = {"config": cfg.model_dump(mode="json"), "recipe": recipe.PRETRAIN}
+    assert checkpoint.changed_since(saved, lower, recipe.PRETRAIN, pretrain.RESUMABLE_ACROSS) == []
 
 
 def test_an_fp16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path, monkeypatch):

@@ -67,7 +67,8 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
-RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel", "stream_resume")
+# a run stopped at its fp16 divergence floor may resume under a lower one
+RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel", "stream_resume", "min_loss_scale")
 
 
 def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
