@@ -17,10 +17,12 @@ import soundfile as sf
 
 class FileServer:
     """Serves `files` {path: bytes}. `cut[path] = n` closes the connection after n bytes of the next response;
-    `ignore_range` answers 200 with the whole file even when a Range is asked for."""
+    `ignore_range` answers 200 with the whole file even when a Range is asked for; while `hold` (an Event) is
+    unset, responses wait."""
 
     def __init__(self, files: dict[str, bytes]):
         self.files, self.cut, self.ignore_range, self.requests = dict(files), {}, False, []
+        self.hold: threading.Event | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -29,6 +31,8 @@ class FileServer:
 
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
+                if server.hold is not None:
+                    server.hold.wait(timeout=30)
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404)

@@ -1,4 +1,7 @@
 """Downloads from a local HTTP server: checksum, cache, resume after a cut connection, mirrors, bad archives."""
+import threading
+import time
+
 import pytest
 from fixtures import FileServer, deb_bytes, sha256, zip_bytes
 
@@ -41,7 +44,44 @@ def test_checksum_mismatch_is_an_error_and_leaves_nothing(tmp_path):
         with pytest.raises(ChecksumError, match="expected 0000.*got " + sha256(PAYLOAD)):
             fetch(bad, tmp_path)
         folder = cache_path(bad, tmp_path).parent
-        assert not any(folder.iterdir())  # neither the file nor a .part survives
+        assert [p.name for p in folder.iterdir()] == ["f.bin.lock"]  # neither the file nor a .part survives
+
+
+def test_a_mirror_serving_other_bytes_falls_back_to_the_next(tmp_path):
+    """A mirror that answers 200 with an error page or another version: its bytes are dropped (a resume from them
+    would extend the wrong file) and the next mirror's are kept; when none matches, the error names each."""
+    with FileServer({"/error-page": b"<html>moved</html>", "/f.bin": PAYLOAD}) as server:
+        art = Artifact("f.bin", (server.url("/error-page"), server.url("/f.bin")), sha256=sha256(PAYLOAD))
+        assert fetch(art, tmp_path).read_bytes() == PAYLOAD
+        wrong = Artifact("g.bin", (server.url("/error-page"), server.url("/f.bin")), sha256="0" * 64)
+        with pytest.raises(ChecksumError, match=r"(?s)every mirror failed.*/error-page: .*mismatch.*/f.bin: .*mism"):
+            fetch(wrong, tmp_path)
+        assert not cache_path(wrong, tmp_path).with_name("g.bin.part").exists()
+
+
+def test_a_corrupt_cached_copy_is_named_with_how_to_recover(tmp_path):
+    with FileServer({"/f.bin": PAYLOAD}) as server:
+        path = fetch(artifact(server), tmp_path)
+        path.write_bytes(PAYLOAD[:-1])
+        with pytest.raises(ChecksumError, match=r"the cached copy; delete it to download it again"):
+            fetch(artifact(server), tmp_path)
+
+
+def test_concurrent_fetches_of_one_artifact_download_it_once(tmp_path):
+    """Two fetches at once (two pipeline jobs, two terminals) would append to one .part file; the second waits for
+    the first and finds the file cached."""
+    with FileServer({"/f.bin": PAYLOAD}) as server:
+        server.hold = threading.Event()
+        paths = []
+        fetches = [threading.Thread(target=lambda: paths.append(fetch(artifact(server), tmp_path))) for _ in range(2)]
+        for t in fetches:
+            t.start()
+        time.sleep(0.5)  # both started; without the lock both would be waiting on the server now
+        server.hold.set()
+        for t in fetches:
+            t.join(timeout=30)
+        assert len(paths) == 2 and paths[0].read_bytes() == PAYLOAD and paths[0] == paths[1]
+        assert len(server.requests) == 1
 
 
 def test_falls_back_to_the_next_mirror_and_names_all_failures(tmp_path):

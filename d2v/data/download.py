@@ -3,10 +3,14 @@
 An `Artifact` pins a file by its sha256 (or, where the publisher only gives one, md5). `fetch` looks for it in
 the cache first, then tries each mirror in turn: a partial download is kept as `<name>.part` and resumed with
 an HTTP Range request after a cut connection, and the file only appears under its final name once its digest
-matches. A mismatch deletes the partial file and raises `ChecksumError` naming the URL and both digests.
+matches. A mismatch deletes the partial file and tries the next mirror (a mirror that answers 200 with an error
+page is the common case); when none serves the pinned file, `ChecksumError` names each URL and both digests.
+Processes fetching the same artifact take turns (a lock file beside it): one downloads, the others find it cached.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import logging
@@ -86,27 +90,40 @@ def fetch(artifact: Artifact, cache_dir: str | Path, *, attempts: int = 4, timeo
           backoff: float = 1.0) -> Path:
     """Return the cached path of `artifact`, downloading (and resuming) it when needed."""
     final = cache_path(artifact, cache_dir)
-    if final.exists():
-        verify(final, artifact, str(final))
-        return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    part = final.with_name(final.name + ".part")
-    errors = []
-    for url in artifact.urls:
+    with _exclusive(final.with_name(final.name + ".lock")):
+        if final.exists():
+            verify(final, artifact, f"{final} (the cached copy; delete it to download it again)")
+            return final
+        part = final.with_name(final.name + ".part")
+        errors, mismatched = [], False
+        for url in artifact.urls:
+            try:
+                _download(url, part, artifact.size, attempts=attempts, timeout=timeout, backoff=backoff)
+                verify(part, artifact, url)
+            except DownloadError as err:  # ChecksumError included: another mirror may serve the pinned file
+                mismatched |= isinstance(err, ChecksumError)
+                if isinstance(err, ChecksumError):
+                    part.unlink(missing_ok=True)  # a resume would extend the wrong bytes
+                errors.append(f"{url}: {err}")
+                log.warning("%s: %s", artifact.name, err)
+                continue
+            os.replace(part, final)
+            return final
+    failed = ChecksumError if mismatched else DownloadError
+    raise failed(f"{artifact.name}: every mirror failed:\n  " + "\n  ".join(errors))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an advisory lock on `lock_path` (blocking) for the block: concurrent fetches of one artifact, from
+    processes or threads, would otherwise append to the same .part file."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            _download(url, part, artifact.size, attempts=attempts, timeout=timeout, backoff=backoff)
-        except DownloadError as err:
-            errors.append(f"{url}: {err}")
-            log.warning("%s: %s", artifact.name, err)
-            continue
-        try:
-            verify(part, artifact, url)
-        except ChecksumError:
-            part.unlink(missing_ok=True)
-            raise
-        os.replace(part, final)
-        return final
-    raise DownloadError(f"{artifact.name}: every mirror failed:\n  " + "\n  ".join(errors))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _download(url: str, part: Path, size: int | None, *, attempts: int, timeout: float, backoff: float) -> None:
