@@ -417,7 +417,7 @@ def test_an_fp16_fine_tune_scales_its_loss_skips_overflows_and_resumes_at_its_lo
     cfg = toy_dev_config(toy_image_task, monkeypatch, steps=10, keep=2)
     ft.run_finetune(cfg, tmp_path / "fp32", progress=False)
     monkeypatch.setattr(ft, "autocast", cpu_fp16_autocast)
-    cfg = cfg.model_copy(update={"precision": "fp16"})
+    cfg = tasks.FinetuneConfig.model_validate({**cfg.model_dump(), "precision": "fp16"})
     ft.run_finetune(cfg, tmp_path / "a", progress=False)
     log = pd.read_csv(tmp_path / "a" / "metrics.csv")
     fp32_norm = pd.read_csv(tmp_path / "fp32" / "metrics.csv")["grad_norm"][0]
@@ -463,7 +463,7 @@ def test_an_fp16_fine_tune_whose_every_step_overflows_stops_at_fairseqs_minimum_
 
     monkeypatch.setattr(ft, "autocast", functools.partial(cpu_fp16_autocast, init_scale=2.0 ** -13))
     monkeypatch.setattr(ft, "clip_and_step", nan_gradients_from(2, ft.clip_and_step))
-    cfg = toy_image_task.model_copy(update={"precision": "fp16", "steps": 6})
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "precision": "fp16", "steps": 6})
     with pytest.raises(DivergenceError, match=r"diverged at step 3 \(fp16 loss scale=6.1e-05 < 0.0001\)"):
         ft.run_finetune(cfg, tmp_path, progress=False)
     assert not (tmp_path / "final.pt").exists()

@@ -156,7 +156,8 @@ class FinetuneConfig(StrictModel):
     letters: str = "data/tokenizer/letters.json"
     num_workers: int = Field(0, ge=0)
     device: str = "auto"  # auto: the GPU when there is one
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 (fairseq's GLUE recipes) steps through a gradient scaler on CUDA
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
     checkpoint: CheckpointConfig = CheckpointConfig()  # resumable state while the run is unfinished
     stream_resume: StreamResume = "replay"  # d2v.train.config.StreamResume
