@@ -293,6 +293,20 @@ def test_fbank_front_end_counts_its_frames_and_ignores_padding():
         enc(torch.zeros(1, 399))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fbank_log_mels_stay_fp32_under_autocast(dtype):
+    """Waveforms are standardised per utterance (task.normalize), and a tone at 4 standard deviations has a power
+    spectrum past fp16's largest value (65504): the mel filterbank's matmul, which autocast would run in fp16 (or in
+    bf16, at 8 bits of mantissa), runs in fp32."""
+    front = SpeechEncoder(SPEECH_PRESETS["tiny-fbank"]).feature_extractor
+    wav = torch.sin(torch.arange(16_000) * 0.3)[None] * 4.0
+    exact, _ = front.log_mel(wav)
+    with torch.autocast("cpu", dtype=dtype):
+        autocast, _ = front.log_mel(wav)
+    assert torch.isfinite(autocast).all() and autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, exact)
+
+
 def test_bad_input_shapes_are_clear_errors():
     with pytest.raises(ValueError, match=r"expected images \(B, 1, 32, 32\)"):
         ImageEncoder(IMAGE_PRESETS["tiny"])(torch.zeros(2, 3, 32, 32))

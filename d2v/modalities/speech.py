@@ -202,7 +202,8 @@ class FbankFrontEnd(nn.Module):
         per utterance."""
         samples = torch.full(wav.shape[:1], wav.shape[1], device=wav.device) if padding_mask is None else \
             (~padding_mask).sum(-1)
-        x = (self.mel(wav.float()) + 1e-6).log()  # (B, M, F)
+        with torch.autocast(wav.device.type, enabled=False):  # a loud frame's power passes fp16's 65504: fp32 mels
+            x = (self.mel(wav.float()) + 1e-6).log()  # (B, M, F)
         valid = (torch.arange(x.shape[-1], device=x.device)[None] < self.mel_frames(samples)[:, None]).unsqueeze(1)
         count = valid.sum(-1, keepdim=True)
         mean = (x * valid).sum(-1, keepdim=True) / count
