@@ -5,6 +5,7 @@ import time
 import pytest
 from fixtures import FileServer, deb_bytes, sha256, zip_bytes
 
+from d2v.data import download
 from d2v.data.archives import ArchiveError, Package
 from d2v.data.download import Artifact, ChecksumError, DownloadError, cache_path, fetch
 
@@ -15,10 +16,11 @@ def artifact(server, path="/f.bin", digest=None, **kw):
     return Artifact("f.bin", (server.url(path),), sha256=digest or sha256(PAYLOAD), **kw)
 
 
-def test_fetch_verifies_and_caches(tmp_path):
+def test_fetch_verifies_and_caches(tmp_path, monkeypatch):
     with FileServer({"/f.bin": PAYLOAD}) as server:
         path = fetch(artifact(server), tmp_path)
         assert path.read_bytes() == PAYLOAD and path == cache_path(artifact(server), tmp_path)
+        monkeypatch.setattr(download, "_exclusive", None)  # reading takes no lock: a shared cache may be read-only
         fetch(artifact(server), tmp_path)
         assert len(server.requests) == 1  # second call served from the cache
 

@@ -90,10 +90,11 @@ def fetch(artifact: Artifact, cache_dir: str | Path, *, attempts: int = 4, timeo
           backoff: float = 1.0) -> Path:
     """Return the cached path of `artifact`, downloading (and resuming) it when needed."""
     final = cache_path(artifact, cache_dir)
+    if _cached(final, artifact):  # no lock needed to read: a shared cache may be read-only
+        return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(final.with_name(final.name + ".lock")):
-        if final.exists():
-            verify(final, artifact, f"{final} (the cached copy; delete it to download it again)")
+        if _cached(final, artifact):  # fetched by another process while this one waited
             return final
         part = final.with_name(final.name + ".part")
         errors, mismatched = [], False
@@ -112,6 +113,13 @@ def fetch(artifact: Artifact, cache_dir: str | Path, *, attempts: int = 4, timeo
             return final
     failed = ChecksumError if mismatched else DownloadError
     raise failed(f"{artifact.name}: every mirror failed:\n  " + "\n  ".join(errors))
+
+
+def _cached(final: Path, artifact: Artifact) -> bool:
+    if not final.exists():
+        return False
+    verify(final, artifact, f"{final} (the cached copy; delete it to download it again)")
+    return True
 
 
 @contextlib.contextmanager

@@ -347,9 +347,9 @@ def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
 def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, scaler, world: World,
                          step: int, device: torch.device) -> float:
     """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last; fp16 scales the loss
-    first); their mean loss. Masks,
-    mixing and dropout are keyed by (seed, step) and, when the update has several micro-batches, by the
-    micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
+    first); their mean loss. Masks, mixing and dropout are keyed by (seed, step) and, when the update has several
+    micro-batches, by the micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches
+    draws."""
     several = world.distributed or cfg.accum_steps > 1
     loss = 0.0
     for micro in range(cfg.accum_steps):

@@ -35,11 +35,11 @@ def require_finite(step: int, metrics: dict[str, float], scaler: torch.amp.GradS
                               "gradients (optim.clip_norm)")
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_norm: float,
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_norm: float | None,
                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """Clip the gradients to `clip_norm` (0: unclipped) and step; returns their norm before clipping, on the device.
-    Under fp16 the gradients are unscaled first, and the scaler skips a step whose gradients overflowed (the norm is
-    then infinite) and lowers its loss scale."""
+    """Clip the gradients to `clip_norm` (None or 0: unclipped) and step; returns their norm before clipping, on the
+    device. Under fp16 the gradients are unscaled first, and the scaler skips a step whose gradients overflowed (the
+    norm is then infinite) and lowers its loss scale."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf"))
