@@ -407,11 +407,11 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
 
 def test_an_fp16_fine_tune_scales_its_loss_skips_overflows_and_resumes_at_its_loss_scale(toy_image_task, tmp_path,
                                                                                           monkeypatch):
-    """fp16 fine-tuning steps through a gradient scaler, as pretraining does (it used to step unscaled, where small
-    gradients vanish in fp16). On CPU, torch's CPU scaler (a GPU run gets the CUDA one) with its scale doubling every
-    step: the logged gradient norm is the unscaled one (the fp32 run's at step 1), the steps that overflow are
-    skipped, and a run resumed from its step-4 checkpoint continues at the scale it had reached, ending on the
-    uninterrupted run's weights and log (this fails without the scaler in the checkpoint)."""
+    """fp16 fine-tuning (fairseq's GLUE recipes) steps through a gradient scaler, as pretraining does. On CPU, torch's
+    CPU scaler (a GPU run gets the CUDA one) with its scale doubling every step: the logged gradient norm is the
+    unscaled one (the fp32 run's at step 1), the steps that overflow are skipped, and a run resumed from its step-4
+    checkpoint continues at the scale it had reached, ending on the uninterrupted run's weights and log (this fails
+    without the scaler in the checkpoint)."""
     from test_train import cpu_fp16_autocast
 
     cfg = toy_dev_config(toy_image_task, monkeypatch, steps=10, keep=2)
