@@ -45,7 +45,8 @@ from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import adamw, clip_and_step, layer_decay_groups, require_finite, schedule_fn, set_lr
+from d2v.train.optim import adamw, clip_and_step, layer_decay_groups, require_finite, restore_scaler, \
+    scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
@@ -392,8 +393,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     step, consumed, best = 0, 0, _Best()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):  # absent from older checkpoints
-            scaler.load_state_dict(state["scaler"])
+        restore_scaler(scaler, state.get("scaler"))
         step, consumed = state["step"], state["batches"]
         best = _Best(state["best"], state["best_metrics"], state.get("best_pt"))  # best_pt: absent from older ones
     lr_at = schedule_fn(cfg.optim.schedule, cfg.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_scale,
@@ -435,7 +435,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
             if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                 "scaler": scaler.state_dict() if scaler is not None else None,
+                                                 "scaler": scaler_state(scaler),
                                                  "batches": consumed, "best": best.key, "best_metrics": best.metrics,
                                                  "best_pt": best.file,
                                                  "config": cfg.model_dump(mode="json"), "data_digest": data_digest,

@@ -51,6 +51,18 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], 
     return norm
 
 
+def scaler_state(scaler: torch.amp.GradScaler | None) -> dict | None:
+    """fp16's loss scale for a checkpoint to carry (None without a scaler)."""
+    return scaler.state_dict() if scaler is not None else None
+
+
+def restore_scaler(scaler: torch.amp.GradScaler | None, saved: dict | None) -> None:
+    """A checkpoint's loss scale back into `scaler`; a checkpoint without one (written before scalers were saved, or
+    by a run without a scaler) leaves it at its initial scale."""
+    if scaler is not None and saved:
+        scaler.load_state_dict(saved)
+
+
 def adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas=(0.9, 0.98), eps=1e-6):
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # biases, norms, LayerScale, mask embeddings

@@ -28,7 +28,8 @@ from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, require_finite, schedule_fn, set_lr
+from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, require_finite, restore_scaler, scaler_state, \
+    schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
@@ -235,8 +236,7 @@ def _restore_optimizer(objective: Data2Vec, optimizer: torch.optim.Optimizer, sc
         fsdp.load_optimizer_state(objective, optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    restore_scaler(scaler, state.get("scaler"))
 
 
 def _optimizer_step(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, params: list, scaler) -> torch.Tensor:
@@ -317,9 +317,9 @@ def _save(run: _Run, step: int, consumed: int) -> dict | None:
         model_state, optim_state = run.objective.state_dict(), run.optimizer.state_dict()
     if not run.world.is_main:
         return None
-    scaler_state = run.scaler.state_dict() if run.scaler is not None else None
-    checkpoint.save(run.ckpt_dir, step, {"model": model_state, "optimizer": optim_state, "scaler": scaler_state,
-                                         "batches": consumed, "config": run.cfg.model_dump(mode="json"),
+    checkpoint.save(run.ckpt_dir, step, {"model": model_state, "optimizer": optim_state,
+                                         "scaler": scaler_state(run.scaler), "batches": consumed,
+                                         "config": run.cfg.model_dump(mode="json"),
                                          "data_digest": run.data_digest, "recipe": recipe.PRETRAIN,
                                          "ranks": run.world.size, "metrics_csv": run.log.text(),
                                          "seconds": run.clock.seconds()},
