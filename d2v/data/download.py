@@ -103,9 +103,9 @@ def fetch(artifact: Artifact, cache_dir: str | Path, *, attempts: int = 4, timeo
                 _download(url, part, artifact.size, attempts=attempts, timeout=timeout, backoff=backoff)
                 verify(part, artifact, url)
             except DownloadError as err:  # ChecksumError included: another mirror may serve the pinned file
-                mismatched |= isinstance(err, ChecksumError)
                 if isinstance(err, ChecksumError):
                     part.unlink(missing_ok=True)  # a resume would extend the wrong bytes
+                    mismatched = True
                 errors.append(f"{url}: {err}")
                 log.warning("%s: %s", artifact.name, err)
                 continue
