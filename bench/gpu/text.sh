@@ -11,8 +11,9 @@
 #               command: bash bench/gpu/text.sh   (timeout_s 600; the default budget leaves ~4 min for the rest)
 # Knobs (environment): PT_STEPS (skip the probe and pretrain this long), BUDGET_S (pretraining seconds, default
 # 300), CANDIDATES (19200,9600,4800,2400), PROBE_STEPS (200), CONTROL_STEPS (20; 0: none), SEEDS (3), TASKS
-# (rt_polarity), TAG (text-v2-gpu), OUT (default $OUT or results/bench), PY. A CPU rehearsal in minutes:
-# PROBE_STEPS=30 CANDIDATES=20,10 CONTROL_STEPS=20 SEEDS=1 (5.5 min; at 10 steps the collapse guard stops the run).
+# (rt_polarity), STUDENT (1; 0: the teacher's rows only), TAG (text-v2-gpu), OUT (default $OUT or
+# results/bench), PY. A CPU rehearsal in minutes: PROBE_STEPS=30 CANDIDATES=20,10 CONTROL_STEPS=20 SEEDS=1
+# (5.5 min; at 10 steps the collapse guard stops the run).
 # Results: $OUT/pretrain_vs_scratch_text_v2_ptSTEPS_gpu{,_teacher}.{json,md}, the control's
 # ..._control_ptCONTROL_STEPS_gpu_teacher.{json,md}, the pretraining's metrics CSV and the probe's step time
 # ($OUT/text_v2_probe_gpu.json).
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 BUDGET_S=${BUDGET_S:-300} CANDIDATES=${CANDIDATES:-19200,9600,4800,2400} PROBE_STEPS=${PROBE_STEPS:-200}
-SEEDS=${SEEDS:-3} TASKS=${TASKS:-rt_polarity} TAG=${TAG:-text-v2-gpu}
+SEEDS=${SEEDS:-3} TASKS=${TASKS:-rt_polarity} TAG=${TAG:-text-v2-gpu} CONTROL_STEPS=${CONTROL_STEPS:-20}
 OUT=${OUT:-results/bench}
 if [ -d .whl ]; then $PY -m pip install -q --no-index --find-links .whl pydantic webdataset; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -48,10 +49,13 @@ series() {
 }
 # the teacher first: the steadier start on CPU; the student's fine-tunes then reuse pretraining and scratch runs
 series "$PT_STEPS" "$TAG" --weights teacher --out "${stem}_teacher.json"
-series "$PT_STEPS" "$TAG" --weights student --out "${stem}.json"
 # the null control: CONTROL_STEPS of the same recipe leave the teacher ~96 % its initialisation, yet on CPU its
 # fine-tunes matched 2400-4800 steps' (docs/findings.md, text): the long run must beat this row, not only scratch
-if [ "${CONTROL_STEPS:-20}" -gt 0 ]; then
+if [ "$CONTROL_STEPS" -gt 0 ]; then
   series "$CONTROL_STEPS" "$TAG-control" --weights teacher \
     --out "$OUT/pretrain_vs_scratch_text_v2_control_pt${CONTROL_STEPS}_gpu_teacher.json"
+fi
+# the student last: on CPU it trailed the teacher, so it is the row a short device call gives up first
+if [ "${STUDENT:-1}" = 1 ]; then
+  series "$PT_STEPS" "$TAG" --weights student --out "${stem}.json"
 fi
