@@ -63,10 +63,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def update_seconds(name: str, preset: str, objective: str, batch_size: int, steps: int, clones: int | None,
-                   device: torch.device = torch.device("cpu"), precision: str = "fp32",
-                   compile: bool = False) -> tuple[float, float | None]:
-    """Median seconds of one training update, and (on CUDA) the FLOPs of one forward + backward."""
+def training_update(name: str, preset: str, objective: str, batch_size: int, clones: int | None,
+                    device: torch.device = torch.device("cpu"), precision: str = "fp32", compile: bool = False):
+    """A modality's synthetic batches of its embedded shapes, on the device (`next_batch()`), one training update
+    of its objective on such a batch (`update(batch, step)`: forward, backward, AdamW, EMA), and (on CUDA) the FLOPs
+    of its forward + backward."""
     torch.manual_seed(0)
     obj = build_objective(name, preset, objective)
     if clones is not None:
@@ -90,18 +91,34 @@ def update_seconds(name: str, preset: str, objective: str, batch_size: int, step
     flops = update_flops(obj, to_device(next(batches), device), amp) if device.type == "cuda" else None
     if compile:
         compile_regions(obj)
-    times = []
-    warmup = 3 if compile else 1  # compilation (and allocator warm-up) is not timed
-    for step in range(1, steps + warmup + 1):
-        batch = to_device(next(batches), device)
-        synchronize(device)
-        start = time.perf_counter()
+
+    def next_batch():
+        return to_device(next(batches), device)
+
+    def update(batch, step: int) -> None:
         with amp:
             out = obj(batch, np.random.default_rng(step))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         obj.ema_step(step)
+
+    return next_batch, update, flops
+
+
+def update_seconds(name: str, preset: str, objective: str, batch_size: int, steps: int, clones: int | None,
+                   device: torch.device = torch.device("cpu"), precision: str = "fp32",
+                   compile: bool = False) -> tuple[float, float | None]:
+    """Median seconds of one training update, and (on CUDA) the FLOPs of one forward + backward."""
+    next_batch, update, flops = training_update(name, preset, objective, batch_size, clones, device, precision,
+                                                compile)
+    times = []
+    warmup = 3 if compile else 1  # compilation (and allocator warm-up) is not timed
+    for step in range(1, steps + warmup + 1):
+        batch = next_batch()
+        synchronize(device)
+        start = time.perf_counter()
+        update(batch, step)
         synchronize(device)
         times.append(time.perf_counter() - start)
     return float(np.median(times[warmup:])), flops
