@@ -8,7 +8,9 @@ from torch._dynamo.testing import CompileCounter
 
 from conftest import synthetic_batch
 from d2v.modalities.registry import build_encoder, build_objective
+from d2v.nn.blocks import PreLNBlock
 from d2v.nn.compile import compile_regions
+from d2v.nn.layers import DropPath
 from d2v.train.pretrain import build_objective as objective_for
 from d2v.train import finetune as ft
 from d2v.train.pretrain import run_pretrain
@@ -51,6 +53,43 @@ def test_blocks_compile_whole_and_match_eager(name, objective):
             assert torch.equal(grads_e[key], grads_c[key]), key
     # identical blocks share one graph: a training-mode block, an eval-mode (teacher) block, and the decoder
     assert 1 <= counter.frame_count <= 2 + (objective == "v2") < regions
+
+
+class Stack(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x, _ = block(x)
+        return x
+
+
+def test_a_stochastic_depth_stack_compiles_one_graph_not_one_per_rate():
+    """ViT-B's twelve blocks each drop their branch at their own rate (0 to 0.25). Read as graph constants, those
+    rates made each block compile anew and passed Dynamo's recompile limit of 8: `compile: true` failed on the
+    paper image recipes (seen on an H200). Rate 0 and the rest compile once each."""
+    torch.manual_seed(0)
+    stack = Stack([PreLNBlock(16, 2, 32, drop_path=0.25 * i / 11) for i in range(12)]).train()
+    counter = CompileCounter()
+    compile_regions(stack, backend=counter)
+    out = stack(torch.randn(64, 5, 16))
+    out.sum().backward()
+    assert counter.frame_count == 2
+    assert out.shape == (64, 5, 16) and torch.isfinite(out).all()
+
+
+def test_compiled_drop_path_drops_at_its_rate_and_rescales():
+    drop = DropPath(0.3).train()
+    drop.compile(backend=CompileCounter(), fullgraph=True)
+    torch.manual_seed(0)
+    y = drop(torch.ones(20000, 3))
+    dropped = (y == 0).all(1)
+    assert ((y == 0) | torch.isclose(y, torch.tensor(1 / 0.7))).all()  # whole samples kept, scaled by 1/keep
+    assert abs(dropped.float().mean().item() - 0.3) < 0.015  # 6σ of a binomial with n = 20000
+    assert torch.equal(drop.eval()(y), y)
+    assert DropPath(0.3).state_dict() == {}  # the tensor rate stays out of checkpoints
 
 
 def test_fine_tuning_with_compile_runs_the_encoder_blocks_compiled(toy_image_task, tmp_path, monkeypatch):

@@ -37,16 +37,22 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample during training."""
+    """Stochastic depth: drop the whole residual branch per sample during training.
+
+    A compiled block reads its keep rate from a tensor: Dynamo takes a float attribute for a constant, so the blocks
+    of a stochastic-depth stack (each its own rate) would each compile a graph of their own, and a ViT-B's twelve
+    pass Dynamo's recompile limit of 8 (a hard failure under `fullgraph`). Eager runs keep the float."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = p
+        self.active = p > 0.0  # a bool: at most two compiled variants (rate 0 and the rest)
+        self.register_buffer("keep", torch.tensor(1.0 - p), persistent=False)  # not in checkpoints
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = 1.0 - self.p
+        keep = self.keep if torch.compiler.is_compiling() else 1.0 - self.p
         noise = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * noise / keep
 
