@@ -107,14 +107,19 @@ class RegressionHead(nn.Module):
 def representation_std(x: Tensor, all_ranks: bool = True) -> Tensor:
     """Mean over channels of the per-channel std of x (N, D), pooled over all ranks (fairseq `compute_var`) unless
     `all_ranks` is False (the training loop averages the per-rank values at log steps instead: no collective
-    communication, no host sync per step)."""
+    communication, no host sync per step). The row count stays a Python number when it is this rank's alone: a
+    tensor made of it on a GPU is a copy from the host, which waits for the stream (three a step)."""
     x = x.detach().float().reshape(-1, x.shape[-1])
-    n = torch.tensor(float(x.shape[0]), device=x.device)
+    n = float(x.shape[0])
     s, sq = x.sum(0), (x * x).sum(0)
     if all_ranks and dist.is_available() and dist.is_initialized():
+        n = torch.tensor(n, device=x.device)  # summed over ranks with the sums
         for t in (n, s, sq):
             dist.all_reduce(t)
-    var = (sq - s * s / n) / (n - 1).clamp_min(1)
+        denominator = (n - 1).clamp_min(1)
+    else:
+        denominator = max(n - 1, 1)
+    var = (sq - s * s / n) / denominator
     return torch.sqrt(var.clamp_min(0) + 1e-6).mean()
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from d2v.config import ObjectiveConfig
 from d2v.data2vec import Data2Vec, StepOutput, regression_loss, representation_std
-from d2v.modalities.base import Batch, Embedded, EncoderOutput, Modality, dense_indices, gather_tokens
+from d2v.modalities.base import Batch, Embedded, EncoderOutput, Modality, dense_indices, from_host, gather_tokens
 from d2v.nn.decoder import ConvDecoder
 
 
@@ -40,7 +40,7 @@ class Data2Vec2(Data2Vec):
         # masks and their visible/masked positions come from the host: no step waits on the device for a count
         host_masks = self.modality.v2_masks(batch, v2.mask, clones, rng)  # (B·M, T), True = masked
         device = batch.source.device
-        masks, keep, hidden = (t.to(device, non_blocking=True) for t in (host_masks, *dense_indices(host_masks)))
+        masks, keep, hidden = (from_host(t, device) for t in (host_masks, *dense_indices(host_masks)))
         s_emb = self.student.embed(batch.source, batch.padding_mask)
         y = self.teacher_targets(batch.source, None, s_emb.detach() if v2.teacher_reads_student_features else None)
         out = self.student.encode_visible(Embedded(s_emb.tokens.repeat_interleave(clones, 0)), masks, keep)

@@ -154,6 +154,16 @@ def visible_indices(mask: Tensor) -> Tensor:
     return dense_indices(mask)[0]
 
 
+def from_host(t: Tensor, device: torch.device) -> Tensor:
+    """A tensor made on the host (a mask drawn with numpy) on `device`, without stalling it. A CUDA copy from
+    pageable memory first waits for all the work queued on the stream, so each mask copied plainly idled the GPU
+    once a step; from pinned memory the copy is queued like a kernel (PyTorch keeps the pinned block until it is
+    done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x (B, T, D), index (B, K) -> (B, K, D)."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
                         V2MaskConfig)
-from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
+from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, from_host, gather_tokens,
                                  replace_masked, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks
 from d2v.nn import RelativePositionBias, bert_init, make_block
@@ -283,7 +283,7 @@ class ImageModality(Modality):
         images = batch.source
         grid = self.encoder.cfg.grid
         masks = np.stack([block_mask(grid, self.mask_cfg, rng).reshape(-1) for _ in range(images.shape[0])])
-        mask = torch.from_numpy(masks).to(images.device)
+        mask = from_host(torch.from_numpy(masks), images.device)
         return Views(images, images, None, token_mask=mask, loss_mask=mask)
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel,
                         TokenMaskConfig, V2Config, V2MaskConfig)
-from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, gather_tokens,
+from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, from_host, gather_tokens,
                                  require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks, random_masks
 from d2v.nn import bert_init, make_block
@@ -236,7 +236,7 @@ class TextModality(Modality):
         tokens = batch.source
         corrupted, selected, masked = mask_tokens(tokens.cpu().numpy(), self.vocab, self.mask_cfg, rng)
         loss_mask = masked if self.mask_cfg.loss_on == "mask_token" else selected
-        to = lambda a: torch.from_numpy(a).to(tokens.device)  # noqa: E731
+        to = lambda a: from_host(torch.from_numpy(a), tokens.device)  # noqa: E731
         return Views(to(corrupted), tokens, batch.padding_mask, token_mask=None, loss_mask=to(loss_mask))
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:

@@ -1,0 +1,42 @@
+"""What a step hands the device. Masks are drawn on the host; their copies must not make the GPU wait
+(`from_host`), and the logged variances must not copy a count to it (three stalls a step before, found by
+bench/update_profile.py on an H200). The CUDA test runs only where there is a GPU (never in CI)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_batch
+from d2v.data2vec import representation_std
+from d2v.modalities.base import from_host
+from d2v.modalities.registry import build_objective
+from d2v.train.pretrain import to_device
+
+
+def test_from_host_on_the_cpu_is_the_tensor_itself():
+    mask = torch.from_numpy(np.random.default_rng(0).random((3, 5)) < 0.5)
+    moved = from_host(mask, torch.device("cpu"))
+    assert moved.device.type == "cpu" and torch.equal(moved, mask)
+
+
+def test_representation_std_is_fairseqs_compute_var():
+    x = torch.randn(7, 3, 16, dtype=torch.float64).float()
+    flat = x.reshape(-1, 16).double()
+    expected = torch.sqrt(flat.var(0, unbiased=True) + 1e-6).mean()
+    assert representation_std(x, all_ranks=False).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert representation_std(x[:1, :1]).item() == pytest.approx(1e-3, rel=1e-3)  # one row: variance 0, not NaN
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["image", "speech"])
+def test_a_v2_step_never_waits_on_the_gpu(name):
+    objective = build_objective(name, "tiny", "v2").cuda().train()
+    batch = to_device(synthetic_batch(name, objective), torch.device("cuda"))
+    objective(batch, np.random.default_rng(0)).loss.backward()  # the first step's allocations and lazy inits
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = objective(batch, np.random.default_rng(1))
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()
