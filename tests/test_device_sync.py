@@ -1,6 +1,6 @@
-"""What a step hands the device. Masks are drawn on the host; their copies must not make the GPU wait
-(`from_host`), and the logged variances must not copy a count to it (three stalls a step before, found by
-bench/update_profile.py on an H200). The CUDA test runs only where there is a GPU (never in CI)."""
+"""What a step asks of the device, from bench/update_profile.py's H200 profile. Masks are drawn on the host; their
+copies must not make the GPU wait (`from_host`), and the logged variances must not copy a count to it (three stalls
+a step before); AdamW takes the fused kernel on CUDA. The CUDA tests run only where there is a GPU (never in CI)."""
 import numpy as np
 import pytest
 import torch
@@ -9,6 +9,7 @@ from conftest import synthetic_batch
 from d2v.data2vec import representation_std
 from d2v.modalities.base import from_host
 from d2v.modalities.registry import build_objective
+from d2v.train.optim import adamw, fused_kernel, load_optimizer_state
 from d2v.train.pretrain import to_device
 
 
@@ -40,3 +41,28 @@ def test_a_v2_step_never_waits_on_the_gpu(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss).item()
+
+
+def test_adamw_keeps_torchs_default_kernel_off_cuda():
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    assert fused_kernel(params) is None
+    assert all(group["fused"] is None for group in adamw(params, 1e-3, 0.01).param_groups)
+
+
+def test_a_resumed_optimizer_keeps_this_runs_kernel_not_the_checkpoints():
+    """A GPU run saves `fused: True` in its groups; resumed on a CPU, load_state_dict alone would bring it back."""
+    params = [torch.nn.Parameter(torch.randn(4, 4)), torch.nn.Parameter(torch.randn(4))]
+    saved = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3, fused=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    saved.step()
+    resumed = adamw(params, 1e-3, 0.01)
+    load_optimizer_state(resumed, saved.state_dict())
+    assert all(group["fused"] is None for group in resumed.param_groups)
+    assert torch.equal(resumed.state_dict()["state"][0]["exp_avg"], saved.state_dict()["state"][0]["exp_avg"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_adamw_takes_the_fused_kernel_on_cuda():
+    params = [torch.nn.Parameter(torch.randn(4, 4, device="cuda"))]
+    assert all(group["fused"] for group in adamw(params, 1e-3, 0.01).param_groups)

@@ -45,8 +45,8 @@ from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import adamw, clip_and_step, layer_decay_groups, require_finite, restore_scaler, \
-    scaler_state, schedule_fn, set_lr
+from d2v.train.optim import adamw, clip_and_step, fused_kernel, layer_decay_groups, load_optimizer_state, \
+    require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
@@ -389,10 +389,10 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     train_model = ddp(model, device, find_unused_parameters=True) if world.distributed else model
     amp, scaler = autocast(device, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps)
+                                  eps=cfg.optim.eps, fused=fused_kernel(model.parameters()))
     step, consumed, best = 0, 0, _Best()
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         restore_scaler(scaler, state.get("scaler"))
         step, consumed = state["step"], state["batches"]
         best = _Best(state["best"], state["best_metrics"], state.get("best_pt"))  # best_pt: absent from older ones

@@ -28,8 +28,8 @@ from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, require_finite, restore_scaler, scaler_state, \
-    schedule_fn, set_lr
+from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, load_optimizer_state, require_finite, \
+    restore_scaler, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
@@ -235,7 +235,7 @@ def _restore_optimizer(objective: Data2Vec, optimizer: torch.optim.Optimizer, sc
     if sharded:
         fsdp.load_optimizer_state(objective, optimizer, state["optimizer"])
     else:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
     restore_scaler(scaler, state.get("scaler"))
 
 
