@@ -823,3 +823,19 @@ def test_the_probe_times_a_step_without_its_start_up_and_picks_the_longest_run_t
                                       "--candidates", "4800,2400"])
     with pytest.raises(SystemExit, match="25.0 ms.*not even 2400 steps fit 30 s"):
         fit_steps.main()
+
+
+def test_the_update_profile_records_an_updates_wall_time_and_its_costliest_host_ops(tmp_path, monkeypatch):
+    import update_profile
+
+    out = tmp_path / "profile.json"
+    monkeypatch.setattr(sys, "argv", ["update_profile.py", "--modality", "image", "--objective", "v2", "--preset",
+                                      "tiny", "--batch", "2", "--clones", "2", "--steps", "2", "--profiled", "1",
+                                      "--out", str(out)])
+    update_profile.main()
+    report = json.loads(out.read_text())
+    assert report["clones"] == 2 and report["wall_ms"] > 0 and report["samples_per_s"] > 0
+    costs = [row["self_ms"] for row in report["host_ops"]]
+    assert costs and costs == sorted(costs, reverse=True)
+    assert any(row["op"] in ("aten::mm", "aten::addmm") for row in report["host_ops"])
+    assert report["device_busy_share"] is None and report["launches"] == 0  # a CPU run has no kernels to count
