@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2v.config import SpeechMaskConfig
-from d2v.modalities.base import Batch
+from d2v.modalities.base import Batch, from_host
 from d2v.modalities.speech import SpanMaskConfig, span_mask
 
 
@@ -77,11 +77,11 @@ def masked_speech(encoder: nn.Module, batch: Batch, masks: SpeechMaskConfig, rng
         if masks.time_prob > 0:
             cfg = SpanMaskConfig(prob=masks.time_prob, length=masks.time_length, min_masks=0,
                                  require_same_masks=False)
-            time_mask = torch.from_numpy(span_mask(lengths.tolist(), T, cfg, rng)).to(emb.tokens.device)
+            time_mask = from_host(torch.from_numpy(span_mask(lengths.tolist(), T, cfg, rng)), emb.tokens.device)
         if masks.channel_prob > 0:
             cfg = SpanMaskConfig(prob=masks.channel_prob, length=masks.channel_length, min_masks=0,
                                  require_same_masks=False)
-            channels = torch.from_numpy(span_mask([D] * B, D, cfg, rng)).to(emb.tokens.device)
+            channels = from_host(torch.from_numpy(span_mask([D] * B, D, cfg, rng)), emb.tokens.device)
             emb.tokens = emb.tokens.masked_fill(channels[:, None, :], 0.0)
     return emb, time_mask, lengths
 
@@ -147,9 +147,9 @@ def mix_clips(batch: Batch, labels: Tensor, low: float, share: float, rng: np.ra
     mixed clip is valid where either clip is (fairseq keeps the first clip's padding mask)."""
     B = batch.source.shape[0]
     device = batch.source.device
-    chosen = torch.from_numpy(rng.random(B) < share).to(device)
+    chosen = from_host(torch.from_numpy(rng.random(B) < share), device)
     r = float(rng.uniform(max(low, 1e-6), 1.0))
-    perm = torch.from_numpy(rng.permutation(B)).to(device)
+    perm = from_host(torch.from_numpy(rng.permutation(B)), device)
     mixed = (r * batch.source + (1 - r) * batch.source[perm]) / math.sqrt(r * r + (1 - r) ** 2)
     source = torch.where(chosen.unsqueeze(-1), mixed, batch.source)
     labels = torch.where(chosen.unsqueeze(-1), r * labels + (1 - r) * labels[perm], labels)
