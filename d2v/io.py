@@ -28,6 +28,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def _umask() -> int:
+    """The process umask. Linux reports it (/proc/self/status, kernel 4.7+); elsewhere it is read by setting it and
+    setting it back, and a thread creating a file in between (a shard writer's pool) would get a world-writable one."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     umask = os.umask(0)
     os.umask(umask)
     return umask

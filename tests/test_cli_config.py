@@ -13,7 +13,8 @@ from d2v import cli
 from d2v.cli import main
 from d2v.data.manifest import make_manifest, write_manifest
 from d2v.config import ConfigError, ObjectiveConfig, load_yaml, nested_overrides, validate
-from d2v.io import atomic_torch_save, atomic_write_json, git_commit, read_commit, short_commit
+from d2v.io import (atomic_torch_save, atomic_write_json, git_commit, new_dir_mode, new_file_mode, read_commit,
+                    short_commit)
 from d2v.modalities import IMAGE_PRESETS, SPEECH_PRESETS, TEXT_PRESETS, ImageEncoder, SpeechEncoder, TextEncoder
 from d2v.modalities.speech import frame_lengths
 from d2v.train import checkpoint
@@ -61,6 +62,18 @@ def test_atomic_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
     assert stat.S_IMODE(json_path.stat().st_mode) == 0o640
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o640
     assert json.loads(json_path.read_text()) == {"a": 1}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux reports the umask in /proc")
+def test_the_umask_is_read_without_changing_it(monkeypatch):
+    """Setting it to 0 to read it, however briefly, left files another thread created then world-writable."""
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("the umask was changed to be read"))
+        assert new_file_mode() == 0o640 and new_dir_mode() == 0o750
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
 
 
 def test_the_recorded_commit_is_the_packages_head_dirty_only_for_its_own_tracked_files(tmp_path):
