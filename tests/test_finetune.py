@@ -405,6 +405,31 @@ def test_a_stop_signal_checkpoints_the_fine_tunes_step_and_the_run_resumes_bit_f
     assert resumed["best_dev"] == straight["best_dev"]
 
 
+def test_fp16_fine_tuning_scales_text_as_fairseqs_glue_recipes_and_the_rest_by_its_defaults(toy_image_task, tmp_path,
+                                                                                               monkeypatch):
+    """fairseq's GLUE fine-tuning configs set fp16_init_scale 4 and fp16_scale_window 128; other tasks get its
+    defaults (2^7; 2^14 / (ranks · update_freq)); a config's own values win. The run hands them to its scaler."""
+    text = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "task": "rt_polarity"})
+    assert ft.fp16_scaling_of(text, tasks.TASKS["rt_polarity"], 1) == {"init_scale": 4.0, "growth_interval": 128}
+    assert ft.fp16_scaling_of(toy_image_task, tasks.TASKS[toy_image_task.task], 2) == \
+        {"init_scale": 128.0, "growth_interval": 8192}
+    own = text.model_copy(update={"fp16_init_scale": 1024.0, "fp16_scale_window": 50})
+    assert ft.fp16_scaling_of(own, tasks.TASKS["rt_polarity"], 1) == {"init_scale": 1024.0, "growth_interval": 50}
+    from test_train import cpu_fp16_autocast
+
+    seen = []
+
+    def recording(device, precision, scaling=None):
+        seen.append(scaling)
+        return cpu_fp16_autocast(device, precision)
+
+    monkeypatch.setattr(ft, "autocast", recording)
+    cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "precision": "fp16", "steps": 2,
+                                               "fp16_scale_window": 9})
+    ft.run_finetune(cfg, tmp_path / "run", progress=False)
+    assert seen[0] == {"init_scale": 128.0, "growth_interval": 9}
+
+
 def test_an_fp16_fine_tune_scales_its_loss_skips_overflows_and_resumes_at_its_loss_scale(toy_image_task, tmp_path,
                                                                                           monkeypatch):
     """fp16 fine-tuning (fairseq's GLUE recipes) steps through a gradient scaler, as pretraining does. On CPU, torch's

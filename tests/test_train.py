@@ -26,7 +26,8 @@ from d2v.train.distributed import World
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
 from d2v.train.logging import MetricsLog
-from d2v.train.optim import DivergenceError, cosine_with_warmup, linear_with_warmup, schedule_fn, tri_stage
+from d2v.train.optim import DivergenceError, cosine_with_warmup, fp16_scaling, linear_with_warmup, schedule_fn, \
+    tri_stage
 from d2v.train.preemption import Interrupted
 from d2v.train.pretrain import build_objective, run_pretrain, start_from
 
@@ -84,9 +85,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path, modality, objective):
     assert (tmp_path / "b" / "final.pt").exists() and (tmp_path / "b" / "curves.png").stat().st_size > 1000
 
 
-def cpu_fp16_autocast(device, precision, init_scale: float = 2.0 ** 16):
+def cpu_fp16_autocast(device, precision, scaling=None, init_scale: float = 2.0 ** 16):
     """`pretrain.autocast` for fp16 tests on CPU: torch's CPU scaler (a GPU run gets the CUDA one), its scale growing
-    at every step so that steps overflow within a few."""
+    at every step so that steps overflow within a few (the recipe's `scaling` is set aside)."""
     return (torch.autocast(device.type, dtype=torch.float16),
             torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=1))
 
@@ -129,6 +130,38 @@ def test_the_fp16_divergence_floor_is_the_one_fairseqs_config_for_the_recipe_set
     assert pretrain.min_loss_scale(lower) == 1e-8
     saved = {"config": cfg.model_dump(mode="json"), "recipe": recipe.PRETRAIN}
     assert checkpoint.changed_since(saved, lower, recipe.PRETRAIN, pretrain.RESUMABLE_ACROSS) == []
+
+
+def test_fp16_loss_scaling_is_fairseqs_dynamic_scaler():
+    """fairseq starts at fp16_init_scale 2^7 and doubles after fp16_scale_window overflow-free updates, by default
+    2^14 / (ranks · update_freq); an overflow halves the scale. Driven here through torch's CPU scaler."""
+    assert fp16_scaling(None, None, 16, 1) == {"init_scale": 128.0, "growth_interval": 1024}
+    assert fp16_scaling(None, None, 8, 4) == {"init_scale": 128.0, "growth_interval": 512}
+    assert fp16_scaling(4.0, 128, 16, 1) == {"init_scale": 4.0, "growth_interval": 128}
+    scaler = torch.amp.GradScaler("cpu", **fp16_scaling(None, 3, 1, 1))
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([w], lr=0.0)
+    scales = []
+    for grad in (1.0, 1.0, 1.0, float("inf"), 1.0):
+        optimizer.zero_grad()
+        scaler.scale((w * torch.full((2,), grad)).sum()).backward()  # gradient: grad × the scale
+        scaler.step(optimizer)
+        scaler.update()
+        scales.append(scaler.get_scale())
+    assert scales == [128.0, 128.0, 256.0, 128.0, 128.0]
+
+
+def test_pretraining_hands_its_fp16_scaler_settings_to_the_scaler(tmp_path, monkeypatch):
+    seen = []
+
+    def recording(device, precision, scaling=None):
+        seen.append(scaling)
+        return cpu_fp16_autocast(device, precision)
+
+    monkeypatch.setattr(pretrain, "autocast", recording)
+    cfg = tiny_cfg("text", precision="fp16", steps=2, fp16_scale_window=7)
+    run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False)
+    assert seen == [{"init_scale": 128.0, "growth_interval": 7}]
 
 
 def test_an_fp16_run_resumes_at_the_loss_scale_it_had_reached(tmp_path, monkeypatch):

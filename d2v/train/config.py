@@ -65,6 +65,10 @@ class PretrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # fp16: a run whose loss scale falls below it has diverged (fairseq's min_loss_scale); None: the recipe's
     min_loss_scale: float | None = Field(None, gt=0)
+    # fp16: the loss scaler's first scale and the overflow-free updates before it doubles (fairseq's fp16_init_scale
+    # and fp16_scale_window); None: fairseq's defaults, 2^7 and 2^14 / (ranks · accum_steps)
+    fp16_init_scale: float | None = Field(None, gt=0)
+    fp16_scale_window: int | None = Field(None, ge=1)
     compile: bool = False
     # under torchrun: ddp replicates the model on every rank; fsdp shards parameters, gradients and AdamW states
     parallel: Literal["ddp", "fsdp"] = "ddp"

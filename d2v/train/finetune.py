@@ -45,8 +45,8 @@ from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, gather_lists, init, launched_size, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import adamw, clip_and_step, fused_kernel, layer_decay_groups, load_optimizer_state, \
-    require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
+from d2v.train.optim import adamw, clip_and_step, fp16_scaling, fused_kernel, layer_decay_groups, \
+    load_optimizer_state, require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
@@ -364,6 +364,16 @@ def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, m
     return loss
 
 
+GLUE_FP16 = (4.0, 128)  # fairseq's GLUE fine-tuning configs: fp16_init_scale, fp16_scale_window
+
+
+def fp16_scaling_of(cfg: FinetuneConfig, task: Task, ranks: int) -> dict:
+    """The fp16 loss scaler's arguments: the config's, else fairseq's GLUE recipes' for text tasks, else its
+    defaults."""
+    init_scale, window = GLUE_FP16 if task.modality == "text" else (None, None)
+    return fp16_scaling(cfg.fp16_init_scale or init_scale, cfg.fp16_scale_window or window, ranks, cfg.accum_steps)
+
+
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True, stop_after: int | None = None,
                  restart_on_change: bool = False) -> dict:
     """Fine-tune to `cfg.steps`, resuming from `out_dir/checkpoints` when an interrupted run left one there (the
@@ -387,7 +397,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     model = _task_model(cfg, task, device, state)
     # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
     train_model = ddp(model, device, find_unused_parameters=True) if world.distributed else model
-    amp, scaler = autocast(device, cfg.precision)
+    amp, scaler = autocast(device, cfg.precision, fp16_scaling_of(cfg, task, world.size))
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   eps=cfg.optim.eps, fused=fused_kernel(model.parameters()))
     step, consumed, best = 0, 0, _Best()

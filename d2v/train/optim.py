@@ -16,6 +16,15 @@ class DivergenceError(RuntimeError):
 
 
 MIN_LOSS_SCALE = 1e-4  # fairseq's min_loss_scale: an fp16 run whose scale falls below it has diverged
+FP16_INIT_SCALE = 2.0 ** 7  # fairseq's fp16_init_scale (torch's GradScaler would start at 2^16)
+
+
+def fp16_scaling(init_scale: float | None, window: int | None, ranks: int, accum_steps: int) -> dict:
+    """GradScaler's arguments for fairseq's dynamic loss scaler: the first scale (`fp16_init_scale`, default 2^7)
+    and the overflow-free updates after which it doubles (`fp16_scale_window`, default 2^14 / (ranks ·
+    update_freq)); both halve on an overflow."""
+    return {"init_scale": init_scale or FP16_INIT_SCALE,
+            "growth_interval": window or max(1, int(2 ** 14 / ranks / accum_steps))}
 
 
 def require_finite(step: int, metrics: dict[str, float], scaler: torch.amp.GradScaler | None = None,

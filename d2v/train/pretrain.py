@@ -28,8 +28,8 @@ from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
-from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, load_optimizer_state, require_finite, \
-    restore_scaler, scaler_state, schedule_fn, set_lr
+from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, fp16_scaling, load_optimizer_state, \
+    require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
@@ -42,15 +42,16 @@ def resolved_precision(device: torch.device, precision: str) -> str:
     return precision
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` (none for fp32) and, for fp16 on CUDA, its gradient scaler. fp16 on CPU
-    gets none: fp32 is CPU's default, and CPU fp16 runs have always stepped unscaled (torch disabled the CUDA scaler
-    they were given), so a scaler there would change what such a run computes."""
+def autocast(device: torch.device, precision: str, scaling: dict | None = None):
+    """The autocast context of `precision` (none for fp32) and, for fp16 on CUDA, its gradient scaler (`scaling`:
+    GradScaler's arguments, `optim.fp16_scaling`). fp16 on CPU gets none: fp32 is CPU's default, and CPU fp16 runs
+    have always stepped unscaled (torch disabled the CUDA scaler they were given), so a scaler there would change
+    what such a run computes."""
     precision = resolved_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext(), None
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda", **(scaling or {})) if precision == "fp16" and device.type == "cuda" else None
     return torch.autocast(device.type, dtype=dtype), scaler
 
 
@@ -175,7 +176,8 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
     model, sharded = _parallel(objective, cfg, world)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-    amp, scaler = autocast(world.device, cfg.precision)
+    amp, scaler = autocast(world.device, cfg.precision,
+                           fp16_scaling(cfg.fp16_init_scale, cfg.fp16_scale_window, world.size, cfg.accum_steps))
     if resume_state is not None:
         _restore_optimizer(objective, optimizer, scaler, resume_state, sharded)
     stream = batches(consumed)

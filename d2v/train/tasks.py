@@ -158,6 +158,10 @@ class FinetuneConfig(StrictModel):
     device: str = "auto"  # auto: the GPU when there is one
     # auto: bf16 autocast on CUDA, fp32 on CPU; fp16 (fairseq's GLUE recipes) steps through a gradient scaler on CUDA
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # fp16's loss scaler (fairseq's fp16_init_scale, fp16_scale_window); None: fairseq's GLUE recipes' 4 and 128 for
+    # text tasks, its defaults elsewhere (2^7; 2^14 / (ranks · accum_steps))
+    fp16_init_scale: float | None = Field(None, gt=0)
+    fp16_scale_window: int | None = Field(None, ge=1)
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
     checkpoint: CheckpointConfig = CheckpointConfig()  # resumable state while the run is unfinished
     stream_resume: StreamResume = "replay"  # d2v.train.config.StreamResume
