@@ -206,8 +206,9 @@ class Data2Vec(nn.Module):
         targets = self.teacher_targets(views.teacher_source, views.padding_mask, t_emb)
 
         x = s_out.x[:, s_out.num_extra_tokens:]
-        pred = self.head(x[views.loss_mask])
-        y = targets[views.loss_mask]
+        at = views.loss_mask if views.loss_positions is None else views.loss_positions  # the same order either way
+        pred = self.head(x[at])
+        y = targets[at]
         loss = regression_loss(pred, y, self.cfg.loss)
         valid = s_emb.tokens if s_emb.padding_mask is None else s_emb.tokens[~s_emb.padding_mask]
         metrics = {  # tensors: nothing here waits for the device

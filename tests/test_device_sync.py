@@ -7,7 +7,7 @@ import torch
 
 from conftest import synthetic_batch
 from d2v.data2vec import representation_std
-from d2v.modalities.base import from_host
+from d2v.modalities.base import from_host, host_positions
 from d2v.modalities.registry import build_objective
 from d2v.train.optim import adamw, fused_kernel, load_optimizer_state
 from d2v.train.pretrain import to_device
@@ -19,6 +19,13 @@ def test_from_host_on_the_cpu_is_the_tensor_itself():
     assert moved.device.type == "cpu" and torch.equal(moved, mask)
 
 
+def test_host_positions_gather_what_the_boolean_mask_does_in_its_order():
+    mask = np.random.default_rng(0).random((5, 9)) < 0.4
+    x = torch.randn(5, 9, 3)
+    rows, cols = host_positions(mask, torch.device("cpu"))
+    assert torch.equal(x[rows, cols], x[torch.from_numpy(mask)])
+
+
 def test_representation_std_is_fairseqs_compute_var():
     x = torch.randn(7, 3, 16, dtype=torch.float64).float()
     flat = x.reshape(-1, 16).double()
@@ -28,9 +35,9 @@ def test_representation_std_is_fairseqs_compute_var():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("name", ["image", "speech"])
-def test_a_v2_step_never_waits_on_the_gpu(name):
-    objective = build_objective(name, "tiny", "v2").cuda().train()
+@pytest.mark.parametrize("name,kind", [("image", "v1"), ("image", "v2"), ("speech", "v2")])
+def test_a_step_never_waits_on_the_gpu(name, kind):
+    objective = build_objective(name, "tiny", kind).cuda().train()
     batch = to_device(synthetic_batch(name, objective), torch.device("cuda"))
     objective(batch, np.random.default_rng(0)).loss.backward()  # the first step's allocations and lazy inits
     torch.cuda.synchronize()

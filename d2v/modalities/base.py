@@ -52,6 +52,9 @@ class Views:
     padding_mask: Tensor | None  # input-level padding mask shared by both views
     token_mask: Tensor | None  # (B, T) tokens the encoder replaces by its mask embedding (image, speech)
     loss_mask: Tensor  # (B, T) positions whose predictions enter the loss
+    # the same positions as (rows, columns) in row-major order, from the host (`host_positions`); None: the loss
+    # indexes by `loss_mask`, which on a GPU waits for the device to count its entries
+    loss_positions: tuple[Tensor, Tensor] | None = None
 
 
 class Encoder(nn.Module, ABC):
@@ -162,6 +165,13 @@ def from_host(t: Tensor, device: torch.device) -> Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def host_positions(mask: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (row, column) indices of a host-drawn (B, T) mask's True entries on `device`, in row-major order, the
+    order boolean indexing takes: `x[rows, cols]` gathers what `x[mask]` does without asking the device how many."""
+    rows, cols = np.nonzero(mask)
+    return from_host(torch.from_numpy(rows), device), from_host(torch.from_numpy(cols), device)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
                         V2MaskConfig)
 from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, from_host, gather_tokens,
-                                 replace_masked, run_blocks, visible_indices)
+                                 host_positions, replace_masked, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks
 from d2v.nn import RelativePositionBias, bert_init, make_block
 from d2v.nn.layers import sincos_2d
@@ -284,7 +284,8 @@ class ImageModality(Modality):
         grid = self.encoder.cfg.grid
         masks = np.stack([block_mask(grid, self.mask_cfg, rng).reshape(-1) for _ in range(images.shape[0])])
         mask = from_host(torch.from_numpy(masks), images.device)
-        return Views(images, images, None, token_mask=mask, loss_mask=mask)
+        return Views(images, images, None, token_mask=mask, loss_mask=mask,
+                     loss_positions=host_positions(masks, images.device))
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
         masks = block_masks(batch.source.shape[0] * clones, self.encoder.cfg.grid, cfg, rng)

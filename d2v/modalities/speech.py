@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel, V2Config,
                         V2MaskConfig)
 from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, from_host, gather_tokens,
-                                 replace_masked, require_unpadded, run_blocks, visible_indices)
+                                 host_positions, replace_masked, require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks
 from d2v.nn import bert_init, deepnorm_constants, deepnorm_init, make_block
 from d2v.nn.layers import alibi_bias, alibi_slopes, scale_grad
@@ -426,8 +426,10 @@ class SpeechModality(Modality):
         num_frames = self.num_frames(wav)
         samples = torch.full((wav.shape[0],), wav.shape[1]) if pad is None else (~pad).sum(-1).cpu()
         valid = self.encoder.frame_lengths(samples).tolist()
-        mask = from_host(torch.from_numpy(span_mask(valid, num_frames, self.mask_cfg, rng)), wav.device)
-        return Views(wav, wav, pad, token_mask=mask, loss_mask=mask)
+        host_mask = span_mask(valid, num_frames, self.mask_cfg, rng)
+        mask = from_host(torch.from_numpy(host_mask), wav.device)
+        return Views(wav, wav, pad, token_mask=mask, loss_mask=mask,
+                     loss_positions=host_positions(host_mask, wav.device))
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
         """Drawn on the cropped batch (spec §15), so every row hides exactly ⌊T·prob⌋ frames."""

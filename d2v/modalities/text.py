@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from d2v.config import (CollapseConfig, DecoderConfig, EMAConfig, LossConfig, ObjectiveConfig, StrictModel,
                         TokenMaskConfig, V2Config, V2MaskConfig)
 from d2v.modalities.base import (Batch, Embedded, Encoder, EncoderOutput, Modality, Views, from_host, gather_tokens,
-                                 require_unpadded, run_blocks, visible_indices)
+                                 host_positions, require_unpadded, run_blocks, visible_indices)
 from d2v.modalities.masks_v2 import block_masks, random_masks
 from d2v.nn import bert_init, make_block
 from d2v.nn.layers import alibi_bias, alibi_slopes
@@ -237,7 +237,8 @@ class TextModality(Modality):
         corrupted, selected, masked = mask_tokens(tokens.cpu().numpy(), self.vocab, self.mask_cfg, rng)
         loss_mask = masked if self.mask_cfg.loss_on == "mask_token" else selected
         to = lambda a: from_host(torch.from_numpy(a), tokens.device)  # noqa: E731
-        return Views(to(corrupted), tokens, batch.padding_mask, token_mask=None, loss_mask=to(loss_mask))
+        return Views(to(corrupted), tokens, batch.padding_mask, token_mask=None, loss_mask=to(loss_mask),
+                     loss_positions=host_positions(loss_mask, tokens.device))
 
     def v2_masks(self, batch: Batch, cfg: V2MaskConfig, clones: int, rng: np.random.Generator) -> Tensor:
         rows, length = batch.source.shape[0] * clones, batch.source.shape[1]
