@@ -37,11 +37,8 @@ def summarize(prof, updates: int, top: int) -> dict:
     by_kernel: dict[str, float] = {}
     for e in kernels:
         by_kernel[e.name] = by_kernel.get(e.name, 0.0) + e.time_range.elapsed_us()
-    # the same from the ops' attributed device time, in case a torch lists no separate kernel events
-    attributed = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
     return {
         "device_busy_ms": sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / updates,
-        "device_attributed_ms": attributed / 1e3 / updates,
         "kernels": len(kernels) / updates,
         "launches": sum(count[n] for n in LAUNCHES) / updates,
         "syncs": sum(count[n] for n in SYNCS) / updates,
