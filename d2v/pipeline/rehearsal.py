@@ -26,7 +26,7 @@ from d2v.data import synthetic
 from d2v.data.loaders import collate_images, pad_tokens, pad_waveforms
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.pipeline.params import Profile
-from d2v.train.optim import adamw, fused_kernel
+from d2v.train.optim import adamw
 from d2v.train.tasks import TASKS
 
 @dataclass
@@ -131,7 +131,7 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
 
 
 def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
-    from d2v.train.finetune import as_inputs, build_model, mix, param_groups, train_loss
+    from d2v.train.finetune import as_inputs, build_model, finetune_optimizer, mix, train_loss
     from d2v.train.pretrain import autocast, step_rng
 
     task = TASKS[task_name]
@@ -146,8 +146,7 @@ def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch
     n = batch or cfg.batch_size
     item = _task_item(task, cfg, n, _seconds(cfg.audio, batch), LetterTokenizer.load(letters), model.encoder.cfg)
     inputs = as_inputs(item, task.modality, device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  fused=fused_kernel(model.parameters()))
+    optimizer = finetune_optimizer(model, cfg)
     amp, _ = autocast(device, cfg.precision)
     model.train()
     with amp:

@@ -110,6 +110,12 @@ def vit_layer_id(name: str, depth: int, objective: Objective) -> int:
     return depth + 1
 
 
+def finetune_optimizer(model, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, with the fused kernel where the model is on CUDA (`optim.fused_kernel`)."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                             fused=fused_kernel(model.parameters()))
+
+
 def param_groups(model, cfg: FinetuneConfig) -> list[dict]:
     """Layer-wise LR decay protects what the lower layers of a pretrained encoder learned; a scratch encoder has
     nothing to protect, so it trains every layer at the full LR, as MAE's and DeiT's from-scratch recipes do. With
@@ -398,8 +404,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
     train_model = ddp(model, device, find_unused_parameters=True) if world.distributed else model
     amp, scaler = autocast(device, cfg.precision, fp16_scaling_of(cfg, task, world.size))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  eps=cfg.optim.eps, fused=fused_kernel(model.parameters()))
+    optimizer = finetune_optimizer(model, cfg)
     step, consumed, best = 0, 0, _Best()
     if state is not None:
         load_optimizer_state(optimizer, state["optimizer"])
