@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from v2_vs_v1 import CLONES, synchronize, training_update
+from v2_vs_v1 import CLONES, synchronize, timed_updates, training_update, warmup_updates
 
 from d2v.io import atomic_write_json
 
@@ -71,18 +70,8 @@ def main() -> None:
     clones = (args.clones or CLONES[args.preset][args.modality]) if args.objective == "v2" else None
     next_batch, update, flops = training_update(args.modality, args.preset, args.objective, args.batch, clones,
                                                 device, args.precision, args.compile)
-    step = 0
-    for _ in range(3 if args.compile else 1):  # compilation and allocator warm-up
-        step += 1
-        update(next_batch(), step)
-    walls = []
-    for _ in range(args.steps):
-        step, batch = step + 1, next_batch()
-        synchronize(device)
-        start = time.perf_counter()
-        update(batch, step)
-        synchronize(device)
-        walls.append(time.perf_counter() - start)
+    walls = timed_updates(next_batch, update, device, args.steps, args.compile)
+    step = warmup_updates(args.compile) + args.steps  # the last step timed_updates took
     batches = [next_batch() for _ in range(args.profiled)]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)

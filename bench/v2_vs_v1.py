@@ -112,8 +112,19 @@ def update_seconds(name: str, preset: str, objective: str, batch_size: int, step
     """Median seconds of one training update, and (on CUDA) the FLOPs of one forward + backward."""
     next_batch, update, flops = training_update(name, preset, objective, batch_size, clones, device, precision,
                                                 compile)
+    return float(np.median(timed_updates(next_batch, update, device, steps, compile))), flops
+
+
+def warmup_updates(compile: bool) -> int:
+    """Untimed updates before a timing: compilation (3 when compiled) and the allocator's first allocations (1)."""
+    return 3 if compile else 1
+
+
+def timed_updates(next_batch, update, device: torch.device, steps: int, compile: bool) -> list[float]:
+    """Seconds of each of `steps` updates, each on a batch already on the device, after `warmup_updates(compile)`
+    untimed ones; the updates are steps 1, 2, ... in all."""
+    warmup = warmup_updates(compile)
     times = []
-    warmup = 3 if compile else 1  # compilation (and allocator warm-up) is not timed
     for step in range(1, steps + warmup + 1):
         batch = next_batch()
         synchronize(device)
@@ -121,7 +132,7 @@ def update_seconds(name: str, preset: str, objective: str, batch_size: int, step
         update(batch, step)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return float(np.median(times[warmup:])), flops
+    return times[warmup:]
 
 
 def update_flops(obj, batch, amp) -> float:
