@@ -415,15 +415,10 @@ def test_fp16_fine_tuning_scales_text_as_fairseqs_glue_recipes_and_the_rest_by_i
         {"init_scale": 128.0, "growth_interval": 8192}
     own = text.model_copy(update={"fp16_init_scale": 1024.0, "fp16_scale_window": 50})
     assert ft.fp16_scaling_of(own, tasks.TASKS["rt_polarity"], 1) == {"init_scale": 1024.0, "growth_interval": 50}
-    from test_train import cpu_fp16_autocast
+    from test_train import scaling_recorder
 
     seen = []
-
-    def recording(device, precision, scaling=None):
-        seen.append(scaling)
-        return cpu_fp16_autocast(device, precision)
-
-    monkeypatch.setattr(ft, "autocast", recording)
+    monkeypatch.setattr(ft, "autocast", scaling_recorder(seen))
     cfg = tasks.FinetuneConfig.model_validate({**toy_image_task.model_dump(), "precision": "fp16", "steps": 2,
                                                "fp16_scale_window": 9})
     ft.run_finetune(cfg, tmp_path / "run", progress=False)

@@ -92,6 +92,14 @@ def cpu_fp16_autocast(device, precision, scaling=None, init_scale: float = 2.0 *
             torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=1))
 
 
+def scaling_recorder(seen: list):
+    """`cpu_fp16_autocast` that records the scaler settings a loop asks `autocast` for in `seen`."""
+    def recording(device, precision, scaling=None):
+        seen.append(scaling)
+        return cpu_fp16_autocast(device, precision)
+    return recording
+
+
 def nan_gradients_from(step: int, real_step):
     """`clip_and_step` that makes a gradient NaN at `step` and after: an fp16 run whose every step overflows."""
     def poisoned(optimizer, params, clip_norm, scaler=None):
@@ -153,12 +161,7 @@ def test_fp16_loss_scaling_is_fairseqs_dynamic_scaler():
 
 def test_pretraining_hands_its_fp16_scaler_settings_to_the_scaler(tmp_path, monkeypatch):
     seen = []
-
-    def recording(device, precision, scaling=None):
-        seen.append(scaling)
-        return cpu_fp16_autocast(device, precision)
-
-    monkeypatch.setattr(pretrain, "autocast", recording)
+    monkeypatch.setattr(pretrain, "autocast", scaling_recorder(seen))
     cfg = tiny_cfg("text", precision="fp16", steps=2, fp16_scale_window=7)
     run_pretrain(cfg, build_objective(cfg), synthetic_stream("text"), tmp_path, progress=False)
     assert seen == [{"init_scale": 128.0, "growth_interval": 7}]
