@@ -68,7 +68,17 @@ class EMATeacher(nn.Module):
         if averaged_t:  # Δ ← τΔ + (1 − τ)θ
             torch._foreach_mul_(averaged_t, tau)
             torch._foreach_add_(averaged_t, averaged_s, alpha=1.0 - tau)
-        student_buffers = dict(student.named_buffers())
-        for name, b_t in self.model.named_buffers():
+        student_buffers = dict(persistent_buffers(student))
+        for name, b_t in persistent_buffers(self.model):
             b_t.copy_(student_buffers[name])
         return tau
+
+
+def persistent_buffers(module: nn.Module):
+    """(name, buffer) of the buffers a state dict holds, which a teacher follows as fairseq's EMA does. Non-persistent
+    ones (position tables, relative-position indices, drop-path rates) are built from the config and never change,
+    so copying them each step would only launch kernels."""
+    for prefix, mod in module.named_modules():
+        for name, buffer in mod.named_buffers(recurse=False):
+            if name not in mod._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buffer

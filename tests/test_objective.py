@@ -127,6 +127,27 @@ def test_ema_freezes_averaged_parameters_at_tau_one():
     assert torch.equal(after["embed_tokens.weight"], dict(obj.student.named_parameters())["embed_tokens.weight"])
 
 
+def test_teacher_follows_persistent_buffers_and_leaves_the_constant_ones():
+    """A persistent buffer (running statistics) is state the teacher copies, as fairseq's EMA copies the state
+    dict's buffers; a non-persistent one (a position table, a drop-path rate) is built from the config and is
+    left alone, so the encoders' buffers cost no copy a step."""
+    from d2v.ema import EMATeacher, persistent_buffers
+
+    student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    student[0].register_buffer("table", torch.zeros(3), persistent=False)
+    teacher = EMATeacher(student, EMAConfig.constant(0.5))
+    student.train()(torch.randn(8, 3))  # moves the running statistics
+    student[0].table.fill_(7.0)
+    teacher.step(student, 1)
+    assert torch.equal(teacher.model[1].running_mean, student[1].running_mean)
+    assert teacher.model[1].num_batches_tracked == 1
+    assert not teacher.model[0].table.any()
+    assert [n for n, _ in persistent_buffers(student)] == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    for name in ("image", "speech", "text"):
+        obj = make_objective(name)
+        assert list(obj.student.buffers()) and not list(persistent_buffers(obj.student)), name
+
+
 # ---------------------------------------------------------------- targets
 
 
