@@ -88,3 +88,27 @@ def test_the_gpu_profiles_rehearse_on_cpu(profile, stages):
     pretrained = {r.stage.split()[1] for r in results if r.stage.startswith("pretrain")}
     for r in results[len(pretrained):]:  # from the rehearsed pretraining's final.pt where there is one
         assert r.model.endswith("pretrained" if TASKS[r.stage.split()[1]].modality in pretrained else "scratch")
+
+
+def test_an_fp16_rehearsal_steps_through_the_loops_loss_scaler(monkeypatch):
+    """As the training loops, an fp16 stage scales its loss before the backward and steps through the scaler, with
+    the loop's settings (pretraining: fairseq's 2^7 and 2^14; text fine-tuning: its GLUE recipes' 4 and 128); the
+    CPU scaler here doubles after a finite step."""
+    from test_train import cpu_fp16_autocast
+
+    from d2v.train import pretrain
+
+    seen, scalers = [], []
+
+    def recording(device, precision, scaling=None):
+        amp, scaler = cpu_fp16_autocast(device, precision)
+        seen.append(scaling)
+        scalers.append(scaler)
+        return amp, scaler
+
+    monkeypatch.setattr(pretrain, "autocast", recording)
+    results = rehearse_profile(load_params(ROOT / "params.yaml", "smoke").active,
+                               only=["pretrain text", "finetune rt_polarity"])
+    assert [r.error for r in results] == [None, None] and all(np.isfinite(r.loss) for r in results)
+    assert seen == [{"init_scale": 2.0 ** 7, "growth_interval": 2 ** 14}, {"init_scale": 4, "growth_interval": 128}]
+    assert [s.get_scale() for s in scalers] == [2.0 ** 17] * 2  # one unskipped step each

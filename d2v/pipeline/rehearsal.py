@@ -26,7 +26,7 @@ from d2v.data import synthetic
 from d2v.data.loaders import collate_images, pad_tokens, pad_waveforms
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.pipeline.params import Profile
-from d2v.train.optim import adamw
+from d2v.train.optim import adamw, clip_and_step, fp16_scaling
 from d2v.train.tasks import TASKS
 
 @dataclass
@@ -117,12 +117,12 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
         inputs = synthetic.tokens(rng, n, cfg.data.block_tokens, vocab)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
-    amp, _ = autocast(device, cfg.precision)
+    amp, scaler = autocast(device, cfg.precision, fp16_scaling(cfg.fp16_init_scale, cfg.fp16_scale_window, 1, 1))
     objective.train()
     with amp:
         out = objective(to_device(inputs, device), step_rng(cfg.seed, 1, 0))
-    out.loss.backward()
-    optimizer.step()
+    _backward(out.loss, scaler)
+    clip_and_step(optimizer, params, cfg.optim.clip_norm, scaler)
     objective.ema_step(1)
     if number == profile.pretrain_stages(modality)[-1]:
         save_encoder(tmp / modality, cfg, objective.student, objective.teacher, 1)  # what its fine-tuning loads
@@ -131,7 +131,7 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
 
 
 def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
-    from d2v.train.finetune import as_inputs, build_model, finetune_optimizer, mix, train_loss
+    from d2v.train.finetune import as_inputs, build_model, finetune_optimizer, fp16_scaling_of, mix, train_loss
     from d2v.train.pretrain import autocast, step_rng
 
     task = TASKS[task_name]
@@ -147,18 +147,23 @@ def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch
     item = _task_item(task, cfg, n, _seconds(cfg.audio, batch), LetterTokenizer.load(letters), model.encoder.cfg)
     inputs = as_inputs(item, task.modality, device)
     optimizer = finetune_optimizer(model, cfg)
-    amp, _ = autocast(device, cfg.precision)
+    amp, scaler = autocast(device, cfg.precision, fp16_scaling_of(cfg, task, 1))
     model.train()
     with amp:
         loss = train_loss(model, inputs, task, cfg, mix(cfg, task.num_outputs) if task.modality == "image" else None,
                           step_rng(cfg.seed, 1))
-    loss.backward()
-    optimizer.step()
+    _backward(loss, scaler)
+    clip_and_step(optimizer, [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_norm, scaler)
     model.eval()
     with torch.no_grad(), amp:
         model(inputs["batch"])
     return dict(model=f"{cfg.preset} {cfg.objective} {init}", parameters=sum(p.numel() for p in model.parameters()),
                 batch=n, loss=_finite(loss))
+
+
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """As the training loops: an fp16 loss is scaled before its backward (else small gradients underflow)."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, encoder_cfg):
