@@ -350,10 +350,15 @@ def _print_result(r: dict, label: str) -> None:
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
+    from d2v.train.distributed import shutdown
     from d2v.train.finetune import evaluate
 
-    for r in evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra), args.lm,
-                      args.decode_workers):
+    try:  # under torchrun: each rank runs the model over its share, the first one scores and prints
+        results = evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra), args.lm,
+                           args.decode_workers)
+    finally:
+        shutdown()
+    for r in results:
         _print_result(r, f"{r['init']}, {r['mode']}")
     return 0
 

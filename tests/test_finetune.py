@@ -20,7 +20,7 @@ import torch
 from fixtures import flac_bytes, tone_task_shards
 
 from d2v.data.manifest import make_manifest, write_manifest
-from d2v.data.shards import write_shards
+from d2v.data.shards import ShardConfig, write_shards
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.eval import lm
 from d2v.modalities.registry import build_encoder
@@ -279,11 +279,60 @@ def test_inputs_move_to_the_device_and_transcripts_stay_on_the_host():
     assert image["batch"].source.is_meta and image["batch"].padding_mask is None and image["labels"].is_meta
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_evaluate_refuses_to_run_under_torchrun(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="one process, not under torchrun"):
-        ft.evaluate(tmp_path)
+TOY_CTC = tasks.Task("speech", "ctc", "toy", "train", "train", ("test",), ("wer", "cer"), extra_tests=("human/test",))
+
+EVAL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_finetune import TOY_CTC
+from d2v.cli import main
+from d2v.train import tasks
+tasks.TASKS["toy_ctc"] = TOY_CTC
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_evaluate_splits_the_shards_and_the_first_rank_writes_what_one_process_writes(tmp_path):
+    """2 gloo ranks: each runs the model over its share of a split's shards (the 3-utterance test set's one shard
+    leaves rank 1 none), rank 0 gathers the CTC logits, tunes the LM on the dev split it reads after the test split,
+    beam-searches and writes; its JSONs are one process's, field for field."""
+    texts = ["AB A", "B AB", "A A B", "BA"]
+    rows = []
+    (tmp_path / "raw").mkdir()
+    for i, text in enumerate(texts * 2):
+        (tmp_path / "raw" / f"{i}.flac").write_bytes(flac_bytes(0.6 + 0.1 * (i % 3), freq=150 + 40 * i))
+        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.7, text=text))
+    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
+    three_a_shard = ShardConfig(max_count=3)
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train", three_a_shard)  # 3 shards
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "test", three_a_shard, limit=6)  # 2
+    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # 1
+    LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
+    (tmp_path / "lm.txt").write_text("\n".join(texts) + "\n")
+    lm.build(lm.LanguageModelConfig(corpus="toy", order=2, lm_weights=(0.5, 1.0), word_scores=(0.0,)),
+             LetterTokenizer.load(tmp_path / "letters.json").symbols, tmp_path / "lm", [tmp_path / "lm.txt"])
+    cfg = tasks.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=3, batch_size=2,
+                               optim=dict(lr=1e-3), audio=dict(min_samples=0), data_root=str(tmp_path),
+                               letters=str(tmp_path / "letters.json"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tasks.TASKS, "toy_ctc", TOY_CTC)
+        ft.run_finetune(cfg, tmp_path / "run", progress=False)
+    script = tmp_path / "evaluate.py"
+    script.write_text(EVAL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    args = ["evaluate", str(tmp_path / "run"), "--extra", "human/test", "--lm", str(tmp_path / "lm")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads in both: the logits to the last bit
+    for out, launcher in (("one", []), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                                "2"])):
+        run = subprocess.run([sys.executable, *launcher, str(script), *args, "--out", str(tmp_path / out)],
+                             env=env, cwd=Path(__file__).parents[1], timeout=300, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.count("toy_ctc/") == 2, run.stdout  # one rank prints
+    for name in ("toy_ctc-test.json", "toy_ctc-human-test.json"):
+        one, two = (json.loads((tmp_path / out / name).read_text()) for out in ("one", "two"))
+        assert two == one
+    assert (one["n"], one["lm"]["tuned_on"]) == (3, "train") and {"wer_lm", "cer_lm"} <= set(one["metrics"])
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["toy_ctc-human-test.json", "toy_ctc-test.json"]
 
 
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error():

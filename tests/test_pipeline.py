@@ -252,7 +252,12 @@ def test_slurm_and_local_profiles_parse():
     fine_tune = next(s for s in paper if s.name.startswith("finetune_imagenet"))
     assert fine_tune.cmd.startswith("torchrun --standalone --nproc_per_node=8 -m d2v.cli finetune imagenet")
     evaluate = next(s for s in paper if s.name.startswith("evaluate_imagenet"))
-    assert evaluate.cmd.startswith("d2v evaluate")  # one process: the shard readers would split the test set
+    assert evaluate.cmd.startswith("d2v evaluate runs/paper/finetune/imagenet")  # resources: 1 GPU
+    data = copy.deepcopy(RAW)
+    data["profiles"]["paper"]["resources"]["evaluate"]["gpus"] = 4  # the ranks split each test set
+    paper4 = StageTable(parse_params({**data, "profile": "paper"}), raw=data)
+    evaluate = next(s for s in paper4 if s.name.startswith("evaluate_imagenet"))
+    assert evaluate.cmd.startswith("torchrun --standalone --nproc_per_node=4 -m d2v.cli evaluate runs/paper/finetune/")
 
 
 def test_paper_profile_fine_tunes_every_glue_task_on_its_own_shards():

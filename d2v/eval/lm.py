@@ -401,6 +401,19 @@ class CTCScorer:
         self.lm = LanguageModel(lm_dir, letters.symbols, workers) if lm_dir is not None else None
         self.tuned: dict[str, dict] = {}
 
+    def reads(self, splits: Sequence[str], with_lm: bool) -> list[str]:
+        """The splits `score` asks `logits_of` for, in order, when it scores `splits` one after another (with a
+        language model, each dev split the first time it tunes on it): what a rank that only runs the model (under
+        torchrun, for the rank that scores) must run in the same order."""
+        order, tuned = [], set(self.tuned)
+        for split in splits:
+            order.append(split)
+            dev = tuning_split(split, self.tests, self.dev) if with_lm else None
+            if dev is not None and dev not in tuned:
+                tuned.add(dev)
+                order += [dev] if dev != split else []
+        return order
+
     def score(self, split: str) -> tuple[list[str], list[str], dict]:
         """(greedy transcripts, references, the LM's metrics and settings, or {} without a language model)."""
         logits, refs = self.logits_of(split)

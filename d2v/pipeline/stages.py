@@ -87,10 +87,11 @@ class StageTable:
         return " ".join((*launcher, *args, "--profile", self.name, *extra))
 
     def _launcher(self, kind: str) -> tuple[str, ...]:
-        """Pretraining and fine-tuning on several GPUs of one node run under torchrun (DDP, or FSDP for
-        `parallel: fsdp` pretraining; batch sizes are per GPU); everything else is one process."""
+        """Pretraining, fine-tuning and evaluation on several GPUs of one node run under torchrun (DDP, or FSDP for
+        `parallel: fsdp` pretraining; batch sizes are per GPU; an evaluation's ranks split each test set and the
+        first scores it); everything else is one process."""
         gpus = self.profile.resources_for(kind).gpus
-        if kind in ("pretrain", "finetune") and gpus > 1:
+        if kind in ("pretrain", "finetune", "evaluate") and gpus > 1:
             return ("torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m", "d2v.cli")
         return ("d2v",)
 
@@ -232,7 +233,8 @@ class StageTable:
         evals = self.eval_files(task, init, seed)
         extra, extra_shards = self._extra_tests(task)
         lm, lm_files = self._decoding(task, "evaluate")
-        self._add("evaluate", name, f"d2v evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}{lm}",
+        launcher = " ".join(self._launcher("evaluate"))
+        self._add("evaluate", name, f"{launcher} evaluate {run} --out {p.eval_dir(task, init, seed)}{extra}{lm}",
                   [run / "best.pt"] + deps[:len(p.task_shards(task))] + extra_shards + lm_files, evals, metrics=evals)
 
     def _baseline(self, task: str) -> None:

@@ -83,6 +83,16 @@ def gather_lists(items: list, world: World) -> list:
     return [x for part in parts for x in part]
 
 
+def gather_to_main(items: list, world: World) -> list | None:
+    """Every rank's list, concatenated in rank order, on rank 0 only (None on the others; `items` in one process):
+    for outputs only the first rank scores, such as CTC logits, which the other ranks need not hold as well."""
+    if not world.distributed:
+        return items
+    parts: list[list | None] | None = [None] * world.size if world.is_main else None
+    dist.gather_object(items, parts, dst=0)
+    return [x for part in parts for x in part] if parts is not None else None
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -43,7 +43,7 @@ from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
-from d2v.train.distributed import World, barrier, ddp, gather_lists, init, launched_size, mean_over_ranks
+from d2v.train.distributed import World, barrier, ddp, gather_lists, gather_to_main, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import adamw, clip_and_step, fp16_scaling, fused_kernel, layer_decay_groups, \
     load_optimizer_state, require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
@@ -545,8 +545,8 @@ def _save(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 
-def load_finetuned(path: Path) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
-    """A fine-tuned checkpoint's model (on its config's device), its config and the saved state."""
+def load_finetuned(path: Path, device: torch.device | None = None) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
+    """A fine-tuned checkpoint's model (on `device`, else its config's), its config and the saved state."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no fine-tuned model (run `d2v finetune` first)")
     state = read_torch(path)
@@ -557,7 +557,7 @@ def load_finetuned(path: Path) -> tuple[torch.nn.Module, FinetuneConfig, dict]:
     cfg = FinetuneConfig.model_validate(state["config"])
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])
-    return model.to(resolve_device(cfg.device)), cfg, state
+    return model.to(device or resolve_device(cfg.device)), cfg, state
 
 
 def _no_finetuned_model(run_dir: Path, name: str) -> str:
@@ -578,24 +578,37 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     """Score a fine-tuning run on its test splits (or `split`), then on the `extra` test sets (of the task's
     `extra_tests`); one JSON per split. A CTC task is decoded greedily, and with the language model folder `lm`
     (`d2v lm`) as well: `wer_lm`, `cer_lm`, under the LM weight and word score its dev split selects, beam-searched
-    in `decode_workers` processes. One process otherwise: under torchrun each rank would read only its share of the
-    shards."""
-    if launched_size() > 1:
-        raise RuntimeError("d2v evaluate runs as one process, not under torchrun (each rank would score its own "
-                           "share of the test shards)")
+    in `decode_workers` processes. Under torchrun each rank runs the model over its share of a split's shards and
+    the first rank gathers the outputs, scores them and writes the JSONs; the other ranks return []."""
     path = Path(run_dir) / checkpoint_name
     if not path.is_file():
         raise FileNotFoundError(_no_finetuned_model(Path(run_dir), checkpoint_name))
-    model, cfg, state = load_finetuned(path)
+    model, cfg, state = load_finetuned(path, torch.device("cpu"))
     require_extra_tests(cfg.task, extra)
     require_ctc_for_lm(cfg.task, lm)
+    device = resolve_device(cfg.device)
+    world = init(cfg.device)
+    model.to(world.device if world.distributed else device)
     task = TASKS[cfg.task]
     amp, _ = autocast(next(model.parameters()).device, cfg.precision)
-    scorer = CTCScorer(lambda s: ctc_logits(model, cfg, s, amp), LetterTokenizer.load(cfg.letters), lm,
-                       task.tests, task.dev, decode_workers) if task.kind == "ctc" else None
+    splits = [*([split] if split else task.tests), *extra]
+    scorer = None
+    if task.kind == "ctc":
+        def logits_of(s: str) -> tuple[list[np.ndarray] | None, list[str] | None]:
+            logits, refs = ctc_logits(model, cfg, s, amp)
+            return gather_to_main(logits, world), gather_to_main(refs, world)
+        scorer = CTCScorer(logits_of, LetterTokenizer.load(cfg.letters), lm if world.is_main else None, task.tests,
+                           task.dev, decode_workers)
+        reads = scorer.reads(splits, with_lm=lm is not None)  # on every rank: a split without a dev split fails here
+        if not world.is_main:  # the model over this rank's share, in the order the first rank's scorer reads
+            for s in reads:
+                logits_of(s)
+            return []
     results = []
-    for s in [*([split] if split else task.tests), *extra]:
-        preds, refs, lm_fields = scorer.score(s) if scorer else (*predict(model, cfg, s, amp), {})
+    for s in splits:
+        preds, refs, lm_fields = scorer.score(s) if scorer else (*predict(model, cfg, s, amp, world), {})
+        if not world.is_main:
+            continue
         result = with_lm_fields(result_record(cfg, s, preds, refs, init=cfg.init, mode=cfg.mode, checkpoint=str(path),
                                               steps=state["step"], recipe={"finetune": state.get("recipe", 1),
                                                                            "evaluate": recipe.EVALUATE}), lm_fields)
