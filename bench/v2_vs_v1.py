@@ -38,7 +38,7 @@ from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_objective
 from d2v.nn.compile import compile_regions
 from d2v.train.optim import adamw
-from d2v.train.pretrain import autocast, to_device
+from d2v.train.pretrain import autocast
 
 OUT = Path("results/bench/v2_vs_v1.json")
 SHAPES = {  # synthetic inputs of the embedded pretraining shapes (throughput does not depend on content)
@@ -88,12 +88,12 @@ def training_update(name: str, preset: str, objective: str, batch_size: int, clo
     amp, _ = autocast(device, precision)
     obj.train()
     # FLOPs of the eager model (the counter does not see inside compiled graphs; the work is the same)
-    flops = update_flops(obj, to_device(next(batches), device), amp) if device.type == "cuda" else None
+    flops = update_flops(obj, next(batches).to(device), amp) if device.type == "cuda" else None
     if compile:
         compile_regions(obj)
 
     def next_batch():
-        return to_device(next(batches), device)
+        return next(batches).to(device)
 
     def update(batch, step: int) -> None:
         with amp:

@@ -7,16 +7,31 @@ import torch
 
 from conftest import synthetic_batch
 from d2v.data2vec import representation_std
-from d2v.modalities.base import from_host, host_positions
+from d2v.modalities.base import Batch, from_host, host_positions
 from d2v.modalities.registry import build_objective
 from d2v.train.optim import adamw, fused_kernel, load_optimizer_state
-from d2v.train.pretrain import to_device
 
 
 def test_from_host_on_the_cpu_is_the_tensor_itself():
     mask = torch.from_numpy(np.random.default_rng(0).random((3, 5)) < 0.5)
     moved = from_host(mask, torch.device("cpu"))
     assert moved.device.type == "cpu" and torch.equal(moved, mask)
+
+
+def test_a_moved_batch_keeps_the_loaders_host_copy_which_text_masking_reads():
+    """Text masking reads token values (no <s>, </s> or padding masked); from the loader's copy, not from a copy
+    back from the device, which would wait for the GPU's queue. A batch on the meta device cannot be copied back."""
+    objective = build_objective("text", "tiny", "v1")
+    host = synthetic_batch("text", objective)
+    moved = host.to(torch.device("meta"))
+    assert moved.source.is_meta and moved.host_source is host.source and moved.host() is host.source
+    assert moved.to(torch.device("meta")).host_source is host.source  # moved again: still the loader's
+    on_cpu = objective.modality.make_views(host, np.random.default_rng(0))
+    on_meta = objective.modality.make_views(moved, np.random.default_rng(0))
+    assert on_meta.student_source.is_meta and on_meta.loss_mask.is_meta
+    assert on_meta.loss_mask.shape == on_cpu.loss_mask.shape
+    with pytest.raises(NotImplementedError):
+        objective.modality.make_views(Batch(moved.source), np.random.default_rng(0))
 
 
 def test_host_positions_gather_what_the_boolean_mask_does_in_its_order():
@@ -38,12 +53,13 @@ def test_representation_std_is_fairseqs_compute_var():
 @pytest.mark.parametrize("name,kind", [("image", "v1"), ("image", "v2"), ("speech", "v2")])
 def test_a_step_never_waits_on_the_gpu(name, kind):
     objective = build_objective(name, "tiny", kind).cuda().train()
-    batch = to_device(synthetic_batch(name, objective), torch.device("cuda"))
-    objective(batch, np.random.default_rng(0)).loss.backward()  # the first step's allocations and lazy inits
+    cuda = torch.device("cuda")
+    objective(synthetic_batch(name, objective).to(cuda), np.random.default_rng(0)).loss.backward()  # lazy inits
     torch.cuda.synchronize()
+    host = synthetic_batch(name, objective, seed=1)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = objective(batch, np.random.default_rng(1))
+        out = objective(host.to(cuda), np.random.default_rng(1))  # the batch's copy queued too
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -8,7 +8,7 @@ An encoder is split in two steps so the objective can share work between student
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -41,6 +41,18 @@ class EncoderOutput:
 class Batch:
     source: Tensor  # images (B, C, H, W) | waveforms (B, S) | token ids (B, T)
     padding_mask: Tensor | None = None  # input-level padding (B, S) or (B, T), True = padded
+    host_source: Tensor | None = field(default=None, repr=False, compare=False)  # the loader's copy, once moved
+
+    def to(self, device: torch.device) -> "Batch":
+        """The batch on `device` (`from_host`: no wait for the GPU's queue), keeping the loader's host copy of the
+        source for maskings that read its values (text), so they need not copy it back."""
+        mask = None if self.padding_mask is None else from_host(self.padding_mask, device)
+        host = self.source if self.source.device.type == "cpu" else self.host_source
+        return Batch(from_host(self.source, device), mask, host)
+
+    def host(self) -> Tensor:
+        """The source on the host: the loader's copy when the batch was moved with `to`."""
+        return self.host_source if self.host_source is not None else self.source.cpu()
 
 
 @dataclass
@@ -162,7 +174,7 @@ def from_host(t: Tensor, device: torch.device) -> Tensor:
     pageable memory first waits for all the work queued on the stream, so each mask copied plainly idled the GPU
     once a step; from pinned memory the copy is queued like a kernel (PyTorch keeps the pinned block until it is
     done)."""
-    if device.type != "cuda":
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 

@@ -234,7 +234,7 @@ class TextModality(Modality):
 
     def make_views(self, batch: Batch, rng: np.random.Generator) -> Views:
         tokens = batch.source
-        corrupted, selected, masked = mask_tokens(tokens.cpu().numpy(), self.vocab, self.mask_cfg, rng)
+        corrupted, selected, masked = mask_tokens(batch.host().numpy(), self.vocab, self.mask_cfg, rng)
         loss_mask = masked if self.mask_cfg.loss_on == "mask_token" else selected
         to = lambda a: from_host(torch.from_numpy(a), tokens.device)  # noqa: E731
         return Views(to(corrupted), tokens, batch.padding_mask, token_mask=None, loss_mask=to(loss_mask),

@@ -100,7 +100,7 @@ def _seconds(audio: AudioConfig | None, batch: int | None) -> float:
 
 def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, device: torch.device, tmp: Path) -> dict:
     """One step of a pretraining stage (a second stage's encoder is the first's: it is not loaded from it here)."""
-    from d2v.train.pretrain import autocast, build_objective, save_encoder, step_rng, to_device
+    from d2v.train.pretrain import autocast, build_objective, save_encoder, step_rng
 
     modality, number = stage
     cfg = profile.pretrain_config(modality, number)
@@ -120,7 +120,7 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
     amp, scaler = autocast(device, cfg.precision, fp16_scaling(cfg.fp16_init_scale, cfg.fp16_scale_window, 1, 1))
     objective.train()
     with amp:
-        out = objective(to_device(inputs, device), step_rng(cfg.seed, 1, 0))
+        out = objective(inputs.to(device), step_rng(cfg.seed, 1, 0))
     _backward(out.loss, scaler)
     clip_and_step(optimizer, params, cfg.optim.clip_norm, scaler)
     objective.ema_step(1)

@@ -34,7 +34,7 @@ from d2v.data.tokenizer import LetterTokenizer, TextTokenizer
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats, scored_in_part
 from d2v.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, git_commit, read_torch
-from d2v.modalities.base import Batch
+from d2v.modalities.base import Batch, from_host
 from d2v.modalities.heads import AudioTagger, CTCModel, ImageClassifier, TextClassifier, ctc_loss, mix_clips, \
     tagging_loss
 from d2v.modalities.image import require_image_shape
@@ -199,11 +199,9 @@ def as_inputs(item, modality: str, device: torch.device) -> dict:
     inputs = {"batch": Batch(source=item[0]), "labels": item[1]} if modality == "image" else dict(item)
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor):
-            inputs[key] = value.to(device, non_blocking=True)
+            inputs[key] = from_host(value, device)
         elif isinstance(value, Batch):
-            mask = value.padding_mask
-            inputs[key] = Batch(source=value.source.to(device, non_blocking=True),
-                                padding_mask=None if mask is None else mask.to(device, non_blocking=True))
+            inputs[key] = value.to(device)
     return inputs
 
 

@@ -63,9 +63,6 @@ def min_loss_scale(cfg: PretrainConfig) -> float:
     return 1e-6 if cfg.objective == "v2" and cfg.modality in ("image", "speech") else MIN_LOSS_SCALE
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    mask = None if batch.padding_mask is None else batch.padding_mask.to(device, non_blocking=True)
-    return Batch(source=batch.source.to(device, non_blocking=True), padding_mask=mask)
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
@@ -277,7 +274,7 @@ def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int
     sums: dict[str, torch.Tensor] = {}
     samples = 0
     for micro in range(cfg.accum_steps):
-        batch = to_device(next(stream), world.device)
+        batch = next(stream).to(world.device)
         samples += batch.source.shape[0]
         rng = step_rng(cfg.seed, step, world.rank * cfg.accum_steps + micro)
         sync = micro == cfg.accum_steps - 1 or not world.distributed
