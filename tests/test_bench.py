@@ -839,3 +839,20 @@ def test_the_update_profile_records_an_updates_wall_time_and_its_costliest_host_
     assert costs and costs == sorted(costs, reverse=True)
     assert any(row["op"] in ("aten::mm", "aten::addmm") for row in report["host_ops"])
     assert report["device_busy_share"] is None and report["launches"] == 0  # a CPU run has no kernels to count
+
+
+def test_the_decoder_layout_bench_times_each_layout_and_they_compute_the_same(tmp_path, monkeypatch):
+    import decoder_layouts
+
+    out = tmp_path / "layouts.json"
+    monkeypatch.setattr(sys, "argv", ["decoder_layouts.py", "--rows", "2", "--steps", "2", "--out", str(out)])
+    decoder_layouts.main()
+    report = json.loads(out.read_text())
+    assert [(r["layout"], r["cudnn_benchmark"]) for r in report["results"]] == \
+        [(layout, bench) for bench in (False, True) for layout in ("view", "channels_first", "channels_last")]
+    assert all(r["median_ms"] > 0 and r["max_abs_diff"] < 1e-5 for r in report["results"])
+    assert not torch.backends.cudnn.benchmark  # left as training has it
+    decoder = build_objective(pretrain_config("image", {"preset": "tiny", "objective": "v2"})).decoder
+    with decoder_layouts.laid_out(decoder, "channels_last"):
+        assert decoder.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert decoder.convs[0].weight.is_contiguous() and "_to_channels_first" not in vars(decoder)

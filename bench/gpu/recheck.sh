@@ -2,7 +2,8 @@
 # The first call of the next GPU lease: what the stop of 2026-12-04 changed for CUDA without a device to run it on.
 # The GPU-only tests (no host sync in a training step, fused AdamW on CUDA) and the compile tests, then
 # bench/gpu/profile.sh (ViT-B v1/v2 eager at 32 and 128 images, and compiled, which failed on 2026-12-04 before the
-# DropPath fix) to compare with results/bench/update_profile_image_*_gpu.json of that day.
+# DropPath fix) to compare with results/bench/update_profile_image_*_gpu.json of that day; before it, the v2
+# decoder's layouts (bench/decoder_layouts.py).
 #   device run: carry .whl; command: bash bench/gpu/recheck.sh   (timeout_s 360; about 5 min)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,4 +13,7 @@ if [ -d .whl ]; then $PY -m pip install -q --no-index --find-links .whl pydantic
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 timeout 90 $PY -m pytest -q -p no:cacheprovider tests/test_device_sync.py tests/test_compile.py -m "not slow" \
   2>&1 | tee "$DEST/recheck_tests.log"
+# the v2 decoder's convs per memory layout and with cuDNN's autotuner (seconds; the profile's 25 % of layout transforms)
+timeout 60 $PY bench/decoder_layouts.py --preset base --rows 512 --device cuda --precision bf16 \
+  --out "$DEST/decoder_layouts_gpu.json" 2>&1 | tee "$DEST/decoder_layouts.log"
 DEADLINE_S=${DEADLINE_S:-$((330 - SECONDS))} OUT=$DEST bash bench/gpu/profile.sh
