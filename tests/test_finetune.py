@@ -183,17 +183,28 @@ def test_mixing_mixes_the_mix_prob_share_of_batches_with_mixup_or_cutmix(toy_ima
     assert ft.mix(cfg.model_copy(update={"mixup": 0.0, "cutmix": 0.0}), 4) is None
 
 
-def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeypatch):
-    texts = ["AB A", "B AB", "A A B", "BA"]
+TOY_TEXTS = ["AB A", "B AB", "A A B", "BA"]
+
+
+def toy_ctc_data(root: Path, shards: ShardConfig | None = None) -> None:
+    """8 tone utterances of TOY_TEXTS as the "toy" dataset's train split, its first 3 as another dataset's
+    ("human/test"), their letters, and a bigram LM of the texts in `root / "lm"`."""
     rows = []
-    (tmp_path / "raw").mkdir()
-    for i, text in enumerate(texts * 2):
-        (tmp_path / "raw" / f"{i}.flac").write_bytes(flac_bytes(0.6 + 0.1 * (i % 3), freq=150 + 40 * i))
+    (root / "raw").mkdir()
+    for i, text in enumerate(TOY_TEXTS * 2):
+        (root / "raw" / f"{i}.flac").write_bytes(flac_bytes(0.6 + 0.1 * (i % 3), freq=150 + 40 * i))
         rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.7, text=text))
-    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
-    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train")
-    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # another dataset
-    LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
+    write_manifest(root / "raw", make_manifest(rows), source="mini_librispeech")
+    write_shards(root / "raw", "train", root / "shards" / "toy" / "train", shards)
+    write_shards(root / "raw", "train", root / "shards" / "human" / "test", limit=3)  # another dataset
+    LetterTokenizer(build_letter_vocab(TOY_TEXTS)).save(root / "letters.json")
+    (root / "lm.txt").write_text("\n".join(TOY_TEXTS) + "\n")
+    lm.build(lm.LanguageModelConfig(corpus="toy", order=2, lm_weights=(0.5, 1.0), word_scores=(0.0,)),
+             LetterTokenizer.load(root / "letters.json").symbols, root / "lm", [root / "lm.txt"])
+
+
+def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeypatch):
+    toy_ctc_data(tmp_path)
     monkeypatch.setitem(tasks.TASKS, "toy_ctc", tasks.Task("speech", "ctc", "toy", "train", "train", ("train",),
                                                            ("wer", "cer"), extra_tests=("human/test",)))
     cfg = tasks.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=4, batch_size=4,
@@ -217,9 +228,6 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"toy_ctc: no extra test set \['other/test'\]; it has \['human/test'\]"):
         ft.evaluate(tmp_path / "thawed", extra=("other/test",))
     # with a language model: greedy as before, plus beam search under the weights the dev split ("train") chose
-    (tmp_path / "lm.txt").write_text("\n".join(texts) + "\n")
-    lm.build(lm.LanguageModelConfig(corpus="toy", order=2, lm_weights=(0.5, 1.0), word_scores=(0.0,)),
-             LetterTokenizer.load(tmp_path / "letters.json").symbols, tmp_path / "lm", [tmp_path / "lm.txt"])
     decoded, human_decoded = ft.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm",
                                          out=tmp_path / "lm_eval")
     assert decoded["metrics"]["wer"] == result["metrics"]["wer"] and {"wer_lm", "cer_lm"} <= set(decoded["metrics"])
@@ -297,21 +305,9 @@ def test_under_torchrun_evaluate_splits_the_shards_and_the_first_rank_writes_wha
     """2 gloo ranks: each runs the model over its share of a split's shards (the 3-utterance test set's one shard
     leaves rank 1 none), rank 0 gathers the CTC logits, tunes the LM on the dev split it reads after the test split,
     beam-searches and writes; its JSONs are one process's, field for field."""
-    texts = ["AB A", "B AB", "A A B", "BA"]
-    rows = []
-    (tmp_path / "raw").mkdir()
-    for i, text in enumerate(texts * 2):
-        (tmp_path / "raw" / f"{i}.flac").write_bytes(flac_bytes(0.6 + 0.1 * (i % 3), freq=150 + 40 * i))
-        rows.append(dict(id=f"u{i}", path=f"{i}.flac", split="train", duration=0.7, text=text))
-    write_manifest(tmp_path / "raw", make_manifest(rows), source="mini_librispeech")
     three_a_shard = ShardConfig(max_count=3)
-    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "train", three_a_shard)  # 3 shards
+    toy_ctc_data(tmp_path, three_a_shard)  # train: 3 shards; human/test: 1
     write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "toy" / "test", three_a_shard, limit=6)  # 2
-    write_shards(tmp_path / "raw", "train", tmp_path / "shards" / "human" / "test", limit=3)  # 1
-    LetterTokenizer(build_letter_vocab(texts)).save(tmp_path / "letters.json")
-    (tmp_path / "lm.txt").write_text("\n".join(texts) + "\n")
-    lm.build(lm.LanguageModelConfig(corpus="toy", order=2, lm_weights=(0.5, 1.0), word_scores=(0.0,)),
-             LetterTokenizer.load(tmp_path / "letters.json").symbols, tmp_path / "lm", [tmp_path / "lm.txt"])
     cfg = tasks.FinetuneConfig(task="toy_ctc", init="scratch", preset="tiny", steps=3, batch_size=2,
                                optim=dict(lr=1e-3), audio=dict(min_samples=0), data_root=str(tmp_path),
                                letters=str(tmp_path / "letters.json"))
