@@ -63,8 +63,6 @@ def min_loss_scale(cfg: PretrainConfig) -> float:
     return 1e-6 if cfg.objective == "v2" and cfg.modality in ("image", "speech") else MIN_LOSS_SCALE
 
 
-
-
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
 # a run stopped at its fp16 divergence floor may resume under a lower one
 RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel", "stream_resume", "min_loss_scale")
