@@ -856,3 +856,20 @@ def test_the_decoder_layout_bench_times_each_layout_and_they_compute_the_same(tm
     with decoder_layouts.laid_out(decoder, "channels_last"):
         assert decoder.convs[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert decoder.convs[0].weight.is_contiguous() and "_to_channels_first" not in vars(decoder)
+
+
+def test_the_attention_bench_times_the_biased_kernel_against_flash_and_checks_the_bias_gradient(tmp_path,
+                                                                                                monkeypatch):
+    import attention_kernels
+
+    out = tmp_path / "attention.json"
+    monkeypatch.setattr(sys, "argv", ["attention_kernels.py", "--batch", "2", "--heads", "2", "--tokens", "9",
+                                      "--head-dim", "8", "--steps", "2", "--out", str(out)])
+    attention_kernels.main()
+    sdpa, unbiased = json.loads(out.read_text())["results"]  # FlexAttention only on CUDA (no CPU backward)
+    assert (sdpa["kernel"], unbiased["kernel"]) == ("sdpa_bias", "sdpa_no_bias")
+    assert sdpa["max_abs_diff_bias_grad"] == 0.0 and "max_abs_diff_out" not in unbiased
+    q, k, v = torch.randn(3, 1, 2, 9, 8).unbind(0)
+    bias = torch.randn(2, 9, 9)
+    scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5 + bias  # what the biased kernels compute
+    torch.testing.assert_close(attention_kernels.sdpa_biased(q, k, v, bias), scores.softmax(-1) @ v)
