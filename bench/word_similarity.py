@@ -1,0 +1,156 @@
+"""Does pretraining on the embedded corpus teach which words are alike? A diagnostic for issue 4's text rows, with no
+training at all: the human ratings of WordSim-353 (relatedness: tiger–cat) and SimLex-999 (similarity: happy–glad;
+related but unlike pairs such as old–new score low), both in the gensim wheel the Lee task comes from, against the
+cosine of word vectors.
+
+- Encoders (a seeded random init, and the student and EMA teacher of each `--pretrained` checkpoint): each word is
+  encoded alone as `<s> pieces </s>`, and its vector at each layer (the embedding layer first) is the mean over its
+  pieces; `table` is the mean of its pieces' rows of the token-embedding table, without positions or LayerNorm.
+- What the corpus itself offers: count-based word vectors of the same pretraining corpus, with no network (positive
+  PMI of co-occurrences within a window, context-distribution smoothing α 0.75, truncated SVD; Levy, Goldberg and
+  Dagan 2015), scored on the pairs whose words occur at least `--min-count` times.
+
+Each score is the Spearman correlation between cosines and ratings, raw and with the vectors centred on the mean
+of the set's words (transformer states share a direction that pushes every raw cosine towards 1).
+
+    python bench/word_similarity.py --pretrained v1=runs/bench/pretrain/text/final.pt
+        --pretrained v2=runs/bench-text-v2-2400/pretrain/text-v2/final.pt [--out results/bench/word_similarity_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from count_embeddings import ppmi_vectors
+from feature_probe import load_encoders
+
+from d2v.data.loaders import pad_tokens
+from d2v.data.manifest import read_manifest
+from d2v.data.sources import Context
+from d2v.data.sources.text import SIMLEX, WORDSIM, word_pairs
+from d2v.data.tokenizer import TextTokenizer
+from d2v.eval.metrics import spearman
+from d2v.io import atomic_write_json, read_torch
+
+WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+SETS = {"wordsim353": WORDSIM, "simlex999": SIMLEX}
+
+
+def corpus_words(corpus_dir: Path) -> list[list[str]]:
+    """The lower-cased words of each document of a prepared text corpus (its manifest's pretraining rows)."""
+    manifest = read_manifest(corpus_dir, "pretrain")
+    return [WORD.findall((corpus_dir / path).read_text(encoding="utf-8").lower()) for path in manifest["path"]]
+
+
+def word_vectors(documents: list[list[str]], dim: int, window: int, min_count: int) -> dict[str, np.ndarray]:
+    """Count-based vectors (`count_embeddings.ppmi_vectors`) of the words that occur at least `min_count` times."""
+    counts: dict[str, int] = {}
+    for words in documents:
+        for w in words:
+            counts[w] = counts.get(w, 0) + 1
+    vocab = {w: i for i, w in enumerate(sorted(w for w, c in counts.items() if c >= min_count))}
+    sequences = [np.array([vocab.get(w, -1) for w in words], dtype=np.int64) for words in documents]
+    vectors, _ = ppmi_vectors(sequences, len(vocab), dim, window)
+    return {w: vectors[i] for w, i in vocab.items()}
+
+
+@torch.no_grad()
+def encoder_word_vectors(encoder, tokenizer: TextTokenizer, words: list[str]) -> dict[str, list[np.ndarray]]:
+    """Each word alone through the encoder: per layer (embeddings first) the mean of its pieces' states, and the
+    mean of its pieces' rows of the token-embedding table."""
+    encoder.eval()
+    ids = [torch.as_tensor(tokenizer.encode(w)) for w in words]
+    batch = pad_tokens([(x, 0.0) for x in ids], tokenizer.pad)["batch"]
+    out = encoder.encode(encoder.embed(batch.source, batch.padding_mask), None)
+    pieces = torch.zeros(batch.source.shape, dtype=torch.bool)
+    for row, x in enumerate(ids):
+        pieces[row, 1:len(x) - 1] = True  # between <s> and </s>
+    weights = pieces.unsqueeze(-1).float() / pieces.sum(1, keepdim=True).unsqueeze(-1)
+    table = encoder.embed_tokens.weight[batch.source]
+    return {"table": [(table * weights).sum(1).numpy()],
+            "layers": [(h * weights).sum(1).numpy() for h in out.hidden_states]}
+
+
+def agreement(vectors: np.ndarray, index: dict[str, int], pairs: list[tuple[str, str, float]]) -> dict[str, float]:
+    """Spearman between the cosines of each pair's vectors (rows of `vectors` by `index`) and its rating, raw and
+    with the vectors centred on the mean of the rows."""
+    left = [index[a] for a, _, _ in pairs]
+    right = [index[b] for _, b, _ in pairs]
+    ratings = [r for _, _, r in pairs]
+    out = {}
+    for kind, v in (("spearman", vectors), ("centred_spearman", vectors - vectors.mean(0))):
+        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        out[kind] = round(spearman((v[left] * v[right]).sum(1), ratings), 4)
+    return out
+
+
+def score_encoder(encoder, tokenizer: TextTokenizer, sets: dict, covered: dict) -> dict:
+    """Per set: the table's and each layer's agreement over all pairs and over the pairs the counts cover."""
+    report = {}
+    for name, pairs in sets.items():
+        words = sorted({w for a, b, _ in pairs for w in (a, b)})
+        index = {w: i for i, w in enumerate(words)}
+        vectors = encoder_word_vectors(encoder, tokenizer, words)
+        report[name] = {kind: [{"all": agreement(v, index, pairs), "covered": agreement(v, index, covered[name])}
+                               for v in layers] for kind, layers in vectors.items()}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pretrained", action="append", default=[], metavar="NAME=PATH",
+                        help="a pretraining's final.pt, named (repeatable)")
+    parser.add_argument("--encoders", default="student,teacher",
+                        help="of each checkpoint; a random init is scored once")
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--tokenizer", default=None, help="default: the data root's tokenizer/spm.model")
+    parser.add_argument("--dim", type=int, default=300)
+    parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--min-count", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("results/bench/word_similarity_cpu.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    root = Path(args.data_root)
+    sets = {name: word_pairs(Context(root / "cache", root / "raw" / "word_similarity"), member)
+            for name, member in SETS.items()}
+    documents = corpus_words(root / "raw" / "text_corpus")
+    counts = word_vectors(documents, args.dim, args.window, args.min_count)
+    covered = {name: [p for p in pairs if p[0] in counts and p[1] in counts] for name, pairs in sets.items()}
+    report = {"benchmark": "word_similarity", "corpus_words": sum(map(len, documents)), "machine": platform.machine(),
+              "sets": {name: {"pairs": len(pairs), "covered_pairs": len(covered[name])}
+                       for name, pairs in sets.items()},
+              "counts": {"method": f"PPMI (window {args.window}, α 0.75, min count {args.min_count}) + SVD {args.dim}",
+                         "vocabulary": len(counts)}, "encoders": {}}
+    for name, pairs in covered.items():
+        words = sorted({w for a, b, _ in pairs for w in (a, b)})
+        report["counts"][name] = agreement(np.stack([counts[w] for w in words]),
+                                           {w: i for i, w in enumerate(words)}, pairs)
+    print(f"counts: {report['counts']}", flush=True)
+    tokenizer = TextTokenizer(args.tokenizer or root / "tokenizer" / "spm.model")
+    all_words = sorted({w for pairs in sets.values() for a, b, _ in pairs for w in (a, b)})
+    report["single_piece_words"] = round(float(np.mean([len(tokenizer.encode(w)) == 3 for w in all_words])), 4)
+    for i, spec in enumerate(args.pretrained):
+        label, _, path = spec.partition("=")
+        state = read_torch(path)
+        names = (["random"] if i == 0 else []) + args.encoders.split(",")
+        for name, encoder in load_encoders("text", state, names):
+            key = name if name == "random" else f"{label}/{name}"
+            report["encoders"][key] = {"checkpoint": None if name == "random" else path,
+                                       "steps": state.get("steps"), "objective": state.get("objective", "v1"),
+                                       **score_encoder(encoder, tokenizer, sets, covered)}
+            best = {s: max(r["all"]["centred_spearman"] for r in report["encoders"][key][s]["layers"]) for s in sets}
+            print(f"{key:16s} best layer, centred Spearman over all pairs: {best}", flush=True)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(args.out, report)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
