@@ -7,7 +7,10 @@ against scratch. A bound for issue 4's text rows: no network, seconds of countin
 the corpus has within the window. If such a table does not beat scratch, what pretraining could learn at the
 lexical level from this corpus does not help the task either.
 
-    python bench/count_embeddings.py [--out runs/count-embeddings/text] [--window 5]
+`--task-text rt_polarity` counts the task's unlabeled train snippets as well (each its own document; dev and test
+never), the task-adaptive corpus of `task_text_corpus.py`, in counts.
+
+    python bench/count_embeddings.py [--out runs/count-embeddings/text] [--window 5] [--task-text rt_polarity]
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.linalg import svds
+from task_text_corpus import task_text
 
 from d2v.data.manifest import read_manifest
 from d2v.data.tokenizer import TextTokenizer
@@ -64,6 +68,7 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--tokenizer", default=None, help="default: the data root's tokenizer/spm.model")
     parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--task-text", default=None, help="also count these tasks' train snippets (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("runs/count-embeddings/text"))
     args = parser.parse_args()
     start = time.perf_counter()
@@ -72,7 +77,10 @@ def main() -> None:
     encoder = build_encoder("text", cfg.preset, cfg.objective)
     tokenizer = TextTokenizer(args.tokenizer or Path(args.data_root) / "tokenizer" / "spm.model")
     table = encoder.embed_tokens.weight.data
-    pieces = corpus_pieces(Path(args.data_root) / "raw" / "text_corpus", tokenizer)
+    raw = Path(args.data_root) / "raw"
+    pieces = corpus_pieces(raw / "text_corpus", tokenizer)
+    for task in args.task_text.split(",") if args.task_text else []:
+        pieces += [np.asarray(tokenizer.sp.encode(line), dtype=np.int64) for line in task_text(raw, task).splitlines()]
     vectors, counts = ppmi_vectors(pieces, table.shape[0], table.shape[1], args.window)
     seen = torch.from_numpy(counts > 0)
     seen[encoder.cfg.pad_idx] = False  # the padding row stays zero
@@ -82,7 +90,8 @@ def main() -> None:
     table[seen] = vectors[seen]
     save_encoder(args.out, cfg, encoder, encoder, 0, pretraining="ppmi-svd")
     info = {"pieces": int(counts.sum()), "vocabulary": int(table.shape[0]), "replaced_rows": int(seen.sum()),
-            "window": args.window, "dim": int(table.shape[1]), "seconds": round(time.perf_counter() - start, 1)}
+            "task_text": args.task_text, "window": args.window, "dim": int(table.shape[1]),
+            "seconds": round(time.perf_counter() - start, 1)}
     (args.out / "count_embeddings.json").write_text(json.dumps(info, indent=1))
     print(f"{info} -> {args.out / 'final.pt'}")
 

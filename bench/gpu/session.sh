@@ -12,8 +12,9 @@
 #   device run: carry .whl data/tokenizer data/shards/text_corpus data/shards/rt_polarity;
 #               command: bash bench/gpu/session.sh   (timeout_s 600)
 # Knobs (environment): DEADLINE_S (585), DEVICE (cuda), PRESETS (base), BATCH (per preset and modality, see
-# v2_vs_v1.py), THROUGHPUT_S (100), FINETUNE_S (120: text.sh's fine-tunes and control), SMOKE_S (100: the three
-# smokes together; 60 each at most), SMOKE_STEPS (60), PY, and text.sh's own (TAG: text-v2-gpu).
+# v2_vs_v1.py), THROUGHPUT_S (100), TEXT (1; 0 skips part 2, measured on 2026-12-04), FINETUNE_S (120: text.sh's
+# fine-tunes and control), SMOKE_S (100: the three smokes together; 60 each at most), SMOKE_STEPS (60), PY, and
+# text.sh's own (TAG: text-v2-gpu).
 # A CPU rehearsal (~10 min): DEVICE=cpu PRESETS=embedded BATCH= DEADLINE_S=900 FINETUNE_S=420 PROBE_STEPS=30
 #   CANDIDATES=20,10 SEEDS=1 STUDENT=0 SMOKE_STEPS=12 TAG=rehearsal OUT=/tmp/session bash bench/gpu/session.sh
 set -uo pipefail
@@ -59,7 +60,9 @@ part throughput "$THROUGHPUT_S" $PY bench/v2_vs_v1.py throughput --presets "$PRE
 # text: what is left, less the smoke's share; its pretraining gets that less the probe and the fine-tunes
 text_s=$(( $(left) - SMOKE_S - 10 ))
 budget=$(( text_s - 45 - FINETUNE_S ))
-if (( budget >= 30 )); then
+if [ "${TEXT:-1}" = 0 ]; then
+  echo "session: text skipped (TEXT=0)"
+elif (( budget >= 30 )); then
   OUT=$STAGE BUDGET_S=${BUDGET_S:-$budget} CANDIDATES=${CANDIDATES:-19200,14400,9600,7200,4800,2400} \
     part text "$text_s" bash bench/gpu/text.sh
 else
@@ -68,7 +71,8 @@ fi
 
 smoke() {  # NAME ARGS...: a short d2v run whose metrics.csv tail is kept
   local name=$1; shift
-  part "smoke-$name" $((SMOKE_S < 60 ? SMOKE_S : 60)) $PY -m d2v.cli "$@" --quiet --out "runs/bench-smoke/$name"
+  part "smoke-$name" $((SMOKE_S < 60 ? SMOKE_S : 60)) $PY -m d2v.cli "$@" --quiet --restart-on-change \
+    --out "runs/bench-smoke/$name"  # a folder an earlier smoke of other settings left is trained over
   tail -n 2 "runs/bench-smoke/$name/metrics.csv" 2>/dev/null | sed "s|^|smoke $name: |"
 }
 # the collapse guard arms at the last step alone: so short a run is not a recipe and its pred_var may dip (the CPU
