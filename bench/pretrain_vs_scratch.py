@@ -115,8 +115,11 @@ def summarize(task: str, runs: dict[str, list[float]], metric: str | None = None
         # pretraining's seed k pairs with scratch's seed k
         scratch = runs["scratch"]
         pairs = [(p, scratch[i % seeds]) for i, p in enumerate(runs["pretrained"]) if i % seeds < len(scratch)]
-        ahead = sum(oriented(metric, p - s) > 0 for p, s in pairs)
-        out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin), seeds_ahead=int(ahead))
+        diffs = [oriented(metric, p - s) for p, s in pairs]
+        out.update(delta=delta, gain=gain, margin=margin, wins=bool(gain > margin),
+                   seeds_ahead=int(sum(d > 0 for d in diffs)))
+        if len(diffs) > 1:  # the paired gain and its standard error: how far the seeds' differences are from 0
+            out.update(paired_gain=float(np.mean(diffs)), paired_se=float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))))
     return out
 
 
@@ -133,7 +136,7 @@ def verdict(row: dict) -> str:
 def table(report: dict) -> str:
     """The JSON as the markdown table the README and the closing notes quote: per task, each arm's mean ± std over
     its runs, the gain (oriented: positive is better for lower-is-better metrics too), the spread it must beat, the
-    paired seeds ahead and the verdict."""
+    paired seeds ahead (with the paired gain ± its standard error) and the verdict."""
     lines = ["| task (stands in for) | metric | pretraining | fine-tune | pretrained | scratch | gain | spread | "
              "seeds ahead | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for task, row in sorted(report["tasks"].items()):
@@ -142,6 +145,8 @@ def table(report: dict) -> str:
         pre = report["pretrain"].get(TASKS[task].modality, {})
         runs = len(row["pretrained"]["values"])
         ahead = "—" if "seeds_ahead" not in row else f"{row['seeds_ahead']} of {runs}"  # older files lack it
+        if "paired_se" in row:
+            ahead += f" ({row['paired_gain']:+.4f} ± {row['paired_se']:.4f})"
         made = f"{row.get('objective', 'v1')}, {pre.get('steps', '?')} steps" + (
             f" × {row['pretrainings']}" if row.get("pretrainings", 1) > 1 else "") + (
             ", teacher" if row.get("weights") == "teacher" else "")

@@ -327,6 +327,12 @@ def test_a_win_needs_a_gain_beyond_the_seed_spread():
     assert outlier["seeds_ahead"] == 3 and not outlier["wins"]  # one scratch seed widens the spread past the gain
     behind = summarize("speech_10min", {"pretrained": [0.30, 0.60], "scratch": [0.50, 0.52]})
     assert behind["seeds_ahead"] == 1
+    # paired: the differences 0.02 and 0.01 (WER: 0.20 and 0.20 lower), their mean and standard error
+    assert close["paired_gain"] == pytest.approx(0.015) and close["paired_se"] == pytest.approx(0.005)
+    assert clear["paired_gain"] == pytest.approx(0.20) and clear["paired_se"] == pytest.approx(0.0, abs=1e-12)
+    assert "paired_se" not in summarize("rt_polarity", {"pretrained": [0.7], "scratch": [0.6]})  # one pair
+    assert "| 2 of 2 (+0.0150 ± 0.0050) | ahead, inside the spread |" in pretrain_vs_scratch.table(
+        {"tasks": {"rt_polarity": close}, "pretrain": {}})
 
 
 def test_several_pretrainings_pool_into_one_arm_and_pair_with_the_scratch_seeds():
