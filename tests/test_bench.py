@@ -53,11 +53,11 @@ def test_the_table_beside_the_json_gives_each_task_its_verdict_by_the_seed_sprea
     pretrain_vs_scratch.save(tmp_path / "t.json", report)
     assert json.loads((tmp_path / "t.json").read_text()) == report
     lines = {line.split(" (")[0].strip("| "): line for line in (tmp_path / "t.md").read_text().splitlines()[2:]}
-    assert lines["fashion_mnist"].endswith("| +0.0400 | 0.0100 | 2 of 2 | **win** |")
-    assert lines["rt_polarity"].endswith("| -0.0700 | 0.0100 | 0 of 2 | **loss** |")
-    assert lines["lee_sts"].endswith("| +0.1000 | 0.2000 | 2 of 2 | ahead, inside the spread |")
+    assert lines["fashion_mnist"].endswith("| +0.0400 | 0.0100 | 2 of 2 (+0.0400 ± 0.0000) | **win** |")
+    assert lines["rt_polarity"].endswith("| -0.0700 | 0.0100 | 0 of 2 (-0.0700 ± 0.0000) | **loss** |")
+    assert lines["lee_sts"].endswith("| +0.1000 | 0.2000 | 2 of 2 (+0.1000 ± 0.0500) | ahead, inside the spread |")
     assert "| wer_lm | v2, ? steps | 150 steps | 0.5450 ± 0.0050 (2) |" in lines["speech_1h"]
-    assert lines["speech_1h"].endswith("| +0.1050 | 0.0200 | 2 of 2 | **win** |")
+    assert lines["speech_1h"].endswith("| +0.1050 | 0.0200 | 2 of 2 (+0.1050 ± 0.0050) | **win** |")
 
 
 def test_every_committed_table_is_its_json_rendered():
