@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from v2_vs_v1 import synchronize
 
 from d2v.io import atomic_write_json
 
@@ -55,11 +56,6 @@ def timed(attend, q, k, v, bias, steps: int) -> tuple[list[float], torch.Tensor,
         synchronize(q.device)
         times.append(time.perf_counter() - start)
     return times[3:], out.detach().float(), None if bias.grad is None else bias.grad.float()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from v2_vs_v1 import synchronize
 
 from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_objective
@@ -58,11 +59,6 @@ def timed(decoder: ConvDecoder, x: torch.Tensor, amp, steps: int) -> tuple[list[
         synchronize(x.device)
         times.append(time.perf_counter() - start)
     return times[2:], out.detach().float()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
