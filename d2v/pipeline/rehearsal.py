@@ -26,7 +26,7 @@ from d2v.data import synthetic
 from d2v.data.loaders import collate_images, pad_tokens, pad_waveforms
 from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.pipeline.params import Profile
-from d2v.train.optim import adamw, clip_and_step, fp16_scaling
+from d2v.train.optim import adamw, clip_and_step, fp16_scaling, scaled_backward
 from d2v.train.tasks import TASKS
 
 @dataclass
@@ -121,7 +121,7 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
     objective.train()
     with amp:
         out = objective(inputs.to(device), step_rng(cfg.seed, 1, 0))
-    _backward(out.loss, scaler)
+    scaled_backward(out.loss, scaler)
     clip_and_step(optimizer, params, cfg.optim.clip_norm, scaler)
     objective.ema_step(1)
     if number == profile.pretrain_stages(modality)[-1]:
@@ -152,18 +152,13 @@ def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch
     with amp:
         loss = train_loss(model, inputs, task, cfg, mix(cfg, task.num_outputs) if task.modality == "image" else None,
                           step_rng(cfg.seed, 1))
-    _backward(loss, scaler)
+    scaled_backward(loss, scaler)
     clip_and_step(optimizer, [p for p in model.parameters() if p.requires_grad], cfg.optim.clip_norm, scaler)
     model.eval()
     with torch.no_grad(), amp:
         model(inputs["batch"])
     return dict(model=f"{cfg.preset} {cfg.objective} {init}", parameters=sum(p.numel() for p in model.parameters()),
                 batch=n, loss=_finite(loss))
-
-
-def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
-    """As the training loops: an fp16 loss is scaled before its backward (else small gradients underflow)."""
-    (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
 def _task_item(task, cfg, batch: int, seconds: float, letters: LetterTokenizer, encoder_cfg):

@@ -46,7 +46,7 @@ from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, gather_lists, gather_to_main, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import adamw, clip_and_step, fp16_scaling, fused_kernel, layer_decay_groups, \
-    load_optimizer_state, require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
+    load_optimizer_state, require_finite, restore_scaler, scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.pretrain import autocast, load_final, shards_digest, step_rng
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
@@ -363,7 +363,7 @@ def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, m
         with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
             micro_loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer,
                                     rng) / cfg.accum_steps
-        (scaler.scale(micro_loss) if scaler is not None else micro_loss).backward()
+        scaled_backward(micro_loss, scaler)
         loss += micro_loss.item()
     return loss
 

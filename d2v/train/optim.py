@@ -45,6 +45,11 @@ def require_finite(step: int, metrics: dict[str, float], scaler: torch.amp.GradS
                               "gradients (optim.clip_norm)")
 
 
+def scaled_backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """The backward of `loss`, scaled first under fp16 (`scaler`): unscaled, small fp16 gradients underflow to 0."""
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
 def clip_and_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], clip_norm: float | None,
                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Clip the gradients to `clip_norm` (None or 0: unclipped) and step; returns their norm before clipping, on the

@@ -29,7 +29,7 @@ from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
 from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, fp16_scaling, load_optimizer_state, \
-    require_finite, restore_scaler, scaler_state, schedule_fn, set_lr
+    require_finite, restore_scaler, scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
@@ -282,7 +282,7 @@ def _backward(cfg: PretrainConfig, objective: Data2Vec, model, stream, step: int
         with (contextlib.nullcontext() if sync or sharded else model.no_sync()), amp:
             out = model(batch, rng)
         loss = out.loss / cfg.accum_steps
-        (scaler.scale(loss) if scaler else loss).backward()
+        scaled_backward(loss, scaler)
         for k, v in out.metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float() / cfg.accum_steps
     return sums, out, samples
