@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from v2_vs_v1 import synchronize
+from v2_vs_v1 import timed_updates
 
 from d2v.io import atomic_write_json
 
@@ -43,19 +42,20 @@ def flex_biased():
 
 
 def timed(attend, q, k, v, bias, steps: int) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
-    """Seconds of each forward + backward after three untimed ones (compilation, autotuning), the last output and
-    the bias's gradient."""
-    times = []
-    for _ in range(steps + 3):
+    """Seconds of each forward + backward after `timed_updates`' three untimed ones (compilation, autotuning), the
+    last output and the bias's gradient."""
+    last = {}
+
+    def clear_grads():
         for t in (q, k, v, bias):
             t.grad = None
-        synchronize(q.device)
-        start = time.perf_counter()
-        out = attend(q, k, v, bias)
-        out.float().square().mean().backward()
-        synchronize(q.device)
-        times.append(time.perf_counter() - start)
-    return times[3:], out.detach().float(), None if bias.grad is None else bias.grad.float()
+
+    def forward_backward(_, step):
+        last["out"] = attend(q, k, v, bias)
+        last["out"].float().square().mean().backward()
+
+    times = timed_updates(clear_grads, forward_backward, q.device, steps, compile=True)
+    return times, last["out"].detach().float(), None if bias.grad is None else bias.grad.float()
 
 
 def main() -> None:

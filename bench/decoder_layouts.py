@@ -14,11 +14,10 @@ import argparse
 import contextlib
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from v2_vs_v1 import synchronize
+from v2_vs_v1 import timed_updates
 
 from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_objective
@@ -46,19 +45,18 @@ def laid_out(decoder: ConvDecoder, layout: str):
 
 
 def timed(decoder: ConvDecoder, x: torch.Tensor, amp, steps: int) -> tuple[list[float], torch.Tensor]:
-    """Seconds of each forward + backward after two untimed ones (cuDNN's autotuner tries its algorithms in the
-    first), and the predictions of the last."""
-    times = []
-    for i in range(steps + 2):
-        decoder.zero_grad(set_to_none=True)
-        synchronize(x.device)
-        start = time.perf_counter()
+    """Seconds of each forward + backward after `timed_updates`' three untimed ones (cuDNN's autotuner tries its
+    algorithms in the first), and the predictions of the last."""
+    last = {}
+
+    def forward_backward(_, step):
         with amp:
-            out = decoder(x)
-        out.float().square().mean().backward()
-        synchronize(x.device)
-        times.append(time.perf_counter() - start)
-    return times[2:], out.detach().float()
+            last["out"] = decoder(x)
+        last["out"].float().square().mean().backward()
+
+    times = timed_updates(lambda: decoder.zero_grad(set_to_none=True), forward_backward, x.device, steps,
+                          compile=True)
+    return times, last["out"].detach().float()
 
 
 def main() -> None:
