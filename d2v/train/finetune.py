@@ -213,6 +213,13 @@ def resolve_device(name: str, where: str = "finetune.device") -> torch.device:
     return torch.device(name)
 
 
+def device_and_world(cfg: FinetuneConfig) -> tuple[torch.device, World]:
+    """The config's device (checked), and under torchrun the process group joined and this rank's device."""
+    device = resolve_device(cfg.device)
+    world = init(cfg.device)
+    return (world.device if world.distributed else device), world
+
+
 def mix(cfg: FinetuneConfig, num_classes: int):
     """MixUp / CutMix (torchvision v2), one of them per batch (on a `mix_prob` share of the batches), or None."""
     from torchvision.transforms import v2
@@ -386,10 +393,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     discarded."""
     task = TASKS[cfg.task]
     out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
-    device = resolve_device(cfg.device)
-    world = init(cfg.device)
-    if world.distributed:
-        device = world.device
+    device, world = device_and_world(cfg)
     train_shards = shards_of(cfg, task.train)
     data_digest = shards_digest(train_shards)
     if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, data_digest,
@@ -584,11 +588,10 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     model, cfg, state = load_finetuned(path, torch.device("cpu"))
     require_extra_tests(cfg.task, extra)
     require_ctc_for_lm(cfg.task, lm)
-    device = resolve_device(cfg.device)
-    world = init(cfg.device)
-    model.to(world.device if world.distributed else device)
+    device, world = device_and_world(cfg)
+    model.to(device)
     task = TASKS[cfg.task]
-    amp, _ = autocast(next(model.parameters()).device, cfg.precision)
+    amp, _ = autocast(device, cfg.precision)
     splits = [*([split] if split else task.tests), *extra]
     scorer = None
     if task.kind == "ctc":
