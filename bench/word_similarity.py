@@ -22,6 +22,7 @@ import argparse
 import platform
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +50,7 @@ def corpus_words(corpus_dir: Path) -> list[list[str]]:
 
 def word_vectors(documents: list[list[str]], dim: int, window: int, min_count: int) -> dict[str, np.ndarray]:
     """Count-based vectors (`count_embeddings.ppmi_vectors`) of the words that occur at least `min_count` times."""
-    counts: dict[str, int] = {}
-    for words in documents:
-        for w in words:
-            counts[w] = counts.get(w, 0) + 1
+    counts = Counter(w for words in documents for w in words)
     vocab = {w: i for i, w in enumerate(sorted(w for w, c in counts.items() if c >= min_count))}
     sequences = [np.array([vocab.get(w, -1) for w in words], dtype=np.int64) for words in documents]
     vectors, _ = ppmi_vectors(sequences, len(vocab), dim, window)
