@@ -34,6 +34,28 @@ def test_a_moved_batch_keeps_the_loaders_host_copy_which_text_masking_reads():
         objective.modality.make_views(Batch(moved.source), np.random.default_rng(0))
 
 
+def test_text_padding_is_decided_on_the_host_never_asked_of_the_device():
+    """The loaders give a padding mask only to a batch that holds padding; the encoder uses it as given off the host
+    (on `meta` any question to the device raises) and checks ids on the host, where it costs nothing."""
+    encoder = build_objective("text", "tiny", "v1").student.eval()
+    pad = encoder.cfg.pad_idx
+    tokens = torch.tensor([[0, 5, 6, 7, 2], [0, 5, 2, pad, pad]])
+    mask = tokens.eq(pad)
+    with pytest.raises(ValueError, match=f"pad id {pad} but no padding_mask"):
+        encoder.embed(tokens)
+    assert encoder.embed(tokens, mask).padding_mask is mask
+    assert encoder.embed(tokens[:1]).padding_mask is None
+    assert encoder.embed(tokens[:1], mask[:1]).padding_mask is None  # all False: attention's unmasked path
+    by_hand = encoder(tokens)  # forward finds the padding itself, as its callers expect
+    assert torch.equal(by_hand.padding_mask, mask) and torch.equal(by_hand.x, encoder(tokens, mask).x)
+    meta = encoder.to("meta")
+    on_meta = meta.embed(tokens.to("meta"), mask.to("meta"))
+    assert on_meta.tokens.is_meta and on_meta.padding_mask.is_meta
+    assert meta.embed(tokens[:1].to("meta")).padding_mask is None
+    with pytest.raises((RuntimeError, NotImplementedError)):  # what the old `pad.any()` asked
+        bool(mask.to("meta").any())
+
+
 def test_host_positions_gather_what_the_boolean_mask_does_in_its_order():
     mask = np.random.default_rng(0).random((5, 9)) < 0.4
     x = torch.randn(5, 9, 3)
@@ -50,7 +72,8 @@ def test_representation_std_is_fairseqs_compute_var():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("name,kind", [("image", "v1"), ("image", "v2"), ("speech", "v2")])
+@pytest.mark.parametrize("name,kind", [("image", "v1"), ("image", "v2"), ("speech", "v2"), ("text", "v1"),
+                                       ("text", "v2")])
 def test_a_step_never_waits_on_the_gpu(name, kind):
     objective = build_objective(name, "tiny", kind).cuda().train()
     cuda = torch.device("cuda")

@@ -104,14 +104,35 @@ class TextEncoder(Encoder):
     def dim(self) -> int:
         return self.cfg.dim
 
+    def forward(self, source: Tensor, padding_mask: Tensor | None = None, mask: Tensor | None = None):
+        """The encoder called by hand on token ids: without a padding mask, padding is where the pad ids are (a
+        question to the device on a GPU; training calls `embed` with its loader's mask, decided on the host)."""
+        if padding_mask is None:
+            padding_mask = source.eq(self.cfg.pad_idx)
+            padding_mask = padding_mask if padding_mask.any() else None
+        return super().forward(source, padding_mask, mask)
+
     def embed(self, source: Tensor, padding_mask: Tensor | None = None) -> Embedded:
         if source.ndim != 2 or source.dtype not in (torch.long, torch.int):
             raise ValueError(f"expected token ids (B, T) of integer dtype, got {tuple(source.shape)} {source.dtype}")
         if source.shape[1] > self.cfg.max_positions:
             raise ValueError(f"sequence length {source.shape[1]} exceeds max_positions={self.cfg.max_positions}")
-        pad = source.eq(self.cfg.pad_idx) if padding_mask is None else padding_mask
         x = self.embed_tokens(source) + self.embed_positions(make_positions(source, self.cfg.pad_idx))
-        return Embedded(self.dropout(self.embed_norm(x)), pad if pad.any() else None)
+        return Embedded(self.dropout(self.embed_norm(x)), self._padding(source, padding_mask))
+
+    def _padding(self, source: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """The padding mask, never asked of the device (a sync a forward pass): the loaders give one only to a batch
+        that holds padding (`pad_tokens`), so None means unpadded and a given mask is used as is. Ids on the host are
+        checked, which costs nothing: pad ids without a mask are an error, and an all-False mask is dropped so that
+        attention takes its unmasked path."""
+        if source.device.type != "cpu":
+            return padding_mask
+        if padding_mask is None:
+            if source.eq(self.cfg.pad_idx).any():
+                raise ValueError(f"token ids hold the pad id {self.cfg.pad_idx} but no padding_mask was given (True = "
+                                 "pad; d2v.data.loaders.pad_tokens builds both)")
+            return None
+        return padding_mask if padding_mask.any() else None
 
     def freeze_local_encoder(self) -> None:
         """Token and position embeddings and their LayerNorm stay random (like MoCo v3's frozen patch projection):
