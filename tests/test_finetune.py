@@ -500,6 +500,36 @@ def test_an_fp16_fine_tune_scales_its_loss_skips_overflows_and_resumes_at_its_lo
     pd.testing.assert_frame_equal(log, pd.read_csv(tmp_path / "b" / "metrics.csv"))
 
 
+def test_log_every_thins_the_log_not_the_training_and_still_stops_a_diverged_run(toy_image_task, tmp_path,
+                                                                                  monkeypatch):
+    """Rows (each a host sync on a GPU) at the first, every N-th and last steps only (and where the dev split is
+    scored); the weights and the rows kept are those of a run logging every step. A NaN between log steps stops the
+    run before its checkpoint."""
+    from d2v.train.optim import DivergenceError
+
+    cfg = toy_image_task.model_copy(update={"steps": 5, "batch_size": 4})
+    ft.run_finetune(cfg, tmp_path / "every", progress=False)
+    ft.run_finetune(cfg.model_copy(update={"log_every": 2}), tmp_path / "thin", progress=False)
+    every, thin = (pd.read_csv(tmp_path / run / "metrics.csv") for run in ("every", "thin"))
+    assert thin["step"].tolist() == [1, 2, 4, 5]
+    pd.testing.assert_frame_equal(thin, every[every["step"].isin(thin["step"])].reset_index(drop=True))
+    weights = [torch.load(tmp_path / run / "final.pt", weights_only=False)["model"] for run in ("every", "thin")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    real = ft.optimizer_step
+
+    def poisoning(optimizer, trainable, encoder_params, cfg, step, scaler):
+        if step == 2:
+            trainable[0].grad.fill_(float("nan"))
+        return real(optimizer, trainable, encoder_params, cfg, step, scaler)
+    monkeypatch.setattr(ft, "optimizer_step", poisoning)
+    thin_cfg = tasks.FinetuneConfig.model_validate({**cfg.model_dump(), "log_every": 10,
+                                                    "checkpoint": {"every": 3, "keep": 1}})
+    with pytest.raises(DivergenceError, match=r"training diverged at step 3 \(grad_norm=nan\)"):
+        ft.run_finetune(thin_cfg, tmp_path / "nan", progress=False)
+    assert not list((tmp_path / "nan").glob("checkpoints/*.pt"))
+
+
 def test_a_diverged_last_step_writes_no_final_model(toy_image_task, tmp_path, monkeypatch):
     """The loss is measured before the update: a gradient that turns NaN at the last step would put NaN weights into
     final.pt unless its norm is checked too."""

@@ -344,7 +344,7 @@ def headline(task: Task, metrics: dict[str, float]) -> float:
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
-RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume")
+RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume", "log_every")
 
 
 def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
@@ -357,13 +357,13 @@ def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
 
 
 def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, scaler, world: World,
-                         step: int, device: torch.device) -> float:
+                         step: int, device: torch.device) -> torch.Tensor:
     """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last; fp16 scales the loss
-    first); their mean loss. Masks, mixing and dropout are keyed by (seed, step) and, when the update has several
-    micro-batches, by the micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches
-    draws."""
+    first); their mean loss, on the device (float64, as the Python floats it summed before). Masks, mixing and
+    dropout are keyed by (seed, step) and, when the update has several micro-batches, by the micro-batch's place in
+    it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
     several = world.distributed or cfg.accum_steps > 1
-    loss = 0.0
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(cfg.accum_steps):
         rng = step_rng(cfg.seed, step, *([world.rank * cfg.accum_steps + micro] if several else []))
         sync = micro == cfg.accum_steps - 1 or not world.distributed
@@ -371,7 +371,7 @@ def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, m
             micro_loss = train_loss(train_model, as_inputs(next(stream), task.modality, device), task, cfg, mixer,
                                     rng) / cfg.accum_steps
         scaled_backward(micro_loss, scaler)
-        loss += micro_loss.item()
+        loss += micro_loss.detach().double()
     return loss
 
 
@@ -441,16 +441,23 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, scaler, world, step, device)
             consumed += cfg.accum_steps
             grad_norm = optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler)
-            row = {"step": step, **mean_over_ranks({"loss": loss, "grad_norm": grad_norm}, world), "lr": lr}
-            require_finite(step, row, scaler)  # the same on every rank: the loss is their mean, the scale shared
-            if task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
-            if log is not None:
-                log.write(row)
+            scored = bool(task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps))
+            logged = scored or step % cfg.log_every == 0 or step in (1, cfg.steps)
+            if logged:  # the step's host syncs (a GPU's queue drains): loss, norm, the fp16 scale, the dev score
+                row = {"step": step, **mean_over_ranks({"loss": float(loss), "grad_norm": float(grad_norm)}, world),
+                       "lr": lr}
+                require_finite(step, row, scaler)  # the same on every rank: the loss is their mean, the scale shared
+                if scored:
+                    row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
+                if log is not None:
+                    log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
             signum = stop.after_step(step, cfg.steps)  # collective: all ranks stop at one step
-            if step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None) and world.is_main:
+            save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
+            if save and not logged:  # no checkpoint of diverged weights; the norm is all-reduced, so every rank agrees
+                require_finite(step, {"grad_norm": float(grad_norm)}, scaler)
+            if save and world.is_main:
                 checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                  "scaler": scaler_state(scaler),
                                                  "batches": consumed, "best": best.key, "best_metrics": best.metrics,
@@ -519,15 +526,16 @@ def _score_dev(model, cfg: FinetuneConfig, task: Task, amp, world: World, best: 
 
 
 def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int,
-                   scaler: torch.amp.GradScaler | None = None) -> float:
-    """Clip and step (fp16: skipped by the scaler over an overflow); returns the gradient norm before clipping.
+                   scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Clip and step (fp16: skipped by the scaler over an overflow); returns the gradient norm before clipping, on
+    the device.
     While only the output layer trains (fairseq freeze_finetune_updates), the encoder's gradients are dropped
     first."""
     if step <= cfg.freeze_encoder_steps:
         for p in trainable:
             if id(p) in encoder_params:
                 p.grad = None
-    return clip_and_step(optimizer, trainable, cfg.optim.clip_norm, scaler).item()
+    return clip_and_step(optimizer, trainable, cfg.optim.clip_norm, scaler)
 
 
 def _write_run(model, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict, no_dev: bool) -> None:

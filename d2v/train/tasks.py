@@ -151,6 +151,9 @@ class FinetuneConfig(StrictModel):
     image: ImageAugConfig | None = None
     audio: AudioConfig | None = None
     eval_every: int = Field(0, ge=0)  # 0 = only at the end
+    # metrics.csv rows (and the NaN check) every N steps, besides the first, the last and the dev-scoring ones: each
+    # is a host sync that drains a GPU's queue; 1 keeps the per-step curves a short CPU fine-tune reads
+    log_every: int = Field(1, ge=1)
     data_root: str = "data"
     tokenizer: str = "data/tokenizer/spm.model"
     letters: str = "data/tokenizer/letters.json"
