@@ -15,10 +15,16 @@ of the set's words (transformer states share a direction that pushes every raw c
 
     python bench/word_similarity.py --pretrained v1=runs/bench/pretrain/text/final.pt
         --pretrained v2=runs/bench-text-v2-2400/pretrain/text-v2/final.pt [--out results/bench/word_similarity_cpu.json]
+
+Issue 6's time-to-accuracy where text's fine-tuned one is undefined (v1's pretrained text encoder fine-tunes below
+scratch): `--reference v1` adds `time_to_reference`, for each other checkpoint whether its best layer (and its token
+table) rates WordSim's pairs as well as the reference's does, and the ratio of their pretraining times (each run's
+timing.json, or `--seconds LABEL=S` where a run was timed beside other jobs).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import time
@@ -99,6 +105,43 @@ def score_encoder(encoder, tokenizer: TextTokenizer, sets: dict, covered: dict) 
     return report
 
 
+def summary_scores(entry: dict, set_name: str) -> dict[str, float]:
+    """An encoder's best layer and its token table, centred Spearman over all of `set_name`'s pairs."""
+    return {"best_layer": max(r["all"]["centred_spearman"] for r in entry[set_name]["layers"]),
+            "table": entry[set_name]["table"][0]["all"]["centred_spearman"]}
+
+
+def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float], set_name: str = "wordsim353") -> dict:
+    """For each encoder of another checkpoint (`LABEL/NAME`), whether its best layer and its token table agree with
+    `set_name`'s ratings (centred Spearman over all pairs) at least as well as the reference checkpoint's encoder of
+    the same NAME, and the reference's pretraining seconds over its own (above 1: it got there sooner). Checkpoints
+    with no pretraining time (count vectors) are left out."""
+    if not any(key.startswith(f"{reference}/") for key in encoders):
+        raise SystemExit(f"--reference {reference}: not the NAME of a --pretrained checkpoint")
+    if reference not in seconds:
+        raise SystemExit(f"--reference {reference}: no pretraining time for it (no timing.json beside its checkpoint; "
+                         "pass --seconds)")
+    rows = []
+    for key, entry in encoders.items():
+        label, _, name = key.partition("/")
+        target = encoders.get(f"{reference}/{name}")
+        if label == reference or target is None or label not in seconds:
+            continue
+        own, goal = summary_scores(entry, set_name), summary_scores(target, set_name)
+        row = {"encoder": key, "steps": entry["steps"], "pretrain_seconds": seconds[label]}
+        for kind in own:
+            row.update({kind: own[kind], f"reference_{kind}": goal[kind], f"reaches_{kind}": own[kind] >= goal[kind]})
+        rows.append({**row, "speedup": round(seconds[reference] / seconds[label], 3)})
+    return {"reference": reference, "reference_seconds": seconds[reference], "set": set_name,
+            "score": "centred Spearman over all pairs", "rows": rows}
+
+
+def pretrain_seconds(checkpoint: str) -> float | None:
+    """The wall time the pretraining run recorded beside its final.pt (timing.json), if any."""
+    timing = Path(checkpoint).parent / "timing.json"
+    return json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pretrained", action="append", default=[], metavar="NAME=PATH",
@@ -111,6 +154,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reference", default=None, help="a --pretrained NAME: time-to-reference rows against it")
+    parser.add_argument("--seconds", action="append", default=[], metavar="NAME=S",
+                        help="a checkpoint's pretraining time, instead of its run's timing.json")
     parser.add_argument("--out", type=Path, default=Path("results/bench/word_similarity_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,17 +180,27 @@ def main() -> None:
     tokenizer = TextTokenizer(args.tokenizer or root / "tokenizer" / "spm.model")
     all_words = sorted({w for pairs in sets.values() for a, b, _ in pairs for w in (a, b)})
     report["single_piece_words"] = round(float(np.mean([len(tokenizer.encode(w)) == 3 for w in all_words])), 4)
+    seconds = {label: float(value) for label, _, value in (s.partition("=") for s in args.seconds)}
     for i, spec in enumerate(args.pretrained):
         label, _, path = spec.partition("=")
         state = read_torch(path)
+        if label not in seconds and (recorded := pretrain_seconds(path)) is not None:
+            seconds[label] = recorded
         names = (["random"] if i == 0 else []) + args.encoders.split(",")
         for name, encoder in load_encoders("text", state, names):
             key = name if name == "random" else f"{label}/{name}"
             report["encoders"][key] = {"checkpoint": None if name == "random" else path,
-                                       "steps": state.get("steps"), "objective": state.get("objective", "v1"),
+                                       "steps": 0 if name == "random" else state.get("steps"),
+                                       "objective": state.get("objective", "v1"),
                                        **score_encoder(encoder, tokenizer, sets, covered)}
             best = {s: max(r["all"]["centred_spearman"] for r in report["encoders"][key][s]["layers"]) for s in sets}
             print(f"{key:16s} best layer, centred Spearman over all pairs: {best}", flush=True)
+    if args.reference:
+        report["time_to_reference"] = time_to_reference(report["encoders"], args.reference, seconds)
+        for row in report["time_to_reference"]["rows"]:
+            print(f"{row['encoder']:20s} best layer {row['best_layer']:.3f} (reference "
+                  f"{row['reference_best_layer']:.3f}), table {row['table']:.3f} ({row['reference_table']:.3f}), "
+                  f"time ratio {row['speedup']}", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(args.out, report)
     print(f"-> {args.out}")

@@ -931,3 +931,25 @@ def test_word_similarity_reads_each_word_alone_and_scores_cosines_by_rank(tmp_pa
     pairs = [("a", "b", 9.0), ("a", "c", 5.0), ("a", "d", 1.0)]
     assert ws.agreement(vectors, index, pairs)["spearman"] == 1.0
     assert ws.agreement(vectors, index, [(a, b, -r) for a, b, r in pairs])["spearman"] == -1.0
+
+
+def test_word_similarity_times_each_checkpoint_to_the_references_scores():
+    import word_similarity as ws
+
+    def entry(layers, table, steps):
+        scores = lambda values: [{"all": {"centred_spearman": v}, "covered": {}} for v in values]  # noqa: E731
+        return {"steps": steps, "wordsim353": {"layers": scores(layers), "table": scores([table])}}
+    encoders = {"random": entry([0.04, 0.05], 0.0, 0), "v1/student": entry([0.10, 0.08], 0.20, 1200),
+                "v2-600/student": entry([0.06, 0.11], 0.12, 600), "v2-1200/student": entry([0.05, 0.09], 0.25, 1200),
+                "counts/student": entry([0.2, 0.2], 0.3, 0)}
+    out = ws.time_to_reference(encoders, "v1", {"v1": 1000.0, "v2-600": 1250.0, "v2-1200": 2500.0})
+    rows = {row["encoder"]: row for row in out["rows"]}
+    assert set(rows) == {"v2-600/student", "v2-1200/student"}  # no time for the count vectors
+    assert rows["v2-600/student"]["reaches_best_layer"] and not rows["v2-600/student"]["reaches_table"]
+    assert rows["v2-600/student"]["best_layer"] == 0.11 and rows["v2-600/student"]["reference_best_layer"] == 0.10
+    assert not rows["v2-1200/student"]["reaches_best_layer"] and rows["v2-1200/student"]["reaches_table"]
+    assert rows["v2-600/student"]["speedup"] == 0.8 and rows["v2-1200/student"]["speedup"] == 0.4
+    with pytest.raises(SystemExit, match="no pretraining time"):
+        ws.time_to_reference(encoders, "v1", {"v2-600": 1.0})
+    with pytest.raises(SystemExit, match="not the NAME of a --pretrained"):
+        ws.time_to_reference(encoders, "v3", {"v3": 1.0})
