@@ -19,7 +19,7 @@ of the set's words (transformer states share a direction that pushes every raw c
 Issue 6's time-to-accuracy where text's fine-tuned one is undefined (v1's pretrained text encoder fine-tunes below
 scratch): `--reference v1` adds `time_to_reference`, for each other checkpoint whether its best layer (and its token
 table) rates WordSim's pairs as well as the reference's does, and the ratio of their pretraining times (each run's
-timing.json, or `--seconds LABEL=S` where a run was timed beside other jobs).
+summary.json, or `--seconds LABEL=S` where a run was timed beside other jobs).
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float],
     if not any(key.startswith(f"{reference}/") for key in encoders):
         raise SystemExit(f"--reference {reference}: not the NAME of a --pretrained checkpoint")
     if reference not in seconds:
-        raise SystemExit(f"--reference {reference}: no pretraining time for it (no timing.json beside its checkpoint; "
+        raise SystemExit(f"--reference {reference}: no pretraining time for it (no summary.json beside its checkpoint; "
                          "pass --seconds)")
     rows = []
     for key, entry in encoders.items():
@@ -137,9 +137,9 @@ def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float],
 
 
 def pretrain_seconds(checkpoint: str) -> float | None:
-    """The wall time the pretraining run recorded beside its final.pt (timing.json), if any."""
-    timing = Path(checkpoint).parent / "timing.json"
-    return json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+    """The training time the pretraining run recorded beside its final.pt (summary.json), if any."""
+    summary = Path(checkpoint).parent / "summary.json"
+    return json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
 
 
 def main() -> None:
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference", default=None, help="a --pretrained NAME: time-to-reference rows against it")
     parser.add_argument("--seconds", action="append", default=[], metavar="NAME=S",
-                        help="a checkpoint's pretraining time, instead of its run's timing.json")
+                        help="a checkpoint's pretraining time, instead of its run's summary.json")
     parser.add_argument("--out", type=Path, default=Path("results/bench/word_similarity_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,7 +180,8 @@ def main() -> None:
     tokenizer = TextTokenizer(args.tokenizer or root / "tokenizer" / "spm.model")
     all_words = sorted({w for pairs in sets.values() for a, b, _ in pairs for w in (a, b)})
     report["single_piece_words"] = round(float(np.mean([len(tokenizer.encode(w)) == 3 for w in all_words])), 4)
-    seconds = {label: float(value) for label, _, value in (s.partition("=") for s in args.seconds)}
+    given = {label: float(value) for label, _, value in (s.partition("=") for s in args.seconds)}
+    seconds = dict(given)
     for i, spec in enumerate(args.pretrained):
         label, _, path = spec.partition("=")
         state = read_torch(path)
@@ -196,7 +197,8 @@ def main() -> None:
             best = {s: max(r["all"]["centred_spearman"] for r in report["encoders"][key][s]["layers"]) for s in sets}
             print(f"{key:16s} best layer, centred Spearman over all pairs: {best}", flush=True)
     if args.reference:
-        report["time_to_reference"] = time_to_reference(report["encoders"], args.reference, seconds)
+        report["time_to_reference"] = {**time_to_reference(report["encoders"], args.reference, seconds),
+                                       "seconds_given": given}  # instead of the runs' own records
         for row in report["time_to_reference"]["rows"]:
             print(f"{row['encoder']:20s} best layer {row['best_layer']:.3f} (reference "
                   f"{row['reference_best_layer']:.3f}), table {row['table']:.3f} ({row['reference_table']:.3f}), "
