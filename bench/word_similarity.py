@@ -46,6 +46,7 @@ from d2v.io import atomic_write_json, read_torch
 
 WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 SETS = {"wordsim353": WORDSIM, "simlex999": SIMLEX}
+TIMED_SET = "wordsim353"  # what pretraining learns of the two (relatedness); SimLex stays at a random encoder's level
 
 
 def corpus_words(corpus_dir: Path) -> list[list[str]]:
@@ -80,29 +81,47 @@ def encoder_word_vectors(encoder, tokenizer: TextTokenizer, words: list[str]) ->
             "layers": [(h * weights).sum(1).numpy() for h in out.hidden_states]}
 
 
+def pair_cosines(vectors: np.ndarray, index: dict[str, int], pairs: list[tuple[str, str, float]],
+                 centred: bool) -> np.ndarray:
+    """The cosine of each pair's vectors (rows of `vectors` by `index`), the rows centred on their mean first or not."""
+    v = vectors - vectors.mean(0) if centred else vectors
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return (v[[index[a] for a, _, _ in pairs]] * v[[index[b] for _, b, _ in pairs]]).sum(1)
+
+
 def agreement(vectors: np.ndarray, index: dict[str, int], pairs: list[tuple[str, str, float]]) -> dict[str, float]:
-    """Spearman between the cosines of each pair's vectors (rows of `vectors` by `index`) and its rating, raw and
-    with the vectors centred on the mean of the rows."""
-    left = [index[a] for a, _, _ in pairs]
-    right = [index[b] for _, b, _ in pairs]
+    """Spearman between the cosines of each pair's vectors and its rating, raw and with the vectors centred on the
+    mean of the rows."""
     ratings = [r for _, _, r in pairs]
-    out = {}
-    for kind, v in (("spearman", vectors), ("centred_spearman", vectors - vectors.mean(0))):
-        v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        out[kind] = round(spearman((v[left] * v[right]).sum(1), ratings), 4)
-    return out
+    return {kind: round(spearman(pair_cosines(vectors, index, pairs, centred), ratings), 4)
+            for kind, centred in (("spearman", False), ("centred_spearman", True))}
 
 
-def score_encoder(encoder, tokenizer: TextTokenizer, sets: dict, covered: dict) -> dict:
-    """Per set: the table's and each layer's agreement over all pairs and over the pairs the counts cover."""
-    report = {}
+def score_encoder(encoder, tokenizer: TextTokenizer, sets: dict, covered: dict) -> tuple[dict, dict]:
+    """Per set: the table's and each layer's agreement over all pairs and over the pairs the counts cover; and the
+    centred cosines over all pairs behind them (for `paired_interval`)."""
+    report, cosines = {}, {}
     for name, pairs in sets.items():
         words = sorted({w for a, b, _ in pairs for w in (a, b)})
         index = {w: i for i, w in enumerate(words)}
         vectors = encoder_word_vectors(encoder, tokenizer, words)
         report[name] = {kind: [{"all": agreement(v, index, pairs), "covered": agreement(v, index, covered[name])}
                                for v in layers] for kind, layers in vectors.items()}
-    return report
+        cosines[name] = {kind: [pair_cosines(v, index, pairs, centred=True) for v in layers]
+                         for kind, layers in vectors.items()}
+    return report, cosines
+
+
+def paired_interval(own: np.ndarray, goal: np.ndarray, ratings: np.ndarray, draws: int = 2000,
+                    seed: int = 0) -> list[float]:
+    """The 95 % bootstrap interval of spearman(own) - spearman(goal): the pairs resampled with replacement, one
+    resample for both, so what the two encoders share of the set's hard pairs cancels."""
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(draws):
+        i = rng.integers(0, len(ratings), len(ratings))
+        gains.append(spearman(own[i], ratings[i]) - spearman(goal[i], ratings[i]))
+    return [round(float(q), 4) for q in np.percentile(gains, [2.5, 97.5])]
 
 
 def summary_scores(entry: dict, set_name: str) -> dict[str, float]:
@@ -111,11 +130,13 @@ def summary_scores(entry: dict, set_name: str) -> dict[str, float]:
             "table": entry[set_name]["table"][0]["all"]["centred_spearman"]}
 
 
-def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float], set_name: str = "wordsim353") -> dict:
+def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float], set_name: str = "wordsim353",
+                      cosines: dict | None = None, ratings: np.ndarray | None = None) -> dict:
     """For each encoder of another checkpoint (`LABEL/NAME`), whether its best layer and its token table agree with
     `set_name`'s ratings (centred Spearman over all pairs) at least as well as the reference checkpoint's encoder of
-    the same NAME, and the reference's pretraining seconds over its own (above 1: it got there sooner). Checkpoints
-    with no pretraining time (count vectors) are left out."""
+    the same NAME, and the reference's pretraining seconds over its own (above 1: it got there sooner); given each
+    encoder's `cosines` of those pairs ({"best_layer": ..., "table": ...}) and the `ratings`, the paired bootstrap
+    interval of each gain. Checkpoints with no pretraining time (count vectors) are left out."""
     if not any(key.startswith(f"{reference}/") for key in encoders):
         raise SystemExit(f"--reference {reference}: not the NAME of a --pretrained checkpoint")
     if reference not in seconds:
@@ -131,6 +152,9 @@ def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float],
         row = {"encoder": key, "steps": entry["steps"], "pretrain_seconds": seconds[label]}
         for kind in own:
             row.update({kind: own[kind], f"reference_{kind}": goal[kind], f"reaches_{kind}": own[kind] >= goal[kind]})
+            if cosines is not None:
+                row[f"{kind}_gain_interval"] = paired_interval(cosines[key][kind], cosines[f"{reference}/{name}"][kind],
+                                                               ratings)
         rows.append({**row, "speedup": round(seconds[reference] / seconds[label], 3)})
     return {"reference": reference, "reference_seconds": seconds[reference], "set": set_name,
             "score": "centred Spearman over all pairs", "rows": rows}
@@ -181,7 +205,7 @@ def main() -> None:
     all_words = sorted({w for pairs in sets.values() for a, b, _ in pairs for w in (a, b)})
     report["single_piece_words"] = round(float(np.mean([len(tokenizer.encode(w)) == 3 for w in all_words])), 4)
     given = {label: float(value) for label, _, value in (s.partition("=") for s in args.seconds)}
-    seconds = dict(given)
+    seconds, picked = dict(given), {}
     for i, spec in enumerate(args.pretrained):
         label, _, path = spec.partition("=")
         state = read_torch(path)
@@ -190,14 +214,18 @@ def main() -> None:
         names = (["random"] if i == 0 else []) + args.encoders.split(",")
         for name, encoder in load_encoders("text", state, names):
             key = name if name == "random" else f"{label}/{name}"
+            scores, cosines = score_encoder(encoder, tokenizer, sets, covered)
             report["encoders"][key] = {"checkpoint": None if name == "random" else path,
                                        "steps": 0 if name == "random" else state.get("steps"),
-                                       "objective": state.get("objective", "v1"),
-                                       **score_encoder(encoder, tokenizer, sets, covered)}
+                                       "objective": state.get("objective", "v1"), **scores}
+            layer = int(np.argmax([r["all"]["centred_spearman"] for r in scores[TIMED_SET]["layers"]]))
+            picked[key] = {"best_layer": cosines[TIMED_SET]["layers"][layer], "table": cosines[TIMED_SET]["table"][0]}
             best = {s: max(r["all"]["centred_spearman"] for r in report["encoders"][key][s]["layers"]) for s in sets}
             print(f"{key:16s} best layer, centred Spearman over all pairs: {best}", flush=True)
     if args.reference:
-        report["time_to_reference"] = {**time_to_reference(report["encoders"], args.reference, seconds),
+        ratings = np.array([r for _, _, r in sets[TIMED_SET]])
+        report["time_to_reference"] = {**time_to_reference(report["encoders"], args.reference, seconds, TIMED_SET,
+                                                           picked, ratings),
                                        "seconds_given": given}  # instead of the runs' own records
         for row in report["time_to_reference"]["rows"]:
             print(f"{row['encoder']:20s} best layer {row['best_layer']:.3f} (reference "

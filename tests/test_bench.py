@@ -949,6 +949,13 @@ def test_word_similarity_times_each_checkpoint_to_the_references_scores():
     assert rows["v2-600/student"]["best_layer"] == 0.11 and rows["v2-600/student"]["reference_best_layer"] == 0.10
     assert not rows["v2-1200/student"]["reaches_best_layer"] and rows["v2-1200/student"]["reaches_table"]
     assert rows["v2-600/student"]["speedup"] == 0.8 and rows["v2-1200/student"]["speedup"] == 0.4
+    rng = np.random.default_rng(0)  # the bootstrap: a clearly better encoder's interval excludes 0, a copy's is 0
+    ratings = rng.random(300)
+    good, poor = ratings + 0.1 * rng.standard_normal(300), ratings + 0.6 * rng.standard_normal(300)
+    cosines = {"v1/student": {"best_layer": poor, "table": good}, "v2-600/student": {"best_layer": good, "table": good}}
+    out = ws.time_to_reference({k: encoders[k] for k in cosines}, "v1", {"v1": 1000.0, "v2-600": 1250.0},
+                               cosines=cosines, ratings=ratings)
+    assert out["rows"][0]["best_layer_gain_interval"][0] > 0.1 and out["rows"][0]["table_gain_interval"] == [0, 0]
     with pytest.raises(SystemExit, match="no pretraining time"):
         ws.time_to_reference(encoders, "v1", {"v2-600": 1.0})
     with pytest.raises(SystemExit, match="not the NAME of a --pretrained"):
