@@ -226,7 +226,12 @@ def main() -> None:
         ratings = np.array([r for _, _, r in sets[TIMED_SET]])
         report["time_to_reference"] = {**time_to_reference(report["encoders"], args.reference, seconds, TIMED_SET,
                                                            picked, ratings),
-                                       "seconds_given": given}  # instead of the runs' own records
+                                       "seconds_given": given,  # instead of the runs' own records
+                                       # is the reference's score above a random encoder's beyond the pairs' noise?
+                                       "reference_gain_over_random": {
+                                           kind: paired_interval(picked[f"{args.reference}/student"][kind],
+                                                                 picked["random"][kind], ratings)
+                                           for kind in ("best_layer", "table")}}
         for row in report["time_to_reference"]["rows"]:
             print(f"{row['encoder']:20s} best layer {row['best_layer']:.3f} (reference "
                   f"{row['reference_best_layer']:.3f}), table {row['table']:.3f} ({row['reference_table']:.3f}), "
