@@ -528,9 +528,8 @@ def _score_dev(model, cfg: FinetuneConfig, task: Task, amp, world: World, best: 
 def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: FinetuneConfig, step: int,
                    scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Clip and step (fp16: skipped by the scaler over an overflow); returns the gradient norm before clipping, on
-    the device.
-    While only the output layer trains (fairseq freeze_finetune_updates), the encoder's gradients are dropped
-    first."""
+    the device. While only the output layer trains (fairseq freeze_finetune_updates), the encoder's gradients are
+    dropped first."""
     if step <= cfg.freeze_encoder_steps:
         for p in trainable:
             if id(p) in encoder_params:
