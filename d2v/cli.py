@@ -314,14 +314,14 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     from d2v.train.tasks import finetune_config
 
     overrides = load_yaml(Path(args.config).read_text(), args.config) if args.config else {}
-    cli = {"init": args.init, "mode": args.mode, "seed": args.seed}
-    if args.pretrained:
-        cli["pretrained"] = args.pretrained
+    # the flags given override the config file; those left out leave its values (or the defaults) alone
+    cli = {key: getattr(args, key) for key in ("init", "mode", "seed", "pretrained") if getattr(args, key) is not None}
     profile = _profile(args)
     if profile is not None:
         if args.task not in profile.finetune:
             raise ValueError(f"finetune.{args.task}: not in profile {args.profile!r} (see {args.params})")
-        base = profile.finetune_config(args.task, args.init, args.seed).model_dump(mode="json")
+        chosen = {"init": "pretrained", "seed": 0, **(overrides or {}), **cli}
+        base = profile.finetune_config(args.task, chosen["init"], chosen["seed"]).model_dump(mode="json")
         cfg = finetune_config(args.task, merge(merge(merge(base, overrides or {}), cli), nested_overrides(args.set)))
         out = Path(args.out or profile.finetune_dir(args.task, cfg.init, cfg.seed))
     else:
@@ -575,11 +575,11 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune (or linear-probe) a downstream task, from data2vec or scratch "
                        "(an interrupted run resumes from its last checkpoint)")
     p.add_argument("task")
-    p.add_argument("--init", choices=("pretrained", "scratch"), default="pretrained")
-    p.add_argument("--mode", choices=("full", "probe"), default="full")
+    p.add_argument("--init", choices=("pretrained", "scratch"), default=None, help="default pretrained")
+    p.add_argument("--mode", choices=("full", "probe"), default=None, help="default full")
     p.add_argument("--pretrained", default=None, help="final.pt of a pretraining run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=None, help="YAML with overrides of the embedded defaults")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--config", default=None, help="YAML with overrides of the embedded defaults (a flag given wins)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None)
     p.add_argument("--quiet", action="store_true")

@@ -484,3 +484,22 @@ def test_a_loader_workers_error_is_printed_in_its_own_words():
     assert error_message(err.value) == ("/d/shard-000000.tar: 10 samples read, index.json says 10000;\nwrite the "
                                         "split again (ShardError in DataLoader worker process 0)")
     assert error_message(ShardError("in the main process")) == "in the main process"
+
+
+def test_finetune_flags_override_the_config_file_and_leave_it_alone_when_not_given(tmp_path, monkeypatch):
+    """`--config` set init, seed and mode once, and the flags' defaults (pretrained, 0, full) silently won."""
+    import d2v.train.finetune as ft
+
+    seen = []
+    monkeypatch.setattr(ft, "run_finetune", lambda cfg, out, **kw: seen.append((cfg, out)) or
+                        {"steps": cfg.steps, "seconds": 0.0, "best_dev": None})
+    config = tmp_path / "run.yaml"
+    config.write_text("init: scratch\nseed: 3\nmode: probe\nsteps: 7\n")
+    assert main(["finetune", "rt_polarity", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+    assert (seen[-1][0].init, seen[-1][0].seed, seen[-1][0].mode, seen[-1][0].steps) == ("scratch", 3, "probe", 7)
+    assert main(["finetune", "rt_polarity", "--config", str(config), "--seed", "5", "--mode", "full"]) == 0
+    cfg, out = seen[-1]
+    assert (cfg.init, cfg.seed, cfg.mode) == ("scratch", 5, "full")
+    assert str(out) == "runs/embedded/finetune/rt_polarity-scratch-full-s5"
+    assert main(["finetune", "rt_polarity", "--init", "scratch", "--out", str(tmp_path / "b")]) == 0
+    assert (seen[-1][0].seed, seen[-1][0].mode) == (0, "full")  # the defaults without a config file
