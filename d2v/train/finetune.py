@@ -44,7 +44,7 @@ from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, gather_lists, gather_to_main, init, mean_over_ranks
-from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
+from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
 from d2v.train.optim import adamw, clip_and_step, fp16_scaling, fused_kernel, layer_decay_groups, \
     load_optimizer_state, require_finite, restore_scaler, scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
@@ -442,7 +442,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             consumed += cfg.accum_steps
             grad_norm = optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler)
             scored = bool(task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps))
-            logged = scored or step % cfg.log_every == 0 or step in (1, cfg.steps)
+            logged = scored or is_log_step(step, cfg.steps, cfg.log_every)
             if logged:  # the step's host syncs (a GPU's queue drains): loss, norm, the fp16 scale, the dev score
                 row = {"step": step, **mean_over_ranks({"loss": float(loss), "grad_norm": float(grad_norm)}, world),
                        "lr": lr}

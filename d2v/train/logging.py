@@ -13,6 +13,12 @@ import pandas as pd
 from d2v.io import atomic_write_text
 
 
+def is_log_step(step: int, steps: int, every: int) -> bool:
+    """The first, every `every`-th and the last step: where a training loop reads its metrics back to the host (on a
+    GPU a synchronisation that drains the queue) to log and check them."""
+    return step % every == 0 or step in (1, steps)
+
+
 def progress_bar(desc: str, total: int, initial: int, enabled: bool = True):
     """A training loop's step bar on stderr (a context manager, closed on any exit); disabled, every call on it does
     nothing, so the loop need not ask (quiet runs, the other ranks under torchrun)."""

@@ -27,7 +27,7 @@ from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
-from d2v.train.logging import MetricsLog, TrainingClock, plot_curves, progress_bar
+from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
 from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, fp16_scaling, load_optimizer_state, \
     require_finite, restore_scaler, scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
@@ -197,7 +197,7 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
             seen += samples
             sums["grad_norm"] = _optimizer_step(cfg, optimizer, params, scaler)
             tau = objective.ema_step(step)
-            logged = step % cfg.log_every == 0 or step == cfg.steps or step == 1
+            logged = is_log_step(step, cfg.steps, cfg.log_every)
             if logged:
                 sums.update(out.ranks())  # of the last micro-batch
                 _log_step(run, bar, step, consumed, sums, {"lr": lr, "tau": tau}, seen)
