@@ -320,8 +320,8 @@ def finetune_cmd(args: argparse.Namespace) -> int:
     if profile is not None:
         if args.task not in profile.finetune:
             raise ValueError(f"finetune.{args.task}: not in profile {args.profile!r} (see {args.params})")
-        chosen = {"init": "pretrained", "seed": 0, **(overrides or {}), **cli}
-        base = profile.finetune_config(args.task, chosen["init"], chosen["seed"]).model_dump(mode="json")
+        chosen = {k: v for k, v in {**(overrides or {}), **cli}.items() if k in ("init", "seed")}  # else its defaults
+        base = profile.finetune_config(args.task, **chosen).model_dump(mode="json")
         cfg = finetune_config(args.task, merge(merge(merge(base, overrides or {}), cli), nested_overrides(args.set)))
         out = Path(args.out or profile.finetune_dir(args.task, cfg.init, cfg.seed))
     else:
