@@ -124,10 +124,16 @@ def paired_interval(own: np.ndarray, goal: np.ndarray, ratings: np.ndarray, draw
     return [round(float(q), 4) for q in np.percentile(gains, [2.5, 97.5])]
 
 
+def best_layer(entry: dict, set_name: str) -> int:
+    """The layer of an encoder's scores that agrees best with `set_name` (centred Spearman over all pairs)."""
+    return int(np.argmax([r["all"]["centred_spearman"] for r in entry[set_name]["layers"]]))
+
+
 def summary_scores(entry: dict, set_name: str) -> dict[str, float]:
     """An encoder's best layer and its token table, centred Spearman over all of `set_name`'s pairs."""
-    return {"best_layer": max(r["all"]["centred_spearman"] for r in entry[set_name]["layers"]),
-            "table": entry[set_name]["table"][0]["all"]["centred_spearman"]}
+    scores = entry[set_name]
+    return {"best_layer": scores["layers"][best_layer(entry, set_name)]["all"]["centred_spearman"],
+            "table": scores["table"][0]["all"]["centred_spearman"]}
 
 
 def time_to_reference(encoders: dict, reference: str, seconds: dict[str, float], set_name: str = "wordsim353",
@@ -218,9 +224,9 @@ def main() -> None:
             report["encoders"][key] = {"checkpoint": None if name == "random" else path,
                                        "steps": 0 if name == "random" else state.get("steps"),
                                        "objective": state.get("objective", "v1"), **scores}
-            layer = int(np.argmax([r["all"]["centred_spearman"] for r in scores[TIMED_SET]["layers"]]))
+            layer = best_layer(scores, TIMED_SET)
             picked[key] = {"best_layer": cosines[TIMED_SET]["layers"][layer], "table": cosines[TIMED_SET]["table"][0]}
-            best = {s: max(r["all"]["centred_spearman"] for r in report["encoders"][key][s]["layers"]) for s in sets}
+            best = {s: summary_scores(scores, s)["best_layer"] for s in sets}
             print(f"{key:16s} best layer, centred Spearman over all pairs: {best}", flush=True)
     if args.reference:
         ratings = np.array([r for _, _, r in sets[TIMED_SET]])
