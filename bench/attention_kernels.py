@@ -11,13 +11,11 @@ without a bias (flash), and checks that the biased variants agree on the output 
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from v2_vs_v1 import timed_updates
+from v2_vs_v1 import milliseconds, timed_updates, timing_arguments, timing_setting
 
 from d2v.io import atomic_write_json
 
@@ -64,10 +62,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--tokens", type=int, default=197, help="ViT-B at 224 px: 196 patches and [CLS]")
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--out", type=Path, default=Path("results/bench/attention_kernels_cpu.json"))
+    timing_arguments(parser, Path("results/bench/attention_kernels_cpu.json"), steps=10)
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
@@ -86,8 +81,7 @@ def main() -> None:
             rows.append({"kernel": name, "error": f"{type(err).__name__}: {str(err)[:300]}"})
             print(rows[-1], flush=True)
             continue
-        row = {"kernel": name, "median_ms": round(statistics.median(times) * 1e3, 3),
-               "min_ms": round(min(times) * 1e3, 3)}
+        row = {"kernel": name, **milliseconds(times)}
         if grad is not None:  # a biased kernel: against the first one
             reference = reference or (out, grad)
             row["max_abs_diff_out"] = float((out - reference[0]).abs().max())
@@ -97,9 +91,7 @@ def main() -> None:
     atomic_write_json(args.out, {
         "what": "self-attention with an (H, N, N) learned bias, forward + backward, per kernel",
         "shape": {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "head_dim": args.head_dim},
-        "device": str(device), "precision": args.precision, "torch": torch.__version__, "host": platform.node(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "steps": args.steps,
-        "results": rows})
+        **timing_setting(args, device), "results": rows})
     print(f"-> {args.out}")
 
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
-import statistics
 from pathlib import Path
 
 import torch
-from v2_vs_v1 import timed_updates
+from v2_vs_v1 import milliseconds, timed_updates, timing_arguments, timing_setting
 
 from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_objective
@@ -63,10 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--rows", type=int, default=8, help="batch x clones (the H200 profile: 32 x 16 = 512)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--out", type=Path, default=Path("results/bench/decoder_layouts_cpu.json"))
+    timing_arguments(parser, Path("results/bench/decoder_layouts_cpu.json"), steps=10)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -82,17 +77,14 @@ def main() -> None:
             with laid_out(decoder, layout):
                 times, out = timed(decoder, x, amp, args.steps)
             reference = out if reference is None else reference
-            rows.append({"layout": layout, "cudnn_benchmark": benchmark,
-                         "median_ms": round(statistics.median(times) * 1e3, 3), "min_ms": round(min(times) * 1e3, 3),
+            rows.append({"layout": layout, "cudnn_benchmark": benchmark, **milliseconds(times),
                          "max_abs_diff": float((out - reference).abs().max())})
             print(rows[-1], flush=True)
     torch.backends.cudnn.benchmark = False
     atomic_write_json(args.out, {
         "what": "ConvDecoder (data2vec 2.0 image) forward + backward per memory layout of its conv inputs",
         "preset": args.preset, "rows": args.rows, "grid": list(grid), "dim": objective.student.dim,
-        "decoder": objective.cfg.v2.decoder.model_dump(), "device": str(device), "precision": args.precision,
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-        "host": platform.node(), "steps": args.steps, "results": rows})
+        "decoder": objective.cfg.v2.decoder.model_dump(), **timing_setting(args, device), "results": rows})
     print(f"-> {args.out}")
 
 

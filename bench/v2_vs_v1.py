@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -118,6 +119,25 @@ def update_seconds(name: str, preset: str, objective: str, batch_size: int, step
 def warmup_updates(compile: bool) -> int:
     """Untimed updates before a timing: compilation (3 when compiled) and the allocator's first allocations (1)."""
     return 3 if compile else 1
+
+
+def timing_arguments(parser: argparse.ArgumentParser, out: Path, steps: int) -> None:
+    """The options every timing bench takes: the updates timed, the device, the precision and the JSON written."""
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def timing_setting(args: argparse.Namespace, device: torch.device) -> dict:
+    """Where and how a kernel bench timed (`timing_arguments`), recorded beside its results."""
+    return {"device": str(device), "precision": args.precision, "torch": torch.__version__, "host": platform.node(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "steps": args.steps}
+
+
+def milliseconds(times: list[float]) -> dict[str, float]:
+    """The median and the fastest of the timed updates (`timed_updates`), in ms."""
+    return {"median_ms": round(statistics.median(times) * 1e3, 3), "min_ms": round(min(times) * 1e3, 3)}
 
 
 def timed_updates(next_batch, update, device: torch.device, steps: int, compile: bool) -> list[float]:
@@ -299,12 +319,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("throughput")
     p.add_argument("--presets", default="embedded")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    timing_arguments(p, OUT, steps=8)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--batch", default="", help="per preset and modality, e.g. base.image=64,base.text=32")
-    p.add_argument("--out", default=str(OUT))
     p = sub.add_parser("time-to-accuracy")
     p.add_argument("--task", default="fashion_mnist", choices=sorted(V2_RECIPES))
     p.add_argument("--budgets", default="150,300")
