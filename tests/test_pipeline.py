@@ -330,6 +330,27 @@ def test_paper_profiles_hold_the_published_recipes():
             ["seek", "replay", "replay"]
 
 
+def test_a_profiles_log_every_reaches_every_run_that_does_not_set_its_own():
+    """The GPU profiles log as fairseq's log_interval (200 updates); the embedded one keeps the configs' defaults
+    (pretraining 10, fine-tuning every step), and a run's own log_every wins over the profile's."""
+    params = {name: load_params(ROOT / "params.yaml", name).active
+              for name in ("embedded", "paper", "paper-v2-large", "paper-audioset")}
+    for name in ("paper", "paper-v2-large"):
+        profile = params[name]
+        assert {profile.pretrain_config(m).log_every for m in profile.pretrain} == {200}, name
+        assert {profile.finetune_config(t).log_every for t in profile.finetune} == {200}, name
+    audioset = params["paper-audioset"]
+    assert (audioset.pretrain_config("speech").log_every, audioset.finetune_config("audioset").log_every) == (200, 200)
+    embedded = params["embedded"]
+    assert embedded.log_every is None
+    assert (embedded.pretrain_config("text").log_every, embedded.finetune_config("rt_polarity").log_every) == (10, 1)
+    own = embedded.model_copy(update={
+        "log_every": 50, "pretrain": {**embedded.pretrain, "text": {**embedded.pretrain["text"], "log_every": 3}},
+        "finetune": {**embedded.finetune, "rt_polarity": {**embedded.finetune["rt_polarity"], "log_every": 7}}})
+    assert [own.pretrain_config(m).log_every for m in ("image", "text")] == [50, 3]
+    assert [own.finetune_config(t).log_every for t in ("fashion_mnist", "rt_polarity")] == [50, 7]
+
+
 def test_the_paper_profiles_fine_tune_on_100_and_960_hours_as_wav2vec2s_yamls():
     """Spec §9.2's last two rows, the 100 h and 960 h columns of [P1 Tab.2]: Base 80k updates at 3e-5 (masks 0.65 /
     0.5) and 320k at 1e-4 (0.5 / 0.1), Large 80k and 320k at 3e-5 (0.5 / 0.5, 0.5 / 0.25) with 10k frozen updates;

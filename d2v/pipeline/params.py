@@ -77,6 +77,9 @@ class Profile(StrictModel):
     inits: list[Literal["pretrained", "scratch"]] = Field(["pretrained", "scratch"], min_length=1)
     objective: Objective = "v1"  # data2vec 1.0 or 2.0 for every modality (pretrain.M.objective overrides)
     shard_limit: int | None = Field(None, ge=1)  # cap on every shard set (smoke runs)
+    # updates between metric rows of every pretraining and fine-tuning that does not set its own (None: the configs'
+    # defaults, 10 and 1). Each row reads the metrics back from the device, a sync that drains a GPU's queue
+    log_every: int | None = Field(None, ge=1)
     sources: dict[str, dict] = {}  # source → options of `d2v prepare SOURCE`
     tokenizer: TokenizerSpec = TokenizerSpec()
     shards: dict[str, ShardSpec] = {}  # 'DATASET/NAME' → spec, for names that are not a plain split
@@ -165,7 +168,7 @@ class Profile(StrictModel):
             raise ConfigError(f"pretrain.{modality}: no stage {stage}; it has {list(stages)} (a second stage is "
                               f"pretrain.{modality}.{SECOND_STAGE})")
         first = {k: v for k, v in self.pretrain[modality].items() if k != SECOND_STAGE}
-        overrides = {"objective": self.objective, **first}
+        overrides = {"objective": self.objective, **self._log_every, **first}
         key = overrides.get("data", {}).get("shards")
         if key is None:
             raise ConfigError(f"pretrain.{modality}.data.shards: missing (expected DATASET/SPLIT)")
@@ -194,7 +197,11 @@ class Profile(StrictModel):
             fixed["preset"] = self._pretrain_preset(task, modality)
         if init == "pretrained":
             fixed["pretrained"] = str(self.pretrain_dir(modality) / "final.pt")
-        return finetune_config(task, merge(self.finetune[task], fixed))
+        return finetune_config(task, merge({**self._log_every, **self.finetune[task]}, fixed))
+
+    @property
+    def _log_every(self) -> dict:
+        return {} if self.log_every is None else {"log_every": self.log_every}
 
     def _pretrain_preset(self, task: str, modality: str) -> str:
         """The pretraining encoder's preset, which the task's own `preset` (optional) must repeat: a mismatch would
