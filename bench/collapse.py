@@ -26,7 +26,7 @@ from d2v.data2vec import effective_rank
 from d2v.io import atomic_write_json, read_torch
 from d2v.modalities.registry import build_encoder
 from d2v.train.config import merge, pretrain_config
-from d2v.train.finetune import as_inputs, loader
+from d2v.train.task_data import as_inputs, loader
 from d2v.train.tasks import TASKS, finetune_config
 
 PROBE_TASK = {"speech": "speech_1h", "text": "rt_polarity"}

@@ -28,7 +28,8 @@ from d2v.io import atomic_write_json
 from d2v.modalities.base import Batch, Embedded
 from d2v.modalities.heads import ctc_loss
 from d2v.modalities.registry import build_encoder
-from d2v.train.finetune import as_inputs, build_model, loader
+from d2v.train.task_data import as_inputs, loader
+from d2v.train.task_model import build_model
 from d2v.train.tasks import TASKS, finetune_config
 
 HOP = 160  # 10 ms at 16 kHz

@@ -42,7 +42,7 @@ from d2v.eval.metrics import cer, pearson, spearman, wer
 from d2v.io import atomic_write_json, read_torch
 from d2v.modalities.base import Batch
 from d2v.modalities.registry import build_encoder
-from d2v.train.finetune import as_inputs, loader
+from d2v.train.task_data import as_inputs, loader
 from d2v.train.tasks import TASKS, finetune_config
 
 

@@ -19,7 +19,8 @@ from d2v.eval.lm import LanguageModel
 from d2v.eval.metrics import wer
 from d2v.io import atomic_write_json
 from d2v.processes import usable_cpus
-from d2v.train.finetune import ctc_logits, load_finetuned
+from d2v.eval.evaluate import ctc_logits
+from d2v.train.task_model import load_finetuned
 from d2v.train.pretrain import autocast
 
 

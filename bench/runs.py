@@ -21,7 +21,8 @@ from d2v.eval.metrics import scored_in_part
 from d2v.io import atomic_write_json
 from d2v.processes import usable_cpus
 from d2v.train import recipe
-from d2v.train.finetune import evaluate, run_finetune
+from d2v.eval.evaluate import evaluate
+from d2v.train.finetune import run_finetune
 from d2v.train.logging import TrainingClock
 from d2v.train.preemption import Interrupted, report
 from d2v.train.pretrain import pretrain_main

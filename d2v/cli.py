@@ -351,7 +351,7 @@ def _print_result(r: dict, label: str) -> None:
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
     from d2v.train.distributed import shutdown
-    from d2v.train.finetune import evaluate
+    from d2v.eval.evaluate import evaluate
 
     try:  # under torchrun: each rank runs the model over its share, the first one scores and prints
         results = evaluate(args.run, args.split, args.out, args.checkpoint, tuple(args.extra), args.lm,
@@ -462,7 +462,7 @@ def _rehearsal_batch(value: str) -> int | str:
 def rehearse_cmd(args: argparse.Namespace) -> int:
     from d2v.pipeline.params import load_params
     from d2v.pipeline.rehearsal import rehearse_profile, report
-    from d2v.train.finetune import resolve_device
+    from d2v.train.distributed import resolve_device
 
     params = load_params(args.params, args.profile)
     device = resolve_device(args.device, "rehearse --device")

@@ -203,7 +203,7 @@ def test_tagging_loss_is_bce_summed_over_the_positive_labels():
 
 
 def test_the_encoder_learns_at_its_share_of_the_heads_lr():
-    from d2v.train.finetune import build_model, param_groups
+    from d2v.train.task_model import build_model, param_groups
     from d2v.train.optim import set_lr
     from d2v.train.tasks import finetune_config
 
@@ -225,7 +225,8 @@ def test_the_encoder_learns_at_its_share_of_the_heads_lr():
 def test_finetune_and_evaluate_audioset_end_to_end(shards, tmp_path, capsys):
     """A tiny scratch tagger on the fixture: mixup, time masks and the two LRs in training; the eval JSON scores
     the eval split's two clips with mAP and mean AUC."""
-    from d2v.train.finetune import evaluate, run_finetune
+    from d2v.eval.evaluate import evaluate
+    from d2v.train.finetune import run_finetune
     from d2v.train.tasks import finetune_config
 
     cfg = finetune_config("audioset", {"preset": "tiny", "init": "scratch", "steps": 3, "batch_size": 2,
@@ -304,7 +305,8 @@ def test_the_tagger_learns_which_tones_a_clip_holds(tmp_path, monkeypatch):
 
     from d2v.data.shards import write_shards
     from d2v.train import tasks
-    from d2v.train.finetune import evaluate, run_finetune
+    from d2v.eval.evaluate import evaluate
+    from d2v.train.finetune import run_finetune
 
     monkeypatch.setitem(tasks.TASKS, "audioset", dataclasses.replace(tasks.TASKS["audioset"], num_outputs=3))
     tone_bursts(tmp_path / "prepared", np.random.default_rng(0))

@@ -28,7 +28,7 @@ from d2v.data.tokenizer import BLANK, WORD_SEP, LetterTokenizer  # noqa: E402
 from d2v.modalities.base import Batch  # noqa: E402
 from d2v.train.config import merge, pretrain_config  # noqa: E402
 from d2v.train import recipe  # noqa: E402
-from d2v.train.finetune import build_model  # noqa: E402
+from d2v.train.task_model import build_model  # noqa: E402
 from d2v.train.pretrain import build_objective  # noqa: E402
 from d2v.train.tasks import TASKS, eval_file_name, finetune_config  # noqa: E402
 

@@ -115,7 +115,7 @@ def test_a_checkpoint_save_that_fails_midway_keeps_the_previous_file(tmp_path):
 def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys, damage):
     from d2v.interop.checkpoints import export_checkpoint
     from d2v.interop.fairseq import load_checkpoint
-    from d2v.train.finetune import load_finetuned
+    from d2v.train.task_model import load_finetuned
     from d2v.train.pretrain import load_final
 
     whole = atomic_torch_save(tmp_path / "whole.pt", {"weights": torch.zeros(1000)}).read_bytes()
@@ -133,7 +133,7 @@ def test_an_unreadable_checkpoint_is_named_wherever_it_is_read(tmp_path, capsys,
 
 
 def test_a_checkpoint_of_the_other_kind_is_refused_as_one(tmp_path):
-    from d2v.train.finetune import load_finetuned
+    from d2v.train.task_model import load_finetuned
     from d2v.train.pretrain import load_final
 
     fine_tuned = atomic_torch_save(tmp_path / "best.pt", {"model": {}, "config": {}, "step": 3})

@@ -25,14 +25,18 @@ from d2v.data.tokenizer import LetterTokenizer, build_letter_vocab
 from d2v.eval import lm
 from d2v.modalities.registry import build_encoder
 from d2v.config import config_digest
+from d2v.eval import evaluate as ev
+from d2v.modalities.base import Batch
 from d2v.train import finetune as ft
 from d2v.train import recipe
+from d2v.train import task_data, task_model
 from d2v.train import tasks
+from d2v.train.distributed import resolve_device
 
 
 def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path, capsys):
     ft.run_finetune(toy_image_task, tmp_path / "run", progress=False)
-    (result,) = ft.evaluate(tmp_path / "run")
+    (result,) = ev.evaluate(tmp_path / "run")
     assert result["metrics"]["accuracy"] >= 0.9 and result["n"] == result["n_split"] == 16
     saved = json.loads((tmp_path / "run" / "eval" / "toy_image-test.json").read_text())
     assert {"metrics", "n", "seed", "commit", "params_digest", "split", "task"} <= saved.keys()
@@ -48,31 +52,31 @@ def test_image_finetune_learns_and_evaluate_writes_json(toy_image_task, tmp_path
     with open(shard, "r+b") as f:
         f.seek(png.offset_data)
         f.write(b"not a png")
-    (damaged,) = ft.evaluate(tmp_path / "run")
+    (damaged,) = ev.evaluate(tmp_path / "run")
     assert (damaged["n"], damaged["n_split"]) == (15, 16)
     assert "toy_image test: scored 15 of the split's 16 examples" in capsys.readouterr().err
 
 
 def test_linear_probe_leaves_the_encoder_untouched(toy_image_task, tmp_path):
     cfg = toy_image_task.model_copy(update={"mode": "probe", "steps": 5})
-    before = ft.build_model(cfg).encoder.state_dict()
+    before = task_model.build_model(cfg).encoder.state_dict()
     ft.run_finetune(cfg, tmp_path / "probe", progress=False)
     after = torch.load(tmp_path / "probe" / "final.pt", weights_only=False)["model"]
     for k, v in before.items():
         assert torch.equal(after[f"encoder.{k}"], v), k
-    assert not torch.equal(after["head.weight"], ft.build_model(cfg).head.weight)
+    assert not torch.equal(after["head.weight"], task_model.build_model(cfg).head.weight)
 
 
 @pytest.mark.parametrize("objective", ["v1", "v2"])
 def test_layer_decay_is_beit_for_v1_blocks_only_for_v2_and_off_from_scratch(toy_image_task, objective):
     cfg = toy_image_task.model_copy(update={"objective": objective})
-    model = ft.build_model(cfg)
-    scratch_groups = ft.param_groups(model, cfg)  # a random encoder trains every layer at the full LR
+    model = task_model.build_model(cfg)
+    scratch_groups = task_model.param_groups(model, cfg)  # a random encoder trains every layer at the full LR
     assert all(g.get("lr_scale", 1.0) == 1.0 for g in scratch_groups)
     assert sum(len(g["params"]) for g in scratch_groups) == len(list(model.parameters()))
     cfg = cfg.model_copy(update={"init": "pretrained"})
     depth, decay = model.encoder.cfg.depth, cfg.layer_decay
-    scale_of = {id(p): g["lr_scale"] for g in ft.param_groups(model, cfg) for p in g["params"]}
+    scale_of = {id(p): g["lr_scale"] for g in task_model.param_groups(model, cfg) for p in g["params"]}
     scales = {name: scale_of[id(p)] for name, p in model.named_parameters()}
     for name, scale in scales.items():
         if name.startswith("encoder.blocks."):  # block i: decay^(depth - i), the top block decay^1
@@ -87,7 +91,7 @@ def test_layer_decay_is_beit_for_v1_blocks_only_for_v2_and_off_from_scratch(toy_
         assert scales["encoder.rel_pos_bias.table"] == scales["head.weight"] == 1.0
     # an encoder LR share multiplies into layer decay: every encoder parameter at 0.15 of its decayed LR
     shared = cfg.model_copy(update={"encoder_lr_scale": 0.15})
-    shared_of = {id(p): g["lr_scale"] for g in ft.param_groups(model, shared) for p in g["params"]}
+    shared_of = {id(p): g["lr_scale"] for g in task_model.param_groups(model, shared) for p in g["params"]}
     for name, p in model.named_parameters():
         expected = scales[name] * (0.15 if name.startswith("encoder.") else 1.0)
         assert shared_of[id(p)] == pytest.approx(expected), name
@@ -97,17 +101,17 @@ def test_pretrained_weights_load_and_mismatches_are_refused(toy_image_task, tmp_
     encoder = build_encoder("image", "tiny")
     torch.save({"encoder": encoder.state_dict(), "modality": "image", "preset": "tiny"}, tmp_path / "final.pt")
     cfg = toy_image_task.model_copy(update={"init": "pretrained", "pretrained": str(tmp_path / "final.pt")})
-    model = ft.build_model(cfg)
+    model = task_model.build_model(cfg)
     for k, v in encoder.state_dict().items():
         assert torch.equal(model.encoder.state_dict()[k], v)
     torch.save({"encoder": {}, "modality": "speech", "preset": "tiny"}, tmp_path / "speech.pt")
     with pytest.raises(ValueError, match="the encoder speech/tiny/v1, finetune.toy_image.pretrained needs "
                                          "image/tiny/v1"):
-        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "speech.pt")}))
+        task_model.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "speech.pt")}))
     with pytest.raises(FileNotFoundError, match="missing.pt' does not exist; expected a pretraining final.pt"):
-        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
+        task_model.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "missing.pt")}))
     with pytest.raises(FileNotFoundError, match=r"is a folder \(holding .*/final.pt\); expected a "):
-        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path)}))  # the run, not its final.pt
+        task_model.build_model(cfg.model_copy(update={"pretrained": str(tmp_path)}))  # the run, not its final.pt
 
 
 def test_weights_teacher_starts_from_the_ema_teacher(toy_image_task, tmp_path):
@@ -117,7 +121,7 @@ def test_weights_teacher_starts_from_the_ema_teacher(toy_image_task, tmp_path):
     torch.save(final, tmp_path / "final.pt")
     cfg = toy_image_task.model_copy(update={"init": "pretrained", "pretrained": str(tmp_path / "final.pt")})
     for weights, expected in (("student", student), ("teacher", teacher)):
-        loaded = ft.build_model(cfg.model_copy(update={"weights": weights})).encoder.state_dict()
+        loaded = task_model.build_model(cfg.model_copy(update={"weights": weights})).encoder.state_dict()
         assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items()), weights
     assert not torch.equal(student.state_dict()["patch_embed.weight"],
                            teacher.state_dict()["patch_embed.weight"])
@@ -125,10 +129,12 @@ def test_weights_teacher_starts_from_the_ema_teacher(toy_image_task, tmp_path):
     torch.save({**final, "teacher": final["encoder"], "imported": "fairseq", "has_teacher": False,
                 "source": "release.pt"}, tmp_path / "imported.pt")
     with pytest.raises(ValueError, match="weights: teacher, but .*imported.pt was imported from release.pt without"):
-        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "imported.pt"), "weights": "teacher"}))
+        task_model.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "imported.pt"),
+                                                      "weights": "teacher"}))
     torch.save({k: v for k, v in final.items() if k != "teacher"}, tmp_path / "student_only.pt")
     with pytest.raises(ValueError, match="student_only.pt holds no teacher"):
-        ft.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "student_only.pt"), "weights": "teacher"}))
+        task_model.build_model(cfg.model_copy(update={"pretrained": str(tmp_path / "student_only.pt"),
+                                                      "weights": "teacher"}))
     with pytest.raises(ValueError, match="weights: teacher needs init: pretrained"):
         tasks.finetune_config("rt_polarity", {"init": "scratch", "weights": "teacher"})
 
@@ -139,7 +145,7 @@ def test_fine_tuning_sets_its_own_regularization_and_still_loads_the_pretrained_
                tmp_path / "final.pt")
     cfg = toy_image_task.model_copy(update={"init": "pretrained", "pretrained": str(tmp_path / "final.pt"),
                                             "objective": "v2", "regularization": tasks.Regularization(drop_path=0.1)})
-    model = ft.build_model(cfg)
+    model = task_model.build_model(cfg)
     assert model.encoder.cfg.drop_path == 0.1 and encoder.cfg.drop_path == 0.0
     rates = [block.drop_path.p for block in model.encoder.blocks]
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)  # linear in depth
@@ -149,7 +155,7 @@ def test_fine_tuning_sets_its_own_regularization_and_still_loads_the_pretrained_
                                                                                      "activation_dropout": 0.1}})
     letters = tmp_path / "letters.json"
     LetterTokenizer(build_letter_vocab(["ab c"])).save(letters)
-    ctc = ft.build_model(speech.model_copy(update={"init": "scratch", "letters": str(letters)}))
+    ctc = task_model.build_model(speech.model_copy(update={"init": "scratch", "letters": str(letters)}))
     assert (ctc.encoder.cfg.layerdrop, ctc.encoder.cfg.activation_dropout) == (0.1, 0.1)
     assert ctc.encoder.cfg.dropout == build_encoder("speech", "tiny").cfg.dropout  # unset: the preset's
 
@@ -211,7 +217,7 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
                                optim=dict(lr=1e-3, schedule="tri_stage"), freeze_encoder_steps=2,
                                audio=dict(min_samples=0), data_root=str(tmp_path),
                                letters=str(tmp_path / "letters.json"))
-    before = ft.build_model(cfg).state_dict()
+    before = task_model.build_model(cfg).state_dict()
     ft.run_finetune(cfg.model_copy(update={"steps": 2}), tmp_path / "frozen", progress=False)
     after = torch.load(tmp_path / "frozen" / "final.pt", weights_only=False)["model"]
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -221,21 +227,21 @@ def test_ctc_freezes_the_cnn_and_trains_only_the_head_at_first(tmp_path, monkeyp
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("encoder.blocks") for k in changed)
     assert not any(k.startswith("encoder.feature_extractor") for k in changed)  # the CNN stays frozen
-    result, human = ft.evaluate(tmp_path / "thawed", extra=("human/test",))
+    result, human = ev.evaluate(tmp_path / "thawed", extra=("human/test",))
     assert result["n"] == 8 and set(result["metrics"]) == {"wer", "cer"} and result["metrics"]["wer"] >= 0
     assert (human["split"], human["n"]) == ("human/test", 3)  # read from the other dataset's shards
     assert (tmp_path / "thawed" / "eval" / "toy_ctc-human-test.json").is_file()
     with pytest.raises(ValueError, match=r"toy_ctc: no extra test set \['other/test'\]; it has \['human/test'\]"):
-        ft.evaluate(tmp_path / "thawed", extra=("other/test",))
+        ev.evaluate(tmp_path / "thawed", extra=("other/test",))
     # with a language model: greedy as before, plus beam search under the weights the dev split ("train") chose
-    decoded, human_decoded = ft.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm",
+    decoded, human_decoded = ev.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm",
                                          out=tmp_path / "lm_eval")
     assert decoded["metrics"]["wer"] == result["metrics"]["wer"] and {"wer_lm", "cer_lm"} <= set(decoded["metrics"])
     assert decoded["lm"]["tuned_on"] == human_decoded["lm"]["tuned_on"] == "train"
     assert len(decoded["lm"]["tuning"]["grid"]) == 2 and decoded["lm"]["lm_weight"] in (0.5, 1.0)
     assert set(json.loads((tmp_path / "lm_eval" / "toy_ctc-train.json").read_text())["metrics"]) == \
         {"wer", "cer", "wer_lm", "cer_lm"}
-    pooled = ft.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm", out=tmp_path / "lm_eval2",
+    pooled = ev.evaluate(tmp_path / "thawed", extra=("human/test",), lm=tmp_path / "lm", out=tmp_path / "lm_eval2",
                          decode_workers=2)  # beam search in forked workers, after the model ran in this process
     assert [r["metrics"] for r in pooled] == [decoded["metrics"], human_decoded["metrics"]]
     ft.run_finetune(cfg.model_copy(update={"train_cnn": True}), tmp_path / "cnn", progress=False)
@@ -256,7 +262,7 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
                                optim=dict(lr=3e-3, schedule="constant"), ctc_masks=dict(time_prob=0, channel_prob=0),
                                audio=dict(min_samples=0), data_root=str(tmp_path), letters=str(letters))
     ft.run_finetune(cfg, tmp_path / "run", progress=False)
-    (result,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt")
+    (result,) = ev.evaluate(tmp_path / "run", checkpoint_name="final.pt")
     # WER and CER reach 0 from about 120 steps, seeds 0-2
     assert result["n"] == 4 and result["metrics"]["wer"] <= 0.25 and result["metrics"]["cer"] <= 0.25
     # beam search with a bigram of the transcripts keeps what greedy got right: every word, the last ones too
@@ -265,7 +271,7 @@ def test_ctc_fine_tuning_learns_to_transcribe_end_to_end(tmp_path, monkeypatch, 
              [tmp_path / "lm.txt"])
     monkeypatch.setitem(tasks.TASKS, "tones", tasks.Task("speech", "ctc", "tones", "train", "train", ("train",),
                                                          ("wer", "cer")))
-    (decoded,) = ft.evaluate(tmp_path / "run", checkpoint_name="final.pt", lm=tmp_path / "lm")
+    (decoded,) = ev.evaluate(tmp_path / "run", checkpoint_name="final.pt", lm=tmp_path / "lm")
     assert decoded["metrics"]["wer_lm"] <= result["metrics"]["wer"]
 
 
@@ -277,13 +283,13 @@ def test_unknown_task_and_bad_options_are_named():
 
 
 def test_inputs_move_to_the_device_and_transcripts_stay_on_the_host():
-    item = {"batch": ft.Batch(source=torch.zeros(2, 8), padding_mask=torch.zeros(2, 8, dtype=torch.bool)),
+    item = {"batch": Batch(source=torch.zeros(2, 8), padding_mask=torch.zeros(2, 8, dtype=torch.bool)),
             "targets": torch.ones(2, 3, dtype=torch.long), "target_lengths": torch.tensor([3, 2]),
             "text": ["A B", "C"]}
-    inputs = ft.as_inputs(item, "speech", torch.device("meta"))
+    inputs = task_data.as_inputs(item, "speech", torch.device("meta"))
     assert inputs["batch"].source.is_meta and inputs["batch"].padding_mask.is_meta
     assert inputs["targets"].is_meta and inputs["target_lengths"].is_meta and inputs["text"] == ["A B", "C"]
-    image = ft.as_inputs((torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])), "image", torch.device("meta"))
+    image = task_data.as_inputs((torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])), "image", torch.device("meta"))
     assert image["batch"].source.is_meta and image["batch"].padding_mask is None and image["labels"].is_meta
 
 
@@ -332,15 +338,15 @@ def test_under_torchrun_evaluate_splits_the_shards_and_the_first_rank_writes_wha
 
 
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
-    assert ft.resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="finetune.device: 'cuda' asked for, but torch sees no CUDA device"):
-        ft.resolve_device("cuda")
+        resolve_device("cuda")
 
 
 def test_bf16_autocast_fine_tuning_learns_and_evaluates(toy_image_task, tmp_path):
     cfg = toy_image_task.model_copy(update={"precision": "bf16"})
     ft.run_finetune(cfg, tmp_path / "bf16", progress=False)
-    (result,) = ft.evaluate(tmp_path / "bf16")
+    (result,) = ev.evaluate(tmp_path / "bf16")
     assert result["metrics"]["accuracy"] >= 0.9
 
 
@@ -358,8 +364,8 @@ def test_the_best_checkpoint_breaks_wer_ties_on_cer_and_never_keeps_an_undefined
     assert summary["best_dev"] == {"wer": 1.0, "cer": 0.8}
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["step"] == 6
     speech = tasks.TASKS["speech_1h"]
-    assert ft.selection_key(speech, {"wer": 0.9, "cer": 0.9}) > ft.selection_key(speech, {"wer": 1.0, "cer": 0.1})
-    assert ft.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25
+    assert ev.selection_key(speech, {"wer": 0.9, "cer": 0.9}) > ev.selection_key(speech, {"wer": 1.0, "cer": 0.1})
+    assert ev.headline(speech, {"wer": 0.25, "cer": 0.1}) == -0.25
 
 
 def toy_dev_config(toy_image_task, monkeypatch, steps: int, keep: int) -> tasks.FinetuneConfig:
@@ -606,10 +612,10 @@ def test_ctc_fine_tuning_without_an_audio_config_keeps_every_labelled_utterance(
     """As fairseq's fine-tuning task: no 2 s minimum and no 20 s maximum (AudioConfig's pretraining defaults), so
     a paper-profile LibriSpeech fine-tune trains on every utterance of its labelled split."""
     seen = []
-    monkeypatch.setattr(ft, "speech_loader", lambda shards, audio, *a, **k: seen.append(audio) or [])
-    monkeypatch.setattr(ft.LetterTokenizer, "load", lambda path: None)
+    monkeypatch.setattr(task_data, "speech_loader", lambda shards, audio, *a, **k: seen.append(audio) or [])
+    monkeypatch.setattr(LetterTokenizer, "load", lambda path: None)
     cfg = tasks.FinetuneConfig(task="librispeech_1h", init="scratch", steps=1, batch_size=2, optim={"lr": 1e-4})
-    ft.loader(cfg, "train", train=True)
+    task_data.loader(cfg, "train", train=True)
     assert (seen[0].min_samples, seen[0].max_samples) == (0, 960_000)
 
 
@@ -630,7 +636,7 @@ def test_a_reseeded_fine_tune_resumes_without_decoding_the_consumed_batches(toy_
     torch.manual_seed(0)
     first = next(stream)[0]
     assert len(decoded) == 4  # one batch, not 7
-    fresh = iter(ft.loader(cfg.model_copy(update={"seed": resumed_seed(cfg.seed, 6)}), "train", train=True))
+    fresh = iter(task_data.loader(cfg.model_copy(update={"seed": resumed_seed(cfg.seed, 6)}), "train", train=True))
     torch.manual_seed(0)
     assert torch.equal(first, next(fresh)[0])
     decoded.clear()
@@ -687,13 +693,13 @@ def accumulating_loader(accum: int, rank: int = 0, world: int = 1):
 
 def test_accumulated_micro_batches_make_the_update_of_the_whole_batch(tmp_path, monkeypatch):
     """2 micro-batches of 4 accumulate to one batch of 8: the same weights, and the logged loss is the batch mean."""
-    monkeypatch.setattr(ft, "loader", synthetic_loader(0, 1))
+    monkeypatch.setattr(task_data, "loader", synthetic_loader(0, 1))
     ft.run_finetune(ddp_cfg(), tmp_path / "whole", progress=False)
-    monkeypatch.setattr(ft, "loader", accumulating_loader(2))
+    monkeypatch.setattr(task_data, "loader", accumulating_loader(2))
     ft.run_finetune(ddp_cfg().model_copy(update={"batch_size": 4, "accum_steps": 2}), tmp_path / "accum",
                     progress=False)
     whole, accum = (torch.load(tmp_path / run / "final.pt", weights_only=False)["model"] for run in ("whole", "accum"))
-    initial = ft.build_model(ddp_cfg()).state_dict()
+    initial = task_model.build_model(ddp_cfg()).state_dict()
     assert any(not torch.equal(whole[k], v) for k, v in initial.items())
     for k, v in whole.items():
         torch.testing.assert_close(accum[k], v, rtol=1e-5, atol=1e-5, msg=k)
@@ -735,14 +741,15 @@ FT_DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_finetune import accumulating_loader, ddp_cfg, synthetic_loader
-from d2v.train import finetune as ft
+from d2v.eval import evaluate as ev
+from d2v.train import finetune as ft, task_data, task_model
 from d2v.train.distributed import init, shutdown
 world = init("cpu")
-ft.loader = accumulating_loader(2, world.rank, world.size)
+task_data.loader = accumulating_loader(2, world.rank, world.size)
 ft.run_finetune(ddp_cfg(batch_size=2, accum_steps=2), {out!r}, progress=False)
-model = ft.build_model(ddp_cfg())
+model = task_model.build_model(ddp_cfg())
 model.load_state_dict(torch.load({out!r} + "/final.pt", weights_only=False)["model"])
-preds, refs = ft.predict(model, ddp_cfg(), "test", world=world)
+preds, refs = ev.predict(model, ddp_cfg(), "test", world=world)
 if world.is_main:
     torch.save({{"preds": preds, "refs": refs}}, {out!r} + "/predictions.pt")
 shutdown()
@@ -759,19 +766,19 @@ def test_two_process_gloo_ddp_fine_tuning_matches_one_process_and_gathers_predic
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     str(script)], check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
-    monkeypatch.setattr(ft, "loader", synthetic_loader(0, 1))
+    monkeypatch.setattr(task_data, "loader", synthetic_loader(0, 1))
     ft.run_finetune(ddp_cfg(), tmp_path / "single", progress=False)
     ddp = torch.load(tmp_path / "ddp" / "final.pt", weights_only=False)["model"]
     single = torch.load(tmp_path / "single" / "final.pt", weights_only=False)["model"]
-    initial = ft.build_model(ddp_cfg()).state_dict()
+    initial = task_model.build_model(ddp_cfg()).state_dict()
     assert any(not torch.equal(single[k], v) for k, v in initial.items())  # the runs did train
     for k, v in single.items():  # AdamW's first steps magnify summation-order noise in small gradients (eps 1e-6)
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-5, msg=k)
     assert len(pd.read_csv(tmp_path / "ddp" / "metrics.csv")) == 3  # one writer
-    model = ft.build_model(ddp_cfg())
+    model = task_model.build_model(ddp_cfg())
     model.load_state_dict(single)
     gathered = torch.load(tmp_path / "ddp" / "predictions.pt")
-    preds, refs = ft.predict(model, ddp_cfg(), "test")
+    preds, refs = ev.predict(model, ddp_cfg(), "test")
     assert len(gathered["preds"]) == len(preds) == 10
     assert sorted(zip(gathered["refs"], gathered["preds"])) == sorted(zip(refs, preds))
 

@@ -20,7 +20,7 @@ from d2v.modalities.image import ImageEncoder
 from d2v.modalities.registry import encoder_config
 from d2v.modalities.speech import SpeechEncoder
 from d2v.modalities.text import TextEncoder
-from d2v.train.finetune import build_model
+from d2v.train.task_model import build_model
 from d2v.train.tasks import finetune_config
 
 HF_TO_FAIRSEQ_AUDIO = [  # convert_data2vec_audio_original_pytorch_checkpoint_to_pytorch.py, MAPPING, reversed

@@ -18,7 +18,7 @@ from d2v.cli import main
 from d2v.interop import InteropError
 from d2v.interop.fairseq import load_fairseq
 from d2v.modalities.registry import ENCODERS, encoder_config
-from d2v.train.finetune import build_model
+from d2v.train.task_model import build_model
 from d2v.train.tasks import finetune_config
 
 G = torch.Generator().manual_seed(0)

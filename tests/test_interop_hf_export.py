@@ -29,7 +29,7 @@ from d2v.modalities.registry import build_encoder, encoder_config  # noqa: E402
 from d2v.modalities.speech import SpeechEncoder  # noqa: E402
 from d2v.modalities.text import TextEncoder  # noqa: E402
 from d2v.train.config import pretrain_config  # noqa: E402
-from d2v.train.finetune import _save  # noqa: E402
+from d2v.train.task_model import save_finetuned  # noqa: E402
 from d2v.train.pretrain import save_encoder  # noqa: E402
 from d2v.train.tasks import finetune_config  # noqa: E402
 
@@ -231,7 +231,7 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
     cfg = finetune_config("rt_polarity", {"preset": "tiny", "tokenizer": str(spm), "seed": 3,
                                           "regularization": {"dropout": 0.2}})
     model = randomize(TextClassifier(TextEncoder(TEXT_TINY), 2))
-    _save(model, cfg, tmp_path / "best.pt", step=11)
+    save_finetuned(model, cfg, tmp_path / "best.pt", step=11)
     assert main(["export", str(tmp_path / "best.pt"), str(tmp_path / "hf-ft")]) == 0
     assert (tmp_path / "hf-ft" / "spm.model").read_bytes() == spm.read_bytes()
     hf = transformers.Data2VecTextForSequenceClassification.from_pretrained(tmp_path / "hf-ft").eval()

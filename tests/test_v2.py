@@ -291,7 +291,7 @@ def test_sincos_positions_are_fixed_distinct_and_maes_table():
 def test_objective_v2_selects_the_v2_recipe_and_architecture(tmp_path):
     from d2v.config import ConfigError
     from d2v.train.config import pretrain_config
-    from d2v.train.finetune import build_model
+    from d2v.train.task_model import build_model
     from d2v.train.tasks import finetune_config
     from d2v.train.pretrain import build_objective
 

@@ -29,8 +29,8 @@ from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.io import atomic_write_json
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe
-from d2v.train.finetune import as_inputs, headline, loader, require_ctc_for_lm, require_extra_tests, result_record, \
-    score
+from d2v.eval.evaluate import headline, require_ctc_for_lm, require_extra_tests, result_record, score
+from d2v.train.task_data import as_inputs, loader
 from d2v.train.tasks import RAW, TASKS, BaselineConfig, FinetuneConfig, Task, eval_file_name
 
 # --------------------------------------------------------------------------------------------------- features

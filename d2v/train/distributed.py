@@ -42,6 +42,24 @@ def init(device: str = "auto") -> World:
     return World(rank, size, local_rank, dev)
 
 
+def resolve_device(name: str, where: str = "finetune.device") -> torch.device:
+    """A config's device: `auto` is CUDA where torch sees one, else the CPU; CUDA asked for without one is an error
+    naming `where`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"{where}: {name!r} asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def device_and_world(device: str) -> tuple[torch.device, World]:
+    """A fine-tuning or evaluation's device (checked), and under torchrun the process group joined and this rank's
+    device."""
+    resolved = resolve_device(device)
+    world = init(device)
+    return (world.device if world.distributed else resolved), world
+
+
 def ddp(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> torch.nn.Module:
     """DDP around `module`, pinned to its GPU on CUDA (gloo on CPU takes no device ids)."""
     from torch.nn.parallel import DistributedDataParallel

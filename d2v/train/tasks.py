@@ -1,6 +1,6 @@
 """The downstream tasks and their configs: the task table, the typed `FinetuneConfig` with the embedded recipes, and
 the raw-feature baselines' `BaselineConfig`. Torch-free, so that `params.yaml` validates and the stage graph builds
-without importing torch; the loops are `d2v.train.finetune` and `d2v.eval.baselines`."""
+without importing torch; the loops are `d2v.train.finetune`, `d2v.eval.evaluate` and `d2v.eval.baselines`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
