@@ -337,10 +337,18 @@ def test_under_torchrun_evaluate_splits_the_shards_and_the_first_rank_writes_wha
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["toy_ctc-human-test.json", "toy_ctc-test.json"]
 
 
-def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(toy_image_task, tmp_path):
+    """Both loops and the evaluation check their config's device before any work, naming the key."""
+    from test_train import tiny_cfg
+
+    from d2v.train.pretrain import pretrain_main
+
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="finetune.device: 'cuda' asked for, but torch sees no CUDA device"):
-        resolve_device("cuda")
+        ft.run_finetune(toy_image_task.model_copy(update={"device": "cuda"}), tmp_path / "ft", progress=False)
+    with pytest.raises(RuntimeError, match="pretrain.device: 'cuda:1' asked for, but torch sees no CUDA device"):
+        pretrain_main(tiny_cfg("image").model_copy(update={"device": "cuda:1"}), tmp_path / "pt")
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "pt").exists()
 
 
 def test_bf16_autocast_fine_tuning_learns_and_evaluates(toy_image_task, tmp_path):

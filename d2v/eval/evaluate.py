@@ -21,7 +21,7 @@ from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, prediction_stats, scored_in_part
 from d2v.io import atomic_write_json, git_commit
 from d2v.train import recipe, task_data
-from d2v.train.distributed import World, device_and_world, gather_lists, gather_to_main
+from d2v.train.distributed import World, gather_lists, gather_to_main, init
 from d2v.train.pretrain import autocast
 from d2v.train.task_model import load_finetuned
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
@@ -144,7 +144,8 @@ def evaluate(run_dir: str | Path, split: str | None = None, out: str | Path | No
     model, cfg, state = load_finetuned(path, torch.device("cpu"))
     require_extra_tests(cfg.task, extra)
     require_ctc_for_lm(cfg.task, lm)
-    device, world = device_and_world(cfg.device)
+    world = init(cfg.device, "finetune.device")
+    device = world.device
     model.to(device)
     task = TASKS[cfg.task]
     amp, _ = autocast(device, cfg.precision)

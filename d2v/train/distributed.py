@@ -29,12 +29,17 @@ def launched_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(device: str = "auto") -> World:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+def init(device: str = "auto", where: str = "device") -> World:
+    """This process's device, and under torchrun (WORLD_SIZE > 1) the process group joined: NCCL on GPUs, gloo on
+    CPU. A rank takes the GPU of its local rank; one process the device named (`cuda:1`), or GPU 0 for `cuda`."""
     size = launched_size()
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    dev = resolve_device(device, where)
+    use_cuda = dev.type == "cuda"
+    if use_cuda and (size > 1 or dev.index is None):
+        dev = torch.device(f"cuda:{local_rank}")
+    elif size > 1:
+        dev = torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if size > 1 and not dist.is_initialized():
@@ -42,7 +47,7 @@ def init(device: str = "auto") -> World:
     return World(rank, size, local_rank, dev)
 
 
-def resolve_device(name: str, where: str = "finetune.device") -> torch.device:
+def resolve_device(name: str, where: str = "device") -> torch.device:
     """A config's device: `auto` is CUDA where torch sees one, else the CPU; CUDA asked for without one is an error
     naming `where`."""
     if name == "auto":
@@ -50,14 +55,6 @@ def resolve_device(name: str, where: str = "finetune.device") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"{where}: {name!r} asked for, but torch sees no CUDA device")
     return torch.device(name)
-
-
-def device_and_world(device: str) -> tuple[torch.device, World]:
-    """A fine-tuning or evaluation's device (checked), and under torchrun the process group joined and this rank's
-    device."""
-    resolved = resolve_device(device)
-    world = init(device)
-    return (world.device if world.distributed else resolved), world
 
 
 def ddp(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, recipe, task_data
 from d2v.train.batches import index_first, positioned, resume_position
-from d2v.train.distributed import World, barrier, ddp, device_and_world, mean_over_ranks
+from d2v.train.distributed import World, barrier, ddp, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
 from d2v.train.optim import clip_and_step, fp16_scaling, load_optimizer_state, require_finite, restore_scaler, \
     scaled_backward, scaler_state, schedule_fn, set_lr
@@ -122,7 +122,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     discarded."""
     task = TASKS[cfg.task]
     out_dir, ckpt_dir = Path(out_dir), Path(out_dir) / "checkpoints"
-    device, world = device_and_world(cfg.device)
+    world = init(cfg.device, "finetune.device")
+    device = world.device
     train_shards = task_data.shards_of(cfg, task.train)
     data_digest = shards_digest(train_shards)
     if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, data_digest,

@@ -420,7 +420,7 @@ def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Pat
     from d2v.train.batches import index_first, pretrain_stream
     from d2v.train.distributed import init, shutdown
 
-    world = init(cfg.device)
+    world = init(cfg.device, "pretrain.device")
     try:
         data_digest = shards_digest(cfg.data.shards)
         # before the model is built (minutes for ViT-H on CPU); run_pretrain asks again, for its direct callers
