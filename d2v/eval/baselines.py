@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from d2v.data.tokenizer import LetterTokenizer
+from d2v.eval.evaluate import headline, require_ctc_for_lm, require_extra_tests, result_record, score
 from d2v.eval.linear_ctc import fit_linear_ctc
 from d2v.eval.lm import CTCScorer, with_lm_fields
 from d2v.io import atomic_write_json
 from d2v.modalities.speech import FbankConfig, FbankFrontEnd
 from d2v.train import recipe
-from d2v.eval.evaluate import headline, require_ctc_for_lm, require_extra_tests, result_record, score
 from d2v.train.task_data import as_inputs, loader
 from d2v.train.tasks import RAW, TASKS, BaselineConfig, FinetuneConfig, Task, eval_file_name
 

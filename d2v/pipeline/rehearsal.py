@@ -132,9 +132,9 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
 
 def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
     from d2v.train.finetune import fp16_scaling_of, mix, train_loss
+    from d2v.train.pretrain import autocast, step_rng
     from d2v.train.task_data import as_inputs
     from d2v.train.task_model import build_model, finetune_optimizer
-    from d2v.train.pretrain import autocast, step_rng
 
     task = TASKS[task_name]
     pretrained = tmp / task.modality / "final.pt"

@@ -127,4 +127,4 @@ def load_finetuned(path: Path, device: torch.device | None = None) -> tuple[torc
     cfg = FinetuneConfig.model_validate(state["config"])
     model = build_model(cfg.model_copy(update={"init": "scratch"}))
     model.load_state_dict(state["model"])
-    return model.to(device if device is not None else resolve_device(cfg.device)), cfg, state
+    return model.to(device if device is not None else resolve_device(cfg.device, "finetune.device")), cfg, state
