@@ -1,6 +1,7 @@
 """Fine-tuning on tiny shards (built here, and by conftest.toy_image_task): it learns, probes leave the encoder
 alone, CTC freezing works and CTC learns to transcribe, pretrained weights load, and evaluation writes the promised
 JSON."""
+import dataclasses
 import functools
 import itertools
 import json
@@ -687,14 +688,14 @@ def test_a_seekable_fine_tune_resumes_bit_for_bit_reading_only_its_own_batches(t
     pd.testing.assert_frame_equal(*(pd.read_csv(tmp_path / run / "metrics.csv") for run in ("a", "b")))
 
 
-def accumulating_loader(accum: int, rank: int = 0, world: int = 1):
+def accumulating_loader(accum: int, rank: int = 0, world: int = 1, eval_size: int = 10):
     """Rank `rank`'s micro-batches: shares rank·accum, ..., rank·accum + accum − 1 of global batch k (of accum·world
     shares), in turn, as the RNG keys of `run_finetune` number them."""
     shares = [synthetic_loader(rank * accum + m, accum * world) for m in range(accum)]
 
-    def loader(cfg, split, train):
+    def loader(cfg, split, train, split_ranks=True):
         if not train:
-            return synthetic_loader(rank, world)(cfg, split, train)
+            return synthetic_loader(rank, world, eval_size=eval_size)(cfg, split, train, split_ranks)
         return itertools.chain.from_iterable(zip(*(share(cfg, split, True) for share in shares)))
     return loader
 
@@ -718,9 +719,10 @@ def test_accumulated_micro_batches_make_the_update_of_the_whole_batch(tmp_path, 
 # ---------------------------------------------------------------- DDP
 
 def synthetic_loader(rank: int, world: int, batch: int = 8, eval_size: int = 10):
-    """In place of `finetune.loader`: global training batch k (seeded by k) split by rank, as the rank-aware shard
-    readers split a stream; the eval split's examples dealt out by rank, as `split_by_node` deals out shards."""
-    def loader(cfg, split, train):
+    """In place of `task_data.loader`: global training batch k (seeded by k) split by rank, as the rank-aware shard
+    readers split a stream; the eval split's examples dealt out by rank, as `split_by_node` deals out shards (all of
+    them to every rank without `split_ranks`)."""
+    def loader(cfg, split, train, split_ranks=True):
         if train:
             def stream():
                 for k in itertools.count():
@@ -732,7 +734,7 @@ def synthetic_loader(rank: int, world: int, batch: int = 8, eval_size: int = 10)
             return stream()
         g = torch.Generator().manual_seed(10**6)
         images, labels = torch.randn(eval_size, 1, 32, 32, generator=g), torch.arange(eval_size) % 10
-        mine = torch.arange(eval_size) % world == rank
+        mine = torch.arange(eval_size) % world == rank if split_ranks else torch.ones(eval_size, dtype=torch.bool)
         return [(images[mine][i:i + 4], labels[mine][i:i + 4]) for i in range(0, int(mine.sum()), 4)]
     return loader
 
@@ -789,6 +791,72 @@ def test_two_process_gloo_ddp_fine_tuning_matches_one_process_and_gathers_predic
     preds, refs = ev.predict(model, ddp_cfg(), "test")
     assert len(gathered["preds"]) == len(preds) == 10
     assert sorted(zip(gathered["refs"], gathered["preds"])) == sorted(zip(refs, preds))
+
+
+FT_FSDP_SCRIPT = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from test_finetune import accumulating_loader, ddp_cfg
+from d2v.train import finetune as ft, task_data, tasks
+from d2v.train.distributed import barrier, init, shutdown
+tasks.TASKS["fashion_mnist"] = dataclasses.replace(tasks.TASKS["fashion_mnist"], dev="test")
+world = init("cpu")
+task_data.loader = accumulating_loader(2, world.rank, world.size, eval_size=9)  # dev: 2 batches and 1
+sharded, shard = [], ft.fsdp.shard
+def recording_shard(model, *args):  # the runs do shard: their parameters become DTensors
+    shard(model, *args)
+    sharded.append({{type(p).__name__ for p in model.parameters()}})
+ft.fsdp.shard = recording_shard
+cfg = ddp_cfg(batch_size=2, accum_steps=2, parallel="fsdp", **{update!r})
+ft.run_finetune(cfg, {out!r} + "/straight", progress=False)
+ft.run_finetune(cfg, {out!r} + "/stopped", progress=False, stop_after=3)
+ft.run_finetune(cfg, {out!r} + "/resumed", progress=False, stop_after=3)
+barrier(world)  # rank 0 has written the step-3 checkpoint that every rank resumes from
+ft.run_finetune(cfg, {out!r} + "/resumed", progress=False)
+assert sharded == [{{"DTensor"}}] * 4, sharded
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_process_gloo_fsdp_fine_tuning_matches_one_process_scores_dev_and_resumes_exactly(tmp_path,
+                                                                                            monkeypatch):
+    """`parallel: fsdp`: 2 ranks, each encoder block sharded, half the global batch each in 2 micro-batches, reach one
+    process's weights; every rank scores the whole dev split (an FSDP forward is collective, so the ranks must run
+    the same batches), giving one process's dev accuracies; the checkpoints hold the full state in the
+    single-process layout, and a run stopped after its step-3 checkpoint resumes to the uninterrupted weights."""
+    update = {"steps": 4, "eval_every": 2, "checkpoint": {"every": 3, "keep": 1}}
+    script = tmp_path / "fsdp.py"
+    script.write_text(FT_FSDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path / "fsdp"),
+                                            update=update))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    monkeypatch.setitem(tasks.TASKS, "fashion_mnist", dataclasses.replace(tasks.TASKS["fashion_mnist"], dev="test"))
+    monkeypatch.setattr(task_data, "loader", synthetic_loader(0, 1, eval_size=9))
+    ft.run_finetune(ddp_cfg(**update), tmp_path / "single", progress=False, stop_after=3)
+    one_ckpt = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=False)
+    ft.run_finetune(ddp_cfg(**update), tmp_path / "single", progress=False)
+    single = torch.load(tmp_path / "single" / "final.pt", weights_only=False)["model"]
+    initial = task_model.build_model(ddp_cfg()).state_dict()
+    assert any(not torch.equal(single[k], v) for k, v in initial.items())  # the runs did train
+    straight, resumed = (torch.load(tmp_path / "fsdp" / run / "final.pt", weights_only=False)["model"]
+                         for run in ("straight", "resumed"))
+    assert straight.keys() == single.keys()
+    for k, v in single.items():  # AdamW's first steps magnify summation-order noise in small gradients (eps 1e-6)
+        torch.testing.assert_close(straight[k], v, rtol=1e-5, atol=1e-5, msg=k)
+        assert torch.equal(resumed[k], straight[k]), k
+    sharded_ckpt = torch.load(tmp_path / "fsdp" / "stopped" / "checkpoints" / "last.pt", weights_only=False)
+    assert sharded_ckpt["step"] == 3 and sharded_ckpt["ranks"] == 2
+    assert sharded_ckpt["optimizer"]["param_groups"] == one_ckpt["optimizer"]["param_groups"]  # the same layout
+    torch.testing.assert_close(sharded_ckpt["optimizer"]["state"], one_ckpt["optimizer"]["state"], rtol=1e-5,
+                               atol=1e-6)
+    logs = {run: pd.read_csv(tmp_path / run / "metrics.csv") for run in ("single", "fsdp/straight", "fsdp/resumed")}
+    assert [len(log) for log in logs.values()] == [4, 4, 4]  # one writer
+    dev = [log["dev_accuracy"].dropna().tolist() for log in logs.values()]
+    assert len(dev[0]) == 2 and dev[1] == dev[2] == dev[0]
+    best = torch.load(tmp_path / "fsdp" / "straight" / "best.pt", weights_only=False)
+    assert best["model"].keys() == single.keys() and best["config"]["parallel"] == "fsdp"
 
 
 def test_a_text_fine_tune_refuses_a_tokenizer_of_another_vocabulary_before_training(tmp_path):

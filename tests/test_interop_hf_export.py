@@ -231,7 +231,7 @@ def test_cli_exports_pretraining_and_finetuning_checkpoints(tmp_path, capsys):
     cfg = finetune_config("rt_polarity", {"preset": "tiny", "tokenizer": str(spm), "seed": 3,
                                           "regularization": {"dropout": 0.2}})
     model = randomize(TextClassifier(TextEncoder(TEXT_TINY), 2))
-    save_finetuned(model, cfg, tmp_path / "best.pt", step=11)
+    save_finetuned(model.state_dict(), cfg, tmp_path / "best.pt", step=11)
     assert main(["export", str(tmp_path / "best.pt"), str(tmp_path / "hf-ft")]) == 0
     assert (tmp_path / "hf-ft" / "spm.model").read_bytes() == spm.read_bytes()
     hf = transformers.Data2VecTextForSequenceClassification.from_pretrained(tmp_path / "hf-ft").eval()

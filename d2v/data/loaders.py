@@ -49,13 +49,14 @@ def worker_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, rank, worker])
 
 
-def shard_source(urls: list[str], resampled: bool, seed: int) -> list:
-    """Shard list stages: resampled (infinite, seeded per rank/worker) or split across ranks, then workers."""
+def shard_source(urls: list[str], resampled: bool, seed: int, split_ranks: bool = True) -> list:
+    """Shard list stages: resampled (infinite, seeded per rank/worker) or split across ranks (unless every rank is
+    to read them all: `split_ranks` False), then workers."""
     import webdataset as wds
 
     if resampled:
         return [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    return [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+    return [wds.SimpleShardList(urls), *([wds.split_by_node] if split_ranks else []), wds.split_by_worker]
 
 
 def counted_samples(counts: dict[str, int]) -> Callable[[Iterator], Iterator]:
@@ -91,11 +92,11 @@ def shuffle_buffer(buffer: int, seed: int) -> Callable[[Iterator], Iterator]:
     return stage
 
 
-def pipeline(shard_dir, stages: list, *, resampled: bool, shuffle: int, seed: int):
+def pipeline(shard_dir, stages: list, *, resampled: bool, shuffle: int, seed: int, split_ranks: bool = True):
     import webdataset as wds
 
     counts = {str(Path(shard_dir) / s["name"]): s.get("count") for s in read_index(shard_dir)["shards"]}
-    head = shard_source(list(counts), resampled, seed) + [counted_samples(counts)]
+    head = shard_source(list(counts), resampled, seed, split_ranks) + [counted_samples(counts)]
     if shuffle > 1:
         head.append(shuffle_buffer(shuffle, seed))
     return wds.DataPipeline(*head, *stages)
@@ -165,13 +166,13 @@ def collate_images(items: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def image_loader(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *, resampled: bool | None = None,
-                 shuffle: int = 2000, seed: int = 0, partial: bool | None = None):
+                 shuffle: int = 2000, seed: int = 0, partial: bool | None = None, split_ranks: bool = True):
     transform = image_transform(cfg, mode)
     resampled = mode == "pretrain" if resampled is None else resampled
     partial = mode == "eval" if partial is None else partial
     return pipeline(shard_dir, [_map(lambda s: _decode_image(s, transform)),
                                 _batched(batch_size, collate_images, partial)],
-                    resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
+                    resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed, split_ranks=split_ranks)
 
 
 def seekable_image_batches(shard_dir, cfg: ImageAugConfig, mode: Mode, batch_size: int, *, seed: int, start: int):
@@ -262,7 +263,7 @@ def multi_hot(labels: list[tuple[int, ...] | None], num_classes: int) -> torch.T
 
 def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, letters=None,
                   num_classes: int | None = None, resampled: bool | None = None, shuffle: int = 500, seed: int = 0,
-                  partial: bool | None = None):
+                  partial: bool | None = None, split_ranks: bool = True):
     resampled = mode == "pretrain" if resampled is None else resampled
     partial = mode == "eval" if partial is None else partial
     holder: list = []
@@ -272,7 +273,7 @@ def speech_loader(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, l
     else:
         collate = lambda items: pad_waveforms(items, letters, num_classes)  # noqa: E731
     return pipeline(shard_dir, [decode, _batched(batch_size, collate, partial)], resampled=resampled,
-                    shuffle=0 if mode == "eval" else shuffle, seed=seed)
+                    shuffle=0 if mode == "eval" else shuffle, seed=seed, split_ranks=split_ranks)
 
 
 def seekable_speech_batches(shard_dir, cfg: AudioConfig, mode: Mode, batch_size: int, *, seed: int, start: int,
@@ -340,10 +341,10 @@ def pad_tokens(items: list, pad: int) -> dict:
 
 
 def text_task_loader(shard_dir, tokenizer, batch_size: int, max_tokens: int, mode: Mode, *, shuffle: int = 2000,
-                     seed: int = 0, resampled: bool = False):
+                     seed: int = 0, resampled: bool = False, split_ranks: bool = True):
     return pipeline(shard_dir, [_map(lambda s: _task_example(s, tokenizer, max_tokens)),
                                 _batched(batch_size, lambda items: pad_tokens(items, tokenizer.pad), True)],
-                    resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed)
+                    resampled=resampled, shuffle=0 if mode == "eval" else shuffle, seed=seed, split_ranks=split_ranks)
 
 
 def seekable_text_task_batches(shard_dir, tokenizer, batch_size: int, max_tokens: int, *, seed: int, start: int):

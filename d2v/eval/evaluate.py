@@ -28,13 +28,15 @@ from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 
 
 @torch.no_grad()
-def _forward_split(model, cfg: FinetuneConfig, split: str, amp=None) -> Iterator[tuple[dict, Any]]:
-    """(inputs, outputs) per batch of a split, in shard order, on the model's device, in eval mode."""
+def _forward_split(model, cfg: FinetuneConfig, split: str, amp=None,
+                   whole_split: bool = False) -> Iterator[tuple[dict, Any]]:
+    """(inputs, outputs) per batch of a split (this rank's share of its shards, or all of them), in shard order, on
+    the model's device, in eval mode."""
     task = TASKS[cfg.task]
     device = next(model.parameters()).device
     model.eval()
     try:
-        for item in task_data.loader(cfg, split, train=False):
+        for item in task_data.loader(cfg, split, train=False, split_ranks=not whole_split):
             inputs = task_data.as_inputs(item, task.modality, device)
             with amp or contextlib.nullcontext():
                 yield inputs, model(inputs["batch"])
@@ -42,25 +44,31 @@ def _forward_split(model, cfg: FinetuneConfig, split: str, amp=None) -> Iterator
         model.train()
 
 
-def ctc_logits(model, cfg: FinetuneConfig, split: str, amp=None) -> tuple[list[np.ndarray], list[str]]:
+def ctc_logits(model, cfg: FinetuneConfig, split: str, amp=None,
+               whole_split: bool = False) -> tuple[list[np.ndarray], list[str]]:
     """Per utterance, (frames, letters) logits, and the reference transcripts."""
     out, refs = [], []
-    for inputs, (logits, lengths) in _forward_split(model, cfg, split, amp):
+    for inputs, (logits, lengths) in _forward_split(model, cfg, split, amp, whole_split):
         out += [x[:n] for x, n in zip(logits.float().cpu().numpy(), lengths.tolist())]
         refs += inputs["text"]
     return out, refs
 
 
-def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = World()) -> tuple[list, list]:
+def predict(model, cfg: FinetuneConfig, split: str, amp=None, world: World = World(),
+            whole_split: bool = False) -> tuple[list, list]:
     """(predictions, references) over a whole split, in shard order (CTC: greedy transcripts); under torchrun each
-    rank reads its share of the shards and every rank gets all pairs back (shard order per rank)."""
+    rank reads its share of the shards and every rank gets all pairs back (shard order per rank). `whole_split`:
+    every rank reads all of them instead, as an FSDP model needs (each forward is collective: a rank with fewer
+    batches than another would leave it waiting)."""
     task = TASKS[cfg.task]
+    if whole_split:
+        world = World()  # nothing to gather
     if task.kind == "ctc":
-        logits, refs = ctc_logits(model, cfg, split, amp)
+        logits, refs = ctc_logits(model, cfg, split, amp, whole_split)
         return (gather_lists(greedy_transcripts(logits, LetterTokenizer.load(cfg.letters)), world),
                 gather_lists(refs, world))
     preds, refs = [], []
-    for inputs, out in _forward_split(model, cfg, split, amp):
+    for inputs, out in _forward_split(model, cfg, split, amp, whole_split):
         if task.kind == "regression":
             preds += out.float().squeeze(-1).tolist()
             refs += inputs["labels"].tolist()

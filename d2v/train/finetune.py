@@ -28,14 +28,14 @@ from d2v.modalities.base import Batch
 from d2v.modalities.heads import ctc_loss, mix_clips, tagging_loss
 from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
-from d2v.train import checkpoint, recipe, task_data
+from d2v.train import checkpoint, fsdp, recipe, task_data
 from d2v.train.batches import index_first, positioned, resume_position
 from d2v.train.distributed import World, barrier, ddp, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
 from d2v.train.optim import clip_and_step, fp16_scaling, load_optimizer_state, require_finite, restore_scaler, \
     scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
-from d2v.train.pretrain import autocast, shards_digest, step_rng
+from d2v.train.pretrain import autocast, resolved_precision, shards_digest, step_rng
 from d2v.train.task_model import build_model, finetune_optimizer, save_finetuned
 from d2v.train.tasks import TASKS, FinetuneConfig, Task
 
@@ -73,7 +73,7 @@ def train_loss(model, inputs: dict, task: Task, cfg: FinetuneConfig, mixer, rng)
 
 
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
-RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume", "log_every")
+RESUMABLE_ACROSS = ("checkpoint", "device", "compile", "stream_resume", "log_every", "parallel")
 
 
 def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
@@ -87,15 +87,17 @@ def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
 
 def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, scaler, world: World,
                          step: int, device: torch.device) -> torch.Tensor:
-    """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last; fp16 scales the loss
-    first); their mean loss, on the device (float64, as the Python floats it summed before). Masks, mixing and
-    dropout are keyed by (seed, step) and, when the update has several micro-batches, by the micro-batch's place in
-    it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
-    several = world.distributed or cfg.accum_steps > 1
+    """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last, FSDP reduce-scatters
+    each; fp16 scales the loss first); their mean loss, on the device (float64, as the Python floats it summed
+    before). Masks, mixing and dropout are keyed by (seed, step) and, when the update has several micro-batches, by
+    the micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
+    several, sharded = world.distributed or cfg.accum_steps > 1, is_sharded(cfg, world)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(cfg.accum_steps):
         rng = step_rng(cfg.seed, step, *([world.rank * cfg.accum_steps + micro] if several else []))
-        sync = micro == cfg.accum_steps - 1 or not world.distributed
+        sync = micro == cfg.accum_steps - 1 or not world.distributed or sharded
+        if sharded:
+            fsdp.share_layerdrop(train_model.encoder, cfg.seed, step, micro)
         with (contextlib.nullcontext() if sync else train_model.no_sync()), amp:
             inputs = task_data.as_inputs(next(stream), task.modality, device)
             micro_loss = train_loss(train_model, inputs, task, cfg, mixer, rng) / cfg.accum_steps
@@ -112,6 +114,39 @@ def fp16_scaling_of(cfg: FinetuneConfig, task: Task, ranks: int) -> dict:
     defaults."""
     init_scale, window = GLUE_FP16 if task.modality == "text" else (None, None)
     return fp16_scaling(cfg.fp16_init_scale or init_scale, cfg.fp16_scale_window or window, ranks, cfg.accum_steps)
+
+
+def is_sharded(cfg: FinetuneConfig, world: World) -> bool:
+    return world.distributed and cfg.parallel == "fsdp"
+
+
+def _parallel(model: torch.nn.Module, cfg: FinetuneConfig, world: World) -> tuple[torch.nn.Module, bool]:
+    """The module a step calls, and whether FSDP shards it: under torchrun DDP around the model, or FSDP sharding it
+    in place (each encoder block a unit; its parameters become shards, so the optimizer is built after)."""
+    if is_sharded(cfg, world):
+        fsdp.shard(model, (model.encoder,), world, resolved_precision(world.device, cfg.precision))
+        return model, True
+    # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
+    return (ddp(model, world.device, find_unused_parameters=True) if world.distributed else model), False
+
+
+def _full_states(model, optimizer, sharded: bool, world: World) -> tuple[dict, dict] | None:
+    """The model's and AdamW's full states for a checkpoint on the main rank, None on the others; FSDP gathers them
+    from every rank, so every rank calls it."""
+    if sharded:
+        states = fsdp.full_state(model, optimizer)
+    elif world.is_main:
+        states = model.state_dict(), optimizer.state_dict()
+    return states if world.is_main else None
+
+
+def _full_model_state(model, sharded: bool, world: World) -> dict | None:
+    """The model's full state dict (best.pt, final.pt) on the main rank, None on the others; every rank calls it."""
+    if sharded:
+        state = fsdp.full_model_state(model)
+    elif world.is_main:
+        state = model.state_dict()
+    return state if world.is_main else None
 
 
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True, stop_after: int | None = None,
@@ -133,13 +168,15 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
                                           restart_on_change, world)
     model = _task_model(cfg, task, device, state)
-    # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
-    train_model = ddp(model, device, find_unused_parameters=True) if world.distributed else model
+    train_model, sharded = _parallel(model, cfg, world)
     amp, scaler = autocast(device, cfg.precision, fp16_scaling_of(cfg, task, world.size))
-    optimizer = finetune_optimizer(model, cfg)
+    optimizer = finetune_optimizer(model, cfg)  # FSDP: over the shards
     step, consumed, best = 0, 0, _Best()
     if state is not None:
-        load_optimizer_state(optimizer, state["optimizer"])
+        if sharded:
+            fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            load_optimizer_state(optimizer, state["optimizer"])
         restore_scaler(scaler, state.get("scaler"))
         step, consumed = state["step"], state["batches"]
         best = _Best(state["best"], state["best_metrics"], state.get("best_pt"))  # best_pt: absent from older ones
@@ -170,7 +207,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             optimizer.zero_grad(set_to_none=True)
             loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, scaler, world, step, device)
             consumed += cfg.accum_steps
-            grad_norm = optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler)
+            grad_norm = fsdp.local_value(optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler))
             scored = bool(task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps))
             logged = scored or is_log_step(step, cfg.steps, cfg.log_every)
             if logged:  # the step's host syncs (a GPU's queue drains): loss, norm, the fp16 scale, the dev score
@@ -178,7 +215,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
                        "lr": lr}
                 require_finite(step, row, scaler)  # the same on every rank: the loss is their mean, the scale shared
                 if scored:
-                    row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step))
+                    row.update(_score_dev(model, cfg, task, amp, world, best, out_dir, step, sharded))
                 if log is not None:
                     log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.1e}")
@@ -187,8 +224,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
             if save and not logged:  # no checkpoint of diverged weights; the norm is all-reduced, so every rank agrees
                 require_finite(step, {"grad_norm": float(grad_norm)}, scaler)
-            if save and world.is_main:
-                checkpoint.save(ckpt_dir, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            states = _full_states(model, optimizer, sharded, world) if save else None  # FSDP: every rank gathers
+            if states is not None:
+                checkpoint.save(ckpt_dir, step, {"model": states[0], "optimizer": states[1],
                                                  "scaler": scaler_state(scaler),
                                                  "batches": consumed, "best": best.key, "best_metrics": best.metrics,
                                                  "best_pt": best.file,
@@ -201,8 +239,9 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         bar.close()
         summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
                    "seconds": round(clock.seconds(), 1), "best_dev": best.metrics, "data_digest": data_digest}
-        if world.is_main and step >= cfg.steps:  # a signal from here on waits until the run folder is complete
-            _write_run(model, cfg, out_dir, log, summary, best.metrics is None)
+        final = _full_model_state(model, sharded, world) if step >= cfg.steps else None
+        if final is not None:  # a signal from here on waits until the run folder is complete
+            _write_run(final, cfg, out_dir, log, summary, best.metrics is None)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         barrier(world)  # the run folder is complete when any rank returns
         return summary
@@ -242,15 +281,16 @@ class _Best:
 
 
 def _score_dev(model, cfg: FinetuneConfig, task: Task, amp, world: World, best: _Best, out_dir: Path,
-               step: int) -> dict[str, float]:
-    """Score the dev split (the same on every rank); a better score than `best` updates it and writes best.pt.
-    Returns the metrics as the log row's `dev_` columns."""
-    dev = score(task, *predict(model, cfg, task.dev, amp, world))
+               step: int, sharded: bool) -> dict[str, float]:
+    """Score the dev split (the same on every rank; FSDP: every rank reads all of it); a better score than `best`
+    updates it and writes best.pt. Returns the metrics as the log row's `dev_` columns."""
+    dev = score(task, *predict(model, cfg, task.dev, amp, world, whole_split=sharded))
     key = selection_key(task, dev)
     if best.key is None or key > best.key:
         best.key, best.metrics = key, dev
-        if world.is_main:
-            save_finetuned(model, cfg, out_dir / "best.pt", step)
+        state = _full_model_state(model, sharded, world)
+        if state is not None:
+            save_finetuned(state, cfg, out_dir / "best.pt", step)
             best.file = (out_dir / "best.pt").read_bytes()
     return {f"dev_{k}": v for k, v in dev.items()}
 
@@ -267,10 +307,11 @@ def optimizer_step(optimizer, trainable: list, encoder_params: set[int], cfg: Fi
     return clip_and_step(optimizer, trainable, cfg.optim.clip_norm, scaler)
 
 
-def _write_run(model, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict, no_dev: bool) -> None:
-    save_finetuned(model, cfg, out_dir / "final.pt", cfg.steps)
-    if no_dev:
-        save_finetuned(model, cfg, out_dir / "best.pt", cfg.steps)  # no dev split: the final model is the one we keep
+def _write_run(model_state: dict, cfg: FinetuneConfig, out_dir: Path, log: MetricsLog, summary: dict,
+               no_dev: bool) -> None:
+    save_finetuned(model_state, cfg, out_dir / "final.pt", cfg.steps)
+    if no_dev:  # no dev split: the final model is the one we keep
+        save_finetuned(model_state, cfg, out_dir / "best.pt", cfg.steps)
     df = log.frame()
     plot_curves(df, out_dir / "curves.png", ["loss", "lr"] + [c for c in df.columns if c.startswith("dev_")],
                 f"fine-tuning {cfg.task} ({cfg.init}, {cfg.mode})")

@@ -1,12 +1,13 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for pretraining, `parallel: fsdp` under torchrun: parameters,
-gradients and AdamW states are sharded over the ranks instead of replicated as DDP does.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for pretraining and fine-tuning, `parallel: fsdp` under torchrun:
+parameters, gradients and AdamW states are sharded over the ranks instead of replicated as DDP does.
 
-Each Transformer block of the student and of the EMA teacher is its own unit (gathered for its forward, resharded
-after), and LayerDrop skips the same blocks on every rank; everything else (local encoders, norms, the head or v2
-decoder) sits in the root unit, gathered for the whole forward of the objective. Student and teacher parameters have
-the same shapes and placements, so the EMA step runs on the local shards unchanged. Checkpoints hold the full,
-unsharded state in the single-process layout (the optimizer indexed by parameter position), so a run can resume
-under FSDP, DDP or one process alike. Under bf16 the units gather bf16 parameters and reduce fp32 gradients.
+Each Transformer block (of the student and of the EMA teacher; of a task model's encoder) is its own unit (gathered
+for its forward, resharded after), and LayerDrop skips the same blocks on every rank; everything else (local
+encoders, norms, the v2 decoder, a task's head) sits in the root unit, gathered for the whole forward. Student and
+teacher parameters have the same shapes and placements, so the EMA step runs on the local shards unchanged.
+Checkpoints hold the full, unsharded state in the single-process layout (the optimizer indexed by parameter
+position), so a run can resume under FSDP, DDP or one process alike. Under bf16 the units gather bf16 parameters and
+reduce fp32 gradients.
 """
 from __future__ import annotations
 
@@ -31,24 +32,25 @@ def precision_policy(precision: str):
     return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
-def shard(objective: nn.Module, world: World, precision: str = "fp32") -> None:
-    """Shard the objective in place over all ranks (one mesh dimension); `precision` is resolved (not `auto`)."""
+def shard(root: nn.Module, encoders: tuple[nn.Module, ...], world: World, precision: str = "fp32") -> None:
+    """Shard `root` in place over all ranks (one mesh dimension), each block of its `encoders` a unit of its own;
+    `precision` is resolved (not `auto`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh, policy = init_device_mesh(world.device.type, (world.size,)), precision_policy(precision)
-    for encoder in (objective.student, objective.teacher):
+    for encoder in encoders:
         for block in encoder.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(objective, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
 
 
-def share_layerdrop(student: nn.Module, seed: int, step: int, micro: int) -> None:
+def share_layerdrop(encoder: nn.Module, seed: int, step: int, micro: int) -> None:
     """LayerDrop draws for micro-batch `micro` of `step` from a key without the rank: a block one rank skipped would
     leave the others waiting in its collectives, so every rank skips the same blocks (DDP lets each rank draw its
     own)."""
     key = np.random.SeedSequence([seed, step, micro, LAYERDROP_STREAM]).generate_state(1)[0]
-    student.layerdrop_generator = torch.Generator().manual_seed(int(key))
+    encoder.layerdrop_generator = torch.Generator().manual_seed(int(key))
 
 
 def _parameter_names(objective: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -74,6 +76,14 @@ def full_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
         return model, optim
     index = {name: i for i, name in enumerate(_parameter_names(objective, optimizer))}
     return model, _rekeyed(optim, index)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The unsharded state dict of a sharded model (a collective: every rank calls it; rank 0 receives the tensors,
+    on the CPU): what best.pt and final.pt hold."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:

@@ -218,7 +218,8 @@ def _parallel(objective: Data2Vec, cfg: PretrainConfig, world: World) -> tuple[t
     """The module a step calls, and whether FSDP shards it: under torchrun DDP around the objective, or FSDP sharding
     the objective in place (its parameters become shards: the optimizer is built after)."""
     if world.distributed and cfg.parallel == "fsdp":
-        fsdp.shard(objective, world, resolved_precision(world.device, cfg.precision))
+        fsdp.shard(objective, (objective.student, objective.teacher), world,
+                   resolved_precision(world.device, cfg.precision))
         return objective, True
     if world.distributed:
         find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0  # LayerDrop's skipped blocks

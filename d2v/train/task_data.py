@@ -22,19 +22,21 @@ def shards_of(cfg: FinetuneConfig, split: str) -> Path:
 FINETUNE_AUDIO = AudioConfig(min_samples=0, max_samples=60 * 16_000)
 
 
-def loader(cfg: FinetuneConfig, split: str, train: bool):
+def loader(cfg: FinetuneConfig, split: str, train: bool, split_ranks: bool = True):
+    """A split's batches: training resampled without end, evaluation once in shard order, each rank reading its own
+    share of the shards under torchrun, or all of them (`split_ranks` False: FSDP's collective forward passes)."""
     task = TASKS[cfg.task]
     shards = shards_of(cfg, split)
     mode = "finetune" if train else "eval"
     if task.modality == "image":
         ds = image_loader(shards, cfg.image or ImageAugConfig(), mode, cfg.batch_size, resampled=train,
-                          seed=cfg.seed, partial=not train)
+                          seed=cfg.seed, partial=not train, split_ranks=split_ranks)
     elif task.modality == "speech":
         ds = speech_loader(shards, cfg.audio or FINETUNE_AUDIO, mode, cfg.batch_size, resampled=train,
-                           seed=cfg.seed, partial=not train, **speech_targets(cfg))
+                           seed=cfg.seed, partial=not train, split_ranks=split_ranks, **speech_targets(cfg))
     else:
         ds = text_task_loader(shards, TextTokenizer(cfg.tokenizer), cfg.batch_size, cfg.max_tokens, mode,
-                              seed=cfg.seed, resampled=train)
+                              seed=cfg.seed, resampled=train, split_ranks=split_ranks)
     return web_loader(ds, cfg.num_workers if train else 0, seed=cfg.seed)
 
 

@@ -110,8 +110,9 @@ def scaled_encoder_lr(groups: list[dict], model, scale: float) -> list[dict]:
     return [group for group in split if group["params"]]
 
 
-def save_finetuned(model, cfg: FinetuneConfig, path: Path, step: int) -> None:
-    atomic_torch_save(path, {"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "step": step,
+def save_finetuned(model_state: dict, cfg: FinetuneConfig, path: Path, step: int) -> None:
+    """A fine-tuned model's weights with its config (what `load_finetuned` rebuilds it from), atomically."""
+    atomic_torch_save(path, {"model": model_state, "config": cfg.model_dump(mode="json"), "step": step,
                              "recipe": recipe.FINETUNE})
 
 

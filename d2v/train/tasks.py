@@ -166,6 +166,9 @@ class FinetuneConfig(StrictModel):
     fp16_init_scale: float | None = Field(None, gt=0)
     fp16_scale_window: int | None = Field(None, ge=1)
     compile: bool = False  # compile each encoder block in place (d2v.nn.compile)
+    # under torchrun: ddp replicates the model on every rank; fsdp shards parameters, gradients and AdamW states
+    # (every rank then scores the whole dev split: an FSDP forward is collective)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     checkpoint: CheckpointConfig = CheckpointConfig()  # resumable state while the run is unfinished
     stream_resume: StreamResume = "replay"  # d2v.train.config.StreamResume
 
