@@ -21,7 +21,7 @@ from d2v.io import atomic_write_json
 from d2v.processes import usable_cpus
 from d2v.eval.evaluate import ctc_logits
 from d2v.train.task_model import load_finetuned
-from d2v.train.pretrain import autocast
+from d2v.train.precision import autocast
 
 
 def main() -> None:

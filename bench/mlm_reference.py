@@ -34,7 +34,8 @@ from d2v.train.batches import pretrain_stream
 from d2v.train.config import pretrain_config
 from d2v.train.logging import MetricsLog
 from d2v.train.optim import adamw, schedule_fn, set_lr
-from d2v.train.pretrain import save_encoder, step_rng
+from d2v.train.batches import step_rng
+from d2v.train.pretrain import save_encoder
 
 
 class LMHead(nn.Module):

@@ -39,7 +39,7 @@ from d2v.io import atomic_write_json
 from d2v.modalities.registry import build_objective
 from d2v.nn.compile import compile_regions
 from d2v.train.optim import adamw
-from d2v.train.pretrain import autocast
+from d2v.train.precision import autocast
 
 OUT = Path("results/bench/v2_vs_v1.json")
 SHAPES = {  # synthetic inputs of the embedded pretraining shapes (throughput does not depend on content)

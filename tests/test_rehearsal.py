@@ -96,7 +96,7 @@ def test_an_fp16_rehearsal_steps_through_the_loops_loss_scaler(monkeypatch):
     CPU scaler here doubles after a finite step."""
     from test_train import cpu_fp16_autocast
 
-    from d2v.train import pretrain
+    from d2v.train import precision
 
     seen, scalers = [], []
 
@@ -106,7 +106,7 @@ def test_an_fp16_rehearsal_steps_through_the_loops_loss_scaler(monkeypatch):
         scalers.append(scaler)
         return amp, scaler
 
-    monkeypatch.setattr(pretrain, "autocast", recording)
+    monkeypatch.setattr(precision, "autocast", recording)
     results = rehearse_profile(load_params(ROOT / "params.yaml", "smoke").active,
                                only=["pretrain text", "finetune rt_polarity"])
     assert [r.error for r in results] == [None, None] and all(np.isfinite(r.loss) for r in results)

@@ -21,7 +21,7 @@ from d2v.config import ConfigError, EMAConfig
 from d2v.data import synthetic
 from d2v.data2vec import CollapseError
 from d2v.ema import init_share
-from d2v.train import checkpoint, pretrain, recipe
+from d2v.train import batches, checkpoint, pretrain, recipe
 from d2v.train.distributed import World
 from d2v.train.config import PretrainConfig, pretrain_config
 from d2v.train.tasks import finetune_config
@@ -199,7 +199,7 @@ def test_two_runs_checkpoint_the_same_rng_state_whatever_the_process_drew_before
     assert states[0]["python"] == states[1]["python"]
     np.testing.assert_array_equal(states[0]["numpy"][1], states[1]["numpy"][1])
     assert torch.equal(states[0]["torch"], states[1]["torch"])
-    assert pretrain.step_rng(3, 2).random() == np.random.default_rng([3, 2]).random()  # the masks' key, unchanged
+    assert batches.step_rng(3, 2).random() == np.random.default_rng([3, 2]).random()  # the masks' key, unchanged
 
 
 def signalling(stream, at: int, signum: int = signal.SIGTERM):

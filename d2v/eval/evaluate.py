@@ -22,7 +22,7 @@ from d2v.eval.metrics import TASK_METRICS, greedy_transcripts, oriented, predict
 from d2v.io import atomic_write_json, git_commit
 from d2v.train import recipe, task_data
 from d2v.train.distributed import World, gather_lists, gather_to_main, init
-from d2v.train.pretrain import autocast
+from d2v.train.precision import autocast
 from d2v.train.task_model import load_finetuned
 from d2v.train.tasks import TASKS, FinetuneConfig, Task, eval_file_name
 

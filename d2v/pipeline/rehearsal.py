@@ -100,7 +100,9 @@ def _seconds(audio: AudioConfig | None, batch: int | None) -> float:
 
 def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, device: torch.device, tmp: Path) -> dict:
     """One step of a pretraining stage (a second stage's encoder is the first's: it is not loaded from it here)."""
-    from d2v.train.pretrain import autocast, build_objective, save_encoder, step_rng
+    from d2v.train.batches import step_rng
+    from d2v.train.precision import autocast
+    from d2v.train.pretrain import build_objective, save_encoder
 
     modality, number = stage
     cfg = profile.pretrain_config(modality, number)
@@ -132,7 +134,8 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
 
 def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
     from d2v.train.finetune import fp16_scaling_of, mix, train_loss
-    from d2v.train.pretrain import autocast, step_rng
+    from d2v.train.batches import step_rng
+    from d2v.train.precision import autocast
     from d2v.train.task_data import as_inputs
     from d2v.train.task_model import build_model, finetune_optimizer
 

@@ -1,11 +1,14 @@
-"""Batch streams for pretraining from shards, and any stream positioned at a batch index (exact resume)."""
+"""Batch streams for pretraining from shards, any stream positioned at a batch index (exact resume), and the seeded
+generators of a step's masks and dropout."""
 from __future__ import annotations
 
 import collections
 import itertools
+import random
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+import torch
 
 from d2v.data import index_cache
 from d2v.data.loaders import AudioConfig, ImageAugConfig, image_loader, seekable_image_batches, \
@@ -16,6 +19,19 @@ from d2v.train.config import DataConfig, StreamResume
 from d2v.train.distributed import World, any_rank
 
 RESEED_STREAM = 2  # keeps the reseeded streams' keys apart from the masks' (seed, step, group) and LayerDrop's
+
+
+def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
+    """The generator for the masks of micro-batch `group` (rank · accum + micro) of `step`; torch's RNG (dropout,
+    drop-path, LayerDrop) is re-seeded from the same key. Fine-tuning keys by (seed, step), and the rank under
+    torchrun. Python's and NumPy's global generators are re-seeded from the key as well: d2v draws from neither,
+    but a library that does then repeats too, and two runs checkpoint the same RNG state."""
+    key = [seed, step, *group]
+    words = np.random.SeedSequence(key).generate_state(2)  # words[0] is generate_state(1)'s: torch's seed unchanged
+    torch.manual_seed(int(words[0]))
+    random.seed(int(words[1]))
+    np.random.seed(words[1])
+    return np.random.default_rng(key)
 
 
 def resumed_seed(seed: int, start: int) -> int:

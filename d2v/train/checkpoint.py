@@ -189,3 +189,12 @@ def rescaled(last: Path, state: dict, config: dict, world: World) -> dict:
         print(f"{last}: written by {ranks} ranks × accum_steps {accum}, continued by {world.size} × {needed} at "
               "the same global batch", file=sys.stderr)
     return {**state, "batches": state["step"] * needed}
+
+
+def shards_digest(shards: str | Path) -> str | None:
+    """sha256 of a shard set's index.json, which lists every shard's sha256: the identity of the training data."""
+    from d2v.data.download import file_digest
+    from d2v.data.shards import INDEX
+
+    path = Path(shards) / INDEX
+    return file_digest(path) if path.is_file() else None

@@ -29,13 +29,13 @@ from d2v.modalities.heads import ctc_loss, mix_clips, tagging_loss
 from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe, task_data
-from d2v.train.batches import index_first, positioned, resume_position
+from d2v.train.batches import index_first, positioned, resume_position, step_rng
 from d2v.train.distributed import World, barrier, ddp, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
 from d2v.train.optim import clip_and_step, fp16_scaling, load_optimizer_state, require_finite, restore_scaler, \
     scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
-from d2v.train.pretrain import autocast, resolved_precision, shards_digest, step_rng
+from d2v.train.precision import autocast, resolved_precision
 from d2v.train.task_model import build_model, finetune_optimizer, save_finetuned
 from d2v.train.tasks import TASKS, FinetuneConfig, Task
 
@@ -160,7 +160,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     world = init(cfg.device, "finetune.device")
     device = world.device
     train_shards = task_data.shards_of(cfg, task.train)
-    data_digest = shards_digest(train_shards)
+    data_digest = checkpoint.shards_digest(train_shards)
     if (done := checkpoint.finished_run(out_dir, cfg, "finetune", RESUMABLE_ACROSS, data_digest,
                                         restart_on_change, world)) is not None:
         return done

@@ -10,13 +10,11 @@ resumed from its checkpoint therefore repeats exactly what the uninterrupted run
 from __future__ import annotations
 
 import contextlib
-import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from d2v.data2vec import CollapseError, Data2Vec
@@ -25,34 +23,16 @@ from d2v.io import atomic_torch_save, atomic_write_json, not_a_file, read_torch
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
+from d2v.train.batches import step_rng
 from d2v.train.config import PretrainConfig
 from d2v.train.distributed import World, ddp, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
 from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, fp16_scaling, load_optimizer_state, \
     require_finite, restore_scaler, scaled_backward, scaler_state, schedule_fn, set_lr
+from d2v.train.precision import autocast, resolved_precision
 from d2v.train.preemption import StopSignals
 
 CURVES = ["loss", "target_var", "pred_var", "target_rank", "local_rank", "lr", "tau"]
-
-
-def resolved_precision(device: torch.device, precision: str) -> str:
-    """`auto` is bf16 on CUDA and fp32 on CPU, where low precision buys nothing on 2 cores."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str, scaling: dict | None = None):
-    """The autocast context of `precision` (none for fp32) and, for fp16 on CUDA, its gradient scaler (`scaling`:
-    GradScaler's arguments, `optim.fp16_scaling`). fp16 on CPU gets none: fp32 is CPU's default, and CPU fp16 runs
-    have always stepped unscaled (torch disabled the CUDA scaler they were given), so a scaler there would change
-    what such a run computes."""
-    precision = resolved_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext(), None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", **(scaling or {})) if precision == "fp16" and device.type == "cuda" else None
-    return torch.autocast(device.type, dtype=dtype), scaler
 
 
 def min_loss_scale(cfg: PretrainConfig) -> float:
@@ -66,19 +46,6 @@ def min_loss_scale(cfg: PretrainConfig) -> float:
 # Settings that do not change what is computed: a checkpoint written under other values still resumes.
 # a run stopped at its fp16 divergence floor may resume under a lower one
 RESUMABLE_ACROSS = ("checkpoint", "log_every", "device", "compile", "parallel", "stream_resume", "min_loss_scale")
-
-
-def step_rng(seed: int, step: int, *group: int) -> np.random.Generator:
-    """The generator for the masks of micro-batch `group` (rank · accum + micro) of `step`; torch's RNG (dropout,
-    drop-path, LayerDrop) is re-seeded from the same key. Fine-tuning keys by (seed, step), and the rank under
-    torchrun. Python's and NumPy's global generators are re-seeded from the key as well: d2v draws from neither,
-    but a library that does then repeats too, and two runs checkpoint the same RNG state."""
-    key = [seed, step, *group]
-    words = np.random.SeedSequence(key).generate_state(2)  # words[0] is generate_state(1)'s: torch's seed unchanged
-    torch.manual_seed(int(words[0]))
-    random.seed(int(words[1]))
-    np.random.seed(words[1])
-    return np.random.default_rng(key)
 
 
 def save_encoder(out_dir: Path, cfg: PretrainConfig, student, teacher, step: int, encoder_cfg=None,
@@ -352,15 +319,6 @@ def _finish(run: _Run, step: int, consumed: int, collapsed: bool = False) -> dic
     return summary
 
 
-def shards_digest(shards: str | Path) -> str | None:
-    """sha256 of a shard set's index.json, which lists every shard's sha256: the identity of the training data."""
-    from d2v.data.download import file_digest
-    from d2v.data.shards import INDEX
-
-    path = Path(shards) / INDEX
-    return file_digest(path) if path.is_file() else None
-
-
 def _encoder_switch(cfg: PretrainConfig, key: str, apply) -> None:
     """Turn on an encoder-specific switch; an encoder without it is a config error naming the key."""
     try:
@@ -423,7 +381,7 @@ def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Pat
 
     world = init(cfg.device, "pretrain.device")
     try:
-        data_digest = shards_digest(cfg.data.shards)
+        data_digest = checkpoint.shards_digest(cfg.data.shards)
         # before the model is built (minutes for ViT-H on CPU); run_pretrain asks again, for its direct callers
         if (done := checkpoint.finished_run(Path(out_dir), cfg, "pretrain", RESUMABLE_ACROSS, data_digest,
                                             restart_on_change, world)) is not None:
