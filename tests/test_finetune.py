@@ -859,6 +859,37 @@ def test_two_process_gloo_fsdp_fine_tuning_matches_one_process_scores_dev_and_re
     assert best["model"].keys() == single.keys() and best["config"]["parallel"] == "fsdp"
 
 
+FT_FSDP_CTC_SCRIPT = """
+import sys
+from d2v.train import finetune as ft, tasks
+from d2v.train.distributed import init, shutdown
+tasks.TASKS["tones"] = tasks.Task("speech", "ctc", "tones", "train", "train", ("train",), ("wer", "cer"))
+world = init("cpu")
+cfg = tasks.FinetuneConfig(task="tones", init="scratch", preset="tiny", steps=6, batch_size=2, eval_every=3,
+                           freeze_encoder_steps=2, parallel="fsdp", regularization=dict(layerdrop=0.5),
+                           optim=dict(lr=3e-3, schedule="tri_stage"), audio=dict(min_samples=0),
+                           data_root={data!r}, letters={letters!r}, device="cpu")
+ft.run_finetune(cfg, {out!r}, progress=False)
+shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_an_fsdp_ctc_fine_tune_shares_layerdrop_across_ranks(tmp_path):
+    """The speech path under FSDP: frozen CNN, output-layer-only steps, tri-stage LR, CTC dev scoring, and LayerDrop
+    at 0.5, whose draws every rank must share (each rank's torch RNG is keyed by its rank: a block one rank skipped
+    and another ran would leave their collectives unmatched)."""
+    letters = tone_task_shards(tmp_path, ["AB C", "CA", "B CB", "AC B"])
+    script = tmp_path / "ctc.py"
+    script.write_text(FT_FSDP_CTC_SCRIPT.format(data=str(tmp_path), letters=str(letters), out=str(tmp_path / "run")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(script)], check=True, env=env, cwd=Path(__file__).parents[1], timeout=300)
+    log = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert log["step"].tolist() == list(range(1, 7)) and log["dev_wer"].notna().sum() == 2
+    assert torch.load(tmp_path / "run" / "final.pt", weights_only=False)["step"] == 6
+
+
 def test_a_text_fine_tune_refuses_a_tokenizer_of_another_vocabulary_before_training(tmp_path):
     """As pretraining does: the tiny text encoder embeds 64 ids, a tokenizer of 60 would leave rows no input reaches
     (and one of more would index past the table mid-run)."""
