@@ -130,25 +130,6 @@ def _parallel(model: torch.nn.Module, cfg: FinetuneConfig, world: World) -> tupl
     return (ddp(model, world.device, find_unused_parameters=True) if world.distributed else model), False
 
 
-def _full_states(model, optimizer, sharded: bool, world: World) -> tuple[dict, dict] | None:
-    """The model's and AdamW's full states for a checkpoint on the main rank, None on the others; FSDP gathers them
-    from every rank, so every rank calls it."""
-    if sharded:
-        states = fsdp.full_state(model, optimizer)
-    elif world.is_main:
-        states = model.state_dict(), optimizer.state_dict()
-    return states if world.is_main else None
-
-
-def _full_model_state(model, sharded: bool, world: World) -> dict | None:
-    """The model's full state dict (best.pt, final.pt) on the main rank, None on the others; every rank calls it."""
-    if sharded:
-        state = fsdp.full_model_state(model)
-    elif world.is_main:
-        state = model.state_dict()
-    return state if world.is_main else None
-
-
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True, stop_after: int | None = None,
                  restart_on_change: bool = False) -> dict:
     """Fine-tune to `cfg.steps`, resuming from `out_dir/checkpoints` when an interrupted run left one there (the
@@ -224,7 +205,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             save = step < cfg.steps and (step % cfg.checkpoint.every == 0 or signum is not None)
             if save and not logged:  # no checkpoint of diverged weights; the norm is all-reduced, so every rank agrees
                 require_finite(step, {"grad_norm": float(grad_norm)}, scaler)
-            states = _full_states(model, optimizer, sharded, world) if save else None  # FSDP: every rank gathers
+            states = fsdp.gathered_states(model, optimizer, sharded, world) if save else None  # on every rank
             if states is not None:
                 checkpoint.save(ckpt_dir, step, {"model": states[0], "optimizer": states[1],
                                                  "scaler": scaler_state(scaler),
@@ -239,7 +220,7 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
         bar.close()
         summary = {"task": cfg.task, "init": cfg.init, "mode": cfg.mode, "seed": cfg.seed, "steps": cfg.steps,
                    "seconds": round(clock.seconds(), 1), "best_dev": best.metrics, "data_digest": data_digest}
-        final = _full_model_state(model, sharded, world) if step >= cfg.steps else None
+        final = fsdp.gathered_model_state(model, sharded, world) if step >= cfg.steps else None
         if final is not None:  # a signal from here on waits until the run folder is complete
             _write_run(final, cfg, out_dir, log, summary, best.metrics is None)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -288,7 +269,7 @@ def _score_dev(model, cfg: FinetuneConfig, task: Task, amp, world: World, best: 
     key = selection_key(task, dev)
     if best.key is None or key > best.key:
         best.key, best.metrics = key, dev
-        state = _full_model_state(model, sharded, world)
+        state = fsdp.gathered_model_state(model, sharded, world)
         if state is not None:
             save_finetuned(state, cfg, out_dir / "best.pt", step)
             best.file = (out_dir / "best.pt").read_bytes()

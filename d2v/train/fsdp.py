@@ -86,6 +86,26 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def gathered_states(module: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool,
+                    world: World) -> tuple[dict, dict] | None:
+    """The module's and optimizer's full states for a checkpoint on the main rank, None on the others. Every rank
+    calls it: under FSDP (`sharded`) they gather the states together."""
+    if sharded:
+        states = full_state(module, optimizer)
+    elif world.is_main:
+        states = module.state_dict(), optimizer.state_dict()
+    return states if world.is_main else None
+
+
+def gathered_model_state(module: nn.Module, sharded: bool, world: World) -> dict | None:
+    """The module's full state dict on the main rank, None on the others; every rank calls it (FSDP gathers)."""
+    if sharded:
+        state = full_model_state(module)
+    elif world.is_main:
+        state = module.state_dict()
+    return state if world.is_main else None
+
+
 def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load an `optimizer.state_dict()`-layout state into the optimizer of the sharded objective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -276,12 +276,10 @@ class _Run:
 def _save(run: _Run, step: int, consumed: int) -> dict | None:
     """Every rank calls it (FSDP gathers the full state collectively); the main rank writes the checkpoint and gets
     the objective's full state dict back."""
-    if run.sharded:
-        model_state, optim_state = fsdp.full_state(run.objective, run.optimizer)
-    elif run.world.is_main:
-        model_state, optim_state = run.objective.state_dict(), run.optimizer.state_dict()
-    if not run.world.is_main:
+    states = fsdp.gathered_states(run.objective, run.optimizer, run.sharded, run.world)
+    if states is None:
         return None
+    model_state, optim_state = states
     checkpoint.save(run.ckpt_dir, step, {"model": model_state, "optimizer": optim_state,
                                          "scaler": scaler_state(run.scaler), "batches": consumed,
                                          "config": run.cfg.model_dump(mode="json"),
