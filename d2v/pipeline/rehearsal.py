@@ -133,8 +133,8 @@ def _pretrain(profile: Profile, stage: tuple[str, int], batch: int | None, devic
 
 
 def _finetune(profile: Profile, task_name: str, batch: int | None, device: torch.device, tmp: Path) -> dict:
-    from d2v.train.finetune import fp16_scaling_of, mix, train_loss
     from d2v.train.batches import step_rng
+    from d2v.train.finetune import fp16_scaling_of, mix, train_loss
     from d2v.train.precision import autocast
     from d2v.train.task_data import as_inputs
     from d2v.train.task_model import build_model, finetune_optimizer

@@ -30,9 +30,9 @@ from d2v.modalities.text import require_vocabulary
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe, task_data
 from d2v.train.batches import index_first, positioned, resume_position, step_rng
-from d2v.train.distributed import World, barrier, ddp, init, mean_over_ranks
+from d2v.train.distributed import World, barrier, init, mean_over_ranks
 from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
-from d2v.train.optim import clip_and_step, fp16_scaling, load_optimizer_state, require_finite, restore_scaler, \
+from d2v.train.optim import clip_and_step, fp16_scaling, require_finite, restore_scaler, \
     scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.preemption import StopSignals
 from d2v.train.precision import autocast, resolved_precision
@@ -86,12 +86,12 @@ def resumed_stream(cfg: FinetuneConfig, task: Task, consumed: int):
 
 
 def accumulate_gradients(train_model, stream, task: Task, cfg: FinetuneConfig, mixer, amp, scaler, world: World,
-                         step: int, device: torch.device) -> torch.Tensor:
+                         step: int, device: torch.device, sharded: bool) -> torch.Tensor:
     """Backward over the update's `accum_steps` micro-batches (DDP all-reduces on the last, FSDP reduce-scatters
     each; fp16 scales the loss first); their mean loss, on the device (float64, as the Python floats it summed
     before). Masks, mixing and dropout are keyed by (seed, step) and, when the update has several micro-batches, by
     the micro-batch's place in it, so 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
-    several, sharded = world.distributed or cfg.accum_steps > 1, is_sharded(cfg, world)
+    several = world.distributed or cfg.accum_steps > 1
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for micro in range(cfg.accum_steps):
         rng = step_rng(cfg.seed, step, *([world.rank * cfg.accum_steps + micro] if several else []))
@@ -116,20 +116,6 @@ def fp16_scaling_of(cfg: FinetuneConfig, task: Task, ranks: int) -> dict:
     return fp16_scaling(cfg.fp16_init_scale or init_scale, cfg.fp16_scale_window or window, ranks, cfg.accum_steps)
 
 
-def is_sharded(cfg: FinetuneConfig, world: World) -> bool:
-    return world.distributed and cfg.parallel == "fsdp"
-
-
-def _parallel(model: torch.nn.Module, cfg: FinetuneConfig, world: World) -> tuple[torch.nn.Module, bool]:
-    """The module a step calls, and whether FSDP shards it: under torchrun DDP around the model, or FSDP sharding it
-    in place (each encoder block a unit; its parameters become shards, so the optimizer is built after)."""
-    if is_sharded(cfg, world):
-        fsdp.shard(model, (model.encoder,), world, resolved_precision(world.device, cfg.precision))
-        return model, True
-    # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
-    return (ddp(model, world.device, find_unused_parameters=True) if world.distributed else model), False
-
-
 def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True, stop_after: int | None = None,
                  restart_on_change: bool = False) -> dict:
     """Fine-tune to `cfg.steps`, resuming from `out_dir/checkpoints` when an interrupted run left one there (the
@@ -149,15 +135,14 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
     last, state = checkpoint.resume_point(ckpt_dir, cfg, recipe.FINETUNE, RESUMABLE_ACROSS, cfg.steps, data_digest,
                                           restart_on_change, world)
     model = _task_model(cfg, task, device, state)
-    train_model, sharded = _parallel(model, cfg, world)
+    # under DDP unused parameters are expected: the unread mask tokens, LayerDrop's skipped blocks
+    train_model, sharded = fsdp.parallelize(model, (model.encoder,), cfg.parallel, world,
+                                            resolved_precision(device, cfg.precision), find_unused=True)
     amp, scaler = autocast(device, cfg.precision, fp16_scaling_of(cfg, task, world.size))
     optimizer = finetune_optimizer(model, cfg)  # FSDP: over the shards
     step, consumed, best = 0, 0, _Best()
     if state is not None:
-        if sharded:
-            fsdp.load_optimizer_state(model, optimizer, state["optimizer"])
-        else:
-            load_optimizer_state(optimizer, state["optimizer"])
+        fsdp.restore_optimizer_state(model, optimizer, state["optimizer"], sharded)
         restore_scaler(scaler, state.get("scaler"))
         step, consumed = state["step"], state["batches"]
         best = _Best(state["best"], state["best_metrics"], state.get("best_pt"))  # best_pt: absent from older ones
@@ -186,7 +171,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path, progress: bool = True
             step += 1
             lr = set_lr(optimizer, cfg.optim.lr, lr_at(step - 1))
             optimizer.zero_grad(set_to_none=True)
-            loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, scaler, world, step, device)
+            loss = accumulate_gradients(train_model, stream, task, cfg, mixer, amp, scaler, world, step, device,
+                                        sharded)
             consumed += cfg.accum_steps
             grad_norm = fsdp.local_value(optimizer_step(optimizer, trainable, encoder_params, cfg, step, scaler))
             scored = bool(task.dev and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps))

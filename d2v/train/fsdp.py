@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from d2v.train.distributed import World
+from d2v.train import optim
+from d2v.train.distributed import World, ddp
 
 LAYERDROP_STREAM = 1  # keeps the LayerDrop key apart from the (seed, step, group) key of the masks
 
@@ -43,6 +44,17 @@ def shard(root: nn.Module, encoders: tuple[nn.Module, ...], world: World, precis
         for block in encoder.blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+
+
+def parallelize(module: nn.Module, encoders: tuple[nn.Module, ...], parallel: str, world: World, precision: str,
+                find_unused: bool) -> tuple[nn.Module, bool]:
+    """The module a training step calls, and whether FSDP shards it: one process calls `module` itself; under torchrun
+    `parallel: ddp` wraps it in DDP (`find_unused`: parameters a step may leave without a gradient), `fsdp` shards it
+    in place (`shard`; its parameters become shards, so the optimizer is built after)."""
+    if world.distributed and parallel == "fsdp":
+        shard(module, encoders, world, precision)
+        return module, True
+    return (ddp(module, world.device, find_unused) if world.distributed else module), False
 
 
 def share_layerdrop(encoder: nn.Module, seed: int, step: int, micro: int) -> None:
@@ -104,6 +116,15 @@ def gathered_model_state(module: nn.Module, sharded: bool, world: World) -> dict
     elif world.is_main:
         state = module.state_dict()
     return state if world.is_main else None
+
+
+def restore_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, saved: dict, sharded: bool) -> None:
+    """A checkpoint's optimizer state (the single-process layout) into this run's optimizer: each rank's shards of
+    it under FSDP (`sharded`), else as saved (`optim.load_optimizer_state`)."""
+    if sharded:
+        load_optimizer_state(module, optimizer, saved)
+    else:
+        optim.load_optimizer_state(optimizer, saved)
 
 
 def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:

@@ -23,12 +23,12 @@ from d2v.io import atomic_torch_save, atomic_write_json, not_a_file, read_torch
 from d2v.modalities.base import Batch
 from d2v.nn.compile import compile_regions
 from d2v.train import checkpoint, fsdp, recipe
-from d2v.train.batches import step_rng
+from d2v.train.batches import index_first, pretrain_stream, step_rng
 from d2v.train.config import PretrainConfig
-from d2v.train.distributed import World, ddp, mean_over_ranks
+from d2v.train.distributed import World, init, mean_over_ranks, shutdown
 from d2v.train.logging import MetricsLog, TrainingClock, is_log_step, plot_curves, progress_bar
-from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, fp16_scaling, load_optimizer_state, \
-    require_finite, restore_scaler, scaled_backward, scaler_state, schedule_fn, set_lr
+from d2v.train.optim import MIN_LOSS_SCALE, adamw, clip_and_step, fp16_scaling, require_finite, restore_scaler, \
+    scaled_backward, scaler_state, schedule_fn, set_lr
 from d2v.train.precision import autocast, resolved_precision
 from d2v.train.preemption import StopSignals
 
@@ -135,13 +135,16 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
         start_from(objective, cfg)
     if cfg.compile:
         compile_regions(objective)  # each block of student and teacher, and the v2 decoder, in place
-    model, sharded = _parallel(objective, cfg, world)
+    find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0  # DDP: LayerDrop's skipped blocks
+    model, sharded = fsdp.parallelize(objective, (objective.student, objective.teacher), cfg.parallel, world,
+                                      resolved_precision(world.device, cfg.precision), find_unused)
     params = objective.student_parameters()
     optimizer = adamw(params, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps)
     amp, scaler = autocast(world.device, cfg.precision,
                            fp16_scaling(cfg.fp16_init_scale, cfg.fp16_scale_window, world.size, cfg.accum_steps))
-    if resume_state is not None:
-        _restore_optimizer(objective, optimizer, scaler, resume_state, sharded)
+    if resume_state is not None:  # AdamW's moments (FSDP: each rank's shards of them) and fp16's loss scale
+        fsdp.restore_optimizer_state(objective, optimizer, resume_state["optimizer"], sharded)
+        restore_scaler(scaler, resume_state.get("scaler"))
     stream = batches(consumed)
     if resume_state is not None:
         checkpoint.set_rng_state(resume_state["rng"])  # after the fast-forward, which may have drawn numbers
@@ -179,29 +182,6 @@ def run_pretrain(cfg: PretrainConfig, objective: Data2Vec, batches: Callable[[in
                 stop.halt(signum, step, ckpt_dir)
         bar.close()
         return _finish(run, step, consumed)
-
-
-def _parallel(objective: Data2Vec, cfg: PretrainConfig, world: World) -> tuple[torch.nn.Module, bool]:
-    """The module a step calls, and whether FSDP shards it: under torchrun DDP around the objective, or FSDP sharding
-    the objective in place (its parameters become shards: the optimizer is built after)."""
-    if world.distributed and cfg.parallel == "fsdp":
-        fsdp.shard(objective, (objective.student, objective.teacher), world,
-                   resolved_precision(world.device, cfg.precision))
-        return objective, True
-    if world.distributed:
-        find_unused = getattr(objective.student.cfg, "layerdrop", 0) > 0  # LayerDrop's skipped blocks
-        return ddp(objective, world.device, find_unused), False
-    return objective, False
-
-
-def _restore_optimizer(objective: Data2Vec, optimizer: torch.optim.Optimizer, scaler, state: dict,
-                       sharded: bool) -> None:
-    """AdamW's moments from a checkpoint (FSDP: each rank's shards of them), and fp16's loss scale."""
-    if sharded:
-        fsdp.load_optimizer_state(objective, optimizer, state["optimizer"])
-    else:
-        load_optimizer_state(optimizer, state["optimizer"])
-    restore_scaler(scaler, state.get("scaler"))
 
 
 def _optimizer_step(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, params: list, scaler) -> torch.Tensor:
@@ -374,9 +354,6 @@ def check_text_vocabulary(cfg: PretrainConfig, objective: Data2Vec, tokenizer: s
 
 def pretrain_main(cfg: PretrainConfig, out_dir: str | Path, tokenizer: str | Path | None = None,
                   progress: bool = True, restart_on_change: bool = False) -> dict:
-    from d2v.train.batches import index_first, pretrain_stream
-    from d2v.train.distributed import init, shutdown
-
     world = init(cfg.device, "pretrain.device")
     try:
         data_digest = checkpoint.shards_digest(cfg.data.shards)
